@@ -1,0 +1,1 @@
+"""Shared protocol types, Redis key builders, settings, audio helpers and errors."""

@@ -1,0 +1,31 @@
+"""Every Redis key name, built in one place.
+
+Per-session keys carry the session id in a hash tag (``{sid}``) so one session
+lives on one Redis Cluster slot and multi-key Lua scripts stay legal.
+"""
+
+from __future__ import annotations
+
+# Work queue: one entry per session; the pending entry in group GROUP is the
+# owner's lease. Entries are acknowledged and deleted when a session ends.
+SESSIONS = "stt:sessions"
+GROUP = "transcribers"
+
+
+def audio(sid: str) -> str:
+    """Normalised audio frames and control markers (finalize, close). TTL: retention after end."""
+    return f"stt:{{{sid}}}:audio"
+
+
+def results(sid: str) -> str:
+    """Partials, finals and the closing message with their seq. TTL: retention after end."""
+    return f"stt:{{{sid}}}:results"
+
+
+def meta(sid: str) -> str:
+    """Session hash: format, state, owner epoch, commit point, seq counter. TTL: retention."""
+    return f"stt:{{{sid}}}:meta"
+
+
+def session_keys(sid: str) -> tuple[str, str, str]:
+    return audio(sid), results(sid), meta(sid)

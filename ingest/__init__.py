@@ -1,0 +1,1 @@
+"""WebSocket gateway: validates and normalises audio, appends it to Redis, serves the page."""

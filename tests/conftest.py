@@ -1,0 +1,47 @@
+"""Fixtures: a real redis-server on a free port, a real gateway and transcriber on top."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from tests.procs import RedisServer, Service, start_gateway, start_transcriber
+
+
+@dataclasses.dataclass
+class Stack:
+    redis: RedisServer
+    gateway: Service
+    transcriber: Service
+    port: int
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed (make test installs it via .ci/run)")
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(redis_server: RedisServer) -> Iterator[Stack]:
+    """One gateway and one transcriber shared by the end-to-end tests."""
+    worker = start_transcriber(redis_server.url)
+    gateway, port = start_gateway(redis_server.url)
+    yield Stack(redis_server, gateway, worker, port)
+    gateway.stop()
+    worker.stop()

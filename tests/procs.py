@@ -1,0 +1,128 @@
+"""Real processes for integration tests: redis-server on a free port, and the services."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port}")
+
+
+class RedisServer:
+    """A redis-server the test owns: it can be stopped, killed and restarted on the same port."""
+
+    def __init__(self, persistence: bool = False) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="stt-redis-")
+        self.persistence = persistence
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", self.dir, "--save", "", "--protected-mode", "no"]
+        args += ["--appendonly", "yes", "--appendfsync", "always"] if self.persistence \
+            else ["--appendonly", "no"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis(port=self.port, socket_timeout=1).ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=10)
+
+
+class Service:
+    """``python -m MODULE`` with its log collected; ``ready`` is a line it prints when up."""
+
+    def __init__(self, module: str, args: Sequence[str], env: dict[str, str], ready: str) -> None:
+        self.module = module
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self._marker = ready
+        full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args], cwd=ROOT, env=full_env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip())
+            if self._marker in line:
+                self._ready.set()
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        if not self._ready.wait(timeout):
+            raise TimeoutError(f"{self.module} not ready:\n" + "\n".join(self.lines[-40:]))
+
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_transcriber(redis_url: str, *args: str, **env: str) -> Service:
+    svc = Service("transcriber", args, {"REDIS_URL": redis_url, **env}, "ready, capacity")
+    svc.wait_ready()
+    return svc
+
+
+def start_gateway(redis_url: str, *args: str, **env: str) -> tuple[Service, int]:
+    port = free_port()
+    svc = Service("ingest", ["--host", "127.0.0.1", "--port", str(port), *args],
+                  {"REDIS_URL": redis_url, **env}, "gateway listening")
+    svc.wait_ready()
+    wait_port(port)
+    return svc, port

@@ -1,0 +1,96 @@
+"""Fenced writes: every result goes out only while the writer's epoch is the session's epoch.
+
+Each script touches only one session's hash-tagged keys, so it is legal on
+Redis Cluster. ``seq`` is assigned here, atomically, so it is strictly
+increasing per session whichever worker writes.
+"""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from common import keys
+from common.errors import StaleLease
+from common.messages import Closed, Result, pack_result
+
+# KEYS: meta, results. ARGV: epoch, body. Returns seq, or -1 when the epoch is stale.
+_PUBLISH = """
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return -1 end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('XADD', KEYS[2], '*', 'seq', seq, 'm', ARGV[2])
+return seq
+"""
+
+# A final and its commit point in one step.
+# ARGV: epoch, body, commit_sample, next_utterance, prompt, resume_id
+_COMMIT = """
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return -1 end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('XADD', KEYS[2], '*', 'seq', seq, 'm', ARGV[2])
+redis.call('HSET', KEYS[1], 'commit_sample', ARGV[3], 'next_utterance', ARGV[4],
+           'prompt', ARGV[5], 'resume_id', ARGV[6])
+return seq
+"""
+
+# The closing message, then the retention TTL on every key of the session.
+# KEYS: meta, results, audio. ARGV: epoch, body, retention seconds, duration.
+_CLOSE = """
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return -1 end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('XADD', KEYS[2], '*', 'seq', seq, 'm', ARGV[2])
+redis.call('HSET', KEYS[1], 'state', 'closed', 'duration', ARGV[4])
+for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+return seq
+"""
+
+# Take ownership: a new epoch fences out every earlier owner.
+# KEYS: meta. ARGV: owner. Returns the new epoch, or -1 if the session is gone.
+_ACQUIRE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+return epoch
+"""
+
+
+class SessionWriter:
+    """All writes one worker makes to one session, fenced by the epoch it acquired."""
+
+    def __init__(self, redis: aioredis.Redis, sid: str, epoch: int) -> None:
+        self.redis = redis
+        self.sid = sid
+        self.epoch = epoch
+        self._publish = redis.register_script(_PUBLISH)
+        self._commit = redis.register_script(_COMMIT)
+        self._close = redis.register_script(_CLOSE)
+
+    @staticmethod
+    async def acquire(redis: aioredis.Redis, sid: str, owner: str) -> int | None:
+        epoch = int(await redis.register_script(_ACQUIRE)(keys=[keys.meta(sid)], args=[owner]))
+        return None if epoch < 0 else epoch
+
+    def _check(self, seq: int) -> int:
+        if int(seq) < 0:
+            raise StaleLease(f"session {self.sid}: epoch {self.epoch} is no longer the owner")
+        return int(seq)
+
+    async def publish(self, result: Result) -> int:
+        seq = await self._publish(keys=[keys.meta(self.sid), keys.results(self.sid)],
+                                  args=[self.epoch, pack_result(result)])
+        return self._check(seq)
+
+    async def commit(self, result: Result, commit_sample: int, next_utterance: int,
+                     prompt: str, resume_id: str) -> int:
+        seq = await self._commit(
+            keys=[keys.meta(self.sid), keys.results(self.sid)],
+            args=[self.epoch, pack_result(result), commit_sample, next_utterance, prompt,
+                  resume_id],
+        )
+        return self._check(seq)
+
+    async def close(self, closed: Closed, retention_s: int) -> int:
+        seq = await self._close(
+            keys=[keys.meta(self.sid), keys.results(self.sid), keys.audio(self.sid)],
+            args=[self.epoch, pack_result(closed), retention_s, closed.duration],
+        )
+        return self._check(seq)

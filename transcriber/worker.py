@@ -1,0 +1,308 @@
+"""The worker loop: take sessions from the queue up to capacity, stream each through the core.
+
+Only bytes and messages move here; every decision is in ``streaming.py``.
+Model inference (VAD and Whisper) runs on one dedicated thread, never on the
+event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from common import keys
+from common.errors import StaleLease
+from common.messages import AudioFrame, AudioMarker, Closed, Partial, unpack_audio_entry
+from common.redis_client import REDIS_DOWN, make_redis
+from common.settings import TranscriberSettings
+from transcriber.commit import SessionWriter
+from transcriber.endpointing import EndpointConfig
+from transcriber.model import WhisperDecoder, load_whisper
+from transcriber.streaming import RATE, Committed, Event, StreamConfig, StreamingTranscriber
+from transcriber.vad import SileroVad
+
+log = logging.getLogger(__name__)
+
+
+def stream_config(s: TranscriberSettings, interim: bool) -> StreamConfig:
+    return StreamConfig(
+        endpoint=EndpointConfig(
+            threshold=s.vad_threshold,
+            neg_threshold=s.vad_neg_threshold,
+            min_silence_samples=int(s.min_silence_s * RATE),
+            min_speech_samples=int(s.min_speech_s * RATE),
+        ),
+        pad_samples=int(s.speech_pad_s * RATE),
+        partial_interval_samples=int(s.partial_interval_s * RATE),
+        max_utterance_samples=int(s.max_utterance_s * RATE),
+        prompt_chars=s.prompt_chars,
+        interim_results=interim and s.interim_results,
+    )
+
+
+def _text(meta: dict[bytes, bytes], field: str, default: str = "") -> str:
+    return meta.get(field.encode(), default.encode()).decode()
+
+
+class Worker:
+    def __init__(self, settings: TranscriberSettings, model: Any = None,
+                 vad: SileroVad | None = None) -> None:
+        self.settings = settings
+        self.consumer = settings.consumer or \
+            f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.model = model
+        self.vad = vad
+        self.redis = make_redis(settings)
+        self.blocking = make_redis(settings, blocking=True)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._capacity = asyncio.Semaphore(settings.capacity)
+        self._sessions: dict[str, asyncio.Task[None]] = {}
+        self._entries: dict[str, bytes] = {}  # sid → work-queue entry id
+        self._stopping = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def load(self) -> None:
+        if self.model is None:
+            s = self.settings
+            self.model = load_whisper(s.model, s.device, s.compute_type, s.cpu_threads)
+        if self.vad is None:
+            self.vad = SileroVad()
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(keys.SESSIONS, keys.GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        self.load()
+        await self.ensure_group()
+        log.info("worker %s ready, capacity %d", self.consumer, self.settings.capacity)
+        renew = asyncio.create_task(self._renew_leases())
+        try:
+            await self._take_sessions()
+        finally:
+            renew.cancel()
+            for task in list(self._sessions.values()):
+                task.cancel()
+            await asyncio.gather(renew, *self._sessions.values(), return_exceptions=True)
+            await self.redis.aclose()
+            await self.blocking.aclose()
+            self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _take_sessions(self) -> None:
+        backoff = 0.1
+        while not self._stopping.is_set():
+            await self._capacity.acquire()
+            started = False
+            try:
+                entry = await self._next_entry()
+                backoff = 0.1
+                if entry is not None:
+                    entry_id, sid = entry
+                    self._start_session(entry_id, sid)
+                    started = True
+            except REDIS_DOWN as exc:
+                log.warning("redis unavailable while waiting for sessions: %s", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                if not started:
+                    self._capacity.release()
+
+    async def _next_entry(self) -> tuple[bytes, str] | None:
+        """A session idle past the lease (its owner died) first, else a new one."""
+        lease = self.settings.lease_ms
+        _, claimed, _ = await self.redis.xautoclaim(
+            keys.SESSIONS, keys.GROUP, self.consumer, min_idle_time=lease, count=1)
+        for entry_id, fields in claimed:
+            if fields and entry_id not in self._entries.values():
+                log.info("session %s: taking over after lease expiry",
+                         fields[b"sid"].decode())
+                return entry_id, fields[b"sid"].decode()
+        resp = await self.blocking.xreadgroup(
+            keys.GROUP, self.consumer, {keys.SESSIONS: ">"}, count=1,
+            block=self.settings.redis_block_ms)
+        for _stream, entries in resp or ():
+            for entry_id, fields in entries:
+                return entry_id, fields[b"sid"].decode()
+        return None
+
+    def _start_session(self, entry_id: bytes, sid: str) -> None:
+        self._entries[sid] = entry_id
+        task = asyncio.create_task(self._session(entry_id, sid), name=f"session-{sid}")
+        self._sessions[sid] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._sessions.pop(sid, None)
+            self._entries.pop(sid, None)
+            self._capacity.release()
+            if not t.cancelled() and t.exception() is not None:
+                log.error("session %s: failed", sid, exc_info=t.exception())
+
+        task.add_done_callback(done)
+
+    async def _renew_leases(self) -> None:
+        """Re-claim our own work entries well inside the lease, so nobody takes them over."""
+        interval = self.settings.lease_ms / 3000.0
+        while True:
+            await asyncio.sleep(interval)
+            ids = list(self._entries.values())
+            if not ids:
+                continue
+            try:
+                await self.redis.xclaim(keys.SESSIONS, keys.GROUP, self.consumer,
+                                        min_idle_time=0, message_ids=ids, justid=True)
+            except REDIS_DOWN as exc:
+                log.warning("lease renewal failed: %s", exc)
+
+    # ------------------------------------------------------------------ one session
+
+    async def _session(self, entry_id: bytes, sid: str) -> None:
+        epoch = await SessionWriter.acquire(self.redis, sid, self.consumer)
+        if epoch is None:
+            log.warning("session %s: no metadata (expired?), dropping queue entry", sid)
+            await self._finish_entry(entry_id)
+            return
+        meta = await self.redis.hgetall(keys.meta(sid))
+        if _text(meta, "state") == "closed":
+            await self._finish_entry(entry_id)
+            return
+        writer = SessionWriter(self.redis, sid, epoch)
+        language = _text(meta, "language") or self.settings.language
+        interim = _text(meta, "interim", "1") == "1"
+        assert self.vad is not None
+        core = StreamingTranscriber(
+            sid,
+            WhisperDecoder(self.model, language, self.settings.beam_size,
+                           self.settings.partial_beam_size),
+            self.vad.stream(),
+            stream_config(self.settings, interim),
+            start_sample=int(_text(meta, "commit_sample", "0")),
+            next_utterance=int(_text(meta, "next_utterance", "0")),
+            prompt=_text(meta, "prompt"),
+        )
+        cursor = _text(meta, "resume_id") or "0-0"
+        log.info("session %s: started (epoch %d, from sample %d)", sid, epoch, core.position)
+        try:
+            await _SessionRun(self, sid, core, writer, cursor).run()
+            await self._finish_entry(entry_id)
+            log.info("session %s: closed", sid)
+        except StaleLease:
+            log.warning("session %s: lease lost to another worker; stopping", sid)
+
+    async def _finish_entry(self, entry_id: bytes) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xack(keys.SESSIONS, keys.GROUP, entry_id)
+        pipe.xdel(keys.SESSIONS, entry_id)
+        await pipe.execute()
+
+    async def infer(self, fn: Any, *args: Any) -> list[Event]:
+        loop = asyncio.get_running_loop()
+        result: list[Event] = await loop.run_in_executor(self.executor, fn, *args)
+        return result
+
+
+class _SessionRun:
+    """Reads one session's audio stream from its cursor and publishes what the core emits."""
+
+    def __init__(self, worker: Worker, sid: str, core: StreamingTranscriber,
+                 writer: SessionWriter, cursor: str) -> None:
+        self.worker = worker
+        self.sid = sid
+        self.core = core
+        self.writer = writer
+        self.cursor = cursor
+        # (entry id, sample offset just after it) of recent entries, to find a resume point.
+        self._recent: collections.deque[tuple[str, int]] = collections.deque(maxlen=4096)
+        self._resume_id = cursor
+
+    async def run(self) -> None:
+        s = self.worker.settings
+        key = keys.audio(self.sid)
+        while True:
+            try:
+                resp = await self.worker.blocking.xread(
+                    {key: self.cursor}, count=s.read_batch, block=s.redis_block_ms)
+            except REDIS_DOWN as exc:
+                log.warning("session %s: redis read failed: %s", self.sid, exc)
+                await asyncio.sleep(0.5)
+                continue
+            pending: list[np.ndarray] = []
+            for _stream, entries in resp or ():
+                for entry_id, fields in entries:
+                    self.cursor = entry_id.decode()
+                    entry = unpack_audio_entry(fields)
+                    if isinstance(entry, AudioFrame):
+                        pending.append(self._new_samples(entry))
+                        self._recent.append((self.cursor, entry.offset + entry.samples))
+                        continue
+                    await self._feed(pending)
+                    pending = []
+                    if entry.kind == "finalize":
+                        await self._publish(await self.worker.infer(self.core.finalize))
+                    elif entry.kind == "close":
+                        await self._publish(await self.worker.infer(self.core.finish))
+                        await self._close(entry)
+                        return
+            await self._feed(pending)
+
+    def _new_samples(self, frame: AudioFrame) -> np.ndarray:
+        """Samples of a frame the core has not seen (a resumed session re-reads some)."""
+        pcm = np.frombuffer(frame.pcm, dtype="<i2")
+        skip = self.core.position - frame.offset
+        return pcm[skip:] if skip > 0 else pcm
+
+    async def _feed(self, parts: list[np.ndarray]) -> None:
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return
+        pcm = np.concatenate(parts)
+        await self._publish(await self.worker.infer(self.core.feed, pcm))
+
+    def _resume_point(self, commit_sample: int) -> str:
+        """The last entry that ends at or before the commit point: resume reading after it."""
+        while self._recent and self._recent[0][1] <= commit_sample:
+            self._resume_id = self._recent.popleft()[0]
+        return self._resume_id
+
+    async def _publish(self, events: list[Event]) -> None:
+        for ev in events:
+            if isinstance(ev, Partial):
+                await self.writer.publish(ev)
+            elif isinstance(ev, Committed):
+                await self.writer.commit(
+                    ev.final, ev.commit_sample, ev.next_utterance, self.core.prompt,
+                    self._resume_point(ev.commit_sample))
+
+    async def _close(self, marker: AudioMarker) -> None:
+        closed = Closed(session_id=self.sid, utterances=self.core.utterance,
+                        duration=round(marker.offset / RATE, 3))
+        await self.writer.close(closed, self.worker.settings.retention_s)
+
+
+async def serve(settings: TranscriberSettings) -> None:
+    import signal
+
+    worker = Worker(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, worker.stop)
+    await worker.run()
