@@ -85,7 +85,7 @@ async def stream(
     pace: float | None = 1.0,
     close: bool = True,
     on_message: Callable[[dict[str, Any]], None] | None = None,
-    timeout: float = 300.0,
+    read_timeout: float = 300.0,
     headers: dict[str, str] | None = None,
 ) -> StreamResult:
     """Send (payload, audio seconds it carries) pairs; ``pace`` 1.0 = real time, None = at once.
@@ -122,7 +122,7 @@ async def stream(
                     await ws.send(json.dumps({"type": "close"}))
             except ConnectionClosed:
                 pass  # the server ended the session early; read what it said
-            await asyncio.wait_for(read_task, timeout)
+            await asyncio.wait_for(read_task, read_timeout)
         except Exception:
             read_task.cancel()
             raise

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal
 
 import msgpack
 
@@ -81,7 +81,7 @@ class Warning:
     seq: int = 0
 
 
-Result = Union[Partial, Final, Closed, Warning]
+Result = Partial | Final | Closed | Warning
 _RESULT_TYPES: dict[str, type[Any]] = {c.TYPE: c for c in (Partial, Final, Closed, Warning)}
 
 
@@ -141,7 +141,7 @@ class ErrorMessage:
     message: str
 
 
-ServerMessage = Union[Result, SessionStarted, ErrorMessage]
+ServerMessage = Result | SessionStarted | ErrorMessage
 
 
 def to_json(message: ServerMessage) -> str:
@@ -203,7 +203,7 @@ class AudioMarker:
     offset: int
 
 
-AudioEntry = Union[AudioFrame, AudioMarker]
+AudioEntry = AudioFrame | AudioMarker
 
 
 def pack_audio_entry(entry: AudioEntry) -> dict[str, bytes]:

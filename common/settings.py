@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar, get_type_hints
@@ -68,9 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             flag_name(field),
             dest=field.name,
             default=None,
-            type=(lambda s, k=kind: _convert(k, s)),
+            type=functools.partial(_convert, kind),
             metavar=kind.__name__.upper() if kind is not str else "TEXT",
-            help=f"{field.metadata.get('help', '')} (env {env_name(field)}, default {field.default!r})",
+            help=f"{field.metadata.get('help', '')} "
+            f"(env {env_name(field)}, default {field.default!r})",
         )
 
 
@@ -165,7 +167,8 @@ class TranscriberSettings(RedisSettings):
         env="STT_MODEL_PATH",
     )
     device: str = setting("auto", "cpu, cuda or auto")
-    compute_type: str = setting("auto", "CTranslate2 compute type; auto = int8 on CPU, float16 on CUDA")
+    compute_type: str = setting(
+        "auto", "CTranslate2 compute type; auto = int8 on CPU, float16 on CUDA")
     cpu_threads: int = setting(0, "CTranslate2 intra-op threads; 0 = number of cores")
     language: str = setting("en", "default language when the session does not name one")
     capacity: int = setting(8, "sessions one worker transcribes at once")
@@ -176,7 +179,8 @@ class TranscriberSettings(RedisSettings):
     )
     interim_results: bool = setting(True, "publish partials at all")
     vad_threshold: float = setting(0.5, "Silero speech probability that starts speech")
-    vad_neg_threshold: float = setting(0.35, "Silero probability below which audio counts as silence")
+    vad_neg_threshold: float = setting(
+        0.35, "Silero probability below which audio counts as silence")
     min_silence_s: float = setting(0.5, "silence that ends an utterance, seconds")
     min_speech_s: float = setting(0.25, "shorter bursts of speech are ignored, seconds")
     speech_pad_s: float = setting(0.2, "audio kept before speech starts and after it ends, seconds")
@@ -185,7 +189,8 @@ class TranscriberSettings(RedisSettings):
     )
     prompt_chars: int = setting(200, "characters of previous finals passed as the prompt")
     read_batch: int = setting(50, "audio stream entries read per XREAD")
-    lease_ms: int = setting(10000, "session lease: another worker may take over after this idle time")
+    lease_ms: int = setting(
+        10000, "session lease: another worker may take over after this idle time")
     retention_s: int = setting(
         86400, "how long a finished session's audio and results stay in Redis, seconds"
     )

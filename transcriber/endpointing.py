@@ -20,7 +20,8 @@ class EndpointConfig:
 class SpeechEvent:
     kind: Literal["start", "end"]
     sample: int  # absolute sample where speech started, or where the closing silence began
-
+    speech_start: int = 0  # on "end": where that stretch of speech started
+    voiced: int = 0  # on "end": samples of the stretch at or above neg_threshold
 
 class Endpointer:
     """Hysteresis over window probabilities, in the manner of Silero's VADIterator.
@@ -36,6 +37,7 @@ class Endpointer:
         self.config = config
         self.in_speech = False
         self.speech_start = 0
+        self.voiced_end = 0  # end of the last window at or above neg_threshold in this speech
         self._silence_start: int | None = None
         self._next = origin  # absolute sample of the next window
 
@@ -58,16 +60,20 @@ class Endpointer:
                 if p >= cfg.threshold:
                     self.in_speech = True
                     self.speech_start = at
+                    self.voiced_end = self._next
                     self._silence_start = None
                     events.append(SpeechEvent("start", at))
                 continue
+            if p >= cfg.neg_threshold:
+                self.voiced_end = self._next
             if p >= cfg.threshold:
                 self._silence_start = None
             elif p < cfg.neg_threshold:
                 if self._silence_start is None:
                     self._silence_start = at
                 if self._next - self._silence_start >= cfg.min_silence_samples:
-                    events.append(SpeechEvent("end", self._silence_start))
+                    events.append(SpeechEvent("end", self._silence_start, self.speech_start,
+                                              self.voiced_end - self.speech_start))
                     self.in_speech = False
                     self._silence_start = None
         return events
@@ -80,4 +86,10 @@ class Endpointer:
     def restart_at(self, sample: int) -> None:
         """The caller cut the utterance at ``sample`` and speech goes on from there."""
         self.speech_start = sample
+        self.voiced_end = max(self.voiced_end, sample)
         self._silence_start = None
+
+    @property
+    def voiced(self) -> int:
+        """Samples of the current stretch of speech so far (0 outside speech)."""
+        return self.voiced_end - self.speech_start if self.in_speech else 0

@@ -31,7 +31,7 @@ SpeechProbs = Callable[[np.ndarray], np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class StreamConfig:
-    endpoint: EndpointConfig = EndpointConfig()
+    endpoint: EndpointConfig = dataclasses.field(default_factory=EndpointConfig)
     pad_samples: int = 3200  # 0.2 s kept before and after speech
     partial_interval_samples: int = 8000  # 0.5 s
     max_utterance_samples: int = 25 * RATE
@@ -127,11 +127,12 @@ class StreamingTranscriber:
                     self._utt_start = max(ev.sample - self.config.pad_samples, floor)
                 else:
                     end = min(ev.sample + self.config.pad_samples, self.position)
-                    events += self._close_utterance(end, speech_end=ev.sample)
+                    events += self._close_utterance(end, ev.sample, ev.voiced)
             if self._utt_start is not None and \
                     self._vad_pos - self._utt_start >= self.config.max_utterance_samples:
                 events += self._cut_utterance()
         if self._utt_start is not None and self.config.interim_results and \
+                self._endpointer.voiced >= self.config.endpoint.min_speech_samples and \
                 self.position - self._utt_start >= self.config.partial_interval_samples and \
                 self.position - self._last_partial_at >= self.config.partial_interval_samples:
             partial = self._partial()
@@ -144,7 +145,8 @@ class StreamingTranscriber:
         """End the open utterance now (client ``finalize`` or end of stream)."""
         events: list[Event] = []
         if self._utt_start is not None:
-            events = self._close_utterance(self.position, speech_end=self.position)
+            events = self._close_utterance(self.position, self.position,
+                                           self._endpointer.voiced)
         self._endpointer.force_end()
         self._trim()
         return events
@@ -188,12 +190,11 @@ class StreamingTranscriber:
             end=self.position / RATE,
         )
 
-    def _close_utterance(self, end: int, speech_end: int) -> list[Event]:
+    def _close_utterance(self, end: int, speech_end: int, voiced: int) -> list[Event]:
         assert self._utt_start is not None
         start = self._utt_start
         self._utt_start = None
-        too_short = speech_end - self._endpointer.speech_start < \
-            self.config.endpoint.min_speech_samples
+        too_short = voiced < self.config.endpoint.min_speech_samples
         words: list[Word] = []
         if not too_short or self._partial_sent:
             # Words that start after the speech ended are Whisper inventing text on the pad.
@@ -214,9 +215,9 @@ class StreamingTranscriber:
             cut = end - self.config.pad_samples
         elif keep < len(words):
             gap_mid = (words[keep - 1].end + words[keep].start) / 2
-            cut = int(round(gap_mid * RATE))
+            cut = round(gap_mid * RATE)
         else:
-            cut = int(round(words[keep - 1].end * RATE))
+            cut = round(words[keep - 1].end * RATE)
         cut = min(max(cut, start), end)
         events = self._emit_final(words[:keep], start, cut, commit=cut)
         self._utt_start = cut

@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from common import keys

@@ -1,0 +1,181 @@
+"""The I/O-free streaming core, fed with synthetic arrays and a fake model.
+
+"Speech" here is a sequence of constant-amplitude bursts, one per word; the
+fake decoder turns each burst in the audio it is given into a word whose
+name encodes the amplitude, with its true start and end. So every decision of
+the core (where utterances start and end, what is cut, what is kept, what is
+promised as stable) is checked against exact expectations.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from common.messages import Partial, Word
+from transcriber.endpointing import EndpointConfig
+from transcriber.streaming import RATE, Committed, StreamConfig, StreamingTranscriber
+
+WORD_S = 0.3
+GAP_S = 0.1
+
+
+def burst(word_id: int) -> np.ndarray:
+    return np.full(int(WORD_S * RATE), word_id / 100.0, dtype=np.float32)
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * RATE), dtype=np.float32)
+
+
+def utterance(ids: list[int]) -> np.ndarray:
+    parts: list[np.ndarray] = []
+    for i in ids:
+        parts += [burst(i), silence(GAP_S)]
+    return np.concatenate(parts)
+
+
+def fake_vad(windows: np.ndarray) -> np.ndarray:
+    return (np.abs(windows).mean(axis=1) > 0.005).astype(np.float32)
+
+
+class BurstDecoder:
+    """Each run of non-zero samples is one word, named after its amplitude."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, bool]] = []
+
+    def decode(self, audio: np.ndarray, prompt: str, final: bool) -> list[Word]:
+        self.calls.append((len(audio), final))
+        loud = np.abs(audio) > 0.005
+        words = []
+        i = 0
+        while i < len(audio):
+            if not loud[i]:
+                i += 1
+                continue
+            j = i
+            while j < len(audio) and loud[j]:
+                j += 1
+            wid = round(float(np.abs(audio[i:j]).mean()) * 100)
+            words.append(Word(f" w{wid}", i / RATE, j / RATE, 1.0))
+            i = j
+        return words
+
+
+CFG = StreamConfig(
+    endpoint=EndpointConfig(min_silence_samples=int(0.5 * RATE),
+                            min_speech_samples=int(0.25 * RATE)),
+    pad_samples=int(0.2 * RATE),
+    partial_interval_samples=int(0.5 * RATE),
+    max_utterance_samples=int(5 * RATE),
+)
+
+
+def run(audio: np.ndarray, frame_s: float = 0.1, config: StreamConfig = CFG,
+        **kwargs: int) -> tuple[list[Partial], list[Committed], StreamingTranscriber]:
+    core = StreamingTranscriber("s", BurstDecoder(), fake_vad, config, **kwargs)
+    events = []
+    step = int(frame_s * RATE)
+    for i in range(0, len(audio), step):
+        events += core.feed(audio[i:i + step])
+    events += core.finish()
+    partials = [e for e in events if isinstance(e, Partial)]
+    finals = [e for e in events if isinstance(e, Committed)]
+    return partials, finals, core
+
+
+def texts(finals: list[Committed]) -> list[str]:
+    return [f.final.text for f in finals]
+
+
+def test_utterances_end_at_silence_with_exact_words_and_times() -> None:
+    audio = np.concatenate([silence(0.5), utterance([11, 12, 13]), silence(1.0),
+                            utterance([14, 15]), silence(1.0)])
+    _, finals, _ = run(audio)
+    assert texts(finals) == ["w11 w12 w13", "w14 w15"]
+    assert [f.final.utterance for f in finals] == [0, 1]
+    first = finals[0].final
+    assert first.start == 0.5 and abs(first.end - (0.5 + 2 * 0.4 + 0.3)) < 1e-3
+    assert [w.word.strip() for w in first.words] == ["w11", "w12", "w13"]
+    # Commit points move forward and cover each utterance.
+    assert finals[0].commit_sample < finals[1].commit_sample
+    assert finals[0].commit_sample >= int(first.end * RATE)
+    assert finals[1].next_utterance == 2
+
+
+def test_partials_come_before_their_final_and_stable_text_is_kept() -> None:
+    audio = np.concatenate([utterance(list(range(20, 28))), silence(1.0)])
+    partials, finals, _ = run(audio)
+    assert len(finals) == 1
+    assert partials, "no partial before the final"
+    final_text = finals[0].final.text
+    for p in partials:
+        assert p.utterance == 0
+        assert final_text.startswith(p.stable_text)
+        assert p.text.startswith(p.stable_text)
+    assert any(p.stable_text for p in partials)
+
+
+def test_silence_gives_no_results_and_spends_no_utterance_index() -> None:
+    partials, finals, core = run(silence(20.0))
+    assert partials == [] and finals == []
+    assert core.utterance == 0
+
+
+def test_a_burst_shorter_than_min_speech_is_dropped() -> None:
+    blip = np.full(int(0.1 * RATE), 0.5, dtype=np.float32)
+    _, finals, _ = run(np.concatenate([silence(1.0), blip, silence(2.0)]))
+    assert finals == []
+
+
+def test_max_length_cuts_at_word_boundaries_losing_and_repeating_nothing() -> None:
+    ids = [10 + i % 80 for i in range(40)]  # 16 s of continuous speech, 5 s cap
+    audio = np.concatenate([utterance(ids), silence(1.0)])
+    _, finals, _ = run(audio)
+    assert len(finals) >= 4
+    words = [w.word.strip() for f in finals for w in f.final.words]
+    assert words == [f"w{i}" for i in ids]
+    for f in finals:
+        assert f.final.end - f.final.start <= 5.0 + 1e-6
+    # Each cut lands in a gap between words, never inside one.
+    for f in finals[:-1]:
+        cut_s = f.commit_sample / RATE
+        assert all(not (w.start < cut_s < w.end) for g in finals for w in g.final.words)
+
+
+def test_finalize_ends_the_utterance_now() -> None:
+    core = StreamingTranscriber("s", BurstDecoder(), fake_vad, CFG)
+    events = core.feed(utterance([30, 31]))
+    events += core.finalize()
+    finals = [e for e in events if isinstance(e, Committed)]
+    assert texts(finals) == ["w30 w31"]
+    events = core.feed(np.concatenate([utterance([32]), silence(1.0)]))
+    finals = [e for e in events if isinstance(e, Committed)]
+    assert texts(finals) == ["w32"]
+    assert finals[0].final.utterance == 1
+
+
+def test_frame_size_does_not_change_the_finals() -> None:
+    audio = np.concatenate([utterance([40, 41, 42]), silence(0.8), utterance([43] * 3),
+                            silence(1.0)])
+    _, small, _ = run(audio, frame_s=0.02)
+    _, large, _ = run(audio, frame_s=3.0)
+    assert texts(small) == texts(large) == ["w40 w41 w42", "w43 w43 w43"]
+
+
+def test_resume_from_a_commit_point_repeats_nothing() -> None:
+    audio = np.concatenate([utterance([50, 51]), silence(1.0), utterance([52, 53]),
+                            silence(1.0)])
+    _, finals, _ = run(audio)
+    commit = finals[0].commit_sample
+    _, resumed, _ = run(audio[commit:], start_sample=commit, next_utterance=1)
+    assert texts(resumed) == ["w52 w53"]
+    assert resumed[0].final.utterance == 1
+    assert resumed[0].final.words == finals[1].final.words
+
+
+def test_buffer_stays_bounded_during_long_silence() -> None:
+    core = StreamingTranscriber("s", BurstDecoder(), fake_vad, CFG)
+    for _ in range(600):
+        core.feed(silence(0.1))
+    assert len(core._audio) <= CFG.pad_samples + 512
