@@ -154,6 +154,17 @@ class GatewaySettings(RedisSettings):
     send_queue: int = setting(
         256, "results buffered per socket; a client that falls further behind is dropped"
     )
+    resume_grace_s: float = setting(
+        30.0, "a client that vanishes without 'close' may reconnect this long before its "
+        "session is closed and drained")
+    outage_buffer_s: float = setting(
+        30.0, "seconds of audio buffered per session while Redis is unreachable")
+    max_backlog: int = setting(
+        50, "queued sessions no transcriber has taken yet beyond which new sessions get 1013")
+    lag_warning_s: float = setting(
+        3.0, "warn the client when transcription falls this far behind the audio, seconds")
+    heartbeat_s: float = setting(
+        5.0, "how often an attached connection refreshes its session's heartbeat, seconds")
     log_level: str = setting("INFO", "log level")
 
 
@@ -190,7 +201,9 @@ class TranscriberSettings(RedisSettings):
     prompt_chars: int = setting(200, "characters of previous finals passed as the prompt")
     read_batch: int = setting(50, "audio stream entries read per XREAD")
     lease_ms: int = setting(
-        10000, "session lease: another worker may take over after this idle time")
+        6000, "session lease: another worker may take over after this idle time, milliseconds")
+    idle_timeout_s: float = setting(
+        90.0, "a session with no new audio and no client heartbeat for this long is closed")
     retention_s: int = setting(
         86400, "how long a finished session's audio and results stay in Redis, seconds"
     )

@@ -11,22 +11,34 @@ import redis.asyncio as aioredis
 
 from common import keys
 from common.errors import StaleLease
-from common.messages import Closed, Result, pack_result
+from common.messages import Closed, Final, Result, pack_result
 
-# KEYS: meta, results. ARGV: epoch, body. Returns seq, or -1 when the epoch is stale.
+# KEYS: meta, results. ARGV: epoch, body, processed sample.
+# Returns seq, or -1 when the epoch is stale.
 _PUBLISH = """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return -1 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-redis.call('XADD', KEYS[2], '*', 'seq', seq, 'm', ARGV[2])
+redis.call('XADD', KEYS[2], '*', 'seq', seq, 'm', ARGV[2], 'epoch', ARGV[1])
 return seq
 """
 
-# A final and its commit point in one step.
-# ARGV: epoch, body, commit_sample, next_utterance, prompt, resume_id
+# How far the owner has transcribed (for lag reporting). ARGV: epoch, processed sample.
+_PROGRESS = """
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return -1 end
+redis.call('HSET', KEYS[1], 'processed_sample', ARGV[2])
+return 0
+"""
+
+# A final and its commit point in one step. Idempotent: a final whose utterance
+# is already committed (a retried write whose reply was lost) returns 0.
+# ARGV: epoch, body, commit_sample, next_utterance, prompt, resume_id, utterance
 _COMMIT = """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return -1 end
+if tonumber(redis.call('HGET', KEYS[1], 'next_utterance') or '0') > tonumber(ARGV[7]) then
+  return 0
+end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-redis.call('XADD', KEYS[2], '*', 'seq', seq, 'm', ARGV[2])
+redis.call('XADD', KEYS[2], '*', 'seq', seq, 'm', ARGV[2], 'epoch', ARGV[1])
 redis.call('HSET', KEYS[1], 'commit_sample', ARGV[3], 'next_utterance', ARGV[4],
            'prompt', ARGV[5], 'resume_id', ARGV[6])
 return seq
@@ -36,8 +48,9 @@ return seq
 # KEYS: meta, results, audio. ARGV: epoch, body, retention seconds, duration.
 _CLOSE = """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return -1 end
+if redis.call('HGET', KEYS[1], 'state') == 'closed' then return 0 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-redis.call('XADD', KEYS[2], '*', 'seq', seq, 'm', ARGV[2])
+redis.call('XADD', KEYS[2], '*', 'seq', seq, 'm', ARGV[2], 'epoch', ARGV[1])
 redis.call('HSET', KEYS[1], 'state', 'closed', 'duration', ARGV[4])
 for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
 return seq
@@ -63,6 +76,7 @@ class SessionWriter:
         self._publish = redis.register_script(_PUBLISH)
         self._commit = redis.register_script(_COMMIT)
         self._close = redis.register_script(_CLOSE)
+        self._progress = redis.register_script(_PROGRESS)
 
     @staticmethod
     async def acquire(redis: aioredis.Redis, sid: str, owner: str) -> int | None:
@@ -79,14 +93,21 @@ class SessionWriter:
                                   args=[self.epoch, pack_result(result)])
         return self._check(seq)
 
-    async def commit(self, result: Result, commit_sample: int, next_utterance: int,
+    async def commit(self, final: Final, commit_sample: int, next_utterance: int,
                      prompt: str, resume_id: str) -> int:
         seq = await self._commit(
             keys=[keys.meta(self.sid), keys.results(self.sid)],
-            args=[self.epoch, pack_result(result), commit_sample, next_utterance, prompt,
-                  resume_id],
+            args=[self.epoch, pack_result(final), commit_sample, next_utterance, prompt,
+                  resume_id, final.utterance],
         )
         return self._check(seq)
+
+    async def progress(self, processed_sample: int) -> None:
+        self._check(await self._progress(keys=[keys.meta(self.sid)],
+                                         args=[self.epoch, processed_sample]))
+
+    async def still_owner(self) -> bool:
+        return await self.redis.hget(keys.meta(self.sid), "epoch") == str(self.epoch).encode()
 
     async def close(self, closed: Closed, retention_s: int) -> int:
         seq = await self._close(

@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import os
 import socket
+import time
 import uuid
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -68,6 +71,7 @@ class Worker:
         self._capacity = asyncio.Semaphore(settings.capacity)
         self._sessions: dict[str, asyncio.Task[None]] = {}
         self._entries: dict[str, bytes] = {}  # sid → work-queue entry id
+        self._writers: dict[str, SessionWriter] = {}
         self._stopping = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -98,17 +102,44 @@ class Worker:
             await self._take_sessions()
         finally:
             renew.cancel()
-            for task in list(self._sessions.values()):
-                task.cancel()
-            await asyncio.gather(renew, *self._sessions.values(), return_exceptions=True)
+            await self._release_all()
+            await asyncio.gather(renew, return_exceptions=True)
             await self.redis.aclose()
             await self.blocking.aclose()
             self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _release_all(self) -> None:
+        """Shutdown: stop our sessions and put them straight back on the queue.
+
+        Another worker picks them up at once (no waiting for the lease to
+        expire) and resumes from the commit point.
+        """
+        entries = dict(self._entries)
+        writers = dict(self._writers)
+        for task in list(self._sessions.values()):
+            task.cancel()
+        await asyncio.gather(*self._sessions.values(), return_exceptions=True)
+        for sid, entry_id in entries.items():
+            writer = writers.get(sid)
+            try:
+                if writer is not None and not await writer.still_owner():
+                    continue
+                pipe = self.redis.pipeline(transaction=True)
+                pipe.xack(keys.SESSIONS, keys.GROUP, entry_id)
+                pipe.xdel(keys.SESSIONS, entry_id)
+                pipe.xadd(keys.SESSIONS, {"sid": sid})
+                await pipe.execute()
+                log.info("session %s: released for another worker", sid)
+            except REDIS_DOWN as exc:
+                log.warning("session %s: could not release (%s); lease will expire", sid, exc)
 
     async def _take_sessions(self) -> None:
         backoff = 0.1
         while not self._stopping.is_set():
             await self._capacity.acquire()
+            if self._stopping.is_set():
+                self._capacity.release()
+                break
             started = False
             try:
                 entry = await self._next_entry()
@@ -151,6 +182,7 @@ class Worker:
         def done(t: asyncio.Task[None]) -> None:
             self._sessions.pop(sid, None)
             self._entries.pop(sid, None)
+            self._writers.pop(sid, None)
             self._capacity.release()
             if not t.cancelled() and t.exception() is not None:
                 log.error("session %s: failed", sid, exc_info=t.exception())
@@ -158,16 +190,28 @@ class Worker:
         task.add_done_callback(done)
 
     async def _renew_leases(self) -> None:
-        """Re-claim our own work entries well inside the lease, so nobody takes them over."""
+        """Re-claim our own work entries well inside the lease, so nobody takes them over.
+
+        A session whose epoch moved on (we were paused past the lease and
+        another worker took it) is stopped instead of re-claimed.
+        """
         interval = self.settings.lease_ms / 3000.0
         while True:
             await asyncio.sleep(interval)
-            ids = list(self._entries.values())
-            if not ids:
-                continue
             try:
-                await self.redis.xclaim(keys.SESSIONS, keys.GROUP, self.consumer,
-                                        min_idle_time=0, message_ids=ids, justid=True)
+                ids = []
+                for sid, entry_id in list(self._entries.items()):
+                    writer = self._writers.get(sid)
+                    if writer is not None and not await writer.still_owner():
+                        log.warning("session %s: lease lost to another worker; stopping", sid)
+                        task = self._sessions.get(sid)
+                        if task is not None:
+                            task.cancel()
+                        continue
+                    ids.append(entry_id)
+                if ids:
+                    await self.redis.xclaim(keys.SESSIONS, keys.GROUP, self.consumer,
+                                            min_idle_time=0, message_ids=ids, justid=True)
             except REDIS_DOWN as exc:
                 log.warning("lease renewal failed: %s", exc)
 
@@ -184,6 +228,7 @@ class Worker:
             await self._finish_entry(entry_id)
             return
         writer = SessionWriter(self.redis, sid, epoch)
+        self._writers[sid] = writer
         language = _text(meta, "language") or self.settings.language
         interim = _text(meta, "interim", "1") == "1"
         assert self.vad is not None
@@ -218,6 +263,18 @@ class Worker:
         return result
 
 
+async def with_retry(sid: str, what: str, call: Callable[[], Awaitable[Any]]) -> Any:
+    """Retry a write through a Redis outage (the fenced scripts make retries safe)."""
+    backoff = 0.1
+    while True:
+        try:
+            return await call()
+        except REDIS_DOWN as exc:
+            log.warning("session %s: %s failed (%s); retrying", sid, what, exc)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+
 class _SessionRun:
     """Reads one session's audio stream from its cursor and publishes what the core emits."""
 
@@ -235,6 +292,7 @@ class _SessionRun:
     async def run(self) -> None:
         s = self.worker.settings
         key = keys.audio(self.sid)
+        last_audio = time.monotonic()
         while True:
             try:
                 resp = await self.worker.blocking.xread(
@@ -243,6 +301,14 @@ class _SessionRun:
                 log.warning("session %s: redis read failed: %s", self.sid, exc)
                 await asyncio.sleep(0.5)
                 continue
+            if resp:
+                last_audio = time.monotonic()
+            elif time.monotonic() - last_audio > s.idle_timeout_s and await self._abandoned():
+                log.info("session %s: no audio and no client for %.0f s; closing",
+                         self.sid, s.idle_timeout_s)
+                await self._publish(await self.worker.infer(self.core.finish))
+                await self._close(AudioMarker("close", 0, self.core.position))
+                return
             pending: list[np.ndarray] = []
             for _stream, entries in resp or ():
                 for entry_id, fields in entries:
@@ -262,6 +328,10 @@ class _SessionRun:
                         return
             await self._feed(pending)
 
+    async def _abandoned(self) -> bool:
+        beat = await self.worker.redis.hget(keys.meta(self.sid), "heartbeat")
+        return beat is None or time.time() - float(beat) > self.worker.settings.idle_timeout_s
+
     def _new_samples(self, frame: AudioFrame) -> np.ndarray:
         """Samples of a frame the core has not seen (a resumed session re-reads some)."""
         pcm = np.frombuffer(frame.pcm, dtype="<i2")
@@ -274,6 +344,7 @@ class _SessionRun:
             return
         pcm = np.concatenate(parts)
         await self._publish(await self.worker.infer(self.core.feed, pcm))
+        await with_retry(self.sid, "progress", lambda: self.writer.progress(self.core.position))
 
     def _resume_point(self, commit_sample: int) -> str:
         """The last entry that ends at or before the commit point: resume reading after it."""
@@ -284,16 +355,17 @@ class _SessionRun:
     async def _publish(self, events: list[Event]) -> None:
         for ev in events:
             if isinstance(ev, Partial):
-                await self.writer.publish(ev)
+                await with_retry(self.sid, "partial", functools.partial(self.writer.publish, ev))
             elif isinstance(ev, Committed):
-                await self.writer.commit(
-                    ev.final, ev.commit_sample, ev.next_utterance, self.core.prompt,
-                    self._resume_point(ev.commit_sample))
+                await with_retry(self.sid, "commit", functools.partial(
+                    self.writer.commit, ev.final, ev.commit_sample, ev.next_utterance,
+                    self.core.prompt, self._resume_point(ev.commit_sample)))
 
     async def _close(self, marker: AudioMarker) -> None:
         closed = Closed(session_id=self.sid, utterances=self.core.utterance,
                         duration=round(marker.offset / RATE, 3))
-        await self.writer.close(closed, self.worker.settings.retention_s)
+        await with_retry(self.sid, "close", lambda: self.writer.close(
+            closed, self.worker.settings.retention_s))
 
 
 async def serve(settings: TranscriberSettings) -> None:

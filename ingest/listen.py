@@ -1,0 +1,390 @@
+"""One /v1/listen connection: receive audio, write it to Redis, deliver results back.
+
+Three tasks run per connection: the receive loop (normalise, enqueue), the
+audio writer (drains a bounded buffer into Redis, riding out outages with
+backoff), and delivery (follows the results stream to the socket). A monitor
+keeps the heartbeat fresh and tells the client about queueing and lag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from common import errors
+from common.audio import TARGET_RATE, AudioNormalizer, StreamFormat, parse_stream_format
+from common.errors import BadRequest, MessageTooBig, SttError
+from common.messages import (
+    AudioEntry,
+    AudioFrame,
+    AudioMarker,
+    Closed,
+    ErrorMessage,
+    SessionStarted,
+    Warning,
+    parse_control,
+    to_json,
+)
+from common.redis_client import REDIS_DOWN
+from fanout.follow import follow_results
+from ingest.store import SessionStore
+
+if TYPE_CHECKING:
+    from ingest.gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+
+class SessionTaken(SttError):
+    code = "session_taken"
+    close_code = errors.POLICY_VIOLATION
+
+
+class StorageUnavailable(SttError):
+    code = "storage_unavailable"
+    close_code = errors.TRY_AGAIN_LATER
+
+
+def _bool_param(value: str | None, default: bool) -> bool:
+    if value is None:
+        return default
+    low = value.lower()
+    if low in ("true", "1", "yes"):
+        return True
+    if low in ("false", "0", "no"):
+        return False
+    raise BadRequest("interim_results must be true or false")
+
+
+class ListenParams:
+    """The validated query string of /v1/listen."""
+
+    def __init__(self, query: dict[str, list[str]]) -> None:
+        def one(name: str) -> str | None:
+            values = query.get(name)
+            return values[-1] if values else None
+
+        self.format: StreamFormat = parse_stream_format(
+            one("encoding"), one("sample_rate"), one("channels"))
+        language = one("language") or ""
+        if len(language) > 8 or not all(c.isalpha() or c == "-" for c in language):
+            raise BadRequest("language must be an ISO code or 'auto'")
+        self.language = language
+        self.interim_results = _bool_param(one("interim_results"), True)
+        self.session = one("session")
+        if self.session is not None and (
+                len(self.session) != 32 or not all(c in "0123456789abcdef" for c in self.session)):
+            raise BadRequest("session must be a session id from a 'session' message")
+        after = one("after")
+        if after is not None and self.session is None:
+            raise BadRequest("'after' needs 'session'")
+        try:
+            self.after = int(after) if after is not None else 0
+        except ValueError:
+            raise BadRequest("after must be an integer seq") from None
+        if self.after < 0:
+            raise BadRequest("after must be an integer seq")
+
+
+async def send_error(ws: ServerConnection, exc: SttError) -> None:
+    """Tell the client what went wrong (no internals), then close with the matching code."""
+    with contextlib.suppress(ConnectionClosed):
+        await ws.send(to_json(ErrorMessage(exc.code, exc.message)))
+        await ws.close(exc.close_code, exc.code)
+
+
+class AudioWriter:
+    """A bounded, ordered buffer of audio entries drained into Redis by one task."""
+
+    def __init__(self, store: SessionStore, sid: str, generation: int, max_samples: int) -> None:
+        self.store = store
+        self.sid = sid
+        self.generation = generation
+        self.max_samples = max_samples
+        self._pending: collections.deque[AudioEntry] = collections.deque()
+        self._buffered = 0
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._progress = asyncio.Event()
+        self.failure: SttError | None = None
+        self._task = asyncio.create_task(self._run(), name=f"audio-writer-{sid}")
+
+    async def put(self, entry: AudioEntry, wait_s: float) -> None:
+        """Queue an entry; when the buffer is full, wait (back-pressuring the client) for room."""
+        if self.failure is not None:
+            raise self.failure
+        samples = entry.samples if isinstance(entry, AudioFrame) else 0
+        if self._buffered and self._buffered + samples > self.max_samples:
+            try:
+                await asyncio.wait_for(self._room(samples), wait_s)
+            except TimeoutError:
+                raise StorageUnavailable("audio storage is unavailable; try again later") \
+                    from None
+            if self.failure is not None:
+                raise self.failure
+        self._pending.append(entry)
+        self._buffered += samples
+        self._drained.clear()
+        self._wake.set()
+
+    async def _room(self, samples: int) -> None:
+        while self._buffered and self._buffered + samples > self.max_samples \
+                and self.failure is None:
+            self._progress.clear()
+            await self._progress.wait()
+
+    async def drain(self) -> None:
+        await self._drained.wait()
+        if self.failure is not None:
+            raise self.failure
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch = list(self._pending)[:64]
+                try:
+                    ok = await self.store.append(self.sid, self.generation, batch)
+                except REDIS_DOWN as exc:
+                    log.warning("session %s: audio append failed (%s); %d entries buffered",
+                                self.sid, exc, len(self._pending))
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+                    continue
+                backoff = 0.05
+                if not ok:
+                    self.failure = SessionTaken("the session was resumed on another connection")
+                    self._pending.clear()
+                    break
+                for _ in batch:
+                    entry = self._pending.popleft()
+                    if isinstance(entry, AudioFrame):
+                        self._buffered -= entry.samples
+                self._progress.set()
+            self._progress.set()
+            self._drained.set()
+
+
+class ListenSession:
+    """One /v1/listen connection, new or resumed."""
+
+    def __init__(self, gateway: Gateway, ws: ServerConnection, params: ListenParams) -> None:
+        self.gateway = gateway
+        self.settings = gateway.settings
+        self.store: SessionStore = gateway.store
+        self.ws = ws
+        self.params = params
+        self.sid = params.session or uuid.uuid4().hex
+        self.normalizer = AudioNormalizer(params.format)
+        self.samples_sent = 0
+        self.entry_seq = 0
+        self.generation = 0
+        self.writer: AudioWriter | None = None
+        self._ended = False  # the close marker is queued
+        self._max_samples = int(self.settings.max_frame_seconds * TARGET_RATE)
+        self._sent_at: collections.deque[tuple[int, float]] = collections.deque(maxlen=4096)
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def run(self) -> None:
+        try:
+            resumed = await self._open()
+        except SttError as exc:
+            await send_error(self.ws, exc)
+            return
+        except REDIS_DOWN:
+            await send_error(self.ws, StorageUnavailable("storage unavailable; try again later"))
+            return
+        await self.ws.send(to_json(SessionStarted(
+            session_id=self.sid,
+            model=self.settings.model_name,
+            sample_rate=self.params.format.sample_rate,
+            encoding=self.params.format.encoding,
+            channels=self.params.format.channels,
+            language=self.params.language or "en",
+            interim_results=self.params.interim_results,
+            resumed=resumed,
+        )))
+        log.info("session %s: %s (%s %d Hz x%d)", self.sid, "resumed" if resumed else "opened",
+                 self.params.format.encoding, self.params.format.sample_rate,
+                 self.params.format.channels)
+        delivery = asyncio.create_task(self._deliver(), name=f"deliver-{self.sid}")
+        monitor = asyncio.create_task(self._monitor(), name=f"monitor-{self.sid}")
+        clean = False
+        try:
+            if self._ended:
+                await self._drain(delivery)  # resumed after close: just deliver
+                clean = True
+            elif await self._receive():
+                await self._drain(delivery)
+                clean = True
+        except SttError as exc:
+            log.info("session %s: client error %s", self.sid, exc.code)
+            with contextlib.suppress(Exception):
+                await self._end_stream()
+            await send_error(self.ws, exc)
+            clean = True
+        except ConnectionClosed:
+            pass
+        except Exception:
+            log.exception("session %s: internal error", self.sid)
+            await send_error(self.ws, SttError("internal error"))
+        finally:
+            monitor.cancel()
+            delivery.cancel()
+            for task in (monitor, delivery):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            if not clean and not self._ended and not self.gateway.stopping:
+                self.gateway.detach_later(self.sid, self.generation, self.samples_sent,
+                                          self.entry_seq, self.writer)
+            elif self.writer is not None:
+                await self._close_writer()
+            log.info("session %s: socket done (%d samples)", self.sid, self.samples_sent)
+
+    async def _close_writer(self) -> None:
+        assert self.writer is not None
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.writer.drain(), self.settings.outage_buffer_s)
+        await self.writer.close()
+
+    async def _open(self) -> bool:
+        """Create the session, or attach to the one named in ``session``."""
+        if self.params.session is None:
+            if await self.store.backlog() >= self.settings.max_backlog:
+                raise errors.Overloaded("all transcribers are busy; try again later")
+            self.generation = await self.store.create(self.sid, {
+                "encoding": self.params.format.encoding,
+                "sample_rate": self.params.format.sample_rate,
+                "channels": self.params.format.channels,
+                "language": self.params.language,
+                "interim": "1" if self.params.interim_results else "0",
+                "model": self.settings.model_name,
+            })
+            resumed = False
+        else:
+            attached = await self.store.attach(self.sid)
+            self.generation = attached.generation
+            self.samples_sent = attached.samples
+            self.entry_seq = attached.entry_seq
+            self._ended = attached.ended
+            resumed = True
+        self.writer = AudioWriter(self.store, self.sid, self.generation,
+                                  int(self.settings.outage_buffer_s * TARGET_RATE))
+        return resumed
+
+    # ------------------------------------------------------------------ audio in
+
+    async def _put(self, entry: AudioEntry) -> None:
+        assert self.writer is not None
+        await self.writer.put(entry, self.settings.outage_buffer_s)
+
+    async def _append_samples(self, pcm: Any) -> None:
+        if len(pcm) == 0:
+            return
+        if len(pcm) > self._max_samples:
+            raise MessageTooBig(
+                f"one message may carry at most {self.settings.max_frame_seconds:g} s of audio")
+        self.entry_seq += 1
+        await self._put(AudioFrame(self.entry_seq, self.samples_sent, pcm.tobytes()))
+        self.samples_sent += len(pcm)
+        self._sent_at.append((self.samples_sent, time.monotonic()))
+
+    async def _marker(self, kind: str) -> None:
+        self.entry_seq += 1
+        await self._put(AudioMarker(kind, self.entry_seq, self.samples_sent))  # type: ignore[arg-type]
+
+    async def _end_stream(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        await self._append_samples(self.normalizer.flush())
+        await self._marker("close")
+
+    async def _receive(self) -> bool:
+        """Audio and control messages until 'close' (True) or the socket ends (False)."""
+        async for message in self.ws:
+            if isinstance(message, bytes):
+                await self._append_samples(self.normalizer.feed(message))
+                continue
+            if message.lstrip().startswith("{"):
+                control = parse_control(message)
+                if control.type == "finalize":
+                    await self._marker("finalize")
+                elif control.type == "close":
+                    await self._end_stream()
+                    return True
+                continue
+            await self._append_samples(self.normalizer.feed_text(message))
+        return False
+
+    # ------------------------------------------------------------------ results out
+
+    async def _drain(self, delivery: asyncio.Task[None]) -> None:
+        """After 'close': wait until every final and 'closed' went out, then close 1000."""
+        assert self.writer is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(delivery), self.settings.close_drain_timeout_s)
+        except TimeoutError:
+            log.warning("session %s: drain timed out", self.sid)
+            await send_error(self.ws, SttError("transcription did not finish in time"))
+            return
+        await self.ws.close(errors.NORMAL, "closed")
+
+    async def _deliver(self) -> None:
+        after = self.params.after
+        async for _id, result in follow_results(
+                self.gateway.blocking, self.sid, "0-0", self.settings.redis_block_ms):
+            if result.seq <= after:
+                continue
+            await self.ws.send(to_json(result))
+            if isinstance(result, Closed):
+                return
+
+    async def _monitor(self) -> None:
+        """Heartbeat, queue position while waiting for a transcriber, lag warnings."""
+        last_beat = 0.0
+        last_position: int | None = None
+        last_lag_warning = 0.0
+        owned = False
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            try:
+                if now - last_beat >= self.settings.heartbeat_s:
+                    await self.store.heartbeat(self.sid)
+                    last_beat = now
+                if not owned:
+                    position = await self.store.queue_position(self.sid)
+                    if position is None:
+                        owned = (await self.store.progress(self.sid))[0] > 0
+                    if position is not None and position != last_position:
+                        await self.store.notice(self.sid, Warning(
+                            self.sid, "queued",
+                            f"waiting for a free transcriber (position {position} in queue)"))
+                    last_position = position
+                    continue
+                _, processed = await self.store.progress(self.sid)
+                lag = (self.samples_sent - processed) / TARGET_RATE
+                if lag >= self.settings.lag_warning_s and now - last_lag_warning >= 5.0:
+                    last_lag_warning = now
+                    await self.store.notice(self.sid, Warning(
+                        self.sid, "lag", f"transcription is {lag:.1f} s behind the audio"))
+            except REDIS_DOWN as exc:
+                log.warning("session %s: monitor: redis unavailable: %s", self.sid, exc)

@@ -1,0 +1,147 @@
+"""The gateway's Redis operations on sessions: create, attach, append audio, detach, backlog.
+
+Audio appends are fenced by the session's attach generation: when a client
+reconnects (possibly through another gateway) the generation moves on, and a
+stale connection can no longer append, so one session has one writer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from common import keys
+from common.errors import SessionNotFound
+from common.messages import (
+    AudioEntry,
+    AudioFrame,
+    AudioMarker,
+    Warning,
+    pack_audio_entry,
+    pack_result,
+    unpack_audio_entry,
+)
+
+# KEYS: meta, audio. ARGV: attach generation, then one packed entry per argument.
+_APPEND = """
+if redis.call('HGET', KEYS[1], 'attach') ~= ARGV[1] then return -1 end
+for i = 2, #ARGV do redis.call('XADD', KEYS[2], '*', 'm', ARGV[i]) end
+return #ARGV - 1
+"""
+
+# A notice from the gateway (queue position, lag): not fenced by a worker epoch.
+# KEYS: meta, results. ARGV: body.
+_NOTICE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('XADD', KEYS[2], '*', 'seq', seq, 'm', ARGV[1], 'epoch', 0)
+return seq
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Attached:
+    """Where a (re)attached connection continues."""
+
+    generation: int
+    samples: int  # samples already in the audio stream
+    entry_seq: int  # seq of the last audio entry
+    ended: bool  # the stream already has its close marker
+    meta: dict[str, str]
+
+
+class SessionStore:
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self._append = redis.register_script(_APPEND)
+        self._notice = redis.register_script(_NOTICE)
+
+    async def create(self, sid: str, fields: dict[str, str | int]) -> int:
+        """Write the session's metadata and announce it on the work queue."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(keys.meta(sid), mapping={
+            **fields, "state": "active", "created": f"{time.time():.3f}", "epoch": 0, "seq": 0,
+            "commit_sample": 0, "next_utterance": 0, "attach": 1,
+            "heartbeat": f"{time.time():.3f}",
+        })
+        pipe.xadd(keys.SESSIONS, {"sid": sid})
+        await pipe.execute()
+        return 1
+
+    async def attach(self, sid: str) -> Attached:
+        """Take over the writing side of an existing session after a reconnect."""
+        raw = await self.redis.hgetall(keys.meta(sid))
+        if not raw:
+            raise SessionNotFound("no such session (it may have expired)")
+        meta = {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
+        generation = int(await self.redis.hincrby(keys.meta(sid), "attach", 1))
+        last = await self.redis.xrevrange(keys.audio(sid), count=1)
+        samples, entry_seq, ended = 0, 0, meta.get("state") == "closed"
+        if last:
+            entry = unpack_audio_entry(last[0][1])
+            entry_seq = entry.seq
+            if isinstance(entry, AudioFrame):
+                samples = entry.offset + entry.samples
+            else:
+                samples = entry.offset
+                ended = ended or entry.kind == "close"
+        await self.heartbeat(sid)
+        return Attached(generation, samples, entry_seq, ended, meta)
+
+    async def append(self, sid: str, generation: int, entries: list[AudioEntry]) -> bool:
+        """Append entries in order; False when another connection has taken the session."""
+        n = await self._append(
+            keys=[keys.meta(sid), keys.audio(sid)],
+            args=[generation, *(pack_audio_entry(e)["m"] for e in entries)])
+        return int(n) >= 0
+
+    async def heartbeat(self, sid: str) -> None:
+        await self.redis.hset(keys.meta(sid), "heartbeat", f"{time.time():.3f}")
+
+    async def notice(self, sid: str, warning: Warning) -> None:
+        await self._notice(keys=[keys.meta(sid), keys.results(sid)], args=[pack_result(warning)])
+
+    async def progress(self, sid: str) -> tuple[int, int]:
+        """(owner epoch, samples the transcriber has processed)."""
+        epoch, processed = await self.redis.hmget(keys.meta(sid), "epoch", "processed_sample")
+        return int(epoch or 0), int(processed or 0)
+
+    async def backlog(self) -> int:
+        """Sessions queued that no transcriber has taken yet."""
+        try:
+            groups = await self.redis.xinfo_groups(keys.SESSIONS)
+        except ResponseError:  # no queue yet
+            return 0
+        for g in groups:
+            name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+            if name == keys.GROUP:
+                lag = g.get("lag")
+                return int(lag) if lag is not None else 0
+        return int(await self.redis.xlen(keys.SESSIONS))
+
+    async def queue_position(self, sid: str) -> int | None:
+        """1-based position among the sessions no transcriber has taken yet (None once taken)."""
+        epoch, _ = await self.progress(sid)
+        if epoch:
+            return None
+        last_delivered = "0-0"
+        try:
+            for g in await self.redis.xinfo_groups(keys.SESSIONS):
+                name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+                if name == keys.GROUP:
+                    ld = g["last-delivered-id"]
+                    last_delivered = ld.decode() if isinstance(ld, bytes) else ld
+        except ResponseError:
+            pass
+        waiting = await self.redis.xrange(keys.SESSIONS, min=f"({last_delivered}", count=10000)
+        for i, (_id, fields) in enumerate(waiting):
+            if fields.get(b"sid", b"").decode() == sid:
+                return i + 1
+        return None
+
+    @staticmethod
+    def close_marker(seq: int, offset: int) -> AudioMarker:
+        return AudioMarker("close", seq, offset)
