@@ -45,6 +45,11 @@ class StreamResult:
         return self.of_type("partial")
 
     @property
+    def closed_duration(self) -> float | None:
+        closed = self.of_type("closed")
+        return float(closed[0]["duration"]) if closed else None
+
+    @property
     def text(self) -> str:
         return " ".join(f["text"] for f in self.finals if f["text"]).strip()
 
@@ -99,11 +104,14 @@ async def stream(
                        additional_headers=headers or {}) as ws:
 
         async def reader() -> None:
-            async for raw in ws:
-                msg = json.loads(raw)
-                received.append(Received(time.monotonic(), msg))
-                if on_message is not None:
-                    on_message(msg)
+            try:
+                async for raw in ws:
+                    msg = json.loads(raw)
+                    received.append(Received(time.monotonic(), msg))
+                    if on_message is not None:
+                        on_message(msg)
+            except ConnectionClosed:
+                pass  # an error close: the code is read below
 
         read_task = asyncio.create_task(reader())
         started = time.monotonic()

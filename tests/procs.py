@@ -126,3 +126,48 @@ def start_gateway(redis_url: str, *args: str, **env: str) -> tuple[Service, int]
     svc.wait_ready()
     wait_port(port)
     return svc, port
+
+
+class Cluster:
+    """A private redis-server with any number of workers and one gateway, for failure tests."""
+
+    def __init__(self, workers: int = 1, worker_args: Sequence[str] = (),
+                 gateway_args: Sequence[str] = (), persistence: bool = False) -> None:
+        self.redis = RedisServer(persistence=persistence)
+        self.redis.start()
+        self.workers: dict[str, Service] = {}
+        self.worker_args = list(worker_args)
+        for i in range(workers):
+            self.add_worker(f"w{i + 1}")
+        self.gateway, self.port = start_gateway(self.redis.url, *gateway_args)
+
+    def add_worker(self, name: str) -> Service:
+        svc = start_transcriber(self.redis.url, "--consumer", name, *self.worker_args)
+        self.workers[name] = svc
+        return svc
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def meta(self, sid: str) -> dict[str, str]:
+        raw = self.redis.client().hgetall(f"stt:{{{sid}}}:meta")
+        return {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
+
+    def owner(self, sid: str) -> str | None:
+        return self.meta(sid).get("owner")
+
+    def result_entries(self, sid: str) -> list[dict[bytes, bytes]]:
+        return [fields for _id, fields in self.redis.client().xrange(f"stt:{{{sid}}}:results")]
+
+    def logs(self) -> str:
+        parts = [f"--- {name}\n{svc.log()}" for name, svc in self.workers.items()]
+        return "\n".join([*parts, f"--- gateway\n{self.gateway.log()}"])
+
+    def close(self) -> None:
+        self.gateway.stop()
+        for svc in self.workers.values():
+            if svc.proc.poll() is None:
+                svc.proc.send_signal(signal.SIGCONT)
+            svc.stop()
+        self.redis.stop()

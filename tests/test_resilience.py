@@ -1,0 +1,301 @@
+"""Crashes, pauses, outages, reconnects and shutdowns, with real processes and real Redis.
+
+Each test owns a private redis-server and its own worker and gateway
+processes, and kills, stops, restarts or disconnects them mid-session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+
+from common.client import StreamResult, listen_url, stream
+from tests.audio_refs import frames, load_pcm16, reference, wer
+from tests.procs import Cluster
+from tests.test_pipeline_e2e import check_protocol, with_tail
+
+pytestmark = pytest.mark.integration
+
+
+class SessionWatch:
+    """Collects the session id from the first message, so a test can act on that session."""
+
+    def __init__(self) -> None:
+        self.sid: str | None = None
+        self.finals: list[tuple[float, dict[str, Any]]] = []
+        self.known = asyncio.Event()
+
+    def __call__(self, msg: dict[str, Any]) -> None:
+        if msg["type"] == "session":
+            self.sid = msg["session_id"]
+            self.known.set()
+        elif msg["type"] == "final":
+            self.finals.append((time.monotonic(), msg))
+
+
+@pytest.fixture
+def cluster_factory() -> Iterator[Any]:
+    made: list[Cluster] = []
+
+    def make(**kwargs: Any) -> Cluster:
+        c = Cluster(**kwargs)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+JFK = with_tail(load_pcm16("fw_jfk"))
+
+
+def test_sigkill_of_the_owner_mid_utterance_fails_over_with_nothing_lost_or_repeated(
+        cluster_factory: Any) -> None:
+    cluster = cluster_factory(workers=2, worker_args=["--lease-ms", "3000"])
+    baseline = asyncio.run(stream(listen_url(cluster.ws_url), frames(JFK), pace=1.0))
+    check_protocol(baseline)
+    watch = SessionWatch()
+    killed: dict[str, Any] = {}
+
+    async def scenario() -> StreamResult:
+        async def killer() -> None:
+            await watch.known.wait()
+            await asyncio.sleep(6.0)  # inside "what your country can do for you"
+            assert watch.sid is not None
+            owner = cluster.owner(watch.sid)
+            assert owner in cluster.workers
+            killed["name"], killed["at"] = owner, time.monotonic()
+            killed["finals_before"] = len(watch.finals)
+            cluster.workers[owner].signal(signal.SIGKILL)
+
+        res, _ = await asyncio.gather(
+            stream(listen_url(cluster.ws_url), frames(JFK), pace=1.0, on_message=watch),
+            killer())
+        return res
+
+    res = asyncio.run(scenario())
+    check_protocol(res)  # one final per index, seq strictly increasing, closed, 1000
+    assert watch.sid is not None
+    survivor = cluster.owner(watch.sid)
+    assert survivor != killed["name"]
+    base_wer, new_wer = wer(reference("fw_jfk"), baseline.text), wer(reference("fw_jfk"), res.text)
+    assert new_wer <= base_wer + 0.02, (res.text, baseline.text)
+    after_kill = [at for at, _ in watch.finals[killed["finals_before"]:]]
+    assert after_kill, "no final after the kill"
+    print(f"\nfailover gap (kill → next final): {after_kill[0] - killed['at']:.2f} s; "
+          f"WER {new_wer:.3f} vs undisturbed {base_wer:.3f}")
+
+
+def test_a_paused_owner_that_wakes_after_takeover_writes_nothing(cluster_factory: Any) -> None:
+    cluster = cluster_factory(workers=2, worker_args=["--lease-ms", "2000"])
+    watch = SessionWatch()
+    info: dict[str, Any] = {}
+
+    async def scenario() -> StreamResult:
+        async def pauser() -> None:
+            await watch.known.wait()
+            await asyncio.sleep(2.5)
+            assert watch.sid is not None
+            owner = cluster.owner(watch.sid)
+            info["stale"] = owner
+            cluster.workers[owner].signal(signal.SIGSTOP)
+            deadline = time.monotonic() + 20
+            while cluster.owner(watch.sid) == owner:  # wait for the takeover
+                assert time.monotonic() < deadline, "no takeover"
+                await asyncio.sleep(0.2)
+            info["epoch"] = int(cluster.meta(watch.sid)["epoch"])
+            await asyncio.sleep(0.5)
+            cluster.workers[owner].signal(signal.SIGCONT)
+
+        res, _ = await asyncio.gather(
+            stream(listen_url(cluster.ws_url), frames(JFK), pace=1.0, on_message=watch),
+            pauser())
+        return res
+
+    res = asyncio.run(scenario())
+    check_protocol(res)
+    assert watch.sid is not None
+    assert wer(reference("fw_jfk"), res.text) <= 0.10, res.text
+    epochs = [int(f[b"epoch"]) for f in cluster.result_entries(watch.sid)]
+    first_new = next(i for i, e in enumerate(epochs) if e >= info["epoch"])
+    assert all(e >= info["epoch"] or e == 0 for e in epochs[first_new:]), epochs
+    time.sleep(1.0)
+    assert "lease lost" in cluster.workers[info["stale"]].log() or \
+        epochs.count(info["epoch"] - 1) == epochs[:first_new].count(info["epoch"] - 1)
+
+
+def test_a_redis_restart_mid_session_loses_no_audio(cluster_factory: Any) -> None:
+    cluster = cluster_factory(workers=1, persistence=True)
+    watch = SessionWatch()
+
+    async def scenario() -> StreamResult:
+        async def restart() -> None:
+            await watch.known.wait()
+            await asyncio.sleep(4.0)
+            await asyncio.to_thread(cluster.redis.stop)
+            await asyncio.sleep(3.0)
+            await asyncio.to_thread(cluster.redis.start)
+
+        res, _ = await asyncio.gather(
+            stream(listen_url(cluster.ws_url), frames(JFK), pace=1.0, on_message=watch),
+            restart())
+        return res
+
+    res = asyncio.run(scenario())
+    check_protocol(res)
+    assert watch.sid is not None
+    assert wer(reference("fw_jfk"), res.text) <= 0.10, res.text
+    entries = cluster.redis.client().xrange(f"stt:{{{watch.sid}}}:audio")
+    import msgpack
+
+    bodies = [msgpack.unpackb(f[b"m"]) for _id, f in entries]
+    audio = [b for b in bodies if b["k"] == "audio"]
+    assert sum(len(b["pcm"]) // 2 for b in audio) == len(JFK)
+    offsets = [b["off"] for b in audio]
+    assert offsets == sorted(offsets) and offsets[0] == 0
+    assert res.closed_duration == pytest.approx(len(JFK) / 16000, abs=0.01)
+
+
+def test_reconnect_with_after_delivers_every_result_exactly_once(cluster_factory: Any) -> None:
+    cluster = cluster_factory(workers=1)
+    parts = frames(JFK)
+    half = len(parts) // 2
+
+    async def scenario() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        first: list[dict[str, Any]] = []
+        async with connect(listen_url(cluster.ws_url), compression=None) as ws:
+            start = time.monotonic()
+            reader = asyncio.create_task(_collect(ws, first))
+            for i, (payload, _s) in enumerate(parts[:half]):
+                await asyncio.sleep(max(0.0, start + i * 0.1 - time.monotonic()))
+                await ws.send(payload)
+            await asyncio.sleep(0.3)
+            ws.transport.abort()  # the network drops: no close frame
+            reader.cancel()
+        sid = first[0]["session_id"]
+        last_seq = max((m["seq"] for m in first if "seq" in m), default=0)
+        await asyncio.sleep(1.5)  # results keep coming while the client is away
+        url = listen_url(cluster.ws_url, session=sid, after=last_seq)
+        second = await stream(url, parts[half:], pace=1.0)
+        assert second.messages[0].message["resumed"] is True
+        return first, [r.message for r in second.messages]
+
+    first, second = asyncio.run(scenario())
+    results = [m for m in first[1:] + second[1:]]
+    seqs = [m["seq"] for m in results]
+    assert len(seqs) == len(set(seqs)), "a result was delivered twice"
+    assert seqs == list(range(1, len(seqs) + 1)), "a result was lost"
+    finals = [m for m in results if m["type"] == "final"]
+    assert [f["utterance"] for f in finals] == list(range(len(finals)))
+    text = " ".join(f["text"] for f in finals)
+    assert wer(reference("fw_jfk"), text) <= 0.10, text
+    assert second[-1]["type"] == "closed"
+
+
+async def _collect(ws: Any, out: list[dict[str, Any]]) -> None:
+    async for raw in ws:
+        out.append(json.loads(raw))
+
+
+CLIPS = ["fw_jfk", "ds_ldc93s1", "ls_6930-75918-0000"]
+
+
+def test_three_workers_share_nine_sessions_by_capacity(cluster_factory: Any) -> None:
+    cluster = cluster_factory(workers=3, worker_args=["--capacity", "3", "--cpu-threads", "1"])
+    clips = [CLIPS[i % 3] for i in range(9)]
+    watches = [SessionWatch() for _ in clips]
+
+    async def all_sessions() -> list[StreamResult]:
+        return await asyncio.gather(*(
+            stream(listen_url(cluster.ws_url, interim_results=False),
+                   frames(with_tail(load_pcm16(c))), pace=1.0, on_message=w, read_timeout=240)
+            for c, w in zip(clips, watches, strict=True)))
+
+    results = asyncio.run(all_sessions())
+    owners: dict[str, int] = {}
+    for clip, res, w in zip(clips, results, watches, strict=True):
+        check_protocol(res)
+        assert w.sid is not None
+        owner = cluster.owner(w.sid)
+        assert owner is not None
+        owners[owner] = owners.get(owner, 0) + 1
+        assert wer(reference(clip), res.text) <= 0.35, (clip, res.text)
+    assert owners == {"w1": 3, "w2": 3, "w3": 3}
+
+
+def test_sigterm_hands_sessions_over_without_waiting_for_the_lease(cluster_factory: Any) -> None:
+    cluster = cluster_factory(workers=2, worker_args=["--lease-ms", "60000"])
+    watch = SessionWatch()
+    info: dict[str, Any] = {}
+
+    async def scenario() -> StreamResult:
+        async def terminate() -> None:
+            await watch.known.wait()
+            await asyncio.sleep(4.0)
+            assert watch.sid is not None
+            info["owner"] = cluster.owner(watch.sid)
+            info["at"] = time.monotonic()
+            cluster.workers[info["owner"]].signal(signal.SIGTERM)
+
+        res, _ = await asyncio.gather(
+            stream(listen_url(cluster.ws_url), frames(JFK), pace=1.0, on_message=watch),
+            terminate())
+        return res
+
+    res = asyncio.run(scenario())
+    check_protocol(res)
+    assert watch.sid is not None
+    assert cluster.owner(watch.sid) != info["owner"]
+    assert wer(reference("fw_jfk"), res.text) <= 0.10, res.text
+    finished = res.messages[-1].at - info["at"]
+    assert finished < 30.0, f"took {finished:.1f} s: waited for the 60 s lease?"
+    assert cluster.workers[info["owner"]].proc.wait(10) == 0
+
+
+def test_gateway_shutdown_closes_clients_with_1012(cluster_factory: Any) -> None:
+    cluster = cluster_factory(workers=1)
+
+    async def scenario() -> int | None:
+        async with connect(listen_url(cluster.ws_url)) as ws:
+            await ws.recv()
+            await ws.send(np.zeros(1600, dtype=np.int16).tobytes())
+            await asyncio.to_thread(cluster.gateway.stop)
+            with pytest.raises(Exception):  # noqa: B017
+                while True:
+                    await ws.recv()
+            return ws.close_code
+
+    assert asyncio.run(scenario()) == 1012
+
+
+def test_backlog_bound_refuses_new_sessions_with_1013_and_queued_clients_are_told(
+        cluster_factory: Any) -> None:
+    cluster = cluster_factory(workers=0, gateway_args=["--max-backlog", "1"])
+
+    async def scenario() -> tuple[list[dict[str, Any]], StreamResult]:
+        got: list[dict[str, Any]] = []
+        async with connect(listen_url(cluster.ws_url)) as ws:
+            reader = asyncio.create_task(_collect(ws, got))
+            await ws.send(np.zeros(1600, dtype=np.int16).tobytes())
+            await asyncio.sleep(2.5)
+            refused = await stream(listen_url(cluster.ws_url), frames(JFK[:16000]), pace=None)
+            reader.cancel()
+        return got, refused
+
+    try:
+        queued, refused = asyncio.run(scenario())
+    finally:
+        print(cluster.gateway.log()[-3000:])
+    warnings = [m for m in queued if m["type"] == "warning"]
+    assert warnings and warnings[0]["code"] == "queued" and "position 1" in warnings[0]["message"]
+    assert refused.close_code == 1013
+    assert refused.of_type("error")[0]["code"] == "overloaded"
