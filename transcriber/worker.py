@@ -25,12 +25,19 @@ from redis.exceptions import ResponseError
 
 from common import keys
 from common.errors import StaleLease
-from common.messages import AudioFrame, AudioMarker, Closed, Partial, unpack_audio_entry
+from common.messages import (
+    AudioFrame,
+    AudioMarker,
+    Closed,
+    Partial,
+    Warning,
+    unpack_audio_entry,
+)
 from common.redis_client import REDIS_DOWN, make_redis
 from common.settings import TranscriberSettings
 from transcriber.commit import SessionWriter
 from transcriber.endpointing import EndpointConfig
-from transcriber.model import WhisperDecoder, load_whisper
+from transcriber.model import BUNDLED, WhisperDecoder, load_whisper
 from transcriber.streaming import RATE, Committed, Event, StreamConfig, StreamingTranscriber
 from transcriber.vad import SileroVad
 
@@ -64,6 +71,7 @@ class Worker:
         self.consumer = settings.consumer or \
             f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.model = model
+        self._models: dict[str, Any] = {}  # other models sessions asked for, loaded on demand
         self.vad = vad
         self.redis = make_redis(settings)
         self.blocking = make_redis(settings, blocking=True)
@@ -230,11 +238,20 @@ class Worker:
         writer = SessionWriter(self.redis, sid, epoch)
         self._writers[sid] = writer
         language = _text(meta, "language") or self.settings.language
+        try:
+            model = await self.model_for(_text(meta, "model"))
+        except Exception as exc:  # unknown name, missing files: the session cannot run here
+            log.error("session %s: cannot load model %r: %s", sid, _text(meta, "model"), exc)
+            await writer.publish(Warning(sid, "model_unavailable",
+                                         "the requested model is not available"))
+            await writer.close(Closed(sid, 0, 0.0), self.settings.retention_s)
+            await self._finish_entry(entry_id)
+            return
         interim = _text(meta, "interim", "1") == "1"
         assert self.vad is not None
         core = StreamingTranscriber(
             sid,
-            WhisperDecoder(self.model, language, self.settings.beam_size,
+            WhisperDecoder(model, language, self.settings.beam_size,
                            self.settings.partial_beam_size),
             self.vad.stream(),
             stream_config(self.settings, interim),
@@ -256,6 +273,22 @@ class Worker:
         pipe.xack(keys.SESSIONS, keys.GROUP, entry_id)
         pipe.xdel(keys.SESSIONS, entry_id)
         await pipe.execute()
+
+    async def model_for(self, name: str) -> Any:
+        """The worker's own model, or another one a session (e.g. a replay) asked for."""
+        own = {"", self.settings.model} | ({BUNDLED} if self.settings.model in ("", BUNDLED)
+                                           else set())
+        if name in own:
+            return self.model
+        if name not in self._models:
+            s = self.settings
+            loop = asyncio.get_running_loop()
+            model = await loop.run_in_executor(
+                self.executor, load_whisper, name, s.device, s.compute_type, s.cpu_threads)
+            while len(self._models) >= s.max_extra_models:
+                self._models.pop(next(iter(self._models)))
+            self._models[name] = model
+        return self._models[name]
 
     async def infer(self, fn: Any, *args: Any) -> list[Event]:
         loop = asyncio.get_running_loop()
