@@ -7,6 +7,7 @@ increasing per session whichever worker writes.
 
 from __future__ import annotations
 
+import msgpack
 import redis.asyncio as aioredis
 
 from common import keys
@@ -31,14 +32,14 @@ return 0
 
 # A final and its commit point in one step. Idempotent: a final whose utterance
 # is already committed (a retried write whose reply was lost) returns 0.
-# ARGV: epoch, body, commit_sample, next_utterance, prompt, resume_id, utterance
+# ARGV: epoch, body, commit_sample, next_utterance, prompt, resume_id, utterance, timing
 _COMMIT = """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return -1 end
 if tonumber(redis.call('HGET', KEYS[1], 'next_utterance') or '0') > tonumber(ARGV[7]) then
   return 0
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-redis.call('XADD', KEYS[2], '*', 'seq', seq, 'm', ARGV[2], 'epoch', ARGV[1])
+redis.call('XADD', KEYS[2], '*', 'seq', seq, 'm', ARGV[2], 'epoch', ARGV[1], 't', ARGV[8])
 redis.call('HSET', KEYS[1], 'commit_sample', ARGV[3], 'next_utterance', ARGV[4],
            'prompt', ARGV[5], 'resume_id', ARGV[6])
 return seq
@@ -94,11 +95,12 @@ class SessionWriter:
         return self._check(seq)
 
     async def commit(self, final: Final, commit_sample: int, next_utterance: int,
-                     prompt: str, resume_id: str) -> int:
+                     prompt: str, resume_id: str, timing: dict[str, float] | None = None) -> int:
+        """A final with its commit point; ``timing`` (wall clock) is kept for benchmarks."""
         seq = await self._commit(
             keys=[keys.meta(self.sid), keys.results(self.sid)],
             args=[self.epoch, pack_result(final), commit_sample, next_utterance, prompt,
-                  resume_id, final.utterance],
+                  resume_id, final.utterance, msgpack.packb(timing or {})],
         )
         return self._check(seq)
 

@@ -77,7 +77,7 @@ def load_whisper(model: str, device: str, compute_type: str, cpu_threads: int,  
     threads = cpu_threads or os.cpu_count() or 1
     log.info("loading whisper model %s on %s (%s, %d threads)", path, device, compute_type, threads)
 
-    class ShortContextWhisper(WhisperModel):  # type: ignore[misc]
+    class ShortContextWhisper(WhisperModel):
         def encode(self, features: np.ndarray):  # type: ignore[no-untyped-def]
             if encoder_tail_frames >= 0:
                 n = trimmed_frames(features, encoder_tail_frames, 100)

@@ -8,6 +8,7 @@ injected, so the whole decision logic is tested with arrays and fakes.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -48,6 +49,7 @@ class Committed:
     final: Final
     commit_sample: int
     next_utterance: int
+    decode_s: float = 0.0  # time spent decoding this final (for latency breakdowns)
 
 
 Event = Partial | Committed
@@ -196,17 +198,20 @@ class StreamingTranscriber:
         self._utt_start = None
         too_short = voiced < self.config.endpoint.min_speech_samples
         words: list[Word] = []
+        began = time.perf_counter()
         if not too_short or self._partial_sent:
             # Words that start after the speech ended are Whisper inventing text on the pad.
             latest = (speech_end + self.config.pad_samples // 2) / RATE
             words = [w for w in self._decode(start, end, True) if w.start <= latest]
             words = merge_stable(self._stable, words)
-        return self._emit_final(words, start, end, commit=end)
+        return self._emit_final(words, start, end, commit=end,
+                                decode_s=time.perf_counter() - began)
 
     def _cut_utterance(self) -> list[Event]:
         """The utterance hit the length cap: emit a final up to a word boundary, keep the rest."""
         assert self._utt_start is not None
         start, end = self._utt_start, self._vad_pos
+        began = time.perf_counter()
         words = merge_stable(self._stable, self._decode(start, end, True))
         limit = (end - self.config.cut_guard_samples) / RATE
         keep = max((i + 1 for i, w in enumerate(words) if w.end <= limit), default=0)
@@ -219,12 +224,14 @@ class StreamingTranscriber:
         else:
             cut = round(words[keep - 1].end * RATE)
         cut = min(max(cut, start), end)
-        events = self._emit_final(words[:keep], start, cut, commit=cut)
+        events = self._emit_final(words[:keep], start, cut, commit=cut,
+                                  decode_s=time.perf_counter() - began)
         self._utt_start = cut
         self._endpointer.restart_at(cut)
         return events
 
-    def _emit_final(self, words: list[Word], start: int, end: int, commit: int) -> list[Event]:
+    def _emit_final(self, words: list[Word], start: int, end: int, commit: int,
+                    decode_s: float = 0.0) -> list[Event]:
         partial_sent = self._partial_sent
         self._agreement.reset()
         self._stable = []
@@ -246,7 +253,7 @@ class StreamingTranscriber:
         self.utterance += 1
         if text:
             self._prompt = (self._prompt + " " + text).strip()[-self.config.prompt_chars:]
-        return [Committed(final, commit, self.utterance)]
+        return [Committed(final, commit, self.utterance, decode_s)]
 
     def _trim(self) -> None:
         """Drop audio nothing will decode again; keeps the buffer bounded."""

@@ -321,6 +321,7 @@ class _SessionRun:
         # (entry id, sample offset just after it) of recent entries, to find a resume point.
         self._recent: collections.deque[tuple[str, int]] = collections.deque(maxlen=4096)
         self._resume_id = cursor
+        self._read_at = self._fed_at = 0.0  # wall times of the last read and feed (timing)
 
     async def run(self) -> None:
         s = self.worker.settings
@@ -343,6 +344,7 @@ class _SessionRun:
                 await self._close(AudioMarker("close", 0, self.core.position))
                 return
             pending: list[np.ndarray] = []
+            self._read_at = time.time()
             for _stream, entries in resp or ():
                 for entry_id, fields in entries:
                     self.cursor = entry_id.decode()
@@ -376,6 +378,7 @@ class _SessionRun:
         if not parts:
             return
         pcm = np.concatenate(parts)
+        self._fed_at = time.time()
         await self._publish(await self.worker.infer(self.core.feed, pcm))
         await with_retry(self.sid, "progress", lambda: self.writer.progress(self.core.position))
 
@@ -390,9 +393,11 @@ class _SessionRun:
             if isinstance(ev, Partial):
                 await with_retry(self.sid, "partial", functools.partial(self.writer.publish, ev))
             elif isinstance(ev, Committed):
+                timing = {"read": self._read_at, "fed": self._fed_at, "done": time.time(),
+                          "decode": round(ev.decode_s, 4)}
                 await with_retry(self.sid, "commit", functools.partial(
                     self.writer.commit, ev.final, ev.commit_sample, ev.next_utterance,
-                    self.core.prompt, self._resume_point(ev.commit_sample)))
+                    self.core.prompt, self._resume_point(ev.commit_sample), timing))
 
     async def _close(self, marker: AudioMarker) -> None:
         closed = Closed(session_id=self.sid, utterances=self.core.utterance,
