@@ -73,3 +73,24 @@ class StaleLease(SttError):
     """This worker no longer owns the session; it must stop writing to it."""
 
     code = "stale_lease"
+
+
+class SessionActive(SttError):
+    """The operation needs a finished session (e.g. a replay of one still being recorded)."""
+
+    code = "session_active"
+    close_code = POLICY_VIOLATION
+
+
+class TooSlow(SttError):
+    """A viewer fell too far behind its session's results; it may reconnect with ``after``."""
+
+    code = "too_slow"
+    close_code = TRY_AGAIN_LATER
+
+
+class TooLarge(SttError):
+    """A response would exceed a configured size limit."""
+
+    code = "too_large"
+    close_code = MESSAGE_TOO_BIG

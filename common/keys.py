@@ -11,6 +11,11 @@ from __future__ import annotations
 SESSIONS = "stt:sessions"
 GROUP = "transcribers"
 
+# Listing index: sorted set of session ids scored by creation time (unix seconds).
+# Not hash-tagged: one global key. No TTL of its own; a member whose meta key has
+# expired is removed when a listing comes across it.
+INDEX = "stt:index"
+
 
 def audio(sid: str) -> str:
     """Normalised audio frames and control markers (finalize, close). TTL: retention after end."""

@@ -135,13 +135,46 @@ class SessionStarted:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReplayStarted:
+    """First message on a replay socket: the new session that re-transcribes ``replay_of``."""
+
+    TYPE: ClassVar[str] = "session"
+    session_id: str
+    replay_of: str
+    model: str
+    language: str
+    interim_results: bool
+    speed: str  # "realtime" or "max"
+    duration: float  # seconds of audio being replayed
+    sample_rate: int = 16000
+    encoding: str = "pcm_s16le"
+    channels: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewerStarted:
+    """First message on a viewer socket: which session it follows and from where."""
+
+    TYPE: ClassVar[str] = "session"
+    session_id: str
+    state: str  # "active" or "closed" when the viewer attached
+    model: str
+    language: str
+    after: int
+    partials: bool
+    original_timing: bool
+    replay_of: str | None = None
+    viewer: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
 class ErrorMessage:
     TYPE: ClassVar[str] = "error"
     code: str
     message: str
 
 
-ServerMessage = Result | SessionStarted | ErrorMessage
+ServerMessage = Result | SessionStarted | ReplayStarted | ViewerStarted | ErrorMessage
 
 
 def to_json(message: ServerMessage) -> str:

@@ -132,7 +132,38 @@ class RedisSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class GatewaySettings(RedisSettings):
+class SessionsApiSettings(RedisSettings):
+    """Recorded sessions: viewers, listing and exports (served by the gateway and by fanout)."""
+
+    viewer_queue: int = setting(
+        256, "results buffered per viewer; a viewer that falls further behind is dropped "
+        "(error too_slow, close 1013)")
+    max_viewers: int = setting(
+        2000, "viewer sockets one process serves at once; more get close 1013")
+    slow_viewer_grace_s: float = setting(
+        2.0, "how long a dropped viewer gets to take its error message before the socket "
+        "is cut, seconds")
+    export_max_audio_s: float = setting(
+        3600.0, "longest audio one audio.wav response carries, seconds (about 115 MB per "
+        "hour); longer sessions are fetched in windows with start= and end=")
+    export_concurrency: int = setting(
+        2, "audio.wav responses built at once per process; more get 503")
+    list_max: int = setting(500, "most sessions one GET /v1/sessions returns")
+
+
+@dataclasses.dataclass(frozen=True)
+class FanoutSettings(SessionsApiSettings):
+    """Standalone viewer server: /v1/sessions/{id}/results, session listing and exports."""
+
+    host: str = setting("0.0.0.0", "address to listen on")
+    port: int = setting(8766, "port to listen on")
+    max_message_bytes: int = setting(
+        65536, "largest WebSocket message accepted from a viewer (close 1009)")
+    log_level: str = setting("INFO", "log level")
+
+
+@dataclasses.dataclass(frozen=True)
+class GatewaySettings(SessionsApiSettings):
     """WebSocket gateway: /v1/listen, result fanout to the originating socket, the page."""
 
     host: str = setting("0.0.0.0", "address to listen on")
@@ -165,6 +196,8 @@ class GatewaySettings(RedisSettings):
         3.0, "warn the client when transcription falls this far behind the audio, seconds")
     heartbeat_s: float = setting(
         5.0, "how often an attached connection refreshes its session's heartbeat, seconds")
+    replay_models: str = setting(
+        "", "comma-separated models a replay may ask for; empty = any the workers can load")
     log_level: str = setting("INFO", "log level")
 
 
