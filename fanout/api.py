@@ -1,0 +1,248 @@
+"""The recorded-sessions API: routing of ``/v1/sessions...`` for the gateway and for fanout.
+
+HTTP (plain GET, answered from ``process_request``):
+
+* ``/v1/sessions`` — newest first: ``{"sessions": [...], "next_before": ...}``
+* ``/v1/sessions/{id}`` — one session's info with result counts by type
+* ``/v1/sessions/{id}/audio.wav`` — the normalised audio (16 kHz mono int16)
+* ``/v1/sessions/{id}/transcript.{txt,json,srt,vtt}``
+
+WebSocket: ``/v1/sessions/{id}/results`` (viewer) and, where a replay
+config is given (the gateway), ``/v1/sessions/{id}/replay``.
+
+Errors are JSON ``{"type": "error", "code", "message"}`` with a matching
+HTTP status; on WebSockets an error message and the error's close code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import http
+import json
+import logging
+import re
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import redis.asyncio as aioredis
+from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from common.audio import TARGET_RATE
+from common.errors import BadRequest, Overloaded, SessionNotFound, SttError, TooLarge
+from common.messages import AudioFrame
+from common.redis_client import REDIS_DOWN
+from common.settings import SessionsApiSettings
+from fanout import formats
+from fanout.hub import Hubs
+from fanout.replay import Replay, ReplayConfig, ReplayParams
+from fanout.sockets import float_param, int_param, one, send_error
+from fanout.store import SessionRecords, audio_end, check_session_id
+from fanout.viewer import Viewer, ViewerLimits, ViewerParams
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/v1/sessions"
+_ROUTE = re.compile(r"/v1/sessions(?:/(?P<sid>[^/]+)(?:/(?P<leaf>[^/]+))?)?/?")
+
+_STATUS = {
+    "session_not_found": http.HTTPStatus.NOT_FOUND,
+    "not_found": http.HTTPStatus.NOT_FOUND,
+    "bad_request": http.HTTPStatus.BAD_REQUEST,
+    "too_large": http.HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+    "overloaded": http.HTTPStatus.SERVICE_UNAVAILABLE,
+    "storage_unavailable": http.HTTPStatus.SERVICE_UNAVAILABLE,
+    "websocket_required": http.HTTPStatus.UPGRADE_REQUIRED,
+}
+
+
+class NotFound(SttError):
+    code = "not_found"
+
+
+class WebSocketRequired(SttError):
+    code = "websocket_required"
+
+
+class StorageUnavailable(SttError):
+    code = "storage_unavailable"
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    kind: str  # list | info | audio | transcript | results | replay
+    sid: str = ""
+    fmt: str = ""
+
+    @property
+    def websocket(self) -> bool:
+        return self.kind in ("results", "replay")
+
+
+def json_response(status: http.HTTPStatus, body: Any) -> Response:
+    data = json.dumps(body, ensure_ascii=False).encode()
+    return Response(status.value, status.phrase, Headers([
+        ("Content-Type", "application/json"), ("Content-Length", str(len(data))),
+        ("Cache-Control", "no-store")]), data)
+
+
+def error_response(exc: SttError) -> Response:
+    status = _STATUS.get(exc.code, http.HTTPStatus.INTERNAL_SERVER_ERROR)
+    return json_response(status, {"type": "error", "code": exc.code, "message": exc.message})
+
+
+class SessionsApi:
+    """Serves ``/v1/sessions...``; one per process, sharing its Redis clients and hubs."""
+
+    def __init__(self, settings: SessionsApiSettings, redis: aioredis.Redis,
+                 blocking: aioredis.Redis, replay: ReplayConfig | None = None) -> None:
+        self.settings = settings
+        self.records = SessionRecords(redis)
+        self.blocking = blocking
+        self.hubs = Hubs(redis, blocking, settings.redis_block_ms)
+        self.replay = replay
+        self.viewer_limits = ViewerLimits(settings.viewer_queue, settings.max_viewers,
+                                          settings.slow_viewer_grace_s)
+        self._exports = asyncio.Semaphore(settings.export_concurrency)
+
+    # ------------------------------------------------------------------ routing
+
+    @staticmethod
+    def handles(path: str) -> bool:
+        return path == PREFIX or path.startswith(PREFIX + "/")
+
+    def route(self, path: str) -> Route:
+        m = _ROUTE.fullmatch(path)
+        if m is None:
+            raise NotFound("no such endpoint")
+        sid, leaf = m.group("sid"), m.group("leaf")
+        if sid is None:
+            return Route("list")
+        if leaf is None:
+            return Route("info", sid)
+        if leaf == "audio.wav":
+            return Route("audio", sid, "wav")
+        if leaf.startswith("transcript."):
+            fmt = leaf.removeprefix("transcript.")
+            if fmt in formats.TRANSCRIPT_FORMATS:
+                return Route("transcript", sid, fmt)
+        if leaf == "results" or (leaf == "replay" and self.replay is not None):
+            return Route(leaf, sid)
+        raise NotFound("no such endpoint")
+
+    async def process_request(self, connection: ServerConnection,
+                              request: Request) -> Response | None:
+        """An HTTP response, or None to upgrade a WebSocket route."""
+        url = urlsplit(request.path)
+        try:
+            route = self.route(url.path)
+            if route.websocket:
+                if request.headers.get("Upgrade", "").lower() != "websocket":
+                    raise WebSocketRequired("this endpoint is a WebSocket")
+                return None
+            query = parse_qs(url.query, keep_blank_values=True)
+            return await self._http(route, query)
+        except SttError as exc:
+            return error_response(exc)
+        except REDIS_DOWN:
+            return error_response(StorageUnavailable("storage unavailable; try again later"))
+
+    async def websocket(self, ws: ServerConnection) -> None:
+        assert ws.request is not None
+        url = urlsplit(ws.request.path)
+        query = parse_qs(url.query, keep_blank_values=True)
+        try:
+            route = self.route(url.path)
+            if route.kind == "results":
+                sid = check_session_id(route.sid)
+                await Viewer(self.records, self.hubs, self.viewer_limits, ws, sid,
+                             ViewerParams.parse(query)).run()
+            elif route.kind == "replay" and self.replay is not None:
+                sid = check_session_id(route.sid)
+                await Replay(self.records, self.blocking, self.replay, ws, sid,
+                             ReplayParams.parse(query, self.replay.allowed_models)).run()
+            else:
+                raise NotFound("no such endpoint")
+        except SttError as exc:
+            await send_error(ws, exc)
+        except REDIS_DOWN:
+            await send_error(ws, StorageUnavailable("storage unavailable; try again later"))
+
+    async def close(self) -> None:
+        await self.hubs.close()
+
+    # ------------------------------------------------------------------ HTTP endpoints
+
+    async def _http(self, route: Route, query: dict[str, list[str]]) -> Response:
+        if route.kind == "list":
+            return await self._list(query)
+        sid = check_session_id(route.sid)
+        if route.kind == "info":
+            info = (await self.records.info(sid)).to_dict()
+            info["counts"] = await self.records.result_counts(sid)
+            return json_response(http.HTTPStatus.OK, info)
+        if route.kind == "transcript":
+            return await self._transcript(sid, route.fmt)
+        if route.kind == "audio":
+            return await self._audio(sid, query)
+        raise NotFound("no such endpoint")
+
+    async def _list(self, query: dict[str, list[str]]) -> Response:
+        limit = int_param(query, "limit", min(50, self.settings.list_max), 1,
+                          self.settings.list_max)
+        before = float_param(query, "before", None, 0.0, 1e12)
+        state = one(query, "state") or None
+        if state not in (None, "active", "closed"):
+            raise BadRequest("state must be active or closed")
+        sessions, next_before = await self.records.list_sessions(limit, before, state)
+        return json_response(http.HTTPStatus.OK, {
+            "sessions": [s.to_dict() for s in sessions], "next_before": next_before})
+
+    async def _transcript(self, sid: str, fmt: str) -> Response:
+        info = await self.records.info(sid)
+        finals = await self.records.finals(sid)
+        text = formats.transcript(fmt, finals, info.to_dict()).encode()
+        return Response(200, "OK", Headers([
+            ("Content-Type", formats.CONTENT_TYPES[fmt]), ("Content-Length", str(len(text))),
+            ("Content-Disposition", f'inline; filename="{sid}.{fmt}"'),
+            ("Cache-Control", "no-store")]), text)
+
+    async def _audio(self, sid: str, query: dict[str, list[str]]) -> Response:
+        """The normalised audio as one WAV, built in one buffer of the exact size.
+
+        ``start``/``end`` (seconds) select a window; one response carries at
+        most ``export_max_audio_s`` so memory per export stays bounded.
+        """
+        await self.records.info(sid)  # 404 when it does not exist
+        total = await self.records.audio_samples(sid)
+        start_s = float_param(query, "start", 0.0, 0.0, 1e7) or 0.0
+        end_s = float_param(query, "end", None, 0.0, 1e7)
+        lo = min(round(start_s * TARGET_RATE), total)
+        hi = total if end_s is None else max(lo, min(round(end_s * TARGET_RATE), total))
+        limit = self.settings.export_max_audio_s
+        if hi - lo > limit * TARGET_RATE:
+            raise TooLarge(f"one audio export carries at most {limit:g} s; ask for a window "
+                           "with start= and end= (seconds)")
+        if self._exports.locked():
+            raise Overloaded("too many audio exports at once; try again shortly")
+        async with self._exports:
+            body = bytearray(44 + 2 * (hi - lo))
+            body[:44] = formats.wav_header(hi - lo)
+            view = memoryview(body)
+            async for entry in self.records.audio(sid):
+                if not isinstance(entry, AudioFrame):
+                    continue
+                a, b = max(entry.offset, lo), min(audio_end(entry), hi)
+                if a < b:
+                    src = (a - entry.offset) * 2
+                    view[44 + (a - lo) * 2:44 + (b - lo) * 2] = entry.pcm[src:src + (b - a) * 2]
+                if entry.offset >= hi:
+                    break
+        if not await self.records.exists(sid):
+            raise SessionNotFound("no such session (it may have expired)")
+        return Response(200, "OK", Headers([
+            ("Content-Type", "audio/wav"), ("Content-Length", str(len(body))),
+            ("Content-Disposition", f'attachment; filename="{sid}.wav"'),
+            ("Cache-Control", "no-store")]), body)

@@ -1,0 +1,162 @@
+"""Export formats for a recorded session: WAV audio, and the transcript as text, JSON, SRT, VTT.
+
+Pure functions over finals and PCM; no I/O. Subtitles are written by hand:
+both formats are a few lines of text, and a library would add a dependency
+without saving any of the cue-splitting logic, which is ours either way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+from common.audio import TARGET_RATE
+from common.messages import Final, Word
+
+#: Subtitle conventions (BBC / Netflix style guides): two lines of at most 42 characters,
+#: at most 7 seconds on screen.
+LINE_CHARS = 42
+CUE_CHARS = 2 * LINE_CHARS
+CUE_SECONDS = 7.0
+
+TRANSCRIPT_FORMATS = ("txt", "json", "srt", "vtt")
+CONTENT_TYPES = {
+    "txt": "text/plain; charset=utf-8",
+    "json": "application/json",
+    "srt": "application/x-subrip; charset=utf-8",
+    "vtt": "text/vtt; charset=utf-8",
+    "wav": "audio/wav",
+}
+
+
+def wav_header(samples: int, rate: int = TARGET_RATE) -> bytes:
+    """A 44-byte RIFF header for ``samples`` of 16-bit mono PCM."""
+    data = samples * 2
+    return (b"RIFF" + struct.pack("<I", 36 + data) + b"WAVE"
+            + b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
+            + b"data" + struct.pack("<I", data))
+
+
+@dataclasses.dataclass(frozen=True)
+class Cue:
+    start: float
+    end: float
+    words: tuple[Word, ...]
+
+    @property
+    def text(self) -> str:
+        return " ".join("".join(w.word for w in self.words).split())
+
+
+def _spoken(finals: Sequence[Final]) -> list[Final]:
+    return [f for f in finals if f.text.strip()]
+
+
+def cues(finals: Sequence[Final]) -> list[Cue]:
+    """Subtitle cues: each final split at word boundaries into readable pieces.
+
+    A cue's times are its first word's start and its last word's end, so a
+    cue is on screen exactly while its words are spoken.
+    """
+    out: list[Cue] = []
+    for final in _spoken(finals):
+        words = [w for w in final.words if w.word.strip()]
+        if not words:  # no word timings: one cue for the whole utterance
+            out.append(Cue(final.start, max(final.end, final.start),
+                           (Word(final.text, final.start, final.end, 1.0),)))
+            continue
+        group: list[Word] = []
+        for word in words:
+            if group:
+                text = "".join(w.word for w in [*group, word]).strip()
+                too_long = len(" ".join(text.split())) > CUE_CHARS
+                too_slow = word.end - group[0].start > CUE_SECONDS
+                if too_long or too_slow:
+                    out.append(_cue(group))
+                    group = []
+            group.append(word)
+        out.append(_cue(group))
+    return out
+
+
+def _cue(words: list[Word]) -> Cue:
+    start = words[0].start
+    return Cue(start, max(words[-1].end, start), tuple(words))
+
+
+def wrap(text: str, width: int = LINE_CHARS) -> list[str]:
+    """At most two lines: split at the space nearest the middle when the text is too long."""
+    if len(text) <= width:
+        return [text]
+    spaces = [i for i, c in enumerate(text) if c == " "]
+    if not spaces:
+        return [text]
+    middle = len(text) / 2
+    cut = min(spaces, key=lambda i: abs(i - middle))
+    return [text[:cut], text[cut + 1:]]
+
+
+def _timestamp(seconds: float, sep: str) -> str:
+    ms = max(0, round(seconds * 1000))
+    hours, ms = divmod(ms, 3_600_000)
+    minutes, ms = divmod(ms, 60_000)
+    secs, ms = divmod(ms, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{sep}{ms:03d}"
+
+
+def to_srt(finals: Sequence[Final]) -> str:
+    blocks = []
+    for i, cue in enumerate(cues(finals), 1):
+        text = "\n".join(wrap(cue.text.replace("-->", "->")))
+        blocks.append(f"{i}\n{_timestamp(cue.start, ',')} --> {_timestamp(cue.end, ',')}\n"
+                      f"{text}\n")
+    return "\n".join(blocks)
+
+
+def _vtt_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def to_vtt(finals: Sequence[Final]) -> str:
+    blocks = ["WEBVTT\n"]
+    for cue in cues(finals):
+        text = "\n".join(_vtt_escape(line) for line in wrap(cue.text))
+        blocks.append(f"{_timestamp(cue.start, '.')} --> {_timestamp(cue.end, '.')}\n{text}\n")
+    return "\n".join(blocks)
+
+
+def to_text(finals: Sequence[Final]) -> str:
+    """One line per utterance."""
+    return "".join(f"{f.text.strip()}\n" for f in _spoken(finals))
+
+
+def to_json(finals: Sequence[Final], info: dict[str, Any]) -> str:
+    """The session's info, its full text, and every utterance with its words."""
+    spoken = _spoken(finals)
+    body = {
+        **info,
+        "complete": info.get("state") == "closed",
+        "text": " ".join(f.text.strip() for f in spoken),
+        "utterances": [
+            {"utterance": f.utterance, "seq": f.seq, "start": f.start, "end": f.end,
+             "text": f.text.strip(),
+             "words": [dataclasses.asdict(w) for w in f.words]}
+            for f in spoken
+        ],
+    }
+    return json.dumps(body, ensure_ascii=False, indent=1)
+
+
+def transcript(fmt: str, finals: Sequence[Final], info: dict[str, Any]) -> str:
+    if fmt == "txt":
+        return to_text(finals)
+    if fmt == "json":
+        return to_json(finals, info)
+    if fmt == "srt":
+        return to_srt(finals)
+    if fmt == "vtt":
+        return to_vtt(finals)
+    raise ValueError(f"unknown transcript format {fmt!r}")

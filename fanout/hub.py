@@ -1,0 +1,177 @@
+"""One Redis reader per viewed session, shared by all its viewers in this process.
+
+The hub reads a session's results stream with blocking XREAD and offers
+each result to every viewer's small bounded queue without ever waiting: a
+viewer whose queue is full is marked failed (and its connection dropped by
+its handler), so a viewer that stops reading costs the others and the
+session nothing.
+
+Joining without gaps: a hub starts reading after the stream's last entry at
+the moment it starts; a viewer registers its queue first, waits for the hub
+to be ready, then reads the stored history itself (XRANGE). Anything newer
+than that history reaches its queue; the overlap is removed by ``seq``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import redis.asyncio as aioredis
+
+from common import keys
+from common.errors import SessionNotFound, SttError, TooSlow
+from common.messages import Closed, Partial, Result, unpack_result
+from common.redis_client import REDIS_DOWN
+
+log = logging.getLogger(__name__)
+
+#: Results read per XREAD.
+READ_BATCH = 100
+#: Empty blocking reads between checks that the session still exists.
+EXISTS_EVERY = 10
+
+
+class ViewerQueue:
+    """A viewer's side of the hub: a bounded queue and a failure that ends it."""
+
+    def __init__(self, maxsize: int, partials: bool) -> None:
+        self.queue: asyncio.Queue[Result] = asyncio.Queue(maxsize)
+        self.partials = partials
+        self.failed: asyncio.Future[SttError] = asyncio.get_running_loop().create_future()
+
+    def offer(self, result: Result) -> None:
+        """Never waits: a full queue fails the viewer instead."""
+        if self.failed.done() or (isinstance(result, Partial) and not self.partials):
+            return
+        try:
+            self.queue.put_nowait(result)
+        except asyncio.QueueFull:
+            self.fail(TooSlow(
+                f"this viewer fell more than {self.queue.maxsize} results behind; "
+                "reconnect with after=<last seq received> to continue"))
+
+    def fail(self, exc: SttError) -> None:
+        if not self.failed.done():
+            self.failed.set_result(exc)
+
+
+class SessionHub:
+    """Follows one session's results for the viewers attached to it."""
+
+    def __init__(self, hubs: Hubs, sid: str) -> None:
+        self.hubs = hubs
+        self.sid = sid
+        self.viewers: set[ViewerQueue] = set()
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.task = asyncio.create_task(self._run(), name=f"hub-{sid}")
+
+    async def _run(self) -> None:
+        try:
+            await self._follow()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # never leave viewers waiting on a dead hub
+            log.exception("session %s: viewer hub failed", self.sid)
+            self._end(SttError("internal error"), exc)
+
+    async def _follow(self) -> None:
+        key = keys.results(self.sid)
+        backoff = 0.1
+        while True:  # start after the last stored entry: viewers read the history themselves
+            try:
+                last = await self.hubs.redis.xrevrange(key, count=1)
+                break
+            except REDIS_DOWN as exc:
+                log.warning("session %s: hub start failed: %s", self.sid, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+        cursor = last[0][0].decode() if last else "0-0"
+        self.ready.set_result(None)
+        idle = 0
+        while True:
+            try:
+                resp = await self.hubs.blocking.xread(
+                    {key: cursor}, count=READ_BATCH, block=self.hubs.block_ms)
+                backoff = 0.1
+                if not resp:
+                    idle += 1
+                    if idle % EXISTS_EVERY == 0 and not await self.hubs.redis.exists(
+                            keys.meta(self.sid)):
+                        self._end(SessionNotFound("the session has expired"))
+                        return
+                    continue
+            except REDIS_DOWN as exc:
+                log.warning("session %s: hub read failed: %s", self.sid, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            idle = 0
+            for _stream, entries in resp:
+                for entry_id, fields in entries:
+                    cursor = entry_id.decode()
+                    result = unpack_result(fields)
+                    for viewer in list(self.viewers):
+                        viewer.offer(result)
+                    if isinstance(result, Closed):
+                        self._end(None)
+                        return
+
+    def _end(self, exc: SttError | None, cause: BaseException | None = None) -> None:
+        """The session ended (Closed was offered) or failed: detach every viewer."""
+        self.hubs.forget(self)
+        if not self.ready.done():
+            if cause is not None:
+                self.ready.set_exception(exc or cause)
+            else:
+                self.ready.set_result(None)
+        if exc is not None:
+            for viewer in self.viewers:
+                viewer.fail(exc)
+        self.viewers.clear()
+
+
+class Hubs:
+    """The hubs of this process, one per session with viewers."""
+
+    def __init__(self, redis: aioredis.Redis, blocking: aioredis.Redis, block_ms: int) -> None:
+        self.redis = redis
+        self.blocking = blocking
+        self.block_ms = block_ms
+        self._hubs: dict[str, SessionHub] = {}
+
+    def __len__(self) -> int:
+        return len(self._hubs)
+
+    def forget(self, hub: SessionHub) -> None:
+        if self._hubs.get(hub.sid) is hub:
+            del self._hubs[hub.sid]
+
+    @contextlib.asynccontextmanager
+    async def attach(self, sid: str, viewer: ViewerQueue) -> AsyncIterator[None]:
+        """Register ``viewer`` with the session's hub (starting one) until the block exits.
+
+        On entry the hub is reading: every result stored after this point
+        reaches the viewer's queue.
+        """
+        hub = self._hubs.get(sid)
+        if hub is None:
+            hub = self._hubs[sid] = SessionHub(self, sid)
+        hub.viewers.add(viewer)
+        try:
+            await asyncio.shield(hub.ready)
+            yield
+        finally:
+            hub.viewers.discard(viewer)
+            if not hub.viewers and self._hubs.get(sid) is hub:
+                del self._hubs[sid]
+                hub.task.cancel()
+
+    async def close(self) -> None:
+        hubs = list(self._hubs.values())
+        self._hubs.clear()
+        for hub in hubs:
+            hub.task.cancel()
+        await asyncio.gather(*(h.task for h in hubs), return_exceptions=True)

@@ -1,0 +1,228 @@
+"""``GET /v1/sessions/{id}/replay``: re-transcribe a recorded session as a new, linked session.
+
+The recorded audio entries are copied (renumbered) into a new session's
+audio stream, at real-time pace or all at once, followed by a close marker;
+the new session (meta ``replay_of`` = the original) is queued for the
+transcribers like any other, optionally with another model or language.
+The socket gets a ``session`` message, the new session's results, ``closed``
+and a close 1000, exactly like ``/v1/listen``.
+
+If the client goes away (or sends ``{"type": "close"}``) the copy stops and
+the new session is closed at what was copied so far: its results stay
+stored and viewable like any session's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+
+import redis.asyncio as aioredis
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from common import errors
+from common.audio import TARGET_RATE
+from common.errors import BadRequest, Overloaded, SessionActive, SttError
+from common.messages import AudioEntry, AudioFrame, AudioMarker, Closed, ReplayStarted, to_json
+from common.redis_client import REDIS_DOWN
+from fanout.follow import follow_results
+from fanout.sockets import bool_param, one, read_controls, send_error
+from fanout.store import SessionRecords, audio_end
+
+log = logging.getLogger(__name__)
+
+SPEEDS = ("realtime", "max")
+#: Audio entries per append when copying as fast as possible.
+APPEND_BATCH = 128
+#: How long Redis may be unreachable before a replay gives up, seconds.
+OUTAGE_S = 30.0
+
+
+class StorageUnavailable(SttError):
+    code = "storage_unavailable"
+    close_code = errors.TRY_AGAIN_LATER
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayParams:
+    speed: str = "max"
+    model: str | None = None  # None: the original session's
+    language: str | None = None
+    interim_results: bool | None = None
+
+    @classmethod
+    def parse(cls, query: Mapping[str, list[str]], allowed_models: str = "") -> ReplayParams:
+        speed = one(query, "speed") or "max"
+        if speed not in SPEEDS:
+            raise BadRequest("speed must be realtime or max")
+        model = one(query, "model") or None
+        if model is not None:
+            if len(model) > 200 or not model.isprintable():
+                raise BadRequest("model must be a model name")
+            allowed = {m.strip() for m in allowed_models.split(",") if m.strip()}
+            if allowed and model not in allowed:
+                raise BadRequest(f"model must be one of {', '.join(sorted(allowed))}")
+        language = one(query, "language") or None
+        if language is not None and (
+                len(language) > 8 or not all(c.isalpha() or c == "-" for c in language)):
+            raise BadRequest("language must be an ISO code or 'auto'")
+        interim = None
+        if one(query, "interim_results"):
+            interim = bool_param(query, "interim_results", True)
+        return cls(speed, model, language, interim)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayConfig:
+    """The gateway settings a replay needs."""
+
+    max_backlog: int
+    heartbeat_s: float
+    block_ms: int
+    allowed_models: str = ""
+
+
+class Replay:
+    """One replay socket."""
+
+    def __init__(self, records: SessionRecords, blocking: aioredis.Redis, config: ReplayConfig,
+                 ws: ServerConnection, original: str, params: ReplayParams) -> None:
+        self.records = records
+        self.blocking = blocking
+        self.config = config
+        self.ws = ws
+        self.original = original
+        self.params = params
+        self.sid = uuid.uuid4().hex
+        self.stop = asyncio.Event()
+
+    async def run(self) -> None:
+        try:
+            started = await self._create()
+        except SttError as exc:
+            await send_error(self.ws, exc)
+            return
+        except REDIS_DOWN:
+            await send_error(self.ws, StorageUnavailable("storage unavailable; try again later"))
+            return
+        log.info("session %s: replay of %s (%s, model %r)", self.sid, self.original,
+                 self.params.speed, started.model)
+        copy = asyncio.create_task(self._copy(), name=f"replay-copy-{self.sid}")
+        deliver = asyncio.create_task(self._deliver(), name=f"replay-deliver-{self.sid}")
+        incoming = asyncio.create_task(read_controls(self.ws, self.stop))
+        failure: BaseException | None = None
+        try:
+            with contextlib.suppress(ConnectionClosed):
+                await self.ws.send(to_json(started))
+            waiting: set[asyncio.Task[None]] = {copy, deliver, incoming}
+            while deliver in waiting and incoming in waiting:
+                done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if copy in done and copy.exception() is not None:
+                    failure = copy.exception()
+                    break
+        finally:
+            # Whatever ended it (closed delivered, client gone, copy failed): stop copying;
+            # the copy then closes the new session at what it has copied.
+            self.stop.set()
+            for task in (deliver, incoming):
+                task.cancel()
+            await asyncio.gather(copy, deliver, incoming, return_exceptions=True)
+        if failure is not None:
+            if not isinstance(failure, SttError):
+                log.error("session %s: replay copy failed", self.sid, exc_info=failure)
+                failure = SttError("internal error")
+            await send_error(self.ws, failure)
+        elif deliver.done() and not deliver.cancelled() and deliver.exception() is None:
+            with contextlib.suppress(ConnectionClosed):
+                await self.ws.close(errors.NORMAL, "closed")
+
+    async def _create(self) -> ReplayStarted:
+        meta = await self.records.meta(self.original)
+        if meta.get("state") != "closed":
+            raise SessionActive("the session is still being recorded; replay it once it has "
+                                "closed")
+        if await self.records.backlog() >= self.config.max_backlog:
+            raise Overloaded("all transcribers are busy; try again later")
+        p = self.params
+        model = p.model if p.model is not None else meta.get("model", "")
+        language = p.language if p.language is not None else meta.get("language", "")
+        interim = p.interim_results if p.interim_results is not None \
+            else meta.get("interim", "1") == "1"
+        info = await self.records.info(self.original)
+        await self.records.create_replay(self.sid, self.original, {
+            "encoding": "pcm_s16le", "sample_rate": TARGET_RATE, "channels": 1,
+            "language": language, "interim": "1" if interim else "0", "model": model,
+            "replay_speed": p.speed,
+        })
+        return ReplayStarted(session_id=self.sid, replay_of=self.original, model=model,
+                             language=language or "en", interim_results=interim,
+                             speed=p.speed, duration=info.duration)
+
+    async def _deliver(self) -> None:
+        async for _id, result in follow_results(
+                self.blocking, self.sid, "0-0", self.config.block_ms):
+            await self.ws.send(to_json(result))
+            if isinstance(result, Closed):
+                return
+
+    async def _copy(self) -> None:
+        """Copy the recorded audio into the new session, then its close marker."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        last_beat = time.monotonic()
+        realtime = self.params.speed == "realtime"
+        seq = 0
+        end = 0
+        batch: list[AudioEntry] = []
+        async for entry in self.records.audio(self.original):
+            if self.stop.is_set():
+                break
+            if isinstance(entry, AudioMarker) and entry.kind == "close":
+                continue  # the replay writes its own at the end
+            if realtime and isinstance(entry, AudioFrame):
+                # A live client sends a frame once its last sample was recorded.
+                delay = started + audio_end(entry) / TARGET_RATE - loop.time()
+                if delay > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.stop.wait(), delay)
+                    if self.stop.is_set():
+                        break
+                if time.monotonic() - last_beat >= self.config.heartbeat_s:
+                    await self.records.heartbeat(self.sid)
+                    last_beat = time.monotonic()
+            seq += 1
+            batch.append(dataclasses.replace(entry, seq=seq))
+            end = audio_end(entry)
+            if realtime or len(batch) >= APPEND_BATCH:
+                if not await self._append(batch):
+                    return
+                batch.clear()
+        batch.append(AudioMarker("close", seq + 1, end))
+        await self._append(batch)
+
+    async def _append(self, entries: list[AudioEntry]) -> bool:
+        """Append with retries through a Redis outage; False if a client took the session."""
+        if not entries:
+            return True
+        deadline = time.monotonic() + OUTAGE_S
+        backoff = 0.05
+        while True:
+            try:
+                ok = await self.records.append(self.sid, entries)
+                break
+            except REDIS_DOWN as exc:
+                if time.monotonic() > deadline:
+                    raise StorageUnavailable("storage unavailable; replay stopped") from exc
+                log.warning("session %s: replay append failed (%s); retrying", self.sid, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+        if not ok:
+            log.warning("session %s: a client attached to the replay; stopping the copy",
+                        self.sid)
+        return ok
