@@ -1,7 +1,10 @@
 """The WebSocket gateway: routing, static files, health, and the per-connection sessions.
 
-The session logic is in ``listen.py``; this module owns the server, the
-Redis clients and the detached sessions waiting out their resume grace.
+The session logic is in ``listen.py``; the recorded-sessions API
+(``/v1/sessions...``: viewers, replays, listing, exports) is fanout's
+``SessionsApi``, the same code ``python -m fanout`` serves. This module owns
+the server, the Redis clients and the detached sessions waiting out their
+resume grace.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import contextlib
 import http
 import logging
 import mimetypes
+import time
 from importlib import resources
 from urllib.parse import parse_qs, urlsplit
 
@@ -18,11 +22,13 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from common import errors
+from common import errors, keys
 from common.errors import SttError
 from common.messages import AudioMarker
 from common.redis_client import REDIS_DOWN, make_redis
 from common.settings import GatewaySettings
+from fanout.api import SessionsApi
+from fanout.replay import ReplayConfig
 from ingest.listen import AudioWriter, ListenParams, ListenSession, send_error
 from ingest.store import SessionStore
 
@@ -31,24 +37,43 @@ log = logging.getLogger(__name__)
 LISTEN_PATH = "/v1/listen"
 
 
+class IndexedSessionStore(SessionStore):
+    """Also adds each new session to the listing index (``keys.INDEX``).
+
+    Once ``SessionStore.create`` adds it inside its own transaction this
+    override is redundant (``NX`` keeps the first score) and can go.
+    """
+
+    async def create(self, sid: str, fields: dict[str, str | int]) -> int:
+        generation = await super().create(sid, fields)
+        await self.redis.zadd(keys.INDEX, {sid: time.time()}, nx=True)
+        return generation
+
+
 class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.redis = make_redis(settings)
         self.blocking = make_redis(settings, blocking=True)
-        self.store = SessionStore(self.redis)
+        self.store = IndexedSessionStore(self.redis)
+        self.sessions_api = SessionsApi(settings, self.redis, self.blocking, ReplayConfig(
+            max_backlog=settings.max_backlog, heartbeat_s=settings.heartbeat_s,
+            block_ms=settings.redis_block_ms, allowed_models=settings.replay_models))
         self._server: Server | None = None
         self._detached: set[asyncio.Task[None]] = set()
         self.stopping = False
 
     # ------------------------------------------------------------------ HTTP side
 
-    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def process_request(self, connection: ServerConnection,
+                              request: Request) -> Response | None:
         path = urlsplit(request.path).path
         if path == LISTEN_PATH:
             return None  # upgrade; validation errors go to the client as error messages
         if path == "/healthz":
             return connection.respond(http.HTTPStatus.OK, "ok\n")
+        if SessionsApi.handles(path):
+            return await self.sessions_api.process_request(connection, request)
         return self._static(connection, path)
 
     def _static(self, connection: ServerConnection, path: str) -> Response:
@@ -70,6 +95,9 @@ class Gateway:
 
     async def handler(self, ws: ServerConnection) -> None:
         assert ws.request is not None
+        if urlsplit(ws.request.path).path != LISTEN_PATH:
+            await self.sessions_api.websocket(ws)  # process_request let only its routes through
+            return
         try:
             params = ListenParams(parse_qs(urlsplit(ws.request.path).query,
                                            keep_blank_values=True))
@@ -128,6 +156,7 @@ class Gateway:
             await self._server.wait_closed()
         for task in list(self._detached):
             task.cancel()
+        await self.sessions_api.close()
         await self.redis.aclose()
         await self.blocking.aclose()
 
