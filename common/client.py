@@ -32,6 +32,7 @@ class StreamResult:
     sent_at: list[tuple[float, float]]  # (audio seconds sent so far, monotonic time)
     close_code: int | None
     close_reason: str
+    wall_offset: float = 0.0  # time.time() - time.monotonic(), to compare with server clocks
 
     def of_type(self, kind: str) -> list[dict[str, Any]]:
         return [r.message for r in self.messages if r.message.get("type") == kind]
@@ -134,4 +135,5 @@ async def stream(
         except Exception:
             read_task.cancel()
             raise
-        return StreamResult(received, started, sent_at, ws.close_code, ws.close_reason or "")
+        return StreamResult(received, started, sent_at, ws.close_code, ws.close_reason or "",
+                            time.time() - time.monotonic())

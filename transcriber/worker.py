@@ -322,6 +322,7 @@ class _SessionRun:
         self._recent: collections.deque[tuple[str, int]] = collections.deque(maxlen=4096)
         self._resume_id = cursor
         self._read_at = self._fed_at = 0.0  # wall times of the last read and feed (timing)
+        self._xadd_ms = 0  # when the gateway appended the newest entry read
 
     async def run(self) -> None:
         s = self.worker.settings
@@ -348,6 +349,7 @@ class _SessionRun:
             for _stream, entries in resp or ():
                 for entry_id, fields in entries:
                     self.cursor = entry_id.decode()
+                    self._xadd_ms = int(self.cursor.split("-", 1)[0])
                     entry = unpack_audio_entry(fields)
                     if isinstance(entry, AudioFrame):
                         pending.append(self._new_samples(entry))
@@ -393,7 +395,8 @@ class _SessionRun:
             if isinstance(ev, Partial):
                 await with_retry(self.sid, "partial", functools.partial(self.writer.publish, ev))
             elif isinstance(ev, Committed):
-                timing = {"read": self._read_at, "fed": self._fed_at, "done": time.time(),
+                timing = {"xadd": self._xadd_ms / 1000.0, "read": self._read_at,
+                          "fed": self._fed_at, "done": time.time(),
                           "decode": round(ev.decode_s, 4)}
                 await with_retry(self.sid, "commit", functools.partial(
                     self.writer.commit, ev.final, ev.commit_sample, ev.next_utterance,

@@ -1,0 +1,201 @@
+"""python -m bench: latency, capacity and gateway-load benchmarks (run by hand: make bench).
+
+Every suite starts its own redis-server, worker(s) and gateway on free ports,
+streams real speech at real-time pace, and writes JSON (and a PNG plot) under
+bench/results/. Timings on a shared 2-core machine are noisy: compare the
+variants of one run, not runs of different days.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.sessions import (
+    CLIPS,
+    Conversation,
+    breakdown,
+    conversation,
+    partial_churn,
+    pct,
+    streaming_wer,
+    summary,
+)
+from common.client import StreamResult, listen_url, stream
+from tests.audio_refs import frames, wer
+from tests.procs import Cluster
+
+OUT = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def offline_wer(conv: Conversation) -> float:
+    from transcriber.model import WhisperDecoder, load_whisper
+
+    model = load_whisper("", "auto", "auto", 0)
+    words = WhisperDecoder(model, "en").decode(conv.pcm.astype(np.float32) / 32768.0, "", True)
+    return wer(conv.reference, "".join(w.word for w in words))
+
+
+async def run_streams(cluster: Cluster, conv: Conversation, n: int, stagger_s: float = 2.0,
+                      ) -> tuple[list[StreamResult], list[float]]:
+    """n concurrent real-time streams; samples each session's lag every 0.5 s."""
+    sids: list[str | None] = [None] * n
+    starts: list[float | None] = [None] * n
+    lags: list[float] = []
+    done = asyncio.Event()
+
+    def watcher(i: int):  # type: ignore[no-untyped-def]
+        def on(msg: dict[str, Any]) -> None:
+            if msg["type"] == "session":
+                sids[i] = msg["session_id"]
+                starts[i] = time.monotonic()
+        return on
+
+    async def one(i: int) -> StreamResult:
+        await asyncio.sleep(i * stagger_s / max(n, 1) + random.random() * 0.2)
+        return await stream(listen_url(cluster.ws_url), frames(conv.pcm), pace=1.0,
+                            on_message=watcher(i), read_timeout=600)
+
+    async def sampler() -> None:
+        r = cluster.redis.client()
+        duration = len(conv.pcm) / 16000
+        while not done.is_set():
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            for sid, started in zip(sids, starts, strict=True):
+                if sid is None or started is None:
+                    continue
+                sent = min(now - started, duration)
+                if sent < 2.0 or sent >= duration - 0.5:
+                    continue  # steady state only
+                processed = await asyncio.to_thread(
+                    r.hget, f"stt:{{{sid}}}:meta", "processed_sample")
+                lags.append(max(0.0, sent - int(processed or 0) / 16000))
+
+    samp = asyncio.create_task(sampler())
+    results = await asyncio.gather(*(one(i) for i in range(n)))
+    done.set()
+    await samp
+    return list(results), lags
+
+
+def latency_suite(args: argparse.Namespace, conv: Conversation) -> dict[str, Any]:
+    """One real-time stream per variant: time-to-final, its breakdown, partials, WER."""
+    out: dict[str, Any] = {"offline_wer": offline_wer(conv), "variants": {}}
+    for name, worker_args in args.variants:
+        cluster = Cluster(workers=1, worker_args=shlex.split(worker_args))
+        try:
+            (res,), _ = asyncio.run(run_streams(cluster, conv, 1))
+            min_sil = _arg(worker_args, "--min-silence-s", 0.5)
+            rows = breakdown(res, cluster.redis.client(), min_sil)
+        finally:
+            cluster.close()
+        parts = {k: summary([r[k] for r in rows]) for k in rows[0]} if rows else {}
+        out["variants"][name] = {
+            "worker_args": worker_args,
+            "time_to_final": summary(res.time_to_final()),
+            "breakdown": parts,
+            "first_partial_s": res.first_partial_latency(),
+            "partials": len(res.partials),
+            "partial_churn": partial_churn(res),
+            "finals": len(res.finals),
+            "streaming_wer": streaming_wer(res, conv),
+            "ttf_values": res.time_to_final(),
+        }
+        v = out["variants"][name]
+        print(f"[latency] {name}: ttf p50 {v['time_to_final']['p50']:.3f} "
+              f"p95 {v['time_to_final']['p95']:.3f} s; first partial "
+              f"{v['first_partial_s']:.2f} s; churn {v['partial_churn']:.2f}; "
+              f"WER {v['streaming_wer']:.3f} (offline {out['offline_wer']:.3f})", flush=True)
+    return out
+
+
+def capacity_suite(args: argparse.Namespace, conv: Conversation) -> dict[str, Any]:
+    """Concurrent real-time streams on one worker: lag p95 and time-to-final vs streams."""
+    out: dict[str, Any] = {"variants": {}}
+    for name, worker_args in args.variants:
+        rows = []
+        for n in args.streams:
+            cluster = Cluster(workers=1, worker_args=[
+                "--capacity", str(max(n, 1)), *shlex.split(worker_args)])
+            try:
+                results, lags = asyncio.run(run_streams(cluster, conv, n))
+            finally:
+                cluster.close()
+            ttf = [t for r in results for t in r.time_to_final()]
+            row = {"streams": n, "lag_p95": pct(lags, 95), "lag_max": max(lags, default=None),
+                   "ttf": summary(ttf),
+                   "wer_mean": float(np.mean([streaming_wer(r, conv) for r in results])),
+                   "partials_per_stream": float(np.mean([len(r.partials) for r in results]))}
+            row["sustained"] = row["lag_p95"] is not None and row["lag_p95"] < 1.0
+            rows.append(row)
+            print(f"[capacity] {name} {n} streams: lag p95 {row['lag_p95']:.2f} s, ttf p50 "
+                  f"{row['ttf']['p50']:.2f} p95 {row['ttf']['p95']:.2f} s, WER "
+                  f"{row['wer_mean']:.3f}, partials/stream {row['partials_per_stream']:.0f}",
+                  flush=True)
+            if not row["sustained"] and args.stop_at_failure:
+                break
+        sustained = [r["streams"] for r in rows if r["sustained"]]
+        out["variants"][name] = {"worker_args": worker_args, "rows": rows,
+                                 "max_sustained_streams": max(sustained, default=0)}
+    return out
+
+
+def _arg(args: str, flag: str, default: float) -> float:
+    parts = shlex.split(args)
+    return float(parts[parts.index(flag) + 1]) if flag in parts else default
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("suites", nargs="*", default=["latency", "capacity", "gateway"],
+                   choices=["latency", "capacity", "gateway"])
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=WORKER_ARGS",
+                   help="a worker configuration to compare, e.g. 'fast=--min-silence-s 0.3'")
+    p.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",")],
+                   default=[1, 2, 4, 6, 8, 10, 12])
+    p.add_argument("--clips", type=int, default=8, help="clips in the benchmark conversation")
+    p.add_argument("--sockets", type=lambda s: [int(x) for x in s.split(",")],
+                   default=[100, 500, 1000])
+    p.add_argument("--seconds", type=float, default=10.0, help="gateway load duration")
+    p.add_argument("--stop-at-failure", action="store_true")
+    args = p.parse_args()
+    args.variants = [tuple(v.split("=", 1)) for v in args.variant] or [("default", "")]
+    OUT.mkdir(exist_ok=True)
+    conv = conversation(CLIPS[:args.clips])
+    for suite in args.suites:
+        if suite == "latency":
+            data = latency_suite(args, conv)
+        elif suite == "capacity":
+            data = capacity_suite(args, conv)
+        else:
+            from bench.gateway_load import gateway_suite
+
+            data = gateway_suite(args.sockets, args.seconds)
+        data["machine"] = machine()
+        data["audio_s"] = len(conv.pcm) / 16000
+        path = OUT / f"{suite}.json"
+        path.write_text(json.dumps(data, indent=1))
+        print(f"wrote {path}")
+    from bench.plot import plot_all
+
+    print(f"wrote {plot_all(OUT)}")
+
+
+if __name__ == "__main__":
+    main()

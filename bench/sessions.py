@@ -1,0 +1,105 @@
+"""Benchmark inputs and metrics: sessions of real clips joined by known pauses, and the
+numbers computed from what a client received (latency, churn, WER)."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from typing import Any
+
+import msgpack
+import numpy as np
+import redis
+
+from common.client import StreamResult
+from tests.audio_refs import load_pcm16, normalize, reference, wer
+
+# English clips whose references are reliable; joined into one long "conversation".
+CLIPS = [
+    "fw_jfk", "ls_6930-75918-0000", "ds_ldc93s1", "ps_librivox_0870", "leo_en",
+    "ps_librivox_0880", "mfa_ls_61-70968-0000", "sr_english", "ps_librivox_0890",
+    "mfa_thoughts", "ps_forever", "mfa_cold_corpus3",
+]
+RATE = 16000
+
+
+@dataclasses.dataclass
+class Conversation:
+    pcm: np.ndarray
+    reference: str
+    clip_spans: list[tuple[str, float, float]]  # (clip, start s, end s) on the timeline
+
+
+def conversation(clips: list[str] = CLIPS, pause_s: float = 1.5, lead_s: float = 0.5,
+                 tail_s: float = 2.0) -> Conversation:
+    parts = [np.zeros(int(lead_s * RATE), dtype=np.int16)]
+    spans, t, refs = [], lead_s, []
+    for clip in clips:
+        pcm = load_pcm16(clip)
+        spans.append((clip, t, t + len(pcm) / RATE))
+        t += len(pcm) / RATE + pause_s
+        parts += [pcm, np.zeros(int(pause_s * RATE), dtype=np.int16)]
+        refs.append(reference(clip))
+    parts.append(np.zeros(int(tail_s * RATE), dtype=np.int16))
+    return Conversation(np.concatenate(parts), " ".join(refs), spans)
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    return float(np.percentile(np.asarray(values), q))
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    return {"n": len(values), "p50": pct(values, 50), "p95": pct(values, 95),
+            "p99": pct(values, 99), "mean": statistics.fmean(values) if values else None}
+
+
+def partial_churn(res: StreamResult) -> float:
+    """Share of partial words (beyond the stable prefix) the final did not keep in place."""
+    finals = {f["utterance"]: normalize(f["text"]).split() for f in res.finals}
+    shown = revised = 0
+    for p in res.partials:
+        final = finals.get(p["utterance"], [])
+        stable = len(normalize(p["stable_text"]).split())
+        words = normalize(p["text"]).split()
+        for i in range(stable, len(words)):
+            shown += 1
+            if i >= len(final) or final[i] != words[i]:
+                revised += 1
+    return revised / shown if shown else 0.0
+
+
+def breakdown(res: StreamResult, r: redis.Redis, min_silence_s: float) -> list[dict[str, float]]:
+    """Per final: where the time between end of speech and the final's arrival went."""
+    sid = res.messages[0].message["session_id"]
+    timing = {}
+    for entry_id, fields in r.xrange(f"stt:{{{sid}}}:results"):
+        if b"t" in fields:
+            timing[int(fields[b"seq"])] = (int(entry_id.decode().split("-")[0]) / 1000.0,
+                                           msgpack.unpackb(fields[b"t"]))
+    rows = []
+    for rec in res.messages:
+        m = rec.message
+        if m.get("type") != "final" or not m.get("text") or m["seq"] not in timing:
+            continue
+        commit, t = timing[m["seq"]]
+        if not t:
+            continue
+        sent_end = res.sent_time(float(m["end"])) + res.wall_offset
+        recv = rec.at + res.wall_offset
+        rows.append({
+            "ttf": recv - sent_end,
+            "endpoint_wait": t["xadd"] - sent_end,
+            "queueing": t["fed"] - t["xadd"],
+            "compute": t["done"] - t["fed"],
+            "decode": t["decode"],
+            "publish": commit - t["done"],
+            "redis_out": recv - commit,
+            "min_silence": min_silence_s,
+        })
+    return rows
+
+
+def streaming_wer(res: StreamResult, conv: Conversation) -> float:
+    return wer(conv.reference, res.text)
