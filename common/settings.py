@@ -226,6 +226,11 @@ class TranscriberSettings(RedisSettings):
     vad_neg_threshold: float = setting(
         0.35, "Silero probability below which audio counts as silence")
     min_silence_s: float = setting(0.5, "silence that ends an utterance, seconds")
+    speculative_silence_s: float = setting(
+        0.2, "decode the final ahead at a pause this long, so it is ready at the endpoint; 0 = off")
+    short_silence_s: float = setting(
+        0.3, "a pause this long ends the utterance when the speculative text ends a sentence; "
+        "0 = off")
     min_speech_s: float = setting(0.25, "shorter bursts of speech are ignored, seconds")
     speech_pad_s: float = setting(0.2, "audio kept before speech starts and after it ends, seconds")
     max_utterance_s: float = setting(

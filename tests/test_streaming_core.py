@@ -9,6 +9,8 @@ promised as stable) is checked against exact expectations.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from common.messages import Partial, Word
@@ -179,3 +181,66 @@ def test_buffer_stays_bounded_during_long_silence() -> None:
     for _ in range(600):
         core.feed(silence(0.1))
     assert len(core._audio) <= CFG.pad_samples + 512
+
+
+class SentenceDecoder(BurstDecoder):
+    """Like BurstDecoder, but the last word of what it hears ends a sentence."""
+
+    def decode(self, audio: np.ndarray, prompt: str, final: bool) -> list[Word]:
+        words = super().decode(audio, prompt, final)
+        if words:
+            words[-1] = Word(words[-1].word + ".", words[-1].start, words[-1].end, 1.0)
+        return words
+
+
+def feed_until_final(core: StreamingTranscriber, audio: np.ndarray) -> tuple[float, Committed]:
+    """Feed 32 ms frames; the audio time at which the first final came out."""
+    step = 512
+    for i in range(0, len(audio), step):
+        for ev in core.feed(audio[i:i + step]):
+            if isinstance(ev, Committed):
+                return (i + step) / RATE, ev
+    raise AssertionError("no final")
+
+
+def test_the_final_is_decoded_during_the_pause_not_after_the_endpoint() -> None:
+    decoder = BurstDecoder()
+    core = StreamingTranscriber("s", decoder, fake_vad, dataclasses.replace(
+        CFG, interim_results=False, short_silence_samples=0))
+    speech = utterance([60, 61, 62])
+    audio = np.concatenate([speech, silence(2.0)])
+    speech_end = len(speech) / RATE - GAP_S
+    decoded_at = emitted_at = None
+    for i in range(0, len(audio), 512):
+        events = core.feed(audio[i:i + 512])
+        if decoded_at is None and any(final for _n, final in decoder.calls):
+            decoded_at = (i + 512) / RATE
+        if any(isinstance(e, Committed) for e in events):
+            emitted_at = (i + 512) / RATE
+            assert [e.final.text for e in events if isinstance(e, Committed)] == ["w60 w61 w62"]
+            break
+    assert decoded_at is not None and emitted_at is not None
+    assert decoded_at - speech_end < 0.2 + 0.15  # at the first short pause
+    assert emitted_at - speech_end >= 0.5  # the endpoint still waits for min_silence
+    assert sum(1 for _n, final in decoder.calls if final) == 1, "decoded again at the endpoint"
+
+
+def test_a_finished_sentence_ends_at_the_short_pause() -> None:
+    speech = utterance([70, 71])  # ends with a 0.1 s gap
+    audio = np.concatenate([speech, silence(2.0)])
+    plain = StreamingTranscriber("s", BurstDecoder(), fake_vad, CFG)
+    sentence = StreamingTranscriber("s", SentenceDecoder(), fake_vad, CFG)
+    at_plain, _ = feed_until_final(plain, audio)
+    at_sentence, committed = feed_until_final(sentence, audio)
+    speech_end = len(speech) / RATE - GAP_S
+    assert committed.final.text == "w70 w71."
+    assert at_sentence - speech_end < 0.3 + 0.1  # short_silence plus one VAD group
+    assert at_plain - speech_end >= 0.5  # min_silence
+    assert at_sentence < at_plain
+
+
+def test_speculation_is_dropped_when_speech_resumes() -> None:
+    audio = np.concatenate([utterance([80, 81]), silence(0.3), utterance([82]), silence(1.0)])
+    _, finals, _ = run(audio, frame_s=0.032,
+                       config=dataclasses.replace(CFG, short_silence_samples=0))
+    assert texts(finals) == ["w80 w81 w82"]

@@ -40,6 +40,20 @@ class StreamConfig:
     stable_guard_samples: int = RATE  # words ending in the last second are not made stable
     prompt_chars: int = 200
     interim_results: bool = True
+    # Speculative finals: decode the final at the first short pause, so it is ready when the
+    # endpoint is confirmed; 0 disables.
+    speculative_samples: int = 3200  # 0.2 s
+    # A pause this long already ends the utterance when the speculative text ends a
+    # sentence (. ? !); 0 disables. Other pauses wait for the endpoint's min_silence.
+    short_silence_samples: int = 4800  # 0.3 s
+
+
+@dataclasses.dataclass
+class _Speculation:
+    speech_end: int  # the silence start it was decoded for
+    end: int
+    words: list[Word]
+    decode_s: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +67,13 @@ class Committed:
 
 
 Event = Partial | Committed
+
+
+def ends_sentence(words: Sequence[Word]) -> bool:
+    if not words:
+        return False
+    last = words[-1].word.strip()
+    return last.endswith((".", "?", "!")) and not last.endswith("...")
 
 
 def join_words(words: Sequence[Word]) -> str:
@@ -103,6 +124,7 @@ class StreamingTranscriber:
         self._last_partial_at = 0
         self._last_partial_text = ""
         self._partial_sent = False
+        self._spec: _Speculation | None = None
 
     # ------------------------------------------------------------------ public
 
@@ -116,7 +138,7 @@ class StreamingTranscriber:
         self._audio = np.concatenate([self._audio, samples.astype(np.float32, copy=False)])
         self.position += len(samples)
         events: list[Event] = []
-        group = 16 * WINDOW  # check the length cap every ~0.5 s of audio
+        group = 4 * WINDOW  # decisions every 128 ms of audio, however much arrives at once
         while self.position - self._vad_pos >= WINDOW:
             n = min((self.position - self._vad_pos) // WINDOW, group // WINDOW)
             lo = self._vad_pos - self._audio_start
@@ -130,6 +152,8 @@ class StreamingTranscriber:
                 else:
                     end = min(ev.sample + self.config.pad_samples, self.position)
                     events += self._close_utterance(end, ev.sample, ev.voiced)
+            if self._utt_start is not None:
+                events += self._speculate()
             if self._utt_start is not None and \
                     self._vad_pos - self._utt_start >= self.config.max_utterance_samples:
                 events += self._cut_utterance()
@@ -170,6 +194,33 @@ class StreamingTranscriber:
             for w in self.decoder.decode(audio, self._prompt, final)
         ]
 
+    def _speculate(self) -> list[Event]:
+        """At a short pause, decode the final ahead of time; end early after a full sentence."""
+        cfg = self.config
+        sil = self._endpointer.silence_start
+        if sil is None or not cfg.speculative_samples or self._utt_start is None:
+            return []
+        silent = self._vad_pos - sil
+        if silent < cfg.speculative_samples or \
+                self._endpointer.voiced < cfg.endpoint.min_speech_samples:
+            return []
+        if self._spec is None or self._spec.speech_end != sil:
+            end = min(sil + cfg.pad_samples, self.position)
+            began = time.perf_counter()
+            words = self._final_words(self._utt_start, end, sil)
+            self._spec = _Speculation(sil, end, words, time.perf_counter() - began)
+        if cfg.short_silence_samples and silent >= cfg.short_silence_samples and \
+                ends_sentence(self._spec.words):
+            voiced = self._endpointer.voiced
+            self._endpointer.force_end()
+            return self._close_utterance(self._spec.end, sil, voiced)
+        return []
+
+    def _final_words(self, start: int, end: int, speech_end: int) -> list[Word]:
+        # Words that start after the speech ended are Whisper inventing text on the pad.
+        latest = (speech_end + self.config.pad_samples // 2) / RATE
+        return [w for w in self._decode(start, end, True) if w.start <= latest]
+
     def _partial(self) -> Partial | None:
         assert self._utt_start is not None
         self._last_partial_at = self.position
@@ -199,13 +250,15 @@ class StreamingTranscriber:
         too_short = voiced < self.config.endpoint.min_speech_samples
         words: list[Word] = []
         began = time.perf_counter()
-        if not too_short or self._partial_sent:
-            # Words that start after the speech ended are Whisper inventing text on the pad.
-            latest = (speech_end + self.config.pad_samples // 2) / RATE
-            words = [w for w in self._decode(start, end, True) if w.start <= latest]
-            words = merge_stable(self._stable, words)
-        return self._emit_final(words, start, end, commit=end,
-                                decode_s=time.perf_counter() - began)
+        spec = self._spec
+        if too_short and not self._partial_sent:
+            pass  # a blip nobody saw: no final, no utterance index
+        elif spec is not None and spec.speech_end == speech_end and spec.end == end:
+            words = merge_stable(self._stable, spec.words)  # decoded during the pause
+        else:
+            words = merge_stable(self._stable, self._final_words(start, end, speech_end))
+        decode_s = time.perf_counter() - began
+        return self._emit_final(words, start, end, commit=end, decode_s=decode_s)
 
     def _cut_utterance(self) -> list[Event]:
         """The utterance hit the length cap: emit a final up to a word boundary, keep the rest."""
@@ -235,6 +288,7 @@ class StreamingTranscriber:
         partial_sent = self._partial_sent
         self._agreement.reset()
         self._stable = []
+        self._spec = None
         self._partial_sent = False
         self._last_partial_text = ""
         self._last_partial_at = 0

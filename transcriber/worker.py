@@ -57,6 +57,8 @@ def stream_config(s: TranscriberSettings, interim: bool) -> StreamConfig:
         max_utterance_samples=int(s.max_utterance_s * RATE),
         prompt_chars=s.prompt_chars,
         interim_results=interim and s.interim_results,
+        speculative_samples=int(s.speculative_silence_s * RATE),
+        short_silence_samples=int(s.short_silence_s * RATE),
     )
 
 
