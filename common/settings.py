@@ -249,3 +249,36 @@ class TranscriberSettings(RedisSettings):
     max_extra_models: int = setting(
         1, "other models (asked for by sessions, e.g. replays) kept loaded besides the default")
     log_level: str = setting("INFO", "log level")
+
+
+#: Each service's settings, in the order the configuration docs list them.
+SERVICES: tuple[tuple[str, type], ...] = (
+    ("gateway", GatewaySettings),
+    ("transcriber", TranscriberSettings),
+    ("fanout", FanoutSettings),
+)
+
+
+def configuration_markdown() -> str:
+    """docs/configuration.md, generated from the settings classes so it cannot drift."""
+    lines = [
+        "# Configuration",
+        "",
+        "Generated from `common/settings.py` by `python -m common.settings > "
+        "docs/configuration.md`; a test fails when this file and the code disagree.",
+        "Every setting is a command-line flag and an environment variable; the flag wins,",
+        "then the variable, then the default.",
+    ]
+    for service, cls in SERVICES:
+        lines += ["", f"## {service} (`python -m {_MODULES[service]}`)", "",
+                  "| env var | flag | default | meaning |", "|---|---|---|---|"]
+        for env, flag, default, meaning in settings_table(cls):
+            lines.append(f"| `{env}` | `{flag}` | `{default}` | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+_MODULES = {"gateway": "ingest", "transcriber": "transcriber", "fanout": "fanout"}
+
+
+if __name__ == "__main__":
+    print(configuration_markdown(), end="")

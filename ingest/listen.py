@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosed
 
 from common import errors
 from common.audio import TARGET_RATE, AudioNormalizer, StreamFormat, parse_stream_format
-from common.errors import BadRequest, MessageTooBig, SttError
+from common.errors import BadRequest, MessageTooBig, SttError, TooSlow
 from common.messages import (
     AudioEntry,
     AudioFrame,
@@ -348,14 +348,34 @@ class ListenSession:
         await self.ws.close(errors.NORMAL, "closed")
 
     async def _deliver(self) -> None:
-        after = self.params.after
-        async for _id, result in follow_results(
-                self.gateway.blocking, self.sid, "0-0", self.settings.redis_block_ms):
-            if result.seq <= after:
-                continue
-            await self.ws.send(to_json(result))
-            if isinstance(result, Closed):
-                return
+        """Results to the socket through a bounded queue: a client that stops reading is
+        dropped (``too_slow``, 1013; it may resume with ``after``) instead of piling up."""
+        queue: asyncio.Queue[str | None] = asyncio.Queue(self.settings.send_queue)
+
+        async def send() -> None:
+            while (text := await queue.get()) is not None:
+                await self.ws.send(text)
+
+        sender = asyncio.create_task(send())
+        try:
+            async for _id, result in follow_results(
+                    self.gateway.blocking, self.sid, "0-0", self.settings.redis_block_ms):
+                if result.seq <= self.params.after:
+                    continue
+                try:
+                    queue.put_nowait(to_json(result))
+                except asyncio.QueueFull:
+                    log.warning("session %s: client not reading; dropping it", self.sid)
+                    sender.cancel()
+                    await send_error(self.ws, TooSlow(
+                        "results were not read in time; reconnect with session and after"))
+                    return
+                if isinstance(result, Closed):
+                    break
+            await queue.put(None)
+            await sender
+        finally:
+            sender.cancel()
 
     async def _monitor(self) -> None:
         """Heartbeat, queue position while waiting for a transcriber, lag warnings."""

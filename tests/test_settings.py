@@ -27,3 +27,13 @@ def test_every_setting_has_help_text() -> None:
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
         assert len(settings_table(cls)) == len(dataclasses.fields(cls))
+
+
+def test_configuration_doc_matches_the_code() -> None:
+    from pathlib import Path
+
+    from common.settings import configuration_markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    assert doc.read_text() == configuration_markdown(), \
+        "docs/configuration.md is stale: python -m common.settings > docs/configuration.md"
