@@ -101,7 +101,7 @@ class SessionsApi:
         self.settings = settings
         self.records = SessionRecords(redis)
         self.blocking = blocking
-        self.hubs = Hubs(redis, blocking, settings.redis_block_ms)
+        self.hubs = Hubs(redis, blocking, settings.redis_block_ms, settings.viewer_queue)
         self.replay = replay
         self.viewer_limits = ViewerLimits(settings.viewer_queue, settings.max_viewers,
                                           settings.slow_viewer_grace_s)

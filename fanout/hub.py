@@ -28,7 +28,8 @@ from common.redis_client import REDIS_DOWN
 
 log = logging.getLogger(__name__)
 
-#: Results read per XREAD.
+#: Most results read per XREAD. A batch is offered to every queue at once, so
+#: it is kept well under the viewer queue size (see ``Hubs``).
 READ_BATCH = 100
 #: Empty blocking reads between checks that the session still exists.
 EXISTS_EVERY = 10
@@ -94,7 +95,7 @@ class SessionHub:
         while True:
             try:
                 resp = await self.hubs.blocking.xread(
-                    {key: cursor}, count=READ_BATCH, block=self.hubs.block_ms)
+                    {key: cursor}, count=self.hubs.batch, block=self.hubs.block_ms)
                 backoff = 0.1
                 if not resp:
                     idle += 1
@@ -136,10 +137,14 @@ class SessionHub:
 class Hubs:
     """The hubs of this process, one per session with viewers."""
 
-    def __init__(self, redis: aioredis.Redis, blocking: aioredis.Redis, block_ms: int) -> None:
+    def __init__(self, redis: aioredis.Redis, blocking: aioredis.Redis, block_ms: int,
+                 viewer_queue: int) -> None:
         self.redis = redis
         self.blocking = blocking
         self.block_ms = block_ms
+        # A burst (a backlog after an outage) reaches a viewer a quarter queue at a time,
+        # with the event loop in between for its sender: only a stalled viewer overflows.
+        self.batch = max(1, min(READ_BATCH, viewer_queue // 4))
         self._hubs: dict[str, SessionHub] = {}
 
     def __len__(self) -> int:

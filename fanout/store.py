@@ -213,7 +213,7 @@ class SessionRecords:
         out: list[SessionInfo] = []
         high: float | str = f"({before}" if before is not None else "+inf"
         while len(out) < limit:
-            want = max(limit - len(out), 10)
+            want = max(2 * (limit - len(out)), 100)
             members = await self.redis.zrevrangebyscore(
                 keys.INDEX, high, "-inf", start=0, num=want, withscores=True)
             if not members:
