@@ -94,3 +94,10 @@ class TooLarge(SttError):
 
     code = "too_large"
     close_code = MESSAGE_TOO_BIG
+
+
+class StorageUnavailable(SttError):
+    """Redis cannot be reached right now; the client may retry."""
+
+    code = "storage_unavailable"
+    close_code = TRY_AGAIN_LATER

@@ -31,7 +31,14 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from common.audio import TARGET_RATE
-from common.errors import BadRequest, Overloaded, SessionNotFound, SttError, TooLarge
+from common.errors import (
+    BadRequest,
+    Overloaded,
+    SessionNotFound,
+    StorageUnavailable,
+    SttError,
+    TooLarge,
+)
 from common.messages import AudioFrame
 from common.redis_client import REDIS_DOWN
 from common.settings import SessionsApiSettings
@@ -64,10 +71,6 @@ class NotFound(SttError):
 
 class WebSocketRequired(SttError):
     code = "websocket_required"
-
-
-class StorageUnavailable(SttError):
-    code = "storage_unavailable"
 
 
 @dataclasses.dataclass(frozen=True)

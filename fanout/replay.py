@@ -28,7 +28,7 @@ from websockets.exceptions import ConnectionClosed
 
 from common import errors
 from common.audio import TARGET_RATE
-from common.errors import BadRequest, Overloaded, SessionActive, SttError
+from common.errors import BadRequest, Overloaded, SessionActive, StorageUnavailable, SttError
 from common.messages import AudioEntry, AudioFrame, AudioMarker, Closed, ReplayStarted, to_json
 from common.redis_client import REDIS_DOWN
 from fanout.follow import follow_results
@@ -42,11 +42,6 @@ SPEEDS = ("realtime", "max")
 APPEND_BATCH = 128
 #: How long Redis may be unreachable before a replay gives up, seconds.
 OUTAGE_S = 30.0
-
-
-class StorageUnavailable(SttError):
-    code = "storage_unavailable"
-    close_code = errors.TRY_AGAIN_LATER
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,8 +18,9 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from common import errors
-from common.errors import Overloaded, SttError
+from common.errors import Overloaded, StorageUnavailable, SttError
 from common.messages import Closed, Final, Partial, Result, ViewerStarted, to_json
+from common.redis_client import REDIS_DOWN
 from fanout.hub import Hubs, ViewerQueue
 from fanout.sockets import bool_param, drop, float_param, int_param, read_controls, send_error
 from fanout.store import SessionRecords
@@ -119,6 +120,8 @@ class Viewer:
         failure = None if pump.cancelled() else pump.exception()
         if pump.done() and not pump.cancelled() and failure is None:
             return  # closed was sent
+        if isinstance(failure, REDIS_DOWN):
+            failure = StorageUnavailable("storage unavailable; reconnect with after=<last seq>")
         if failure is not None:
             if isinstance(failure, SttError):
                 await send_error(self.ws, failure)

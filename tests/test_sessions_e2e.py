@@ -246,8 +246,13 @@ def test_listing_shows_state_duration_model_and_counts(live: Live, stack: Stack)
     info = get_json(f"{stack.http_url}/v1/sessions/{live.sid}")
     assert info["counts"] == {"partial": len(live.res.partials), "final": len(live.res.finals),
                               "warning": len(live.res.of_type("warning")), "closed": 1}
-    closed_only = get_json(f"{stack.http_url}/v1/sessions?state=active")["sessions"]
-    assert live.sid not in {x["session_id"] for x in closed_only}
+    active_only = get_json(f"{stack.http_url}/v1/sessions?state=active")["sessions"]
+    assert live.sid not in {x["session_id"] for x in active_only}
+    # Pages: next_before continues where a page ended.
+    first = get_json(f"{stack.http_url}/v1/sessions?limit=1")
+    second = get_json(f"{stack.http_url}/v1/sessions?limit=1&before={first['next_before']}")
+    assert [x["session_id"] for x in first["sessions"] + second["sessions"]] == \
+        [x["session_id"] for x in body["sessions"][:2]]
 
 
 def test_unknown_malformed_and_expired_sessions_get_clear_errors(
