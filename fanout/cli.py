@@ -200,7 +200,7 @@ def cmd_show(args: argparse.Namespace) -> None:
     for key, value in info.items():
         if isinstance(value, dict):
             value = ", ".join(f"{k} {v}" for k, v in value.items())
-        print(f"{key + ':':<17} {value if value is not None else '-'}")
+        print(f"{key + ':':<17} {value if value not in (None, '') else '-'}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
