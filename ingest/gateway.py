@@ -14,7 +14,6 @@ import contextlib
 import http
 import logging
 import mimetypes
-import time
 from importlib import resources
 from urllib.parse import parse_qs, urlsplit
 
@@ -22,7 +21,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from common import errors, keys
+from common import errors
 from common.errors import SttError
 from common.messages import AudioMarker
 from common.redis_client import REDIS_DOWN, make_redis
@@ -37,25 +36,12 @@ log = logging.getLogger(__name__)
 LISTEN_PATH = "/v1/listen"
 
 
-class IndexedSessionStore(SessionStore):
-    """Also adds each new session to the listing index (``keys.INDEX``).
-
-    Once ``SessionStore.create`` adds it inside its own transaction this
-    override is redundant (``NX`` keeps the first score) and can go.
-    """
-
-    async def create(self, sid: str, fields: dict[str, str | int]) -> int:
-        generation = await super().create(sid, fields)
-        await self.redis.zadd(keys.INDEX, {sid: time.time()}, nx=True)
-        return generation
-
-
 class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.redis = make_redis(settings)
         self.blocking = make_redis(settings, blocking=True)
-        self.store = IndexedSessionStore(self.redis)
+        self.store = SessionStore(self.redis)
         self.sessions_api = SessionsApi(settings, self.redis, self.blocking, ReplayConfig(
             max_backlog=settings.max_backlog, heartbeat_s=settings.heartbeat_s,
             block_ms=settings.redis_block_ms, allowed_models=settings.replay_models))

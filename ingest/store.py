@@ -67,6 +67,7 @@ class SessionStore:
             "commit_sample": 0, "next_utterance": 0, "attach": 1,
             "heartbeat": f"{time.time():.3f}",
         })
+        pipe.zadd(keys.INDEX, {sid: time.time()})  # for GET /v1/sessions
         pipe.xadd(keys.SESSIONS, {"sid": sid})
         await pipe.execute()
         return 1
