@@ -214,6 +214,9 @@ class TranscriberSettings(RedisSettings):
     compute_type: str = setting(
         "auto", "CTranslate2 compute type; auto = int8 on CPU, float16 on CUDA")
     cpu_threads: int = setting(0, "CTranslate2 intra-op threads; 0 = number of cores")
+    encoder_tail_frames: int = setting(
+        -1, "experimental: encode only the audio plus this many 10 ms frames of padding instead "
+        "of Whisper's 30 s window (loops are re-decoded in full); -1 = full window")
     language: str = setting("en", "default language when the session does not name one")
     capacity: int = setting(8, "sessions one worker transcribes at once")
     beam_size: int = setting(1, "beam size for final decodes")

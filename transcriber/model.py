@@ -78,14 +78,37 @@ def load_whisper(model: str, device: str, compute_type: str, cpu_threads: int,  
     log.info("loading whisper model %s on %s (%s, %d threads)", path, device, compute_type, threads)
 
     class ShortContextWhisper(WhisperModel):
+        #: Frames of padding kept after the content; -1 = the full 30 s window. Callers
+        #: switch it per call (one inference thread per worker, so no races).
+        tail_frames = encoder_tail_frames
+
         def encode(self, features: np.ndarray):  # type: ignore[no-untyped-def]
-            if encoder_tail_frames >= 0:
-                n = trimmed_frames(features, encoder_tail_frames, 100)
+            if self.tail_frames >= 0:
+                n = trimmed_frames(features, self.tail_frames, 100)
                 features = np.ascontiguousarray(features[..., :n])
             return super().encode(features)
 
     return ShortContextWhisper(path, device=device, compute_type=compute_type,
                                cpu_threads=threads, local_files_only=True)
+
+
+def looks_degenerate(words: list[Word], duration: float) -> bool:
+    """Signs of a decoding loop: too many words for the audio, a phrase said over and
+    over, or words past the end of the audio."""
+    if not words:
+        return False
+    if len(words) > 2 + 5.0 * duration:
+        return True
+    if words[-1].end > duration + 0.5:
+        return True
+    keys = [norm_word(w.word) for w in words]
+    for size in range(1, 9):
+        for i in range(len(keys) - 2 * size + 1):
+            block = keys[i:i + size]
+            if block == keys[i + size:i + 2 * size] and (size >= 3 or keys[i:i + size] ==
+                                                         keys[i + 2 * size:i + 3 * size]):
+                return True
+    return False
 
 
 class WhisperDecoder:
@@ -100,6 +123,22 @@ class WhisperDecoder:
         self.temperatures: list[float] = [0.0]
 
     def decode(self, audio: np.ndarray, prompt: str, final: bool) -> list[Word]:
+        words = self._decode(audio, prompt, final)
+        short = getattr(self.model, "tail_frames", -1) >= 0
+        if short and looks_degenerate(words, len(audio) / 16000):
+            # Short-context decoding looped: decode again with Whisper's full window.
+            tail, self.model.tail_frames = self.model.tail_frames, -1
+            try:
+                words = self._decode(audio, prompt, final)
+            finally:
+                self.model.tail_frames = tail
+        if words and _norm_text(words) in HALLUCINATIONS:
+            mean_p = sum(w.probability for w in words) / len(words)
+            if mean_p < 0.6:
+                return []
+        return words
+
+    def _decode(self, audio: np.ndarray, prompt: str, final: bool) -> list[Word]:
         segments, _info = self.model.transcribe(
             audio,
             language=self.language,
@@ -117,8 +156,4 @@ class WhisperDecoder:
         for seg in segments:  # the generator does the work: consume it here, in this thread
             for w in seg.words or ():
                 words.append(Word(w.word, float(w.start), float(w.end), float(w.probability)))
-        if words and _norm_text(words) in HALLUCINATIONS:
-            mean_p = sum(w.probability for w in words) / len(words)
-            if mean_p < 0.6:
-                return []
         return words

@@ -157,7 +157,10 @@ class StreamingTranscriber:
             if self._utt_start is not None and \
                     self._vad_pos - self._utt_start >= self.config.max_utterance_samples:
                 events += self._cut_utterance()
+        # No partial while a pause is in progress: the words have not changed, and the
+        # inference thread is better spent on the speculative final.
         if self._utt_start is not None and self.config.interim_results and \
+                self._endpointer.silence_start is None and \
                 self._endpointer.voiced >= self.config.endpoint.min_speech_samples and \
                 self.position - self._utt_start >= self.config.partial_interval_samples and \
                 self.position - self._last_partial_at >= self.config.partial_interval_samples:

@@ -89,7 +89,8 @@ class Worker:
     def load(self) -> None:
         if self.model is None:
             s = self.settings
-            self.model = load_whisper(s.model, s.device, s.compute_type, s.cpu_threads)
+            self.model = load_whisper(s.model, s.device, s.compute_type, s.cpu_threads,
+                                      s.encoder_tail_frames)
         if self.vad is None:
             self.vad = SileroVad()
 
