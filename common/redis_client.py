@@ -19,10 +19,15 @@ REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
 
 def make_redis(settings: RedisSettings, *, blocking: bool = False,
-               max_connections: int | None = None) -> aioredis.Redis:
+               max_connections: int | None = None, probe: bool = False) -> aioredis.Redis:
+    """``blocking``: for XREAD BLOCK; ``probe``: health checks that must fail fast, no retry."""
     timeout = settings.redis_socket_timeout_s
     if blocking:
         timeout = max(timeout, settings.redis_block_ms / 1000.0 + 5.0)
+    if probe:
+        return aioredis.Redis.from_url(settings.redis_url, socket_timeout=2.0,
+                                       socket_connect_timeout=2.0, retry=None,
+                                       max_connections=2)
     return aioredis.Redis.from_url(
         settings.redis_url,
         socket_timeout=timeout,

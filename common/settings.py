@@ -249,6 +249,8 @@ class TranscriberSettings(RedisSettings):
         86400, "how long a finished session's audio and results stay in Redis, seconds"
     )
     consumer: str = setting("", "consumer name in the work queue group; empty = host-pid-random")
+    metrics_host: str = setting("0.0.0.0", "address of the /metrics, /healthz, /readyz endpoint")
+    metrics_port: int = setting(9100, "port of /metrics, /healthz, /readyz; 0 = any free port")
     max_extra_models: int = setting(
         1, "other models (asked for by sessions, e.g. replays) kept loaded besides the default")
     log_level: str = setting("INFO", "log level")

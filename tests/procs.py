@@ -114,6 +114,7 @@ class Service:
 
 
 def start_transcriber(redis_url: str, *args: str, **env: str) -> Service:
+    args = ("--metrics-port", "0", *args)  # several workers share this machine
     svc = Service("transcriber", args, {"REDIS_URL": redis_url, **env}, "ready, capacity")
     svc.wait_ready()
     return svc

@@ -31,8 +31,10 @@ from common.messages import (
     Closed,
     Partial,
     Warning,
+    Word,
     unpack_audio_entry,
 )
+from common.metrics import HealthServer, WorkerMetrics, worker_metrics
 from common.redis_client import REDIS_DOWN, make_redis
 from common.settings import TranscriberSettings
 from transcriber.commit import SessionWriter
@@ -77,11 +79,14 @@ class Worker:
         self.vad = vad
         self.redis = make_redis(settings)
         self.blocking = make_redis(settings, blocking=True)
+        self.probe = make_redis(settings, probe=True)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._capacity = asyncio.Semaphore(settings.capacity)
         self._sessions: dict[str, asyncio.Task[None]] = {}
         self._entries: dict[str, bytes] = {}  # sid → work-queue entry id
         self._writers: dict[str, SessionWriter] = {}
+        self.metrics: WorkerMetrics = worker_metrics()
+        self._redis_ok_at = 0.0  # monotonic time of the last successful Redis ping
         self._stopping = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -104,19 +109,39 @@ class Worker:
     def stop(self) -> None:
         self._stopping.set()
 
+    def readiness(self) -> tuple[bool, str]:
+        """Ready = model loaded and Redis answered within the last few seconds."""
+        if self.model is None or self.vad is None:
+            return False, "model not loaded"
+        if time.monotonic() - self._redis_ok_at > 5.0:
+            return False, "redis unreachable"
+        return True, "ready"
+
+    async def _watch_redis(self) -> None:
+        while True:
+            try:
+                await self.probe.ping()
+                self._redis_ok_at = time.monotonic()
+            except REDIS_DOWN:
+                self.metrics.redis_errors.labels("transcriber").inc()
+            await asyncio.sleep(1.0)
+
     async def run(self) -> None:
         self.load()
         await self.ensure_group()
         log.info("worker %s ready, capacity %d", self.consumer, self.settings.capacity)
         renew = asyncio.create_task(self._renew_leases())
+        watch = asyncio.create_task(self._watch_redis())
         try:
             await self._take_sessions()
         finally:
             renew.cancel()
+            watch.cancel()
             await self._release_all()
-            await asyncio.gather(renew, return_exceptions=True)
+            await asyncio.gather(renew, watch, return_exceptions=True)
             await self.redis.aclose()
             await self.blocking.aclose()
+            await self.probe.aclose()
             self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def _release_all(self) -> None:
@@ -176,6 +201,7 @@ class Worker:
             if fields and entry_id not in self._entries.values():
                 log.info("session %s: taking over after lease expiry",
                          fields[b"sid"].decode())
+                self.metrics.takeovers.inc()
                 return entry_id, fields[b"sid"].decode()
         resp = await self.blocking.xreadgroup(
             keys.GROUP, self.consumer, {keys.SESSIONS: ">"}, count=1,
@@ -189,8 +215,13 @@ class Worker:
         self._entries[sid] = entry_id
         task = asyncio.create_task(self._session(entry_id, sid), name=f"session-{sid}")
         self._sessions[sid] = task
+        self.metrics.sessions_started.inc()
+        self.metrics.sessions_active.inc()
 
         def done(t: asyncio.Task[None]) -> None:
+            self.metrics.sessions_active.dec()
+            with contextlib.suppress(KeyError):
+                self.metrics.lag_seconds.remove(sid)
             self._sessions.pop(sid, None)
             self._entries.pop(sid, None)
             self._writers.pop(sid, None)
@@ -254,8 +285,8 @@ class Worker:
         assert self.vad is not None
         core = StreamingTranscriber(
             sid,
-            WhisperDecoder(model, language, self.settings.beam_size,
-                           self.settings.partial_beam_size),
+            TimedDecoder(WhisperDecoder(model, language, self.settings.beam_size,
+                                        self.settings.partial_beam_size), self.metrics),
             self.vad.stream(),
             stream_config(self.settings, interim),
             start_sample=int(_text(meta, "commit_sample", "0")),
@@ -299,13 +330,32 @@ class Worker:
         return result
 
 
-async def with_retry(sid: str, what: str, call: Callable[[], Awaitable[Any]]) -> Any:
+class TimedDecoder:
+    """Observes every decode's duration, by kind, around the real decoder."""
+
+    def __init__(self, decoder: WhisperDecoder, metrics: WorkerMetrics) -> None:
+        self.decoder = decoder
+        self.metrics = metrics
+
+    def decode(self, audio: np.ndarray, prompt: str, final: bool) -> list[Word]:
+        began = time.perf_counter()
+        try:
+            return self.decoder.decode(audio, prompt, final)
+        finally:
+            self.metrics.decode_seconds.labels("final" if final else "partial").observe(
+                time.perf_counter() - began)
+
+
+async def with_retry(sid: str, what: str, call: Callable[[], Awaitable[Any]],
+                     metrics: WorkerMetrics | None = None) -> Any:
     """Retry a write through a Redis outage (the fenced scripts make retries safe)."""
     backoff = 0.1
     while True:
         try:
             return await call()
         except REDIS_DOWN as exc:
+            if metrics is not None:
+                metrics.redis_errors.labels("transcriber").inc()
             log.warning("session %s: %s failed (%s); retrying", sid, what, exc)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
@@ -326,6 +376,8 @@ class _SessionRun:
         self._resume_id = cursor
         self._read_at = self._fed_at = 0.0  # wall times of the last read and feed (timing)
         self._xadd_ms = 0  # when the gateway appended the newest entry read
+        # end sample → append time (ms) of recent entries, for the time-to-final metric
+        self._appended_at: collections.OrderedDict[int, int] = collections.OrderedDict()
 
     async def run(self) -> None:
         s = self.worker.settings
@@ -336,6 +388,7 @@ class _SessionRun:
                 resp = await self.worker.blocking.xread(
                     {key: self.cursor}, count=s.read_batch, block=s.redis_block_ms)
             except REDIS_DOWN as exc:
+                self.worker.metrics.redis_errors.labels("transcriber").inc()
                 log.warning("session %s: redis read failed: %s", self.sid, exc)
                 await asyncio.sleep(0.5)
                 continue
@@ -357,6 +410,9 @@ class _SessionRun:
                     if isinstance(entry, AudioFrame):
                         pending.append(self._new_samples(entry))
                         self._recent.append((self.cursor, entry.offset + entry.samples))
+                        self._appended_at[entry.offset + entry.samples] = self._xadd_ms
+                        if len(self._appended_at) > 4096:  # bounded through long silences
+                            self._appended_at.popitem(last=False)
                         continue
                     await self._feed(pending)
                     pending = []
@@ -367,6 +423,9 @@ class _SessionRun:
                         await self._close(entry)
                         return
             await self._feed(pending)
+            if resp:
+                self.worker.metrics.lag_seconds.labels(self.sid).set(
+                    max(0.0, time.time() - self._xadd_ms / 1000.0))
 
     async def _abandoned(self) -> bool:
         beat = await self.worker.redis.hget(keys.meta(self.sid), "heartbeat")
@@ -385,12 +444,26 @@ class _SessionRun:
         pcm = np.concatenate(parts)
         self._fed_at = time.time()
         await self._publish(await self.worker.infer(self.core.feed, pcm))
+        self.worker.metrics.audio_seconds.inc(len(pcm) / RATE)
         await with_retry(self.sid, "progress", lambda: self.writer.progress(self.core.position))
+
+    def _observe_time_to_final(self, ev: Committed) -> None:
+        """Commit time minus when the audio of the final's last word reached Redis."""
+        if not ev.final.text:
+            return
+        end_sample = int(ev.final.end * RATE)
+        for end, xadd_ms in self._appended_at.items():
+            if end >= end_sample:
+                self.worker.metrics.time_to_final.observe(max(0.0, time.time() - xadd_ms / 1e3))
+                break
+        self.worker.metrics.finals.inc()
 
     def _resume_point(self, commit_sample: int) -> str:
         """The last entry that ends at or before the commit point: resume reading after it."""
         while self._recent and self._recent[0][1] <= commit_sample:
             self._resume_id = self._recent.popleft()[0]
+        while self._appended_at and next(iter(self._appended_at)) <= commit_sample:
+            self._appended_at.popitem(last=False)
         return self._resume_id
 
     async def _publish(self, events: list[Event]) -> None:
@@ -398,6 +471,7 @@ class _SessionRun:
             if isinstance(ev, Partial):
                 await with_retry(self.sid, "partial", functools.partial(self.writer.publish, ev))
             elif isinstance(ev, Committed):
+                self._observe_time_to_final(ev)
                 timing = {"xadd": self._xadd_ms / 1000.0, "read": self._read_at,
                           "fed": self._fed_at, "done": time.time(),
                           "decode": round(ev.decode_s, 4)}
@@ -416,8 +490,14 @@ async def serve(settings: TranscriberSettings) -> None:
     import signal
 
     worker = Worker(settings)
+    health = HealthServer(worker.metrics.registry, worker.readiness, settings.metrics_host,
+                          settings.metrics_port).start()
+    log.info("metrics, healthz and readyz on port %d", health.port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, worker.stop)
-    await worker.run()
+    try:
+        await worker.run()
+    finally:
+        health.stop()

@@ -1,0 +1,120 @@
+"""Prometheus metrics: every name in one place, and a health/metrics HTTP endpoint.
+
+Each process registers only what it uses: ``gateway_metrics()``,
+``worker_metrics()`` or ``fanout_metrics()`` build their collectors on a
+fresh registry, so tests can run several in one process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.server
+import logging
+import threading
+from collections.abc import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+DECODE_BUCKETS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
+
+
+@dataclasses.dataclass
+class WorkerMetrics:
+    registry: CollectorRegistry
+    sessions_active: Gauge
+    sessions_started: Counter
+    takeovers: Counter
+    audio_seconds: Counter
+    lag_seconds: Gauge
+    decode_seconds: Histogram
+    time_to_final: Histogram
+    finals: Counter
+    redis_errors: Counter
+
+
+def worker_metrics() -> WorkerMetrics:
+    r = CollectorRegistry()
+    return WorkerMetrics(
+        registry=r,
+        sessions_active=Gauge("stt_worker_sessions_active", "sessions this worker owns",
+                              registry=r),
+        sessions_started=Counter("stt_worker_sessions_started", "sessions taken from the queue",
+                                 registry=r),
+        takeovers=Counter("stt_worker_takeovers", "sessions taken over after a lease expired",
+                          registry=r),
+        audio_seconds=Counter("stt_worker_audio_seconds", "audio seconds transcribed",
+                              registry=r),
+        lag_seconds=Gauge("stt_worker_session_lag_seconds",
+                          "audio appended but not yet transcribed, per session", ["session"],
+                          registry=r),
+        decode_seconds=Histogram("stt_worker_decode_seconds", "one Whisper decode",
+                                 ["kind"], buckets=DECODE_BUCKETS, registry=r),
+        time_to_final=Histogram(
+            "stt_worker_time_to_final_seconds",
+            "final committed minus the time the audio of its last word reached Redis",
+            buckets=LATENCY_BUCKETS, registry=r),
+        finals=Counter("stt_worker_finals", "finals committed", registry=r),
+        redis_errors=Counter("stt_redis_errors", "failed Redis operations (retried)",
+                             ["service"], registry=r),
+    )
+
+
+class HealthServer:
+    """/metrics, /healthz and /readyz on a plain HTTP port, served from a daemon thread."""
+
+    def __init__(self, registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]],
+                 host: str, port: int) -> None:
+        self.registry = registry
+        self.ready = ready
+        handler = self._handler()
+        self.server = http.server.ThreadingHTTPServer((host, port), handler)
+        self.port = int(self.server.server_address[1])
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True,
+                                        name="health-http")
+
+    def start(self) -> HealthServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _handler(self) -> type[http.server.BaseHTTPRequestHandler]:
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, generate_latest(outer.registry), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    self._send(200, b"ok\n")
+                elif path == "/readyz":
+                    ok, why = outer.ready()
+                    self._send(200 if ok else 503, (why + "\n").encode())
+                else:
+                    self._send(404, b"not found\n")
+
+            def _send(self, status: int, body: bytes,
+                      ctype: str = "text/plain; charset=utf-8") -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # scrapes every few seconds would drown the service's own log
+
+        return Handler

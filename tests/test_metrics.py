@@ -1,0 +1,88 @@
+"""Observability: /metrics values move when a session runs; /readyz follows Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from common.client import listen_url, stream
+from tests.audio_refs import frames, load_pcm16
+from tests.procs import Cluster, Service
+
+pytestmark = pytest.mark.integration
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def metrics_port(svc: Service) -> int:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        m = re.search(r"metrics, healthz and readyz on port (\d+)", svc.log())
+        if m:
+            return int(m.group(1))
+        time.sleep(0.1)
+    raise AssertionError("no metrics port in the log")
+
+
+def sample(text: str, name: str, labels: str = "") -> float:
+    m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def wait_status(url: str, status: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (code := http_get(url)[0]) != status:
+        assert time.monotonic() < deadline, f"{url} stayed {code}, wanted {status}"
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def cluster():  # type: ignore[no-untyped-def]
+    c = Cluster(workers=1, persistence=True)
+    yield c
+    c.close()
+
+
+def test_worker_metrics_move_when_a_session_runs(cluster: Cluster) -> None:
+    base = f"http://127.0.0.1:{metrics_port(cluster.workers['w1'])}"
+    status, before = http_get(base + "/metrics")
+    assert status == 200
+    assert sample(before, "stt_worker_finals_total") == 0
+    pcm = load_pcm16("fw_jfk")
+    res = asyncio.run(stream(listen_url(cluster.ws_url), frames(pcm), pace=2.0))
+    assert res.close_code == 1000
+    _, after = http_get(base + "/metrics")
+    assert sample(after, "stt_worker_finals_total") == len([f for f in res.finals if f["text"]])
+    assert sample(after, "stt_worker_audio_seconds_total") == pytest.approx(len(pcm) / 16000,
+                                                                           abs=0.2)
+    assert sample(after, "stt_worker_sessions_started_total") == 1
+    assert sample(after, "stt_worker_sessions_active") == 0
+    assert sample(after, "stt_worker_decode_seconds_count", '{kind="final"}') >= 1
+    assert sample(after, "stt_worker_decode_seconds_count", '{kind="partial"}') >= 1
+    assert sample(after, "stt_worker_time_to_final_seconds_count") >= 3
+
+
+def test_worker_readyz_fails_while_redis_is_down_and_recovers(cluster: Cluster) -> None:
+    base = f"http://127.0.0.1:{metrics_port(cluster.workers['w1'])}"
+    wait_status(base + "/readyz", 200)
+    assert http_get(base + "/healthz")[0] == 200
+    cluster.redis.stop()
+    try:
+        wait_status(base + "/readyz", 503)
+        assert http_get(base + "/healthz")[0] == 200  # alive, just not ready
+    finally:
+        cluster.redis.start()
+    wait_status(base + "/readyz", 200)
+    _, text = http_get(base + "/metrics")
+    assert sample(text, "stt_redis_errors_total", '{service="transcriber"}') >= 1
