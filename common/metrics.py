@@ -39,6 +39,7 @@ class WorkerMetrics:
     decode_seconds: Histogram
     time_to_final: Histogram
     finals: Counter
+    partials_skipped: Counter
     redis_errors: Counter
 
 
@@ -64,6 +65,9 @@ def worker_metrics() -> WorkerMetrics:
             "final committed minus the time the audio of its last word reached Redis",
             buckets=LATENCY_BUCKETS, registry=r),
         finals=Counter("stt_worker_finals", "finals committed", registry=r),
+        partials_skipped=Counter("stt_worker_partials_skipped",
+                                 "audio batches fed without a partial decode (load shedding)",
+                                 registry=r),
         redis_errors=Counter("stt_redis_errors", "failed Redis operations (retried)",
                              ["service"], registry=r),
     )

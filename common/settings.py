@@ -225,6 +225,12 @@ class TranscriberSettings(RedisSettings):
         0.5, "re-decode the open utterance for a partial every this many seconds of new audio"
     )
     interim_results: bool = setting(True, "publish partials at all")
+    partial_max_queue: int = setting(
+        2, "skip partials while this many sessions wait for the inference thread (load shedding)")
+    partial_max_age_s: float = setting(
+        1.0, "skip partials for audio that reached Redis longer ago than this (catching up)")
+    speculate_max_queue: int = setting(
+        3, "skip speculative finals while this many sessions wait for the inference thread")
     vad_threshold: float = setting(0.5, "Silero speech probability that starts speech")
     vad_neg_threshold: float = setting(
         0.35, "Silero probability below which audio counts as silence")

@@ -244,3 +244,16 @@ def test_speculation_is_dropped_when_speech_resumes() -> None:
     _, finals, _ = run(audio, frame_s=0.032,
                        config=dataclasses.replace(CFG, short_silence_samples=0))
     assert texts(finals) == ["w80 w81 w82"]
+
+
+def test_under_load_partials_are_shed_but_finals_are_not() -> None:
+    decoder = BurstDecoder()
+    core = StreamingTranscriber("s", decoder, fake_vad, CFG)
+    audio = np.concatenate([utterance(list(range(20, 28))), silence(1.0)])
+    events = []
+    for i in range(0, len(audio), 1600):
+        events += core.feed(audio[i:i + 1600], partials=False, speculate=False)
+    assert not [e for e in events if isinstance(e, Partial)]
+    assert texts([e for e in events if isinstance(e, Committed)]) == [
+        " ".join(f"w{i}" for i in range(20, 28))]
+    assert [final for _n, final in decoder.calls] == [True]  # one decode, the final

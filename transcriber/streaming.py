@@ -132,8 +132,13 @@ class StreamingTranscriber:
     def open_utterance_start(self) -> int | None:
         return self._utt_start
 
-    def feed(self, pcm: np.ndarray) -> list[Event]:
-        """Append audio (int16 or float32, 16 kHz mono) and return what it completes."""
+    def feed(self, pcm: np.ndarray, *, partials: bool = True,
+             speculate: bool = True) -> list[Event]:
+        """Append audio (int16 or float32, 16 kHz mono) and return what it completes.
+
+        Under load the caller turns ``partials`` and ``speculate`` off, so the inference
+        thread's time goes to finals first: partials degrade before finals do.
+        """
         samples = pcm.astype(np.float32) / 32768.0 if pcm.dtype == np.int16 else pcm
         self._audio = np.concatenate([self._audio, samples.astype(np.float32, copy=False)])
         self.position += len(samples)
@@ -153,13 +158,13 @@ class StreamingTranscriber:
                     end = min(ev.sample + self.config.pad_samples, self.position)
                     events += self._close_utterance(end, ev.sample, ev.voiced)
             if self._utt_start is not None:
-                events += self._speculate()
+                events += self._speculate() if speculate else []
             if self._utt_start is not None and \
                     self._vad_pos - self._utt_start >= self.config.max_utterance_samples:
                 events += self._cut_utterance()
         # No partial while a pause is in progress: the words have not changed, and the
         # inference thread is better spent on the speculative final.
-        if self._utt_start is not None and self.config.interim_results and \
+        if partials and self._utt_start is not None and self.config.interim_results and \
                 self._endpointer.silence_start is None and \
                 self._endpointer.voiced >= self.config.endpoint.min_speech_samples and \
                 self.position - self._utt_start >= self.config.partial_interval_samples and \

@@ -87,6 +87,7 @@ class Worker:
         self._writers: dict[str, SessionWriter] = {}
         self.metrics: WorkerMetrics = worker_metrics()
         self._redis_ok_at = 0.0  # monotonic time of the last successful Redis ping
+        self._inflight = 0
         self._stopping = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -324,9 +325,19 @@ class Worker:
             self._models[name] = model
         return self._models[name]
 
-    async def infer(self, fn: Any, *args: Any) -> list[Event]:
+    @property
+    def busy(self) -> int:
+        """Inference calls queued or running (all sessions share one inference thread)."""
+        return self._inflight
+
+    async def infer(self, fn: Any, *args: Any, **kwargs: Any) -> list[Event]:
         loop = asyncio.get_running_loop()
-        result: list[Event] = await loop.run_in_executor(self.executor, fn, *args)
+        self._inflight += 1
+        try:
+            result: list[Event] = await loop.run_in_executor(
+                self.executor, functools.partial(fn, *args, **kwargs))
+        finally:
+            self._inflight -= 1
         return result
 
 
@@ -443,7 +454,17 @@ class _SessionRun:
             return
         pcm = np.concatenate(parts)
         self._fed_at = time.time()
-        await self._publish(await self.worker.infer(self.core.feed, pcm))
+        # Load shedding: when other sessions are waiting for the inference thread, or this
+        # audio is already old, skip partials (and speculation) so finals stay on time.
+        s = self.worker.settings
+        age = self._fed_at - self._xadd_ms / 1000.0
+        queued = self.worker.busy
+        partials = queued < s.partial_max_queue and age < s.partial_max_age_s
+        speculate = queued < s.speculate_max_queue
+        if not partials:
+            self.worker.metrics.partials_skipped.inc()
+        await self._publish(await self.worker.infer(
+            self.core.feed, pcm, partials=partials, speculate=speculate))
         self.worker.metrics.audio_seconds.inc(len(pcm) / RATE)
         await with_retry(self.sid, "progress", lambda: self.writer.progress(self.core.position))
 
