@@ -73,6 +73,47 @@ def worker_metrics() -> WorkerMetrics:
     )
 
 
+@dataclasses.dataclass
+class GatewayMetrics:
+    registry: CollectorRegistry
+    sessions_active: Gauge
+    sessions_queued: Gauge
+    sessions_opened: Counter
+    reconnects: Counter
+    rejections: Counter
+    audio_seconds: Counter
+    results_sent: Counter
+    time_to_final: Histogram
+    redis_errors: Counter
+
+
+def gateway_metrics() -> GatewayMetrics:
+    r = CollectorRegistry()
+    return GatewayMetrics(
+        registry=r,
+        sessions_active=Gauge("stt_gateway_sessions_active", "open /v1/listen sockets",
+                              registry=r),
+        sessions_queued=Gauge("stt_sessions_queued",
+                              "sessions waiting for a transcriber (read at scrape time)",
+                              registry=r),
+        sessions_opened=Counter("stt_gateway_sessions_opened", "new sessions", registry=r),
+        reconnects=Counter("stt_gateway_reconnects", "sessions resumed with session/after",
+                           registry=r),
+        rejections=Counter("stt_gateway_rejections", "sockets ended with an error, by code",
+                           ["reason"], registry=r),
+        audio_seconds=Counter("stt_gateway_audio_seconds", "audio seconds received (16 kHz)",
+                              registry=r),
+        results_sent=Counter("stt_gateway_results_sent", "results sent to sockets, by type",
+                             ["type"], registry=r),
+        time_to_final=Histogram(
+            "stt_gateway_time_to_final_seconds",
+            "final sent to the client minus when the gateway received its last word's audio",
+            buckets=LATENCY_BUCKETS, registry=r),
+        redis_errors=Counter("stt_redis_errors", "failed Redis operations (retried)",
+                             ["service"], registry=r),
+    )
+
+
 class HealthServer:
     """/metrics, /healthz and /readyz on a plain HTTP port, served from a daemon thread."""
 

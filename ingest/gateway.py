@@ -17,6 +17,7 @@ import mimetypes
 from importlib import resources
 from urllib.parse import parse_qs, urlsplit
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
@@ -24,6 +25,7 @@ from websockets.http11 import Request, Response
 from common import errors
 from common.errors import SttError
 from common.messages import AudioMarker
+from common.metrics import gateway_metrics
 from common.redis_client import REDIS_DOWN, make_redis
 from common.settings import GatewaySettings
 from fanout.api import SessionsApi
@@ -42,6 +44,8 @@ class Gateway:
         self.redis = make_redis(settings)
         self.blocking = make_redis(settings, blocking=True)
         self.store = SessionStore(self.redis)
+        self.probe = make_redis(settings, probe=True)
+        self.metrics = gateway_metrics()
         self.sessions_api = SessionsApi(settings, self.redis, self.blocking, ReplayConfig(
             max_backlog=settings.max_backlog, heartbeat_s=settings.heartbeat_s,
             block_ms=settings.redis_block_ms, allowed_models=settings.replay_models))
@@ -58,9 +62,28 @@ class Gateway:
             return None  # upgrade; validation errors go to the client as error messages
         if path == "/healthz":
             return connection.respond(http.HTTPStatus.OK, "ok\n")
+        if path == "/readyz":
+            try:
+                await self.probe.ping()
+            except REDIS_DOWN:
+                return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
+                                          "redis unreachable\n")
+            return connection.respond(http.HTTPStatus.OK, "ready\n")
+        if path == "/metrics":
+            return await self._metrics()
         if SessionsApi.handles(path):
             return await self.sessions_api.process_request(connection, request)
         return self._static(connection, path)
+
+    async def _metrics(self) -> Response:
+        try:
+            self.metrics.sessions_queued.set(await self.store.backlog())
+        except REDIS_DOWN:
+            self.metrics.redis_errors.labels("gateway").inc()
+        body = generate_latest(self.metrics.registry)
+        headers = Headers([("Content-Type", CONTENT_TYPE_LATEST),
+                           ("Content-Length", str(len(body)))])
+        return Response(200, "OK", headers, body)
 
     def _static(self, connection: ServerConnection, path: str) -> Response:
         name = "index.html" if path in ("/", "") else path.lstrip("/")
@@ -88,6 +111,7 @@ class Gateway:
             params = ListenParams(parse_qs(urlsplit(ws.request.path).query,
                                            keep_blank_values=True))
         except SttError as exc:
+            self.metrics.rejections.labels(exc.code).inc()
             await send_error(ws, exc)
             return
         await ListenSession(self, ws, params).run()
@@ -143,6 +167,7 @@ class Gateway:
         for task in list(self._detached):
             task.cancel()
         await self.sessions_api.close()
+        await self.probe.aclose()
         await self.redis.aclose()
         await self.blocking.aclose()
 

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import ServerConnection
@@ -28,6 +29,8 @@ from common.messages import (
     AudioMarker,
     Closed,
     ErrorMessage,
+    Final,
+    Result,
     SessionStarted,
     Warning,
     parse_control,
@@ -116,6 +119,7 @@ class AudioWriter:
         self._drained.set()
         self._progress = asyncio.Event()
         self.failure: SttError | None = None
+        self.on_redis_error: Callable[[], None] | None = None
         self._task = asyncio.create_task(self._run(), name=f"audio-writer-{sid}")
 
     async def put(self, entry: AudioEntry, wait_s: float) -> None:
@@ -162,6 +166,8 @@ class AudioWriter:
                 try:
                     ok = await self.store.append(self.sid, self.generation, batch)
                 except REDIS_DOWN as exc:
+                    if self.on_redis_error is not None:
+                        self.on_redis_error()
                     log.warning("session %s: audio append failed (%s); %d entries buffered",
                                 self.sid, exc, len(self._pending))
                     await asyncio.sleep(backoff)
@@ -202,14 +208,18 @@ class ListenSession:
 
     # ------------------------------------------------------------------ life cycle
 
+    async def _fail(self, exc: SttError) -> None:
+        self.gateway.metrics.rejections.labels(exc.code).inc()
+        await send_error(self.ws, exc)
+
     async def run(self) -> None:
         try:
             resumed = await self._open()
         except SttError as exc:
-            await send_error(self.ws, exc)
+            await self._fail(exc)
             return
         except REDIS_DOWN:
-            await send_error(self.ws, StorageUnavailable("storage unavailable; try again later"))
+            await self._fail(StorageUnavailable("storage unavailable; try again later"))
             return
         await self.ws.send(to_json(SessionStarted(
             session_id=self.sid,
@@ -224,6 +234,9 @@ class ListenSession:
         log.info("session %s: %s (%s %d Hz x%d)", self.sid, "resumed" if resumed else "opened",
                  self.params.format.encoding, self.params.format.sample_rate,
                  self.params.format.channels)
+        metrics = self.gateway.metrics
+        (metrics.reconnects if resumed else metrics.sessions_opened).inc()
+        metrics.sessions_active.inc()
         delivery = asyncio.create_task(self._deliver(), name=f"deliver-{self.sid}")
         monitor = asyncio.create_task(self._monitor(), name=f"monitor-{self.sid}")
         clean = False
@@ -238,13 +251,13 @@ class ListenSession:
             log.info("session %s: client error %s", self.sid, exc.code)
             with contextlib.suppress(Exception):
                 await self._end_stream()
-            await send_error(self.ws, exc)
+            await self._fail(exc)
             clean = True
         except ConnectionClosed:
             pass
         except Exception:
             log.exception("session %s: internal error", self.sid)
-            await send_error(self.ws, SttError("internal error"))
+            await self._fail(SttError("internal error"))
         finally:
             monitor.cancel()
             delivery.cancel()
@@ -256,6 +269,7 @@ class ListenSession:
                                           self.entry_seq, self.writer)
             elif self.writer is not None:
                 await self._close_writer()
+            metrics.sessions_active.dec()
             log.info("session %s: socket done (%d samples)", self.sid, self.samples_sent)
 
     async def _close_writer(self) -> None:
@@ -287,6 +301,8 @@ class ListenSession:
             resumed = True
         self.writer = AudioWriter(self.store, self.sid, self.generation,
                                   int(self.settings.outage_buffer_s * TARGET_RATE))
+        redis_errors = self.gateway.metrics.redis_errors.labels("gateway")
+        self.writer.on_redis_error = redis_errors.inc
         return resumed
 
     # ------------------------------------------------------------------ audio in
@@ -305,6 +321,7 @@ class ListenSession:
         await self._put(AudioFrame(self.entry_seq, self.samples_sent, pcm.tobytes()))
         self.samples_sent += len(pcm)
         self._sent_at.append((self.samples_sent, time.monotonic()))
+        self.gateway.metrics.audio_seconds.inc(len(pcm) / TARGET_RATE)
 
     async def _marker(self, kind: str) -> None:
         self.entry_seq += 1
@@ -343,7 +360,7 @@ class ListenSession:
             await asyncio.wait_for(asyncio.shield(delivery), self.settings.close_drain_timeout_s)
         except TimeoutError:
             log.warning("session %s: drain timed out", self.sid)
-            await send_error(self.ws, SttError("transcription did not finish in time"))
+            await self._fail(SttError("transcription did not finish in time"))
             return
         await self.ws.close(errors.NORMAL, "closed")
 
@@ -362,12 +379,13 @@ class ListenSession:
                     self.gateway.blocking, self.sid, "0-0", self.settings.redis_block_ms):
                 if result.seq <= self.params.after:
                     continue
+                self._observe(result)
                 try:
                     queue.put_nowait(to_json(result))
                 except asyncio.QueueFull:
                     log.warning("session %s: client not reading; dropping it", self.sid)
                     sender.cancel()
-                    await send_error(self.ws, TooSlow(
+                    await self._fail(TooSlow(
                         "results were not read in time; reconnect with session and after"))
                     return
                 if isinstance(result, Closed):
@@ -376,6 +394,17 @@ class ListenSession:
             await sender
         finally:
             sender.cancel()
+
+    def _observe(self, result: Result) -> None:
+        """Count what goes out; for finals, time since their last word's audio arrived."""
+        metrics = self.gateway.metrics
+        metrics.results_sent.labels(result.TYPE).inc()
+        if isinstance(result, Final) and result.text:
+            end = int(result.end * TARGET_RATE)
+            for received, at in self._sent_at:
+                if received >= end:
+                    metrics.time_to_final.observe(time.monotonic() - at)
+                    break
 
     async def _monitor(self) -> None:
         """Heartbeat, queue position while waiting for a transcriber, lag warnings."""
@@ -407,4 +436,5 @@ class ListenSession:
                     await self.store.notice(self.sid, Warning(
                         self.sid, "lag", f"transcription is {lag:.1f} s behind the audio"))
             except REDIS_DOWN as exc:
+                self.gateway.metrics.redis_errors.labels("gateway").inc()
                 log.warning("session %s: monitor: redis unavailable: %s", self.sid, exc)

@@ -86,3 +86,35 @@ def test_worker_readyz_fails_while_redis_is_down_and_recovers(cluster: Cluster) 
     wait_status(base + "/readyz", 200)
     _, text = http_get(base + "/metrics")
     assert sample(text, "stt_redis_errors_total", '{service="transcriber"}') >= 1
+
+
+def test_gateway_metrics_move_when_a_session_runs(cluster: Cluster) -> None:
+    base = f"http://127.0.0.1:{cluster.port}"
+    status, before = http_get(base + "/metrics")
+    assert status == 200
+    assert sample(before, "stt_gateway_sessions_opened_total") == 0
+    pcm = load_pcm16("fw_jfk")
+    res = asyncio.run(stream(listen_url(cluster.ws_url), frames(pcm), pace=2.0))
+    bad = asyncio.run(stream(listen_url(cluster.ws_url, sample_rate=1), [], pace=None))
+    assert bad.close_code == 1003
+    _, after = http_get(base + "/metrics")
+    assert sample(after, "stt_gateway_sessions_opened_total") == 1
+    assert sample(after, "stt_gateway_sessions_active") == 0
+    assert sample(after, "stt_gateway_audio_seconds_total") == pytest.approx(
+        len(pcm) / 16000, abs=0.01)
+    assert sample(after, "stt_gateway_results_sent_total", '{type="final"}') == len(res.finals)
+    assert sample(after, "stt_gateway_time_to_final_seconds_count") >= 3
+    assert sample(after, "stt_gateway_rejections_total", '{reason="unsupported_audio"}') == 1
+    assert "stt_sessions_queued 0.0" in after
+
+
+def test_gateway_readyz_fails_while_redis_is_down_and_recovers(cluster: Cluster) -> None:
+    base = f"http://127.0.0.1:{cluster.port}"
+    wait_status(base + "/readyz", 200)
+    cluster.redis.stop()
+    try:
+        wait_status(base + "/readyz", 503)
+        assert http_get(base + "/healthz")[0] == 200
+    finally:
+        cluster.redis.start()
+    wait_status(base + "/readyz", 200)
