@@ -114,6 +114,19 @@ def gateway_metrics() -> GatewayMetrics:
     )
 
 
+def register_viewer_gauges(registry: CollectorRegistry, hubs: Callable[[], int],
+                           viewers: Callable[[], int]) -> None:
+    """Viewer load of a process serving /v1/sessions/{id}/results (gateway or fanout)."""
+    Gauge("stt_viewer_hubs", "sessions with viewers in this process (one Redis reader each)",
+          registry=registry).set_function(hubs)
+    Gauge("stt_viewers", "viewer sockets in this process",
+          registry=registry).set_function(viewers)
+
+
+def metrics_response(registry: CollectorRegistry) -> tuple[bytes, str]:
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
 class HealthServer:
     """/metrics, /healthz and /readyz on a plain HTTP port, served from a daemon thread."""
 

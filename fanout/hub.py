@@ -150,6 +150,9 @@ class Hubs:
     def __len__(self) -> int:
         return len(self._hubs)
 
+    def viewer_count(self) -> int:
+        return sum(len(hub.viewers) for hub in self._hubs.values())
+
     def forget(self, hub: SessionHub) -> None:
         if self._hubs.get(hub.sid) is hub:
             del self._hubs[hub.sid]

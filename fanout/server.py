@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import http
 
+from prometheus_client import CollectorRegistry
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from common import errors
-from common.redis_client import make_redis
+from common.metrics import metrics_response, register_viewer_gauges
+from common.redis_client import REDIS_DOWN, make_redis
 from common.settings import FanoutSettings
 from fanout.api import NotFound, SessionsApi, error_response
 
@@ -25,6 +28,10 @@ class FanoutServer:
         self.redis = make_redis(settings)
         self.blocking = make_redis(settings, blocking=True)
         self.api = SessionsApi(settings, self.redis, self.blocking)
+        self.probe = make_redis(settings, probe=True)
+        self.registry = CollectorRegistry()
+        register_viewer_gauges(self.registry, lambda: len(self.api.hubs),
+                               self.api.hubs.viewer_count)
         self._server: Server | None = None
 
     async def process_request(self, connection: ServerConnection,
@@ -32,6 +39,17 @@ class FanoutServer:
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
             return connection.respond(http.HTTPStatus.OK, "ok\n")
+        if path == "/readyz":
+            try:
+                await self.probe.ping()
+            except REDIS_DOWN:
+                return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
+                                          "redis unreachable\n")
+            return connection.respond(http.HTTPStatus.OK, "ready\n")
+        if path == "/metrics":
+            body, ctype = metrics_response(self.registry)
+            return Response(200, "OK", Headers([("Content-Type", ctype),
+                                                ("Content-Length", str(len(body)))]), body)
         if SessionsApi.handles(path):
             return await self.api.process_request(connection, request)
         return error_response(NotFound("no such endpoint"))
@@ -59,3 +77,4 @@ class FanoutServer:
         await self.api.close()
         await self.redis.aclose()
         await self.blocking.aclose()
+        await self.probe.aclose()

@@ -25,7 +25,7 @@ from websockets.http11 import Request, Response
 from common import errors
 from common.errors import SttError
 from common.messages import AudioMarker
-from common.metrics import gateway_metrics
+from common.metrics import gateway_metrics, register_viewer_gauges
 from common.redis_client import REDIS_DOWN, make_redis
 from common.settings import GatewaySettings
 from fanout.api import SessionsApi
@@ -49,6 +49,8 @@ class Gateway:
         self.sessions_api = SessionsApi(settings, self.redis, self.blocking, ReplayConfig(
             max_backlog=settings.max_backlog, heartbeat_s=settings.heartbeat_s,
             block_ms=settings.redis_block_ms, allowed_models=settings.replay_models))
+        register_viewer_gauges(self.metrics.registry, lambda: len(self.sessions_api.hubs),
+                               self.sessions_api.hubs.viewer_count)
         self._server: Server | None = None
         self._detached: set[asyncio.Task[None]] = set()
         self.stopping = False

@@ -118,3 +118,55 @@ def test_gateway_readyz_fails_while_redis_is_down_and_recovers(cluster: Cluster)
     finally:
         cluster.redis.start()
     wait_status(base + "/readyz", 200)
+
+
+def test_fanout_metrics_count_viewers_and_readyz_follows_redis(cluster: Cluster) -> None:
+    import json
+
+    from websockets.asyncio.client import connect
+
+    from tests.procs import free_port, wait_port
+
+    port = free_port()
+    fan = Service("fanout", ["--host", "127.0.0.1", "--port", str(port)],
+                  {"REDIS_URL": cluster.redis.url}, "fanout listening")
+    try:
+        fan.wait_ready()
+        wait_port(port)
+        base = f"http://127.0.0.1:{port}"
+        wait_status(base + "/readyz", 200)
+
+        async def scenario() -> tuple[float, float]:
+            watch: dict[str, str] = {}
+
+            def on(msg: dict[str, object]) -> None:
+                if msg["type"] == "session":
+                    watch["sid"] = str(msg["session_id"])
+
+            pcm = load_pcm16("fw_jfk")
+            task = asyncio.create_task(stream(listen_url(cluster.ws_url), frames(pcm),
+                                              pace=1.0, on_message=on))
+            while "sid" not in watch:
+                await asyncio.sleep(0.05)
+            url = f"ws://127.0.0.1:{port}/v1/sessions/{watch['sid']}/results"
+            async with connect(url) as ws:
+                assert json.loads(await ws.recv())["type"] in ("viewer", "session")
+                await asyncio.sleep(0.5)
+                during = sample(await asyncio.to_thread(lambda: http_get(base + "/metrics")[1]),
+                                "stt_viewers")
+            await task
+            await asyncio.sleep(0.5)
+            after = sample(await asyncio.to_thread(lambda: http_get(base + "/metrics")[1]),
+                           "stt_viewers")
+            return during, after
+
+        during, after = asyncio.run(scenario())
+        assert (during, after) == (1, 0)
+        cluster.redis.stop()
+        try:
+            wait_status(base + "/readyz", 503)
+        finally:
+            cluster.redis.start()
+        wait_status(base + "/readyz", 200)
+    finally:
+        fan.stop()
