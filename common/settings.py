@@ -160,6 +160,7 @@ class FanoutSettings(SessionsApiSettings):
     max_message_bytes: int = setting(
         65536, "largest WebSocket message accepted from a viewer (close 1009)")
     log_level: str = setting("INFO", "log level")
+    log_format: str = setting("text", "text, or json (one object per line, with the session id)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +200,7 @@ class GatewaySettings(SessionsApiSettings):
     replay_models: str = setting(
         "", "comma-separated models a replay may ask for; empty = any the workers can load")
     log_level: str = setting("INFO", "log level")
+    log_format: str = setting("text", "text, or json (one object per line, with the session id)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,6 +262,7 @@ class TranscriberSettings(RedisSettings):
     max_extra_models: int = setting(
         1, "other models (asked for by sessions, e.g. replays) kept loaded besides the default")
     log_level: str = setting("INFO", "log level")
+    log_format: str = setting("text", "text, or json (one object per line, with the session id)")
 
 
 #: Each service's settings, in the order the configuration docs list them.

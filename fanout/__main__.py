@@ -30,7 +30,7 @@ async def serve(settings: FanoutSettings) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     settings = load(FanoutSettings, argv, prog="python -m fanout")
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     asyncio.run(serve(settings))
 
 

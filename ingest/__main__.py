@@ -30,7 +30,7 @@ async def serve(settings: GatewaySettings) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     settings = load(GatewaySettings, argv, prog="python -m ingest")
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     asyncio.run(serve(settings))
 
 

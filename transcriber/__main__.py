@@ -11,7 +11,7 @@ from transcriber.worker import serve
 
 def main(argv: list[str] | None = None) -> None:
     settings = load(TranscriberSettings, argv, prog="python -m transcriber")
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     asyncio.run(serve(settings))
 
 
