@@ -77,11 +77,24 @@ def test_sigkill_of_the_owner_mid_utterance_fails_over_with_nothing_lost_or_repe
             killed["finals_before"] = len(watch.finals)
             cluster.workers[owner].signal(signal.SIGKILL)
 
-        res, _ = await asyncio.gather(
+        async def lag_sampler() -> None:
+            """(time, lag) pairs: audio sent so far minus audio the owner has processed."""
+            await watch.known.wait()
+            started = time.monotonic()
+            r = cluster.redis.client()
+            while time.monotonic() - started < len(JFK) / 16000 - 0.3:
+                processed = await asyncio.to_thread(
+                    r.hget, f"stt:{{{watch.sid}}}:meta", "processed_sample")
+                now = time.monotonic()
+                lags.append((now, (now - started) - int(processed or 0) / 16000))
+                await asyncio.sleep(0.2)
+
+        res, _, _ = await asyncio.gather(
             stream(listen_url(cluster.ws_url), frames(JFK), pace=1.0, on_message=watch),
-            killer())
+            killer(), lag_sampler())
         return res
 
+    lags: list[tuple[float, float]] = []
     res = asyncio.run(scenario())
     check_protocol(res)  # one final per index, seq strictly increasing, closed, 1000
     assert watch.sid is not None
@@ -91,8 +104,14 @@ def test_sigkill_of_the_owner_mid_utterance_fails_over_with_nothing_lost_or_repe
     assert new_wer <= base_wer + 0.02, (res.text, baseline.text)
     after_kill = [at for at, _ in watch.finals[killed["finals_before"]:]]
     assert after_kill, "no final after the kill"
+    after = [(t, lag) for t, lag in lags if t > killed["at"]]
+    peak_at, peak = max(after, key=lambda x: x[1])
+    recovered = next((t for t, lag in after if t > peak_at and lag < 1.0), None)
+    assert recovered is not None, f"lag never recovered: {after}"
     print(f"\nfailover gap (kill → next final): {after_kill[0] - killed['at']:.2f} s; "
-          f"WER {new_wer:.3f} vs undisturbed {base_wer:.3f}")
+          f"lag peaked at {peak:.2f} s and was under 1 s again "
+          f"{recovered - killed['at']:.2f} s after the kill ({recovered - peak_at:.2f} s "
+          f"after the peak); WER {new_wer:.3f} vs undisturbed {base_wer:.3f}")
 
 
 def test_a_paused_owner_that_wakes_after_takeover_writes_nothing(cluster_factory: Any) -> None:
