@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import signal
 
-from common.logs import setup_logging
-from common.settings import GatewaySettings, load
+from common.service import run_service, wait_for_stop_signal
+from common.settings import GatewaySettings
 from ingest.gateway import Gateway
 
 log = logging.getLogger("ingest")
@@ -19,19 +16,12 @@ async def serve(settings: GatewaySettings) -> None:
     server = await gateway.start()
     ports = sorted({sock.getsockname()[1] for sock in server.sockets})
     log.info("gateway listening on %s port %s", settings.host, ports)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_stop_signal()
     await gateway.close()
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = load(GatewaySettings, argv, prog="python -m ingest")
-    setup_logging(settings.log_level, settings.log_format)
-    asyncio.run(serve(settings))
+    run_service(GatewaySettings, serve, "python -m ingest", argv)
 
 
 if __name__ == "__main__":

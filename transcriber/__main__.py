@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-
-from common.logs import setup_logging
-from common.settings import TranscriberSettings, load
+from common.service import run_service
+from common.settings import TranscriberSettings
 from transcriber.worker import serve
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = load(TranscriberSettings, argv, prog="python -m transcriber")
-    setup_logging(settings.log_level, settings.log_format)
-    asyncio.run(serve(settings))
+    run_service(TranscriberSettings, serve, "python -m transcriber", argv)
 
 
 if __name__ == "__main__":
