@@ -1,4 +1,7 @@
-"""One error hierarchy; each error knows its stable code and WebSocket close code."""
+"""One error hierarchy; each error knows its stable code, WebSocket close code and HTTP status.
+
+Messages are written for clients: they never carry exception text or other internals.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +22,11 @@ class SttError(Exception):
 
     code = "internal_error"
     close_code = INTERNAL_ERROR
+    http_status = 500
     fatal = True
+    #: The session's audio so far is transcribed and its finals delivered before the error
+    #: and the close (limits a well-behaved client can reach: duration, idle).
+    drain = False
 
     def __init__(self, message: str = "internal error") -> None:
         super().__init__(message)
@@ -31,6 +38,7 @@ class BadRequest(SttError):
 
     code = "bad_request"
     close_code = POLICY_VIOLATION
+    http_status = 400
 
 
 class UnsupportedAudio(SttError):
@@ -38,6 +46,7 @@ class UnsupportedAudio(SttError):
 
     code = "unsupported_audio"
     close_code = UNSUPPORTED_DATA
+    http_status = 400
 
 
 class InvalidAudio(SttError):
@@ -45,6 +54,7 @@ class InvalidAudio(SttError):
 
     code = "invalid_audio"
     close_code = INVALID_PAYLOAD
+    http_status = 400
 
 
 class InvalidMessage(SttError):
@@ -52,21 +62,25 @@ class InvalidMessage(SttError):
 
     code = "invalid_message"
     close_code = INVALID_PAYLOAD
+    http_status = 400
 
 
 class MessageTooBig(SttError):
     code = "message_too_big"
     close_code = MESSAGE_TOO_BIG
+    http_status = 413
 
 
 class SessionNotFound(SttError):
     code = "session_not_found"
     close_code = POLICY_VIOLATION
+    http_status = 404
 
 
 class Overloaded(SttError):
     code = "overloaded"
     close_code = TRY_AGAIN_LATER
+    http_status = 503
 
 
 class StaleLease(SttError):
@@ -80,6 +94,7 @@ class SessionActive(SttError):
 
     code = "session_active"
     close_code = POLICY_VIOLATION
+    http_status = 409
 
 
 class TooSlow(SttError):
@@ -87,6 +102,7 @@ class TooSlow(SttError):
 
     code = "too_slow"
     close_code = TRY_AGAIN_LATER
+    http_status = 503
 
 
 class TooLarge(SttError):
@@ -94,6 +110,7 @@ class TooLarge(SttError):
 
     code = "too_large"
     close_code = MESSAGE_TOO_BIG
+    http_status = 413
 
 
 class StorageUnavailable(SttError):
@@ -101,3 +118,71 @@ class StorageUnavailable(SttError):
 
     code = "storage_unavailable"
     close_code = TRY_AGAIN_LATER
+    http_status = 503
+
+
+# --------------------------------------------------------------------------- access and limits
+
+
+class Unauthorized(SttError):
+    """No credentials, or credentials that are wrong, expired or already used (HTTP 401)."""
+
+    code = "unauthorized"
+    close_code = POLICY_VIOLATION
+    http_status = 401
+
+
+class Forbidden(SttError):
+    """Authenticated, but not allowed to do this (another principal's session; HTTP 403)."""
+
+    code = "forbidden"
+    close_code = POLICY_VIOLATION
+    http_status = 403
+
+
+class OriginNotAllowed(SttError):
+    code = "origin_not_allowed"
+    close_code = POLICY_VIOLATION
+    http_status = 403
+
+
+class TooManySessions(SttError):
+    """A client address or an API key already has its maximum of concurrent sessions."""
+
+    code = "too_many_sessions"
+    close_code = POLICY_VIOLATION
+    http_status = 429
+
+
+class TooFast(SttError):
+    """Audio arrives faster than the allowed multiple of real time, beyond the burst."""
+
+    code = "too_fast"
+    close_code = POLICY_VIOLATION
+    http_status = 429
+
+
+class SessionTooLong(SttError):
+    """The session reached its maximum duration; what was received is still transcribed."""
+
+    code = "session_too_long"
+    close_code = POLICY_VIOLATION
+    http_status = 403
+    drain = True
+
+
+class IdleTimeout(SttError):
+    """No message from the client for too long; what was received is still transcribed."""
+
+    code = "idle_timeout"
+    close_code = POLICY_VIOLATION
+    http_status = 408
+    drain = True
+
+
+class NotConfigured(SttError):
+    """The feature is switched off in this deployment (e.g. session tokens without a secret)."""
+
+    code = "not_configured"
+    close_code = POLICY_VIOLATION
+    http_status = 501

@@ -34,3 +34,21 @@ def meta(sid: str) -> str:
 
 def session_keys(sid: str) -> tuple[str, str, str]:
     return audio(sid), results(sid), meta(sid)
+
+
+def token_nonce(nonce: str) -> str:
+    """A session token's nonce, set (NX) when the token opens its session, so it opens one.
+
+    TTL: until the token can no longer be used at all (its expiry plus its session length).
+    """
+    return f"stt:token:{nonce}"
+
+
+def connections(kind: str, who: str) -> str:
+    """Sorted set of one client address's or one API key's open sessions (``kind`` ip|key).
+
+    Members are connection ids scored by a lease expiry (unix seconds) that their gateway
+    renews; members of a gateway that died drop out when their lease expires. The key's TTL
+    is renewed with them.
+    """
+    return f"stt:conns:{kind}:{who}"

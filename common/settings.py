@@ -132,7 +132,33 @@ class RedisSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class SessionsApiSettings(RedisSettings):
+class AccessSettings(RedisSettings):
+    """Who may connect: authentication, allowed Origins, client addresses (docs/security.md)."""
+
+    auth: str = setting(
+        "required", "required: every /v1 request needs an API key or a session token; "
+        "off: no authentication at all (local development only)")
+    api_keys: str = setting(
+        "", "accepted API keys as comma-separated NAME=sha256:HEX hashes, never the keys "
+        "themselves (python -m common.auth new-key makes a key and its hash)")
+    token_secret: str = setting(
+        "", "comma-separated secrets (32+ characters) that sign session tokens: the first "
+        "signs, every one verifies (rotation); the same on every gateway and fanout; "
+        "empty = no session tokens")
+    allowed_origins: str = setting(
+        "", "comma-separated Origins a browser page may connect from "
+        "(e.g. https://app.example.com); empty = any; requests without Origin "
+        "(non-browser clients) are not affected")
+    trusted_proxies: str = setting(
+        "", "comma-separated addresses or CIDRs of reverse proxies whose X-Forwarded-For "
+        "names the client; from any other peer the header is ignored")
+    handshake_timeout_s: float = setting(
+        10.0, "a connection must complete its HTTP request and WebSocket handshake within "
+        "this many seconds (slow-loris guard)")
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionsApiSettings(AccessSettings):
     """Recorded sessions: viewers, listing and exports (served by the gateway and by fanout)."""
 
     viewer_queue: int = setting(
@@ -199,6 +225,29 @@ class GatewaySettings(SessionsApiSettings):
         5.0, "how often an attached connection refreshes its session's heartbeat, seconds")
     replay_models: str = setting(
         "", "comma-separated models a replay may ask for; empty = any the workers can load")
+    max_sessions_per_ip: int = setting(
+        20, "concurrent /v1/listen and replay sockets one client address may hold "
+        "(HTTP 429 beyond); 0 = no limit")
+    max_sessions_per_key: int = setting(
+        200, "concurrent /v1/listen and replay sockets one API key may hold, counting the "
+        "session tokens it minted (HTTP 429 beyond); 0 = no limit")
+    max_session_s: float = setting(
+        14400.0, "longest a session may run, seconds from its start; then its audio so far "
+        "is transcribed, finals delivered, and it ends with session_too_long (close 1008)")
+    client_idle_timeout_s: float = setting(
+        60.0, "a /v1/listen client that sends nothing (audio or keepalive) for this long has "
+        "its session drained and ended with idle_timeout (close 1008)")
+    max_audio_speed: float = setting(
+        3.0, "audio may arrive at most this many times faster than real time once the burst "
+        "is spent (too_fast, close 1008); 0 = no limit")
+    audio_burst_s: float = setting(
+        60.0, "seconds of audio a client may send ahead of real time (a file's head, a "
+        "backlog after a reconnect) before max_audio_speed applies")
+    token_ttl_s: float = setting(
+        60.0, "default time a session token may wait for its first use, seconds "
+        "(GET /v1/token?expires_in= picks another, up to token_max_ttl_s)")
+    token_max_ttl_s: float = setting(
+        3600.0, "longest expires_in a session token may be minted with, seconds")
     log_level: str = setting("INFO", "log level")
     log_format: str = setting("text", "text, or json (one object per line, with the session id)")
 

@@ -1,0 +1,329 @@
+"""Checks made on every HTTP request before a WebSocket upgrade: Origin, credentials,
+the client's address, and the per-address and per-key caps on concurrent sessions.
+
+Used by the gateway and by ``python -m fanout``; each failure is an ``SttError`` whose
+``http_status`` becomes the response (401, 403, 429) with a JSON error body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import math
+import time
+import uuid
+from collections.abc import Sequence
+from urllib.parse import parse_qs, urlsplit
+
+import redis.asyncio as aioredis
+from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
+
+from common import keys
+from common.auth import (
+    ANONYMOUS,
+    ApiKeys,
+    Principal,
+    TokenSigner,
+    key_principal,
+    looks_like_token,
+)
+from common.errors import OriginNotAllowed, TooManySessions, Unauthorized
+from common.redis_client import REDIS_DOWN
+from common.settings import AccessSettings
+
+log = logging.getLogger(__name__)
+
+#: Subprotocol a browser offers besides ``bearer.<token>``; the server selects it, so the
+#: credential is never echoed back.
+SUBPROTOCOL = "stt"
+BEARER_PROTOCOL_PREFIX = "bearer."
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# KEYS: one connections set. ARGV: now, lease expiry, member, cap (0 = none), key TTL.
+_ACQUIRE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local cap = tonumber(ARGV[4])
+if cap > 0 and redis.call('ZCARD', KEYS[1]) >= cap then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+
+
+def parse_networks(config: str) -> list[IPNetwork]:
+    return [ipaddress.ip_network(item.strip(), strict=False)
+            for item in config.split(",") if item.strip()]
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        addr = ipaddress.ip_address(text.strip().strip("[]"))
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def client_address(peer: str, forwarded_for: Sequence[str],
+                   trusted: Sequence[IPNetwork]) -> str:
+    """The client's address: the peer, or, when the peer is a trusted proxy, the nearest
+    address in X-Forwarded-For that is not one (the rightmost untrusted hop; anything
+    further left was written by the client and proves nothing)."""
+    current = _address(peer)
+    if current is None:
+        return peer
+    hops = [h for line in forwarded_for for h in line.split(",")]
+    while hops and any(current in net for net in trusted):
+        nxt = _address(hops.pop())
+        if nxt is None:
+            break  # a malformed hop: stop at the last proxy we trust
+        current = nxt
+    return str(current)
+
+
+def address_bucket(address: str) -> str:
+    """What a per-address cap counts: the address, or its /64 for IPv6 (one subscriber's
+    allocation, which a client can otherwise walk through)."""
+    addr = _address(address)
+    if isinstance(addr, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return address
+
+
+def normalize_origin(origin: str) -> str:
+    return origin.strip().rstrip("/").lower()
+
+
+def select_subprotocol(connection: ServerConnection,
+                       offered: Sequence[Subprotocol]) -> Subprotocol | None:
+    """Select ``stt`` when offered (a browser sending ``bearer.<token>`` must offer it:
+    browsers fail a handshake whose response selects none of the offered ones). The
+    credential-carrying entry is never selected, so never echoed."""
+    return Subprotocol(SUBPROTOCOL) if SUBPROTOCOL in offered else None
+
+
+class AccessGuard:
+    """Origin allowlist, authentication, and session caps for one server process."""
+
+    def __init__(self, settings: AccessSettings, redis: aioredis.Redis,
+                 lease_s: float = 30.0) -> None:
+        if settings.auth not in ("required", "off"):
+            raise ValueError("AUTH must be 'required' or 'off'")
+        self.required = settings.auth == "required"
+        self.keys = ApiKeys(settings.api_keys)
+        self.tokens = TokenSigner(settings.token_secret)
+        self.origins = {normalize_origin(o) for o in settings.allowed_origins.split(",")
+                        if o.strip()}
+        self.proxies = parse_networks(settings.trusted_proxies)
+        self.redis = redis
+        self.lease_s = lease_s
+        self._acquire = redis.register_script(_ACQUIRE)
+        self._held: dict[str, list[str]] = {}  # connection id -> connection sets it is in
+        # Admitted upgrades waiting for their handler: principal, cap lease, admitted at.
+        self._conns: dict[object, tuple[Principal, str | None, float]] = {}
+
+    def describe(self) -> str:
+        if not self.required:
+            return "AUTHENTICATION IS OFF: anyone who can reach this port may use it"
+        if not len(self.keys) and not self.tokens.enabled:
+            return ("AUTH=required but no API_KEYS and no TOKEN_SECRET: every /v1 request "
+                    "will be refused (python -m common.auth new-key, or AUTH=off locally)")
+        return (f"authentication required: {len(self.keys)} API key(s), session tokens "
+                f"{'on' if self.tokens.enabled else 'off'}")
+
+    # ------------------------------------------------------------------ request checks
+
+    def client_ip(self, peer: str, headers: Headers) -> str:
+        if not self.proxies:
+            return peer
+        return client_address(peer, headers.get_all("X-Forwarded-For"), self.proxies)
+
+    def check_origin(self, headers: Headers) -> None:
+        """Browsers always send Origin on a WebSocket upgrade; other clients need not."""
+        if not self.origins:
+            return
+        for origin in headers.get_all("Origin"):
+            if normalize_origin(origin) not in self.origins:
+                raise OriginNotAllowed("this page's origin may not use the service")
+
+    @staticmethod
+    def credential(request: Request) -> str | None:
+        """``Authorization: Bearer``, else a ``bearer.<token>`` subprotocol, else ``?token=``."""
+        auth = request.headers.get_all("Authorization")
+        if len(auth) > 1:
+            raise Unauthorized("send one Authorization header")
+        if auth:
+            scheme, _, value = auth[0].strip().partition(" ")
+            if scheme.lower() != "bearer" or not value.strip():
+                raise Unauthorized("use 'Authorization: Bearer <key or token>'")
+            return value.strip()
+        for line in request.headers.get_all("Sec-WebSocket-Protocol"):
+            for item in line.split(","):
+                item = item.strip()
+                if item.lower().startswith(BEARER_PROTOCOL_PREFIX):
+                    return item[len(BEARER_PROTOCOL_PREFIX):]
+        values = parse_qs(urlsplit(request.path).query, max_num_fields=64).get("token")
+        return values[-1] if values else None
+
+    def authenticate(self, request: Request, *, opens_session: bool,
+                     allow_tokens: bool = True) -> Principal:
+        """The principal, or Unauthorized. A token opening a session must still be inside
+        its first-use window; it is consumed separately (``consume``), after the caps."""
+        if not self.required:
+            return ANONYMOUS
+        try:
+            credential = self.credential(request)
+        except ValueError:  # too many query fields
+            raise Unauthorized("malformed credentials") from None
+        if not credential:
+            raise Unauthorized("authentication required: an API key or a session token "
+                               "(Authorization: Bearer, a bearer.<token> subprotocol, "
+                               "or ?token=)")
+        if looks_like_token(credential):
+            if not allow_tokens:
+                raise Unauthorized("this endpoint needs an API key, not a session token")
+            claims = self.tokens.verify(credential)
+            now = time.time()
+            if now > (claims.exp if opens_session else claims.usable_until):
+                raise Unauthorized("token expired")
+            return claims.principal()
+        name = self.keys.lookup(credential)
+        if name is None:
+            raise Unauthorized("invalid API key")
+        return key_principal(name)
+
+    async def consume(self, principal: Principal, *, dry_run: bool = False) -> None:
+        """A token's first use: opens its one session (SET NX). ``dry_run`` only reports a
+        token that was already used (a plain GET probing why an upgrade failed)."""
+        if principal.kind != "token":
+            return
+        key = keys.token_nonce(principal.nonce)
+        if dry_run:
+            if await self.redis.exists(key):
+                raise Unauthorized("token already used")
+            return
+        # After its first-use window the token cannot open a session anyway, so the nonce
+        # only has to outlive that window (plus a margin for clocks that disagree).
+        ttl = max(1, math.ceil(principal.token_exp - time.time())) + 60
+        if not await self.redis.set(key, "1", nx=True, ex=ttl):
+            raise Unauthorized("token already used")
+
+    async def admit(self, connection: object, request: Request, *, opens_session: bool,
+                    caps: tuple[int, int] | None = None,
+                    allow_tokens: bool = True) -> Principal:
+        """Every check for one request, in order: Origin (403), credentials (401), the
+        session caps (429, WebSocket upgrades with ``caps`` only), a token's first use.
+        An upgrade's principal and cap lease wait in ``take`` for its handler."""
+        upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+        self.check_origin(request.headers)
+        principal = self.authenticate(request, opens_session=opens_session,
+                                      allow_tokens=allow_tokens)
+        lease = None
+        if upgrade and caps is not None:
+            peer = getattr(connection, "remote_address", None)
+            ip = self.client_ip(str(peer[0]) if peer else "", request.headers)
+            lease = await self.acquire(ip, principal, *caps)
+        if opens_session:
+            try:
+                await self.consume(principal, dry_run=not upgrade)
+            except BaseException:
+                if lease is not None:
+                    await self.release(lease)
+                raise
+        if upgrade:
+            self._conns[connection] = (principal, lease, time.monotonic())
+        return principal
+
+    def take(self, connection: object) -> tuple[Principal, str | None]:
+        """The principal and cap lease that ``admit`` stored for this connection."""
+        found = self._conns.pop(connection, None)
+        if found is None:  # not admitted: never fall back to anonymous when auth is on
+            if self.required:
+                raise Unauthorized("authentication required")
+            return ANONYMOUS, None
+        return found[0], found[1]
+
+    async def process_response(self, connection: object, request: Request,
+                               response: Response) -> None:
+        """websockets' process_response hook: an upgrade that failed after ``admit``
+        (a bad handshake) frees what it was given."""
+        if response.status_code != 101:
+            found = self._conns.pop(connection, None)
+            if found is not None and found[1] is not None:
+                await self.release(found[1])
+
+    async def _sweep(self, older_than_s: float) -> None:
+        """Upgrades whose handler never ran (the client vanished right after the 101)."""
+        limit = time.monotonic() - older_than_s
+        for connection, (_, lease, at) in list(self._conns.items()):
+            if at < limit:
+                del self._conns[connection]
+                if lease is not None:
+                    await self.release(lease)
+
+    # ------------------------------------------------------------------ session caps
+
+    async def acquire(self, ip: str, principal: Principal, ip_cap: int,
+                      key_cap: int) -> str:
+        """Count a new session against its address and its API key; the connection id to
+        release later. TooManySessions when either is at its cap."""
+        conn = uuid.uuid4().hex
+        now = time.time()
+        held: list[str] = []
+        wanted = [(keys.connections("ip", address_bucket(ip)), ip_cap,
+                   "too many sessions from this address")]
+        if principal.account:
+            wanted.append((keys.connections("key", principal.account), key_cap,
+                           "too many sessions for this API key"))
+        try:
+            for key, cap, message in wanted:
+                ok = await self._acquire(keys=[key], args=[
+                    f"{now:.3f}", f"{now + self.lease_s:.3f}", conn, cap,
+                    math.ceil(self.lease_s * 2)])
+                if not int(ok):
+                    raise TooManySessions(message)
+                held.append(key)
+        except BaseException:
+            await self._release_keys(conn, held)
+            raise
+        self._held[conn] = held
+        return conn
+
+    async def release(self, conn: str) -> None:
+        held = self._held.pop(conn, None)
+        if held:
+            await self._release_keys(conn, held)
+
+    async def _release_keys(self, conn: str, held: list[str]) -> None:
+        if not held:
+            return
+        with contextlib.suppress(*REDIS_DOWN):  # the lease expires on its own
+            pipe = self.redis.pipeline(transaction=False)
+            for key in held:
+                pipe.zrem(key, conn)
+            await pipe.execute()
+
+    async def renew_forever(self, every_s: float) -> None:
+        """Keep the leases of this process's open sessions fresh (one pipeline per round)."""
+        while True:
+            await asyncio.sleep(every_s)
+            await self._sweep(60.0)
+            if not self._held:
+                continue
+            expiry = f"{time.time() + self.lease_s:.3f}"
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                for conn, held in list(self._held.items()):
+                    for key in held:
+                        pipe.zadd(key, {conn: expiry}, xx=True)
+                        pipe.expire(key, math.ceil(self.lease_s * 2))
+                await pipe.execute()
+            except REDIS_DOWN as exc:
+                log.warning("session caps: lease renewal failed: %s", exc)

@@ -1,0 +1,182 @@
+"""API keys, session tokens, client addresses behind proxies, log redaction, session limits.
+
+Unit tests of the I/O-free pieces; tests/test_security.py drives them through a real
+gateway.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+from contextlib import redirect_stdout
+
+import pytest
+
+from common.access import address_bucket, client_address, parse_networks
+from common.auth import ApiKeys, TokenSigner, hash_key, key_principal, main, new_key
+from common.errors import IdleTimeout, SessionTooLong, TooFast, Unauthorized
+from common.logs import RedactingFormatter, redact
+from ingest.limits import AudioRate, SessionClock
+
+SECRET = "s" * 40
+
+
+def test_api_keys_are_matched_by_hash_and_named() -> None:
+    a, b = new_key(), new_key()
+    keys = ApiKeys(f"alice={hash_key(a)}, {hash_key(b)}")
+    assert keys.lookup(a) == "alice"
+    assert keys.lookup(b) == hash_key(b).removeprefix("sha256:")[:8]
+    assert keys.lookup(a + "x") is None
+    assert keys.lookup("") is None
+    assert keys.lookup("x" * 10_000) is None
+
+
+@pytest.mark.parametrize("config", [
+    "alice=md5:abcd", "alice=sha256:xyz", "bad name=sha256:" + "0" * 64,
+    f"a=sha256:{'0' * 64},a=sha256:{'1' * 64}", "stt_plaintextkeyinsteadofahash",
+])
+def test_bad_api_key_config_is_refused_at_startup(config: str) -> None:
+    with pytest.raises(ValueError):
+        ApiKeys(config)
+
+
+def test_tokens_verify_and_carry_their_claims() -> None:
+    signer = TokenSigner(SECRET)
+    token, claims = signer.mint("alice", 60, 300, now=1000.0)
+    got = signer.verify(token)
+    assert got == claims
+    assert got.exp == 1060.0 and got.max_session_s == 300 and got.usable_until == 1360.0
+    principal = got.principal()
+    assert principal.kind == "token" and principal.account == "alice"
+    assert principal.owner == f"token:{claims.nonce}"
+    assert signer.mint("alice", 60, 300)[1].nonce != claims.nonce
+
+
+def _tamper(token: str, **changes: object) -> str:
+    prefix, body, sig = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    claims.update(changes)
+    new_body = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    return f"{prefix}.{new_body}.{sig}"
+
+
+@pytest.mark.parametrize("forge", [
+    lambda t: _tamper(t, max=1e9),  # longer sessions, old signature
+    lambda t: _tamper(t, exp=9e9),
+    lambda t: _tamper(t, sub="root"),
+    lambda t: t[:-2] + ("AA" if not t.endswith("AA") else "BB"),  # signature changed
+    lambda t: t.split(".")[0] + "." + t.split(".")[1] + ".",  # no signature
+    lambda t: TokenSigner("o" * 40).mint("alice", 60, 300)[0],  # another secret
+    lambda t: "stt1.!!!.???",
+    lambda t: "stt1." + "A" * 600,
+])
+def test_forged_tokens_are_refused(forge: object) -> None:
+    signer = TokenSigner(SECRET)
+    token, _ = signer.mint("alice", 60, 300)
+    with pytest.raises(Unauthorized):
+        signer.verify(forge(token))  # type: ignore[operator]
+
+
+def test_secret_rotation_verifies_with_every_secret_and_signs_with_the_first() -> None:
+    old = TokenSigner("o" * 40)
+    token, _ = old.mint("alice", 60, 300)
+    rotated = TokenSigner(f"{'n' * 40},{'o' * 40}")
+    assert rotated.verify(token).sub == "alice"
+    with pytest.raises(Unauthorized):
+        old.verify(rotated.mint("alice", 60, 300)[0])
+
+
+def test_short_token_secrets_are_refused() -> None:
+    with pytest.raises(ValueError):
+        TokenSigner("short")
+
+
+def test_key_principals_resume_their_own_and_their_tokens_sessions_only() -> None:
+    alice, bob = key_principal("alice"), key_principal("bob")
+    token = TokenSigner(SECRET).mint("alice", 60, 300)[1].principal()
+    other_token = TokenSigner(SECRET).mint("alice", 60, 300)[1].principal()
+    assert alice.may_write("key:alice", "alice")
+    assert alice.may_write(token.owner, "alice")  # minted by alice
+    assert not bob.may_write("key:alice", "alice")
+    assert token.may_write(token.owner, "alice")
+    assert not other_token.may_write(token.owner, "alice")
+    assert not token.may_write("key:alice", "alice")
+    assert bob.may_read("key:alice") and not token.may_read("key:alice")
+
+
+TRUSTED = parse_networks("127.0.0.1, 10.0.0.0/8")
+
+
+@pytest.mark.parametrize("peer, forwarded, expected", [
+    ("203.0.113.9", ["1.2.3.4"], "203.0.113.9"),  # not a proxy: header ignored
+    ("127.0.0.1", ["1.2.3.4"], "1.2.3.4"),
+    ("127.0.0.1", ["6.6.6.6, 1.2.3.4"], "1.2.3.4"),  # left part written by the client
+    ("127.0.0.1", ["1.2.3.4, 10.1.1.1"], "1.2.3.4"),  # through two trusted proxies
+    ("127.0.0.1", ["1.2.3.4", "10.1.1.1"], "1.2.3.4"),  # the header repeated
+    ("127.0.0.1", ["garbage"], "127.0.0.1"),
+    ("127.0.0.1", [], "127.0.0.1"),
+    ("::ffff:127.0.0.1", ["2001:db8::1"], "2001:db8::1"),
+])
+def test_client_address_trusts_forwarded_for_only_from_trusted_proxies(
+        peer: str, forwarded: list[str], expected: str) -> None:
+    assert client_address(peer, forwarded, TRUSTED) == expected
+
+
+def test_ipv6_clients_are_capped_per_64() -> None:
+    assert address_bucket("2001:db8:1:2::1") == address_bucket("2001:db8:1:2:ffff::9")
+    assert address_bucket("2001:db8:1:3::1") != address_bucket("2001:db8:1:2::1")
+    assert address_bucket("192.0.2.1") == "192.0.2.1"
+
+
+def test_credentials_are_redacted_from_log_lines() -> None:
+    key = new_key()
+    token, _ = TokenSigner(SECRET).mint("alice", 60, 300)
+    lines = [
+        f"< GET /v1/listen?encoding=wav&token={token}&x=1 HTTP/1.1",
+        f"< Authorization: Bearer {key}",
+        f"< Sec-WebSocket-Protocol: stt, bearer.{token}",
+        f"something mentions {key} and {token}",
+        "connecting to rediss://gateway:hunter2hunter2@redis:6380/0",
+    ]
+    for line in lines:
+        out = redact(line)
+        assert key not in out and token not in out and "hunter2" not in out, out
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "key %s", (key,), None)
+    formatted = RedactingFormatter(logging.Formatter("%(message)s")).format(record)
+    assert key not in formatted
+
+
+def test_audio_rate_allows_the_burst_then_the_speed() -> None:
+    rate = AudioRate(speed=2.0, burst_s=3.0, now=0.0)
+    rate.take(3.0, 0.0)  # the whole burst at once
+    with pytest.raises(TooFast):
+        rate.take(0.5, 0.1)  # 0.2 s of credit back, 0.5 asked
+    rate = AudioRate(speed=2.0, burst_s=3.0, now=0.0)
+    for i in range(1, 600):  # real time for a minute: never refused
+        rate.take(0.1, i * 0.1)
+    flood = AudioRate(speed=2.0, burst_s=3.0, now=0.0)
+    with pytest.raises(TooFast):
+        for i in range(1, 100):  # 10x real time
+            flood.take(1.0, i * 0.1)
+    AudioRate(speed=0.0, burst_s=0.0, now=0.0).take(1e6, 0.0)  # 0 = no limit
+
+
+def test_session_clock_reports_which_limit_ended_it() -> None:
+    clock = SessionClock(deadline=100.0, idle_s=5.0, now=0.0)
+    assert clock.wake_at() == 5.0
+    clock.touch(98.0)
+    assert clock.wake_at() == 100.0
+    assert isinstance(clock.expired(100.0), SessionTooLong)
+    assert isinstance(clock.expired(50.0), IdleTimeout)
+
+
+def test_new_key_command_prints_a_key_and_its_entry() -> None:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        main(["new-key", "--name", "web"])
+    lines = out.getvalue().splitlines()
+    key = lines[0].rsplit(" ", 1)[1]
+    entry = lines[1].rsplit(" ", 1)[1]
+    assert ApiKeys(entry).lookup(key) == "web"
