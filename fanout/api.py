@@ -12,6 +12,9 @@ config is given (the gateway), ``/v1/sessions/{id}/replay``.
 
 Errors are JSON ``{"type": "error", "code", "message"}`` with a matching
 HTTP status; on WebSockets an error message and the error's close code.
+
+The server authenticates each request first (``common/access.py``) and passes the
+principal in: an API key reads any session, a session token only its own.
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from common.audio import TARGET_RATE
+from common.auth import ANONYMOUS, Principal
 from common.errors import (
     BadRequest,
+    Forbidden,
     Overloaded,
     SessionNotFound,
     StorageUnavailable,
@@ -54,23 +59,16 @@ log = logging.getLogger(__name__)
 PREFIX = "/v1/sessions"
 _ROUTE = re.compile(r"/v1/sessions(?:/(?P<sid>[^/]+)(?:/(?P<leaf>[^/]+))?)?/?")
 
-_STATUS = {
-    "session_not_found": http.HTTPStatus.NOT_FOUND,
-    "not_found": http.HTTPStatus.NOT_FOUND,
-    "bad_request": http.HTTPStatus.BAD_REQUEST,
-    "too_large": http.HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-    "overloaded": http.HTTPStatus.SERVICE_UNAVAILABLE,
-    "storage_unavailable": http.HTTPStatus.SERVICE_UNAVAILABLE,
-    "websocket_required": http.HTTPStatus.UPGRADE_REQUIRED,
-}
 
 
 class NotFound(SttError):
     code = "not_found"
+    http_status = 404
 
 
 class WebSocketRequired(SttError):
     code = "websocket_required"
+    http_status = 426
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +90,15 @@ def json_response(status: http.HTTPStatus, body: Any) -> Response:
 
 
 def error_response(exc: SttError) -> Response:
-    status = _STATUS.get(exc.code, http.HTTPStatus.INTERNAL_SERVER_ERROR)
-    return json_response(status, {"type": "error", "code": exc.code, "message": exc.message})
+    response = json_response(http.HTTPStatus(exc.http_status),
+                             {"type": "error", "code": exc.code, "message": exc.message})
+    if exc.http_status == http.HTTPStatus.UNAUTHORIZED:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="stt"'
+    return response
+
+
+def token_forbidden() -> Forbidden:
+    return Forbidden("a session token gives access to its own session only")
 
 
 class SessionsApi:
@@ -135,8 +140,13 @@ class SessionsApi:
             return Route(leaf, sid)
         raise NotFound("no such endpoint")
 
-    async def process_request(self, connection: ServerConnection,
-                              request: Request) -> Response | None:
+    @staticmethod
+    def opens_session(path: str) -> bool:
+        """Replays create a session (so they count against the session caps)."""
+        return path.endswith("/replay")
+
+    async def process_request(self, connection: ServerConnection, request: Request,
+                              principal: Principal = ANONYMOUS) -> Response | None:
         """An HTTP response, or None to upgrade a WebSocket route."""
         url = urlsplit(request.path)
         try:
@@ -146,13 +156,20 @@ class SessionsApi:
                     raise WebSocketRequired("this endpoint is a WebSocket")
                 return None
             query = parse_qs(url.query, keep_blank_values=True)
-            return await self._http(route, query)
+            return await self._http(route, query, principal)
         except SttError as exc:
             return error_response(exc)
         except REDIS_DOWN:
             return error_response(StorageUnavailable("storage unavailable; try again later"))
 
-    async def websocket(self, ws: ServerConnection) -> None:
+    async def authorize(self, principal: Principal, sid: str) -> None:
+        """Forbidden unless the principal may read this session (tokens: their own)."""
+        if principal.kind == "token":
+            owner, _ = await self.records.owner(sid)
+            if not principal.may_read(owner):
+                raise token_forbidden()
+
+    async def websocket(self, ws: ServerConnection, principal: Principal = ANONYMOUS) -> None:
         assert ws.request is not None
         url = urlsplit(ws.request.path)
         query = parse_qs(url.query, keep_blank_values=True)
@@ -160,12 +177,16 @@ class SessionsApi:
             route = self.route(url.path)
             if route.kind == "results":
                 sid = check_session_id(route.sid)
+                params = ViewerParams.parse(query)
+                await self.authorize(principal, sid)
                 await Viewer(self.records, self.hubs, self.viewer_limits, ws, sid,
-                             ViewerParams.parse(query)).run()
+                             params).run()
             elif route.kind == "replay" and self.replay is not None:
                 sid = check_session_id(route.sid)
+                replay_params = ReplayParams.parse(query, self.replay.allowed_models)
+                await self.authorize(principal, sid)
                 await Replay(self.records, self.blocking, self.replay, ws, sid,
-                             ReplayParams.parse(query, self.replay.allowed_models)).run()
+                             replay_params, principal).run()
             else:
                 raise NotFound("no such endpoint")
         except SttError as exc:
@@ -178,10 +199,14 @@ class SessionsApi:
 
     # ------------------------------------------------------------------ HTTP endpoints
 
-    async def _http(self, route: Route, query: dict[str, list[str]]) -> Response:
+    async def _http(self, route: Route, query: dict[str, list[str]],
+                    principal: Principal) -> Response:
         if route.kind == "list":
+            if principal.kind == "token":
+                raise token_forbidden()
             return await self._list(query)
         sid = check_session_id(route.sid)
+        await self.authorize(principal, sid)
         if route.kind == "info":
             info = (await self.records.info(sid)).to_dict()
             info["counts"] = await self.records.result_counts(sid)

@@ -28,6 +28,7 @@ from websockets.exceptions import ConnectionClosed
 
 from common import errors
 from common.audio import TARGET_RATE
+from common.auth import ANONYMOUS, Principal
 from common.errors import BadRequest, Overloaded, SessionActive, StorageUnavailable, SttError
 from common.messages import AudioEntry, AudioFrame, AudioMarker, Closed, ReplayStarted, to_json
 from common.redis_client import REDIS_DOWN
@@ -87,13 +88,15 @@ class Replay:
     """One replay socket."""
 
     def __init__(self, records: SessionRecords, blocking: aioredis.Redis, config: ReplayConfig,
-                 ws: ServerConnection, original: str, params: ReplayParams) -> None:
+                 ws: ServerConnection, original: str, params: ReplayParams,
+                 principal: Principal = ANONYMOUS) -> None:
         self.records = records
         self.blocking = blocking
         self.config = config
         self.ws = ws
         self.original = original
         self.params = params
+        self.principal = principal  # owns the new session
         self.sid = uuid.uuid4().hex
         self.stop = asyncio.Event()
 
@@ -154,6 +157,7 @@ class Replay:
             "encoding": "pcm_s16le", "sample_rate": TARGET_RATE, "channels": 1,
             "language": language, "interim": "1" if interim else "0", "model": model,
             "replay_speed": p.speed,
+            "owner": self.principal.owner, "account": self.principal.account,
         })
         return ReplayStarted(session_id=self.sid, replay_of=self.original, model=model,
                              language=language or "en", interim_results=interim,

@@ -2,12 +2,14 @@
 
 It serves the read-only half of the recorded-sessions API (viewers,
 listing, exports) with the same ``SessionsApi`` the gateway uses, plus
-``/healthz``. Replays write audio and stay on the gateway.
+``/healthz``. Replays write audio and stay on the gateway. Requests are
+authenticated like the gateway's (same ``API_KEYS`` and ``TOKEN_SECRET``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http
 
 from prometheus_client import CollectorRegistry
@@ -16,10 +18,13 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from common import errors
+from common.access import AccessGuard, select_subprotocol
+from common.errors import StorageUnavailable, SttError
 from common.metrics import metrics_response, register_viewer_gauges
 from common.redis_client import REDIS_DOWN, make_redis
 from common.settings import FanoutSettings
 from fanout.api import NotFound, SessionsApi, error_response
+from fanout.sockets import send_error
 
 
 class FanoutServer:
@@ -32,7 +37,9 @@ class FanoutServer:
         self.registry = CollectorRegistry()
         register_viewer_gauges(self.registry, lambda: len(self.api.hubs),
                                self.api.hubs.viewer_count)
+        self.guard = AccessGuard(settings, self.redis)
         self._server: Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def process_request(self, connection: ServerConnection,
                               request: Request) -> Response | None:
@@ -51,19 +58,37 @@ class FanoutServer:
             return Response(200, "OK", Headers([("Content-Type", ctype),
                                                 ("Content-Length", str(len(body)))]), body)
         if SessionsApi.handles(path):
-            return await self.api.process_request(connection, request)
+            try:
+                principal = await self.guard.admit(connection, request, opens_session=False)
+            except SttError as exc:
+                return error_response(exc)
+            except REDIS_DOWN:
+                return error_response(StorageUnavailable("storage unavailable; try again later"))
+            return await self.api.process_request(connection, request, principal)
         return error_response(NotFound("no such endpoint"))
+
+    async def handler(self, ws: ServerConnection) -> None:
+        try:
+            principal, _ = self.guard.take(ws)
+        except SttError as exc:
+            await send_error(ws, exc)
+            return
+        await self.api.websocket(ws, principal)
 
     async def start(self) -> Server:
         s = self.settings
         self._server = await serve(
-            self.api.websocket, s.host, s.port,
+            self.handler, s.host, s.port,
             process_request=self.process_request,
+            process_response=self.guard.process_response,
+            select_subprotocol=select_subprotocol,
+            open_timeout=s.handshake_timeout_s,
             max_size=s.max_message_bytes,
             compression=None,
             ping_interval=20,
             ping_timeout=20,
         )
+        self._sweeper = asyncio.create_task(self.guard.renew_forever(10.0))
         return self._server
 
     async def close(self) -> None:
@@ -74,6 +99,10 @@ class FanoutServer:
                                    for c in list(self._server.connections)),
                                  return_exceptions=True)
             await self._server.wait_closed()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         await self.api.close()
         await self.redis.aclose()
         await self.blocking.aclose()

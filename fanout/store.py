@@ -155,6 +155,15 @@ class SessionRecords:
             raise SessionNotFound("no such session (it may have expired)")
         return {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
 
+    async def owner(self, sid: str) -> tuple[str, str]:
+        """(owner, account) the session was created by ('' when auth was off)."""
+        check_session_id(sid)
+        state, owner, account = await self.redis.hmget(
+            keys.meta(sid), ["state", "owner", "account"])
+        if state is None:
+            raise SessionNotFound("no such session (it may have expired)")
+        return _text(owner), _text(account)
+
     async def exists(self, sid: str) -> bool:
         return bool(await self.redis.exists(keys.meta(sid)))
 

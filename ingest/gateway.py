@@ -4,7 +4,8 @@ The session logic is in ``listen.py``; the recorded-sessions API
 (``/v1/sessions...``: viewers, replays, listing, exports) is fanout's
 ``SessionsApi``, the same code ``python -m fanout`` serves. This module owns
 the server, the Redis clients and the detached sessions waiting out their
-resume grace.
+resume grace. Every ``/v1`` request passes ``AccessGuard`` (Origin, credentials,
+session caps) before an upgrade; ``GET /v1/token`` mints session tokens.
 """
 
 from __future__ import annotations
@@ -23,19 +24,23 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from common import errors
-from common.errors import SttError
+from common.access import AccessGuard, select_subprotocol
+from common.auth import Principal
+from common.errors import NotConfigured, StorageUnavailable, SttError
 from common.messages import AudioMarker
 from common.metrics import gateway_metrics, register_viewer_gauges
 from common.redis_client import REDIS_DOWN, make_redis
 from common.settings import GatewaySettings
-from fanout.api import SessionsApi
+from fanout.api import SessionsApi, error_response, json_response
 from fanout.replay import ReplayConfig
+from fanout.sockets import float_param
 from ingest.listen import AudioWriter, ListenParams, ListenSession, send_error
 from ingest.store import SessionStore
 
 log = logging.getLogger(__name__)
 
 LISTEN_PATH = "/v1/listen"
+TOKEN_PATH = "/v1/token"
 
 
 class Gateway:
@@ -51,7 +56,11 @@ class Gateway:
             block_ms=settings.redis_block_ms, allowed_models=settings.replay_models))
         register_viewer_gauges(self.metrics.registry, lambda: len(self.sessions_api.hubs),
                                self.sessions_api.hubs.viewer_count)
+        self.guard = AccessGuard(settings, self.redis,
+                                 lease_s=max(30.0, 4 * settings.heartbeat_s))
+        self._caps = (settings.max_sessions_per_ip, settings.max_sessions_per_key)
         self._server: Server | None = None
+        self._renewer: asyncio.Task[None] | None = None
         self._detached: set[asyncio.Task[None]] = set()
         self.stopping = False
 
@@ -60,8 +69,13 @@ class Gateway:
     async def process_request(self, connection: ServerConnection,
                               request: Request) -> Response | None:
         path = urlsplit(request.path).path
-        if path == LISTEN_PATH:
-            return None  # upgrade; validation errors go to the client as error messages
+        if path in (LISTEN_PATH, TOKEN_PATH) or SessionsApi.handles(path):
+            try:
+                return await self._api_request(connection, request, path)
+            except SttError as exc:
+                return error_response(exc)
+            except REDIS_DOWN:
+                return error_response(StorageUnavailable("storage unavailable; try again later"))
         if path == "/healthz":
             return connection.respond(http.HTTPStatus.OK, "ok\n")
         if path == "/readyz":
@@ -73,9 +87,41 @@ class Gateway:
             return connection.respond(http.HTTPStatus.OK, "ready\n")
         if path == "/metrics":
             return await self._metrics()
-        if SessionsApi.handles(path):
-            return await self.sessions_api.process_request(connection, request)
         return self._static(connection, path)
+
+    async def _api_request(self, connection: ServerConnection, request: Request,
+                           path: str) -> Response | None:
+        """Origin, credentials and session caps first (403, 401, 429), then the route."""
+        if path == TOKEN_PATH:
+            principal = await self.guard.admit(connection, request, opens_session=False,
+                                               allow_tokens=False)
+            return self._mint(principal, request)
+        if path == LISTEN_PATH:
+            resume = "session" in parse_qs(urlsplit(request.path).query)
+            await self.guard.admit(connection, request, opens_session=not resume,
+                                   caps=self._caps)
+            return None  # upgrade; query errors go to the client as error messages
+        opens = SessionsApi.opens_session(path)
+        principal = await self.guard.admit(connection, request, opens_session=opens,
+                                           caps=self._caps if opens else None)
+        return await self.sessions_api.process_request(connection, request, principal)
+
+    def _mint(self, principal: Principal, request: Request) -> Response:
+        """``GET /v1/token``: a single-use session token for a browser page (API key only)."""
+        s = self.settings
+        if not self.guard.tokens.enabled:
+            raise NotConfigured("session tokens are not enabled on this server")
+        query = parse_qs(urlsplit(request.path).query, keep_blank_values=True)
+        expires_in = float_param(query, "expires_in", s.token_ttl_s, 1.0, s.token_max_ttl_s)
+        max_session = float_param(query, "max_session_s", s.max_session_s, 1.0,
+                                  s.max_session_s)
+        assert expires_in is not None and max_session is not None
+        token, claims = self.guard.tokens.mint(principal.account or "anonymous", expires_in,
+                                               max_session)
+        log.info("minted a session token for key %s (expires in %.0f s, sessions up to %.0f s)",
+                 claims.sub, expires_in, max_session)
+        return json_response(http.HTTPStatus.OK, {
+            "token": token, "expires_at": claims.exp, "max_session_s": claims.max_session_s})
 
     async def _metrics(self) -> Response:
         try:
@@ -106,8 +152,22 @@ class Gateway:
 
     async def handler(self, ws: ServerConnection) -> None:
         assert ws.request is not None
+        try:
+            principal, lease = self.guard.take(ws)
+        except SttError as exc:
+            await send_error(ws, exc)
+            return
+        try:
+            await self._websocket(ws, principal)
+        finally:
+            if lease is not None:
+                await self.guard.release(lease)
+
+    async def _websocket(self, ws: ServerConnection, principal: Principal) -> None:
+        assert ws.request is not None
         if urlsplit(ws.request.path).path != LISTEN_PATH:
-            await self.sessions_api.websocket(ws)  # process_request let only its routes through
+            # process_request let only its routes through
+            await self.sessions_api.websocket(ws, principal)
             return
         try:
             params = ListenParams(parse_qs(urlsplit(ws.request.path).query,
@@ -116,7 +176,7 @@ class Gateway:
             self.metrics.rejections.labels(exc.code).inc()
             await send_error(ws, exc)
             return
-        await ListenSession(self, ws, params).run()
+        await ListenSession(self, ws, params, principal).run()
 
     def detach_later(self, sid: str, generation: int, samples: int, entry_seq: int,
                      writer: AudioWriter | None) -> None:
@@ -149,12 +209,17 @@ class Gateway:
         self._server = await serve(
             self.handler, s.host, s.port,
             process_request=self.process_request,
+            process_response=self.guard.process_response,
+            select_subprotocol=select_subprotocol,
+            open_timeout=s.handshake_timeout_s,
             max_size=s.max_message_bytes,
             max_queue=s.max_queue,
             compression=None,
             ping_interval=20,
             ping_timeout=20,
         )
+        self._renewer = asyncio.create_task(self.guard.renew_forever(s.heartbeat_s))
+        (log.info if self.guard.required else log.warning)("%s", self.guard.describe())
         return self._server
 
     async def close(self) -> None:
@@ -168,6 +233,10 @@ class Gateway:
             await self._server.wait_closed()
         for task in list(self._detached):
             task.cancel()
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
         await self.sessions_api.close()
         await self.probe.aclose()
         await self.redis.aclose()

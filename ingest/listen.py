@@ -18,11 +18,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
 from common import errors
 from common.audio import TARGET_RATE, AudioNormalizer, StreamFormat, parse_stream_format
-from common.errors import BadRequest, MessageTooBig, SttError, TooSlow
+from common.auth import Principal
+from common.errors import BadRequest, Forbidden, MessageTooBig, SttError, TooSlow
 from common.messages import (
     AudioEntry,
     AudioFrame,
@@ -38,6 +39,7 @@ from common.messages import (
 )
 from common.redis_client import REDIS_DOWN
 from fanout.follow import follow_results
+from ingest.limits import AudioRate, SessionClock
 from ingest.store import SessionStore
 
 if TYPE_CHECKING:
@@ -190,7 +192,8 @@ class AudioWriter:
 class ListenSession:
     """One /v1/listen connection, new or resumed."""
 
-    def __init__(self, gateway: Gateway, ws: ServerConnection, params: ListenParams) -> None:
+    def __init__(self, gateway: Gateway, ws: ServerConnection, params: ListenParams,
+                 principal: Principal) -> None:
         self.gateway = gateway
         self.settings = gateway.settings
         self.store: SessionStore = gateway.store
@@ -205,6 +208,11 @@ class ListenSession:
         self._ended = False  # the close marker is queued
         self._max_samples = int(self.settings.max_frame_seconds * TARGET_RATE)
         self._sent_at: collections.deque[tuple[int, float]] = collections.deque(maxlen=4096)
+        self.principal = principal
+        now = time.monotonic()
+        self.rate = AudioRate(self.settings.max_audio_speed, self.settings.audio_burst_s, now)
+        self.clock = SessionClock(now + self.settings.max_session_s,
+                                  self.settings.client_idle_timeout_s, now)
 
     # ------------------------------------------------------------------ life cycle
 
@@ -251,7 +259,10 @@ class ListenSession:
             log.info("session %s: client error %s", self.sid, exc.code)
             with contextlib.suppress(Exception):
                 await self._end_stream()
-            await self._fail(exc)
+            if exc.drain:  # a limit reached: deliver what was said, then the error
+                await self._drain(delivery, then=exc)
+            else:
+                await self._fail(exc)
             clean = True
         except ConnectionClosed:
             pass
@@ -283,6 +294,10 @@ class ListenSession:
         if self.params.session is None:
             if await self.store.backlog() >= self.settings.max_backlog:
                 raise errors.Overloaded("all transcribers are busy; try again later")
+            longest = self.settings.max_session_s
+            if self.principal.max_session_s is not None:
+                longest = min(longest, self.principal.max_session_s)
+            deadline = time.time() + longest
             self.generation = await self.store.create(self.sid, {
                 "encoding": self.params.format.encoding,
                 "sample_rate": self.params.format.sample_rate,
@@ -290,15 +305,24 @@ class ListenSession:
                 "language": self.params.language,
                 "interim": "1" if self.params.interim_results else "0",
                 "model": self.settings.model_name,
+                "owner": self.principal.owner,
+                "account": self.principal.account,
+                "deadline": f"{deadline:.3f}",
             })
             resumed = False
         else:
+            access = await self.store.access(self.sid)
+            if not self.principal.may_write(access.owner, access.account):
+                raise Forbidden("this session belongs to someone else")
+            deadline = access.deadline if access.deadline is not None \
+                else access.created + self.settings.max_session_s
             attached = await self.store.attach(self.sid)
             self.generation = attached.generation
             self.samples_sent = attached.samples
             self.entry_seq = attached.entry_seq
             self._ended = attached.ended
             resumed = True
+        self.clock.deadline = time.monotonic() + (deadline - time.time())
         self.writer = AudioWriter(self.store, self.sid, self.generation,
                                   int(self.settings.outage_buffer_s * TARGET_RATE))
         redis_errors = self.gateway.metrics.redis_errors.labels("gateway")
@@ -335,10 +359,23 @@ class ListenSession:
         await self._marker("close")
 
     async def _receive(self) -> bool:
-        """Audio and control messages until 'close' (True) or the socket ends (False)."""
-        async for message in self.ws:
+        """Audio and control messages until 'close' (True) or the socket ends (False).
+
+        Waiting ends at the session's deadline or after the idle timeout (an error that
+        drains the session); audio beyond the allowed speed is refused (``too_fast``).
+        """
+        while True:
+            try:
+                async with asyncio.timeout_at(self.clock.wake_at()):
+                    message = await self.ws.recv()
+            except TimeoutError:
+                raise self.clock.expired(time.monotonic()) from None
+            except ConnectionClosedOK:
+                return False
+            now = time.monotonic()
+            self.clock.touch(now)
             if isinstance(message, bytes):
-                await self._append_samples(self.normalizer.feed(message))
+                await self._audio(self.normalizer.feed(message), now)
                 continue
             if message.lstrip().startswith("{"):
                 control = parse_control(message)
@@ -348,19 +385,29 @@ class ListenSession:
                     await self._end_stream()
                     return True
                 continue
-            await self._append_samples(self.normalizer.feed_text(message))
-        return False
+            await self._audio(self.normalizer.feed_text(message), now)
+
+    async def _audio(self, pcm: Any, now: float) -> None:
+        if len(pcm) > self._max_samples:
+            raise MessageTooBig(
+                f"one message may carry at most {self.settings.max_frame_seconds:g} s of audio")
+        self.rate.take(len(pcm) / TARGET_RATE, now)
+        await self._append_samples(pcm)
 
     # ------------------------------------------------------------------ results out
 
-    async def _drain(self, delivery: asyncio.Task[None]) -> None:
-        """After 'close': wait until every final and 'closed' went out, then close 1000."""
+    async def _drain(self, delivery: asyncio.Task[None], then: SttError | None = None) -> None:
+        """After 'close': wait until every final and 'closed' went out, then close 1000
+        (or, when a limit ended the session, send that error and its close code)."""
         assert self.writer is not None
         try:
             await asyncio.wait_for(asyncio.shield(delivery), self.settings.close_drain_timeout_s)
         except TimeoutError:
             log.warning("session %s: drain timed out", self.sid)
             await self._fail(SttError("transcription did not finish in time"))
+            return
+        if then is not None:
+            await self._fail(then)
             return
         await self.ws.close(errors.NORMAL, "closed")
 

@@ -53,6 +53,14 @@ class Attached:
     meta: dict[str, str]
 
 
+@dataclasses.dataclass(frozen=True)
+class SessionAccess:
+    owner: str  # "key:NAME", "token:NONCE", or "" when created without authentication
+    account: str
+    deadline: float | None  # unix time the session must end by
+    created: float
+
+
 class SessionStore:
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
@@ -71,6 +79,20 @@ class SessionStore:
         pipe.xadd(keys.SESSIONS, {"sid": sid})
         await pipe.execute()
         return 1
+
+    async def access(self, sid: str) -> SessionAccess:
+        """Who created the session and until when it may run, read before a resume."""
+        state, owner, account, deadline, created = await self.redis.hmget(
+            keys.meta(sid), ["state", "owner", "account", "deadline", "created"])
+        if state is None:
+            raise SessionNotFound("no such session (it may have expired)")
+
+        def text(value: bytes | None) -> str:
+            return value.decode(errors="replace") if value is not None else ""
+
+        return SessionAccess(text(owner), text(account),
+                             float(deadline) if deadline else None,
+                             float(created) if created else time.time())
 
     async def attach(self, sid: str) -> Attached:
         """Take over the writing side of an existing session after a reconnect."""

@@ -72,6 +72,11 @@ class RedisServer:
         return redis.Redis(port=self.port, socket_timeout=10)
 
 
+#: Test services run without authentication (as `make run` does on 127.0.0.1) unless a
+#: test passes AUTH=required (tests/test_security.py does).
+TEST_ENV = {"AUTH": "off"}
+
+
 class Service:
     """``python -m MODULE`` with its log collected; ``ready`` is a line it prints when up."""
 
@@ -80,7 +85,7 @@ class Service:
         self.lines: list[str] = []
         self._ready = threading.Event()
         self._marker = ready
-        full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        full_env = {**os.environ, **TEST_ENV, **env, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module, *args], cwd=ROOT, env=full_env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
