@@ -157,7 +157,7 @@ class Replay:
             "encoding": "pcm_s16le", "sample_rate": TARGET_RATE, "channels": 1,
             "language": language, "interim": "1" if interim else "0", "model": model,
             "replay_speed": p.speed,
-            "owner": self.principal.owner, "account": self.principal.account,
+            "principal": self.principal.owner, "account": self.principal.account,
         })
         return ReplayStarted(session_id=self.sid, replay_of=self.original, model=model,
                              language=language or "en", interim_results=interim,

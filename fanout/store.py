@@ -159,7 +159,7 @@ class SessionRecords:
         """(owner, account) the session was created by ('' when auth was off)."""
         check_session_id(sid)
         state, owner, account = await self.redis.hmget(
-            keys.meta(sid), ["state", "owner", "account"])
+            keys.meta(sid), ["state", "principal", "account"])
         if state is None:
             raise SessionNotFound("no such session (it may have expired)")
         return _text(owner), _text(account)

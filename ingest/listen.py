@@ -305,7 +305,7 @@ class ListenSession:
                 "language": self.params.language,
                 "interim": "1" if self.params.interim_results else "0",
                 "model": self.settings.model_name,
-                "owner": self.principal.owner,
+                "principal": self.principal.owner,
                 "account": self.principal.account,
                 "deadline": f"{deadline:.3f}",
             })

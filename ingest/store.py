@@ -83,7 +83,7 @@ class SessionStore:
     async def access(self, sid: str) -> SessionAccess:
         """Who created the session and until when it may run, read before a resume."""
         state, owner, account, deadline, created = await self.redis.hmget(
-            keys.meta(sid), ["state", "owner", "account", "deadline", "created"])
+            keys.meta(sid), ["state", "principal", "account", "deadline", "created"])
         if state is None:
             raise SessionNotFound("no such session (it may have expired)")
 
