@@ -9,6 +9,12 @@ mkdir -p "$RUN_DIR"
 HOST=${HOST:-127.0.0.1}
 PORT=${PORT:-8765}
 export REDIS_URL=${REDIS_URL:-redis://localhost:6379/0}
+# A local developer run: no API keys unless AUTH=required and API_KEYS are set. Authentication
+# is off only because this says so, and the gateway listens on loopback by default.
+export AUTH=${AUTH:-off}
+if [ "$AUTH" = off ] && [ "$HOST" != 127.0.0.1 ] && [ "$HOST" != localhost ]; then
+  echo "WARNING: authentication is off and the gateway listens on $HOST" >&2
+fi
 
 pids=()
 cleanup() {
@@ -40,5 +46,6 @@ pids+=($!)
 echo
 echo "  Live transcription is running: open http://$HOST:$PORT/"
 echo "  WebSocket endpoint: ws://$HOST:$PORT/v1/listen   (Ctrl-C to stop)"
+[ "$AUTH" = off ] && echo "  Authentication is OFF (local development; AUTH=required API_KEYS=... to turn it on)"
 echo
 wait -n "${pids[@]}"
