@@ -125,9 +125,12 @@ def _decode_samples(raw: bytes, fmt: SampleFormat) -> np.ndarray:
         out = np.frombuffer(raw, dtype=dtype).astype(np.float32) / float(1 << (8 * fmt.width - 1))
     else:
         dtype = {4: "<f4", 8: "<f8"}[fmt.width]
-        out = np.frombuffer(raw, dtype=dtype).astype(np.float32)
-        if not np.all(np.isfinite(out)):
+        wide = np.frombuffer(raw, dtype=dtype)
+        if not np.all(np.isfinite(wide)):
             raise InvalidAudio("float samples must be finite (no NaN or infinity)")
+        # Full scale is [-1, 1]; clip here so huge finite values cannot overflow float32
+        # in the resampler or the int16 conversion.
+        out = np.clip(wide, -1.0, 1.0).astype(np.float32)
     return out.reshape(-1, fmt.channels)
 
 
