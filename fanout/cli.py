@@ -9,6 +9,7 @@
     stt stream --mic                   transcribe the microphone (needs sounddevice)
 
 ``--url`` (or ``STT_URL``) names the server, default http://localhost:8765.
+``--api-key`` (or ``STT_API_KEY``) authenticates, as ``Authorization: Bearer``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ from common.client import listen_url, stream
 
 DEFAULT_URL = "http://localhost:8765"
 FRAME_S = 0.1  # audio per message when streaming a file or the microphone
+#: A file up to this long is sent at once; a longer one at AUTO_PACE times real time, inside
+#: the gateway's default speed limit (AUDIO_BURST_S 60 s ahead, then MAX_AUDIO_SPEED 3x).
+AT_ONCE_S = 50.0
+AUTO_PACE = 2.5
 
 
 class CliError(Exception):
@@ -64,10 +69,16 @@ def _query(params: dict[str, Any]) -> str:
     return f"?{urlencode(clean)}" if clean else ""
 
 
-def http_get(url: str, timeout: float = 60.0) -> Any:
+def auth_headers(args: argparse.Namespace) -> dict[str, str]:
+    key = getattr(args, "api_key", None)
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def http_get(url: str, timeout: float = 60.0, headers: dict[str, str] | None = None) -> Any:
     """Open a GET; HTTP errors become CliError with the server's message."""
     try:
-        return urllib.request.urlopen(url, timeout=timeout)
+        return urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}),
+                                      timeout=timeout)
     except urllib.error.HTTPError as exc:
         try:
             body = json.loads(exc.read())
@@ -79,8 +90,8 @@ def http_get(url: str, timeout: float = 60.0) -> Any:
         raise CliError(f"cannot reach {http_base(url)}: {getattr(exc, 'reason', exc)}") from None
 
 
-def get_json(url: str) -> Any:
-    with http_get(url) as resp:
+def get_json(url: str, headers: dict[str, str] | None = None) -> Any:
+    with http_get(url, headers=headers) as resp:
         return json.loads(resp.read())
 
 
@@ -152,10 +163,12 @@ class Printer:
         self.out.flush()
 
 
-async def watch(url: str, printer: Printer, on_open: Callable[[Any], Any] | None = None) -> None:
+async def watch(url: str, printer: Printer, on_open: Callable[[Any], Any] | None = None,
+                headers: dict[str, str] | None = None) -> None:
     """Read a results socket to its end, printing every message."""
     try:
-        async with connect(url, max_size=None, compression=None) as ws:
+        async with connect(url, max_size=None, compression=None,
+                           additional_headers=headers or {}) as ws:
             if on_open is not None:
                 on_open(ws)
             try:
@@ -177,7 +190,7 @@ async def watch(url: str, printer: Printer, on_open: Callable[[Any], Any] | None
 
 def cmd_sessions(args: argparse.Namespace) -> None:
     body = get_json(f"{http_base(args.url)}/v1/sessions"
-                    + _query({"limit": args.limit, "state": args.state}))
+                    + _query({"limit": args.limit, "state": args.state}), auth_headers(args))
     if args.json:
         print(json.dumps(body, indent=1))
         return
@@ -193,7 +206,7 @@ def cmd_sessions(args: argparse.Namespace) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> None:
-    info = get_json(session_url(http_base(args.url), args.id))
+    info = get_json(session_url(http_base(args.url), args.id), auth_headers(args))
     if args.json:
         print(json.dumps(info, indent=1))
         return
@@ -212,7 +225,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     binary_to_tty = args.format == "wav" and args.output in (None, "-") and sys.stdout.isatty()
     if binary_to_tty:
         raise CliError("refusing to write WAV audio to a terminal; use -o FILE")
-    with http_get(url, timeout=300) as resp:
+    with http_get(url, timeout=300, headers=auth_headers(args)) as resp:
         if args.output in (None, "-"):
             shutil.copyfileobj(resp, sys.stdout.buffer)
             sys.stdout.buffer.flush()
@@ -226,7 +239,7 @@ def cmd_replay(args: argparse.Namespace) -> None:
     url = session_url(ws_base(args.url), args.id, "replay") + _query({
         "speed": args.speed, "model": args.model, "language": args.language,
         "interim_results": args.partials})
-    asyncio.run(watch(url, Printer(args.json)))
+    asyncio.run(watch(url, Printer(args.json), headers=auth_headers(args)))
 
 
 def cmd_results(args: argparse.Namespace) -> None:
@@ -234,7 +247,7 @@ def cmd_results(args: argparse.Namespace) -> None:
         "after": args.after or None, "partials": args.partials or None,
         "original_timing": args.original_timing or None,
         "speed": args.speed if args.original_timing else None})
-    asyncio.run(watch(url, Printer(args.json)))
+    asyncio.run(watch(url, Printer(args.json), headers=auth_headers(args)))
 
 
 def read_audio(path: str) -> tuple[np.ndarray, int]:
@@ -285,14 +298,23 @@ def cmd_stream(args: argparse.Namespace) -> None:
                      language=args.language, interim_results=not args.no_partials)
     printer = Printer(args.json)
     try:
-        res = asyncio.run(stream(url, msgs, pace=1.0 if args.realtime else None,
-                                 on_message=printer))
+        res = asyncio.run(stream(url, msgs, pace=file_pace(args, msgs),
+                                 on_message=printer, headers=auth_headers(args)))
     except (OSError, TimeoutError, WebSocketException) as exc:
         raise CliError(f"cannot connect to {url.split('?')[0]}: {exc}") from None
     if printer.failed:
         raise CliError(printer.failed)
     if res.close_code != 1000:
         raise CliError(f"connection closed with code {res.close_code}")
+
+
+def file_pace(args: argparse.Namespace, msgs: list[tuple[bytes, float]]) -> float | None:
+    """--realtime: 1; --pace: as given; else at once when short, AUTO_PACE when long."""
+    if args.realtime:
+        return 1.0
+    if args.pace is not None:
+        return float(args.pace) if args.pace > 0 else None
+    return None if sum(s for _, s in msgs) <= AT_ONCE_S else AUTO_PACE
 
 
 async def stream_mic(args: argparse.Namespace) -> None:
@@ -346,7 +368,8 @@ async def stream_mic(args: argparse.Namespace) -> None:
 
     sender: list[asyncio.Task[None]] = []
     try:
-        await watch(url, printer, lambda ws: sender.append(asyncio.create_task(send_audio(ws))))
+        await watch(url, printer, lambda ws: sender.append(asyncio.create_task(send_audio(ws))),
+                    headers=auth_headers(args))
     except sd.PortAudioError as exc:
         raise CliError(f"microphone failed: {exc}") from None
     finally:
@@ -359,12 +382,16 @@ async def stream_mic(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     url_default = os.environ.get("STT_URL", DEFAULT_URL)
+    key_help = "API key, sent as Authorization: Bearer (env STT_API_KEY)"
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=argparse.SUPPRESS,
                         help=f"server URL (env STT_URL, default {DEFAULT_URL})")
+    common.add_argument("--api-key", default=argparse.SUPPRESS, help=key_help)
     parser = argparse.ArgumentParser(prog="stt", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--url", default=url_default,
                         help=f"server URL (env STT_URL, default {DEFAULT_URL})")
+    parser.add_argument("--api-key", default=os.environ.get("STT_API_KEY") or None,
+                        help=key_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("sessions", parents=[common], help="list recorded sessions")
@@ -414,7 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mic", action="store_true", help="stream the microphone (sounddevice)")
     p.add_argument("--device", default=None, help="--mic: input device name or index")
     p.add_argument("--realtime", action="store_true",
-                   help="send the file at real-time pace (default: as fast as possible)")
+                   help="send the file at real-time pace (default: at once up to "
+                   f"{AT_ONCE_S:g} s of audio, {AUTO_PACE:g}x real time beyond: the server "
+                   "refuses audio much faster than real time)")
+    p.add_argument("--pace", type=float, default=None,
+                   help="send at this multiple of real time (0 = at once)")
     p.add_argument("--language", default=None)
     p.add_argument("--no-partials", action="store_true", help="finals only")
     p.add_argument("--json", action="store_true", help="print raw JSON messages")

@@ -21,8 +21,11 @@ import dataclasses
 import http.client
 import itertools
 import json
+import os
 import secrets
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -647,6 +650,22 @@ def test_hostile_input(secure: Secure, bystander: Bystander, case: Case) -> None
     if case.check is not None:
         case.check(out)
     bystander.assert_unaffected()
+
+
+def test_cli_authenticates_with_an_api_key(secure: Secure) -> None:
+    def stt(*args: str, key: str | None = None) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k != "STT_API_KEY"}
+        if key:
+            env["STT_API_KEY"] = key
+        return subprocess.run([sys.executable, "-m", "fanout.cli", "--url",
+                               f"http://127.0.0.1:{secure.port}", *args], env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    refused = stt("sessions")
+    assert refused.returncode == 1 and "(unauthorized)" in refused.stderr, refused.stderr
+    listed = stt("sessions", "--json", key=KEY)
+    assert listed.returncode == 0, listed.stderr
+    assert "sessions" in json.loads(listed.stdout)
 
 
 def test_bystander_sessions_were_all_clean(secure: Secure, bystander: Bystander) -> None:
