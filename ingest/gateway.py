@@ -73,8 +73,11 @@ class Gateway:
             try:
                 return await self._api_request(connection, request, path)
             except SttError as exc:
+                self.metrics.rejections.labels(exc.code).inc()
                 return error_response(exc)
             except REDIS_DOWN:
+                self.metrics.redis_errors.labels("gateway").inc()
+                self.metrics.rejections.labels(StorageUnavailable.code).inc()
                 return error_response(StorageUnavailable("storage unavailable; try again later"))
         if path == "/healthz":
             return connection.respond(http.HTTPStatus.OK, "ok\n")
@@ -155,6 +158,7 @@ class Gateway:
         try:
             principal, lease = self.guard.take(ws)
         except SttError as exc:
+            self.metrics.rejections.labels(exc.code).inc()
             await send_error(ws, exc)
             return
         try:
