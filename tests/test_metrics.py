@@ -138,16 +138,17 @@ def test_fanout_metrics_count_viewers_and_readyz_follows_redis(cluster: Cluster)
 
         async def scenario() -> tuple[float, float]:
             watch: dict[str, str] = {}
+            known = asyncio.Event()
 
             def on(msg: dict[str, object]) -> None:
                 if msg["type"] == "session":
                     watch["sid"] = str(msg["session_id"])
+                    known.set()
 
             pcm = load_pcm16("fw_jfk")
             task = asyncio.create_task(stream(listen_url(cluster.ws_url), frames(pcm),
                                               pace=1.0, on_message=on))
-            while "sid" not in watch:
-                await asyncio.sleep(0.05)
+            await known.wait()
             url = f"ws://127.0.0.1:{port}/v1/sessions/{watch['sid']}/results"
             async with connect(url) as ws:
                 assert json.loads(await ws.recv())["type"] in ("viewer", "session")
