@@ -50,3 +50,17 @@ def test_decoding_loops_are_recognised() -> None:
     assert looks_degenerate(ok, 1.0)  # nine words in one second
     late = [W(" hello", 0.1, 0.5), W(" there", 0.6, 3.0)]
     assert looks_degenerate(late, 2.0)
+
+
+def test_a_low_confidence_stock_phrase_at_the_end_is_dropped() -> None:
+    from transcriber.model import strip_hallucinated_tail
+
+    said = [Word(" To", 0.0, 0.2, 0.9), Word(" cruel.", 0.2, 0.6, 0.8)]
+    thanks = [Word(" Thank", 0.7, 0.9, 0.2), Word(" you.", 0.9, 1.0, 0.3)]
+    assert strip_hallucinated_tail(said + thanks) == said
+    assert strip_hallucinated_tail(thanks) == []
+    sure = [Word(" Thank", 0.7, 0.9, 0.95), Word(" you.", 0.9, 1.0, 0.97)]
+    assert strip_hallucinated_tail(said + sure) == said + sure  # really said
+    assert strip_hallucinated_tail(said) == said
+    lone = [Word(" do", 0.0, 0.2, 0.9), Word(" for", 0.2, 0.4, 0.9), Word(" you", 0.4, 0.6, 0.4)]
+    assert strip_hallucinated_tail(lone) == lone

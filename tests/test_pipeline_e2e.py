@@ -156,9 +156,13 @@ def test_long_clip_streamed_whole_matches_offline(
     print(f"\nsonnet ({cut}): streaming WER {streaming:.3f}, offline WER {offline:.3f}, "
           f"{len(res.finals)} finals")
     assert streaming <= offline + 0.05, res.text
-    # Nothing lost at the cuts: as many words as the offline transcript, give or take.
-    n_stream, n_offline = len(normalize(res.text).split()), len(normalize(offline_text).split())
-    assert abs(n_stream - n_offline) <= max(3, 0.05 * n_offline)
+    # Nothing lost at the cuts: aligned with the offline transcript, streaming deletes
+    # almost none of its words (extra or changed words are the WER bound's business).
+    import jiwer
+
+    aligned = jiwer.process_words(normalize(offline_text), normalize(res.text))
+    n_offline = len(normalize(offline_text).split())
+    assert aligned.deletions <= max(3, 0.05 * n_offline), (aligned.deletions, res.text)
     if cut == "cut_at_8s":
         assert all(f["end"] - f["start"] <= 8.0 + 0.05 for f in res.finals)
         assert any(f["end"] - f["start"] > 6.0 for f in res.finals), "no cut happened"

@@ -94,6 +94,20 @@ def load_whisper(model: str, device: str, compute_type: str, cpu_threads: int,  
                                cpu_threads=threads, local_files_only=True)
 
 
+def strip_hallucinated_tail(words: list[Word]) -> list[Word]:
+    """Drop a trailing stock phrase ("Thank you.") Whisper adds after the speech, when it
+    was said with low confidence; a hypothesis that is only such a phrase becomes empty."""
+    for n in (4, 3, 2, 1):
+        tail = words[-n:]
+        if n == 1 and len(words) > 1:
+            break  # a lone trailing "you" or "so" is too often really said
+        if len(tail) == n and _norm_text(tail) in HALLUCINATIONS:
+            if sum(w.probability for w in tail) / n < 0.6:
+                return words[:-n]
+            break
+    return words
+
+
 def looks_degenerate(words: list[Word], duration: float) -> bool:
     """Signs of a decoding loop: too many words for the audio, a phrase said over and
     over, or words past the end of the audio."""
@@ -134,11 +148,7 @@ class WhisperDecoder:
                 words = self._decode(audio, prompt, final)
             finally:
                 self.model.tail_frames = tail
-        if words and _norm_text(words) in HALLUCINATIONS:
-            mean_p = sum(w.probability for w in words) / len(words)
-            if mean_p < 0.6:
-                return []
-        return words
+        return strip_hallucinated_tail(words)
 
     def _decode(self, audio: np.ndarray, prompt: str, final: bool) -> list[Word]:
         segments, _info = self.model.transcribe(
