@@ -24,10 +24,10 @@ from common.messages import (
     AudioFrame,
     Final,
     Result,
-    pack_audio_entry,
     unpack_audio_entry,
     unpack_result,
 )
+from common.streams import AudioAppender
 
 SESSION_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -36,12 +36,6 @@ PAGE = 500
 
 # Same fencing as the gateway's appends: only the holder of attach generation
 # ARGV[1] may append. KEYS: meta, audio. ARGV: generation, packed entries.
-_APPEND = """
-if redis.call('HGET', KEYS[1], 'attach') ~= ARGV[1] then return -1 end
-for i = 2, #ARGV do redis.call('XADD', KEYS[2], '*', 'm', ARGV[i]) end
-return #ARGV - 1
-"""
-
 _INFO_FIELDS = ("state", "created", "model", "language", "interim", "duration",
                 "next_utterance", "seq", "replay_of", "processed_sample")
 
@@ -111,7 +105,7 @@ class SessionRecords:
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
-        self._append = redis.register_script(_APPEND)
+        self._appender = AudioAppender(redis)
 
     # ------------------------------------------------------------------ one session
 
@@ -259,9 +253,7 @@ class SessionRecords:
 
     async def append(self, sid: str, entries: list[AudioEntry], generation: int = 1) -> bool:
         """Append audio entries to a replay session; False if a client attached to it."""
-        n = await self._append(keys=[keys.meta(sid), keys.audio(sid)],
-                               args=[generation, *(pack_audio_entry(e)["m"] for e in entries)])
-        return int(n) >= 0
+        return await self._appender.append(sid, generation, entries)
 
     async def heartbeat(self, sid: str) -> None:
         await self.redis.hset(keys.meta(sid), "heartbeat", f"{time.time():.3f}")

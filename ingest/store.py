@@ -20,18 +20,12 @@ from common.messages import (
     AudioFrame,
     AudioMarker,
     Warning,
-    pack_audio_entry,
     pack_result,
     unpack_audio_entry,
 )
+from common.streams import AudioAppender
 
 # KEYS: meta, audio. ARGV: attach generation, then one packed entry per argument.
-_APPEND = """
-if redis.call('HGET', KEYS[1], 'attach') ~= ARGV[1] then return -1 end
-for i = 2, #ARGV do redis.call('XADD', KEYS[2], '*', 'm', ARGV[i]) end
-return #ARGV - 1
-"""
-
 # A notice from the gateway (queue position, lag): not fenced by a worker epoch.
 # KEYS: meta, results. ARGV: body.
 _NOTICE = """
@@ -64,7 +58,7 @@ class SessionAccess:
 class SessionStore:
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
-        self._append = redis.register_script(_APPEND)
+        self._appender = AudioAppender(redis)
         self._notice = redis.register_script(_NOTICE)
 
     async def create(self, sid: str, fields: dict[str, str | int]) -> int:
@@ -116,10 +110,7 @@ class SessionStore:
 
     async def append(self, sid: str, generation: int, entries: list[AudioEntry]) -> bool:
         """Append entries in order; False when another connection has taken the session."""
-        n = await self._append(
-            keys=[keys.meta(sid), keys.audio(sid)],
-            args=[generation, *(pack_audio_entry(e)["m"] for e in entries)])
-        return int(n) >= 0
+        return await self._appender.append(sid, generation, entries)
 
     async def heartbeat(self, sid: str) -> None:
         await self.redis.hset(keys.meta(sid), "heartbeat", f"{time.time():.3f}")
