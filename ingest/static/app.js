@@ -17,19 +17,53 @@ const MAX_RATE = 48000;
 const KEEPALIVE_MS = 5000;
 const DRAIN_TIMEOUT_MS = 90000;
 const RECONNECT_DELAYS_MS = [250, 500, 1000, 2000, 4000, 8000, 8000, 8000];
-const MAX_PENDING_SECONDS = 60; // audio kept while the socket is down
+const MAX_PENDING_SECONDS = 45; // audio kept while the socket is down (the server takes a 60 s burst)
 const SLOW_NETWORK_SECONDS = 2; // socket buffer above this much audio → warning
 
 const CLOSE_MESSAGES = {
   1003: "The server does not accept this audio format.",
   1007: "The server could not decode the audio or a message it received.",
-  1008: "The server rejected the request (not authorised, or against its policy).",
+  1008: "The server rejected the request.",
   1009: "A message was larger than the server allows.",
   1011: "The server hit an internal error.",
   1013: "The service is busy right now. Please try again in a little while.",
 };
-// Codes after which reconnecting would fail the same way.
+// Error codes (docs/protocol.md) in words for people. The server's own message is
+// added for the codes whose details help (which parameter, which format).
+const ERROR_TEXT = {
+  unauthorized: "Authentication failed: the access token is missing, wrong, expired or already used. Each recording needs a new token.",
+  origin_not_allowed: "The server does not accept connections from this page's address.",
+  too_many_sessions: "Too many recordings are open from here already. Stop one, or try again shortly.",
+  unsupported_audio: "The server does not accept this audio format.",
+  invalid_audio: "The server could not decode the audio.",
+  invalid_message: "The server could not understand a message from this page.",
+  bad_request: "The server rejected the settings.",
+  session_not_found: "The session no longer exists on the server.",
+  forbidden: "This session belongs to someone else, or the access token does not allow it.",
+  session_taken: "This session was continued from another tab or device, so it stopped here.",
+  too_fast: "The server refused audio that arrived faster than real time.",
+  session_too_long: "The session reached its maximum length. Everything said until then is below.",
+  idle_timeout: "The session ended because no audio arrived for too long.",
+  message_too_big: "A message was larger than the server allows.",
+  internal_error: "The server hit an internal error. The transcript so far is kept below.",
+  overloaded: "All transcribers are busy right now. Please try again in a little while.",
+  storage_unavailable: "The server's storage is unavailable. Please try again in a little while.",
+  too_slow: "This page fell behind reading results.",
+};
+const DETAIL_CODES = new Set(["bad_request", "unsupported_audio", "invalid_audio", "invalid_message", "message_too_big"]);
+// Close codes after which reconnecting would fail the same way...
 const FATAL_CODES = new Set([1003, 1007, 1008, 1009, 1011, 1013, 1015]);
+// ...except these errors, after which a resume with `after` carries on.
+const RESUMABLE_ERRORS = new Set(["too_slow", "storage_unavailable"]);
+// A token usable as a WebSocket subprotocol ("bearer.<token>"), which keeps it out of URLs and logs.
+const SUBPROTOCOL_SAFE = /^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$/;
+
+function errorText(err, code) {
+  if (!err) return CLOSE_MESSAGES[code] || `The connection closed unexpectedly (code ${code}).`;
+  const known = ERROR_TEXT[err.code];
+  if (!known) return `${CLOSE_MESSAGES[code] || "The server reported an error."}${err.message ? ` (${err.message})` : ""}`;
+  return DETAIL_CODES.has(err.code) && err.message ? `${known} (${err.message})` : known;
+}
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -153,7 +187,8 @@ function showError(text) {
 
 const warningsShown = new Map(); // code → {li, count}
 
-function showWarning(code, message, kind = "warning") {
+/** Show (or refresh) a notice; `ttlMs` hides it that long after its last update. */
+function showWarning(code, message, kind = "warning", ttlMs = 0) {
   let entry = warningsShown.get(code);
   if (!entry) {
     const li = document.createElement("li");
@@ -182,12 +217,16 @@ function showWarning(code, message, kind = "warning") {
     }
   }
   entry.count += 1;
-  entry.text.textContent = entry.count > 1 ? `${message} (×${entry.count})` : message;
+  const text = message.charAt(0).toUpperCase() + message.slice(1);
+  entry.text.textContent = entry.count > 1 ? `${text} (×${entry.count})` : text;
+  clearTimeout(entry.timer);
+  if (ttlMs) entry.timer = setTimeout(() => clearWarning(code), ttlMs);
 }
 
 function clearWarning(code) {
   const entry = warningsShown.get(code);
   if (entry) {
+    clearTimeout(entry.timer);
     entry.li.remove();
     warningsShown.delete(code);
   }
@@ -244,11 +283,26 @@ async function startCapture(runId) {
   }
   // The context runs at the device's rate: Chrome may ignore a requested rate,
   // and Firefox refuses to connect a mic to a context at another rate.
-  const ctx = new AudioContext({ latencyHint: "interactive" });
-  const cap = { stream, ctx, node: null, source: null };
+  let ctx = new AudioContext({ latencyHint: "interactive" });
+  let source;
+  try {
+    source = ctx.createMediaStreamSource(stream);
+  } catch (err) {
+    // Firefox, when the mic and the output device run at different rates: follow the mic.
+    const micRate = stream.getAudioTracks()[0]?.getSettings().sampleRate;
+    ctx.close().catch(() => {});
+    try {
+      if (!micRate) throw err;
+      ctx = new AudioContext({ latencyHint: "interactive", sampleRate: micRate });
+      source = ctx.createMediaStreamSource(stream);
+    } catch (err2) {
+      stream.getTracks().forEach((t) => t.stop());
+      throw new UserFacingError(`Audio processing could not start (${err2.message || err2}).`);
+    }
+  }
+  const cap = { stream, ctx, node: null, source };
   try {
     await ctx.audioWorklet.addModule(new URL("worklet.js", import.meta.url));
-    const source = ctx.createMediaStreamSource(stream);
     const node = new AudioWorkletNode(ctx, "pcm-capture", {
       numberOfInputs: 1,
       numberOfOutputs: 1,
@@ -259,7 +313,6 @@ async function startCapture(runId) {
     source.connect(node);
     node.connect(ctx.destination); // the node writes silence; this keeps it pulled
     cap.node = node;
-    cap.source = source;
     if (ctx.state !== "running") await ctx.resume();
   } catch (err) {
     stopTracks(cap);
@@ -331,7 +384,7 @@ function onWorkletMessage(runId, msg) {
 }
 
 function drawLevel() {
-  ui.levelFill.style.transform = `scaleX(${level.toFixed(3)})`;
+  ui.levelFill.style.clipPath = `inset(0 ${(100 - level * 100).toFixed(1)}% 0 0)`;
   ui.levelPeak.style.left = `${(peakHold * 100).toFixed(1)}%`;
   ui.levelPeak.style.opacity = peakHold > 0.02 ? "1" : "0";
   ui.levelBox.setAttribute("aria-valuenow", String(Math.round(level * 100)));
@@ -384,7 +437,8 @@ function transmit(pcm, samples) {
   ui.audioSent.dataset.seconds = sec.toFixed(2);
   const backlog = st.ws.bufferedAmount / (2 * st.rate);
   if (backlog > SLOW_NETWORK_SECONDS) {
-    showWarning("network_slow", `The network is slow: ${backlog.toFixed(1)} s of audio waiting to be sent.`, "client");
+    showWarning("network_slow", `The network is slow: ${backlog.toFixed(1)} s of audio waiting to be sent.`,
+      "client", 10000);
   }
 }
 
@@ -428,13 +482,21 @@ function listenUrl(resume) {
     interim_results: p.interim ? "true" : "false",
   });
   if (p.language) q.set("language", p.language);
-  if (p.token) q.set("token", p.token);
+  if (p.token && !SUBPROTOCOL_SAFE.test(p.token)) q.set("token", p.token);
   if (resume) {
     q.set("session", resume.sid);
     q.set("after", String(resume.lastSeq));
   }
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   return `${scheme}//${location.host}/v1/listen?${q}`;
+}
+
+/** A socket carrying the token as a "bearer.<token>" subprotocol when it can (beside
+ * "stt", which the server selects, so the credential is never echoed back). */
+function openSocket(url) {
+  const token = st.params && st.params.token;
+  if (token && SUBPROTOCOL_SAFE.test(token)) return new WebSocket(url, ["stt", `bearer.${token}`]);
+  return new WebSocket(url);
 }
 
 function currentSegment() {
@@ -448,7 +510,7 @@ function connect(resume) {
   st.lastError = null;
   st.gotClosed = false;
   st.closeSent = false;
-  const ws = new WebSocket(listenUrl(resume));
+  const ws = openSocket(listenUrl(resume));
   ws.binaryType = "arraybuffer";
   st.ws = ws;
   ws.onopen = () => {
@@ -495,7 +557,9 @@ function onServerMessage(msg, resume) {
 function onSession(msg, resume) {
   const prev = currentSegment();
   if (!prev || prev.sid !== msg.session_id) {
-    // A new server session: its timeline starts at the audio we send next.
+    // A new server session: its timeline starts at the audio we send next. The
+    // old session's open utterance gets no final here (maybe from recoverTail).
+    if (prev) orphanPartials();
     // Indexes continue across runs, so a second recording appends below the first.
     const index = st.segmentOffset + st.segments.length;
     const seg = { index, sid: msg.session_id, lastSeq: 0, baseSample: st.samplesSent };
@@ -509,8 +573,7 @@ function onSession(msg, resume) {
       recoverTail(prev);
     }
   } else if (resume) {
-    showWarning("resumed", "Reconnected; the session was resumed.", "info");
-    setTimeout(() => clearWarning("resumed"), 4000);
+    showWarning("resumed", "Reconnected; the session was resumed.", "info", 5000);
   }
   st.sessionReady = true;
   st.everConnected = true;
@@ -534,11 +597,12 @@ function onSession(msg, resume) {
 /** The old session ended without us: fetch its remaining finals from the viewer endpoint. */
 function recoverTail(seg) {
   const q = new URLSearchParams({ after: String(seg.lastSeq) });
-  if (st.params.token) q.set("token", st.params.token);
+  const token = st.params.token;
+  if (token && !SUBPROTOCOL_SAFE.test(token)) q.set("token", token);
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   let ws;
   try {
-    ws = new WebSocket(`${scheme}//${location.host}/v1/sessions/${encodeURIComponent(seg.sid)}/results?${q}`);
+    ws = openSocket(`${scheme}//${location.host}/v1/sessions/${encodeURIComponent(seg.sid)}/results?${q}`);
   } catch (_) {
     return;
   }
@@ -563,43 +627,36 @@ function onSocketClosed(ev, resume) {
   const code = ev.code;
   st.ws = null;
   const err = st.lastError;
-  const serverMsg = err && err.message ? ` (${err.message})` : "";
   ui.conn.dataset.closeCode = String(code);
 
-  if (st.gotClosed || (code === 1000 && st.stopping)) {
-    finishRun();
-    if (st.gotClosed) {
-      setPhase("closed");
-      setConn("closed", "Closed", { closeCode: code });
-      announce("Transcription finished.");
-    } else {
-      setPhase("error");
-      setConn("error", `Closed before finishing (${code})`, { closeCode: code });
-      showError("The server closed the session before sending all results." + serverMsg);
-    }
-    return;
-  }
-  if (code === 1000 && !err) {
+  if (st.gotClosed) {
+    // Drained: every final is in. An error after `closed` (session_too_long,
+    // idle_timeout) says why the server ended it.
     finishRun();
     setPhase("closed");
-    setConn("closed", "Ended by server", { closeCode: code });
-    showWarning("ended", "The server ended the session.", "info");
+    setConn("closed", err ? "Ended by server" : "Closed", { closeCode: code });
+    if (err) showError(errorText(err, code));
+    announce("Transcription finished.");
     return;
   }
-  // Resume refused: carry on in a new session rather than give up.
+  if (code === 1000) {
+    finishRun();
+    setPhase(st.stopping ? "error" : "closed");
+    setConn(st.stopping ? "error" : "closed", "Ended by server", { closeCode: code });
+    showError(st.stopping ? "The server closed the session before sending all results." : "The server ended the session.");
+    return;
+  }
+  // Resume refused (the session expired): carry on in a new session.
   if (resume && err && err.code === "session_not_found" && !st.stopping) {
     scheduleReconnect(null);
     return;
   }
-  if (FATAL_CODES.has(code) || (err && !st.everConnected)) {
+  const resumable = err ? RESUMABLE_ERRORS.has(err.code) && st.everConnected : !FATAL_CODES.has(code);
+  if (!resumable) {
     finishRun();
     setPhase("error");
     setConn("error", `Error (${code})`, { closeCode: code });
-    const auth = code === 1008 && err && /auth|token|unauthori[sz]ed|forbidden/i.test(`${err.code} ${err.message}`);
-    const base = auth
-      ? "Authentication failed: the access token is missing, wrong or expired."
-      : CLOSE_MESSAGES[code] || "The server reported an error.";
-    showError(base + serverMsg);
+    showError(errorText(err, code));
     return;
   }
   if (!st.everConnected) {
@@ -610,7 +667,7 @@ function onSocketClosed(ev, resume) {
     diagnoseConnectFailure().then((text) => showError(text));
     return;
   }
-  // A dropped socket (1001, 1006, 1012, network change…): reconnect and resume.
+  // A dropped socket (1001, 1006, 1012, a network change…): reconnect and resume.
   const seg = currentSegment();
   scheduleReconnect(seg ? { sid: seg.sid, lastSeq: seg.lastSeq } : null);
 }
@@ -622,6 +679,7 @@ function scheduleReconnect(resume) {
     setPhase("error");
     setConn("error", "Disconnected");
     showError("The connection to the server was lost and could not be re-established. The transcript so far is kept below.");
+    diagnoseConnectFailure(true).then((text) => text && showError(text));
     return;
   }
   const delay = RECONNECT_DELAYS_MS[attempt] * (0.8 + Math.random() * 0.4);
@@ -635,17 +693,32 @@ function scheduleReconnect(resume) {
   }, delay);
 }
 
-async function diagnoseConnectFailure() {
-  const q = new URLSearchParams();
-  if (st.params && st.params.token) q.set("token", st.params.token);
+/** Ask for /v1/listen over plain HTTP: the server refuses it before the upgrade with
+ * the same status (401, 403, 429) it gave the WebSocket, which browsers hide. This is
+ * a dry run for the server: it does not use up a single-use token. With `onlyKnown`,
+ * answers null unless the status explains the failure. */
+async function diagnoseConnectFailure(onlyKnown = false) {
+  const token = st.params && st.params.token;
+  const headers = token ? { Authorization: `Bearer ${token}` } : {};
   try {
-    const res = await fetch(`/v1/listen?${q}`, { cache: "no-store" });
-    if (res.status === 401) return "Authentication failed: the access token is missing, wrong or expired.";
-    if (res.status === 403) return "The server refused this page (origin not allowed, or access forbidden).";
-    if (res.status === 429 || res.status === 503) return CLOSE_MESSAGES[1013];
-    return "Could not open a connection to the transcription server. Please try again.";
+    const res = await fetch("/v1/listen", { cache: "no-store", headers });
+    let body = {};
+    try {
+      body = await res.json();
+    } catch (_) {
+      /* not JSON */
+    }
+    const code = body && body.code;
+    if (res.status === 401) {
+      const why = body && body.message ? ` (${body.message})` : "";
+      return `Authentication failed${why}: the access token is missing, wrong, expired or already used. Each recording needs a new token.`;
+    }
+    if (res.status === 403) return ERROR_TEXT[code] || ERROR_TEXT.origin_not_allowed;
+    if (res.status === 429) return ERROR_TEXT.too_many_sessions;
+    if (res.status === 503) return ERROR_TEXT[code] || CLOSE_MESSAGES[1013];
+    return onlyKnown ? null : "Could not open a connection to the transcription server. Please try again.";
   } catch (_) {
-    return "The transcription server cannot be reached. Check your network connection and try again.";
+    return onlyKnown ? null : "The transcription server cannot be reached. Check your network connection and try again.";
   }
 }
 
@@ -698,7 +771,9 @@ function onResult(seg, msg, live) {
     case "final":
       return onFinal(seg, msg, live);
     case "warning":
-      return showWarning(`server:${msg.code || "warning"}`, msg.message || msg.code || "Warning from the server");
+      // Queue and lag notices are transient: they fade once the server stops repeating them.
+      return showWarning(`server:${msg.code || "warning"}`, msg.message || msg.code || "Warning from the server",
+        "warning", 15000);
     case "closed":
       if (!live) return;
       st.gotClosed = true;
@@ -1073,9 +1148,37 @@ ui.clear.addEventListener("click", () => {
 // ------------------------------------------------------------------ boot
 
 (function boot() {
+  // Checkbox and language choices persist; the token never does.
+  const saved = ["opt-echo", "opt-noise", "opt-agc", "opt-interim", "opt-language"];
+  for (const id of saved) {
+    const el = $(id);
+    let value = null;
+    try {
+      value = localStorage.getItem(`stt.${id}`);
+    } catch (_) {
+      /* storage disabled */
+    }
+    if (value !== null) {
+      if (el.type === "checkbox") el.checked = value === "1";
+      else el.value = value;
+    }
+    el.addEventListener("change", () => {
+      try {
+        localStorage.setItem(`stt.${id}`, el.type === "checkbox" ? (el.checked ? "1" : "0") : el.value);
+      } catch (_) {
+        /* storage disabled */
+      }
+    });
+  }
   const q = new URLSearchParams(location.search);
   if (q.get("token")) ui.token.value = q.get("token");
   if (q.get("language")) ui.language.value = q.get("language");
+  if (q.has("token")) {
+    // Keep the credential out of the address bar, history and bookmarks.
+    q.delete("token");
+    const rest = q.toString();
+    history.replaceState(null, "", `${location.pathname}${rest ? `?${rest}` : ""}${location.hash}`);
+  }
   setPhase("idle");
   if (!window.isSecureContext) {
     showWarning(
