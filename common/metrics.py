@@ -8,10 +8,12 @@ fresh registry, so tests can run several in one process.
 from __future__ import annotations
 
 import dataclasses
+import http
 import http.server
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -123,10 +125,6 @@ def register_viewer_gauges(registry: CollectorRegistry, hubs: Callable[[], int],
           registry=registry).set_function(viewers)
 
 
-def metrics_response(registry: CollectorRegistry) -> tuple[bytes, str]:
-    return generate_latest(registry), CONTENT_TYPE_LATEST
-
-
 class HealthServer:
     """/metrics, /healthz and /readyz on a plain HTTP port, served from a daemon thread."""
 
@@ -176,3 +174,29 @@ class HealthServer:
                 pass  # scrapes every few seconds would drown the service's own log
 
         return Handler
+
+
+async def health_route(path: str, connection: Any, probe: Any, registry: CollectorRegistry,
+                       before_metrics: Callable[[], Awaitable[None]] | None = None) -> Any:
+    """/healthz, /readyz (``probe`` answers PING) and /metrics on a websockets server;
+    None for any other path. The same three endpoints on the gateway and fanout."""
+    from websockets.datastructures import Headers
+    from websockets.http11 import Response
+
+    from common.redis_client import REDIS_DOWN
+
+    if path == "/healthz":
+        return connection.respond(http.HTTPStatus.OK, "ok\n")
+    if path == "/readyz":
+        try:
+            await probe.ping()
+        except REDIS_DOWN:
+            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "redis unreachable\n")
+        return connection.respond(http.HTTPStatus.OK, "ready\n")
+    if path == "/metrics":
+        if before_metrics is not None:
+            await before_metrics()
+        body = generate_latest(registry)
+        return Response(200, "OK", Headers([("Content-Type", CONTENT_TYPE_LATEST),
+                                            ("Content-Length", str(len(body)))]), body)
+    return None

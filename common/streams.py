@@ -8,6 +8,7 @@ mark in meta makes the retry a no-op instead of a duplicated frame.
 from __future__ import annotations
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from common import keys
 from common.messages import AudioEntry, pack_audio_entry
@@ -43,3 +44,17 @@ class AudioAppender:
             args += [entry.seq, pack_audio_entry(entry)["m"]]
         n = await self._script(keys=[keys.meta(sid), keys.audio(sid)], args=args)
         return int(n) >= 0
+
+
+async def queue_backlog(redis: aioredis.Redis) -> int:
+    """Sessions on the work queue that no transcriber has taken yet."""
+    try:
+        groups = await redis.xinfo_groups(keys.SESSIONS)
+    except ResponseError:  # no queue yet
+        return 0
+    for g in groups:
+        name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+        if name == keys.GROUP:
+            lag = g.get("lag")
+            return int(lag) if lag is not None else 0
+    return int(await redis.xlen(keys.SESSIONS))  # no worker has created the group yet

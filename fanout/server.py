@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http
 
 from prometheus_client import CollectorRegistry
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from common import errors
 from common.access import AccessGuard, select_subprotocol
 from common.errors import StorageUnavailable, SttError
-from common.metrics import metrics_response, register_viewer_gauges
+from common.metrics import health_route, register_viewer_gauges
 from common.redis_client import REDIS_DOWN, make_redis
 from common.settings import FanoutSettings
 from fanout.api import NotFound, SessionsApi, error_response
@@ -44,19 +42,9 @@ class FanoutServer:
     async def process_request(self, connection: ServerConnection,
                               request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
-        if path == "/healthz":
-            return connection.respond(http.HTTPStatus.OK, "ok\n")
-        if path == "/readyz":
-            try:
-                await self.probe.ping()
-            except REDIS_DOWN:
-                return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
-                                          "redis unreachable\n")
-            return connection.respond(http.HTTPStatus.OK, "ready\n")
-        if path == "/metrics":
-            body, ctype = metrics_response(self.registry)
-            return Response(200, "OK", Headers([("Content-Type", ctype),
-                                                ("Content-Length", str(len(body)))]), body)
+        health = await health_route(path, connection, self.probe, self.registry)
+        if health is not None:
+            return health
         if SessionsApi.handles(path):
             try:
                 principal = await self.guard.admit(connection, request, opens_session=False)

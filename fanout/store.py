@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
 
 from common import keys
 from common.audio import TARGET_RATE
@@ -27,7 +26,7 @@ from common.messages import (
     unpack_audio_entry,
     unpack_result,
 )
-from common.streams import AudioAppender
+from common.streams import AudioAppender, queue_backlog
 
 SESSION_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -260,13 +259,5 @@ class SessionRecords:
 
     async def backlog(self) -> int:
         """Sessions queued that no transcriber has taken yet."""
-        try:
-            groups = await self.redis.xinfo_groups(keys.SESSIONS)
-        except ResponseError:  # no queue yet
-            return 0
-        for g in groups:
-            name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
-            if name == keys.GROUP and g.get("lag") is not None:
-                return int(g["lag"])
-        return 0
+        return await queue_backlog(self.redis)
 

@@ -18,7 +18,6 @@ import mimetypes
 from importlib import resources
 from urllib.parse import parse_qs, urlsplit
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
@@ -28,7 +27,7 @@ from common.access import AccessGuard, select_subprotocol
 from common.auth import Principal
 from common.errors import NotConfigured, StorageUnavailable, SttError
 from common.messages import AudioMarker
-from common.metrics import gateway_metrics, register_viewer_gauges
+from common.metrics import gateway_metrics, health_route, register_viewer_gauges
 from common.redis_client import REDIS_DOWN, make_redis
 from common.settings import GatewaySettings
 from fanout.api import SessionsApi, error_response, json_response
@@ -79,18 +78,9 @@ class Gateway:
                 self.metrics.redis_errors.labels("gateway").inc()
                 self.metrics.rejections.labels(StorageUnavailable.code).inc()
                 return error_response(StorageUnavailable("storage unavailable; try again later"))
-        if path == "/healthz":
-            return connection.respond(http.HTTPStatus.OK, "ok\n")
-        if path == "/readyz":
-            try:
-                await self.probe.ping()
-            except REDIS_DOWN:
-                return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
-                                          "redis unreachable\n")
-            return connection.respond(http.HTTPStatus.OK, "ready\n")
-        if path == "/metrics":
-            return await self._metrics()
-        return self._static(connection, path)
+        health = await health_route(path, connection, self.probe, self.metrics.registry,
+                                    self._refresh_queued)
+        return health if health is not None else self._static(connection, path)
 
     async def _api_request(self, connection: ServerConnection, request: Request,
                            path: str) -> Response | None:
@@ -126,15 +116,11 @@ class Gateway:
         return json_response(http.HTTPStatus.OK, {
             "token": token, "expires_at": claims.exp, "max_session_s": claims.max_session_s})
 
-    async def _metrics(self) -> Response:
+    async def _refresh_queued(self) -> None:
         try:
             self.metrics.sessions_queued.set(await self.store.backlog())
         except REDIS_DOWN:
             self.metrics.redis_errors.labels("gateway").inc()
-        body = generate_latest(self.metrics.registry)
-        headers = Headers([("Content-Type", CONTENT_TYPE_LATEST),
-                           ("Content-Length", str(len(body)))])
-        return Response(200, "OK", headers, body)
 
     def _static(self, connection: ServerConnection, path: str) -> Response:
         name = "index.html" if path in ("/", "") else path.lstrip("/")

@@ -23,7 +23,7 @@ from common.messages import (
     pack_result,
     unpack_audio_entry,
 )
-from common.streams import AudioAppender
+from common.streams import AudioAppender, queue_backlog
 
 # KEYS: meta, audio. ARGV: attach generation, then one packed entry per argument.
 # A notice from the gateway (queue position, lag): not fenced by a worker epoch.
@@ -125,16 +125,7 @@ class SessionStore:
 
     async def backlog(self) -> int:
         """Sessions queued that no transcriber has taken yet."""
-        try:
-            groups = await self.redis.xinfo_groups(keys.SESSIONS)
-        except ResponseError:  # no queue yet
-            return 0
-        for g in groups:
-            name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
-            if name == keys.GROUP:
-                lag = g.get("lag")
-                return int(lag) if lag is not None else 0
-        return int(await self.redis.xlen(keys.SESSIONS))
+        return await queue_backlog(self.redis)
 
     async def queue_position(self, sid: str) -> int | None:
         """1-based position among the sessions no transcriber has taken yet (None once taken)."""
