@@ -129,6 +129,10 @@ class RedisSettings:
     redis_retries: int = setting(
         8, "retries with exponential backoff for a failed Redis command before giving up"
     )
+    redis_max_connections: int = setting(
+        10000, "connections one Redis client may hold at once (a gateway holds one per live "
+        "session while it waits for results); redis-py's own default of 100 refused the 101st "
+        "session (measured)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +159,28 @@ class AccessSettings(RedisSettings):
     handshake_timeout_s: float = setting(
         10.0, "a connection must complete its HTTP request and WebSocket handshake within "
         "this many seconds (slow-loris guard)")
+    rate_limit_ip_per_s: float = setting(
+        5.0, "/v1 HTTP requests and WebSocket handshakes one client address may make per "
+        "second once its burst is spent (HTTP 429 rate_limited with Retry-After beyond); "
+        "counted in each process; 0 = no limit")
+    rate_limit_ip_burst: float = setting(
+        30.0, "requests one client address may make at once before rate_limit_ip_per_s "
+        "applies")
+    rate_limit_key_per_s: float = setting(
+        50.0, "/v1 requests per second one API key may make once its burst is spent, its "
+        "session tokens' requests included (HTTP 429 rate_limited); 0 = no limit")
+    rate_limit_key_burst: float = setting(
+        200.0, "requests one API key may make at once before rate_limit_key_per_s applies")
+    auth_failures_per_min: float = setting(
+        10.0, "failed authentications (HTTP 401) one client address may have per minute once "
+        "auth_failure_burst is spent; then every /v1 request from it gets HTTP 429 "
+        "rate_limited until the allowance refills (brute-force guard); 0 = no limit")
+    auth_failure_burst: float = setting(
+        20.0, "failed authentications one client address may have in a row before "
+        "auth_failures_per_min applies")
+    rate_limit_buckets: int = setting(
+        50000, "client addresses (and, separately, API keys) whose request rates one process "
+        "tracks; beyond it the one idle longest is forgotten (about 250 bytes each)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +201,26 @@ class SessionsApiSettings(AccessSettings):
     export_concurrency: int = setting(
         2, "audio.wav responses built at once per process; more get 503")
     list_max: int = setting(500, "most sessions one GET /v1/sessions returns")
+    max_message_bytes: int = setting(
+        1 << 20, "largest WebSocket message accepted; a larger one gets the error "
+        "message_too_big and close 1009")
+    transport_max_bytes: int = setting(
+        0, "hard bound of the WebSocket layer on one incoming message, bytes; a message "
+        "above it is refused from its frame header, without being read, with close 1009 and "
+        "no error message; 0 = 2 x max_message_bytes (memory per socket is about this "
+        "times max_queue)")
+    max_messages_per_s: float = setting(
+        100.0, "WebSocket messages per second one socket may send once messages_burst is "
+        "spent (too_many_messages, close 1008); 0 = no limit")
+    messages_burst: float = setting(
+        1000.0, "WebSocket messages one socket may send at once (a backlog of 100 ms audio "
+        "messages after a reconnect) before max_messages_per_s applies")
+
+    @property
+    def ws_max_size(self) -> int:
+        """The WebSocket layer's ``max_size``: ``transport_max_bytes``, at least the limit."""
+        hard = self.transport_max_bytes or 2 * self.max_message_bytes
+        return max(hard, self.max_message_bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +230,8 @@ class FanoutSettings(SessionsApiSettings):
     host: str = setting("0.0.0.0", "address to listen on")
     port: int = setting(8766, "port to listen on")
     max_message_bytes: int = setting(
-        65536, "largest WebSocket message accepted from a viewer (close 1009)")
+        65536, "largest WebSocket message accepted from a viewer; a larger one gets the "
+        "error message_too_big and close 1009")
     log_level: str = setting("INFO", "log level")
     log_format: str = setting("text", "text, or json (one object per line, with the session id)")
 
@@ -198,7 +245,6 @@ class GatewaySettings(SessionsApiSettings):
     model_name: str = setting(
         "tiny.en", "model name reported to clients in the session message", env="STT_MODEL"
     )
-    max_message_bytes: int = setting(1 << 20, "largest WebSocket message accepted (close 1009)")
     max_queue: int = setting(16, "incoming WebSocket messages buffered per connection")
     max_frame_seconds: float = setting(
         5.0, "longest audio in one message, seconds (longer is refused with 1009)"
@@ -266,10 +312,24 @@ class TranscriberSettings(RedisSettings):
         "auto", "CTranslate2 compute type; auto = int8 on CPU, float16 on CUDA")
     cpu_threads: int = setting(0, "CTranslate2 intra-op threads; 0 = number of cores")
     encoder_tail_frames: int = setting(
-        -1, "experimental: encode only the audio plus this many 10 ms frames of padding instead "
-        "of Whisper's 30 s window (loops are re-decoded in full); -1 = full window")
+        -2, "encode only the audio plus this many 10 ms frames of padding instead of "
+        "Whisper's 30 s window (2-5x cheaper on CPU; a decode that loops, or a final with a "
+        "stock-phrase sentence like 'Thank you.', is redone with the full window); -1 = the "
+        "full window; -2 = auto: 600 on CPU, the full window on CUDA")
+    final_encoder_tail_frames: int = setting(
+        -1, "the same for final decodes; -1 = the full window (default: short-context finals "
+        "halve time-to-final and reach 10 streams per CPU worker but cost accuracy, "
+        "docs/benchmarks.md); -2 = as ENCODER_TAIL_FRAMES")
+    encoder_min_frames: int = setting(
+        1000, "with short-context encoding, encode at least this many 10 ms frames: short "
+        "inputs with little padding looped, costing a full re-decode (measured)")
     language: str = setting("en", "default language when the session does not name one")
     capacity: int = setting(8, "sessions one worker transcribes at once")
+    batch_size: int = setting(
+        0, "run up to this many sessions' decodes as one batched model call; 0 = auto: 8 on "
+        "CUDA, 1 (off) on CPU, where batching measured no faster (docs/benchmarks.md)")
+    batch_wait_ms: float = setting(
+        10.0, "longest a decode's model call waits for other sessions' calls to join its batch")
     beam_size: int = setting(1, "beam size for final decodes")
     partial_beam_size: int = setting(1, "beam size for partial decodes")
     partial_interval_s: float = setting(
@@ -296,7 +356,10 @@ class TranscriberSettings(RedisSettings):
     max_utterance_s: float = setting(
         25.0, "utterances longer than this are cut at a word boundary (Whisper's window is 30 s)"
     )
-    prompt_chars: int = setting(200, "characters of previous finals passed as the prompt")
+    prompt_chars: int = setting(200, "characters of previous finals kept as the prompt")
+    prompt_tokens: int = setting(
+        32, "the prompt's last this many tokens are given to Whisper (a fixed count lets "
+        "sessions share batches); 0 = no prompt")
     read_batch: int = setting(50, "audio stream entries read per XREAD")
     lease_ms: int = setting(
         6000, "session lease: another worker may take over after this idle time, milliseconds")
