@@ -1,8 +1,13 @@
-"""Checks made on every HTTP request before a WebSocket upgrade: Origin, credentials,
-the client's address, and the per-address and per-key caps on concurrent sessions.
+"""Checks made on every HTTP request before a WebSocket upgrade: request rates, Origin,
+credentials, the client's address, and the per-address and per-key caps on concurrent
+sessions.
 
 Used by the gateway and by ``python -m fanout``; each failure is an ``SttError`` whose
 ``http_status`` becomes the response (401, 403, 429) with a JSON error body.
+
+Request rates are token buckets kept in this process (``common/ratelimit.py``): per client
+address, per API key, and per address for failed authentications (brute force). They bound
+what one process serves; with N gateways a client gets up to N times the rate.
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ from common.auth import (
     ANONYMOUS,
     ApiKeys,
     Principal,
+    TokenClaims,
     TokenSigner,
     key_principal,
     looks_like_token,
 )
-from common.errors import OriginNotAllowed, TooManySessions, Unauthorized
+from common.errors import OriginNotAllowed, RateLimited, TooManySessions, Unauthorized
+from common.ratelimit import BucketMap
 from common.redis_client import REDIS_DOWN
 from common.settings import AccessSettings
 
@@ -44,6 +51,13 @@ SUBPROTOCOL = "stt"
 BEARER_PROTOCOL_PREFIX = "bearer."
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Values of a token's nonce key (``keys.token_nonce``): it opened its session, or it was
+#: revoked before it could.
+TOKEN_USED = b"used"
+TOKEN_REVOKED = b"revoked"
+#: A nonce key outlives its token's first-use window by this much (clocks that disagree).
+NONCE_MARGIN_S = 60
 
 # KEYS: one connections set. ARGV: now, lease expiry, member, cap (0 = none), key TTL.
 _ACQUIRE = """
@@ -128,6 +142,12 @@ class AccessGuard:
         self._held: dict[str, list[str]] = {}  # connection id -> connection sets it is in
         # Admitted upgrades waiting for their handler: principal, cap lease, admitted at.
         self._conns: dict[object, tuple[Principal, str | None, float]] = {}
+        self.ip_rate = BucketMap(settings.rate_limit_ip_per_s, settings.rate_limit_ip_burst,
+                                 settings.rate_limit_buckets)
+        self.key_rate = BucketMap(settings.rate_limit_key_per_s, settings.rate_limit_key_burst,
+                                  settings.rate_limit_buckets)
+        self.auth_failures = BucketMap(settings.auth_failures_per_min / 60.0,
+                                       settings.auth_failure_burst, settings.rate_limit_buckets)
 
     def describe(self) -> str:
         if not self.required:
@@ -144,6 +164,34 @@ class AccessGuard:
         if not self.proxies:
             return peer
         return client_address(peer, headers.get_all("X-Forwarded-For"), self.proxies)
+
+    def request_ip(self, connection: object, request: Request) -> str:
+        peer = getattr(connection, "remote_address", None)
+        return self.client_ip(str(peer[0]) if peer else "", request.headers)
+
+    def check_rate(self, ip: str, now: float) -> None:
+        """RateLimited when this address is locked out by failed authentications or has
+        spent its request allowance; otherwise counts the request."""
+        bucket = address_bucket(ip)
+        wait = self.auth_failures.wait(bucket, now)
+        if wait:
+            raise RateLimited("too many failed authentications from this address; retry "
+                              "later", wait)
+        wait = self.ip_rate.take(bucket, now)
+        if wait:
+            raise RateLimited("too many requests from this address; retry later", wait)
+
+    def check_key_rate(self, principal: Principal, now: float) -> None:
+        if not principal.account:
+            return
+        wait = self.key_rate.take(principal.account, now)
+        if wait:
+            raise RateLimited("too many requests for this API key; retry later", wait)
+
+    def auth_failed(self, ip: str, now: float) -> None:
+        """Count a 401 against the address; once its allowance is spent it is locked out
+        (``check_rate``) until the allowance refills."""
+        self.auth_failures.take(address_bucket(ip), now)
 
     def check_origin(self, headers: Headers) -> None:
         """Browsers always send Origin on a WebSocket upgrade; other clients need not."""
@@ -207,35 +255,58 @@ class AccessGuard:
         key = keys.token_nonce(principal.nonce)
         if dry_run:
             if await self.redis.exists(key):
-                raise Unauthorized("token already used")
+                raise Unauthorized("token already used or revoked")
             return
         # After its first-use window the token cannot open a session anyway, so the nonce
         # only has to outlive that window (plus a margin for clocks that disagree).
-        ttl = max(1, math.ceil(principal.token_exp - time.time())) + 60
-        if not await self.redis.set(key, "1", nx=True, ex=ttl):
-            raise Unauthorized("token already used")
+        ttl = max(1, math.ceil(principal.token_exp - time.time())) + NONCE_MARGIN_S
+        before = await self.redis.set(key, TOKEN_USED, nx=True, ex=ttl, get=True)
+        if before is not None:
+            raise Unauthorized("token revoked" if before == TOKEN_REVOKED
+                               else "token already used")
+
+    async def revoke(self, claims: TokenClaims) -> bool:
+        """Make an unused token unable to open a session: its nonce is set the way its first
+        use would set it (SET NX, so a use and a revocation racing cannot both win), for the
+        rest of its first-use window. False when it had already opened its session (that
+        session is not ended; the token still resumes and views it)."""
+        left = math.ceil(claims.exp - time.time())
+        if left <= 0:
+            return True  # past its first-use window: it can open nothing any more
+        before = await self.redis.set(keys.token_nonce(claims.nonce), TOKEN_REVOKED, nx=True,
+                                      ex=left + NONCE_MARGIN_S, get=True)
+        return before is None or before == TOKEN_REVOKED
 
     async def admit(self, connection: object, request: Request, *, opens_session: bool,
                     caps: tuple[int, int] | None = None,
                     allow_tokens: bool = True) -> Principal:
-        """Every check for one request, in order: Origin (403), credentials (401), the
-        session caps (429, WebSocket upgrades with ``caps`` only), a token's first use.
-        An upgrade's principal and cap lease wait in ``take`` for its handler."""
+        """Every check for one request, in order: the address's request rate and failed
+        authentications (429), Origin (403), credentials (401), the API key's request rate
+        (429), the session caps (429, WebSocket upgrades with ``caps`` only), a token's first
+        use (401). An upgrade's principal and cap lease wait in ``take`` for its handler."""
         upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+        ip = self.request_ip(connection, request)
+        now = time.monotonic()
+        self.check_rate(ip, now)
         self.check_origin(request.headers)
-        principal = self.authenticate(request, opens_session=opens_session,
-                                      allow_tokens=allow_tokens)
+        try:
+            principal = self.authenticate(request, opens_session=opens_session,
+                                          allow_tokens=allow_tokens)
+        except Unauthorized:
+            self.auth_failed(ip, now)
+            raise
+        self.check_key_rate(principal, now)
         lease = None
         if upgrade and caps is not None:
-            peer = getattr(connection, "remote_address", None)
-            ip = self.client_ip(str(peer[0]) if peer else "", request.headers)
             lease = await self.acquire(ip, principal, *caps)
         if opens_session:
             try:
                 await self.consume(principal, dry_run=not upgrade)
-            except BaseException:
+            except BaseException as exc:
                 if lease is not None:
                     await self.release(lease)
+                if isinstance(exc, Unauthorized):
+                    self.auth_failed(ip, now)
                 raise
         if upgrade:
             self._conns[connection] = (principal, lease, time.monotonic())

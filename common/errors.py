@@ -66,6 +66,9 @@ class InvalidMessage(SttError):
 
 
 class MessageTooBig(SttError):
+    """A message over ``max_message_bytes``, or carrying more than ``max_frame_seconds`` of
+    audio."""
+
     code = "message_too_big"
     close_code = MESSAGE_TOO_BIG
     http_status = 413
@@ -160,6 +163,36 @@ class TooFast(SttError):
     code = "too_fast"
     close_code = POLICY_VIOLATION
     http_status = 429
+
+
+class TooManyMessages(SttError):
+    """More WebSocket messages per second than ``max_messages_per_s`` allows after the burst
+    (thousands of tiny messages cost CPU even within the audio speed limit)."""
+
+    code = "too_many_messages"
+    close_code = POLICY_VIOLATION
+    http_status = 429
+
+
+class RateLimited(SttError):
+    """Too many requests (or failed authentications) from one address or for one API key;
+    answered with HTTP 429 and ``Retry-After``."""
+
+    code = "rate_limited"
+    close_code = POLICY_VIOLATION
+    http_status = 429
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class TokenUsed(SttError):
+    """A session token that already opened its session cannot be revoked any more."""
+
+    code = "token_used"
+    close_code = POLICY_VIOLATION
+    http_status = 409
 
 
 class SessionTooLong(SttError):

@@ -24,7 +24,9 @@ import dataclasses
 import http
 import json
 import logging
+import math
 import re
+import time
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -39,12 +41,14 @@ from common.errors import (
     BadRequest,
     Forbidden,
     Overloaded,
+    RateLimited,
     SessionNotFound,
     StorageUnavailable,
     SttError,
     TooLarge,
 )
 from common.messages import AudioFrame
+from common.ratelimit import MessageLimits
 from common.redis_client import REDIS_DOWN
 from common.settings import SessionsApiSettings
 from fanout import formats
@@ -94,6 +98,8 @@ def error_response(exc: SttError) -> Response:
                              {"type": "error", "code": exc.code, "message": exc.message})
     if exc.http_status == http.HTTPStatus.UNAUTHORIZED:
         response.headers["WWW-Authenticate"] = 'Bearer realm="stt"'
+    if isinstance(exc, RateLimited):
+        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     return response
 
 
@@ -180,19 +186,25 @@ class SessionsApi:
                 params = ViewerParams.parse(query)
                 await self.authorize(principal, sid)
                 await Viewer(self.records, self.hubs, self.viewer_limits, ws, sid,
-                             params).run()
+                             params, self.inbound()).run()
             elif route.kind == "replay" and self.replay is not None:
                 sid = check_session_id(route.sid)
                 replay_params = ReplayParams.parse(query, self.replay.allowed_models)
                 await self.authorize(principal, sid)
                 await Replay(self.records, self.blocking, self.replay, ws, sid,
-                             replay_params, principal).run()
+                             replay_params, principal, self.inbound()).run()
             else:
                 raise NotFound("no such endpoint")
         except SttError as exc:
             await send_error(ws, exc)
         except REDIS_DOWN:
             await send_error(ws, StorageUnavailable("storage unavailable; try again later"))
+
+    def inbound(self) -> MessageLimits:
+        """Size and rate limits on what one client socket sends."""
+        s = self.settings
+        return MessageLimits(s.max_message_bytes, s.max_messages_per_s, s.messages_burst,
+                             time.monotonic())
 
     async def close(self) -> None:
         await self.hubs.close()

@@ -31,6 +31,7 @@ from common.audio import TARGET_RATE
 from common.auth import ANONYMOUS, Principal
 from common.errors import BadRequest, Overloaded, SessionActive, StorageUnavailable, SttError
 from common.messages import AudioEntry, AudioFrame, AudioMarker, Closed, ReplayStarted, to_json
+from common.ratelimit import MessageLimits
 from common.redis_client import REDIS_DOWN
 from fanout.follow import follow_results
 from fanout.sockets import bool_param, one, read_controls, send_error
@@ -89,7 +90,7 @@ class Replay:
 
     def __init__(self, records: SessionRecords, blocking: aioredis.Redis, config: ReplayConfig,
                  ws: ServerConnection, original: str, params: ReplayParams,
-                 principal: Principal = ANONYMOUS) -> None:
+                 principal: Principal = ANONYMOUS, inbound: MessageLimits | None = None) -> None:
         self.records = records
         self.blocking = blocking
         self.config = config
@@ -97,6 +98,7 @@ class Replay:
         self.original = original
         self.params = params
         self.principal = principal  # owns the new session
+        self.inbound = inbound
         self.sid = uuid.uuid4().hex
         self.stop = asyncio.Event()
 
@@ -113,7 +115,7 @@ class Replay:
                  self.params.speed, started.model)
         copy = asyncio.create_task(self._copy(), name=f"replay-copy-{self.sid}")
         deliver = asyncio.create_task(self._deliver(), name=f"replay-deliver-{self.sid}")
-        incoming = asyncio.create_task(read_controls(self.ws, self.stop))
+        incoming = asyncio.create_task(read_controls(self.ws, self.stop, self.inbound))
         failure: BaseException | None = None
         try:
             with contextlib.suppress(ConnectionClosed):

@@ -71,7 +71,7 @@ class FanoutServer:
             process_response=self.guard.process_response,
             select_subprotocol=select_subprotocol,
             open_timeout=s.handshake_timeout_s,
-            max_size=s.max_message_bytes,
+            max_size=s.ws_max_size,  # hard bound; max_message_bytes answers with an error
             compression=None,
             ping_interval=20,
             ping_timeout=20,

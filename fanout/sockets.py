@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Mapping
 
 from websockets.asyncio.server import ServerConnection
@@ -12,6 +13,7 @@ from websockets.protocol import State
 
 from common.errors import BadRequest, SttError
 from common.messages import ErrorMessage, parse_control, to_json
+from common.ratelimit import MessageLimits
 
 
 async def send_error(ws: ServerConnection, exc: SttError) -> None:
@@ -33,14 +35,22 @@ async def drop(ws: ServerConnection, exc: SttError, grace_s: float) -> None:
         ws.transport.abort()
 
 
-async def read_controls(ws: ServerConnection, on_close: asyncio.Event | None = None) -> None:
+async def read_controls(ws: ServerConnection, on_close: asyncio.Event | None = None,
+                        limits: MessageLimits | None = None) -> None:
     """Read (and mostly ignore) what a client sends until the socket closes.
 
     Reading keeps pings and the close handshake flowing. ``{"type": "close"}``
-    sets ``on_close`` where the endpoint supports ending early.
+    sets ``on_close`` where the endpoint supports ending early. A message over the
+    ``limits`` (too large, too many) gets its error and the close, and ends the reading.
     """
     with contextlib.suppress(ConnectionClosed):
         async for message in ws:
+            if limits is not None:
+                try:
+                    limits.check(message, time.monotonic())
+                except SttError as exc:
+                    await send_error(ws, exc)
+                    return
             if on_close is None or not isinstance(message, str):
                 continue
             with contextlib.suppress(SttError):

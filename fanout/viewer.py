@@ -20,6 +20,7 @@ from websockets.exceptions import ConnectionClosed
 from common import errors
 from common.errors import Overloaded, StorageUnavailable, SttError
 from common.messages import Closed, Final, Partial, Result, ViewerStarted, to_json
+from common.ratelimit import MessageLimits
 from common.redis_client import REDIS_DOWN
 from fanout.hub import Hubs, ViewerQueue
 from fanout.sockets import bool_param, drop, float_param, int_param, read_controls, send_error
@@ -77,7 +78,8 @@ class Viewer:
     """One viewer socket."""
 
     def __init__(self, records: SessionRecords, hubs: Hubs, limits: ViewerLimits,
-                 ws: ServerConnection, sid: str, params: ViewerParams) -> None:
+                 ws: ServerConnection, sid: str, params: ViewerParams,
+                 inbound: MessageLimits | None = None) -> None:
         self.records = records
         self.hubs = hubs
         self.limits = limits
@@ -86,6 +88,7 @@ class Viewer:
         self.params = params
         self.sender = _Sender(ws, params.after)
         self.queue = ViewerQueue(limits.queue, params.partials)
+        self.inbound = inbound
 
     async def run(self) -> None:
         if self.limits.active >= self.limits.max_viewers:
@@ -109,7 +112,7 @@ class Viewer:
             partials=self.params.partials, original_timing=self.params.original_timing,
             replay_of=meta.get("replay_of") or None)))
         pump = asyncio.create_task(self._pump(), name=f"viewer-{self.sid}")
-        incoming = asyncio.create_task(read_controls(self.ws))
+        incoming = asyncio.create_task(read_controls(self.ws, limits=self.inbound))
         waiters: set[asyncio.Future[Any]] = {pump, incoming, self.queue.failed}
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)

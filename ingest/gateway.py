@@ -4,8 +4,9 @@ The session logic is in ``listen.py``; the recorded-sessions API
 (``/v1/sessions...``: viewers, replays, listing, exports) is fanout's
 ``SessionsApi``, the same code ``python -m fanout`` serves. This module owns
 the server, the Redis clients and the detached sessions waiting out their
-resume grace. Every ``/v1`` request passes ``AccessGuard`` (Origin, credentials,
-session caps) before an upgrade; ``GET /v1/token`` mints session tokens.
+resume grace. Every ``/v1`` request passes ``AccessGuard`` (request rates, Origin,
+credentials, session caps) before an upgrade; ``GET`` or ``POST /v1/token`` mints session
+tokens and ``POST /v1/token/revoke`` revokes an unused one.
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ from websockets.http11 import Request, Response
 from common import errors
 from common.access import AccessGuard, select_subprotocol
 from common.auth import Principal
-from common.errors import NotConfigured, StorageUnavailable, SttError
+from common.errors import (
+    BadRequest,
+    Forbidden,
+    NotConfigured,
+    StorageUnavailable,
+    SttError,
+    TokenUsed,
+    Unauthorized,
+)
 from common.messages import AudioMarker
 from common.metrics import gateway_metrics, health_route, register_viewer_gauges
 from common.redis_client import REDIS_DOWN, make_redis
@@ -40,6 +49,14 @@ log = logging.getLogger(__name__)
 
 LISTEN_PATH = "/v1/listen"
 TOKEN_PATH = "/v1/token"
+REVOKE_PATH = "/v1/token/revoke"
+#: The header carrying the token to revoke (a header stays out of URLs and access logs).
+REVOKE_HEADER = "X-Session-Token"
+
+
+class MethodNotAllowed(SttError):
+    code = "method_not_allowed"
+    http_status = 405
 
 
 class Gateway:
@@ -68,13 +85,14 @@ class Gateway:
     async def process_request(self, connection: ServerConnection,
                               request: Request) -> Response | None:
         path = urlsplit(request.path).path
-        if path in (LISTEN_PATH, TOKEN_PATH) or SessionsApi.handles(path):
+        if path in (LISTEN_PATH, TOKEN_PATH, REVOKE_PATH) or SessionsApi.handles(path):
             try:
                 return await self._api_request(connection, request, path)
             except SttError as exc:
                 self.metrics.rejections.labels(exc.code).inc()
                 return error_response(exc)
-            except REDIS_DOWN:
+            except REDIS_DOWN as exc:
+                log.warning("%s refused: redis unavailable (%r)", path, exc)
                 self.metrics.redis_errors.labels("gateway").inc()
                 self.metrics.rejections.labels(StorageUnavailable.code).inc()
                 return error_response(StorageUnavailable("storage unavailable; try again later"))
@@ -84,10 +102,13 @@ class Gateway:
 
     async def _api_request(self, connection: ServerConnection, request: Request,
                            path: str) -> Response | None:
-        """Origin, credentials and session caps first (403, 401, 429), then the route."""
-        if path == TOKEN_PATH:
+        """Request rates, Origin, credentials and session caps first (429, 403, 401), then
+        the route."""
+        if path in (TOKEN_PATH, REVOKE_PATH):
             principal = await self.guard.admit(connection, request, opens_session=False,
                                                allow_tokens=False)
+            if path == REVOKE_PATH:
+                return await self._revoke(principal, request)
             return self._mint(principal, request)
         if path == LISTEN_PATH:
             resume = "session" in parse_qs(urlsplit(request.path).query)
@@ -100,8 +121,11 @@ class Gateway:
         return await self.sessions_api.process_request(connection, request, principal)
 
     def _mint(self, principal: Principal, request: Request) -> Response:
-        """``GET /v1/token``: a single-use session token for a browser page (API key only)."""
+        """``GET``/``POST /v1/token``: a single-use session token for a browser page (API
+        key only)."""
         s = self.settings
+        if request.method not in ("GET", "POST"):
+            raise MethodNotAllowed("use GET or POST to mint a token")
         if not self.guard.tokens.enabled:
             raise NotConfigured("session tokens are not enabled on this server")
         query = parse_qs(urlsplit(request.path).query, keep_blank_values=True)
@@ -115,6 +139,29 @@ class Gateway:
                  claims.sub, expires_in, max_session)
         return json_response(http.HTTPStatus.OK, {
             "token": token, "expires_at": claims.exp, "max_session_s": claims.max_session_s})
+
+    async def _revoke(self, principal: Principal, request: Request) -> Response:
+        """``POST /v1/token/revoke`` with the token in ``X-Session-Token``: the API key that
+        minted an unused token makes it unable to open a session (409 ``token_used`` once
+        it has opened one)."""
+        if request.method != "POST":
+            raise MethodNotAllowed("use POST to revoke a token")
+        if not self.guard.tokens.enabled:
+            raise NotConfigured("session tokens are not enabled on this server")
+        values = request.headers.get_all(REVOKE_HEADER)
+        if len(values) != 1:
+            raise BadRequest(f"send the token to revoke in one {REVOKE_HEADER} header")
+        try:
+            claims = self.guard.tokens.verify(values[0].strip())
+        except Unauthorized:
+            raise BadRequest("not a valid session token") from None
+        if claims.sub != (principal.account or "anonymous"):  # as _mint names it
+            raise Forbidden("only the API key that minted a token may revoke it")
+        if not await self.guard.revoke(claims):
+            raise TokenUsed("the token already opened its session; revoking it does not "
+                            "end that session")
+        log.info("revoked a session token of key %s", claims.sub)
+        return json_response(http.HTTPStatus.OK, {"revoked": True, "expires_at": claims.exp})
 
     async def _refresh_queued(self) -> None:
         try:
@@ -202,7 +249,7 @@ class Gateway:
             process_response=self.guard.process_response,
             select_subprotocol=select_subprotocol,
             open_timeout=s.handshake_timeout_s,
-            max_size=s.max_message_bytes,
+            max_size=s.ws_max_size,  # hard bound; max_message_bytes answers with an error
             max_queue=s.max_queue,
             compression=None,
             ping_interval=20,

@@ -37,6 +37,7 @@ from common.messages import (
     parse_control,
     to_json,
 )
+from common.ratelimit import MessageLimits
 from common.redis_client import REDIS_DOWN
 from fanout.follow import follow_results
 from ingest.limits import AudioRate, SessionClock
@@ -211,6 +212,9 @@ class ListenSession:
         self.principal = principal
         now = time.monotonic()
         self.rate = AudioRate(self.settings.max_audio_speed, self.settings.audio_burst_s, now)
+        self.inbound = MessageLimits(self.settings.max_message_bytes,
+                                     self.settings.max_messages_per_s,
+                                     self.settings.messages_burst, now)
         self.clock = SessionClock(now + self.settings.max_session_s,
                                   self.settings.client_idle_timeout_s, now)
 
@@ -362,7 +366,9 @@ class ListenSession:
         """Audio and control messages until 'close' (True) or the socket ends (False).
 
         Waiting ends at the session's deadline or after the idle timeout (an error that
-        drains the session); audio beyond the allowed speed is refused (``too_fast``).
+        drains the session); a message over ``max_message_bytes`` (``message_too_big``),
+        beyond the message rate (``too_many_messages``) or audio beyond the allowed speed
+        (``too_fast``) is refused.
         """
         while True:
             try:
@@ -373,6 +379,7 @@ class ListenSession:
             except ConnectionClosedOK:
                 return False
             now = time.monotonic()
+            self.inbound.check(message, now)
             self.clock.touch(now)
             if isinstance(message, bytes):
                 await self._audio(self.normalizer.feed(message), now)

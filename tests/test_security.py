@@ -45,16 +45,24 @@ from tests.test_pipeline_e2e import check_protocol, with_tail
 pytestmark = pytest.mark.integration
 
 KEY_BYSTANDER, KEY, KEY_CAPPED = new_key(), new_key(), new_key()
+KEY_FLOOD, KEY_FLOOD_IP = new_key(), new_key()  # the request-rate cases, one each
 SECRET = secrets.token_urlsafe(40)
 ORIGIN = "https://app.example"
 IP_CAP, KEY_CAP = 2, 16  # the hostile key runs many cases: keep its cap out of their way
 IDLE_S, SPEED, BURST_S, HANDSHAKE_S = 2.0, 2.0, 3.0, 2.0
 MAX_MESSAGE = 65536
+TRANSPORT_MAX = 2 * MAX_MESSAGE  # the default hard bound: twice MAX_MESSAGE_BYTES
+# Request rates: a case that floods on purpose uses its own address (or key); the others stay
+# far below (address_cap_frees_when_a_session_ends makes ~30 requests from one address, the
+# hostile key ~150 in all). Refills are slow so that a flood on a slow box still ends in 429.
+IP_RATE, IP_BURST, KEY_RATE, KEY_BURST, FAILURE_BURST = 1.0, 40, 2.0, 60, 5
+MESSAGES_BURST = 500  # odd_byte_counts sends ~400 small messages at once
 
 GATEWAY_ENV = {
     "AUTH": "required",
     "API_KEYS": f"bystander={hash_key(KEY_BYSTANDER)},hostile={hash_key(KEY)},"
-                f"capped={hash_key(KEY_CAPPED)}",
+                f"capped={hash_key(KEY_CAPPED)},flood={hash_key(KEY_FLOOD)},"
+                f"flood-ip={hash_key(KEY_FLOOD_IP)}",
     "TOKEN_SECRET": SECRET,
     "ALLOWED_ORIGINS": ORIGIN,
     "TRUSTED_PROXIES": "127.0.0.1",
@@ -66,6 +74,14 @@ GATEWAY_ENV = {
     "HANDSHAKE_TIMEOUT_S": str(HANDSHAKE_S),
     "MAX_MESSAGE_BYTES": str(MAX_MESSAGE),
     "MAX_FRAME_SECONDS": "1.0",
+    "RATE_LIMIT_IP_PER_S": str(IP_RATE),
+    "RATE_LIMIT_IP_BURST": str(IP_BURST),
+    "RATE_LIMIT_KEY_PER_S": str(KEY_RATE),
+    "RATE_LIMIT_KEY_BURST": str(KEY_BURST),
+    "AUTH_FAILURES_PER_MIN": "6",
+    "AUTH_FAILURE_BURST": str(FAILURE_BURST),
+    "MAX_MESSAGES_PER_S": "100",
+    "MESSAGES_BURST": str(MESSAGES_BURST),
     "RESUME_GRACE_S": "3",
     "LOG_LEVEL": "DEBUG",  # websockets logs request lines and headers: none may leak
 }
@@ -94,15 +110,25 @@ class Secure:
         return f"ws://127.0.0.1:{self.port}"
 
     def http(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        out, body = self.request("GET", path, headers)
+        return out.status or 0, body
+
+    def request(self, method: str, path: str,
+                headers: dict[str, str] | None = None) -> tuple[Outcome, Any]:
+        """One HTTP request (from a new client address unless ``headers`` names one): its
+        status, JSON error code and Retry-After, and its body."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
         try:
-            conn.request("GET", path, headers={"X-Forwarded-For": next_ip(), **(headers or {})})
+            conn.request(method, path,
+                         headers={"X-Forwarded-For": next_ip(), **(headers or {})})
             resp = conn.getresponse()
-            body = resp.read()
-            try:
-                return resp.status, json.loads(body)
-            except ValueError:
-                return resp.status, body
+            body: Any = resp.read()
+            with contextlib.suppress(ValueError):
+                body = json.loads(body)
+            out = Outcome(status=resp.status, retry_after=resp.getheader("Retry-After"))
+            if isinstance(body, dict):
+                out.error, out.detail = body.get("code"), body.get("message")
+            return out, body
         finally:
             conn.close()
 
@@ -198,6 +224,8 @@ class Outcome:
     dropped: bool = False  # the server cut the connection without answering
     messages: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     subprotocol: str | None = None
+    retry_after: str | None = None  # Retry-After of a refused request
+    detail: str | None = None  # the message of a JSON error body
 
     def of_type(self, kind: str) -> list[dict[str, Any]]:
         return [m for m in self.messages if m.get("type") == kind]
@@ -250,8 +278,10 @@ async def session(secure: Secure, path: str = "/v1/listen", sends: Sequence[Send
             out.close = ws.close_code
     except InvalidStatus as exc:
         out.status = exc.response.status_code
+        out.retry_after = exc.response.headers.get("Retry-After")
         try:
-            out.error = json.loads(exc.response.body)["code"]
+            body = json.loads(exc.response.body)
+            out.error, out.detail = body["code"], body["message"]
         except (ValueError, KeyError, TypeError):
             pass
         return out
@@ -486,6 +516,108 @@ def nested(depth: int) -> str:
     return '{"a":' * depth + "1" + "}" * depth
 
 
+def retry_after_given(out: Outcome) -> None:
+    assert out.retry_after is not None and int(out.retry_after) >= 1, out
+
+
+async def request_flood_from_one_address(s: Secure, b: Bystander) -> Outcome:
+    ip = next_ip()
+    outs = [await asyncio.to_thread(s.request, "GET", "/v1/token", {
+        "Authorization": f"Bearer {KEY_FLOOD_IP}", "X-Forwarded-For": ip})
+            for _ in range(IP_BURST + 15)]
+    statuses = [o.status for o, _ in outs]
+    assert statuses[:IP_BURST] == [200] * IP_BURST, statuses
+    assert await asyncio.to_thread(lambda: s.mint(KEY_FLOOD_IP)), "other addresses are not"
+    return outs[-1][0]
+
+
+async def request_flood_for_one_key(s: Secure, b: Bystander) -> Outcome:
+    outs = [await asyncio.to_thread(s.request, "GET", "/v1/sessions?limit=1", {
+        "Authorization": f"Bearer {KEY_FLOOD}"}) for _ in range(KEY_BURST + 20)]
+    statuses = [o.status for o, _ in outs]  # each from its own address
+    assert statuses[:KEY_BURST] == [200] * KEY_BURST, statuses
+    assert (await asyncio.to_thread(s.http, "/v1/sessions?limit=1", {
+        "Authorization": f"Bearer {KEY}"}))[0] == 200, "other keys are not"
+    return outs[-1][0]
+
+
+async def brute_force_handshakes(s: Secure, b: Bystander) -> Outcome:
+    ip = next_ip()
+    for _ in range(FAILURE_BURST):
+        out = await session(s, sends=[CLOSE], cred=new_key(), ip=ip)
+        assert (out.status, out.error) == (401, "unauthorized"), out
+    locked = await session(s, sends=[CLOSE], cred=new_key(), ip=ip)
+    assert (locked.status, locked.error) == (429, "rate_limited"), locked
+    return await session(s, sends=[CLOSE], ip=ip)  # the right key: still locked out
+
+
+async def brute_force_over_http(s: Secure, b: Bystander) -> Outcome:
+    ip = next_ip()
+    for _ in range(FAILURE_BURST):
+        out, _ = await asyncio.to_thread(s.request, "GET", "/v1/sessions", {
+            "Authorization": f"Bearer {new_key()}", "X-Forwarded-For": ip})
+        assert (out.status, out.error) == (401, "unauthorized"), out
+    out, _ = await asyncio.to_thread(s.request, "GET", "/v1/token", {
+        "Authorization": f"Bearer stt1.{'A' * 40}.{'B' * 43}", "X-Forwarded-For": ip})
+    return out
+
+
+def revoke(token: str, key: str | None = KEY,
+           method: str = "POST") -> Callable[[Secure], Outcome]:
+    """POST /v1/token/revoke with the token in X-Session-Token, authenticated by ``key``."""
+    def run(s: Secure) -> Outcome:
+        auth = {"Authorization": f"Bearer {key}"} if key else {}
+        out, body = s.request(method, "/v1/token/revoke", {**auth, "X-Session-Token": token})
+        if out.status == 200:
+            assert body["revoked"] is True, body
+        return out
+    return run
+
+
+async def revoked_token(s: Secure, b: Bystander) -> Outcome:
+    token = await asyncio.to_thread(s.mint)
+    assert (await asyncio.to_thread(revoke(token), s)).status == 200
+    assert (await asyncio.to_thread(revoke(token), s)).status == 200  # idempotent
+    out = await session(s, sends=[CLOSE], cred=token, how="subprotocol")
+    assert out.detail == "token revoked", out
+    return out
+
+
+async def revoke_a_used_token(s: Secure, b: Bystander) -> Outcome:
+    token = await asyncio.to_thread(s.mint)
+    assert (await session(s, sends=[pcm(0.3), CLOSE], cred=token, how="query")).close == 1000
+    return await asyncio.to_thread(revoke(token), s)
+
+
+def revoke_with(key: str | None = KEY,
+                method: str = "POST") -> Callable[[Secure, Bystander], Awaitable[Outcome]]:
+    """Revocations that must be refused; ``key`` "TOKEN": authenticate with the token."""
+    async def run(s: Secure, b: Bystander) -> Outcome:
+        minted = await asyncio.to_thread(s.mint)
+        credential = minted if key == "TOKEN" else key
+        out = await asyncio.to_thread(revoke(minted, credential, method), s)
+        again = await session(s, sends=[pcm(0.3), CLOSE], cred=minted, how="query")
+        assert again.close == 1000, "a refused revocation must leave the token usable"
+        return out
+    return run
+
+
+async def forged_token_revoked(s: Secure, b: Bystander) -> Outcome:
+    token = await asyncio.to_thread(s.mint)
+    prefix, body, sig = token.split(".")
+    return await asyncio.to_thread(revoke(f"{prefix}.{body}.{sig[::-1]}"), s)
+
+
+def too_big_for_the_message_limit(out: Outcome) -> None:
+    assert out.messages[0]["type"] == "session"
+    assert str(MAX_MESSAGE) in out.of_type("error")[0]["message"]
+
+
+def viewer(sends: Sequence[Send]) -> Callable[[Secure, Bystander], Awaitable[Outcome]]:
+    """A viewer of the bystander's session (an API key reads any session) that sends."""
+    return lambda s, b: session(s, f"/v1/sessions/{b.sid}/results", sends)
+
+
 CASES: list[Case] = [
     # ------------------------------------------------ refused before the upgrade
     Case("no_credentials", listen(sends=[CLOSE], cred=None), status=401, error="unauthorized"),
@@ -524,6 +656,25 @@ CASES: list[Case] = [
     Case("too_many_sessions_for_one_key", too_many_for_one_key, status=429,
          error="too_many_sessions"),
     Case("slowloris_handshake", slowloris, dropped=True),
+    # ------------------------------------------------ request rates (HTTP 429, Retry-After)
+    Case("request_flood_from_one_address", request_flood_from_one_address, status=429,
+         error="rate_limited", check=retry_after_given),
+    Case("request_flood_for_one_api_key", request_flood_for_one_key, status=429,
+         error="rate_limited", check=retry_after_given),
+    Case("brute_force_handshakes_lock_the_address_out", brute_force_handshakes, status=429,
+         error="rate_limited", check=retry_after_given),
+    Case("brute_force_over_http_locks_the_address_out", brute_force_over_http, status=429,
+         error="rate_limited", check=retry_after_given),
+    # ------------------------------------------------ token revocation
+    Case("revoked_token", revoked_token, status=401, error="unauthorized"),
+    Case("revoke_a_used_token", revoke_a_used_token, status=409, error="token_used"),
+    Case("revoke_another_keys_token", revoke_with(KEY_CAPPED), status=403, error="forbidden"),
+    Case("revoke_with_the_token_itself", revoke_with("TOKEN"), status=401,
+         error="unauthorized"),
+    Case("revoke_without_credentials", revoke_with(None), status=401, error="unauthorized"),
+    Case("revoke_with_get", revoke_with(method="GET"), status=405,
+         error="method_not_allowed"),
+    Case("revoke_a_forged_token", forged_token_revoked, status=400, error="bad_request"),
     Case("header_flood", lambda s, b: raw_request(s, listen_request(
         s, "".join(f"X-H{i}: x\r\n" for i in range(300)))), status=431),
     Case("request_line_too_long", lambda s, b: raw_request(
@@ -532,7 +683,20 @@ CASES: list[Case] = [
         s, f"GET /v1/listen HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\r\n"
         .encode()), status=426),
     # ------------------------------------------------ after the upgrade: limits
-    Case("oversized_message", listen(sends=[b"\0" * (MAX_MESSAGE + 2)]), close=1009),
+    Case("oversized_message", listen(sends=[b"\0" * (MAX_MESSAGE + 2)]), close=1009,
+         error="message_too_big", check=too_big_for_the_message_limit),
+    Case("oversized_text_message", listen(sends=[json.dumps(  # 2-byte characters in UTF-8
+        {"type": "keepalive", "pad": "é" * (MAX_MESSAGE // 2)}, ensure_ascii=False)]),
+         close=1009, error="message_too_big", check=too_big_for_the_message_limit),
+    # beyond the WebSocket layer's hard bound: refused from the frame header, unread
+    Case("message_beyond_the_transport_bound", listen(sends=[b"\0" * (TRANSPORT_MAX + 1)]),
+         close=1009),
+    Case("thousands_of_tiny_messages", listen(sends=[b"\0\0"] * (MESSAGES_BURST * 6)),
+         close=1008, error="too_many_messages", check=flooded),
+    Case("oversized_message_to_a_viewer", viewer([b"\0" * (MAX_MESSAGE + 1)]), close=1009,
+         error="message_too_big"),
+    Case("message_flood_on_a_viewer", viewer(['{"type": "keepalive"}'] * (MESSAGES_BURST * 6)),
+         close=1008, error="too_many_messages"),
     Case("too_much_audio_in_one_message", listen(sends=[pcm(1.5)]), close=1009,
          error="message_too_big"),
     Case("ten_times_real_time_flood", listen(sends=audio_frames(11.0), gap=0.01),
@@ -685,5 +849,5 @@ def test_no_credentials_in_the_gateway_log(secure: Secure) -> None:
     """The gateway logged at DEBUG (request lines, headers) while keys and tokens flew."""
     log = secure.gateway.log()
     assert "Authorization" in log and "token=" in log, "the log shows no requests at all"
-    for secret in [KEY_BYSTANDER, KEY, KEY_CAPPED, *secure.minted]:
+    for secret in [KEY_BYSTANDER, KEY, KEY_CAPPED, KEY_FLOOD, KEY_FLOOD_IP, *secure.minted]:
         assert secret not in log
