@@ -19,6 +19,11 @@ const DRAIN_TIMEOUT_MS = 90000;
 const RECONNECT_DELAYS_MS = [250, 500, 1000, 2000, 4000, 8000, 8000, 8000];
 const MAX_PENDING_SECONDS = 45; // audio kept while the socket is down (the server takes a 60 s burst)
 const SLOW_NETWORK_SECONDS = 2; // socket buffer above this much audio → warning
+const AUDIO_START_TIMEOUT_MS = 6000; // the audio context must be running by then
+const NO_AUDIO_OUTPUT =
+  "Audio processing did not start. The browser needs a working sound output to process " +
+  "the microphone (Firefox does not run audio without one): connect speakers or headphones, " +
+  "or check the system's sound settings, then press Start again.";
 
 const CLOSE_MESSAGES = {
   1003: "The server does not accept this audio format.",
@@ -49,6 +54,8 @@ const ERROR_TEXT = {
   overloaded: "All transcribers are busy right now. Please try again in a little while.",
   storage_unavailable: "The server's storage is unavailable. Please try again in a little while.",
   too_slow: "This page fell behind reading results.",
+  too_many_messages: "The page sent messages faster than the server allows.",
+  rate_limited: "Too many requests from here in a short time. Please wait a moment and try again.",
 };
 const DETAIL_CODES = new Set(["bad_request", "unsupported_audio", "invalid_audio", "invalid_message", "message_too_big"]);
 // Close codes after which reconnecting would fail the same way...
@@ -281,23 +288,41 @@ async function startCapture(runId) {
   } catch (err) {
     throw new UserFacingError(micErrorMessage(err));
   }
+  if (runId === st.run) setConn("connecting", "Starting audio…");
   // The context runs at the device's rate: Chrome may ignore a requested rate,
-  // and Firefox refuses to connect a mic to a context at another rate.
+  // and older Firefox refuses to connect a mic to a context at another rate.
   let ctx = new AudioContext({ latencyHint: "interactive" });
   let source;
   try {
     source = ctx.createMediaStreamSource(stream);
   } catch (err) {
-    // Firefox, when the mic and the output device run at different rates: follow the mic.
-    const micRate = stream.getAudioTracks()[0]?.getSettings().sampleRate;
+    // Older Firefox (NotSupportedError) when the mic's audio graph runs at another rate
+    // than the default context (privacy.resistFingerprinting pins contexts to 44.1 kHz,
+    // for one). Follow the mic. Firefox does not report its rate (getSettings() has no
+    // sampleRate), so try the usual device rates.
+    const failed = ctx.sampleRate;
     ctx.close().catch(() => {});
-    try {
-      if (!micRate) throw err;
-      ctx = new AudioContext({ latencyHint: "interactive", sampleRate: micRate });
-      source = ctx.createMediaStreamSource(stream);
-    } catch (err2) {
+    const micRate = stream.getAudioTracks()[0]?.getSettings().sampleRate;
+    const rates = [...new Set([micRate, 48000, 44100, 32000, 16000])].filter((r) => r && r !== failed);
+    let lastErr = err;
+    for (const rate of rates) {
+      try {
+        ctx = new AudioContext({ latencyHint: "interactive", sampleRate: rate });
+      } catch (err2) {
+        lastErr = err2;
+        continue;
+      }
+      try {
+        source = ctx.createMediaStreamSource(stream);
+        break;
+      } catch (err2) {
+        lastErr = err2;
+        ctx.close().catch(() => {});
+      }
+    }
+    if (!source) {
       stream.getTracks().forEach((t) => t.stop());
-      throw new UserFacingError(`Audio processing could not start (${err2.message || err2}).`);
+      throw new UserFacingError(`Audio processing could not start (${lastErr.message || lastErr}).`);
     }
   }
   const cap = { stream, ctx, node: null, source };
@@ -313,9 +338,10 @@ async function startCapture(runId) {
     source.connect(node);
     node.connect(ctx.destination); // the node writes silence; this keeps it pulled
     cap.node = node;
-    if (ctx.state !== "running") await ctx.resume();
+    await whenRunning(ctx, AUDIO_START_TIMEOUT_MS);
   } catch (err) {
     stopTracks(cap);
+    if (err instanceof UserFacingError) throw err;
     throw new UserFacingError(`Audio processing could not start (${err.message || err}).`);
   }
   stream.getAudioTracks().forEach((t) =>
@@ -327,6 +353,24 @@ async function startCapture(runId) {
     }),
   );
   return cap;
+}
+
+/** Resolves once `ctx` runs. Firefox keeps every AudioContext suspended, and resume()
+ * pending forever, when it has no audio output device to run it on (no sound card, no
+ * sound server): say so instead of waiting for good. */
+function whenRunning(ctx, ms) {
+  if (ctx.state === "running") return Promise.resolve();
+  return new Promise((resolve, reject) => {
+    const done = (fn, arg) => {
+      clearTimeout(timer);
+      ctx.removeEventListener("statechange", check);
+      fn(arg);
+    };
+    const check = () => ctx.state === "running" && done(resolve);
+    const timer = setTimeout(() => done(reject, new UserFacingError(NO_AUDIO_OUTPUT)), ms);
+    ctx.addEventListener("statechange", check);
+    ctx.resume().then(check, (err) => done(reject, err));
+  });
 }
 
 function stopTracks(cap) {
@@ -714,7 +758,7 @@ async function diagnoseConnectFailure(onlyKnown = false) {
       return `Authentication failed${why}: the access token is missing, wrong, expired or already used. Each recording needs a new token.`;
     }
     if (res.status === 403) return ERROR_TEXT[code] || ERROR_TEXT.origin_not_allowed;
-    if (res.status === 429) return ERROR_TEXT.too_many_sessions;
+    if (res.status === 429) return ERROR_TEXT[code] || ERROR_TEXT.too_many_sessions;
     if (res.status === 503) return ERROR_TEXT[code] || CLOSE_MESSAGES[1013];
     return onlyKnown ? null : "Could not open a connection to the transcription server. Please try again.";
   } catch (_) {
