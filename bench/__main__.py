@@ -174,6 +174,8 @@ def main() -> None:
                    default=[100, 500, 1000])
     p.add_argument("--seconds", type=float, default=10.0, help="gateway load duration")
     p.add_argument("--stop-at-failure", action="store_true")
+    p.add_argument("--gateway-variant", action="append", default=[], metavar="NAME=GATEWAY_ARGS",
+                   help="a gateway configuration to compare, e.g. 'nopipe=--append-pipeline 1'")
     args = p.parse_args()
     args.variants = [tuple(v.split("=", 1)) for v in args.variant] or [("default", "")]
     OUT.mkdir(exist_ok=True)
@@ -186,7 +188,8 @@ def main() -> None:
         else:
             from bench.gateway_load import gateway_suite
 
-            data = gateway_suite(args.sockets, args.seconds)
+            data = gateway_suite(args.sockets, args.seconds,
+                                 [tuple(v.split("=", 1)) for v in args.gateway_variant])
         data["machine"] = machine()
         data["audio_s"] = len(conv.pcm) / 16000
         path = OUT / f"{suite}.json"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import time
 from typing import Any
 
@@ -75,13 +76,29 @@ async def _load(url: str, sockets: int, seconds: float) -> tuple[dict[str, list[
     return sent, failures
 
 
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} ms"
+
+
 def session_id_of(hello: str | bytes) -> str:
     import json
 
     return str(json.loads(hello)["session_id"])
 
 
-def gateway_suite(socket_counts: list[int], seconds: float) -> dict[str, Any]:
+def gateway_suite(socket_counts: list[int], seconds: float,
+                  variants: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """Each variant (name, extra gateway flags) at each socket count."""
+    out: dict[str, Any] = {"seconds": seconds, "variants": {}}
+    for name, gateway_args in variants or [("default", "")]:
+        rows = _gateway_rows(socket_counts, seconds, shlex.split(gateway_args), name)
+        out["variants"][name] = {"gateway_args": gateway_args, "rows": rows}
+    out["rows"] = out["variants"][next(iter(out["variants"]))]["rows"]  # the first, for plots
+    return out
+
+
+def _gateway_rows(socket_counts: list[int], seconds: float, extra: list[str],
+                  name: str) -> list[dict[str, Any]]:
     rows = []
     for n in socket_counts:
         server = RedisServer()
@@ -89,7 +106,7 @@ def gateway_suite(socket_counts: list[int], seconds: float) -> dict[str, Any]:
         # One load generator on one address: lift the per-address cap for this run.
         gateway, port = start_gateway(server.url, "--max-backlog", "1000000",
                                       "--resume-grace-s", "3600",
-                                      "--max-sessions-per-ip", str(n + 10))
+                                      "--max-sessions-per-ip", str(n + 10), *extra)
         try:
             pid = gateway.proc.pid
             cpu0, wall0 = _cpu_seconds(pid), time.monotonic()
@@ -110,12 +127,13 @@ def gateway_suite(socket_counts: list[int], seconds: float) -> dict[str, Any]:
                                         for k, v in summary(lat).items()},
                    "gateway_cores": cores, "cores_per_100_sockets": cores * 100 / n}
             rows.append(row)
-            print(f"[gateway] {n} sockets: frame→XADD p50 {row['frame_to_xadd_ms']['p50']:.1f} "
-                  f"p99 {row['frame_to_xadd_ms']['p99']:.1f} ms, {row['frames']}/"
+            lat_ms = row["frame_to_xadd_ms"]
+            print(f"[gateway] {name} {n} sockets: frame→XADD p50 {_ms(lat_ms['p50'])} "
+                  f"p99 {_ms(lat_ms['p99'])}, {row['frames']}/"
                   f"{row['expected_frames']} frames, {failures} failed, gateway "
                   f"{cores:.2f} cores ({row['cores_per_100_sockets']:.3f} per 100 sockets)",
                   flush=True)
         finally:
             gateway.stop()
             server.stop()
-    return {"rows": rows, "seconds": seconds}
+    return rows

@@ -43,6 +43,7 @@ class WorkerMetrics:
     finals: Counter
     partials_skipped: Counter
     redis_errors: Counter
+    batch_rows: Histogram
 
 
 def worker_metrics() -> WorkerMetrics:
@@ -72,6 +73,9 @@ def worker_metrics() -> WorkerMetrics:
                                  registry=r),
         redis_errors=Counter("stt_redis_errors", "failed Redis operations (retried)",
                              ["service"], registry=r),
+        batch_rows=Histogram("stt_worker_batch_rows",
+                             "rows (session decodes) per batched model call, by call",
+                             ["op"], buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r),
     )
 
 

@@ -36,6 +36,6 @@ def make_redis(settings: RedisSettings, *, blocking: bool = False,
         health_check_interval=15,
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), settings.redis_retries),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        max_connections=max_connections,
+        max_connections=max_connections or settings.redis_max_connections,
         decode_responses=False,
     )

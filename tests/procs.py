@@ -73,8 +73,10 @@ class RedisServer:
 
 
 #: Test services run without authentication (as `make run` does on 127.0.0.1) unless a
-#: test passes AUTH=required (tests/test_security.py does).
-TEST_ENV = {"AUTH": "off"}
+#: test passes AUTH=required (tests/test_security.py does), and without request rate limits
+#: (every test client, and the benchmarks' load generators, share 127.0.0.1) unless a test
+#: sets them (tests/test_security.py does).
+TEST_ENV = {"AUTH": "off", "RATE_LIMIT_IP_PER_S": "0", "RATE_LIMIT_KEY_PER_S": "0"}
 
 
 class Service:

@@ -64,3 +64,31 @@ def test_a_low_confidence_stock_phrase_at_the_end_is_dropped() -> None:
     assert strip_hallucinated_tail(said) == said
     lone = [Word(" do", 0.0, 0.2, 0.9), Word(" for", 0.2, 0.4, 0.9), Word(" you", 0.4, 0.6, 0.4)]
     assert strip_hallucinated_tail(lone) == lone
+
+
+def test_stock_phrase_sentences_are_spotted_anywhere_in_a_final() -> None:
+    from transcriber.model import has_stock_sentence
+
+    def words(text: str) -> list[Word]:
+        return [Word(" " + w, i * 0.3, i * 0.3 + 0.2, 0.9) for i, w in enumerate(text.split())]
+
+    assert has_stock_sentence(words("Ask not! Bye. What your country can do."))
+    assert has_stock_sentence(words("Ask what you can do for your country. Thank you."))
+    assert has_stock_sentence(words("Okay."))
+    assert not has_stock_sentence(words("Thank you for the gospel."))
+    assert not has_stock_sentence(words("He said okay and left."))
+    assert not has_stock_sentence([])
+
+
+def test_short_context_keeps_the_content_a_tail_and_a_minimum_window() -> None:
+    import numpy as np
+
+    from transcriber.model import trimmed_frames
+
+    feats = np.zeros((80, 3000), np.float32)
+    feats[:, :250] = 1.0  # 2.5 s of audio, then Whisper's zero padding
+    assert trimmed_frames(feats, 600, 100) == 900
+    assert trimmed_frames(feats, 600, 100, min_window=1000) == 1000
+    assert trimmed_frames(feats, 2900, 100) == 3000  # never more than the window
+    feats[:, :2000] = 1.0
+    assert trimmed_frames(feats, 600, 100, min_window=1000) == 2600

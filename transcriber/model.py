@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import threading
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -31,6 +34,9 @@ def _norm_text(words: list[Word]) -> str:
 
 
 BUNDLED = "tiny.en"
+#: Generous ceiling on tokens per second of audio (fast speech is ~4 words, ~6 tokens a
+#: second, timestamps included).
+MAX_TOKENS_PER_S = 10
 
 
 def resolve_model(model: str) -> str:
@@ -54,18 +60,39 @@ def resolve_device(device: str, compute_type: str) -> tuple[str, str]:
     return device, compute_type
 
 
-def trimmed_frames(features: np.ndarray, tail: int, quantum: int) -> int:
+def trimmed_frames(features: np.ndarray, tail: int, quantum: int, min_window: int = 0) -> int:
     """Frames of a padded mel segment worth encoding: the content, ``tail`` frames of the
-    zero padding after it, rounded up to ``quantum`` (fewer distinct shapes), at most 3000."""
+    zero padding after it, at least ``min_window``, rounded up to ``quantum`` (fewer
+    distinct shapes), at most 3000."""
     live = np.flatnonzero(np.any(features != 0.0, axis=-2).reshape(-1))
     content = int(live[-1]) + 1 if len(live) else 0
-    need = content + tail
+    need = max(content + tail, min_window)
     return min(features.shape[-1], -(-need // quantum) * quantum)
 
 
+_per_thread = threading.local()  # a decode thread's override of the model's tail_frames
+
+
+@contextlib.contextmanager
+def encoder_tail(frames: int) -> Iterator[None]:
+    """Within this block, this thread's encodes keep ``frames`` frames of padding after the
+    audio (-1: Whisper's full 30 s window)."""
+    saved = getattr(_per_thread, "tail_frames", None)
+    _per_thread.tail_frames = frames
+    try:
+        yield
+    finally:
+        if saved is None:
+            del _per_thread.tail_frames
+        else:
+            _per_thread.tail_frames = saved
+
+
 def load_whisper(model: str, device: str, compute_type: str, cpu_threads: int,  # type: ignore[no-untyped-def]
-                 encoder_tail_frames: int = -1):
-    """Load a faster-whisper model; ``encoder_tail_frames`` >= 0 enables short-context encoding.
+                 encoder_tail_frames: int = -1, max_batch: int = 1, batch_wait_s: float = 0.01,
+                 on_batch=None):
+    """Load a faster-whisper model; ``encoder_tail_frames`` >= 0 enables short-context encoding,
+    ``max_batch`` > 1 batches concurrent decodes from several threads (transcriber.batching).
 
     faster-whisper pads every segment to Whisper's 30 s window, so a 2 s
     utterance costs as much encoder time as 30 s of audio. CTranslate2's
@@ -80,18 +107,24 @@ def load_whisper(model: str, device: str, compute_type: str, cpu_threads: int,  
     log.info("loading whisper model %s on %s (%s, %d threads)", path, device, compute_type, threads)
 
     class ShortContextWhisper(WhisperModel):
-        #: Frames of padding kept after the content; -1 = the full 30 s window. Callers
-        #: switch it per call (one inference thread per worker, so no races).
+        #: Frames of padding kept after the content; -1 = the full 30 s window. A decode
+        #: thread overrides it for its own calls with ``encoder_tail()``.
         tail_frames = encoder_tail_frames
 
         def encode(self, features: np.ndarray):  # type: ignore[no-untyped-def]
-            if self.tail_frames >= 0:
-                n = trimmed_frames(features, self.tail_frames, 100)
+            tail = getattr(_per_thread, "tail_frames", self.tail_frames)
+            if tail >= 0:
+                n = trimmed_frames(features, tail, 100, getattr(_per_thread, "min_window", 0))
                 features = np.ascontiguousarray(features[..., :n])
             return super().encode(features)
 
-    return ShortContextWhisper(path, device=device, compute_type=compute_type,
-                               cpu_threads=threads, local_files_only=True)
+    whisper = ShortContextWhisper(path, device=device, compute_type=compute_type,
+                                  cpu_threads=threads, local_files_only=True)
+    if max_batch > 1:
+        from transcriber.batching import enable_batching
+
+        enable_batching(whisper, max_batch, batch_wait_s, on_batch)
+    return whisper
 
 
 def strip_hallucinated_tail(words: list[Word]) -> list[Word]:
@@ -106,6 +139,19 @@ def strip_hallucinated_tail(words: list[Word]) -> list[Word]:
                 return words[:-n]
             break
     return words
+
+
+def has_stock_sentence(words: list[Word]) -> bool:
+    """A sentence that is only a stock phrase ("Thank you.", "Okay.", "Bye."): what Whisper
+    says into padding. In a short-context final it is checked with the full window."""
+    sentence: list[Word] = []
+    for w in words:
+        sentence.append(w)
+        if w.word.strip().endswith((".", "?", "!")) or w is words[-1]:
+            if _norm_text(sentence) in HALLUCINATIONS:
+                return True
+            sentence = []
+    return False
 
 
 def looks_degenerate(words: list[Word], duration: float) -> bool:
@@ -131,38 +177,69 @@ class WhisperDecoder:
     """Decodes one utterance's audio; bound to a session's language."""
 
     def __init__(self, model, language: str | None, beam_size: int = 1,  # type: ignore[no-untyped-def]
-                 partial_beam_size: int = 1) -> None:
+                 partial_beam_size: int = 1, prompt_tokens: int = 48,
+                 min_frames: int = 0, final_tail_frames: int | None = None) -> None:
         self.model = model
+        #: encoder padding for finals (None: the model's setting, as for partials)
+        self.final_tail_frames = final_tail_frames
+        #: with short-context encoding, encode at least this many frames (a short input with
+        #: little padding loops more often)
+        self.min_frames = min_frames
+        #: previous-text tokens given as the prompt; a fixed count also lets decodes of
+        #: different sessions share a batch (CTranslate2 needs equal prompt layouts)
+        self.prompt_tokens = prompt_tokens
         self.language = None if language in (None, "", "auto") else language
         self.beam_size = beam_size
         self.partial_beam_size = partial_beam_size
         self.temperatures: list[float] = [0.0]
 
     def decode(self, audio: np.ndarray, prompt: str, final: bool) -> list[Word]:
-        words = self._decode(audio, prompt, final)
-        short = getattr(self.model, "tail_frames", -1) >= 0
-        if short and looks_degenerate(words, len(audio) / 16000):
-            # Short-context decoding looped: decode again with Whisper's full window.
-            tail, self.model.tail_frames = self.model.tail_frames, -1
-            try:
+        inner = getattr(self.model, "model", None)
+        decoding = getattr(inner, "decoding", None)  # a BatchingWhisper: join its batches
+        tail = getattr(self.model, "tail_frames", -1)
+        if final and self.final_tail_frames is not None:
+            tail = self.final_tail_frames
+        _per_thread.min_window = self.min_frames
+        with decoding() if decoding is not None else contextlib.nullcontext():
+            with encoder_tail(tail):
                 words = self._decode(audio, prompt, final)
-            finally:
-                self.model.tail_frames = tail
+            if tail >= 0 and (looks_degenerate(words, len(audio) / 16000) or
+                              (final and has_stock_sentence(words))):
+                # Short-context decoding looped, or a final has a sentence Whisper likes to
+                # invent on padding: decode again with Whisper's full window.
+                with encoder_tail(-1):
+                    words = self._decode(audio, prompt, final)
         return strip_hallucinated_tail(words)
 
+    def _prompt(self, prompt: str) -> list[int] | None:
+        if not prompt.strip() or self.prompt_tokens <= 0:
+            return None
+        ids: list[int] = self.model.hf_tokenizer.encode(
+            " " + prompt.strip(), add_special_tokens=False).ids
+        return ids[-self.prompt_tokens:]
+
+    def _token_budget(self, seconds: float, prompt: list[int] | None) -> int:
+        """Tokens one 30 s window may generate: enough for fast speech, far fewer than a
+        decoding loop runs to (Whisper's 448, minus the prompt and its framing tokens)."""
+        room = getattr(self.model, "max_length", 448) - len(prompt or ()) - 8
+        return max(1, min(int(MAX_TOKENS_PER_S * min(seconds, 30.0)) + 16, room))
+
     def _decode(self, audio: np.ndarray, prompt: str, final: bool) -> list[Word]:
+        initial_prompt = self._prompt(prompt)
         segments, _info = self.model.transcribe(
             audio,
             language=self.language,
             beam_size=self.beam_size if final else self.partial_beam_size,
             temperature=self.temperatures if final else 0.0,
             word_timestamps=True,
-            initial_prompt=prompt or None,
+            initial_prompt=initial_prompt,
             condition_on_previous_text=False,
             vad_filter=False,
             no_speech_threshold=0.6,
             log_prob_threshold=-1.0,
             compression_ratio_threshold=2.4,
+            # a decoding loop stops here instead of running to Whisper's 448 tokens
+            max_new_tokens=self._token_budget(len(audio) / 16000, initial_prompt),
         )
         words: list[Word] = []
         for seg in segments:  # the generator does the work: consume it here, in this thread

@@ -1,8 +1,9 @@
 """The worker loop: take sessions from the queue up to capacity, stream each through the core.
 
 Only bytes and messages move here; every decision is in ``streaming.py``.
-Model inference (VAD and Whisper) runs on one dedicated thread, never on the
-event loop.
+Model inference (VAD and Whisper) runs on an inference thread pool, never on the
+event loop: one thread, or with batching (BATCH_SIZE > 1) one per batch row, so
+decodes of different sessions meet in transcriber.batching.
 """
 
 from __future__ import annotations
@@ -39,11 +40,14 @@ from common.redis_client import REDIS_DOWN, make_redis
 from common.settings import TranscriberSettings
 from transcriber.commit import SessionWriter
 from transcriber.endpointing import EndpointConfig
-from transcriber.model import BUNDLED, WhisperDecoder, load_whisper
+from transcriber.model import BUNDLED, WhisperDecoder, load_whisper, resolve_device
 from transcriber.streaming import RATE, Committed, Event, StreamConfig, StreamingTranscriber
 from transcriber.vad import SileroVad
 
 log = logging.getLogger(__name__)
+
+#: ENCODER_TAIL_FRAMES=auto on CPU: 6 s of padding after the audio (docs/benchmarks.md)
+AUTO_TAIL_FRAMES_CPU = 600
 
 
 def stream_config(s: TranscriberSettings, interim: bool) -> StreamConfig:
@@ -80,7 +84,15 @@ class Worker:
         self.redis = make_redis(settings)
         self.blocking = make_redis(settings, blocking=True)
         self.probe = make_redis(settings, probe=True)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        cuda = resolve_device(settings.device, settings.compute_type)[0] == "cuda"
+        # On a GPU the full window is cheap and batching pays; on a CPU, the reverse (measured)
+        self.batch_size = settings.batch_size or (8 if cuda else 1)
+        self.encoder_tail_frames = settings.encoder_tail_frames if \
+            settings.encoder_tail_frames >= -1 else (-1 if cuda else AUTO_TAIL_FRAMES_CPU)
+        self._final_tail = settings.final_encoder_tail_frames if \
+            settings.final_encoder_tail_frames >= -1 else self.encoder_tail_frames
+        self.executor = ThreadPoolExecutor(max_workers=self.batch_size,
+                                           thread_name_prefix="inference")
         self._capacity = asyncio.Semaphore(settings.capacity)
         self._sessions: dict[str, asyncio.Task[None]] = {}
         self._entries: dict[str, bytes] = {}  # sid → work-queue entry id
@@ -95,10 +107,16 @@ class Worker:
     def load(self) -> None:
         if self.model is None:
             s = self.settings
-            self.model = load_whisper(s.model, s.device, s.compute_type, s.cpu_threads,
-                                      s.encoder_tail_frames)
+            self.model = self._load_whisper(s.model, self.encoder_tail_frames)
         if self.vad is None:
             self.vad = SileroVad()
+
+    def _load_whisper(self, name: str, tail_frames: int) -> Any:
+        s = self.settings
+        return load_whisper(name, s.device, s.compute_type, s.cpu_threads, tail_frames,
+                            max_batch=self.batch_size, batch_wait_s=s.batch_wait_ms / 1000.0,
+                            on_batch=lambda op, rows: self.metrics.batch_rows.labels(op)
+                            .observe(rows))
 
     async def ensure_group(self) -> None:
         try:
@@ -287,7 +305,11 @@ class Worker:
         core = StreamingTranscriber(
             sid,
             TimedDecoder(WhisperDecoder(model, language, self.settings.beam_size,
-                                        self.settings.partial_beam_size), self.metrics),
+                                        self.settings.partial_beam_size,
+                                        self.settings.prompt_tokens,
+                                        self.settings.encoder_min_frames,
+                                        self._final_tail if model is self.model else None),
+                         self.metrics),
             self.vad.stream(),
             stream_config(self.settings, interim),
             start_sample=int(_text(meta, "commit_sample", "0")),
@@ -318,8 +340,7 @@ class Worker:
         if name not in self._models:
             s = self.settings
             loop = asyncio.get_running_loop()
-            model = await loop.run_in_executor(
-                self.executor, load_whisper, name, s.device, s.compute_type, s.cpu_threads)
+            model = await loop.run_in_executor(self.executor, self._load_whisper, name, -1)
             while len(self._models) >= s.max_extra_models:
                 self._models.pop(next(iter(self._models)))
             self._models[name] = model
@@ -327,7 +348,7 @@ class Worker:
 
     @property
     def busy(self) -> int:
-        """Inference calls queued or running (all sessions share one inference thread)."""
+        """Inference calls queued or running (all sessions share the inference pool)."""
         return self._inflight
 
     async def infer(self, fn: Any, *args: Any, **kwargs: Any) -> list[Event]:
