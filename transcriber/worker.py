@@ -128,6 +128,10 @@ class Worker:
     def stop(self) -> None:
         self._stopping.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
     def readiness(self) -> tuple[bool, str]:
         """Ready = model loaded and Redis answered within the last few seconds."""
         if self.model is None or self.vad is None:
@@ -171,9 +175,15 @@ class Worker:
         """
         entries = dict(self._entries)
         writers = dict(self._writers)
-        for task in list(self._sessions.values()):
-            task.cancel()
-        await asyncio.gather(*self._sessions.values(), return_exceptions=True)
+        running = set(self._sessions.values())
+        for _ in range(10):  # a cancellation lost inside the Redis client is sent again
+            if not running:
+                break
+            for task in running:
+                task.cancel()
+            _, running = await asyncio.wait(running, timeout=1.0)
+        if running:  # the new owner's epoch fences out whatever these still write
+            log.warning("%d session task(s) did not stop; handing over anyway", len(running))
         for sid, entry_id in entries.items():
             writer = writers.get(sid)
             try:
@@ -378,6 +388,18 @@ class TimedDecoder:
                 time.perf_counter() - began)
 
 
+def _reraise_cancel() -> None:
+    """Re-raise a cancellation that the Redis client turned into a connection error.
+
+    A task cancelled while redis-py waits on a socket may see a timeout or
+    connection error instead of ``CancelledError`` (redis-py #2028, #2551); a
+    retry loop would then keep a session running through a shutdown.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 async def with_retry(sid: str, what: str, call: Callable[[], Awaitable[Any]],
                      metrics: WorkerMetrics | None = None) -> Any:
     """Retry a write through a Redis outage (the fenced scripts make retries safe)."""
@@ -386,6 +408,7 @@ async def with_retry(sid: str, what: str, call: Callable[[], Awaitable[Any]],
         try:
             return await call()
         except REDIS_DOWN as exc:
+            _reraise_cancel()
             if metrics is not None:
                 metrics.redis_errors.labels("transcriber").inc()
             log.warning("session %s: %s failed (%s); retrying", sid, what, exc)
@@ -416,10 +439,13 @@ class _SessionRun:
         key = keys.audio(self.sid)
         last_audio = time.monotonic()
         while True:
+            if self.worker.stopping:  # shutting down: the session is handed to another worker
+                raise asyncio.CancelledError
             try:
                 resp = await self.worker.blocking.xread(
                     {key: self.cursor}, count=s.read_batch, block=s.redis_block_ms)
             except REDIS_DOWN as exc:
+                _reraise_cancel()
                 self.worker.metrics.redis_errors.labels("transcriber").inc()
                 log.warning("session %s: redis read failed: %s", self.sid, exc)
                 await asyncio.sleep(0.5)
