@@ -146,7 +146,15 @@ def test_batched_decodes_give_the_words_of_unbatched_ones(tail: int) -> None:
     expected = [plain.decode(a, "Previous words.", final=True) for a in audio]
     with ThreadPoolExecutor(len(audio)) as pool:
         got = list(pool.map(lambda a: batched.decode(a, "Previous words.", final=True), audio))
-    assert got == expected
+    # The same words at the same times; a probability may differ in the 7th digit, because
+    # a batched matrix product sums in another order (seen in CI: 0.9898427 vs 0.9898430).
+    def timed(words: list[Any]) -> list[tuple[str, float, float]]:
+        return [(w.word, w.start, w.end) for w in words]
+
+    assert [timed(g) for g in got] == [timed(e) for e in expected]
+    for g, e in zip(got, expected, strict=True):
+        assert [w.probability for w in g] == pytest.approx([w.probability for w in e],
+                                                             abs=1e-3)
     assert max(n for _, n in rows) > 1, rows
     assert all(n <= 4 for _, n in rows)
 
