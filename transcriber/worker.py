@@ -97,6 +97,8 @@ class Worker:
         self._sessions: dict[str, asyncio.Task[None]] = {}
         self._entries: dict[str, bytes] = {}  # sid → work-queue entry id
         self._writers: dict[str, SessionWriter] = {}
+        # sessions the shutdown stopped, to put back on the queue: sid → (entry, writer)
+        self._handover: dict[str, tuple[bytes, SessionWriter | None]] = {}
         self.metrics: WorkerMetrics = worker_metrics()
         self._redis_ok_at = 0.0  # monotonic time of the last successful Redis ping
         self._inflight = 0
@@ -173,8 +175,6 @@ class Worker:
         Another worker picks them up at once (no waiting for the lease to
         expire) and resumes from the commit point.
         """
-        entries = dict(self._entries)
-        writers = dict(self._writers)
         running = set(self._sessions.values())
         for _ in range(10):  # a cancellation lost inside the Redis client is sent again
             if not running:
@@ -184,8 +184,11 @@ class Worker:
             _, running = await asyncio.wait(running, timeout=1.0)
         if running:  # the new owner's epoch fences out whatever these still write
             log.warning("%d session task(s) did not stop; handing over anyway", len(running))
-        for sid, entry_id in entries.items():
-            writer = writers.get(sid)
+        await asyncio.sleep(0)  # the stopped tasks' done callbacks have run
+        handover = dict(self._handover)
+        for sid, entry_id in self._entries.items():  # still running
+            handover.setdefault(sid, (entry_id, self._writers.get(sid)))
+        for sid, (entry_id, writer) in handover.items():
             try:
                 if writer is not None and not await writer.still_owner():
                     continue
@@ -248,6 +251,8 @@ class Worker:
         self.metrics.sessions_active.inc()
 
         def done(t: asyncio.Task[None]) -> None:
+            if t.cancelled() and self._stopping.is_set():  # stopped by the shutdown: hand over
+                self._handover[sid] = (entry_id, self._writers.get(sid))
             self.metrics.sessions_active.dec()
             with contextlib.suppress(KeyError):
                 self.metrics.lag_seconds.remove(sid)
