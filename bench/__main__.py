@@ -175,7 +175,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="gateway load duration")
     p.add_argument("--stop-at-failure", action="store_true")
     p.add_argument("--gateway-variant", action="append", default=[], metavar="NAME=GATEWAY_ARGS",
-                   help="a gateway configuration to compare, e.g. 'nopipe=--append-pipeline 1'")
+                   help="a gateway configuration to compare, e.g. 'direct=--append-batch 1'")
     args = p.parse_args()
     args.variants = [tuple(v.split("=", 1)) for v in args.variant] or [("default", "")]
     OUT.mkdir(exist_ok=True)

@@ -258,6 +258,10 @@ class GatewaySettings(SessionsApiSettings):
     send_queue: int = setting(
         256, "results buffered per socket; a client that falls further behind is dropped"
     )
+    append_batch: int = setting(
+        256, "audio appends of different sessions sent in one Redis pipeline, at most this "
+        "many (the appends of one event-loop turn); 1 sends each on its own"
+    )
     resume_grace_s: float = setting(
         30.0, "a client that vanishes without 'close' may reconnect this long before its "
         "session is closed and drained")

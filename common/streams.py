@@ -7,6 +7,9 @@ mark in meta makes the retry a no-op instead of a duplicated frame.
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
@@ -33,8 +36,23 @@ return added
 
 
 class AudioAppender:
-    def __init__(self, redis: aioredis.Redis) -> None:
+    """Appends audio entries; the appends of different sessions share Redis round trips.
+
+    Every append made while the event loop runs one turn goes out as one pipeline of
+    script calls (at most ``max_batch`` per pipeline; 1 sends each on its own). Each script
+    call stays atomic and keeps its own fencing and idempotence; a failed round trip
+    fails every append in it, and each caller retries its own (the seq makes that safe).
+    A profile of the gateway at 300 sockets had 55 % of its CPU in redis-py's per-command
+    path; in a pipeline that cost is paid once per turn.
+    """
+
+    def __init__(self, redis: aioredis.Redis, max_batch: int = 256) -> None:
+        self._redis = redis
         self._script = redis.register_script(_APPEND)
+        self.max_batch = max(1, max_batch)
+        self._waiting: list[tuple[list[str], list[int | bytes], asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.round_trips = 0  # pipelines sent (with max_batch 1: script calls)
 
     async def append(self, sid: str, generation: int, entries: list[AudioEntry]) -> bool:
         """Append entries (strictly increasing ``seq``) in order; entries at or below the
@@ -42,8 +60,47 @@ class AudioAppender:
         args: list[int | bytes] = [generation]
         for entry in entries:
             args += [entry.seq, pack_audio_entry(entry)["m"]]
-        n = await self._script(keys=[keys.meta(sid), keys.audio(sid)], args=args)
+        script_keys = [keys.meta(sid), keys.audio(sid)]
+        if self.max_batch == 1:
+            self.round_trips += 1
+            n = await self._script(keys=script_keys, args=args)
+        else:
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._waiting.append((script_keys, args, fut))
+            if self._flusher is None or self._flusher.done():
+                self._flusher = asyncio.create_task(self._flush())
+            n = await fut
         return int(n) >= 0
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(0)  # the other sessions' appends of this loop turn join in
+        while self._waiting:
+            batch = self._waiting[:self.max_batch]
+            del self._waiting[:self.max_batch]
+            self.round_trips += 1
+            try:
+                pipe = self._redis.pipeline(transaction=False)
+                for script_keys, args, _ in batch:
+                    await self._script(keys=script_keys, args=args, client=pipe)  # buffered
+                replies = await pipe.execute(raise_on_error=False)
+            except Exception as exc:  # the round trip failed: every caller sees it
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            except BaseException:  # cancelled: nothing in this batch is known to be stored
+                for _, _, fut in batch + self._waiting:
+                    if not fut.done():
+                        fut.cancel()
+                self._waiting.clear()
+                raise
+            for (_, _, fut), reply in zip(batch, replies, strict=True):
+                if fut.done():
+                    continue  # its caller went away (session ended); the append still ran
+                if isinstance(reply, BaseException):
+                    fut.set_exception(reply)
+                else:
+                    fut.set_result(reply)
 
 
 async def queue_backlog(redis: aioredis.Redis) -> int:

@@ -64,7 +64,7 @@ class Gateway:
         self.settings = settings
         self.redis = make_redis(settings)
         self.blocking = make_redis(settings, blocking=True)
-        self.store = SessionStore(self.redis)
+        self.store = SessionStore(self.redis, settings.append_batch)
         self.probe = make_redis(settings, probe=True)
         self.metrics = gateway_metrics()
         self.sessions_api = SessionsApi(settings, self.redis, self.blocking, ReplayConfig(

@@ -61,9 +61,9 @@ POSITIONS_TTL_S = 1.0
 
 
 class SessionStore:
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, append_batch: int = 256) -> None:
         self.redis = redis
-        self._appender = AudioAppender(redis)
+        self._appender = AudioAppender(redis, append_batch)
         self._notice = redis.register_script(_NOTICE)
         self._positions: dict[str, int] = {}
         self._positions_at = -POSITIONS_TTL_S

@@ -51,12 +51,17 @@ async def stored_seqs(r: aioredis.Redis, sid: str) -> list[int]:
     return out
 
 
-def test_concurrent_sessions_keep_every_frame_in_order(server: RedisServer) -> None:
+@pytest.mark.parametrize("max_batch", [1, 8, 256])
+def test_concurrent_sessions_keep_every_frame_in_order(server: RedisServer,
+                                                       max_batch: int) -> None:
+    appender: AudioAppender | None = None
+
     async def run() -> tuple[list[list[int]], list[bool]]:
+        nonlocal appender
         r = aioredis.from_url(server.url)
         sids = [f"s{i:03d}" for i in range(SESSIONS)]
         await setup(r, sids)
-        appender = AudioAppender(r)
+        appender = AudioAppender(r, max_batch=max_batch)
 
         async def session(sid: str) -> bool:
             ok = True
@@ -74,6 +79,12 @@ def test_concurrent_sessions_keep_every_frame_in_order(server: RedisServer) -> N
     seqs, oks = asyncio.run(run())
     assert all(oks)
     assert all(s == list(range(1, FRAMES + 1)) for s in seqs)
+    assert appender is not None
+    appends = SESSIONS * (FRAMES + 1)
+    if max_batch == 1:
+        assert appender.round_trips == appends
+    else:  # the sessions' appends of one loop turn share a round trip, at most max_batch
+        assert -(-appends // max_batch) <= appender.round_trips <= appends // 4
 
 
 def test_a_fenced_session_is_refused_without_affecting_the_others(server: RedisServer) -> None:
