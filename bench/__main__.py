@@ -96,7 +96,8 @@ async def run_streams(cluster: Cluster, conv: Conversation, n: int, stagger_s: f
 
 def latency_suite(args: argparse.Namespace, conv: Conversation) -> dict[str, Any]:
     """One real-time stream per variant: time-to-final, its breakdown, partials, WER."""
-    out: dict[str, Any] = {"offline_wer": offline_wer(conv), "variants": {}}
+    out: dict[str, Any] = {"offline_wer": offline_wer(conv), "reference": conv.reference,
+                           "variants": {}}
     for name, worker_args in args.variants:
         cluster = Cluster(workers=1, worker_args=shlex.split(worker_args))
         try:
@@ -116,6 +117,7 @@ def latency_suite(args: argparse.Namespace, conv: Conversation) -> dict[str, Any
             "finals": len(res.finals),
             "streaming_wer": streaming_wer(res, conv),
             "ttf_values": res.time_to_final(),
+            "transcript": res.text,
         }
         v = out["variants"][name]
         print(f"[latency] {name}: ttf p50 {v['time_to_final']['p50']:.3f} "
