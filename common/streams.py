@@ -11,7 +11,7 @@ import asyncio
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from common import keys
 from common.messages import AudioEntry, pack_audio_entry
@@ -72,6 +72,14 @@ class AudioAppender:
             n = await fut
         return int(n) >= 0
 
+    async def _run(self, batch: list[tuple[list[str], list[int | bytes], Any]]) -> list[Any]:
+        """EVALSHA straight into the pipeline: redis-py's script-in-pipeline support would
+        add a SCRIPT EXISTS round trip per pipeline (and need that command in the ACL)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for script_keys, args, _ in batch:
+            pipe.evalsha(self._script.sha, len(script_keys), *script_keys, *args)
+        return list(await pipe.execute(raise_on_error=False))
+
     async def _flush(self) -> None:
         await asyncio.sleep(0)  # the other sessions' appends of this loop turn join in
         while self._waiting:
@@ -79,10 +87,12 @@ class AudioAppender:
             del self._waiting[:self.max_batch]
             self.round_trips += 1
             try:
-                pipe = self._redis.pipeline(transaction=False)
-                for script_keys, args, _ in batch:
-                    await self._script(keys=script_keys, args=args, client=pipe)  # buffered
-                replies = await pipe.execute(raise_on_error=False)
+                replies = await self._run(batch)
+                if any(isinstance(r, NoScriptError) for r in replies):
+                    # Redis lost its script cache (a restart): load it, run the batch again
+                    # (an append that did run is a no-op the second time: seq)
+                    await self._redis.script_load(_APPEND)
+                    replies = await self._run(batch)
             except Exception as exc:  # the round trip failed: every caller sees it
                 for _, _, fut in batch:
                     if not fut.done():
