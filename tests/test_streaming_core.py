@@ -257,3 +257,40 @@ def test_under_load_partials_are_shed_but_finals_are_not() -> None:
     assert texts([e for e in events if isinstance(e, Committed)]) == [
         " ".join(f"w{i}" for i in range(20, 28))]
     assert [final for _n, final in decoder.calls] == [True]  # one decode, the final
+
+
+def _words(spec: str) -> list[Word]:
+    """'Ask@0-.7 what@.7-.9' -> words with those times."""
+    out = []
+    for item in spec.split():
+        text, times = item.split("@")
+        start, end = times.split("-")
+        out.append(Word(" " + text, float(start), float(end), 0.9))
+    return out
+
+
+def test_a_final_that_differs_inside_the_stable_prefix_keeps_every_later_word() -> None:
+    """Seen on JFK: stable 'Ask what you can', final 'as what you can do for ...' with
+    'can' ending earlier than in the partial; splicing by time dropped 'do'."""
+    from transcriber.streaming import merge_stable
+
+    stable = _words("Ask@0-.68 what@.68-.96 you@.96-1.28 can@1.28-1.56")
+    final = _words("as@0-.68 what@.68-.94 you@.94-1.28 can@1.28-1.46 do@1.46-1.7 "
+                   "for@1.7-1.92 your@1.92-2.2 country.@2.2-2.42")
+    merged = [w.word.strip() for w in merge_stable(stable, final)]
+    assert merged == ["Ask", "what", "you", "can", "do", "for", "your", "country."]
+    # a stable word the final lost, and one it says differently
+    merged = [w.word.strip() for w in merge_stable(
+        _words("a@0-.2 b@.2-.4 c@.4-.6 d@.6-.8"), _words("a@0-.2 b@.2-.4 d@.4-.8 e@.8-1"))]
+    assert merged == ["a", "b", "c", "d", "e"]
+    merged = [w.word.strip() for w in merge_stable(
+        _words("a@0-.2 b@.2-.4 c@.4-.6"), _words("a@0-.2 x@.2-.5 c@.5-.7 e@.7-1"))]
+    assert merged == ["a", "b", "c", "e"]
+    # words the final puts in front of the promised prefix do not repeat it
+    merged = [w.word.strip() for w in merge_stable(
+        _words("Mr.@.3-.6 John@.6-1"), _words("And@0-.3 Mr.@.3-.6 John@.6-1 Dashwood@1-1.5"))]
+    assert merged == ["Mr.", "John", "Dashwood"]
+    # nothing in common: the final's words after the stable ones, by time
+    merged = [w.word.strip() for w in merge_stable(
+        _words("a@0-.5 b@.5-1"), _words("x@0-.5 y@.5-1 z@1-1.4"))]
+    assert merged == ["a", "b", "z"]

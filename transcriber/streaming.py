@@ -8,6 +8,7 @@ injected, so the whole decision logic is tested with arrays and fakes.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -15,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from common.messages import Final, Partial, Word
-from transcriber.agreement import LocalAgreement, common_prefix
+from transcriber.agreement import LocalAgreement, common_prefix, norm_word
 from transcriber.endpointing import WINDOW, EndpointConfig, Endpointer
 
 RATE = 16000
@@ -81,15 +82,29 @@ def join_words(words: Sequence[Word]) -> str:
 
 
 def merge_stable(stable: Sequence[Word], hypothesis: Sequence[Word]) -> list[Word]:
-    """Keep the promised stable words in front, then the hypothesis after them."""
+    """Keep the promised stable words in front, then the hypothesis after them.
+
+    Where the hypothesis differs inside the stable prefix ("as what you can do" against
+    the stable "Ask what you can"), it is aligned to the stable words word by word and
+    continues after the hypothesis word aligned with the last stable word. Word times
+    shift between decodes, so aligning by time dropped words ("do") or repeated them.
+    """
     if not stable:
         return list(hypothesis)
-    agreed = common_prefix([w.word for w in stable], [w.word for w in hypothesis])
+    a = [norm_word(w.word) for w in stable]
+    b = [norm_word(w.word) for w in hypothesis]
+    agreed = common_prefix(a, b)
     if agreed == len(stable):
         return list(stable) + list(hypothesis[agreed:])
-    # The new hypothesis disagrees inside the stable prefix: splice by time.
-    last_end = stable[-1].end
-    return list(stable) + [w for w in hypothesis if w.start >= last_end - 0.02]
+    blocks = [m for m in difflib.SequenceMatcher(a=a, b=b, autojunk=False)
+              .get_matching_blocks() if m.size]
+    if not blocks:  # nothing in common: splice by time
+        last_end = stable[-1].end
+        return list(stable) + [w for w in hypothesis if w.start >= last_end - 0.02]
+    last = blocks[-1]
+    # Stable words after the last match stand for as many hypothesis words (substituted).
+    cut = last.b + last.size + (len(a) - last.a - last.size)
+    return list(stable) + list(hypothesis[cut:])
 
 
 class StreamingTranscriber:
