@@ -209,6 +209,11 @@ class WhisperDecoder:
                 # invent on padding: decode again with Whisper's full window.
                 with encoder_tail(-1):
                     words = self._decode(audio, prompt, final)
+            if prompt and looks_degenerate(words, len(audio) / 16000):
+                # Still looping: the previous text often primes it (after "1. 2." a lone
+                # "three" became "3. 3. 3. 3. 3. 3. 3."); decode once more without it.
+                with encoder_tail(-1):
+                    words = self._decode(audio, "", final)
         return strip_hallucinated_tail(words)
 
     def _prompt(self, prompt: str) -> list[int] | None:
@@ -244,5 +249,11 @@ class WhisperDecoder:
         words: list[Word] = []
         for seg in segments:  # the generator does the work: consume it here, in this thread
             for w in seg.words or ():
+                if not norm_word(w.word):  # a lone "." token: punctuation of the word before
+                    if words and words[-1].word[-1:].isalnum():
+                        prev = words[-1]
+                        words[-1] = Word(prev.word + w.word.strip(), prev.start, prev.end,
+                                         prev.probability)
+                    continue
                 words.append(Word(w.word, float(w.start), float(w.end), float(w.probability)))
         return words
