@@ -172,7 +172,11 @@ def test_a_batching_worker_transcribes_concurrent_sessions_accurately() -> None:
 
     # WER limits: offline WER of the clip (tiny.en) plus a margin
     clips = {"fw_jfk": 0.10, "ps_librivox_0870": 0.15, "leo_en": 0.10, "mfa_words": 0.35}
-    cluster = Cluster(workers=1, worker_args=["--batch-size", "4", "--batch-wait-ms", "20"])
+    # The full 30 s window, as on CUDA where batching is on by default: every encode has the
+    # same shape, so encodes of concurrent sessions can share a batch. (With short-context
+    # encoding only equal-length inputs batch, and CI once saw 44 encodes and no shared one.)
+    cluster = Cluster(workers=1, worker_args=["--batch-size", "4", "--batch-wait-ms", "20",
+                                              "--encoder-tail-frames", "-1"])
     try:
         async def all_at_once() -> list[Any]:
             return await asyncio.gather(*(

@@ -510,7 +510,8 @@ class _SessionRun:
         # audio is already old, skip partials (and speculation) so finals stay on time.
         s = self.worker.settings
         age = self._fed_at - self._xadd_ms / 1000.0
-        queued = self.worker.busy
+        # a batching worker runs batch_size calls at once: only the calls beyond those wait
+        queued = max(0, self.worker.busy - (self.worker.batch_size - 1))
         partials = queued < s.partial_max_queue and age < s.partial_max_age_s
         speculate = queued < s.speculate_max_queue
         if not partials:
