@@ -166,7 +166,7 @@ def _arg(args: str, flag: str, default: float) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("suites", nargs="*", default=["latency", "capacity", "gateway"],
-                   choices=["latency", "capacity", "gateway"])
+                   choices=["latency", "capacity", "gateway", "finals"])
     p.add_argument("--variant", action="append", default=[], metavar="NAME=WORKER_ARGS",
                    help="a worker configuration to compare, e.g. 'fast=--min-silence-s 0.3'")
     p.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",")],
@@ -187,6 +187,10 @@ def main() -> None:
             data = latency_suite(args, conv)
         elif suite == "capacity":
             data = capacity_suite(args, conv)
+        elif suite == "finals":
+            from bench.finals import finals_suite
+
+            data = finals_suite(args.variants)
         else:
             from bench.gateway_load import gateway_suite
 

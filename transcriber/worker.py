@@ -68,6 +68,14 @@ def stream_config(s: TranscriberSettings, interim: bool) -> StreamConfig:
     )
 
 
+def resolve_tails(s: TranscriberSettings, cuda: bool) -> tuple[int, int]:
+    """(encoder tail frames for partials, for finals), with the automatic values resolved."""
+    tail = s.encoder_tail_frames if s.encoder_tail_frames >= -1 else \
+        (-1 if cuda else AUTO_TAIL_FRAMES_CPU)
+    final = s.final_encoder_tail_frames if s.final_encoder_tail_frames >= -1 else tail
+    return tail, final
+
+
 def _text(meta: dict[bytes, bytes], field: str, default: str = "") -> str:
     return meta.get(field.encode(), default.encode()).decode()
 
@@ -87,10 +95,7 @@ class Worker:
         cuda = resolve_device(settings.device, settings.compute_type)[0] == "cuda"
         # On a GPU the full window is cheap and batching pays; on a CPU, the reverse (measured)
         self.batch_size = settings.batch_size or (8 if cuda else 1)
-        self.encoder_tail_frames = settings.encoder_tail_frames if \
-            settings.encoder_tail_frames >= -1 else (-1 if cuda else AUTO_TAIL_FRAMES_CPU)
-        self._final_tail = settings.final_encoder_tail_frames if \
-            settings.final_encoder_tail_frames >= -1 else self.encoder_tail_frames
+        self.encoder_tail_frames, self._final_tail = resolve_tails(settings, cuda)
         self.executor = ThreadPoolExecutor(max_workers=self.batch_size,
                                            thread_name_prefix="inference")
         self._capacity = asyncio.Semaphore(settings.capacity)

