@@ -67,6 +67,11 @@ def test_worker_metrics_move_when_a_session_runs(cluster: Cluster) -> None:
     assert sample(after, "stt_worker_audio_seconds_total") == pytest.approx(len(pcm) / 16000,
                                                                            abs=0.2)
     assert sample(after, "stt_worker_sessions_started_total") == 1
+    # the worker releases the session just after it publishes the close the client saw
+    deadline = time.monotonic() + 5.0
+    while sample(after, "stt_worker_sessions_active") != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        after = http_get(base + "/metrics")[1]
     assert sample(after, "stt_worker_sessions_active") == 0
     assert sample(after, "stt_worker_decode_seconds_count", '{kind="final"}') >= 1
     assert sample(after, "stt_worker_decode_seconds_count", '{kind="partial"}') >= 1
