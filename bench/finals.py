@@ -87,7 +87,8 @@ def finals_suite(variants: list[tuple[str, str]], clips: list[str] = FINALS_CLIP
         tail, final_tail = resolve_tails(s, cuda=False)
         model.tail_frames = tail
         decoder = _Timed(WhisperDecoder(model, "en", s.beam_size, s.partial_beam_size,
-                                        s.prompt_tokens, s.encoder_min_frames, final_tail))
+                                        s.prompt_tokens, s.encoder_min_frames, final_tail,
+                                        s.final_retry_probability))
         began = time.perf_counter()
         hyps = [_session(pcms[c], decoder, vad, s) for c in clips]
         v = {"args": args, "wer": corpus_wer(refs, hyps),
@@ -96,9 +97,11 @@ def finals_suite(variants: list[tuple[str, str]], clips: list[str] = FINALS_CLIP
              "final_decode_s": decoder.seconds[True], "finals_decoded": decoder.calls[True],
              "partial_decode_s": decoder.seconds[False],
              "partials_decoded": decoder.calls[False],
+             "full_window_retries": decoder.decoder.retries,
              "wall_s": time.perf_counter() - began, "transcripts": hyps}
         out["variants"][name] = v
         print(f"[finals] {name}: WER {v['wer']:.3f} (offline {out['offline_wer']:.3f}); "
               f"final decodes {v['finals_decoded']} in {v['final_decode_s']:.1f} s, partial "
-              f"decodes {v['partials_decoded']} in {v['partial_decode_s']:.1f} s", flush=True)
+              f"decodes {v['partials_decoded']} in {v['partial_decode_s']:.1f} s, "
+              f"{v['full_window_retries']} redone with the full window", flush=True)
     return out

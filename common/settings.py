@@ -325,6 +325,9 @@ class TranscriberSettings(RedisSettings):
         "ENCODER_TAIL_FRAMES (short-context finals on CPU: time to final 0.82 -> 0.53 s, 4 "
         "instead of 1 real-time streams, the same WER on 474 words, but a rare skipped phrase "
         "after a prompt that repeats it; docs/benchmarks.md)")
+    final_retry_probability: float = setting(
+        0.0, "a short-context final whose mean word probability is below this is decoded "
+        "again with the full window; 0 = only for a loop, a stock sentence or lowercase mode")
     encoder_min_frames: int = setting(
         1000, "with short-context encoding, encode at least this many 10 ms frames: short "
         "inputs with little padding looped, costing a full re-decode (measured)")

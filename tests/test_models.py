@@ -64,6 +64,15 @@ def test_a_low_confidence_stock_phrase_at_the_end_is_dropped() -> None:
     assert strip_hallucinated_tail(said) == said
     lone = [Word(" do", 0.0, 0.2, 0.9), Word(" for", 0.2, 0.4, 0.9), Word(" you", 0.4, 0.6, 0.4)]
     assert strip_hallucinated_tail(lone) == lone
+    # a last one-word sentence no audio was aligned to, or said with hardly any confidence
+    three = [Word(" 3.", 0.0, 0.58, 0.53), Word(" 3.", 0.58, 0.58, 0.58)]
+    assert strip_hallucinated_tail(three) == three[:1]
+    field = [Word(" field.", 2.68, 3.02, 0.94), Word(" in.", 3.02, 3.22, 0.06)]
+    assert strip_hallucinated_tail(field) == field[:1]
+    said = [Word(" field.", 2.68, 3.02, 0.94), Word(" Yes.", 3.1, 3.3, 0.4)]
+    assert strip_hallucinated_tail(said) == said
+    mid = [Word(" in", 1.74, 2.02, 0.06), Word(" thy", 2.02, 2.2, 0.54)]
+    assert strip_hallucinated_tail(mid) == mid  # not after a sentence end
 
 
 def test_stock_phrase_sentences_are_spotted_anywhere_in_a_final() -> None:
@@ -138,3 +147,55 @@ def test_a_lone_punctuation_token_joins_the_word_before_it() -> None:
         (" your", 2.2), (" country.", 2.4)]
     model.segments = [seg((" .", 0.0, 0.1), (" country.", 0.2, 2.4), (" .", 2.4, 2.8))]
     assert [w.word for w in decoder.decode(audio, "", True)] == [" country."]
+
+
+def test_a_doubtful_short_context_final_is_decoded_again_with_the_full_window() -> None:
+    """Lowercase mode ("and sold my fellow americans", JFK replayed at full speed) and,
+    when FINAL_RETRY_PROBABILITY is set, low confidence send a short-context final to the
+    full window; a confident, styled one and every partial keep the short context."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from transcriber.model import WhisperDecoder, _per_thread, lacks_style
+
+    def words(text: str, p: float = 0.9) -> list[Word]:
+        return [Word(" " + w, i * 0.3, i * 0.3 + 0.2, p) for i, w in enumerate(text.split())]
+
+    assert lacks_style(words("and sold my fellow americans"))
+    assert not lacks_style(words("and so my fellow Americans"))
+    assert not lacks_style(words("what your country can do for you,"))
+    assert not lacks_style(words("ask not"))  # too short to tell
+
+    class Model:
+        tail_frames = 600
+
+        def __init__(self) -> None:
+            self.short: list[Word] = []
+            self.tails: list[int] = []
+
+        def transcribe(self, audio, **kwargs):  # type: ignore[no-untyped-def]
+            tail = getattr(_per_thread, "tail_frames", self.tail_frames)
+            self.tails.append(tail)
+            out = self.short if tail >= 0 else words("And so my fellow Americans.")
+            return iter([SimpleNamespace(words=[SimpleNamespace(
+                word=w.word, start=w.start, end=w.end, probability=w.probability)
+                for w in out])]), None
+
+    audio = np.zeros(16000 * 3, np.float32)
+    model = Model()
+    decoder = WhisperDecoder(model, "en", final_tail_frames=600)
+    model.short = words("and sold my fellow americans")
+    assert "".join(w.word for w in decoder.decode(audio, "", True)) == \
+        " And so my fellow Americans."
+    assert model.tails == [600, -1] and decoder.retries == 1
+    model.tails = []
+    decoder.decode(audio, "", False)  # a partial stays short, whatever its style
+    assert model.tails == [600]
+    model.tails, model.short = [], words("And so my fellow Americans.", p=0.5)
+    decoder.decode(audio, "", True)
+    assert model.tails == [600]  # no confidence threshold by default
+    model.tails = []
+    WhisperDecoder(model, "en", final_tail_frames=600,
+                   final_retry_probability=0.6).decode(audio, "", True)
+    assert model.tails == [600, -1]

@@ -127,9 +127,20 @@ def load_whisper(model: str, device: str, compute_type: str, cpu_threads: int,  
     return whisper
 
 
+#: A one-word sentence after the last sentence end, said with less confidence than this,
+#: is a word Whisper added after the speech ("... thy beauty's field. in." at 0.06)
+TRAILING_WORD_MIN_PROBABILITY = 0.15
+
+
 def strip_hallucinated_tail(words: list[Word]) -> list[Word]:
     """Drop a trailing stock phrase ("Thank you.") Whisper adds after the speech, when it
-    was said with low confidence; a hypothesis that is only such a phrase becomes empty."""
+    was said with low confidence (a hypothesis that is only such a phrase becomes empty),
+    and a last one-word sentence after a sentence end that no audio was aligned to ("3. 3.",
+    the second "3." 0 s long) or that was said with hardly any confidence."""
+    if len(words) > 1 and words[-2].word.strip().endswith((".", "?", "!")) and \
+            (words[-1].end <= words[-1].start or
+             words[-1].probability < TRAILING_WORD_MIN_PROBABILITY):
+        words = words[:-1]
     for n in (4, 3, 2, 1):
         tail = words[-n:]
         if n == 1 and len(words) > 1:
@@ -152,6 +163,15 @@ def has_stock_sentence(words: list[Word]) -> bool:
                 return True
             sentence = []
     return False
+
+
+def lacks_style(words: list[Word]) -> bool:
+    """Three or more words with no capital letter and no punctuation: Whisper's
+    lowercase mode, in which it also mishears more ("and sold my fellow americans" for
+    "And so my fellow Americans."; seen in short-context finals, not in full-window ones)."""
+    text = "".join(w.word for w in words)
+    return len(words) >= 3 and not any(c.isupper() for c in text) and \
+        not any(c in ".,?!;:" for c in text)
 
 
 def looks_degenerate(words: list[Word], duration: float) -> bool:
@@ -178,8 +198,13 @@ class WhisperDecoder:
 
     def __init__(self, model, language: str | None, beam_size: int = 1,  # type: ignore[no-untyped-def]
                  partial_beam_size: int = 1, prompt_tokens: int = 48,
-                 min_frames: int = 0, final_tail_frames: int | None = None) -> None:
+                 min_frames: int = 0, final_tail_frames: int | None = None,
+                 final_retry_probability: float = 0.0) -> None:
         self.model = model
+        #: a short-context final whose mean word probability is below this is decoded again
+        #: with the full window (0 = never)
+        self.final_retry_probability = final_retry_probability
+        self.retries = 0  #: short-context decodes done again with the full window
         #: encoder padding for finals (None: the model's setting, as for partials)
         self.final_tail_frames = final_tail_frames
         #: with short-context encoding, encode at least this many frames (a short input with
@@ -204,9 +229,10 @@ class WhisperDecoder:
             with encoder_tail(tail):
                 words = self._decode(audio, prompt, final)
             if tail >= 0 and (looks_degenerate(words, len(audio) / 16000) or
-                              (final and has_stock_sentence(words))):
-                # Short-context decoding looped, or a final has a sentence Whisper likes to
-                # invent on padding: decode again with Whisper's full window.
+                              (final and self._doubtful(words))):
+                # Short-context decoding looped, or a final looks worse than a full-window
+                # decode tends to be: decode again with Whisper's full window.
+                self.retries += 1
                 with encoder_tail(-1):
                     words = self._decode(audio, prompt, final)
             if prompt and looks_degenerate(words, len(audio) / 16000):
@@ -215,6 +241,14 @@ class WhisperDecoder:
                 with encoder_tail(-1):
                     words = self._decode(audio, "", final)
         return strip_hallucinated_tail(words)
+
+    def _doubtful(self, words: list[Word]) -> bool:
+        """A short-context final worth a full-window decode: a stock sentence Whisper
+        invents on padding, lowercase mode, or low confidence."""
+        if has_stock_sentence(words) or lacks_style(words):
+            return True
+        return bool(words) and \
+            sum(w.probability for w in words) / len(words) < self.final_retry_probability
 
     def _prompt(self, prompt: str) -> list[int] | None:
         if not prompt.strip() or self.prompt_tokens <= 0:
