@@ -325,6 +325,10 @@ class TranscriberSettings(RedisSettings):
         "ENCODER_TAIL_FRAMES (short-context finals on CPU: time to final 0.82 -> 0.53 s, 4 "
         "instead of 1 real-time streams, the same WER on 474 words, but a rare skipped phrase "
         "after a prompt that repeats it; docs/benchmarks.md)")
+    short_finals_queue: int = setting(
+        1, "while this many other sessions' calls wait for inference, finals are decoded "
+        "with ENCODER_TAIL_FRAMES too (a loaded CPU worker keeps up; an idle one decodes "
+        "finals with FINAL_ENCODER_TAIL_FRAMES); 0 = never")
     final_retry_probability: float = setting(
         0.0, "a short-context final whose mean word probability is below this is decoded "
         "again with the full window; 0 = only for a loop, a stock sentence or lowercase mode")

@@ -199,3 +199,49 @@ def test_a_doubtful_short_context_final_is_decoded_again_with_the_full_window() 
     WhisperDecoder(model, "en", final_tail_frames=600,
                    final_retry_probability=0.6).decode(audio, "", True)
     assert model.tails == [600, -1]
+
+
+def test_finals_go_short_context_only_while_other_sessions_wait() -> None:
+    """SHORT_FINALS_QUEUE: an idle worker decodes finals with the full window
+    (FINAL_ENCODER_TAIL_FRAMES=-1); while another session's call is in flight, with the
+    partials' short context; partials are short either way."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from common.settings import TranscriberSettings, load
+    from transcriber.model import WhisperDecoder, _per_thread
+    from transcriber.worker import TimedDecoder, _SessionRun
+
+    class Model:
+        tail_frames = 600
+
+        def __init__(self) -> None:
+            self.tails: list[int] = []
+
+        def transcribe(self, audio, **kwargs):  # type: ignore[no-untyped-def]
+            self.tails.append(getattr(_per_thread, "tail_frames", self.tail_frames))
+            return iter([]), None
+
+    model = Model()
+    decoder = WhisperDecoder(model, "en", final_tail_frames=-1)
+    metrics = SimpleNamespace(decode_seconds=SimpleNamespace(
+        labels=lambda *_: SimpleNamespace(observe=lambda _s: None)))
+    core = SimpleNamespace(decoder=TimedDecoder(decoder, metrics))  # type: ignore[arg-type]
+    audio = np.zeros(16000, np.float32)
+
+    def tails_at(busy: int, batch_size: int = 1, **settings: str) -> list[int]:
+        s = load(TranscriberSettings, [f"--{k.replace('_', '-')}={v}"
+                                       for k, v in settings.items()], environ={})
+        worker = SimpleNamespace(busy=busy, batch_size=batch_size, settings=s)
+        _SessionRun(worker, "s", core, None, "0-0")._queued()  # type: ignore[arg-type]
+        model.tails = []
+        core.decoder.decode(audio, "", True)
+        core.decoder.decode(audio, "", False)
+        return model.tails
+
+    assert tails_at(busy=0) == [-1, 600]
+    assert tails_at(busy=1) == [600, 600]
+    assert tails_at(busy=1, short_finals_queue="0") == [-1, 600]
+    assert tails_at(busy=3, batch_size=4) == [-1, 600]  # all four fit in one batch
+    assert tails_at(busy=4, batch_size=4) == [600, 600]

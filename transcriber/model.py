@@ -205,6 +205,9 @@ class WhisperDecoder:
         #: with the full window (0 = never)
         self.final_retry_probability = final_retry_probability
         self.retries = 0  #: short-context decodes done again with the full window
+        #: set by the worker while other sessions wait for inference: finals use the
+        #: partials' (short) context too, so a loaded worker keeps up
+        self.short_finals = False
         #: encoder padding for finals (None: the model's setting, as for partials)
         self.final_tail_frames = final_tail_frames
         #: with short-context encoding, encode at least this many frames (a short input with
@@ -222,7 +225,7 @@ class WhisperDecoder:
         inner = getattr(self.model, "model", None)
         decoding = getattr(inner, "decoding", None)  # a BatchingWhisper: join its batches
         tail = getattr(self.model, "tail_frames", -1)
-        if final and self.final_tail_frames is not None:
+        if final and self.final_tail_frames is not None and not self.short_finals:
             tail = self.final_tail_frames
         _per_thread.min_window = self.min_frames
         with decoding() if decoding is not None else contextlib.nullcontext():

@@ -466,6 +466,7 @@ class _SessionRun:
             elif time.monotonic() - last_audio > s.idle_timeout_s and await self._abandoned():
                 log.info("session %s: no audio and no client for %.0f s; closing",
                          self.sid, s.idle_timeout_s)
+                self._queued()
                 await self._publish(await self.worker.infer(self.core.finish))
                 await self._close(AudioMarker("close", 0, self.core.position))
                 return
@@ -485,6 +486,7 @@ class _SessionRun:
                         continue
                     await self._feed(pending)
                     pending = []
+                    self._queued()
                     if entry.kind == "finalize":
                         await self._publish(await self.worker.infer(self.core.finalize))
                     elif entry.kind == "close":
@@ -516,8 +518,7 @@ class _SessionRun:
         # audio is already old, skip partials (and speculation) so finals stay on time.
         s = self.worker.settings
         age = self._fed_at - self._xadd_ms / 1000.0
-        # a batching worker runs batch_size calls at once: only the calls beyond those wait
-        queued = max(0, self.worker.busy - (self.worker.batch_size - 1))
+        queued = self._queued()
         partials = queued < s.partial_max_queue and age < s.partial_max_age_s
         speculate = queued < s.speculate_max_queue
         if not partials:
@@ -526,6 +527,16 @@ class _SessionRun:
             self.core.feed, pcm, partials=partials, speculate=speculate))
         self.worker.metrics.audio_seconds.inc(len(pcm) / RATE)
         await with_retry(self.sid, "progress", lambda: self.writer.progress(self.core.position))
+
+    def _queued(self) -> int:
+        """Other sessions' inference calls waiting now; under load, finals go short too."""
+        # a batching worker runs batch_size calls at once: only the calls beyond those wait
+        queued = max(0, self.worker.busy - (self.worker.batch_size - 1))
+        n = self.worker.settings.short_finals_queue
+        timed = self.core.decoder
+        if isinstance(timed, TimedDecoder):
+            timed.decoder.short_finals = n > 0 and queued >= n
+        return queued
 
     def _observe_time_to_final(self, ev: Committed) -> None:
         """Commit time minus when the audio of the final's last word reached Redis."""
