@@ -8,6 +8,7 @@ import signal
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+from common.gcpolicy import pace_gc
 from common.logs import setup_logging
 from common.settings import load
 
@@ -28,4 +29,16 @@ def run_service(settings_cls: type[S], serve: Callable[[S], Awaitable[Any]], pro
                 argv: Sequence[str] | None = None) -> None:
     settings = load(settings_cls, argv, prog=prog)
     setup_logging(settings.log_level, settings.log_format)  # type: ignore[attr-defined]
-    asyncio.run(serve(settings))  # type: ignore[arg-type]
+    asyncio.run(_serve_paced(settings, serve))
+
+
+async def _serve_paced(settings: S, serve: Callable[[S], Awaitable[Any]]) -> None:
+    """``serve``, with the garbage collector paced where the settings ask for it."""
+    pacer = asyncio.create_task(pace_gc(getattr(settings, "gc_freeze_s", 0.0),
+                                        getattr(settings, "gc_full_s", 0.0)))
+    try:
+        await serve(settings)
+    finally:
+        pacer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pacer

@@ -215,6 +215,14 @@ class SessionsApiSettings(AccessSettings):
     messages_burst: float = setting(
         1000.0, "WebSocket messages one socket may send at once (a backlog of 100 ms audio "
         "messages after a reconnect) before max_messages_per_s applies")
+    gc_freeze_s: float = setting(
+        1.0, "every this many seconds, objects that survived a young collection are frozen "
+        "(gc.freeze), so the garbage collector's automatic passes scan only newer ones "
+        "(full passes over every socket's objects paused the event loop 70-100 ms every "
+        "few seconds at 500 sockets); 0 = CPython's own pacing")
+    gc_full_s: float = setting(
+        300.0, "with gc_freeze_s, every this many seconds everything is unfrozen and "
+        "collected once, so cyclic garbage among frozen objects is freed")
 
     @property
     def ws_max_size(self) -> int:
@@ -242,6 +250,10 @@ class GatewaySettings(SessionsApiSettings):
 
     host: str = setting("0.0.0.0", "address to listen on")
     port: int = setting(8765, "port to listen on")
+    reuse_port: bool = setting(
+        False, "let several gateway processes on this host listen on the same port "
+        "(SO_REUSEPORT: the kernel spreads new connections across them), one per core when "
+        "one core is not enough; each process serves its own /metrics")
     model_name: str = setting(
         "tiny.en", "model name reported to clients in the session message", env="STT_MODEL"
     )
@@ -258,6 +270,11 @@ class GatewaySettings(SessionsApiSettings):
     send_queue: int = setting(
         256, "results buffered per socket; a client that falls further behind is dropped"
     )
+    results_block_ms: int = setting(
+        10000, "block time of the XREAD that follows a /v1/listen session's results, "
+        "milliseconds: it returns as soon as a result arrives, so this only bounds how often an "
+        "idle socket costs a Redis round trip (1 s blocks were 8 % of the gateway's CPU at 500 "
+        "sockets)")
     append_batch: int = setting(
         256, "audio appends of different sessions sent in one Redis pipeline, at most this "
         "many (the appends of one event-loop turn); 1 sends each on its own"
