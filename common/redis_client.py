@@ -19,11 +19,13 @@ REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
 
 def make_redis(settings: RedisSettings, *, blocking: bool = False,
-               max_connections: int | None = None, probe: bool = False) -> aioredis.Redis:
-    """``blocking``: for XREAD BLOCK; ``probe``: health checks that must fail fast, no retry."""
+               max_connections: int | None = None, probe: bool = False,
+               block_ms: int = 0) -> aioredis.Redis:
+    """``blocking``: for XREAD BLOCK (of ``redis_block_ms``, or ``block_ms`` if longer);
+    ``probe``: health checks that must fail fast, no retry."""
     timeout = settings.redis_socket_timeout_s
     if blocking:
-        timeout = max(timeout, settings.redis_block_ms / 1000.0 + 5.0)
+        timeout = max(timeout, max(settings.redis_block_ms, block_ms) / 1000.0 + 5.0)
     if probe:
         return aioredis.Redis.from_url(settings.redis_url, socket_timeout=2.0,
                                        socket_connect_timeout=2.0, retry=None,

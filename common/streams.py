@@ -8,6 +8,7 @@ mark in meta makes the retry a no-op instead of a duplicated frame.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -34,6 +35,9 @@ redis.call('HSET', KEYS[1], 'audio_seq', last)
 return added
 """
 
+#: One session's append: (sid, attach generation, entries in seq order).
+Append = tuple[str, int, Sequence[AudioEntry]]
+
 
 class AudioAppender:
     """Appends audio entries; the appends of different sessions share Redis round trips.
@@ -50,34 +54,45 @@ class AudioAppender:
         self._redis = redis
         self._script = redis.register_script(_APPEND)
         self.max_batch = max(1, max_batch)
-        self._waiting: list[tuple[list[str], list[int | bytes], asyncio.Future[Any]]] = []
+        self._waiting: list[tuple[Append, asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self.round_trips = 0  # pipelines sent (with max_batch 1: script calls)
 
-    async def append(self, sid: str, generation: int, entries: list[AudioEntry]) -> bool:
+    async def append(self, sid: str, generation: int, entries: Sequence[AudioEntry]) -> bool:
         """Append entries (strictly increasing ``seq``) in order; entries at or below the
         stream's last seq are skipped. False when another connection took the session."""
-        args: list[int | bytes] = [generation]
-        for entry in entries:
-            args += [entry.seq, pack_audio_entry(entry)["m"]]
-        script_keys = [keys.meta(sid), keys.audio(sid)]
         if self.max_batch == 1:
             self.round_trips += 1
-            n = await self._script(keys=script_keys, args=args)
+            n = await self._script(keys=_script_keys(sid), args=_script_args(generation, entries))
         else:
             fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            self._waiting.append((script_keys, args, fut))
+            self._waiting.append(((sid, generation, entries), fut))
             if self._flusher is None or self._flusher.done():
                 self._flusher = asyncio.create_task(self._flush())
             n = await fut
         return int(n) >= 0
 
-    async def _run(self, batch: list[tuple[list[str], list[int | bytes], Any]]) -> list[Any]:
+    async def append_many(self, appends: Sequence[Append]) -> list[Any]:
+        """One pipeline of appends, each (sid, generation, entries), for a caller that batches
+        itself (the gateway's ``AudioFlusher``). Each reply is the number of entries added, -1
+        when another connection took that session, or the exception for that append; a
+        failed round trip raises."""
+        self.round_trips += 1
+        replies = await self._run(appends)
+        if any(isinstance(r, NoScriptError) for r in replies):
+            # Redis lost its script cache (a restart): load it, run the batch again (an
+            # append that did run is a no-op the second time: seq)
+            await self._redis.script_load(_APPEND)
+            replies = await self._run(appends)
+        return replies
+
+    async def _run(self, appends: Sequence[Append]) -> list[Any]:
         """EVALSHA straight into the pipeline: redis-py's script-in-pipeline support would
         add a SCRIPT EXISTS round trip per pipeline (and need that command in the ACL)."""
         pipe = self._redis.pipeline(transaction=False)
-        for script_keys, args, _ in batch:
-            pipe.evalsha(self._script.sha, len(script_keys), *script_keys, *args)
+        for sid, generation, entries in appends:
+            pipe.evalsha(self._script.sha, 2, *_script_keys(sid),
+                         *_script_args(generation, entries))
         return list(await pipe.execute(raise_on_error=False))
 
     async def _flush(self) -> None:
@@ -85,32 +100,37 @@ class AudioAppender:
         while self._waiting:
             batch = self._waiting[:self.max_batch]
             del self._waiting[:self.max_batch]
-            self.round_trips += 1
             try:
-                replies = await self._run(batch)
-                if any(isinstance(r, NoScriptError) for r in replies):
-                    # Redis lost its script cache (a restart): load it, run the batch again
-                    # (an append that did run is a no-op the second time: seq)
-                    await self._redis.script_load(_APPEND)
-                    replies = await self._run(batch)
+                replies = await self.append_many([append for append, _ in batch])
             except Exception as exc:  # the round trip failed: every caller sees it
-                for _, _, fut in batch:
+                for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
             except BaseException:  # cancelled: nothing in this batch is known to be stored
-                for _, _, fut in batch + self._waiting:
+                for _, fut in batch + self._waiting:
                     if not fut.done():
                         fut.cancel()
                 self._waiting.clear()
                 raise
-            for (_, _, fut), reply in zip(batch, replies, strict=True):
+            for (_, fut), reply in zip(batch, replies, strict=True):
                 if fut.done():
                     continue  # its caller went away (session ended); the append still ran
                 if isinstance(reply, BaseException):
                     fut.set_exception(reply)
                 else:
                     fut.set_result(reply)
+
+
+def _script_keys(sid: str) -> list[str]:
+    return [keys.meta(sid), keys.audio(sid)]
+
+
+def _script_args(generation: int, entries: Sequence[AudioEntry]) -> list[int | bytes]:
+    args: list[int | bytes] = [generation]
+    for entry in entries:
+        args += [entry.seq, pack_audio_entry(entry)["m"]]
+    return args
 
 
 async def queue_backlog(redis: aioredis.Redis) -> int:

@@ -42,8 +42,10 @@ from common.settings import GatewaySettings
 from fanout.api import SessionsApi, error_response, json_response
 from fanout.replay import ReplayConfig
 from fanout.sockets import float_param
-from ingest.listen import AudioWriter, ListenParams, ListenSession, send_error
+from ingest.listen import ListenParams, ListenSession, send_error
+from ingest.monitor import SessionMonitor
 from ingest.store import SessionStore
+from ingest.writer import AudioFlusher, AudioWriter
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +65,13 @@ class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.redis = make_redis(settings)
-        self.blocking = make_redis(settings, blocking=True)
+        self.blocking = make_redis(settings, blocking=True, block_ms=settings.results_block_ms)
         self.store = SessionStore(self.redis, settings.append_batch)
+        self.flusher = AudioFlusher(self.store.appender, settings.append_batch)
         self.probe = make_redis(settings, probe=True)
         self.metrics = gateway_metrics()
+        self.monitor = SessionMonitor(self.store, settings.heartbeat_s, settings.lag_warning_s,
+                                      self.metrics.redis_errors.labels("gateway").inc)
         self.sessions_api = SessionsApi(settings, self.redis, self.blocking, ReplayConfig(
             max_backlog=settings.max_backlog, heartbeat_s=settings.heartbeat_s,
             block_ms=settings.redis_block_ms, allowed_models=settings.replay_models))
@@ -252,6 +257,7 @@ class Gateway:
             max_size=s.ws_max_size,  # hard bound; max_message_bytes answers with an error
             max_queue=s.max_queue,
             compression=None,
+            reuse_port=s.reuse_port or None,
             ping_interval=20,
             ping_timeout=20,
         )
@@ -275,6 +281,8 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
         await self.sessions_api.close()
+        await self.flusher.close()
+        await self.monitor.close()
         await self.probe.aclose()
         await self.redis.aclose()
         await self.blocking.aclose()

@@ -63,7 +63,7 @@ POSITIONS_TTL_S = 1.0
 class SessionStore:
     def __init__(self, redis: aioredis.Redis, append_batch: int = 256) -> None:
         self.redis = redis
-        self._appender = AudioAppender(redis, append_batch)
+        self.appender = AudioAppender(redis, append_batch)
         self._notice = redis.register_script(_NOTICE)
         self._positions: dict[str, int] = {}
         self._positions_at = -POSITIONS_TTL_S
@@ -118,7 +118,7 @@ class SessionStore:
 
     async def append(self, sid: str, generation: int, entries: list[AudioEntry]) -> bool:
         """Append entries in order; False when another connection has taken the session."""
-        return await self._appender.append(sid, generation, entries)
+        return await self.appender.append(sid, generation, entries)
 
     async def heartbeat(self, sid: str) -> None:
         await self.redis.hset(keys.meta(sid), "heartbeat", f"{time.time():.3f}")
@@ -135,20 +135,17 @@ class SessionStore:
         """Sessions queued that no transcriber has taken yet."""
         return await queue_backlog(self.redis)
 
-    async def queue_position(self, sid: str) -> int | None:
-        """1-based position among the sessions no transcriber has taken yet (None once taken).
+    async def waiting_positions(self) -> dict[str, int]:
+        """Each session no transcriber has taken yet: its 1-based position in the queue.
 
-        The queue is read at most once per ``POSITIONS_TTL_S`` for all of this gateway's
-        waiting sessions: each reading its own copy every second cost O(waiting²) (half of
-        the gateway's CPU with 200 sessions queued, measured with py-spy)."""
-        epoch, _ = await self.progress(sid)
-        if epoch:
-            return None
+        Read at most once per ``POSITIONS_TTL_S`` for all of this gateway's waiting
+        sessions: each reading its own copy every second cost O(waiting²) (half of the
+        gateway's CPU with 200 sessions queued, measured with py-spy)."""
         async with self._positions_lock:
             if time.monotonic() - self._positions_at >= POSITIONS_TTL_S:
                 self._positions = await self._read_positions()
                 self._positions_at = time.monotonic()
-        return self._positions.get(sid)
+        return self._positions
 
     async def _read_positions(self) -> dict[str, int]:
         last_delivered = "0-0"

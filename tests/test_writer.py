@@ -1,0 +1,147 @@
+"""The gateway's audio path against a real redis-server: many sessions' writers drained by
+one flusher keep every frame in order, share round trips, survive a Redis restart with
+their audio buffered, and a session taken by another connection fails alone."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from common import keys
+from common.errors import StorageUnavailable
+from common.messages import AudioFrame, unpack_audio_entry
+from common.streams import AudioAppender
+from ingest.writer import AudioFlusher, AudioWriter, SessionTaken
+from tests.procs import RedisServer
+
+pytestmark = pytest.mark.integration
+
+SESSIONS = 50
+FRAMES = 30
+SAMPLES = 160
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    s = RedisServer()
+    s.start()
+    yield s
+    s.stop()
+
+
+def frame(seq: int) -> AudioFrame:
+    return AudioFrame(seq, (seq - 1) * SAMPLES, seq.to_bytes(2, "little") * SAMPLES)
+
+
+async def stored_seqs(r: aioredis.Redis, sid: str) -> list[int]:
+    out = []
+    for _id, fields in await r.xrange(keys.audio(sid)):
+        entry = unpack_audio_entry(fields)
+        assert isinstance(entry, AudioFrame) and entry.pcm == frame(entry.seq).pcm
+        out.append(entry.seq)
+    return out
+
+
+async def make_writers(r: aioredis.Redis, n: int, max_batch: int = 256,
+                       max_samples: int = 10**6) -> tuple[AudioFlusher, list[AudioWriter]]:
+    await r.flushall()
+    flusher = AudioFlusher(AudioAppender(r), max_batch)
+    writers = []
+    for i in range(n):
+        sid = f"s{i:03d}"
+        await r.hset(keys.meta(sid), mapping={"attach": 1})
+        writers.append(AudioWriter(flusher, sid, 1, max_samples))
+    return flusher, writers
+
+
+def test_many_sessions_share_round_trips_and_keep_every_frame_in_order(
+        server: RedisServer) -> None:
+    async def run() -> None:
+        r = aioredis.from_url(server.url)
+        flusher, writers = await make_writers(r, SESSIONS)
+
+        async def stream(w: AudioWriter) -> None:
+            for seq in range(1, FRAMES + 1):
+                await w.put(frame(seq), 5.0)
+                await asyncio.sleep(0)  # frames arrive over many loop turns
+            await w.drain()
+
+        await asyncio.gather(*(stream(w) for w in writers))
+        for w in writers:
+            assert await stored_seqs(r, w.sid) == list(range(1, FRAMES + 1))
+        # one pipeline carries many sessions' frames: far fewer round trips than frames
+        assert flusher.appender.round_trips <= SESSIONS * FRAMES / 10
+        await flusher.close()
+        await r.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_session_resumed_elsewhere_fails_alone(server: RedisServer) -> None:
+    async def run() -> None:
+        r = aioredis.from_url(server.url)
+        flusher, (a, b, c) = await make_writers(r, 3)
+        await r.hset(keys.meta(b.sid), "attach", 2)  # b was resumed on another connection
+        for w in (a, b, c):
+            await w.put(frame(1), 5.0)
+        await a.drain()
+        await c.drain()
+        with pytest.raises(SessionTaken):
+            await b.drain()
+        with pytest.raises(SessionTaken):
+            await b.put(frame(2), 5.0)
+        assert await stored_seqs(r, a.sid) == [1] and await stored_seqs(r, b.sid) == []
+        await flusher.close()
+        await r.aclose()
+
+    asyncio.run(run())
+
+
+def test_audio_is_buffered_through_a_redis_restart_and_lands_in_order(
+        server: RedisServer) -> None:
+    async def run() -> None:
+        r = aioredis.from_url(server.url)
+        flusher, writers = await make_writers(r, 5)
+        for w in writers:
+            await w.put(frame(1), 5.0)
+            await w.drain()
+        errors = []
+        for w in writers:
+            w.on_redis_error = lambda: errors.append(1)
+        server.stop()
+        for seq in range(2, 6):  # the client keeps talking while Redis is away
+            for w in writers:
+                await w.put(frame(seq), 5.0)
+        await asyncio.sleep(0.5)
+        assert errors, "the writers saw the outage"
+        assert all(w.pending == 4 for w in writers)
+        server.start()  # an empty Redis on the same port: the session's meta is restored
+        for w in writers:
+            await r.hset(keys.meta(w.sid), mapping={"attach": 1})
+        await asyncio.wait_for(asyncio.gather(*(w.drain() for w in writers)), 10)
+        for w in writers:
+            assert await stored_seqs(r, w.sid) == [2, 3, 4, 5]
+        await flusher.close()
+        await r.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_full_buffer_back_pressures_then_refuses(server: RedisServer) -> None:
+    async def run() -> None:
+        r = aioredis.from_url(server.url)
+        flusher, (w,) = await make_writers(r, 1, max_samples=3 * SAMPLES)
+        server.stop()
+        for seq in range(1, 4):
+            await w.put(frame(seq), 0.2)
+        with pytest.raises(StorageUnavailable):  # no room for 0.2 s: refused, not unbounded
+            await w.put(frame(4), 0.2)
+        assert w.pending == 3
+        await w.close()
+        await flusher.close()
+        await r.aclose()
+
+    asyncio.run(run())
