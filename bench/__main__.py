@@ -175,6 +175,9 @@ def main() -> None:
     p.add_argument("--sockets", type=lambda s: [int(x) for x in s.split(",")],
                    default=[100, 500, 1000])
     p.add_argument("--seconds", type=float, default=10.0, help="gateway load duration")
+    p.add_argument("--settle", type=float, default=2.0,
+                   help="gateway load: seconds between the last socket opening and the first "
+                   "timed frame")
     p.add_argument("--stop-at-failure", action="store_true")
     p.add_argument("--gateway-variant", action="append", default=[], metavar="NAME=GATEWAY_ARGS",
                    help="a gateway configuration to compare, e.g. 'direct=--append-batch 1'")
@@ -195,7 +198,8 @@ def main() -> None:
             from bench.gateway_load import gateway_suite
 
             data = gateway_suite(args.sockets, args.seconds,
-                                 [tuple(v.split("=", 1)) for v in args.gateway_variant])
+                                 [tuple(v.split("=", 1)) for v in args.gateway_variant],
+                                 args.settle)
         data["machine"] = machine()
         data["audio_s"] = len(conv.pcm) / 16000
         path = OUT / f"{suite}.json"

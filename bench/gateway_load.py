@@ -11,11 +11,13 @@ import asyncio
 import os
 import shlex
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
 import numpy as np
 from websockets.asyncio.client import connect
+from websockets.frames import Frame, Opcode
 
 from bench.sessions import summary
 from common.client import listen_url
@@ -30,12 +32,19 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _load(url: str, sockets: int, seconds: float) -> tuple[dict[str, list[float]], int]:
+async def _load(url: str, sockets: int, seconds: float, settle_s: float,
+                probe: Callable[[], list[float]]) -> tuple[dict[str, list[float]], int, float,
+                                                        list[float]]:
+    """Open every socket, wait ``settle_s``, then send 100 ms frames from all of them for
+    ``seconds``. Returns the send times per session, the sockets that failed, how long
+    opening them took, and the change in ``probe()`` (CPU seconds) while they sent."""
     rng = np.random.default_rng(1)
     payload = (rng.normal(0, 300, FRAME)).astype("<i2").tobytes()
     sent: dict[str, list[float]] = {}
+    # (transport, frame, send times) per socket, in 10 phases 10 ms apart
+    phases: list[list[tuple[asyncio.Transport, bytes, list[float]]]] = [[] for _ in range(10)]
     failures = 0
-    start_gate = asyncio.Event()
+    done = asyncio.Event()
     all_ready = asyncio.Event()
 
     def ready() -> None:
@@ -47,33 +56,45 @@ async def _load(url: str, sockets: int, seconds: float) -> tuple[dict[str, list[
         try:
             async with connect(url, compression=None, open_timeout=60) as ws:
                 hello = await ws.recv()
-                sid = session_id_of(hello)
                 times: list[float] = []
-                sent[sid] = times
+                sent[session_id_of(hello)] = times
+                # Framed (and masked) once by websockets, then written as is by one driver
+                # loop: the load generator must cost less than the gateway it measures.
+                raw = Frame(Opcode.BINARY, payload).serialize(mask=True, extensions=[])
+                phases[i % 10].append((ws.transport, raw, times))
                 ready()
-                await start_gate.wait()
-                t0 = time.monotonic() + (i % 10) * 0.01
-                for k in range(int(seconds * 10)):
-                    delay = t0 + k * 0.1 - time.monotonic()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                    times.append(time.time())
-                    await ws.send(payload)
-                await asyncio.sleep(1.0)  # let the last frames land
+                await done.wait()
                 ws.transport.abort()
         except Exception:
             failures += 1
             ready()
 
     tasks = []
+    opened = time.monotonic()
     for i in range(sockets):
         tasks.append(asyncio.create_task(client(i)))
         if i % 50 == 49:
             await asyncio.sleep(0.05)  # don't SYN-flood the listener
     await all_ready.wait()
-    start_gate.set()
+    connect_s = time.monotonic() - opened
+    # The connection storm (every socket opened at once) is over before frames are timed:
+    # this measures sockets that stream, not the handshakes.
+    await asyncio.sleep(settle_s)
+    before = probe()
+    t0 = time.monotonic()
+    for k in range(int(seconds * 100)):  # every 10 ms, one phase's sockets send a frame
+        delay = t0 + k * 0.01 - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        now = time.time()
+        for transport, raw, times in phases[k % 10]:
+            times.append(now)
+            transport.write(raw)
+    used = [b - a for a, b in zip(before, probe(), strict=True)]
+    await asyncio.sleep(1.0)  # let the last frames land
+    done.set()
     await asyncio.gather(*tasks)
-    return sent, failures
+    return sent, failures, connect_s, used
 
 
 def _ms(value: float | None) -> str:
@@ -87,31 +108,45 @@ def session_id_of(hello: str | bytes) -> str:
 
 
 def gateway_suite(socket_counts: list[int], seconds: float,
-                  variants: list[tuple[str, str]] | None = None) -> dict[str, Any]:
-    """Each variant (name, extra gateway flags) at each socket count."""
-    out: dict[str, Any] = {"seconds": seconds, "variants": {}}
+                  variants: list[tuple[str, str]] | None = None,
+                  settle_s: float = 2.0) -> dict[str, Any]:
+    """Each variant (name, extra gateway flags) at each socket count. ``procs:N`` among a
+    variant's flags runs N gateway processes sharing the port (``--reuse-port``)."""
+    out: dict[str, Any] = {"seconds": seconds, "settle_s": settle_s, "variants": {}}
     for name, gateway_args in variants or [("default", "")]:
-        rows = _gateway_rows(socket_counts, seconds, shlex.split(gateway_args), name)
+        rows = _gateway_rows(socket_counts, seconds, settle_s, shlex.split(gateway_args), name)
         out["variants"][name] = {"gateway_args": gateway_args, "rows": rows}
     out["rows"] = out["variants"][next(iter(out["variants"]))]["rows"]  # the first, for plots
     return out
 
 
-def _gateway_rows(socket_counts: list[int], seconds: float, extra: list[str],
-                  name: str) -> list[dict[str, Any]]:
+def _gateway_rows(socket_counts: list[int], seconds: float, settle_s: float,
+                  extra: list[str], name: str) -> list[dict[str, Any]]:
+    procs = [int(a.split(":", 1)[1]) for a in extra if a.startswith("procs:")]
+    extra = [a for a in extra if not a.startswith("procs:")]
+    if procs:
+        extra += ["--reuse-port", "true"]
     rows = []
     for n in socket_counts:
         server = RedisServer()
         server.start()
         # One load generator on one address: lift the per-address cap for this run.
-        gateway, port = start_gateway(server.url, "--max-backlog", "1000000",
-                                      "--resume-grace-s", "3600",
-                                      "--max-sessions-per-ip", str(n + 10), *extra)
+        flags = ["--max-backlog", "1000000", "--resume-grace-s", "3600",
+                 "--max-sessions-per-ip", str(n + 10), *extra]
+        gateway, port = start_gateway(server.url, *flags)
+        gateways = [gateway] + [start_gateway(server.url, *flags, port=port)[0]
+                                for _ in range(max(procs or [1]) - 1)]
         try:
-            pid = gateway.proc.pid
-            cpu0, wall0 = _cpu_seconds(pid), time.monotonic()
-            sent, failures = asyncio.run(_load(listen_url(f"ws://127.0.0.1:{port}"), n, seconds))
-            cpu1, wall1 = _cpu_seconds(pid), time.monotonic()
+            pids = [g.proc.pid for g in gateways]
+            assert server.proc is not None
+            rpid = server.proc.pid
+
+            def probe(pids: list[int] = pids, rpid: int = rpid) -> list[float]:
+                return [sum(_cpu_seconds(p) for p in pids), _cpu_seconds(rpid),
+                        time.process_time(), time.monotonic()]
+
+            sent, failures, connect_s, (cpu, rcpu, own, wall) = asyncio.run(
+                _load(listen_url(f"ws://127.0.0.1:{port}"), n, seconds, settle_s, probe))
             r = server.client()
             lat = []
             for sid, times in sent.items():
@@ -120,20 +155,26 @@ def _gateway_rows(socket_counts: list[int], seconds: float, extra: list[str],
                     k = body["seq"] - 1
                     if body["k"] == "audio" and k < len(times):
                         lat.append(int(entry_id.decode().split("-")[0]) / 1000.0 - times[k])
-            cores = (cpu1 - cpu0) / (wall1 - wall0)
+            cores = cpu / wall
             row: dict[str, Any] = {"sockets": n, "failures": failures, "frames": len(lat),
+                   "gateway_processes": len(gateways), "connect_s": connect_s,
                    "expected_frames": n * int(seconds * 10),
                    "frame_to_xadd_ms": {k: (v * 1000 if isinstance(v, float) else v)
                                         for k, v in summary(lat).items()},
-                   "gateway_cores": cores, "cores_per_100_sockets": cores * 100 / n}
+                   "gateway_cores": cores, "cores_per_100_sockets": cores * 100 / n,
+                   "redis_cores": rcpu / wall, "load_generator_cores": own / wall}
             rows.append(row)
             lat_ms = row["frame_to_xadd_ms"]
             print(f"[gateway] {name} {n} sockets: frame→XADD p50 {_ms(lat_ms['p50'])} "
                   f"p99 {_ms(lat_ms['p99'])}, {row['frames']}/"
-                  f"{row['expected_frames']} frames, {failures} failed, gateway "
-                  f"{cores:.2f} cores ({row['cores_per_100_sockets']:.3f} per 100 sockets)",
+                  f"{row['expected_frames']} frames, {failures} failed, connect {connect_s:.1f} s, "
+                  f"gateway "
+                  f"{cores:.2f} cores ({row['cores_per_100_sockets']:.3f} per 100 sockets); "
+                  f"redis {row['redis_cores']:.2f}, load generator "
+                  f"{row['load_generator_cores']:.2f} cores",
                   flush=True)
         finally:
-            gateway.stop()
+            for g in gateways:
+                g.stop()
             server.stop()
     return rows

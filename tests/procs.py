@@ -127,8 +127,10 @@ def start_transcriber(redis_url: str, *args: str, **env: str) -> Service:
     return svc
 
 
-def start_gateway(redis_url: str, *args: str, **env: str) -> tuple[Service, int]:
-    port = free_port()
+def start_gateway(redis_url: str, *args: str, port: int = 0,
+                  **env: str) -> tuple[Service, int]:
+    """A gateway on ``port`` (a free one when 0)."""
+    port = port or free_port()
     svc = Service("ingest", ["--host", "127.0.0.1", "--port", str(port), *args],
                   {"REDIS_URL": redis_url, **env}, "gateway listening")
     svc.wait_ready()

@@ -47,3 +47,35 @@ def test_150_concurrent_sessions_on_one_gateway_all_open() -> None:
     finally:
         gateway.stop()
         server.stop()
+
+
+def test_gateway_processes_share_one_port_with_reuse_port() -> None:
+    """REUSE_PORT: two gateway processes listen on one port, the kernel spreads the
+    connections across them, and each serves whole sessions."""
+    server = RedisServer()
+    server.start()
+    flags = ["--reuse-port", "true", "--max-backlog", "1000", "--max-sessions-per-ip", "100"]
+    first, port = start_gateway(server.url, *flags)
+    second, _ = start_gateway(server.url, *flags, port=port)
+    try:
+        async def one() -> str:
+            async with connect(listen_url(f"ws://127.0.0.1:{port}")) as ws:
+                hello = json.loads(await ws.recv())
+                await ws.send(bytes(3200))
+                await ws.send(json.dumps({"type": "close"}))
+                return str(hello["session_id"])
+
+        async def run() -> list[str]:
+            return await asyncio.gather(*(one() for _ in range(40)))
+
+        sids = asyncio.run(run())
+        assert len(set(sids)) == 40
+        served = [sum(sid in line and "opened" in line for sid in sids for line in g.lines)
+                  for g in (first, second)]
+        assert sum(served) == 40 and min(served) >= 5, served
+        r = server.client()
+        assert all(r.xlen(f"stt:{{{sid}}}:audio") == 2 for sid in sids)  # a frame, the close
+    finally:
+        first.stop()
+        second.stop()
+        server.stop()
