@@ -50,8 +50,11 @@ class AudioAppender:
     path; in a pipeline that cost is paid once per turn.
     """
 
-    def __init__(self, redis: aioredis.Redis, max_batch: int = 256) -> None:
+    def __init__(self, redis: aioredis.Redis, max_batch: int = 256,
+                 timeout_s: float | None = None) -> None:
+        """``timeout_s``: a bound on each round trip, for a client without read timeouts."""
         self._redis = redis
+        self.timeout_s = timeout_s
         self._script = redis.register_script(_APPEND)
         self.max_batch = max(1, max_batch)
         self._waiting: list[tuple[Append, asyncio.Future[Any]]] = []
@@ -93,7 +96,8 @@ class AudioAppender:
         for sid, generation, entries in appends:
             pipe.evalsha(self._script.sha, 2, *_script_keys(sid),
                          *_script_args(generation, entries))
-        return list(await pipe.execute(raise_on_error=False))
+        async with asyncio.timeout(self.timeout_s):
+            return list(await pipe.execute(raise_on_error=False))
 
     async def _flush(self) -> None:
         await asyncio.sleep(0)  # the other sessions' appends of this loop turn join in

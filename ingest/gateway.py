@@ -39,6 +39,7 @@ from common.messages import AudioMarker
 from common.metrics import gateway_metrics, health_route, register_viewer_gauges
 from common.redis_client import REDIS_DOWN, make_redis
 from common.settings import GatewaySettings
+from common.streams import AudioAppender
 from fanout.api import SessionsApi, error_response, json_response
 from fanout.replay import ReplayConfig
 from fanout.sockets import float_param
@@ -67,7 +68,11 @@ class Gateway:
         self.redis = make_redis(settings)
         self.blocking = make_redis(settings, blocking=True, block_ms=settings.results_block_ms)
         self.store = SessionStore(self.redis, settings.append_batch)
-        self.flusher = AudioFlusher(self.store.appender, settings.append_batch)
+        # client audio: a client with no per-reply timer; each round trip is bounded instead
+        self.appends = make_redis(settings, read_timeout=False)
+        self.flusher = AudioFlusher(AudioAppender(self.appends, settings.append_batch,
+                                                  settings.redis_socket_timeout_s),
+                                    settings.append_batch)
         self.probe = make_redis(settings, probe=True)
         self.metrics = gateway_metrics()
         self.monitor = SessionMonitor(self.store, settings.heartbeat_s, settings.lag_warning_s,
@@ -283,6 +288,7 @@ class Gateway:
         await self.sessions_api.close()
         await self.flusher.close()
         await self.monitor.close()
+        await self.appends.aclose()
         await self.probe.aclose()
         await self.redis.aclose()
         await self.blocking.aclose()

@@ -5,6 +5,7 @@ their audio buffered, and a session taken by another connection fails alone."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -141,6 +142,34 @@ def test_a_full_buffer_back_pressures_then_refuses(server: RedisServer) -> None:
             await w.put(frame(4), 0.2)
         assert w.pending == 3
         await w.close()
+        await flusher.close()
+        await r.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_stalled_redis_times_out_the_round_trip_and_audio_lands_after(
+        server: RedisServer) -> None:
+    """The gateway's append client has no per-reply timeout; the round trip is bounded."""
+    async def run() -> None:
+        r = aioredis.from_url(server.url, socket_timeout=None)
+        await r.flushall()
+        await r.hset(keys.meta("a"), mapping={"attach": 1})
+        flusher = AudioFlusher(AudioAppender(r, timeout_s=0.3), 256)
+        w = AudioWriter(flusher, "a", 1, 10**6)
+        errors: list[int] = []
+        w.on_redis_error = lambda: errors.append(1)
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)  # accepts nothing, answers nothing
+        try:
+            await w.put(frame(1), 5.0)
+            await asyncio.sleep(0.8)
+            assert errors, "the stalled round trip ended with an error"
+            assert w.pending == 1
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        await asyncio.wait_for(w.drain(), 10)
+        assert await stored_seqs(r, "a") == [1]
         await flusher.close()
         await r.aclose()
 
