@@ -12,7 +12,6 @@ sockets, measured with py-spy).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from common import keys
 from common.audio import TARGET_RATE
 from common.messages import Warning
 from common.redis_client import REDIS_DOWN
+from common.tasks import LazyTask
 from ingest.store import SessionStore
 
 log = logging.getLogger(__name__)
@@ -61,22 +61,18 @@ class SessionMonitor:
         self.interval_s = interval_s
         self.on_redis_error = on_redis_error
         self._sessions: dict[Watched, _State] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._task = LazyTask(self._run, "session-monitor")
         self._beat_at = 0.0
 
     def watch(self, session: Watched) -> None:
         self._sessions[session] = _State()
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="session-monitor")
+        self._task.ensure()
 
     def unwatch(self, session: Watched) -> None:
         self._sessions.pop(session, None)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._task.close()
 
     async def _run(self) -> None:
         while True:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import itertools
 import logging
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from common.errors import StorageUnavailable, SttError
 from common.messages import AudioEntry, AudioFrame
 from common.redis_client import REDIS_DOWN
 from common.streams import AudioAppender
+from common.tasks import LazyTask
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class AudioFlusher:
         self.max_batch = max(1, max_batch)
         self._dirty: dict[AudioWriter, None] = {}  # insertion-ordered set
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._task = LazyTask(self._run, "audio-flusher")
 
     def mark(self, writer: AudioWriter) -> None:
         """``writer`` has entries to send."""
@@ -156,8 +156,7 @@ class AudioFlusher:
             return
         self._dirty[writer] = None
         self._wake.set()
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="audio-flusher")
+        self._task.ensure()
 
     def mark_later(self, writer: AudioWriter, delay: float) -> None:
         asyncio.get_running_loop().call_later(delay, self.mark, writer)
@@ -166,10 +165,7 @@ class AudioFlusher:
         self._dirty.pop(writer, None)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._task.close()
 
     async def _run(self) -> None:
         while True:

@@ -5,7 +5,6 @@ heartbeat, in one pipeline whatever the number of sessions."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -26,14 +25,6 @@ class FakeSession:
     samples_sent: int = 0
 
 
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    s = RedisServer()
-    s.start()
-    yield s
-    s.stop()
-
-
 async def warnings_of(r: aioredis.Redis, sid: str) -> list[Warning]:
     out = []
     for _id, fields in await r.xrange(keys.results(sid)):
@@ -43,9 +34,9 @@ async def warnings_of(r: aioredis.Redis, sid: str) -> list[Warning]:
     return out
 
 
-def test_one_pass_tells_positions_lag_and_refreshes_heartbeats(server: RedisServer) -> None:
+def test_one_pass_tells_positions_lag_and_refreshes_heartbeats(own_redis: RedisServer) -> None:
     async def run() -> None:
-        r = aioredis.from_url(server.url)
+        r = aioredis.from_url(own_redis.url)
         store = SessionStore(r)
         sessions = [FakeSession(f"{i:032x}") for i in range(4)]
         for s in sessions:
@@ -79,20 +70,20 @@ def test_one_pass_tells_positions_lag_and_refreshes_heartbeats(server: RedisServ
     asyncio.run(run())
 
 
-def test_a_redis_outage_is_counted_and_the_monitor_keeps_running(server: RedisServer) -> None:
+def test_a_redis_outage_is_counted_and_the_monitor_keeps_running(own_redis: RedisServer) -> None:
     async def run() -> None:
-        r = aioredis.from_url(server.url)
+        r = aioredis.from_url(own_redis.url)
         store = SessionStore(r)
         errors: list[int] = []
         monitor = SessionMonitor(store, heartbeat_s=5.0, lag_warning_s=3.0,
                                  on_redis_error=lambda: errors.append(1), interval_s=0.05)
         session = FakeSession("a" * 32)
         await store.create(session.sid, {"model": "tiny.en"})
-        server.stop()
+        own_redis.stop()
         monitor.watch(session)
         await asyncio.sleep(0.5)
         assert errors
-        server.start()
+        own_redis.start()
         await store.create(session.sid, {"model": "tiny.en"})
         await r.hset(keys.meta(session.sid), "heartbeat", "1.000")
         monitor.heartbeat_s = 0.0  # every pass beats

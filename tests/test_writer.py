@@ -6,44 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Iterator
 
 import pytest
 import redis.asyncio as aioredis
 
 from common import keys
 from common.errors import StorageUnavailable
-from common.messages import AudioFrame, unpack_audio_entry
 from common.streams import AudioAppender
 from ingest.writer import AudioFlusher, AudioWriter, SessionTaken
 from tests.procs import RedisServer
+from tests.test_streams import frame, stored_seqs
 
 pytestmark = pytest.mark.integration
 
 SESSIONS = 50
 FRAMES = 30
 SAMPLES = 160
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    s = RedisServer()
-    s.start()
-    yield s
-    s.stop()
-
-
-def frame(seq: int) -> AudioFrame:
-    return AudioFrame(seq, (seq - 1) * SAMPLES, seq.to_bytes(2, "little") * SAMPLES)
-
-
-async def stored_seqs(r: aioredis.Redis, sid: str) -> list[int]:
-    out = []
-    for _id, fields in await r.xrange(keys.audio(sid)):
-        entry = unpack_audio_entry(fields)
-        assert isinstance(entry, AudioFrame) and entry.pcm == frame(entry.seq).pcm
-        out.append(entry.seq)
-    return out
 
 
 async def make_writers(r: aioredis.Redis, n: int, max_batch: int = 256,
@@ -59,9 +37,9 @@ async def make_writers(r: aioredis.Redis, n: int, max_batch: int = 256,
 
 
 def test_many_sessions_share_round_trips_and_keep_every_frame_in_order(
-        server: RedisServer) -> None:
+        own_redis: RedisServer) -> None:
     async def run() -> None:
-        r = aioredis.from_url(server.url)
+        r = aioredis.from_url(own_redis.url)
         flusher, writers = await make_writers(r, SESSIONS)
 
         async def stream(w: AudioWriter) -> None:
@@ -81,9 +59,9 @@ def test_many_sessions_share_round_trips_and_keep_every_frame_in_order(
     asyncio.run(run())
 
 
-def test_a_session_resumed_elsewhere_fails_alone(server: RedisServer) -> None:
+def test_a_session_resumed_elsewhere_fails_alone(own_redis: RedisServer) -> None:
     async def run() -> None:
-        r = aioredis.from_url(server.url)
+        r = aioredis.from_url(own_redis.url)
         flusher, (a, b, c) = await make_writers(r, 3)
         await r.hset(keys.meta(b.sid), "attach", 2)  # b was resumed on another connection
         for w in (a, b, c):
@@ -102,9 +80,9 @@ def test_a_session_resumed_elsewhere_fails_alone(server: RedisServer) -> None:
 
 
 def test_audio_is_buffered_through_a_redis_restart_and_lands_in_order(
-        server: RedisServer) -> None:
+        own_redis: RedisServer) -> None:
     async def run() -> None:
-        r = aioredis.from_url(server.url)
+        r = aioredis.from_url(own_redis.url)
         flusher, writers = await make_writers(r, 5)
         for w in writers:
             await w.put(frame(1), 5.0)
@@ -112,14 +90,14 @@ def test_audio_is_buffered_through_a_redis_restart_and_lands_in_order(
         errors = []
         for w in writers:
             w.on_redis_error = lambda: errors.append(1)
-        server.stop()
+        own_redis.stop()
         for seq in range(2, 6):  # the client keeps talking while Redis is away
             for w in writers:
                 await w.put(frame(seq), 5.0)
         await asyncio.sleep(0.5)
         assert errors, "the writers saw the outage"
         assert all(w.pending == 4 for w in writers)
-        server.start()  # an empty Redis on the same port: the session's meta is restored
+        own_redis.start()  # an empty Redis on the same port: the session's meta is restored
         for w in writers:
             await r.hset(keys.meta(w.sid), mapping={"attach": 1})
         await asyncio.wait_for(asyncio.gather(*(w.drain() for w in writers)), 10)
@@ -131,11 +109,11 @@ def test_audio_is_buffered_through_a_redis_restart_and_lands_in_order(
     asyncio.run(run())
 
 
-def test_a_full_buffer_back_pressures_then_refuses(server: RedisServer) -> None:
+def test_a_full_buffer_back_pressures_then_refuses(own_redis: RedisServer) -> None:
     async def run() -> None:
-        r = aioredis.from_url(server.url)
+        r = aioredis.from_url(own_redis.url)
         flusher, (w,) = await make_writers(r, 1, max_samples=3 * SAMPLES)
-        server.stop()
+        own_redis.stop()
         for seq in range(1, 4):
             await w.put(frame(seq), 0.2)
         with pytest.raises(StorageUnavailable):  # no room for 0.2 s: refused, not unbounded
@@ -149,25 +127,25 @@ def test_a_full_buffer_back_pressures_then_refuses(server: RedisServer) -> None:
 
 
 def test_a_stalled_redis_times_out_the_round_trip_and_audio_lands_after(
-        server: RedisServer) -> None:
+        own_redis: RedisServer) -> None:
     """The gateway's append client has no per-reply timeout; the round trip is bounded."""
     async def run() -> None:
-        r = aioredis.from_url(server.url, socket_timeout=None)
+        r = aioredis.from_url(own_redis.url, socket_timeout=None)
         await r.flushall()
         await r.hset(keys.meta("a"), mapping={"attach": 1})
         flusher = AudioFlusher(AudioAppender(r, timeout_s=0.3), 256)
         w = AudioWriter(flusher, "a", 1, 10**6)
         errors: list[int] = []
         w.on_redis_error = lambda: errors.append(1)
-        assert server.proc is not None
-        server.proc.send_signal(signal.SIGSTOP)  # accepts nothing, answers nothing
+        assert own_redis.proc is not None
+        own_redis.proc.send_signal(signal.SIGSTOP)  # accepts nothing, answers nothing
         try:
             await w.put(frame(1), 5.0)
             await asyncio.sleep(0.8)
             assert errors, "the stalled round trip ended with an error"
             assert w.pending == 1
         finally:
-            server.proc.send_signal(signal.SIGCONT)
+            own_redis.proc.send_signal(signal.SIGCONT)
         await asyncio.wait_for(w.drain(), 10)
         assert await stored_seqs(r, "a") == [1]
         await flusher.close()
