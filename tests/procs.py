@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -10,10 +11,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,6 +73,15 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=10)
+
+    @contextlib.asynccontextmanager
+    async def aclient(self, **options: Any) -> AsyncIterator[aioredis.Redis]:
+        """An asyncio client, closed when the block ends (a failed assertion too)."""
+        r = aioredis.from_url(self.url, **options)
+        try:
+            yield r
+        finally:
+            await r.aclose()
 
 
 #: Test services run without authentication (as `make run` does on 127.0.0.1) unless a

@@ -36,60 +36,58 @@ async def warnings_of(r: aioredis.Redis, sid: str) -> list[Warning]:
 
 def test_one_pass_tells_positions_lag_and_refreshes_heartbeats(own_redis: RedisServer) -> None:
     async def run() -> None:
-        r = aioredis.from_url(own_redis.url)
-        store = SessionStore(r)
-        sessions = [FakeSession(f"{i:032x}") for i in range(4)]
-        for s in sessions:
-            await store.create(s.sid, {"model": "tiny.en"})
-            await r.hset(keys.meta(s.sid), "heartbeat", "1.000")
-        await r.xgroup_create(keys.SESSIONS, keys.GROUP, id="0")
-        # a transcriber took the first two; the second is 5 s behind, the first keeps up
-        await r.xreadgroup(keys.GROUP, "w1", {keys.SESSIONS: ">"}, count=2)
-        for s, processed in zip(sessions[:2], (16000 * 10, 16000 * 5), strict=True):
-            await r.hset(keys.meta(s.sid), mapping={"epoch": 1, "processed_sample": processed})
-            s.samples_sent = 16000 * 10
-        monitor = SessionMonitor(store, heartbeat_s=5.0, lag_warning_s=3.0)
-        for s in sessions:
-            monitor.watch(s)
-        await monitor.tick()  # the first pass marks the taken sessions as owned
-        await monitor.tick()
-        await monitor.tick()  # nothing changed: no repeated notices
-        got = [await warnings_of(r, s.sid) for s in sessions]
-        assert got[0] == []
-        assert [(w.code, w.message) for w in got[1]] == [
-            ("lag", "transcription is 5.0 s behind the audio")]
-        assert [w.message for w in got[2]] == [
-            "waiting for a free transcriber (position 1 in queue)"]
-        assert [w.message for w in got[3]] == [
-            "waiting for a free transcriber (position 2 in queue)"]
-        for s in sessions:
-            assert float(await r.hget(keys.meta(s.sid), "heartbeat")) > 1.0
-        await monitor.close()
-        await r.aclose()
+        async with own_redis.aclient() as r:
+            store = SessionStore(r)
+            sessions = [FakeSession(f"{i:032x}") for i in range(4)]
+            for s in sessions:
+                await store.create(s.sid, {"model": "tiny.en"})
+                await r.hset(keys.meta(s.sid), "heartbeat", "1.000")
+            await r.xgroup_create(keys.SESSIONS, keys.GROUP, id="0")
+            # a transcriber took the first two; the second is 5 s behind, the first keeps up
+            await r.xreadgroup(keys.GROUP, "w1", {keys.SESSIONS: ">"}, count=2)
+            for s, processed in zip(sessions[:2], (16000 * 10, 16000 * 5), strict=True):
+                await r.hset(keys.meta(s.sid), mapping={"epoch": 1, "processed_sample": processed})
+                s.samples_sent = 16000 * 10
+            monitor = SessionMonitor(store, heartbeat_s=5.0, lag_warning_s=3.0)
+            for s in sessions:
+                monitor.watch(s)
+            await monitor.tick()  # the first pass marks the taken sessions as owned
+            await monitor.tick()
+            await monitor.tick()  # nothing changed: no repeated notices
+            got = [await warnings_of(r, s.sid) for s in sessions]
+            assert got[0] == []
+            assert [(w.code, w.message) for w in got[1]] == [
+                ("lag", "transcription is 5.0 s behind the audio")]
+            assert [w.message for w in got[2]] == [
+                "waiting for a free transcriber (position 1 in queue)"]
+            assert [w.message for w in got[3]] == [
+                "waiting for a free transcriber (position 2 in queue)"]
+            for s in sessions:
+                assert float(await r.hget(keys.meta(s.sid), "heartbeat")) > 1.0
+            await monitor.close()
 
     asyncio.run(run())
 
 
 def test_a_redis_outage_is_counted_and_the_monitor_keeps_running(own_redis: RedisServer) -> None:
     async def run() -> None:
-        r = aioredis.from_url(own_redis.url)
-        store = SessionStore(r)
-        errors: list[int] = []
-        monitor = SessionMonitor(store, heartbeat_s=5.0, lag_warning_s=3.0,
-                                 on_redis_error=lambda: errors.append(1), interval_s=0.05)
-        session = FakeSession("a" * 32)
-        await store.create(session.sid, {"model": "tiny.en"})
-        own_redis.stop()
-        monitor.watch(session)
-        await asyncio.sleep(0.5)
-        assert errors
-        own_redis.start()
-        await store.create(session.sid, {"model": "tiny.en"})
-        await r.hset(keys.meta(session.sid), "heartbeat", "1.000")
-        monitor.heartbeat_s = 0.0  # every pass beats
-        await asyncio.sleep(0.5)
-        assert float(await r.hget(keys.meta(session.sid), "heartbeat")) > 1.0
-        await monitor.close()
-        await r.aclose()
+        async with own_redis.aclient() as r:
+            store = SessionStore(r)
+            errors: list[int] = []
+            monitor = SessionMonitor(store, heartbeat_s=5.0, lag_warning_s=3.0,
+                                     on_redis_error=lambda: errors.append(1), interval_s=0.05)
+            session = FakeSession("a" * 32)
+            await store.create(session.sid, {"model": "tiny.en"})
+            own_redis.stop()
+            monitor.watch(session)
+            await asyncio.sleep(0.5)
+            assert errors
+            own_redis.start()
+            await store.create(session.sid, {"model": "tiny.en"})
+            await r.hset(keys.meta(session.sid), "heartbeat", "1.000")
+            monitor.heartbeat_s = 0.0  # every pass beats
+            await asyncio.sleep(0.5)
+            assert float(await r.hget(keys.meta(session.sid), "heartbeat")) > 1.0
+            await monitor.close()
 
     asyncio.run(run())

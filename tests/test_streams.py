@@ -58,22 +58,21 @@ def test_concurrent_sessions_keep_every_frame_in_order(server: RedisServer,
 
     async def run() -> tuple[list[list[int]], list[bool]]:
         nonlocal appender
-        r = aioredis.from_url(server.url)
-        sids = [f"s{i:03d}" for i in range(SESSIONS)]
-        await setup(r, sids)
-        appender = AudioAppender(r, max_batch=max_batch)
+        async with server.aclient() as r:
+            sids = [f"s{i:03d}" for i in range(SESSIONS)]
+            await setup(r, sids)
+            appender = AudioAppender(r, max_batch=max_batch)
 
-        async def session(sid: str) -> bool:
-            ok = True
-            for seq in range(1, FRAMES + 1):
-                ok &= await appender.append(sid, 1, [frame(seq)])
-                if seq == 10:  # a retried write (reply lost): a no-op, not a duplicate
-                    ok &= await appender.append(sid, 1, [frame(9), frame(10)])
-            return ok
+            async def session(sid: str) -> bool:
+                ok = True
+                for seq in range(1, FRAMES + 1):
+                    ok &= await appender.append(sid, 1, [frame(seq)])
+                    if seq == 10:  # a retried write (reply lost): a no-op, not a duplicate
+                        ok &= await appender.append(sid, 1, [frame(9), frame(10)])
+                return ok
 
-        oks = await asyncio.gather(*(session(s) for s in sids))
-        seqs = [await stored_seqs(r, s) for s in sids]
-        await r.aclose()
+            oks = await asyncio.gather(*(session(s) for s in sids))
+            seqs = [await stored_seqs(r, s) for s in sids]
         return seqs, list(oks)
 
     seqs, oks = asyncio.run(run())
@@ -89,14 +88,13 @@ def test_concurrent_sessions_keep_every_frame_in_order(server: RedisServer,
 
 def test_a_fenced_session_is_refused_without_affecting_the_others(server: RedisServer) -> None:
     async def run() -> tuple[list[bool], list[int], list[int]]:
-        r = aioredis.from_url(server.url)
-        await setup(r, ["a", "b", "c"])
-        await r.hset(keys.meta("b"), "attach", 2)  # b was resumed on another connection
-        appender = AudioAppender(r)
-        oks = await asyncio.gather(*(appender.append(s, 1, [frame(1), frame(2)])
-                                     for s in ("a", "b", "c")))
-        a, b = await stored_seqs(r, "a"), await stored_seqs(r, "b")
-        await r.aclose()
+        async with server.aclient() as r:
+            await setup(r, ["a", "b", "c"])
+            await r.hset(keys.meta("b"), "attach", 2)  # b was resumed on another connection
+            appender = AudioAppender(r)
+            oks = await asyncio.gather(*(appender.append(s, 1, [frame(1), frame(2)])
+                                         for s in ("a", "b", "c")))
+            a, b = await stored_seqs(r, "a"), await stored_seqs(r, "b")
         return list(oks), a, b
 
     oks, a, b = asyncio.run(run())
@@ -107,18 +105,17 @@ def test_a_fenced_session_is_refused_without_affecting_the_others(server: RedisS
 def test_redis_down_fails_every_waiting_append_and_appends_work_again(
         server: RedisServer) -> None:
     async def run() -> None:
-        r = aioredis.from_url(server.url)
-        sids = [f"s{i}" for i in range(10)]
-        await setup(r, sids)
-        appender = AudioAppender(r)
-        server.stop()
-        results = await asyncio.gather(*(appender.append(s, 1, [frame(1)]) for s in sids),
-                                       return_exceptions=True)
-        assert all(isinstance(x, RedisConnectionError) for x in results), results
-        server.start()
-        await setup(r, sids)
-        assert all(await asyncio.gather(*(appender.append(s, 1, [frame(1)]) for s in sids)))
-        assert [await stored_seqs(r, s) for s in sids] == [[1]] * 10
-        await r.aclose()
+        async with server.aclient() as r:
+            sids = [f"s{i}" for i in range(10)]
+            await setup(r, sids)
+            appender = AudioAppender(r)
+            server.stop()
+            results = await asyncio.gather(*(appender.append(s, 1, [frame(1)]) for s in sids),
+                                           return_exceptions=True)
+            assert all(isinstance(x, RedisConnectionError) for x in results), results
+            server.start()
+            await setup(r, sids)
+            assert all(await asyncio.gather(*(appender.append(s, 1, [frame(1)]) for s in sids)))
+            assert [await stored_seqs(r, s) for s in sids] == [[1]] * 10
 
     asyncio.run(run())

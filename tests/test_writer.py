@@ -5,7 +5,10 @@ their audio buffered, and a session taken by another connection fails alone."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -24,57 +27,59 @@ FRAMES = 30
 SAMPLES = 160
 
 
-async def make_writers(r: aioredis.Redis, n: int, max_batch: int = 256,
-                       max_samples: int = 10**6) -> tuple[AudioFlusher, list[AudioWriter]]:
-    await r.flushall()
-    flusher = AudioFlusher(AudioAppender(r), max_batch)
-    writers = []
-    for i in range(n):
-        sid = f"s{i:03d}"
-        await r.hset(keys.meta(sid), mapping={"attach": 1})
-        writers.append(AudioWriter(flusher, sid, 1, max_samples))
-    return flusher, writers
+@contextlib.asynccontextmanager
+async def writers_on(server: RedisServer, n: int, max_samples: int = 10**6,
+                     timeout_s: float | None = None, **client: Any,
+                     ) -> AsyncIterator[tuple[aioredis.Redis, AudioFlusher, list[AudioWriter]]]:
+    """``n`` sessions' writers on one flusher against an emptied ``server``; the flusher and
+    the client are closed when the block ends, a failed assertion included."""
+    async with server.aclient(**client) as r:
+        await r.flushall()
+        flusher = AudioFlusher(AudioAppender(r, timeout_s=timeout_s), 256)
+        writers = []
+        for i in range(n):
+            sid = f"s{i:03d}"
+            await r.hset(keys.meta(sid), mapping={"attach": 1})
+            writers.append(AudioWriter(flusher, sid, 1, max_samples))
+        try:
+            yield r, flusher, writers
+        finally:
+            await flusher.close()
 
 
 def test_many_sessions_share_round_trips_and_keep_every_frame_in_order(
         own_redis: RedisServer) -> None:
     async def run() -> None:
-        r = aioredis.from_url(own_redis.url)
-        flusher, writers = await make_writers(r, SESSIONS)
+        async with writers_on(own_redis, SESSIONS) as (r, flusher, writers):
 
-        async def stream(w: AudioWriter) -> None:
-            for seq in range(1, FRAMES + 1):
-                await w.put(frame(seq), 5.0)
-                await asyncio.sleep(0)  # frames arrive over many loop turns
-            await w.drain()
+            async def stream(w: AudioWriter) -> None:
+                for seq in range(1, FRAMES + 1):
+                    await w.put(frame(seq), 5.0)
+                    await asyncio.sleep(0)  # frames arrive over many loop turns
+                await w.drain()
 
-        await asyncio.gather(*(stream(w) for w in writers))
-        for w in writers:
-            assert await stored_seqs(r, w.sid) == list(range(1, FRAMES + 1))
-        # one pipeline carries many sessions' frames: far fewer round trips than frames
-        assert flusher.appender.round_trips <= SESSIONS * FRAMES / 10
-        await flusher.close()
-        await r.aclose()
+            await asyncio.gather(*(stream(w) for w in writers))
+            for w in writers:
+                assert await stored_seqs(r, w.sid) == list(range(1, FRAMES + 1))
+            # one pipeline carries many sessions' frames: far fewer round trips than frames
+            assert flusher.appender.round_trips <= SESSIONS * FRAMES / 10
 
     asyncio.run(run())
 
 
 def test_a_session_resumed_elsewhere_fails_alone(own_redis: RedisServer) -> None:
     async def run() -> None:
-        r = aioredis.from_url(own_redis.url)
-        flusher, (a, b, c) = await make_writers(r, 3)
-        await r.hset(keys.meta(b.sid), "attach", 2)  # b was resumed on another connection
-        for w in (a, b, c):
-            await w.put(frame(1), 5.0)
-        await a.drain()
-        await c.drain()
-        with pytest.raises(SessionTaken):
-            await b.drain()
-        with pytest.raises(SessionTaken):
-            await b.put(frame(2), 5.0)
-        assert await stored_seqs(r, a.sid) == [1] and await stored_seqs(r, b.sid) == []
-        await flusher.close()
-        await r.aclose()
+        async with writers_on(own_redis, 3) as (r, _, (a, b, c)):
+            await r.hset(keys.meta(b.sid), "attach", 2)  # b was resumed on another connection
+            for w in (a, b, c):
+                await w.put(frame(1), 5.0)
+            await a.drain()
+            await c.drain()
+            with pytest.raises(SessionTaken):
+                await b.drain()
+            with pytest.raises(SessionTaken):
+                await b.put(frame(2), 5.0)
+            assert await stored_seqs(r, a.sid) == [1] and await stored_seqs(r, b.sid) == []
 
     asyncio.run(run())
 
@@ -82,46 +87,39 @@ def test_a_session_resumed_elsewhere_fails_alone(own_redis: RedisServer) -> None
 def test_audio_is_buffered_through_a_redis_restart_and_lands_in_order(
         own_redis: RedisServer) -> None:
     async def run() -> None:
-        r = aioredis.from_url(own_redis.url)
-        flusher, writers = await make_writers(r, 5)
-        for w in writers:
-            await w.put(frame(1), 5.0)
-            await w.drain()
-        errors = []
-        for w in writers:
-            w.on_redis_error = lambda: errors.append(1)
-        own_redis.stop()
-        for seq in range(2, 6):  # the client keeps talking while Redis is away
+        async with writers_on(own_redis, 5) as (r, _, writers):
             for w in writers:
-                await w.put(frame(seq), 5.0)
-        await asyncio.sleep(0.5)
-        assert errors, "the writers saw the outage"
-        assert all(w.pending == 4 for w in writers)
-        own_redis.start()  # an empty Redis on the same port: the session's meta is restored
-        for w in writers:
-            await r.hset(keys.meta(w.sid), mapping={"attach": 1})
-        await asyncio.wait_for(asyncio.gather(*(w.drain() for w in writers)), 10)
-        for w in writers:
-            assert await stored_seqs(r, w.sid) == [2, 3, 4, 5]
-        await flusher.close()
-        await r.aclose()
+                await w.put(frame(1), 5.0)
+                await w.drain()
+            errors = []
+            for w in writers:
+                w.on_redis_error = lambda: errors.append(1)
+            own_redis.stop()
+            for seq in range(2, 6):  # the client keeps talking while Redis is away
+                for w in writers:
+                    await w.put(frame(seq), 5.0)
+            await asyncio.sleep(0.5)
+            assert errors, "the writers saw the outage"
+            assert all(w.pending == 4 for w in writers)
+            own_redis.start()  # an empty Redis on the same port: the session's meta is restored
+            for w in writers:
+                await r.hset(keys.meta(w.sid), mapping={"attach": 1})
+            await asyncio.wait_for(asyncio.gather(*(w.drain() for w in writers)), 10)
+            for w in writers:
+                assert await stored_seqs(r, w.sid) == [2, 3, 4, 5]
 
     asyncio.run(run())
 
 
 def test_a_full_buffer_back_pressures_then_refuses(own_redis: RedisServer) -> None:
     async def run() -> None:
-        r = aioredis.from_url(own_redis.url)
-        flusher, (w,) = await make_writers(r, 1, max_samples=3 * SAMPLES)
-        own_redis.stop()
-        for seq in range(1, 4):
-            await w.put(frame(seq), 0.2)
-        with pytest.raises(StorageUnavailable):  # no room for 0.2 s: refused, not unbounded
-            await w.put(frame(4), 0.2)
-        assert w.pending == 3
-        await w.close()
-        await flusher.close()
-        await r.aclose()
+        async with writers_on(own_redis, 1, max_samples=3 * SAMPLES) as (_, _, (w,)):
+            own_redis.stop()
+            for seq in range(1, 4):
+                await w.put(frame(seq), 0.2)
+            with pytest.raises(StorageUnavailable):  # no room for 0.2 s: refused, not unbounded
+                await w.put(frame(4), 0.2)
+            assert w.pending == 3
 
     asyncio.run(run())
 
@@ -130,25 +128,19 @@ def test_a_stalled_redis_times_out_the_round_trip_and_audio_lands_after(
         own_redis: RedisServer) -> None:
     """The gateway's append client has no per-reply timeout; the round trip is bounded."""
     async def run() -> None:
-        r = aioredis.from_url(own_redis.url, socket_timeout=None)
-        await r.flushall()
-        await r.hset(keys.meta("a"), mapping={"attach": 1})
-        flusher = AudioFlusher(AudioAppender(r, timeout_s=0.3), 256)
-        w = AudioWriter(flusher, "a", 1, 10**6)
-        errors: list[int] = []
-        w.on_redis_error = lambda: errors.append(1)
-        assert own_redis.proc is not None
-        own_redis.proc.send_signal(signal.SIGSTOP)  # accepts nothing, answers nothing
-        try:
-            await w.put(frame(1), 5.0)
-            await asyncio.sleep(0.8)
-            assert errors, "the stalled round trip ended with an error"
-            assert w.pending == 1
-        finally:
-            own_redis.proc.send_signal(signal.SIGCONT)
-        await asyncio.wait_for(w.drain(), 10)
-        assert await stored_seqs(r, "a") == [1]
-        await flusher.close()
-        await r.aclose()
+        async with writers_on(own_redis, 1, timeout_s=0.3, socket_timeout=None) as (r, _, (w,)):
+            errors: list[int] = []
+            w.on_redis_error = lambda: errors.append(1)
+            assert own_redis.proc is not None
+            own_redis.proc.send_signal(signal.SIGSTOP)  # accepts nothing, answers nothing
+            try:
+                await w.put(frame(1), 5.0)
+                await asyncio.sleep(0.8)
+                assert errors, "the stalled round trip ended with an error"
+                assert w.pending == 1
+            finally:
+                own_redis.proc.send_signal(signal.SIGCONT)
+            await asyncio.wait_for(w.drain(), 10)
+            assert await stored_seqs(r, w.sid) == [1]
 
     asyncio.run(run())
