@@ -38,9 +38,22 @@ from tests.procs import Cluster
 OUT = Path(__file__).resolve().parent / "results"
 
 
+#: Libraries whose versions move the results (a ctranslate2/faster-whisper update moved the
+#: offline WER of the finals corpus by 0.4 points): recorded with every run.
+LIBRARIES = ("ctranslate2", "faster-whisper", "onnxruntime", "numpy", "redis", "websockets")
+
+
 def machine() -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
     return {"cpus": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "python": platform.python_version(), "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "libraries": {name: ver(name) for name in LIBRARIES}}
 
 
 def offline_wer(conv: Conversation) -> float:

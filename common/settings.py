@@ -360,6 +360,11 @@ class TranscriberSettings(RedisSettings):
         "CUDA, 1 (off) on CPU, where batching measured no faster (docs/benchmarks.md)")
     batch_wait_ms: float = setting(
         10.0, "longest a decode's model call waits for other sessions' calls to join its batch")
+    inference_threads: int = setting(
+        0, "decodes that run at once, unbatched, each on its own inference thread and "
+        "CTranslate2 replica (num_workers); 0 = auto: 2 on CPU (1.3-1.6x the decodes per "
+        "second of one thread on 2 cores, docs/benchmarks.md), 1 on CUDA; with BATCH_SIZE "
+        "> 1 the batch rows run at once instead")
     beam_size: int = setting(1, "beam size for final decodes")
     partial_beam_size: int = setting(1, "beam size for partial decodes")
     partial_interval_s: float = setting(

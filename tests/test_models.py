@@ -230,10 +230,10 @@ def test_finals_go_short_context_only_while_other_sessions_wait() -> None:
     core = SimpleNamespace(decoder=TimedDecoder(decoder, metrics))  # type: ignore[arg-type]
     audio = np.zeros(16000, np.float32)
 
-    def tails_at(busy: int, batch_size: int = 1, **settings: str) -> list[int]:
+    def tails_at(busy: int, lanes: int = 1, **settings: str) -> list[int]:
         s = load(TranscriberSettings, [f"--{k.replace('_', '-')}={v}"
                                        for k, v in settings.items()], environ={})
-        worker = SimpleNamespace(busy=busy, batch_size=batch_size, settings=s)
+        worker = SimpleNamespace(busy=busy, lanes=lanes, settings=s)
         _SessionRun(worker, "s", core, None, "0-0")._queued()  # type: ignore[arg-type]
         model.tails = []
         core.decoder.decode(audio, "", True)
@@ -243,5 +243,65 @@ def test_finals_go_short_context_only_while_other_sessions_wait() -> None:
     assert tails_at(busy=0) == [-1, 600]
     assert tails_at(busy=1) == [600, 600]
     assert tails_at(busy=1, short_finals_queue="0") == [-1, 600]
-    assert tails_at(busy=3, batch_size=4) == [-1, 600]  # all four fit in one batch
-    assert tails_at(busy=4, batch_size=4) == [600, 600]
+    assert tails_at(busy=3, lanes=4) == [-1, 600]  # all four fit in one batch
+    assert tails_at(busy=4, lanes=4) == [600, 600]
+    assert tails_at(busy=1, lanes=2) == [-1, 600]  # the other session's call has a lane
+
+
+async def test_a_cpu_worker_runs_two_decodes_at_once_and_one_when_told() -> None:
+    """INFERENCE_THREADS auto = 2 lanes on a CPU: two sessions' calls overlap (each waits
+    at a barrier only the other can open); with one lane the second waits its turn."""
+    import asyncio
+    import threading
+
+    from common.settings import TranscriberSettings, load
+    from transcriber.worker import Worker
+
+    async def overlapping(args: list[str]) -> bool:
+        worker = Worker(load(TranscriberSettings, ["--device=cpu", *args], environ={}),
+                        model=object(), vad=object())  # type: ignore[arg-type]
+        barrier = threading.Barrier(2, timeout=2.0)
+
+        def meet() -> list:  # type: ignore[type-arg]
+            try:
+                barrier.wait()
+                return [True]
+            except threading.BrokenBarrierError:
+                return [False]
+        try:
+            met = await asyncio.gather(worker.infer(meet), worker.infer(meet))
+            return all(m == [True] for m in met)
+        finally:
+            worker.executor.shutdown(wait=True)
+            await worker.redis.aclose()
+            await worker.blocking.aclose()
+            await worker.probe.aclose()
+
+    assert await overlapping([])
+    assert not await overlapping(["--inference-threads=1"])
+
+
+def test_concurrent_decodes_on_two_ctranslate2_workers_match_serial_ones() -> None:
+    """Real model, two lanes (num_workers=2): two threads decoding at once get exactly the
+    words each gets alone, partial (short context) and final (full window)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from tests.audio_refs import load_pcm16
+    from transcriber.model import WhisperDecoder, load_whisper
+
+    model = load_whisper("", "cpu", "int8", 0, 600, num_workers=2)
+    clips = [load_pcm16(c)[:5 * 16000].astype(np.float32) / 32768.0
+             for c in ("fw_jfk", "ls_6930-75918-0000")]
+    jobs = [(clip, final) for clip in clips for final in (False, True)]
+
+    def decode(job: tuple[np.ndarray, bool]) -> list[str]:
+        decoder = WhisperDecoder(model, "en", min_frames=1000, final_tail_frames=-1)
+        return [w.word for w in decoder.decode(job[0], "", job[1])]
+
+    alone = [decode(j) for j in jobs]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(decode, jobs + jobs))
+    assert together == alone + alone
+    assert all(len(words) >= 5 for words in alone)

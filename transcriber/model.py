@@ -90,9 +90,11 @@ def encoder_tail(frames: int) -> Iterator[None]:
 
 def load_whisper(model: str, device: str, compute_type: str, cpu_threads: int,  # type: ignore[no-untyped-def]
                  encoder_tail_frames: int = -1, max_batch: int = 1, batch_wait_s: float = 0.01,
-                 on_batch=None):
+                 on_batch=None, num_workers: int = 1):
     """Load a faster-whisper model; ``encoder_tail_frames`` >= 0 enables short-context encoding,
-    ``max_batch`` > 1 batches concurrent decodes from several threads (transcriber.batching).
+    ``max_batch`` > 1 batches concurrent decodes from several threads (transcriber.batching),
+    ``num_workers`` > 1 lets that many threads' decodes run at once, unbatched (CTranslate2
+    keeps a model replica per worker).
 
     faster-whisper pads every segment to Whisper's 30 s window, so a 2 s
     utterance costs as much encoder time as 30 s of audio. CTranslate2's
@@ -104,7 +106,8 @@ def load_whisper(model: str, device: str, compute_type: str, cpu_threads: int,  
     path = resolve_model(model)
     device, compute_type = resolve_device(device, compute_type)
     threads = cpu_threads or os.cpu_count() or 1
-    log.info("loading whisper model %s on %s (%s, %d threads)", path, device, compute_type, threads)
+    log.info("loading whisper model %s on %s (%s, %d threads, %d workers)", path, device,
+             compute_type, threads, num_workers)
 
     class ShortContextWhisper(WhisperModel):
         #: Frames of padding kept after the content; -1 = the full 30 s window. A decode
@@ -119,7 +122,8 @@ def load_whisper(model: str, device: str, compute_type: str, cpu_threads: int,  
             return super().encode(features)
 
     whisper = ShortContextWhisper(path, device=device, compute_type=compute_type,
-                                  cpu_threads=threads, local_files_only=True)
+                                  cpu_threads=threads, num_workers=num_workers,
+                                  local_files_only=True)
     if max_batch > 1:
         from transcriber.batching import enable_batching
 

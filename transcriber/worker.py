@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 
 #: ENCODER_TAIL_FRAMES=auto on CPU: 6 s of padding after the audio (docs/benchmarks.md)
 AUTO_TAIL_FRAMES_CPU = 600
+#: INFERENCE_THREADS=auto on CPU: two decodes at once do 1.3-1.6x the work of one on this
+#: 2-core machine, and a lone decode is as fast as on one lane (docs/benchmarks.md)
+AUTO_LANES_CPU = 2
 
 
 def stream_config(s: TranscriberSettings, interim: bool) -> StreamConfig:
@@ -95,8 +98,12 @@ class Worker:
         cuda = resolve_device(settings.device, settings.compute_type)[0] == "cuda"
         # On a GPU the full window is cheap and batching pays; on a CPU, the reverse (measured)
         self.batch_size = settings.batch_size or (8 if cuda else 1)
+        # Decodes that run at once, each on its own inference thread: a batching worker's
+        # batch rows, or unbatched lanes (CTranslate2 workers), which pay on a CPU
+        self.lanes = self.batch_size if self.batch_size > 1 else \
+            (settings.inference_threads or (1 if cuda else AUTO_LANES_CPU))
         self.encoder_tail_frames, self._final_tail = resolve_tails(settings, cuda)
-        self.executor = ThreadPoolExecutor(max_workers=self.batch_size,
+        self.executor = ThreadPoolExecutor(max_workers=self.lanes,
                                            thread_name_prefix="inference")
         self._capacity = asyncio.Semaphore(settings.capacity)
         self._sessions: dict[str, asyncio.Task[None]] = {}
@@ -123,7 +130,8 @@ class Worker:
         return load_whisper(name, s.device, s.compute_type, s.cpu_threads, tail_frames,
                             max_batch=self.batch_size, batch_wait_s=s.batch_wait_ms / 1000.0,
                             on_batch=lambda op, rows: self.metrics.batch_rows.labels(op)
-                            .observe(rows))
+                            .observe(rows),
+                            num_workers=1 if self.batch_size > 1 else self.lanes)
 
     async def ensure_group(self) -> None:
         try:
@@ -530,8 +538,9 @@ class _SessionRun:
 
     def _queued(self) -> int:
         """Other sessions' inference calls waiting now; under load, finals go short too."""
-        # a batching worker runs batch_size calls at once: only the calls beyond those wait
-        queued = max(0, self.worker.busy - (self.worker.batch_size - 1))
+        # the worker runs ``lanes`` calls at once (batch rows or CPU lanes): only the calls
+        # beyond those wait
+        queued = max(0, self.worker.busy - (self.worker.lanes - 1))
         n = self.worker.settings.short_finals_queue
         timed = self.core.decoder
         if isinstance(timed, TimedDecoder):
