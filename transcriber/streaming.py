@@ -211,6 +211,8 @@ class StreamingTranscriber:
 
     def _decode(self, start: int, end: int, final: bool) -> list[Word]:
         audio = self._audio[start - self._audio_start:end - self._audio_start]
+        if end > self.position:  # a speculative final's pad that has not arrived yet
+            audio = np.concatenate([audio, np.zeros(end - self.position, np.float32)])
         offset = start / RATE
         return [
             Word(w.word, round(w.start + offset, 3), round(w.end + offset, 3), w.probability)
@@ -228,7 +230,10 @@ class StreamingTranscriber:
                 self._endpointer.voiced < cfg.endpoint.min_speech_samples:
             return []
         if self._spec is None or self._spec.speech_end != sil:
-            end = min(sil + cfg.pad_samples, self.position)
+            # The pad after the speech is silence (the VAD says so): what has not arrived yet
+            # is decoded as zeros, so a pause shorter than the pad can already speculate and
+            # the endpoint, which closes at the same pad, reuses the words.
+            end = sil + cfg.pad_samples
             began = time.perf_counter()
             words = self._final_words(self._utt_start, end, sil)
             self._spec = _Speculation(sil, end, words, time.perf_counter() - began)
@@ -236,7 +241,7 @@ class StreamingTranscriber:
                 ends_sentence(self._spec.words):
             voiced = self._endpointer.voiced
             self._endpointer.force_end()
-            return self._close_utterance(self._spec.end, sil, voiced)
+            return self._close_utterance(min(self._spec.end, self.position), sil, voiced)
         return []
 
     def _final_words(self, start: int, end: int, speech_end: int) -> list[Word]:
@@ -276,7 +281,7 @@ class StreamingTranscriber:
         spec = self._spec
         if too_short and not self._partial_sent:
             pass  # a blip nobody saw: no final, no utterance index
-        elif spec is not None and spec.speech_end == speech_end and spec.end == end:
+        elif spec is not None and spec.speech_end == speech_end and spec.end >= end:
             words = merge_stable(self._stable, spec.words)  # decoded during the pause
         else:
             words = merge_stable(self._stable, self._final_words(start, end, speech_end))
