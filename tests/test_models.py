@@ -305,3 +305,62 @@ def test_concurrent_decodes_on_two_ctranslate2_workers_match_serial_ones() -> No
         together = list(pool.map(decode, jobs + jobs))
     assert together == alone + alone
     assert all(len(words) >= 5 for words in alone)
+
+
+def _count_encodes(model) -> list[int]:  # type: ignore[no-untyped-def]
+    """Frames of every encoder call the model makes from now on."""
+    calls: list[int] = []
+    encode = model.encode
+
+    def counted(features):  # type: ignore[no-untyped-def]
+        calls.append(features.shape[-1])
+        return encode(features)
+
+    model.encode = counted
+    return calls
+
+
+def test_a_decode_encodes_once_unless_whisper_left_audio_unread(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real model. Whisper looks a second time at the audio after its last timestamp (a
+    second encode): for a partial cut mid-sentence and a final whose last segment closes at
+    the end of the audio that is wasted, and is skipped. Where its last segment closes well
+    before the end of the audio (offline, a 25 s clip) the second look reads words the first
+    did not, and the words are exactly stock faster-whisper's."""
+    import numpy as np
+    from faster_whisper import WhisperModel
+
+    from tests.audio_refs import load_pcm16, reference, wer
+    from transcriber.model import WhisperDecoder, load_whisper
+
+    model = load_whisper("", "cpu", "int8", 0, 600)
+    short = WhisperDecoder(model, "en", min_frames=1000, final_tail_frames=600)
+    full = WhisperDecoder(model, "en", final_tail_frames=-1)
+    jfk = load_pcm16("fw_jfk").astype(np.float32) / 32768.0
+    pad = np.zeros(3200, np.float32)
+    cold = load_pcm16("mfa_cold_corpus3").astype(np.float32) / 32768.0
+    cases = [(short, jfk[:6 * 16000], "previous words here", False),  # a partial
+             # a final (a prompt, as after the session's first final, makes Whisper look twice)
+             (short, np.concatenate([jfk, pad]), "He began a confused complaint.", True),
+             (full, cold, "", True)]  # offline
+
+    def run() -> list[tuple[int, list[Word]]]:
+        out = []
+        for decoder, audio, prompt, final in cases:
+            calls = _count_encodes(model)
+            words = decoder.decode(audio, prompt, final)
+            out.append((len(calls), words))
+            del model.encode
+        return out
+
+    ours = run()
+    monkeypatch.setattr(type(model), "_split_segments_by_timestamps",
+                        WhisperModel._split_segments_by_timestamps)
+    stock = run()
+    assert [n for n, _ in stock] == [2, 2, 2]  # the inputs do make Whisper look twice
+    assert [n for n, _ in ours] == [1, 1, 2]
+    partial, final, offline = (words for _, words in ours)
+    assert partial[-1].end > 5.0  # the partial still reaches the end of its audio
+    assert wer(reference("fw_jfk"), "".join(w.word for w in final)) <= 0.1
+    assert offline == stock[2][1]
+    assert wer(reference("mfa_cold_corpus3"), "".join(w.word for w in offline)) < 0.25

@@ -70,6 +70,9 @@ def trimmed_frames(features: np.ndarray, tail: int, quantum: int, min_window: in
     return min(features.shape[-1], -(-need // quantum) * quantum)
 
 
+#: A last segment closing this close (10 ms frames) to the end of the audio ends the decode.
+END_SLACK_FRAMES = 10
+
 _per_thread = threading.local()  # a decode thread's override of the model's tail_frames
 
 
@@ -120,6 +123,38 @@ def load_whisper(model: str, device: str, compute_type: str, cpu_threads: int,  
                 n = trimmed_frames(features, tail, 100, getattr(_per_thread, "min_window", 0))
                 features = np.ascontiguousarray(features[..., :n])
             return super().encode(features)
+
+        def _split_segments_by_timestamps(
+                self, tokenizer, tokens, time_offset, segment_size, segment_duration, seek):
+            """No second look at the audio after the last segment where it cannot help.
+
+            When Whisper's tokens do not end with a single closing timestamp, it decodes
+            again from the last timestamp (or the last word's end) in a second window: a
+            whole second encode, measured on 2 of every 2 partials and most finals.
+            * When the last closed segment ends at the end of the audio, the second window
+              holds only the silence after the last word, on which Whisper invents
+              "So, . So, ." and the final was redone with the full window: skipped.
+            * A partial's audio ends mid-sentence and the next partial reads it again, so
+              its unfinished last words are kept as they are and the decode ends here.
+            Otherwise (a segment Whisper closed before the end of the audio, in a final)
+            the rest may hold words it has not read yet, and it looks again.
+            """
+            segments, next_seek, single = super()._split_segments_by_timestamps(
+                tokenizer, tokens, time_offset, segment_size, segment_duration, seek)
+            if single or segment_size >= self.feature_extractor.nb_max_frames:
+                return segments, next_seek, single  # a full 30 s window: more may follow
+            rest = tokens[sum(len(seg["tokens"]) for seg in segments):]
+            unfinished = any(t < tokenizer.timestamp_begin for t in rest)
+            if unfinished and segments and getattr(_per_thread, "one_window", False):
+                start = time_offset + (rest[0] - tokenizer.timestamp_begin) * \
+                    self.time_precision if rest[0] >= tokenizer.timestamp_begin else \
+                    segments[-1]["end"]
+                segments.append(dict(seek=seek, start=start,
+                                     end=time_offset + segment_duration, tokens=rest))
+                return segments, seek + segment_size, True
+            if not unfinished and next_seek >= seek + segment_size - END_SLACK_FRAMES:
+                return segments, seek + segment_size, True
+            return segments, next_seek, single
 
     whisper = ShortContextWhisper(path, device=device, compute_type=compute_type,
                                   cpu_threads=threads, num_workers=num_workers,
@@ -232,6 +267,7 @@ class WhisperDecoder:
         if final and self.final_tail_frames is not None and not self.short_finals:
             tail = self.final_tail_frames
         _per_thread.min_window = self.min_frames
+        _per_thread.one_window = not final
         with decoding() if decoding is not None else contextlib.nullcontext():
             with encoder_tail(tail):
                 words = self._decode(audio, prompt, final)
