@@ -341,8 +341,8 @@ class TranscriberSettings(RedisSettings):
     final_encoder_tail_frames: int = setting(
         -1, "the same for final decodes while the worker is idle (see SHORT_FINALS_QUEUE); "
         "-1 = the full window (default); -2 = as ENCODER_TAIL_FRAMES (short-context finals "
-        "always: 43 % less final decode time, +0.7 WER points on 474 words; "
-        "docs/benchmarks.md)")
+        "always: half the final decode time, the same WER on 474 words, but Whisper once "
+        "dropped a phrase the prompt had just said; docs/benchmarks.md)")
     short_finals_queue: int = setting(
         1, "while this many other sessions' calls wait for inference, finals are decoded "
         "with ENCODER_TAIL_FRAMES too (a loaded CPU worker keeps up; an idle one decodes "
@@ -383,7 +383,8 @@ class TranscriberSettings(RedisSettings):
         0.35, "Silero probability below which audio counts as silence")
     min_silence_s: float = setting(0.5, "silence that ends an utterance, seconds")
     speculative_silence_s: float = setting(
-        0.2, "decode the final ahead at a pause this long, so it is ready at the endpoint; 0 = off")
+        0.1, "decode the final ahead at a pause this long, so it is ready at the endpoint (the "
+        "rest of SPEECH_PAD_S is decoded as silence); 0 = off")
     short_silence_s: float = setting(
         0.3, "a pause this long ends the utterance when the speculative text ends a sentence; "
         "0 = off")

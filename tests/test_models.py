@@ -364,3 +364,15 @@ def test_a_decode_encodes_once_unless_whisper_left_audio_unread(
     assert wer(reference("fw_jfk"), "".join(w.word for w in final)) <= 0.1
     assert offline == stock[2][1]
     assert wer(reference("mfa_cold_corpus3"), "".join(w.word for w in offline)) < 0.25
+
+
+def test_automatic_encoder_tails_are_short_on_a_cpu_and_the_full_window_on_cuda() -> None:
+    from common.settings import TranscriberSettings, load
+    from transcriber.worker import resolve_tails
+
+    auto = load(TranscriberSettings, [], environ={})
+    assert resolve_tails(auto, cuda=False) == (600, -1)  # (partials, finals)
+    assert resolve_tails(auto, cuda=True) == (-1, -1)
+    short = load(TranscriberSettings, ["--final-encoder-tail-frames=-2"], environ={})
+    assert resolve_tails(short, cuda=False) == (600, 600)
+    assert resolve_tails(short, cuda=True) == (-1, -1)
