@@ -383,8 +383,9 @@ class TranscriberSettings(RedisSettings):
         0.35, "Silero probability below which audio counts as silence")
     min_silence_s: float = setting(0.5, "silence that ends an utterance, seconds")
     speculative_silence_s: float = setting(
-        0.1, "decode the final ahead at a pause this long, so it is ready at the endpoint (the "
-        "rest of SPEECH_PAD_S is decoded as silence); 0 = off")
+        0.2, "decode the final ahead at a pause this long, so it is ready at the endpoint; 0 = "
+        "off; below SPEECH_PAD_S the pad's rest is decoded as zeros (docs/benchmarks.md: "
+        "faster, but the words then depend on when the audio arrived)")
     short_silence_s: float = setting(
         0.3, "a pause this long ends the utterance when the speculative text ends a sentence; "
         "0 = off")
