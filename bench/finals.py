@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shlex
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jiwer
@@ -40,10 +41,11 @@ class _Timed:
         self.seconds = {True: 0.0, False: 0.0}
         self.calls = {True: 0, False: 0}
 
-    def decode(self, audio: np.ndarray, prompt: str, final: bool) -> list[Word]:
+    def decode(self, audio: np.ndarray, prompt: str, final: bool,
+               shown: Sequence[str] = ()) -> list[Word]:
         began = time.perf_counter()
         try:
-            return self.decoder.decode(audio, prompt, final)
+            return self.decoder.decode(audio, prompt, final, shown)
         finally:
             self.seconds[final] += time.perf_counter() - began
             self.calls[final] += 1
@@ -98,10 +100,12 @@ def finals_suite(variants: list[tuple[str, str]], clips: list[str] = FINALS_CLIP
              "partial_decode_s": decoder.seconds[False],
              "partials_decoded": decoder.calls[False],
              "full_window_retries": decoder.decoder.retries,
+             "full_window_redos": dict(decoder.decoder.redos),
              "wall_s": time.perf_counter() - began, "transcripts": hyps}
         out["variants"][name] = v
         print(f"[finals] {name}: WER {v['wer']:.3f} (offline {out['offline_wer']:.3f}); "
               f"final decodes {v['finals_decoded']} in {v['final_decode_s']:.1f} s, partial "
               f"decodes {v['partials_decoded']} in {v['partial_decode_s']:.1f} s, "
-              f"{v['full_window_retries']} redone with the full window", flush=True)
+              f"{v['full_window_retries']} redone with the full window "
+              f"{v['full_window_redos']}", flush=True)
     return out

@@ -41,6 +41,7 @@ class WorkerMetrics:
     decode_seconds: Histogram
     time_to_final: Histogram
     finals: Counter
+    full_window_redos: Counter
     partials_skipped: Counter
     redis_errors: Counter
     batch_rows: Histogram
@@ -68,6 +69,11 @@ def worker_metrics() -> WorkerMetrics:
             "final committed minus the time the audio of its last word reached Redis",
             buckets=LATENCY_BUCKETS, registry=r),
         finals=Counter("stt_worker_finals", "finals committed", registry=r),
+        full_window_redos=Counter(
+            "stt_worker_full_window_redos",
+            "short-context decodes done again with Whisper's full window, by reason (loop, "
+            "stock_sentence, lowercase, skipped_words, low_confidence)", ["reason"],
+            registry=r),
         partials_skipped=Counter("stt_worker_partials_skipped",
                                  "audio batches fed without a partial decode (load shedding)",
                                  registry=r),

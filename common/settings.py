@@ -339,10 +339,10 @@ class TranscriberSettings(RedisSettings):
         "full window); -1 = the "
         "full window; -2 = auto: 600 on CPU, the full window on CUDA")
     final_encoder_tail_frames: int = setting(
-        -1, "the same for final decodes while the worker is idle (see SHORT_FINALS_QUEUE); "
-        "-1 = the full window (default); -2 = as ENCODER_TAIL_FRAMES (short-context finals "
-        "always: half the final decode time, the same WER on 474 words, but Whisper once "
-        "dropped a phrase the prompt had just said; docs/benchmarks.md)")
+        -2, "the same for final decodes while the worker is idle (see SHORT_FINALS_QUEUE); "
+        "-1 = the full window; -2 = auto: 1000 when the partials are short-context (CPU), "
+        "else the full window. A short-context final that skips two or more words the last "
+        "partial showed is decoded again with the full window (docs/benchmarks.md)")
     short_finals_queue: int = setting(
         1, "while this many other sessions' calls wait for inference, finals are decoded "
         "with ENCODER_TAIL_FRAMES too (a loaded CPU worker keeps up; an idle one decodes "

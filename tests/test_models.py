@@ -188,7 +188,7 @@ def test_a_doubtful_short_context_final_is_decoded_again_with_the_full_window() 
     model.short = words("and sold my fellow americans")
     assert "".join(w.word for w in decoder.decode(audio, "", True)) == \
         " And so my fellow Americans."
-    assert model.tails == [600, -1] and decoder.retries == 1
+    assert model.tails == [600, -1] and decoder.redos == {"lowercase": 1}
     model.tails = []
     decoder.decode(audio, "", False)  # a partial stays short, whatever its style
     assert model.tails == [600]
@@ -199,6 +199,65 @@ def test_a_doubtful_short_context_final_is_decoded_again_with_the_full_window() 
     WhisperDecoder(model, "en", final_tail_frames=600,
                    final_retry_probability=0.6).decode(audio, "", True)
     assert model.tails == [600, -1]
+
+
+def test_a_short_context_final_that_skips_a_phrase_the_partial_showed_is_redone() -> None:
+    """Seen with 1000-frame finals: the partial showed "ask what you can do for your", the
+    final read "ask what do for your country". A final missing two or more consecutive
+    words of the partial, with more of the partial after them, is decoded again with the
+    full window; revisions, single words and the partial's cut-off last words are not."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from common.metrics import worker_metrics
+    from transcriber.agreement import drops_words
+    from transcriber.model import WhisperDecoder, _per_thread
+    from transcriber.worker import TimedDecoder
+
+    shown = "ask what you can do for your".split()
+    assert drops_words(shown, "Ask what do for your country.".split())
+    assert drops_words(shown, "do for your country.".split())  # the first words skipped
+    assert not drops_words(shown, "ask what you do your country".split())  # 1 and 1 apart
+    assert not drops_words(shown, "Ask what you can do for your country.".split())
+    assert not drops_words(shown, "Ask what you do for your country.".split())  # one word
+    assert not drops_words(shown, "Ask what you could do for your country.".split())
+    assert not drops_words(shown, "Ask what you can do.".split())  # partial's end cut off
+    assert not drops_words([], "Ask what".split())
+
+    def words(text: str) -> list[Word]:
+        return [Word(" " + w, i * 0.3, i * 0.3 + 0.2, 0.9) for i, w in enumerate(text.split())]
+
+    class Model:
+        tail_frames = 600
+
+        def __init__(self) -> None:
+            self.tails: list[int] = []
+
+        def transcribe(self, audio, **kwargs):  # type: ignore[no-untyped-def]
+            tail = getattr(_per_thread, "tail_frames", self.tail_frames)
+            self.tails.append(tail)
+            text = "Ask what do for your country." if tail >= 0 else \
+                "Ask what you can do for your country."
+            return iter([SimpleNamespace(words=[SimpleNamespace(
+                word=w.word, start=w.start, end=w.end, probability=w.probability)
+                for w in words(text)])]), None
+
+    audio = np.zeros(16000 * 3, np.float32)
+    model = Model()
+    decoder = WhisperDecoder(model, "en", final_tail_frames=1000)
+    metrics = worker_metrics()
+    got = TimedDecoder(decoder, metrics).decode(audio, "", True, shown)
+    assert "".join(w.word for w in got) == " Ask what you can do for your country."
+    assert model.tails == [1000, -1] and decoder.redos == {"skipped_words": 1}
+    assert metrics.registry.get_sample_value(
+        "stt_worker_full_window_redos_total", {"reason": "skipped_words"}) == 1
+    model.tails = []
+    assert len(decoder.decode(audio, "", True, ["ask", "what"])) == 6  # nothing skipped
+    assert model.tails == [1000]
+    model.tails = []
+    decoder.decode(audio, "", False, shown)  # partials are not checked
+    assert model.tails == [600]
 
 
 def test_finals_go_short_context_only_while_other_sessions_wait() -> None:
@@ -371,8 +430,11 @@ def test_automatic_encoder_tails_are_short_on_a_cpu_and_the_full_window_on_cuda(
     from transcriber.worker import resolve_tails
 
     auto = load(TranscriberSettings, [], environ={})
-    assert resolve_tails(auto, cuda=False) == (600, -1)  # (partials, finals)
+    assert resolve_tails(auto, cuda=False) == (600, 1000)  # (partials, finals)
     assert resolve_tails(auto, cuda=True) == (-1, -1)
-    short = load(TranscriberSettings, ["--final-encoder-tail-frames=-2"], environ={})
-    assert resolve_tails(short, cuda=False) == (600, 600)
-    assert resolve_tails(short, cuda=True) == (-1, -1)
+    full = load(TranscriberSettings, ["--final-encoder-tail-frames=-1"], environ={})
+    assert resolve_tails(full, cuda=False) == (600, -1)
+    long = load(TranscriberSettings, ["--encoder-tail-frames=1500"], environ={})
+    assert resolve_tails(long, cuda=False) == (1500, 1500)
+    window = load(TranscriberSettings, ["--encoder-tail-frames=-1"], environ={})
+    assert resolve_tails(window, cuda=False) == (-1, -1)

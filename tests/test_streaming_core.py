@@ -10,6 +10,7 @@ promised as stable) is checked against exact expectations.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -47,7 +48,8 @@ class BurstDecoder:
     def __init__(self) -> None:
         self.calls: list[tuple[int, bool]] = []
 
-    def decode(self, audio: np.ndarray, prompt: str, final: bool) -> list[Word]:
+    def decode(self, audio: np.ndarray, prompt: str, final: bool,
+               shown: Sequence[str] = ()) -> list[Word]:
         self.calls.append((len(audio), final))
         loud = np.abs(audio) > 0.005
         words = []
@@ -187,8 +189,9 @@ def test_buffer_stays_bounded_during_long_silence() -> None:
 class SentenceDecoder(BurstDecoder):
     """Like BurstDecoder, but the last word of what it hears ends a sentence."""
 
-    def decode(self, audio: np.ndarray, prompt: str, final: bool) -> list[Word]:
-        words = super().decode(audio, prompt, final)
+    def decode(self, audio: np.ndarray, prompt: str, final: bool,
+               shown: Sequence[str] = ()) -> list[Word]:
+        words = super().decode(audio, prompt, final, shown)
         if words:
             words[-1] = Word(words[-1].word + ".", words[-1].start, words[-1].end, 1.0)
         return words
@@ -304,3 +307,35 @@ def test_a_final_that_differs_inside_the_stable_prefix_keeps_every_later_word() 
     merged = [w.word.strip() for w in merge_stable(
         _words("a@0-.5 b@.5-1"), _words("x@0-.5 y@.5-1 z@1-1.4"))]
     assert merged == ["a", "b", "z"]
+
+
+def test_a_final_decode_is_told_the_words_the_last_partial_showed() -> None:
+    """The decoder gets the last partial's words with each final (a short-context final
+    that skips a run of them is decoded again); nothing from an earlier utterance."""
+
+    class Recording(BurstDecoder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shown: list[list[str]] = []
+
+        def decode(self, audio: np.ndarray, prompt: str, final: bool,
+                   shown: Sequence[str] = ()) -> list[Word]:
+            if final:
+                self.shown.append([w.strip() for w in shown])
+            return super().decode(audio, prompt, final, shown)
+
+    decoder = Recording()
+    core = StreamingTranscriber("s", decoder, fake_vad, CFG)
+    events = []
+    first = np.concatenate([utterance(list(range(20, 26))), silence(1.0)])
+    for i in range(0, len(first), 1600):
+        events += core.feed(first[i:i + 1600])
+    partials = [e for e in events if isinstance(e, Partial)]
+    assert len(partials[-1].text.split()) >= 4
+    assert decoder.shown and all(s == partials[-1].text.split() for s in decoder.shown)
+    decoder.shown = []
+    second = np.concatenate([utterance([30, 31]), silence(1.0)])
+    for i in range(0, len(second), 1600):  # shed partials: this utterance shows none
+        events += core.feed(second[i:i + 1600], partials=False)
+    assert len([e for e in events if isinstance(e, Committed)]) == 2
+    assert decoder.shown and all(s == [] for s in decoder.shown)

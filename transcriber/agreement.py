@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Sequence
 
@@ -46,3 +47,28 @@ class LocalAgreement:
     def reset(self) -> None:
         self.stable = 0
         self._previous = []
+
+
+#: A final that leaves out this many consecutive words a partial of the same utterance had
+#: shown, with words of the partial after them, skipped a phrase (see ``drops_words``).
+DROPPED_RUN = 2
+
+
+def drops_words(shown: Sequence[str], final: Sequence[str], run: int = DROPPED_RUN) -> bool:
+    """Whether ``final`` leaves out ``run`` or more consecutive words of ``shown`` (a partial
+    of the start of the same audio) that are followed by more of the partial's words.
+
+    The final reads more audio than the partial, so it should hold the partial's words,
+    revised here and there. A short-context final once read "ask what do for your country"
+    where the partial had shown "ask what you can do for your": Whisper skipped a phrase.
+    Words at the partial's end were heard cut off and may vanish; substitutions and single
+    words are ordinary revisions.
+    """
+    a = [norm_word(w) for w in shown]
+    b = [norm_word(w) for w in final]
+    ops = difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes()
+    for tag, i1, i2, j1, j2 in ops:
+        lost = (i2 - i1) - (j2 - j1) if tag in ("delete", "replace") else 0
+        if lost >= run and i2 < len(a):
+            return True
+    return False

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from common.messages import Word
-from transcriber.agreement import norm_word
+from transcriber.agreement import drops_words, norm_word
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,8 @@ class WhisperDecoder:
         #: a short-context final whose mean word probability is below this is decoded again
         #: with the full window (0 = never)
         self.final_retry_probability = final_retry_probability
-        self.retries = 0  #: short-context decodes done again with the full window
+        #: short-context decodes done again with the full window, by reason
+        self.redos: collections.Counter[str] = collections.Counter()
         #: set by the worker while other sessions wait for inference: finals use the
         #: partials' (short) context too, so a loaded worker keeps up
         self.short_finals = False
@@ -260,7 +262,10 @@ class WhisperDecoder:
         self.partial_beam_size = partial_beam_size
         self.temperatures: list[float] = [0.0]
 
-    def decode(self, audio: np.ndarray, prompt: str, final: bool) -> list[Word]:
+    def decode(self, audio: np.ndarray, prompt: str, final: bool,
+               shown: Sequence[str] = ()) -> list[Word]:
+        """Words of ``audio``; ``shown``: the words a partial of this utterance showed (a
+        short-context final that skips a run of them is decoded again, full window)."""
         inner = getattr(self.model, "model", None)
         decoding = getattr(inner, "decoding", None)  # a BatchingWhisper: join its batches
         tail = getattr(self.model, "tail_frames", -1)
@@ -271,11 +276,12 @@ class WhisperDecoder:
         with decoding() if decoding is not None else contextlib.nullcontext():
             with encoder_tail(tail):
                 words = self._decode(audio, prompt, final)
-            if tail >= 0 and (looks_degenerate(words, len(audio) / 16000) or
-                              (final and self._doubtful(words))):
+            reason = "" if tail < 0 else "loop" if looks_degenerate(
+                words, len(audio) / 16000) else self._doubtful(words, shown) if final else ""
+            if reason:
                 # Short-context decoding looped, or a final looks worse than a full-window
                 # decode tends to be: decode again with Whisper's full window.
-                self.retries += 1
+                self.redos[reason] += 1
                 with encoder_tail(-1):
                     words = self._decode(audio, prompt, final)
             if prompt and looks_degenerate(words, len(audio) / 16000):
@@ -285,13 +291,24 @@ class WhisperDecoder:
                     words = self._decode(audio, "", final)
         return strip_hallucinated_tail(words)
 
-    def _doubtful(self, words: list[Word]) -> bool:
-        """A short-context final worth a full-window decode: a stock sentence Whisper
-        invents on padding, lowercase mode, or low confidence."""
-        if has_stock_sentence(words) or lacks_style(words):
-            return True
-        return bool(words) and \
-            sum(w.probability for w in words) / len(words) < self.final_retry_probability
+    @property
+    def retries(self) -> int:
+        return sum(self.redos.values())
+
+    def _doubtful(self, words: list[Word], shown: Sequence[str]) -> str:
+        """Why a short-context final is worth a full-window decode ("": it is not): a stock
+        sentence Whisper invents on padding, lowercase mode, a run of the words the partial
+        showed skipped, or low confidence."""
+        if has_stock_sentence(words):
+            return "stock_sentence"
+        if lacks_style(words):
+            return "lowercase"
+        if drops_words(shown, [w.word for w in words]):
+            return "skipped_words"
+        if words and sum(w.probability for w in words) / len(words) < \
+                self.final_retry_probability:
+            return "low_confidence"
+        return ""
 
     def _prompt(self, prompt: str) -> list[int] | None:
         if not prompt.strip() or self.prompt_tokens <= 0:

@@ -23,8 +23,10 @@ RATE = 16000
 
 
 class Decoder(Protocol):
-    def decode(self, audio: np.ndarray, prompt: str, final: bool) -> list[Word]:
-        """Words of ``audio`` (float32, 16 kHz) with times relative to its first sample."""
+    def decode(self, audio: np.ndarray, prompt: str, final: bool,
+               shown: Sequence[str] = ()) -> list[Word]:
+        """Words of ``audio`` (float32, 16 kHz) with times relative to its first sample;
+        ``shown``, for a final: the words the last partial of this audio showed."""
 
 
 #: Speech probability of each 512-sample window, with state kept per stream.
@@ -138,6 +140,7 @@ class StreamingTranscriber:
         self._stable: list[Word] = []
         self._last_partial_at = 0
         self._last_partial_text = ""
+        self._shown: list[str] = []  # the last partial's words
         self._partial_sent = False
         self._spec: _Speculation | None = None
 
@@ -210,13 +213,14 @@ class StreamingTranscriber:
     # ------------------------------------------------------------------ decisions
 
     def _decode(self, start: int, end: int, final: bool) -> list[Word]:
+        shown = self._shown if final else ()
         audio = self._audio[start - self._audio_start:end - self._audio_start]
         if end > self.position:  # a speculative final's pad that has not arrived yet
             audio = np.concatenate([audio, np.zeros(end - self.position, np.float32)])
         offset = start / RATE
         return [
             Word(w.word, round(w.start + offset, 3), round(w.end + offset, 3), w.probability)
-            for w in self.decoder.decode(audio, self._prompt, final)
+            for w in self.decoder.decode(audio, self._prompt, final, shown)
         ]
 
     def _speculate(self) -> list[Event]:
@@ -261,6 +265,7 @@ class StreamingTranscriber:
         if not text or text == self._last_partial_text:
             return None
         self._last_partial_text = text
+        self._shown = [w.word for w in words]
         self._partial_sent = True
         return Partial(
             session_id=self.session_id,
@@ -319,6 +324,7 @@ class StreamingTranscriber:
         self._spec = None
         self._partial_sent = False
         self._last_partial_text = ""
+        self._shown = []
         self._last_partial_at = 0
         self.commit_sample = commit
         if not words and not partial_sent:

@@ -17,7 +17,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 
 #: ENCODER_TAIL_FRAMES=auto on CPU: 6 s of padding after the audio (docs/benchmarks.md)
 AUTO_TAIL_FRAMES_CPU = 600
+#: FINAL_ENCODER_TAIL_FRAMES=auto with short-context partials: 10 s of padding; half the
+#: final decode time of the full window, +0.3 WER points on 474 words (docs/benchmarks.md)
+AUTO_FINAL_TAIL_FRAMES = 1000
 #: INFERENCE_THREADS=auto on CPU: two decodes at once do 1.3-1.6x the work of one on this
 #: 2-core machine, and a lone decode is as fast as on one lane (docs/benchmarks.md)
 AUTO_LANES_CPU = 2
@@ -75,7 +78,9 @@ def resolve_tails(s: TranscriberSettings, cuda: bool) -> tuple[int, int]:
     """(encoder tail frames for partials, for finals), with the automatic values resolved."""
     tail = s.encoder_tail_frames if s.encoder_tail_frames >= -1 else \
         (-1 if cuda else AUTO_TAIL_FRAMES_CPU)
-    final = s.final_encoder_tail_frames if s.final_encoder_tail_frames >= -1 else tail
+    final = s.final_encoder_tail_frames
+    if final < -1:  # auto: short context when the partials have it, a little longer
+        final = -1 if tail < 0 else max(tail, AUTO_FINAL_TAIL_FRAMES)
     return tail, final
 
 
@@ -398,13 +403,18 @@ class TimedDecoder:
         self.decoder = decoder
         self.metrics = metrics
 
-    def decode(self, audio: np.ndarray, prompt: str, final: bool) -> list[Word]:
+    def decode(self, audio: np.ndarray, prompt: str, final: bool,
+               shown: Sequence[str] = ()) -> list[Word]:
         began = time.perf_counter()
+        redos = dict(self.decoder.redos)
         try:
-            return self.decoder.decode(audio, prompt, final)
+            return self.decoder.decode(audio, prompt, final, shown)
         finally:
             self.metrics.decode_seconds.labels("final" if final else "partial").observe(
                 time.perf_counter() - began)
+            for reason, n in self.decoder.redos.items():
+                if n > redos.get(reason, 0):
+                    self.metrics.full_window_redos.labels(reason).inc(n - redos.get(reason, 0))
 
 
 def _reraise_cancel() -> None:
