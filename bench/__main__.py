@@ -150,19 +150,26 @@ def capacity_suite(args: argparse.Namespace, conv: Conversation) -> dict[str, An
                 "--capacity", str(max(n, 1)), *shlex.split(worker_args)])
             try:
                 results, lags = asyncio.run(run_streams(cluster, conv, n))
+                min_sil = _arg(worker_args, "--min-silence-s", 0.5)
+                parts = [p for r in results
+                         for p in breakdown(r, cluster.redis.client(), min_sil)]
             finally:
                 cluster.close()
             ttf = [t for r in results for t in r.time_to_final()]
             row = {"streams": n, "lag_p95": pct(lags, 95), "lag_max": max(lags, default=None),
                    "ttf": summary(ttf),
+                   "breakdown": {k: summary([p[k] for p in parts]) for k in parts[0]}
+                   if parts else {},
                    "wer_mean": float(np.mean([streaming_wer(r, conv) for r in results])),
                    "partials_per_stream": float(np.mean([len(r.partials) for r in results]))}
             row["sustained"] = row["lag_p95"] is not None and row["lag_p95"] < 1.0
             rows.append(row)
             print(f"[capacity] {name} {n} streams: lag p95 {row['lag_p95']:.2f} s, ttf p50 "
                   f"{row['ttf']['p50']:.2f} p95 {row['ttf']['p95']:.2f} s, WER "
-                  f"{row['wer_mean']:.3f}, partials/stream {row['partials_per_stream']:.0f}",
-                  flush=True)
+                  f"{row['wer_mean']:.3f}, partials/stream {row['partials_per_stream']:.0f}; "
+                  + ", ".join(f"{k} p50/p95 {v['p50']:.2f}/{v['p95']:.2f}"
+                              for k, v in row["breakdown"].items()
+                              if k in ("endpoint_wait", "queueing", "compute")), flush=True)
             if not row["sustained"] and args.stop_at_failure:
                 break
         sustained = [r["streams"] for r in rows if r["sustained"]]
