@@ -383,11 +383,11 @@ class TranscriberSettings(RedisSettings):
         0.35, "Silero probability below which audio counts as silence")
     min_silence_s: float = setting(0.5, "silence that ends an utterance, seconds")
     speculative_silence_s: float = setting(
-        0.2, "decode the final ahead at a pause this long, so it is ready at the endpoint; 0 = "
-        "off; below SPEECH_PAD_S the pad's rest is decoded as zeros (docs/benchmarks.md: "
-        "faster, but the words then depend on when the audio arrived)")
+        0.1, "decode the final ahead at a pause this long, so it is ready at the endpoint; 0 = "
+        "off; the rest of the SPEECH_PAD_S pad is decoded as zeros (whatever has arrived, so "
+        "the words do not depend on how the audio was chunked)")
     short_silence_s: float = setting(
-        0.3, "a pause this long ends the utterance when the speculative text ends a sentence; "
+        0.2, "a pause this long ends the utterance when the speculative text ends a sentence; "
         "0 = off")
     min_speech_s: float = setting(0.25, "shorter bursts of speech are ignored, seconds")
     speech_pad_s: float = setting(0.2, "audio kept before speech starts and after it ends, seconds")

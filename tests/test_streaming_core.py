@@ -238,6 +238,45 @@ def test_the_final_is_decoded_during_the_pause_not_after_the_endpoint(
         silence_start + CFG.pad_samples], "decoded again at the endpoint, or not up to the pad"
 
 
+@pytest.mark.parametrize("speculate_s", [0.2, 0.1])
+def test_a_speculative_final_hears_the_same_audio_however_it_arrived(
+        speculate_s: float) -> None:
+    """The pad past the pause heard at speculation time is zeros even when more audio has
+    already arrived: the same session streamed in 32 ms frames or in 1 s chunks (a worker
+    catching up) decodes the same final audio, so it gets the same words."""
+
+    class Recording(BurstDecoder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.finals: list[np.ndarray] = []
+
+        def decode(self, audio: np.ndarray, prompt: str, final: bool,
+                   shown: Sequence[str] = ()) -> list[Word]:
+            if final:
+                self.finals.append(audio.copy())
+            return super().decode(audio, prompt, final, shown)
+
+    # a low hum after the speech: silence to the VAD, but not zeros
+    hum = np.full(int(2.0 * RATE), 0.002, np.float32)
+    audio = np.concatenate([utterance([60, 61, 62]), hum])
+    heard = []
+    for step in (512, RATE):
+        decoder = Recording()
+        core = StreamingTranscriber("s", decoder, fake_vad, dataclasses.replace(
+            CFG, interim_results=False, short_silence_samples=0,
+            speculative_samples=int(speculate_s * RATE)))
+        finals = [e for i in range(0, len(audio), step) for e in core.feed(audio[i:i + step])
+                  if isinstance(e, Committed)]
+        assert [f.final.text for f in finals] == ["w60 w61 w62"]
+        heard.append(decoder.finals)
+    assert len(heard[0]) == len(heard[1]) == 1  # the speculation, reused at the endpoint
+    assert np.array_equal(heard[0][0], heard[1][0])
+    zeros = CFG.pad_samples - int(speculate_s * RATE)  # the pad past the pause heard
+    final_audio = heard[0][0]
+    assert final_audio[-zeros - 64:len(final_audio) - zeros].all()  # the hum, heard
+    assert not final_audio[len(final_audio) - zeros:].any()  # then zeros
+
+
 def test_a_finished_sentence_ends_at_the_short_pause() -> None:
     speech = utterance([70, 71])  # ends with a 0.1 s gap
     audio = np.concatenate([speech, silence(2.0)])

@@ -45,10 +45,10 @@ class StreamConfig:
     interim_results: bool = True
     # Speculative finals: decode the final at the first short pause, so it is ready when the
     # endpoint is confirmed; 0 disables.
-    speculative_samples: int = 3200  # 0.2 s
+    speculative_samples: int = 1600  # 0.1 s
     # A pause this long already ends the utterance when the speculative text ends a
     # sentence (. ? !); 0 disables. Other pauses wait for the endpoint's min_silence.
-    short_silence_samples: int = 4800  # 0.3 s
+    short_silence_samples: int = 3200  # 0.2 s
 
 
 @dataclasses.dataclass
@@ -212,11 +212,15 @@ class StreamingTranscriber:
 
     # ------------------------------------------------------------------ decisions
 
-    def _decode(self, start: int, end: int, final: bool) -> list[Word]:
+    def _decode(self, start: int, end: int, final: bool,
+                heard_until: int | None = None) -> list[Word]:
+        """Words of the audio from ``start`` to ``end``; after ``heard_until`` (and after
+        what has arrived) the audio is decoded as zeros."""
         shown = self._shown if final else ()
-        audio = self._audio[start - self._audio_start:end - self._audio_start]
-        if end > self.position:  # a speculative final's pad that has not arrived yet
-            audio = np.concatenate([audio, np.zeros(end - self.position, np.float32)])
+        real = min(end, self.position, end if heard_until is None else heard_until)
+        audio = self._audio[start - self._audio_start:real - self._audio_start]
+        if end > real:  # a speculative final's pad
+            audio = np.concatenate([audio, np.zeros(end - real, np.float32)])
         offset = start / RATE
         return [
             Word(w.word, round(w.start + offset, 3), round(w.end + offset, 3), w.probability)
@@ -234,12 +238,15 @@ class StreamingTranscriber:
                 self._endpointer.voiced < cfg.endpoint.min_speech_samples:
             return []
         if self._spec is None or self._spec.speech_end != sil:
-            # The pad after the speech is silence (the VAD says so): what has not arrived yet
-            # is decoded as zeros, so a pause shorter than the pad can already speculate and
-            # the endpoint, which closes at the same pad, reuses the words.
+            # The pad after the speech is silence (the VAD says so): past the pause heard so
+            # far it is decoded as zeros, so a pause shorter than the pad can already
+            # speculate and the endpoint, which closes at the same pad, reuses the words.
+            # Zeros even where more audio has arrived: the words must not depend on how
+            # the audio was chunked on its way here (a replay at 4x gave other words).
             end = sil + cfg.pad_samples
             began = time.perf_counter()
-            words = self._final_words(self._utt_start, end, sil)
+            words = self._final_words(self._utt_start, end, sil,
+                                      heard_until=sil + cfg.speculative_samples)
             self._spec = _Speculation(sil, end, words, time.perf_counter() - began)
         if cfg.short_silence_samples and silent >= cfg.short_silence_samples and \
                 ends_sentence(self._spec.words):
@@ -248,10 +255,11 @@ class StreamingTranscriber:
             return self._close_utterance(min(self._spec.end, self.position), sil, voiced)
         return []
 
-    def _final_words(self, start: int, end: int, speech_end: int) -> list[Word]:
+    def _final_words(self, start: int, end: int, speech_end: int,
+                     heard_until: int | None = None) -> list[Word]:
         # Words that start after the speech ended are Whisper inventing text on the pad.
         latest = (speech_end + self.config.pad_samples // 2) / RATE
-        return [w for w in self._decode(start, end, True) if w.start <= latest]
+        return [w for w in self._decode(start, end, True, heard_until) if w.start <= latest]
 
     def _partial(self) -> Partial | None:
         assert self._utt_start is not None
