@@ -378,3 +378,24 @@ def test_a_final_decode_is_told_the_words_the_last_partial_showed() -> None:
         events += core.feed(second[i:i + 1600], partials=False)
     assert len([e for e in events if isinstance(e, Committed)]) == 2
     assert decoder.shown and all(s == [] for s in decoder.shown)
+
+
+def test_a_short_pause_after_a_sentence_ends_it_however_the_audio_was_chunked() -> None:
+    """Decisions are taken after every 32 ms VAD window: whether a pause around
+    SHORT_SILENCE_S (0.3 s here) after a finished sentence ends the utterance is the same whether the
+    audio came in 20 ms frames, 100 ms frames or 1 s chunks (decided per 128 ms group, a
+    0.36 s pause ended it in 20 ms frames only)."""
+    for pause_s in (0.30, 0.34, 0.36, 0.38, 0.42):
+        audio = np.concatenate([silence(0.3), utterance([70, 71]), silence(pause_s - GAP_S),
+                                utterance([72, 73]), silence(1.0)])
+        got = []
+        for step in (320, 1600, 16000):
+            core = StreamingTranscriber("s", SentenceDecoder(), fake_vad, dataclasses.replace(
+                CFG, short_silence_samples=int(0.3 * RATE)))
+            got.append([e.final.text for i in range(0, len(audio), step)
+                        for e in core.feed(audio[i:i + step]) if isinstance(e, Committed)])
+        assert got[0] == got[1] == got[2], (pause_s, got)
+        if pause_s == 0.30:
+            assert got[0] == ["w70 w71 w72 w73."]
+        if pause_s == 0.42:
+            assert got[0] == ["w70 w71.", "w72 w73."]

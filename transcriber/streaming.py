@@ -161,25 +161,27 @@ class StreamingTranscriber:
         self._audio = np.concatenate([self._audio, samples.astype(np.float32, copy=False)])
         self.position += len(samples)
         events: list[Event] = []
-        group = 4 * WINDOW  # decisions every 128 ms of audio, however much arrives at once
+        group = 4 * WINDOW  # VAD windows per call
         while self.position - self._vad_pos >= WINDOW:
             n = min((self.position - self._vad_pos) // WINDOW, group // WINDOW)
             lo = self._vad_pos - self._audio_start
             windows = self._audio[lo:lo + n * WINDOW].reshape(n, WINDOW)
-            probs = self.vad(windows)
-            self._vad_pos += n * WINDOW
-            for ev in self._endpointer.feed([float(p) for p in probs]):
-                if ev.kind == "start":
-                    floor = max(self._audio_start, self.commit_sample)
-                    self._utt_start = max(ev.sample - self.config.pad_samples, floor)
-                else:
-                    end = min(ev.sample + self.config.pad_samples, self.position)
-                    events += self._close_utterance(end, ev.sample, ev.voiced)
-            if self._utt_start is not None:
-                events += self._speculate() if speculate else []
-            if self._utt_start is not None and \
-                    self._vad_pos - self._utt_start >= self.config.max_utterance_samples:
-                events += self._cut_utterance()
+            # Decisions after every window, not every group: where a group ends depends on
+            # how the audio arrived, and a 0.3 s pause ending inside a group was missed.
+            for p in self.vad(windows):
+                self._vad_pos += WINDOW
+                for ev in self._endpointer.feed([float(p)]):
+                    if ev.kind == "start":
+                        floor = max(self._audio_start, self.commit_sample)
+                        self._utt_start = max(ev.sample - self.config.pad_samples, floor)
+                    else:
+                        end = min(ev.sample + self.config.pad_samples, self.position)
+                        events += self._close_utterance(end, ev.sample, ev.voiced)
+                if self._utt_start is not None:
+                    events += self._speculate() if speculate else []
+                if self._utt_start is not None and \
+                        self._vad_pos - self._utt_start >= self.config.max_utterance_samples:
+                    events += self._cut_utterance()
         # No partial while a pause is in progress: the words have not changed, and the
         # inference thread is better spent on the speculative final.
         if partials and self._utt_start is not None and self.config.interim_results and \
