@@ -382,9 +382,9 @@ def test_a_final_decode_is_told_the_words_the_last_partial_showed() -> None:
 
 def test_a_short_pause_after_a_sentence_ends_it_however_the_audio_was_chunked() -> None:
     """Decisions are taken after every 32 ms VAD window: whether a pause around
-    SHORT_SILENCE_S (0.3 s here) after a finished sentence ends the utterance is the same whether the
-    audio came in 20 ms frames, 100 ms frames or 1 s chunks (decided per 128 ms group, a
-    0.36 s pause ended it in 20 ms frames only)."""
+    SHORT_SILENCE_S (0.3 s here) after a finished sentence ends the utterance is the same
+    whether the audio came in 20 ms frames, 100 ms frames or 1 s chunks (decided per 128 ms
+    group, a 0.36 s pause ended it in 20 ms frames only)."""
     for pause_s in (0.30, 0.34, 0.36, 0.38, 0.42):
         audio = np.concatenate([silence(0.3), utterance([70, 71]), silence(pause_s - GAP_S),
                                 utterance([72, 73]), silence(1.0)])
