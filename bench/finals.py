@@ -106,6 +106,6 @@ def finals_suite(variants: list[tuple[str, str]], clips: list[str] = FINALS_CLIP
         print(f"[finals] {name}: WER {v['wer']:.3f} (offline {out['offline_wer']:.3f}); "
               f"final decodes {v['finals_decoded']} in {v['final_decode_s']:.1f} s, partial "
               f"decodes {v['partials_decoded']} in {v['partial_decode_s']:.1f} s, "
-              f"{v['full_window_retries']} redone with the full window "
+              f"{v['full_window_retries']} decoded again "
               f"{v['full_window_redos']}", flush=True)
     return out

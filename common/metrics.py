@@ -71,8 +71,9 @@ def worker_metrics() -> WorkerMetrics:
         finals=Counter("stt_worker_finals", "finals committed", registry=r),
         full_window_redos=Counter(
             "stt_worker_full_window_redos",
-            "short-context decodes done again with Whisper's full window, by reason (loop, "
-            "stock_sentence, lowercase, skipped_words, low_confidence)", ["reason"],
+            "decodes done again, by reason: with Whisper's full window after a short-context "
+            "one (loop, stock_sentence, lowercase, skipped_words, low_confidence), or "
+            "without the previous text as prompt (empty_after_prompt)", ["reason"],
             registry=r),
         partials_skipped=Counter("stt_worker_partials_skipped",
                                  "audio batches fed without a partial decode (load shedding)",

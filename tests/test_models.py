@@ -122,6 +122,30 @@ def test_a_decoding_loop_the_prompt_primed_is_decoded_again_without_it() -> None
     assert [w.word.strip(" .,") for w in words] in (["3"], ["three"])
 
 
+def test_a_final_the_prompt_emptied_is_decoded_again_without_it() -> None:
+    """Real model, real speech: with the previous final "Montreal forced a liner." as the
+    prompt, Whisper ends at once (one timestamp token) on the next 3 s of mfa_words, which
+    it transcribes without the prompt. Seen when a 0.2 s sentence-end pause split the clip;
+    the final came back empty and 11 words were lost."""
+    import numpy as np
+
+    from tests.audio_refs import load_pcm16, wer
+    from transcriber.model import WhisperDecoder, load_whisper
+
+    # (every cut from 2.31 s on, ending 5.22-5.28 s, measured; from 2.28 s it hears the words)
+    pcm = load_pcm16("mfa_words")[int(2.312 * 16000):int(5.252 * 16000)] / 32768.0
+    # as the streaming core decodes a final: the rest of the 0.1 s pad as zeros
+    audio = np.concatenate([pcm, np.zeros(1600)]).astype(np.float32)
+    prompt = "Montreal forced a liner."
+    decoder = WhisperDecoder(load_whisper("", "cpu", "int8", 0), "en")
+    assert decoder._decode(audio, prompt, True) == []  # the model really hears nothing
+    words = decoder.decode(audio, prompt, True)
+    assert wer("word another word here's some more word word word word",
+               " ".join(w.word for w in words)) <= 0.2, words
+    assert decoder.redos == {"empty_after_prompt": 1}
+    assert decoder.decode(audio, prompt, False) == []  # a partial is not decoded twice
+
+
 def test_a_lone_punctuation_token_joins_the_word_before_it() -> None:
     """Whisper sometimes times a final '.' as a word of its own ('country. .')."""
     from types import SimpleNamespace

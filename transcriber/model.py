@@ -289,6 +289,14 @@ class WhisperDecoder:
                 # "three" became "3. 3. 3. 3. 3. 3. 3."); decode once more without it.
                 with encoder_tail(-1):
                     words = self._decode(audio, "", final)
+            elif final and prompt and not words:
+                # The previous text can also make Whisper end at once: after "Montreal
+                # forced a liner." it heard nothing in 3 s of "word, another word, ...",
+                # which it transcribes without the prompt. Finals only come from audio the
+                # VAD called speech, so an empty one is worth that second look.
+                self.redos["empty_after_prompt"] += 1
+                with encoder_tail(tail):
+                    words = self._decode(audio, "", final)
         return strip_hallucinated_tail(words)
 
     @property
