@@ -387,9 +387,8 @@ class TranscriberSettings(RedisSettings):
         "off; the rest of the SPEECH_PAD_S pad is decoded as zeros (whatever has arrived, so "
         "the words do not depend on how the audio was chunked)")
     short_silence_s: float = setting(
-        0.3, "a pause this long ends the utterance when the speculative text ends a sentence; "
-        "0 = off (0.2 cut 'Montreal forced a liner. | word, another word ...' after which "
-        "Whisper heard no speech in the rest, in a batched decode)")
+        0.2, "a pause this long ends the utterance when the speculative text ends a sentence; "
+        "0 = off")
     min_speech_s: float = setting(0.25, "shorter bursts of speech are ignored, seconds")
     speech_pad_s: float = setting(0.2, "audio kept before speech starts and after it ends, seconds")
     max_utterance_s: float = setting(

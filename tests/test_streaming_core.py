@@ -286,7 +286,7 @@ def test_a_finished_sentence_ends_at_the_short_pause() -> None:
     at_sentence, committed = feed_until_final(sentence, audio)
     speech_end = len(speech) / RATE - GAP_S
     assert committed.final.text == "w70 w71."
-    assert at_sentence - speech_end < 0.3 + 0.1  # short_silence plus one VAD group
+    assert at_sentence - speech_end < CFG.short_silence_samples / RATE + 0.1  # + one VAD group
     assert at_plain - speech_end >= 0.5  # min_silence
     assert at_sentence < at_plain
 

@@ -48,7 +48,7 @@ class StreamConfig:
     speculative_samples: int = 1600  # 0.1 s
     # A pause this long already ends the utterance when the speculative text ends a
     # sentence (. ? !); 0 disables. Other pauses wait for the endpoint's min_silence.
-    short_silence_samples: int = 4800  # 0.3 s
+    short_silence_samples: int = 3200  # 0.2 s
 
 
 @dataclasses.dataclass
