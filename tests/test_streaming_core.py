@@ -291,6 +291,28 @@ def test_a_finished_sentence_ends_at_the_short_pause() -> None:
     assert at_sentence < at_plain
 
 
+@pytest.mark.parametrize("pad_s", [0.2, 0.3, 0.5])
+def test_a_short_pause_close_commits_no_audio_the_vad_has_not_heard(pad_s: float) -> None:
+    """The final of a sentence closed at the short pause covers the pad after the speech, but
+    its commit point stops where the VAD has listened: with SPEECH_PAD_S above
+    SHORT_SILENCE_S the next utterance started past the audio the VAD had read, and the core
+    dropped that audio and crashed (ValueError in feed) when it began 0.25 s later."""
+    cfg = dataclasses.replace(CFG, pad_samples=int(pad_s * RATE))
+    speech = utterance([70, 71])
+    pause = 0.25 - GAP_S  # 0.25 s from the end of w71 to the start of w72
+    audio = np.concatenate([silence(0.5), speech, silence(pause), utterance([72]),
+                            silence(1.0)])
+    core = StreamingTranscriber("s", SentenceDecoder(), fake_vad, cfg)
+    step = RATE // 10  # 100 ms frames: audio arrives ahead of what the VAD has read
+    events = [ev for i in range(0, len(audio), step) for ev in core.feed(audio[i:i + step])]
+    finals = [ev for ev in events + core.finish() if isinstance(ev, Committed)]
+    assert texts(finals) == ["w70 w71.", "w72."]
+    w72 = finals[1].final.words[0]
+    assert abs(w72.start - (0.5 + len(speech) / RATE + pause)) < 1e-3  # heard from its start
+    assert abs(w72.end - w72.start - WORD_S) < 1e-3
+    assert finals[0].commit_sample <= int(w72.start * RATE)
+
+
 def test_speculation_is_dropped_when_speech_resumes() -> None:
     audio = np.concatenate([utterance([80, 81]), silence(0.3), utterance([82]), silence(1.0)])
     _, finals, _ = run(audio, frame_s=0.032,

@@ -175,7 +175,7 @@ class StreamingTranscriber:
                         floor = max(self._audio_start, self.commit_sample)
                         self._utt_start = max(ev.sample - self.config.pad_samples, floor)
                     else:
-                        end = min(ev.sample + self.config.pad_samples, self.position)
+                        end = min(ev.sample + self.config.pad_samples, self._vad_pos)
                         events += self._close_utterance(end, ev.sample, ev.voiced)
                 if self._utt_start is not None:
                     events += self._speculate() if speculate else []
@@ -254,7 +254,9 @@ class StreamingTranscriber:
                 ends_sentence(self._spec.words):
             voiced = self._endpointer.voiced
             self._endpointer.force_end()
-            return self._close_utterance(min(self._spec.end, self.position), sil, voiced)
+            # The commit point stops where the VAD has listened (the pad may reach past it):
+            # speech resuming there belongs to the next utterance.
+            return self._close_utterance(min(self._spec.end, self._vad_pos), sil, voiced)
         return []
 
     def _final_words(self, start: int, end: int, speech_end: int,
@@ -359,7 +361,7 @@ class StreamingTranscriber:
             keep_from = self._utt_start
         else:
             keep_from = min(self._vad_pos, self.position) - self.config.pad_samples
-        keep_from = max(keep_from, self._audio_start)
+        keep_from = max(min(keep_from, self._vad_pos), self._audio_start)  # VAD unread: kept
         drop = keep_from - self._audio_start
         if drop > 0:
             self._audio = self._audio[drop:]
