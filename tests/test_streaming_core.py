@@ -10,10 +10,13 @@ promised as stable) is checked against exact expectations.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from common.messages import Partial, Word
 from transcriber.endpointing import WINDOW, EndpointConfig
@@ -51,19 +54,12 @@ class BurstDecoder:
     def decode(self, audio: np.ndarray, prompt: str, final: bool,
                shown: Sequence[str] = ()) -> list[Word]:
         self.calls.append((len(audio), final))
-        loud = np.abs(audio) > 0.005
+        loud = np.concatenate([[0], (np.abs(audio) > 0.005).astype(np.int8), [0]])
+        edges = np.flatnonzero(np.diff(loud))  # starts and ends of the loud runs
         words = []
-        i = 0
-        while i < len(audio):
-            if not loud[i]:
-                i += 1
-                continue
-            j = i
-            while j < len(audio) and loud[j]:
-                j += 1
+        for i, j in zip(edges[::2], edges[1::2], strict=True):
             wid = round(float(np.abs(audio[i:j]).mean()) * 100)
             words.append(Word(f" w{wid}", i / RATE, j / RATE, 1.0))
-            i = j
         return words
 
 
@@ -313,6 +309,18 @@ def test_a_short_pause_close_commits_no_audio_the_vad_has_not_heard(pad_s: float
     assert finals[0].commit_sample <= int(w72.start * RATE)
 
 
+def test_a_cap_that_finds_only_recent_words_cuts_before_them_or_waits() -> None:
+    """Found by the property test below: at the length cap every word ended within the cut
+    guard, so none was kept, and the cut went to the cap minus the pad, past the only word
+    (a 0.75 s pad, 1 s endpoint, 2 s cap): the word was in no final."""
+    cfg = dataclasses.replace(
+        CFG, pad_samples=int(0.75 * RATE), max_utterance_samples=2 * RATE,
+        endpoint=dataclasses.replace(CFG.endpoint, min_silence_samples=RATE))
+    audio = np.concatenate([silence(1.0), burst(10), silence(3.0)])
+    _, finals, _ = run(audio, frame_s=0.01, config=cfg)
+    assert texts(finals) == ["w10"]
+
+
 def test_speculation_is_dropped_when_speech_resumes() -> None:
     audio = np.concatenate([utterance([80, 81]), silence(0.3), utterance([82]), silence(1.0)])
     _, finals, _ = run(audio, frame_s=0.032,
@@ -421,3 +429,51 @@ def test_a_short_pause_after_a_sentence_ends_it_however_the_audio_was_chunked() 
             assert got[0] == ["w70 w71 w72 w73."]
         if pause_s == 0.42:
             assert got[0] == ["w70 w71.", "w72 w73."]
+
+
+Session = tuple[StreamConfig, float, list[tuple[int, float]], int, bool]
+
+
+@st.composite
+def sessions(draw: st.DrawFn) -> Session:
+    """A config with any pads, pauses and caps in their ranges, words with any pauses after
+    them, audio in any chunk size, with or without partials."""
+    def seconds(lo: float, hi: float) -> int:
+        return int(round(draw(st.floats(lo, hi)), 2) * RATE)
+
+    cfg = dataclasses.replace(
+        CFG, pad_samples=seconds(0.0, 0.8),
+        endpoint=dataclasses.replace(CFG.endpoint, min_silence_samples=seconds(0.1, 1.0)),
+        speculative_samples=draw(st.sampled_from([0, seconds(0.03, 0.4)])),
+        short_silence_samples=draw(st.sampled_from([0, seconds(0.03, 0.8)])),
+        max_utterance_samples=seconds(2.0, 8.0),
+        partial_interval_samples=seconds(0.2, 1.0))
+    lead = round(draw(st.floats(0.0, 1.0)), 2)
+    words = draw(st.lists(st.tuples(st.integers(10, 90), st.floats(0.05, 1.5).map(
+        lambda x: round(x, 2))), min_size=1, max_size=12))
+    chunk = draw(st.sampled_from([160, 512, 1600, 4000, 16000]))
+    return cfg, lead, words, chunk, draw(st.booleans())
+
+
+@given(sessions())
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "300")), deadline=None,
+          database=None, suppress_health_check=[HealthCheck.too_slow])
+def test_any_config_and_pacing_gives_every_word_once_in_order(session: Session) -> None:
+    """Whatever the pads, pauses, caps and chunking, the core never fails, its commit
+    points only move forward, and the finals hold every word of the audio once, in order
+    (pads reaching into the next word, a pause shorter than the pad after a sentence and a
+    cut near a pause must neither lose nor repeat one)."""
+    cfg, lead, spoken, chunk, partials = session
+    audio = np.concatenate([silence(lead)] + [part for wid, gap in spoken
+                                              for part in (burst(wid), silence(gap))] +
+                           [silence(2.0)])
+    core = StreamingTranscriber("s", SentenceDecoder(), fake_vad, cfg)
+    events = []
+    for i in range(0, len(audio), chunk):
+        events += core.feed(audio[i:i + chunk], partials=partials)
+    events += core.finish()
+    finals = [e for e in events if isinstance(e, Committed)]
+    words = [w.word.strip(" .") for f in finals for w in f.final.words]
+    assert words == [f"w{wid}" for wid, _ in spoken]
+    commits = [f.commit_sample for f in finals]
+    assert commits == sorted(commits)

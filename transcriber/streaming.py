@@ -143,6 +143,7 @@ class StreamingTranscriber:
         self._shown: list[str] = []  # the last partial's words
         self._partial_sent = False
         self._spec: _Speculation | None = None
+        self._cut_after = 0  # a length cap that found nothing to cut waits for this sample
 
     # ------------------------------------------------------------------ public
 
@@ -179,7 +180,7 @@ class StreamingTranscriber:
                         events += self._close_utterance(end, ev.sample, ev.voiced)
                 if self._utt_start is not None:
                     events += self._speculate() if speculate else []
-                if self._utt_start is not None and \
+                if self._utt_start is not None and self._vad_pos >= self._cut_after and \
                         self._vad_pos - self._utt_start >= self.config.max_utterance_samples:
                     events += self._cut_utterance()
         # No partial while a pause is in progress: the words have not changed, and the
@@ -314,7 +315,14 @@ class StreamingTranscriber:
         limit = (end - self.config.cut_guard_samples) / RATE
         keep = max((i + 1 for i, w in enumerate(words) if w.end <= limit), default=0)
         keep = max(keep, len(self._stable))
-        if keep == 0:
+        if keep == 0 and words:
+            # Every word ends too close to the end to trust: cut before the first one, or,
+            # if that is no real progress, wait for the guard to let the first word in.
+            cut = min(end, round(words[0].start * RATE)) - self.config.pad_samples
+            if cut - start < self.config.cut_guard_samples:
+                self._cut_after = self._vad_pos + self.config.cut_guard_samples // 2
+                return []
+        elif keep == 0:
             cut = end - self.config.pad_samples
         elif keep < len(words):
             gap_mid = (words[keep - 1].end + words[keep].start) / 2
