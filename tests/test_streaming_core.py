@@ -321,6 +321,27 @@ def test_a_cap_that_finds_only_recent_words_cuts_before_them_or_waits() -> None:
     assert texts(finals) == ["w10"]
 
 
+def test_a_cap_waits_for_a_recent_word_once_then_keeps_it() -> None:
+    """A decoder whose only word always runs to the end of the audio (as Whisper may do on
+    a long stretch of singing): the cap waits half a guard once, then keeps the word, so a
+    cut costs at most two decodes of the whole utterance, not one every 32 ms window."""
+    class WholeDecoder(BurstDecoder):
+        def decode(self, audio: np.ndarray, prompt: str, final: bool,
+                   shown: Sequence[str] = ()) -> list[Word]:
+            self.calls.append((len(audio), final))
+            return [Word(" la", 0.0, len(audio) / RATE, 0.9)]
+
+    cfg = dataclasses.replace(CFG, max_utterance_samples=2 * RATE, interim_results=False)
+    decoder = WholeDecoder()
+    core = StreamingTranscriber("s", decoder, fake_vad, cfg)
+    audio = np.full(9 * RATE, 0.3, np.float32)
+    finals = [ev for i in range(0, len(audio), RATE // 10)
+              for ev in core.feed(audio[i:i + RATE // 10]) if isinstance(ev, Committed)]
+    assert len(finals) == 3 and all(f.final.text == "la" for f in finals)
+    final_decodes = sum(1 for _, final in decoder.calls if final)
+    assert final_decodes <= 2 * len(finals) + 1, decoder.calls
+
+
 def test_speculation_is_dropped_when_speech_resumes() -> None:
     audio = np.concatenate([utterance([80, 81]), silence(0.3), utterance([82]), silence(1.0)])
     _, finals, _ = run(audio, frame_s=0.032,

@@ -143,7 +143,7 @@ class StreamingTranscriber:
         self._shown: list[str] = []  # the last partial's words
         self._partial_sent = False
         self._spec: _Speculation | None = None
-        self._cut_after = 0  # a length cap that found nothing to cut waits for this sample
+        self._cut_after = 0  # a length cap that found nothing to cut waited until here
 
     # ------------------------------------------------------------------ public
 
@@ -315,15 +315,17 @@ class StreamingTranscriber:
         limit = (end - self.config.cut_guard_samples) / RATE
         keep = max((i + 1 for i, w in enumerate(words) if w.end <= limit), default=0)
         keep = max(keep, len(self._stable))
-        if keep == 0 and words:
-            # Every word ends too close to the end to trust: cut before the first one, or,
-            # if that is no real progress, wait for the guard to let the first word in.
-            cut = min(end, round(words[0].start * RATE)) - self.config.pad_samples
-            if cut - start < self.config.cut_guard_samples:
+        before = min(end, round(words[0].start * RATE)) - self.config.pad_samples \
+            if words else end
+        if keep == 0 and words and before - start < self.config.cut_guard_samples:
+            # Every word ends too close to the end to trust, and cutting before the first
+            # one is no real progress: wait once for the guard to let it in, then keep it.
+            if not self._cut_after:
                 self._cut_after = self._vad_pos + self.config.cut_guard_samples // 2
                 return []
-        elif keep == 0:
-            cut = end - self.config.pad_samples
+            keep = 1
+        if keep == 0:  # cut before the first word (or, with none, before the pad)
+            cut = before if words else end - self.config.pad_samples
         elif keep < len(words):
             gap_mid = (words[keep - 1].end + words[keep].start) / 2
             cut = round(gap_mid * RATE)
@@ -339,6 +341,7 @@ class StreamingTranscriber:
     def _emit_final(self, words: list[Word], start: int, end: int, commit: int,
                     decode_s: float = 0.0) -> list[Event]:
         partial_sent = self._partial_sent
+        self._cut_after = 0
         self._agreement.reset()
         self._stable = []
         self._spec = None
