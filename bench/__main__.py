@@ -35,7 +35,8 @@ from common.client import StreamResult, listen_url, stream
 from tests.audio_refs import frames, wer
 from tests.procs import Cluster
 
-OUT = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "results"
 
 
 #: Libraries whose versions move the results (a ctranslate2/faster-whisper update moved the
@@ -112,7 +113,8 @@ def latency_suite(args: argparse.Namespace, conv: Conversation) -> dict[str, Any
     out: dict[str, Any] = {"offline_wer": offline_wer(conv), "reference": conv.reference,
                            "variants": {}}
     for name, worker_args in args.variants:
-        cluster = Cluster(workers=1, worker_args=shlex.split(worker_args))
+        code, wargs = _code(worker_args)
+        cluster = Cluster(workers=1, worker_args=wargs, worker_cwd=code)
         try:
             (res,), _ = asyncio.run(run_streams(cluster, conv, 1))
             min_sil = _arg(worker_args, "--min-silence-s", 0.5)
@@ -146,8 +148,9 @@ def capacity_suite(args: argparse.Namespace, conv: Conversation) -> dict[str, An
     for name, worker_args in args.variants:
         rows = []
         for n in args.streams:
-            cluster = Cluster(workers=1, worker_args=[
-                "--capacity", str(max(n, 1)), *shlex.split(worker_args)])
+            code, wargs = _code(worker_args)
+            cluster = Cluster(workers=1, worker_args=["--capacity", str(max(n, 1)), *wargs],
+                              worker_cwd=code)
             try:
                 results, lags = asyncio.run(run_streams(cluster, conv, n))
                 min_sil = _arg(worker_args, "--min-silence-s", 0.5)
@@ -178,6 +181,17 @@ def capacity_suite(args: argparse.Namespace, conv: Conversation) -> dict[str, An
     return out
 
 
+def _code(args: str) -> tuple[Path, list[str]]:
+    """``--code DIR`` in a variant's worker args: the worker runs that checkout's code (a
+    ``git worktree`` of an older revision), so a change is compared with the code before
+    it in one run. The rest are the worker's arguments."""
+    parts = shlex.split(args)
+    if "--code" not in parts:
+        return ROOT, parts
+    i = parts.index("--code")
+    return Path(parts[i + 1]).resolve(), parts[:i] + parts[i + 2:]
+
+
 def _arg(args: str, flag: str, default: float) -> float:
     parts = shlex.split(args)
     return float(parts[parts.index(flag) + 1]) if flag in parts else default
@@ -188,7 +202,8 @@ def main() -> None:
     p.add_argument("suites", nargs="*", default=["latency", "capacity", "gateway"],
                    choices=["latency", "capacity", "gateway", "finals"])
     p.add_argument("--variant", action="append", default=[], metavar="NAME=WORKER_ARGS",
-                   help="a worker configuration to compare, e.g. 'fast=--min-silence-s 0.3'")
+                   help="a worker configuration to compare, e.g. 'fast=--min-silence-s 0.3'; "
+                   "'old=--code DIR' runs the worker from another checkout (git worktree)")
     p.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",")],
                    default=[1, 2, 4, 6, 8, 10, 12])
     p.add_argument("--clips", type=int, default=8, help="clips in the benchmark conversation")

@@ -94,14 +94,15 @@ TEST_ENV = {"AUTH": "off", "RATE_LIMIT_IP_PER_S": "0", "RATE_LIMIT_KEY_PER_S": "
 class Service:
     """``python -m MODULE`` with its log collected; ``ready`` is a line it prints when up."""
 
-    def __init__(self, module: str, args: Sequence[str], env: dict[str, str], ready: str) -> None:
+    def __init__(self, module: str, args: Sequence[str], env: dict[str, str], ready: str,
+                 cwd: Path | str = ROOT) -> None:
         self.module = module
         self.lines: list[str] = []
         self._ready = threading.Event()
         self._marker = ready
         full_env = {**os.environ, **TEST_ENV, **env, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", module, *args], cwd=ROOT, env=full_env,
+            [sys.executable, "-m", module, *args], cwd=cwd, env=full_env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         threading.Thread(target=self._pump, daemon=True).start()
 
@@ -132,9 +133,12 @@ class Service:
                 self.proc.wait()
 
 
-def start_transcriber(redis_url: str, *args: str, **env: str) -> Service:
+def start_transcriber(redis_url: str, *args: str, cwd: Path | str = ROOT,
+                      **env: str) -> Service:
+    """A worker; ``cwd``: the checkout whose code it runs (benchmarks compare revisions)."""
     args = ("--metrics-port", "0", *args)  # several workers share this machine
-    svc = Service("transcriber", args, {"REDIS_URL": redis_url, **env}, "ready, capacity")
+    svc = Service("transcriber", args, {"REDIS_URL": redis_url, **env}, "ready, capacity",
+                  cwd=cwd)
     svc.wait_ready()
     return svc
 
@@ -154,8 +158,10 @@ class Cluster:
     """A private redis-server with any number of workers and one gateway, for failure tests."""
 
     def __init__(self, workers: int = 1, worker_args: Sequence[str] = (),
-                 gateway_args: Sequence[str] = (), persistence: bool = False) -> None:
+                 gateway_args: Sequence[str] = (), persistence: bool = False,
+                 worker_cwd: Path | str = ROOT) -> None:
         self.redis = RedisServer(persistence=persistence)
+        self.worker_cwd = worker_cwd
         self.redis.start()
         self.workers: dict[str, Service] = {}
         self.worker_args = list(worker_args)
@@ -164,7 +170,8 @@ class Cluster:
         self.gateway, self.port = start_gateway(self.redis.url, *gateway_args)
 
     def add_worker(self, name: str) -> Service:
-        svc = start_transcriber(self.redis.url, "--consumer", name, *self.worker_args)
+        svc = start_transcriber(self.redis.url, "--consumer", name, *self.worker_args,
+                                cwd=self.worker_cwd)
         self.workers[name] = svc
         return svc
 
