@@ -146,6 +146,27 @@ def test_a_final_the_prompt_emptied_is_decoded_again_without_it() -> None:
     assert decoder.decode(audio, prompt, False) == []  # a partial is not decoded twice
 
 
+def test_a_loop_the_prompt_primed_is_decoded_again_without_it_not_with_the_full_window(
+        ) -> None:
+    """Real model, real speech: after a sentence as the prompt, the short-context decode of
+    a lone "one" (sr_english's first 0.8 s) loops ("1. 1. 1. ..."). Without the prompt the
+    same short context hears "1.", so that is tried first: under load the full-window redo
+    of this word, said by eight sessions, queued finals for seconds."""
+    from tests.audio_refs import load_pcm16
+    from transcriber.model import WhisperDecoder, encoder_tail, load_whisper, looks_degenerate
+
+    audio = (load_pcm16("sr_english")[:int(0.8 * 16000)] / 32768.0).astype("float32")
+    prompt = "And so my fellow Americans, ask not what your country can do for you."
+    decoder = WhisperDecoder(load_whisper("", "cpu", "int8", 0, 600), "en", min_frames=1000)
+    with encoder_tail(600):
+        assert looks_degenerate(decoder._decode(audio, prompt, True), 0.8)  # it really loops
+    for final in (True, False):
+        decoder.redos.clear()
+        words = decoder.decode(audio, prompt, final)
+        assert [w.word.strip(" .,").lower() for w in words] in (["1"], ["one"]), words
+        assert decoder.redos == {"loop_without_prompt": 1}  # and no full-window decode
+
+
 def test_a_lone_punctuation_token_joins_the_word_before_it() -> None:
     """Whisper sometimes times a final '.' as a word of its own ('country. .')."""
     from types import SimpleNamespace

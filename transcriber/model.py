@@ -263,7 +263,7 @@ class WhisperDecoder:
         self.temperatures: list[float] = [0.0]
 
     def decode(self, audio: np.ndarray, prompt: str, final: bool,
-               shown: Sequence[str] = ()) -> list[Word]:
+               shown: Sequence[str] = (), speculative: bool = False) -> list[Word]:
         """Words of ``audio``; ``shown``: the words a partial of this utterance showed (a
         short-context final that skips a run of them is decoded again, full window)."""
         inner = getattr(self.model, "model", None)
@@ -276,8 +276,17 @@ class WhisperDecoder:
         with decoding() if decoding is not None else contextlib.nullcontext():
             with encoder_tail(tail):
                 words = self._decode(audio, prompt, final)
-            reason = "" if tail < 0 else "loop" if looks_degenerate(
-                words, len(audio) / 16000) else self._doubtful(words, shown) if final else ""
+            reason = self._redo_reason(words, len(audio) / 16000, tail, final, shown)
+            if reason == "loop" and prompt:
+                # The previous text primes most loops (after "And so my fellow Americans,
+                # ..." a lone "one" became "1. 1. 1. 1. ..."): the same short context
+                # without it first, a fraction of a full-window decode (which, under load,
+                # eight sessions saying the same word queued for seconds).
+                self.redos["loop_without_prompt"] += 1
+                prompt = ""
+                with encoder_tail(tail):
+                    words = self._decode(audio, prompt, final)
+                reason = self._redo_reason(words, len(audio) / 16000, tail, final, shown)
             if reason:
                 # Short-context decoding looped, or a final looks worse than a full-window
                 # decode tends to be: decode again with Whisper's full window.
@@ -298,6 +307,15 @@ class WhisperDecoder:
                 with encoder_tail(tail):
                     words = self._decode(audio, "", final)
         return strip_hallucinated_tail(words)
+
+    def _redo_reason(self, words: list[Word], duration: float, tail: int, final: bool,
+                     shown: Sequence[str]) -> str:
+        """Why a short-context decode is done again with the full window ("": it is not)."""
+        if tail < 0:
+            return ""
+        if looks_degenerate(words, duration):
+            return "loop"
+        return self._doubtful(words, shown) if final else ""
 
     @property
     def retries(self) -> int:
