@@ -42,10 +42,10 @@ class _Timed:
         self.calls = {True: 0, False: 0}
 
     def decode(self, audio: np.ndarray, prompt: str, final: bool,
-               shown: Sequence[str] = ()) -> list[Word]:
+               shown: Sequence[str] = (), speculative: bool = False) -> list[Word]:
         began = time.perf_counter()
         try:
-            return self.decoder.decode(audio, prompt, final, shown)
+            return self.decoder.decode(audio, prompt, final, shown, speculative)
         finally:
             self.seconds[final] += time.perf_counter() - began
             self.calls[final] += 1

@@ -39,6 +39,7 @@ class WorkerMetrics:
     audio_seconds: Counter
     lag_seconds: Gauge
     decode_seconds: Histogram
+    decode_wait_seconds: Histogram
     time_to_final: Histogram
     finals: Counter
     full_window_redos: Counter
@@ -64,6 +65,12 @@ def worker_metrics() -> WorkerMetrics:
                           registry=r),
         decode_seconds=Histogram("stt_worker_decode_seconds", "one Whisper decode",
                                  ["kind"], buckets=DECODE_BUCKETS, registry=r),
+        decode_wait_seconds=Histogram(
+            "stt_worker_decode_wait_seconds",
+            "time a decode waited for a lane, by kind: final (somebody waits for it), "
+            "speculative (a final decoded ahead at a short pause) or partial; they are "
+            "served in that order", ["kind"],
+            buckets=DECODE_BUCKETS, registry=r),
         time_to_final=Histogram(
             "stt_worker_time_to_final_seconds",
             "final committed minus the time the audio of its last word reached Redis",
@@ -73,7 +80,8 @@ def worker_metrics() -> WorkerMetrics:
             "stt_worker_full_window_redos",
             "decodes done again, by reason: with Whisper's full window after a short-context "
             "one (loop, stock_sentence, lowercase, skipped_words, low_confidence), or "
-            "without the previous text as prompt (empty_after_prompt)", ["reason"],
+            "without the previous text as prompt (empty_after_prompt; loop_without_prompt, "
+            "a short-context loop, tried before the full window)", ["reason"],
             registry=r),
         partials_skipped=Counter("stt_worker_partials_skipped",
                                  "audio batches fed without a partial decode (load shedding)",

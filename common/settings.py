@@ -344,8 +344,8 @@ class TranscriberSettings(RedisSettings):
         "else the full window. A short-context final that skips two or more words the last "
         "partial showed is decoded again with the full window (docs/benchmarks.md)")
     short_finals_queue: int = setting(
-        1, "while this many other sessions' calls wait for inference, finals are decoded "
-        "with ENCODER_TAIL_FRAMES too (a loaded CPU worker keeps up; an idle one decodes "
+        1, "while this many other decodes wait for a lane (INFERENCE_THREADS), finals are "
+        "decoded with ENCODER_TAIL_FRAMES too (a loaded CPU worker keeps up; an idle one decodes "
         "finals with FINAL_ENCODER_TAIL_FRAMES); 0 = never")
     final_retry_probability: float = setting(
         0.0, "a short-context final whose mean word probability is below this is decoded "
@@ -361,8 +361,9 @@ class TranscriberSettings(RedisSettings):
     batch_wait_ms: float = setting(
         10.0, "longest a decode's model call waits for other sessions' calls to join its batch")
     inference_threads: int = setting(
-        0, "decodes that run at once, unbatched, each on its own inference thread and "
-        "CTranslate2 replica (num_workers); 0 = auto: 2 on CPU (1.3-1.6x the decodes per "
+        0, "decodes that run at once (lanes), unbatched, each on its own CTranslate2 replica "
+        "(num_workers); a free lane goes to finals, then speculative finals, then partials; "
+        "0 = auto: 2 on CPU (1.3-1.6x the decodes per "
         "second of one thread on 2 cores, docs/benchmarks.md), 1 on CUDA; with BATCH_SIZE "
         "> 1 the batch rows run at once instead")
     beam_size: int = setting(1, "beam size for final decodes")
@@ -372,12 +373,12 @@ class TranscriberSettings(RedisSettings):
     )
     interim_results: bool = setting(True, "publish partials at all")
     partial_max_queue: int = setting(
-        2, "skip partials while this many sessions wait for the inference thread (load "
-        "shedding; with BATCH_SIZE > 1, calls that fit in the batch do not count)")
+        2, "skip partials while this many decodes wait for a lane (load shedding; with "
+        "BATCH_SIZE > 1, decodes that fit in the batch do not count)")
     partial_max_age_s: float = setting(
         1.0, "skip partials for audio that reached Redis longer ago than this (catching up)")
     speculate_max_queue: int = setting(
-        3, "skip speculative finals while this many sessions wait for the inference thread")
+        3, "skip speculative finals while this many decodes wait for a lane")
     vad_threshold: float = setting(0.5, "Silero speech probability that starts speech")
     vad_neg_threshold: float = setting(
         0.35, "Silero probability below which audio counts as silence")

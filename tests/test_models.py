@@ -353,7 +353,7 @@ def test_finals_go_short_context_only_while_other_sessions_wait() -> None:
 
 
 async def test_a_cpu_worker_runs_two_decodes_at_once_and_one_when_told() -> None:
-    """INFERENCE_THREADS auto = 2 lanes on a CPU: two sessions' calls overlap (each waits
+    """INFERENCE_THREADS auto = 2 lanes on a CPU: two sessions' decodes overlap (each waits
     at a barrier only the other can open); with one lane the second waits its turn."""
     import asyncio
     import threading
@@ -367,11 +367,12 @@ async def test_a_cpu_worker_runs_two_decodes_at_once_and_one_when_told() -> None
         barrier = threading.Barrier(2, timeout=2.0)
 
         def meet() -> list:  # type: ignore[type-arg]
-            try:
-                barrier.wait()
-                return [True]
-            except threading.BrokenBarrierError:
-                return [False]
+            with worker.gate.lane():
+                try:
+                    barrier.wait()
+                    return [True]
+                except threading.BrokenBarrierError:
+                    return [False]
         try:
             met = await asyncio.gather(worker.infer(meet), worker.infer(meet))
             return all(m == [True] for m in met)
@@ -383,6 +384,56 @@ async def test_a_cpu_worker_runs_two_decodes_at_once_and_one_when_told() -> None
 
     assert await overlapping([])
     assert not await overlapping(["--inference-threads=1"])
+
+
+async def test_a_session_hears_its_audio_while_every_lane_decodes() -> None:
+    """Only decodes wait for a lane: with the lane busy and decodes waiting, another
+    session's core call that needs no decode (VAD, endpointing) runs at once; the lane then
+    goes to the final somebody waits for, then the speculative final, then the partial."""
+    import asyncio
+    import threading
+
+    from common.settings import TranscriberSettings, load
+    from transcriber.worker import DecodeGate, Worker
+
+    worker = Worker(load(TranscriberSettings, ["--device=cpu", "--inference-threads=1"],
+                         environ={}), model=object(), vad=object())  # type: ignore[arg-type]
+    release = threading.Event()
+    order: list[str] = []
+
+    def decode(name: str, rank: int) -> list:  # type: ignore[type-arg]
+        with worker.gate.lane(rank):
+            order.append(name)
+            release.wait(5.0)
+        return []
+
+    async def busy(n: int) -> None:
+        for _ in range(500):
+            if worker.busy >= n:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{worker.busy} decodes in flight, expected {n}")
+
+    try:
+        calls = [asyncio.ensure_future(worker.infer(decode, "running", DecodeGate.PARTIAL))]
+        await busy(1)
+        for name, rank in [("partial", DecodeGate.PARTIAL), ("spec", DecodeGate.SPECULATIVE),
+                           ("final", DecodeGate.FINAL), ("final2", DecodeGate.FINAL)]:
+            calls.append(asyncio.ensure_future(worker.infer(decode, name, rank)))
+            await busy(len(calls))
+        assert order == ["running"]  # the others wait at the gate
+        heard = await asyncio.wait_for(worker.infer(lambda: ["vad"]), 1.0)
+        assert heard == ["vad"]
+        release.set()
+        await asyncio.gather(*calls)
+        assert order == ["running", "final", "final2", "spec", "partial"]
+        assert worker.busy == 0
+    finally:
+        release.set()
+        worker.executor.shutdown(wait=True)
+        await worker.redis.aclose()
+        await worker.blocking.aclose()
+        await worker.probe.aclose()
 
 
 def test_concurrent_decodes_on_two_ctranslate2_workers_match_serial_ones() -> None:

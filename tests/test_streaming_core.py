@@ -21,7 +21,13 @@ from hypothesis import strategies as st
 
 from common.messages import Partial, Word
 from transcriber.endpointing import WINDOW, EndpointConfig
-from transcriber.streaming import RATE, Committed, StreamConfig, StreamingTranscriber
+from transcriber.streaming import (
+    RATE,
+    Committed,
+    PartialJob,
+    StreamConfig,
+    StreamingTranscriber,
+)
 
 WORD_S = 0.3
 GAP_S = 0.1
@@ -53,7 +59,7 @@ class BurstDecoder:
         self.calls: list[tuple[int, bool]] = []
 
     def decode(self, audio: np.ndarray, prompt: str, final: bool,
-               shown: Sequence[str] = ()) -> list[Word]:
+               shown: Sequence[str] = (), speculative: bool = False) -> list[Word]:
         self.calls.append((len(audio), final))
         loud = np.concatenate([[0], (np.abs(audio) > 0.005).astype(np.int8), [0]])
         edges = np.flatnonzero(np.diff(loud))  # starts and ends of the loud runs
@@ -187,7 +193,7 @@ class SentenceDecoder(BurstDecoder):
     """Like BurstDecoder, but the last word of what it hears ends a sentence."""
 
     def decode(self, audio: np.ndarray, prompt: str, final: bool,
-               shown: Sequence[str] = ()) -> list[Word]:
+               shown: Sequence[str] = (), speculative: bool = False) -> list[Word]:
         words = super().decode(audio, prompt, final, shown)
         if words:
             words[-1] = Word(words[-1].word + ".", words[-1].start, words[-1].end, 1.0)
@@ -248,7 +254,7 @@ def test_a_speculative_final_hears_the_same_audio_however_it_arrived(
             self.finals: list[np.ndarray] = []
 
         def decode(self, audio: np.ndarray, prompt: str, final: bool,
-                   shown: Sequence[str] = ()) -> list[Word]:
+                   shown: Sequence[str] = (), speculative: bool = False) -> list[Word]:
             if final:
                 self.finals.append(audio.copy())
             return super().decode(audio, prompt, final, shown)
@@ -328,7 +334,7 @@ def test_a_cap_waits_for_a_recent_word_once_then_keeps_it() -> None:
     cut costs at most two decodes of the whole utterance, not one every 32 ms window."""
     class WholeDecoder(BurstDecoder):
         def decode(self, audio: np.ndarray, prompt: str, final: bool,
-                   shown: Sequence[str] = ()) -> list[Word]:
+                   shown: Sequence[str] = (), speculative: bool = False) -> list[Word]:
             self.calls.append((len(audio), final))
             return [Word(" la", 0.0, len(audio) / RATE, 0.9)]
 
@@ -361,6 +367,45 @@ def test_under_load_partials_are_shed_but_finals_are_not() -> None:
     assert texts([e for e in events if isinstance(e, Committed)]) == [
         " ".join(f"w{i}" for i in range(20, 28))]
     assert [final for _n, final in decoder.calls] == [True]  # one decode, the final
+
+
+def test_a_detached_partial_gives_the_partial_an_inline_decode_gives() -> None:
+    """``feed(detach=True)`` hands the partial's decode out as a job; run at once and given
+    back, it makes the same partials (text, stable text, times) and finals as inline."""
+    audio = np.concatenate([silence(0.3), utterance(list(range(30, 42))), silence(1.0),
+                            utterance([50, 51, 52]), silence(1.0)])
+    inline, inline_finals, _ = run(audio)
+    core = StreamingTranscriber("s", BurstDecoder(), fake_vad, CFG)
+    events: list[object] = []
+    for i in range(0, len(audio), 1600):
+        for ev in core.feed(audio[i:i + 1600], detach=True):
+            if isinstance(ev, PartialJob):
+                assert ev.audio.base is None  # its own copy: the core may trim its buffer
+                ev = core.partial_done(ev, ev.run())
+            if ev is not None:
+                events.append(ev)
+    events += core.finish()
+    assert [e for e in events if isinstance(e, Partial)] == inline
+    assert [(e.final, e.commit_sample) for e in events if isinstance(e, Committed)] == \
+        [(e.final, e.commit_sample) for e in inline_finals]
+    assert len(inline) >= 5
+
+
+def test_a_detached_partial_that_comes_back_after_its_utterance_ended_is_dropped() -> None:
+    """While a partial decodes elsewhere the core goes on hearing audio; if the utterance
+    ended (or a new one began) before the words come back, they show nothing."""
+    core = StreamingTranscriber("s", BurstDecoder(), fake_vad, CFG)
+    first = np.concatenate([silence(0.3), utterance([60, 61, 62])])
+    jobs = [ev for i in range(0, len(first), 1600)
+            for ev in core.feed(first[i:i + 1600], detach=True) if isinstance(ev, PartialJob)]
+    assert jobs
+    job = jobs[-1]
+    words = job.run()
+    finals = [ev for ev in core.feed(silence(1.0), detach=True) if isinstance(ev, Committed)]
+    assert texts(finals) == ["w60 w61 w62"]
+    assert core.partial_done(job, words) is None
+    core.feed(utterance([70, 71]), detach=True)  # the next utterance is open
+    assert core.partial_done(job, words) is None
 
 
 def _words(spec: str) -> list[Word]:
@@ -410,7 +455,7 @@ def test_a_final_decode_is_told_the_words_the_last_partial_showed() -> None:
             self.shown: list[list[str]] = []
 
         def decode(self, audio: np.ndarray, prompt: str, final: bool,
-                   shown: Sequence[str] = ()) -> list[Word]:
+                   shown: Sequence[str] = (), speculative: bool = False) -> list[Word]:
             if final:
                 self.shown.append([w.strip() for w in shown])
             return super().decode(audio, prompt, final, shown)
@@ -544,3 +589,44 @@ def test_a_flaky_vad_splits_or_joins_words_but_never_loses_or_reorders_them(
     assert all(a.start <= b.start for a, b in itertools.pairwise(words))
     commits = [f.commit_sample for f in finals]
     assert commits == sorted(commits)
+
+
+@given(sessions(), st.lists(st.integers(0, 6), min_size=1, max_size=20))
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "300")), deadline=None,
+          database=None, suppress_health_check=[HealthCheck.too_slow])
+def test_detached_partials_that_come_back_late_never_lose_a_word_or_outlive_their_utterance(
+        session: Session, delays: list[int]) -> None:
+    """The worker decodes partials beside the session's core calls (``detach=True``): the
+    words of one come back after any number of further chunks. The finals still hold every
+    word once, in order, and no partial is shown for an utterance whose final is out."""
+    cfg, lead, spoken, chunk, _ = session
+    audio = np.concatenate([silence(lead)] + [part for wid, gap in spoken
+                                              for part in (burst(wid), silence(gap))] +
+                           [silence(2.0)])
+    core = StreamingTranscriber("s", SentenceDecoder(), fake_vad, cfg)
+    events: list[object] = []
+    pending: tuple[PartialJob, list[Word], int] | None = None  # job, its words, chunks left
+    jobs = 0
+    for i in range(0, len(audio), chunk):
+        if pending is not None and pending[2] <= 0:
+            partial = core.partial_done(pending[0], pending[1])
+            if partial is not None:
+                assert partial.utterance == core.utterance  # its final is not out yet
+                events.append(partial)
+            pending = None
+        elif pending is not None:
+            pending = (pending[0], pending[1], pending[2] - 1)
+        for ev in core.feed(audio[i:i + chunk], partials=pending is None, detach=True):
+            if isinstance(ev, PartialJob):
+                pending = (ev, ev.run(), delays[jobs % len(delays)])
+                jobs += 1
+            else:
+                events.append(ev)
+    events += core.finish()
+    finals = [e for e in events if isinstance(e, Committed)]
+    words = [w.word.strip(" .") for f in finals for w in f.final.words]
+    assert words == [f"w{wid}" for wid, _ in spoken]
+    for k, ev in enumerate(events):
+        if isinstance(ev, Partial):
+            assert not any(isinstance(e, Committed) and e.final.utterance == ev.utterance
+                           for e in events[:k])

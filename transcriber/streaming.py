@@ -24,9 +24,11 @@ RATE = 16000
 
 class Decoder(Protocol):
     def decode(self, audio: np.ndarray, prompt: str, final: bool,
-               shown: Sequence[str] = ()) -> list[Word]:
+               shown: Sequence[str] = (), speculative: bool = False) -> list[Word]:
         """Words of ``audio`` (float32, 16 kHz) with times relative to its first sample;
-        ``shown``, for a final: the words the last partial of this audio showed."""
+        ``shown``, for a final: the words the last partial of this audio showed;
+        ``speculative``: a final decoded ahead, at a pause that may not end the utterance
+        (a worker runs the finals somebody waits for first)."""
 
 
 #: Speech probability of each 512-sample window, with state kept per stream.
@@ -69,7 +71,28 @@ class Committed:
     decode_s: float = 0.0  # time spent decoding this final (for latency breakdowns)
 
 
-Event = Partial | Committed
+@dataclasses.dataclass(frozen=True)
+class PartialJob:
+    """A partial's decode taken out of the session's core call (``feed(detach=True)``).
+
+    ``run`` reads only its own copy of the audio, so it may run on any thread while the
+    core goes on hearing audio; its words go back through ``partial_done``.
+    """
+
+    utterance: int
+    start: int  # the utterance's first sample
+    position: int  # samples received when the partial was asked for
+    audio: np.ndarray
+    prompt: str
+    decoder: Decoder
+
+    def run(self) -> list[Word]:
+        offset = self.start / RATE
+        return [Word(w.word, round(w.start + offset, 3), round(w.end + offset, 3), w.probability)
+                for w in self.decoder.decode(self.audio, self.prompt, False)]
+
+
+Event = Partial | Committed | PartialJob
 
 
 def ends_sentence(words: Sequence[Word]) -> bool:
@@ -152,11 +175,13 @@ class StreamingTranscriber:
         return self._utt_start
 
     def feed(self, pcm: np.ndarray, *, partials: bool = True,
-             speculate: bool = True) -> list[Event]:
+             speculate: bool = True, detach: bool = False) -> list[Event]:
         """Append audio (int16 or float32, 16 kHz mono) and return what it completes.
 
         Under load the caller turns ``partials`` and ``speculate`` off, so the inference
-        thread's time goes to finals first: partials degrade before finals do.
+        thread's time goes to finals first: partials degrade before finals do. With
+        ``detach`` a due partial comes back as a ``PartialJob`` to decode elsewhere, so the
+        audio after it (a pause that ends the utterance) is not held up by its decode.
         """
         samples = pcm.astype(np.float32) / 32768.0 if pcm.dtype == np.int16 else pcm
         self._audio = np.concatenate([self._audio, samples.astype(np.float32, copy=False)])
@@ -190,11 +215,21 @@ class StreamingTranscriber:
                 self._endpointer.voiced >= self.config.endpoint.min_speech_samples and \
                 self.position - self._utt_start >= self.config.partial_interval_samples and \
                 self.position - self._last_partial_at >= self.config.partial_interval_samples:
-            partial = self._partial()
-            if partial is not None:
-                events.append(partial)
+            if detach:
+                events.append(self._partial_job())
+            else:
+                partial = self._partial()
+                if partial is not None:
+                    events.append(partial)
         self._trim()
         return events
+
+    def partial_done(self, job: PartialJob, words: list[Word]) -> Partial | None:
+        """The partial from a detached decode's words; None when its utterance has ended (or
+        been cut) since, or the text is unchanged."""
+        if job.utterance != self.utterance or job.start != self._utt_start:
+            return None
+        return self._apply_partial(words, job.position)
 
     def finalize(self) -> list[Event]:
         """End the open utterance now (client ``finalize`` or end of stream)."""
@@ -227,7 +262,8 @@ class StreamingTranscriber:
         offset = start / RATE
         return [
             Word(w.word, round(w.start + offset, 3), round(w.end + offset, 3), w.probability)
-            for w in self.decoder.decode(audio, self._prompt, final, shown)
+            for w in self.decoder.decode(audio, self._prompt, final, shown,
+                                         speculative=heard_until is not None)
         ]
 
     def _speculate(self) -> list[Event]:
@@ -269,8 +305,20 @@ class StreamingTranscriber:
     def _partial(self) -> Partial | None:
         assert self._utt_start is not None
         self._last_partial_at = self.position
-        words = merge_stable(self._stable, self._decode(self._utt_start, self.position, False))
-        settled = (self.position - self.config.stable_guard_samples) / RATE
+        return self._apply_partial(self._decode(self._utt_start, self.position, False),
+                                   self.position)
+
+    def _partial_job(self) -> PartialJob:
+        assert self._utt_start is not None
+        self._last_partial_at = self.position
+        lo = self._utt_start - self._audio_start
+        return PartialJob(self.utterance, self._utt_start, self.position,
+                          self._audio[lo:self.position - self._audio_start].copy(),
+                          self._prompt, self.decoder)
+
+    def _apply_partial(self, hypothesis: list[Word], position: int) -> Partial | None:
+        words = merge_stable(self._stable, hypothesis)
+        settled = (position - self.config.stable_guard_samples) / RATE
         limit = sum(1 for w in words if w.end <= settled)
         stable = self._agreement.update([w.word for w in words], limit)
         self._stable = words[:stable]
@@ -286,7 +334,7 @@ class StreamingTranscriber:
             text=text,
             stable_text=join_words(self._stable),
             start=words[0].start,
-            end=self.position / RATE,
+            end=position / RATE,
         )
 
     def _close_utterance(self, end: int, speech_end: int, voiced: int) -> list[Event]:

@@ -1,9 +1,11 @@
 """The worker loop: take sessions from the queue up to capacity, stream each through the core.
 
 Only bytes and messages move here; every decision is in ``streaming.py``.
-Model inference (VAD and Whisper) runs on an inference thread pool, never on the
-event loop: one thread, or with batching (BATCH_SIZE > 1) one per batch row, so
-decodes of different sessions meet in transcriber.batching.
+Model inference (VAD and Whisper) runs on a thread pool, never on the event loop: a
+session's core call (VAD, decisions, the decodes they need) runs on a thread of its own,
+and its Whisper decodes pass a gate of ``lanes`` (CPU lanes, or with batching
+(BATCH_SIZE > 1) batch rows, so decodes of different sessions meet in
+transcriber.batching). A session's VAD never waits behind other sessions' decodes.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import functools
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from redis.exceptions import ResponseError
@@ -41,10 +44,18 @@ from common.settings import TranscriberSettings
 from transcriber.commit import SessionWriter
 from transcriber.endpointing import EndpointConfig
 from transcriber.model import BUNDLED, WhisperDecoder, load_whisper, resolve_device
-from transcriber.streaming import RATE, Committed, Event, StreamConfig, StreamingTranscriber
+from transcriber.streaming import (
+    RATE,
+    Committed,
+    Event,
+    PartialJob,
+    StreamConfig,
+    StreamingTranscriber,
+)
 from transcriber.vad import SileroVad
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: ENCODER_TAIL_FRAMES=auto on CPU: 6 s of padding after the audio (docs/benchmarks.md)
 AUTO_TAIL_FRAMES_CPU = 600
@@ -108,7 +119,10 @@ class Worker:
         self.lanes = self.batch_size if self.batch_size > 1 else \
             (settings.inference_threads or (1 if cuda else AUTO_LANES_CPU))
         self.encoder_tail_frames, self._final_tail = resolve_tails(settings, cuda)
-        self.executor = ThreadPoolExecutor(max_workers=self.lanes,
+        self.gate = DecodeGate(self.lanes)
+        # a thread per session's core call (and for loading models): only decodes queue,
+        # at the gate
+        self.executor = ThreadPoolExecutor(max_workers=settings.capacity + self.lanes,
                                            thread_name_prefix="inference")
         self._capacity = asyncio.Semaphore(settings.capacity)
         self._sessions: dict[str, asyncio.Task[None]] = {}
@@ -118,7 +132,6 @@ class Worker:
         self._handover: dict[str, tuple[bytes, SessionWriter | None]] = {}
         self.metrics: WorkerMetrics = worker_metrics()
         self._redis_ok_at = 0.0  # monotonic time of the last successful Redis ping
-        self._inflight = 0
         self._stopping = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -343,7 +356,7 @@ class Worker:
                                         self.settings.encoder_min_frames,
                                         self._final_tail if model is self.model else None,
                                         self.settings.final_retry_probability),
-                         self.metrics),
+                         self.metrics, self.gate),
             self.vad.stream(),
             stream_config(self.settings, interim),
             start_sample=int(_text(meta, "commit_sample", "0")),
@@ -382,29 +395,80 @@ class Worker:
 
     @property
     def busy(self) -> int:
-        """Inference calls queued or running (all sessions share the inference pool)."""
-        return self._inflight
+        """Decodes waiting at the gate or running (all sessions share the lanes)."""
+        return self.gate.active
 
-    async def infer(self, fn: Any, *args: Any, **kwargs: Any) -> list[Event]:
+    async def infer(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
-        self._inflight += 1
+        return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+
+
+class DecodeGate:
+    """At most ``lanes`` decodes at once across a worker's sessions. A free lane goes to the
+    finals somebody waits for, then to speculative finals, then to partials; first come
+    first served within each.
+
+    Only decodes wait here: a session's VAD and decisions run on its own thread, so the
+    audio that ends an utterance is heard while other sessions decode (before, every core
+    call queued for a lane, and a pause waited behind other sessions' partials).
+    """
+
+    FINAL, SPECULATIVE, PARTIAL = 0, 1, 2
+
+    def __init__(self, lanes: int) -> None:
+        self._lock = threading.Lock()
+        self._free = lanes
+        self._waiting: tuple[collections.deque[threading.Event], ...] = tuple(
+            collections.deque() for _ in range(3))
+        self.active = 0  # decodes waiting or running
+
+    @contextlib.contextmanager
+    def lane(self, rank: int = FINAL) -> Iterator[None]:
+        with self._lock:
+            self.active += 1
+            if self._free and not any(self._waiting):
+                self._free -= 1
+                turn = None
+            else:
+                turn = threading.Event()
+                self._waiting[rank].append(turn)
         try:
-            result: list[Event] = await loop.run_in_executor(
-                self.executor, functools.partial(fn, *args, **kwargs))
+            if turn is not None:
+                turn.wait()
+            yield
         finally:
-            self._inflight -= 1
-        return result
+            with self._lock:
+                self.active -= 1
+                queue = next((q for q in self._waiting if q), None)
+                if queue is not None:  # hand the lane straight to the next decode
+                    queue.popleft().set()
+                else:
+                    self._free += 1
 
 
 class TimedDecoder:
-    """Observes every decode's duration, by kind, around the real decoder."""
+    """Passes the worker's decode gate and observes every decode's duration, by kind."""
 
-    def __init__(self, decoder: WhisperDecoder, metrics: WorkerMetrics) -> None:
+    def __init__(self, decoder: WhisperDecoder, metrics: WorkerMetrics,
+                 gate: DecodeGate | None = None) -> None:
         self.decoder = decoder
         self.metrics = metrics
+        self.gate = gate
 
     def decode(self, audio: np.ndarray, prompt: str, final: bool,
-               shown: Sequence[str] = ()) -> list[Word]:
+               shown: Sequence[str] = (), speculative: bool = False) -> list[Word]:
+        if self.gate is None:
+            return self._timed(audio, prompt, final, shown)
+        asked = time.perf_counter()
+        with self.gate.lane(DecodeGate.PARTIAL if not final else
+                            DecodeGate.SPECULATIVE if speculative else DecodeGate.FINAL):
+            self.metrics.decode_wait_seconds.labels(
+                "partial" if not final else "speculative" if speculative else "final").observe(
+                time.perf_counter() - asked)
+            return self._timed(audio, prompt, final, shown)
+
+    def _timed(self, audio: np.ndarray, prompt: str, final: bool,
+               shown: Sequence[str]) -> list[Word]:
         began = time.perf_counter()
         redos = dict(self.decoder.redos)
         try:
@@ -462,14 +526,24 @@ class _SessionRun:
         self._xadd_ms = 0  # when the gateway appended the newest entry read
         # end sample → append time (ms) of recent entries, for the time-to-final metric
         self._appended_at: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self._core_lock = asyncio.Lock()
+        self._partial_task: asyncio.Task[None] | None = None  # a detached partial decode
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            if self._partial_task is not None:  # its words would come after the session
+                self._partial_task.cancel()
+
+    async def _run(self) -> None:
         s = self.worker.settings
         key = keys.audio(self.sid)
         last_audio = time.monotonic()
         while True:
             if self.worker.stopping:  # shutting down: the session is handed to another worker
                 raise asyncio.CancelledError
+            self._check_partial()
             try:
                 resp = await self.worker.blocking.xread(
                     {key: self.cursor}, count=s.read_batch, block=s.redis_block_ms)
@@ -485,7 +559,7 @@ class _SessionRun:
                 log.info("session %s: no audio and no client for %.0f s; closing",
                          self.sid, s.idle_timeout_s)
                 self._queued()
-                await self._publish(await self.worker.infer(self.core.finish))
+                await self._call(self.core.finish)
                 await self._close(AudioMarker("close", 0, self.core.position))
                 return
             pending: list[np.ndarray] = []
@@ -506,9 +580,9 @@ class _SessionRun:
                     pending = []
                     self._queued()
                     if entry.kind == "finalize":
-                        await self._publish(await self.worker.infer(self.core.finalize))
+                        await self._call(self.core.finalize)
                     elif entry.kind == "close":
-                        await self._publish(await self.worker.infer(self.core.finish))
+                        await self._call(self.core.finish)
                         await self._close(entry)
                         return
             await self._feed(pending)
@@ -532,17 +606,18 @@ class _SessionRun:
             return
         pcm = np.concatenate(parts)
         self._fed_at = time.time()
-        # Load shedding: when other sessions are waiting for the inference thread, or this
-        # audio is already old, skip partials (and speculation) so finals stay on time.
+        # Load shedding: when other decodes wait for a lane, or this audio is already old,
+        # skip partials (and speculation) so finals stay on time.
         s = self.worker.settings
         age = self._fed_at - self._xadd_ms / 1000.0
         queued = self._queued()
-        partials = queued < s.partial_max_queue and age < s.partial_max_age_s
+        shed = queued >= s.partial_max_queue or age >= s.partial_max_age_s
+        partials = not shed and self._partial_task is None  # one partial decode at a time
         speculate = queued < s.speculate_max_queue
-        if not partials:
+        if shed:
             self.worker.metrics.partials_skipped.inc()
-        await self._publish(await self.worker.infer(
-            self.core.feed, pcm, partials=partials, speculate=speculate))
+        await self._call(self.core.feed, pcm, partials=partials, speculate=speculate,
+                         detach=True)
         self.worker.metrics.audio_seconds.inc(len(pcm) / RATE)
         await with_retry(self.sid, "progress", lambda: self.writer.progress(self.core.position))
 
@@ -576,9 +651,35 @@ class _SessionRun:
             self._appended_at.popitem(last=False)
         return self._resume_id
 
+    async def _call(self, fn: Callable[..., list[Event]], *args: Any, **kwargs: Any) -> None:
+        """One core call on an inference thread, and what it emits published, in order with
+        the detached partials' (the lock keeps the core to one caller at a time)."""
+        async with self._core_lock:
+            await self._publish(await self.worker.infer(fn, *args, **kwargs))
+
+    async def _run_partial(self, job: PartialJob) -> None:
+        """A detached partial decode; the session goes on reading audio meanwhile."""
+        try:
+            words = await self.worker.infer(job.run)
+            async with self._core_lock:
+                partial = self.core.partial_done(job, words)
+                if partial is not None:
+                    await self._publish([partial])
+        finally:
+            self._partial_task = None
+
+    def _check_partial(self) -> None:
+        """A detached partial that failed fails the session, as a partial decoded inline
+        would (a lost lease included)."""
+        task = self._partial_task
+        if task is not None and task.done() and not task.cancelled() and task.exception():
+            raise task.exception()  # type: ignore[misc]
+
     async def _publish(self, events: list[Event]) -> None:
         for ev in events:
-            if isinstance(ev, Partial):
+            if isinstance(ev, PartialJob):
+                self._partial_task = asyncio.create_task(self._run_partial(ev))
+            elif isinstance(ev, Partial):
                 await with_retry(self.sid, "partial", functools.partial(self.writer.publish, ev))
             elif isinstance(ev, Committed):
                 self._observe_time_to_final(ev)
