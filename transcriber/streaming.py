@@ -178,8 +178,8 @@ class StreamingTranscriber:
              speculate: bool = True, detach: bool = False) -> list[Event]:
         """Append audio (int16 or float32, 16 kHz mono) and return what it completes.
 
-        Under load the caller turns ``partials`` and ``speculate`` off, so the inference
-        thread's time goes to finals first: partials degrade before finals do. With
+        Under load the caller turns ``partials`` and ``speculate`` off, so the decoding
+        lanes' time goes to finals first: partials degrade before finals do. With
         ``detach`` a due partial comes back as a ``PartialJob`` to decode elsewhere, so the
         audio after it (a pause that ends the utterance) is not held up by its decode.
         """
@@ -209,7 +209,7 @@ class StreamingTranscriber:
                         self._vad_pos - self._utt_start >= self.config.max_utterance_samples:
                     events += self._cut_utterance()
         # No partial while a pause is in progress: the words have not changed, and the
-        # inference thread is better spent on the speculative final.
+        # decoding lanes are better spent on the speculative final.
         if partials and self._utt_start is not None and self.config.interim_results and \
                 self._endpointer.silence_start is None and \
                 self._endpointer.voiced >= self.config.endpoint.min_speech_samples and \

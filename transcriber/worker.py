@@ -120,9 +120,9 @@ class Worker:
             (settings.inference_threads or (1 if cuda else AUTO_LANES_CPU))
         self.encoder_tail_frames, self._final_tail = resolve_tails(settings, cuda)
         self.gate = DecodeGate(self.lanes)
-        # a thread per session's core call (and for loading models): only decodes queue,
-        # at the gate
-        self.executor = ThreadPoolExecutor(max_workers=settings.capacity + self.lanes,
+        # a thread for each session's core call and one for its detached partial (and for
+        # loading models): only decodes queue, at the gate
+        self.executor = ThreadPoolExecutor(max_workers=2 * settings.capacity + self.lanes,
                                            thread_name_prefix="inference")
         self._capacity = asyncio.Semaphore(settings.capacity)
         self._sessions: dict[str, asyncio.Task[None]] = {}
