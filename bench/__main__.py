@@ -26,6 +26,7 @@ from bench.sessions import (
     Conversation,
     breakdown,
     conversation,
+    mix,
     partial_churn,
     pct,
     streaming_wer,
@@ -65,9 +66,11 @@ def offline_wer(conv: Conversation) -> float:
     return wer(conv.reference, "".join(w.word for w in words))
 
 
-async def run_streams(cluster: Cluster, conv: Conversation, n: int, stagger_s: float = 2.0,
+async def run_streams(cluster: Cluster, convs: list[Conversation], stagger_s: float = 2.0,
                       ) -> tuple[list[StreamResult], list[float]]:
-    """n concurrent real-time streams; samples each session's lag every 0.5 s."""
+    """A concurrent real-time stream per conversation, started ``stagger_s / n`` apart (plus
+    up to 0.2 s at random); samples each session's lag every 0.5 s."""
+    n = len(convs)
     sids: list[str | None] = [None] * n
     starts: list[float | None] = [None] * n
     lags: list[float] = []
@@ -82,16 +85,16 @@ async def run_streams(cluster: Cluster, conv: Conversation, n: int, stagger_s: f
 
     async def one(i: int) -> StreamResult:
         await asyncio.sleep(i * stagger_s / max(n, 1) + random.random() * 0.2)
-        return await stream(listen_url(cluster.ws_url), frames(conv.pcm), pace=1.0,
+        return await stream(listen_url(cluster.ws_url), frames(convs[i].pcm), pace=1.0,
                             on_message=watcher(i), read_timeout=600)
 
     async def sampler() -> None:
         r = cluster.redis.client()
-        duration = len(conv.pcm) / 16000
         while not done.is_set():
             await asyncio.sleep(0.5)
             now = time.monotonic()
-            for sid, started in zip(sids, starts, strict=True):
+            for sid, started, conv in zip(sids, starts, convs, strict=True):
+                duration = len(conv.pcm) / 16000
                 if sid is None or started is None:
                     continue
                 sent = min(now - started, duration)
@@ -116,7 +119,7 @@ def latency_suite(args: argparse.Namespace, conv: Conversation) -> dict[str, Any
         code, wargs = _code(worker_args)
         cluster = Cluster(workers=1, worker_args=wargs, worker_cwd=code)
         try:
-            (res,), _ = asyncio.run(run_streams(cluster, conv, 1))
+            (res,), _ = asyncio.run(run_streams(cluster, [conv]))
             min_sil = _arg(worker_args, "--min-silence-s", 0.5)
             rows = breakdown(res, cluster.redis.client(), min_sil)
         finally:
@@ -144,7 +147,7 @@ def latency_suite(args: argparse.Namespace, conv: Conversation) -> dict[str, Any
 
 def capacity_suite(args: argparse.Namespace, conv: Conversation) -> dict[str, Any]:
     """Concurrent real-time streams on one worker: lag p95 and time-to-final vs streams."""
-    out: dict[str, Any] = {"variants": {}}
+    out: dict[str, Any] = {"mix": args.mix, "variants": {}}
     for name, worker_args in args.variants:
         rows = []
         for n in args.streams:
@@ -152,7 +155,8 @@ def capacity_suite(args: argparse.Namespace, conv: Conversation) -> dict[str, An
             cluster = Cluster(workers=1, worker_args=["--capacity", str(max(n, 1)), *wargs],
                               worker_cwd=code)
             try:
-                results, lags = asyncio.run(run_streams(cluster, conv, n))
+                convs = mix(conv, n, args.mix)
+                results, lags = asyncio.run(run_streams(cluster, convs))
                 min_sil = _arg(worker_args, "--min-silence-s", 0.5)
                 parts = [p for r in results
                          for p in breakdown(r, cluster.redis.client(), min_sil)]
@@ -163,12 +167,13 @@ def capacity_suite(args: argparse.Namespace, conv: Conversation) -> dict[str, An
                    "ttf": summary(ttf),
                    "breakdown": {k: summary([p[k] for p in parts]) for k in parts[0]}
                    if parts else {},
-                   "wer_mean": float(np.mean([streaming_wer(r, conv) for r in results])),
+                   "wer_mean": float(np.mean([streaming_wer(r, c)
+                                              for r, c in zip(results, convs, strict=True)])),
                    "partials_per_stream": float(np.mean([len(r.partials) for r in results]))}
             row["sustained"] = row["lag_p95"] is not None and row["lag_p95"] < 1.0
             rows.append(row)
-            print(f"[capacity] {name} {n} streams: lag p95 {row['lag_p95']:.2f} s, ttf p50 "
-                  f"{row['ttf']['p50']:.2f} p95 {row['ttf']['p95']:.2f} s, WER "
+            print(f"[capacity] {name} {n} streams ({args.mix}): lag p95 {row['lag_p95']:.2f} s, "
+                  f"ttf p50 {row['ttf']['p50']:.2f} p95 {row['ttf']['p95']:.2f} s, WER "
                   f"{row['wer_mean']:.3f}, partials/stream {row['partials_per_stream']:.0f}; "
                   + ", ".join(f"{k} p50/p95 {v['p50']:.2f}/{v['p95']:.2f}"
                               for k, v in row["breakdown"].items()
@@ -207,6 +212,10 @@ def main() -> None:
     p.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",")],
                    default=[1, 2, 4, 6, 8, 10, 12])
     p.add_argument("--clips", type=int, default=8, help="clips in the benchmark conversation")
+    p.add_argument("--mix", choices=["same", "rotated"], default="same",
+                   help="capacity: every stream says the same conversation a fraction of a "
+                   "second apart (same: its utterances end together), or each starts at a "
+                   "different clip (rotated: independent speakers)")
     p.add_argument("--sockets", type=lambda s: [int(x) for x in s.split(",")],
                    default=[100, 500, 1000])
     p.add_argument("--seconds", type=float, default=10.0, help="gateway load duration")

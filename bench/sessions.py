@@ -44,6 +44,25 @@ def conversation(clips: list[str] = CLIPS, pause_s: float = 1.5, lead_s: float =
     return Conversation(np.concatenate(parts), " ".join(refs), spans)
 
 
+def mix(conv: Conversation, n: int, kind: str) -> list[Conversation]:
+    """The conversation of each of ``n`` streams. "same": every stream says the same thing,
+    started a fraction of a second apart, so all of them reach each utterance (and each
+    one-word answer) together: a worst case for a shared worker. "rotated": stream i
+    starts at a different clip (the clips in the same order, from clip ``i * clips // n``,
+    wrapping), as independent speakers would: same audio, words and pauses per stream,
+    utterances that end at different moments."""
+    if kind == "same":
+        return [conv] * n
+    if kind != "rotated":
+        raise ValueError(f"unknown mix {kind!r}: same or rotated")
+    clips = [c for c, _, _ in conv.clip_spans]
+    out = []
+    for i in range(n):
+        k = i * len(clips) // max(n, 1)
+        out.append(conv if k == 0 else conversation(clips[k:] + clips[:k]))
+    return out
+
+
 def pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
