@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from common import keys
 from common.messages import AudioFrame, unpack_audio_entry
@@ -117,5 +118,38 @@ def test_redis_down_fails_every_waiting_append_and_appends_work_again(
             await setup(r, sids)
             assert all(await asyncio.gather(*(appender.append(s, 1, [frame(1)]) for s in sids)))
             assert [await stored_seqs(r, s) for s in sids] == [[1]] * 10
+
+    asyncio.run(run())
+
+
+def test_a_failing_script_call_fails_alone_and_the_connection_stays_in_step(
+        server: RedisServer) -> None:
+    async def run() -> None:
+        async with server.aclient(max_connections=1) as r:  # every round on one connection
+            await setup(r, ["a", "b", "c"])
+            await r.set(keys.audio("b"), "not a stream")  # b's XADD gets a WRONGTYPE error
+            appender = AudioAppender(r)
+            replies = await appender.append_many(
+                [(s, 1, [frame(1), frame(2)]) for s in ("a", "b", "c")])
+            assert replies[0] == 2 and replies[2] == 2
+            assert isinstance(replies[1], ResponseError) and "WRONGTYPE" in str(replies[1])
+            # the next rounds read their own replies, not ones left over from this round
+            assert await appender.append_many([("a", 1, [frame(3)]), ("c", 1, [frame(3)])]) \
+                == [1, 1]
+            assert await r.get(keys.audio("b")) == b"not a stream"
+            assert [await stored_seqs(r, s) for s in ("a", "c")] == [[1, 2, 3]] * 2
+
+    asyncio.run(run())
+
+
+def test_appends_go_on_after_redis_loses_its_scripts(server: RedisServer) -> None:
+    async def run() -> None:
+        async with server.aclient() as r:
+            await setup(r, ["a", "b"])
+            appender = AudioAppender(r)
+            assert await appender.append_many([(s, 1, [frame(1)]) for s in "ab"]) == [1, 1]
+            await r.script_flush()  # as after a restart: EVALSHA answers NOSCRIPT
+            assert await appender.append_many([(s, 1, [frame(2)]) for s in "ab"]) == [1, 1]
+            assert [await stored_seqs(r, s) for s in "ab"] == [[1, 2]] * 2
 
     asyncio.run(run())
