@@ -205,7 +205,7 @@ def _arg(args: str, flag: str, default: float) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("suites", nargs="*", default=["latency", "capacity", "gateway"],
-                   choices=["latency", "capacity", "gateway", "finals"])
+                   choices=["latency", "capacity", "gateway", "finals", "appends"])
     p.add_argument("--variant", action="append", default=[], metavar="NAME=WORKER_ARGS",
                    help="a worker configuration to compare, e.g. 'fast=--min-silence-s 0.3'; "
                    "'old=--code DIR' runs the worker from another checkout (git worktree)")
@@ -238,6 +238,10 @@ def main() -> None:
             from bench.finals import finals_suite
 
             data = finals_suite(args.variants)
+        elif suite == "appends":
+            from bench.appends import appends_suite
+
+            data = appends_suite()
         else:
             from bench.gateway_load import gateway_suite
 
