@@ -384,7 +384,7 @@ class TranscriberSettings(RedisSettings):
         0.35, "Silero probability below which audio counts as silence")
     min_silence_s: float = setting(0.5, "silence that ends an utterance, seconds")
     speculative_silence_s: float = setting(
-        0.1, "decode the final ahead at a pause this long, so it is ready at the endpoint; 0 = "
+        0.05, "decode the final ahead at a pause this long, so it is ready at the endpoint; 0 = "
         "off; the rest of the SPEECH_PAD_S pad is decoded as zeros (whatever has arrived, so "
         "the words do not depend on how the audio was chunked)")
     short_silence_s: float = setting(

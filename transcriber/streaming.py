@@ -47,7 +47,7 @@ class StreamConfig:
     interim_results: bool = True
     # Speculative finals: decode the final at the first short pause, so it is ready when the
     # endpoint is confirmed; 0 disables.
-    speculative_samples: int = 1600  # 0.1 s
+    speculative_samples: int = 800  # 0.05 s
     # A pause this long already ends the utterance when the speculative text ends a
     # sentence (. ? !); 0 disables. Other pauses wait for the endpoint's min_silence.
     short_silence_samples: int = 3200  # 0.2 s
