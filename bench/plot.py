@@ -41,7 +41,8 @@ def plot_all(out: Path) -> Path:
                     label=f"{name}: time-to-final p95")
         ax.axhline(1.0, color="grey", ls=":", lw=1)
         ax.legend(fontsize=8)
-    ax.set(title="One worker: concurrent real-time streams", xlabel="streams",
+    mix = (capacity or {}).get("mix", "same")
+    ax.set(title=f"One worker: concurrent real-time streams ({mix} mix)", xlabel="streams",
            ylabel="seconds")
     ax = axes[2]
     if gateway:
