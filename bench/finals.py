@@ -19,12 +19,12 @@ from typing import Any
 import jiwer
 import numpy as np
 
-from bench.sessions import CLIPS
-from common.messages import Word
+from bench.sessions import CLIPS, summary
+from common.messages import Final, Partial, Word
 from common.settings import TranscriberSettings, load
 from tests.audio_refs import load_pcm16, normalize, reference
 from transcriber.model import WhisperDecoder, load_whisper
-from transcriber.streaming import Committed, StreamingTranscriber
+from transcriber.streaming import Committed, Event, StreamingTranscriber
 from transcriber.vad import SileroVad
 from transcriber.worker import resolve_tails, stream_config
 
@@ -51,16 +51,45 @@ class _Timed:
             self.calls[final] += 1
 
 
+def _stable_delays(final: Final, promised: list[tuple[float, int]], at: float) -> list[float]:
+    """Per word of ``final``: audio seconds from the word's end until a partial promised it
+    (``promised``: (audio received, stable words) per partial) or, never promised, the final."""
+    out = []
+    for k, w in enumerate(final.words):
+        when = next((t for t, n in promised if n > k), at)
+        out.append(max(0.0, when - w.end))
+    return out
+
+
 def _session(pcm: np.ndarray, decoder: _Timed, vad: SileroVad,
-             settings: TranscriberSettings) -> str:
+             settings: TranscriberSettings) -> tuple[str, list[float], int]:
+    """The session's transcript, the stable delay of each final word, and how many of the
+    final words a partial had promised."""
     core = StreamingTranscriber("bench", decoder, vad.stream(), stream_config(settings, True))
     padded = np.concatenate([np.zeros(RATE // 2, np.int16), pcm, np.zeros(2 * RATE, np.int16)])
     texts: list[str] = []
+    delays: list[float] = []
+    promised_words = 0
+    promised: list[tuple[float, int]] = []
+    fed = 0
+
+    def take(events: list[Event]) -> None:
+        nonlocal promised, promised_words
+        for e in events:
+            if isinstance(e, Partial):
+                promised.append((fed / RATE, len(e.stable_text.split())))
+            elif isinstance(e, Committed):
+                texts.append(e.final.text)
+                delays.extend(_stable_delays(e.final, promised, fed / RATE))
+                promised_words += min(len(e.final.words), max((n for _, n in promised),
+                                                              default=0))
+                promised = []
+
     for i in range(0, len(padded), RATE // 10):
-        texts += [e.final.text for e in core.feed(padded[i:i + RATE // 10])
-                  if isinstance(e, Committed)]
-    texts += [e.final.text for e in core.finish() if isinstance(e, Committed)]
-    return " ".join(t for t in texts if t)
+        fed = min(i + RATE // 10, len(padded))
+        take(core.feed(padded[i:i + RATE // 10]))
+    take(core.finish())
+    return " ".join(t for t in texts if t), delays, promised_words
 
 
 def corpus_wer(refs: list[str], hyps: list[str]) -> float:
@@ -92,8 +121,13 @@ def finals_suite(variants: list[tuple[str, str]], clips: list[str] = FINALS_CLIP
                                         s.prompt_tokens, s.encoder_min_frames, final_tail,
                                         s.final_retry_probability))
         began = time.perf_counter()
-        hyps = [_session(pcms[c], decoder, vad, s) for c in clips]
+        runs = [_session(pcms[c], decoder, vad, s) for c in clips]
+        hyps = [text for text, _, _ in runs]
+        delays = [d for _, ds, _ in runs for d in ds]
+        stable = summary(delays)
         v = {"args": args, "wer": corpus_wer(refs, hyps),
+             "stable_delay_s": stable,
+             "promised_share": sum(n for _, _, n in runs) / max(len(delays), 1),
              "clip_wer": {c: corpus_wer([r], [h]) for c, r, h in zip(clips, refs, hyps,
                                                                        strict=True)},
              "final_decode_s": decoder.seconds[True], "finals_decoded": decoder.calls[True],
@@ -104,6 +138,8 @@ def finals_suite(variants: list[tuple[str, str]], clips: list[str] = FINALS_CLIP
              "wall_s": time.perf_counter() - began, "transcripts": hyps}
         out["variants"][name] = v
         print(f"[finals] {name}: WER {v['wer']:.3f} (offline {out['offline_wer']:.3f}); "
+              f"words promised by partials {v['promised_share']:.0%}, stable delay p50 "
+              f"{stable['p50'] or 0:.2f} s, p95 {stable['p95'] or 0:.2f} s; "
               f"final decodes {v['finals_decoded']} in {v['final_decode_s']:.1f} s, partial "
               f"decodes {v['partials_decoded']} in {v['partial_decode_s']:.1f} s, "
               f"{v['full_window_retries']} decoded again "

@@ -372,6 +372,14 @@ class TranscriberSettings(RedisSettings):
         0.5, "re-decode the open utterance for a partial every this many seconds of new audio"
     )
     interim_results: bool = setting(True, "publish partials at all")
+    stable_min_probability: float = setting(
+        0.5, "a partial's word Whisper gave less probability than this becomes stable "
+        "(promised, kept in the final) only STABLE_UNSURE_AFTER_S after it ended: a low one "
+        "often means a word was missed before it (a lone 'Mr.' stretched over an unheard "
+        "'And'); 0 = off")
+    stable_unsure_after_s: float = setting(
+        3.0, "seconds of audio after a low-probability word before it may become stable "
+        "(other words: 1 s)")
     partial_max_queue: int = setting(
         2, "skip partials while this many decodes wait for a lane (load shedding; with "
         "BATCH_SIZE > 1, decodes that fit in the batch do not count)")

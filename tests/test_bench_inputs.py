@@ -37,3 +37,14 @@ def test_same_mix_gives_every_stream_the_one_conversation() -> None:
     assert all(c is conv for c in mix(conv, 5, "same"))
     with pytest.raises(ValueError, match="unknown mix"):
         mix(conv, 2, "shuffled")
+
+
+def test_a_words_stable_delay_runs_from_its_end_to_the_first_partial_that_promised_it() -> None:
+    from bench.finals import _stable_delays
+    from common.messages import Final, Word
+
+    words = (Word(" a", 0.0, 0.5, 0.9), Word(" b", 0.5, 1.0, 0.9), Word(" c", 1.0, 1.5, 0.9))
+    final = Final("s", 0, "a b c", 0.0, 1.5, words)
+    # partials at 1.0 s (nothing stable), 2.0 s ("a"), 3.0 s ("a b"); the final at 4.0 s
+    delays = _stable_delays(final, [(1.0, 0), (2.0, 1), (3.0, 2)], at=4.0)
+    assert delays == pytest.approx([1.5, 2.0, 2.5])

@@ -445,6 +445,69 @@ def test_a_final_that_differs_inside_the_stable_prefix_keeps_every_later_word() 
     assert merged == ["a", "b", "z"]
 
 
+class LeadMissingDecoder(BurstDecoder):
+    """Hears the utterance's first word only in audio longer than ``hears_after`` seconds;
+    shorter, the second word is stretched over it with a low probability (seen on a
+    LibriVox clip: 'Mr.' at 0.0-0.64 s, p 0.2-0.3, where longer audio gave 'And' then 'Mr.'
+    at p 0.9)."""
+
+    def __init__(self, hears_after: float) -> None:
+        super().__init__()
+        self.hears_after = hears_after
+
+    def decode(self, audio: np.ndarray, prompt: str, final: bool,
+               shown: Sequence[str] = (), speculative: bool = False) -> list[Word]:
+        words = super().decode(audio, prompt, final, shown, speculative)
+        if len(audio) / RATE > self.hears_after or len(words) < 2:
+            return words
+        first, second = words[0], words[1]
+        return [Word(second.word, first.start, second.end, 0.25), *words[2:]]
+
+
+@pytest.mark.parametrize("least", [0.5, 0.0])
+def test_a_low_probability_word_is_not_promised_so_a_word_heard_before_it_later_is_kept(
+        least: float) -> None:
+    cfg = dataclasses.replace(CFG, stable_min_probability=least)
+    core = StreamingTranscriber("s", LeadMissingDecoder(hears_after=2.5), fake_vad, cfg)
+    events = []
+    audio = np.concatenate([silence(0.5), utterance(list(range(30, 38))), silence(1.0)])
+    for i in range(0, len(audio), RATE // 10):
+        events += core.feed(audio[i:i + RATE // 10])
+    partials = [e for e in events if isinstance(e, Partial)]
+    [final] = [e.final.text for e in events if isinstance(e, Committed)]
+    if least:
+        assert final == " ".join(f"w{i}" for i in range(30, 38))
+        for p in partials:
+            assert final.startswith(p.stable_text)
+        # once the first word is heard with its own probability, the prefix is promised
+        assert any(p.stable_text.startswith("w30 w31") for p in partials)
+    else:  # the old rule promised "w31" first, and the final kept that promise
+        assert final.startswith("w31 w32")
+        assert any(p.stable_text.startswith("w31") for p in partials)
+
+
+class UnsureDecoder(BurstDecoder):
+    def decode(self, audio: np.ndarray, prompt: str, final: bool,
+               shown: Sequence[str] = (), speculative: bool = False) -> list[Word]:
+        return [dataclasses.replace(w, probability=0.3)
+                for w in super().decode(audio, prompt, final, shown, speculative)]
+
+
+def test_low_probability_words_are_promised_after_the_longer_guard() -> None:
+    core = StreamingTranscriber("s", UnsureDecoder(), fake_vad, CFG)
+    audio = np.concatenate([utterance(list(range(40, 55))), silence(1.0)])  # 6 s
+    promised = {}  # stable word -> audio received when first promised
+    for i in range(0, len(audio), RATE // 10):
+        for e in core.feed(audio[i:i + RATE // 10]):
+            if isinstance(e, Partial):
+                for k, w in enumerate(e.stable_text.split()):
+                    promised.setdefault((k, w), e.end)
+    assert promised, "unsure words were never promised"
+    for (k, _), at in promised.items():
+        word_end = k * (WORD_S + GAP_S) + WORD_S
+        assert 3.0 <= at - word_end < 3.0 + 2 * CFG.partial_interval_samples / RATE
+
+
 def test_a_final_decode_is_told_the_words_the_last_partial_showed() -> None:
     """The decoder gets the last partial's words with each final (a short-context final
     that skips a run of them is decoded again); nothing from an earlier utterance."""

@@ -43,6 +43,10 @@ class StreamConfig:
     max_utterance_samples: int = 25 * RATE
     cut_guard_samples: int = RATE  # words ending in the last second are not cut after
     stable_guard_samples: int = RATE  # words ending in the last second are not made stable
+    # Words Whisper gave less probability than this need a longer guard (0 = off): a low
+    # one often means a word before it was missed, which a longer decode then hears.
+    stable_min_probability: float = 0.5
+    unsure_guard_samples: int = 3 * RATE
     prompt_chars: int = 200
     interim_results: bool = True
     # Speculative finals: decode the final at the first short pause, so it is ready when the
@@ -318,8 +322,15 @@ class StreamingTranscriber:
 
     def _apply_partial(self, hypothesis: list[Word], position: int) -> Partial | None:
         words = merge_stable(self._stable, hypothesis)
-        settled = (position - self.config.stable_guard_samples) / RATE
-        limit = sum(1 for w in words if w.end <= settled)
+        cfg = self.config
+        settled = (position - cfg.stable_guard_samples) / RATE
+        unsure_settled = (position - cfg.unsure_guard_samples) / RATE
+        limit = len(self._stable)
+        for w in words[limit:]:
+            sure = w.probability >= cfg.stable_min_probability
+            if w.end > (settled if sure else unsure_settled):
+                break
+            limit += 1
         stable = self._agreement.update([w.word for w in words], limit)
         self._stable = words[:stable]
         text = join_words(words)

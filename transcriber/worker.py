@@ -80,6 +80,8 @@ def stream_config(s: TranscriberSettings, interim: bool) -> StreamConfig:
         max_utterance_samples=int(s.max_utterance_s * RATE),
         prompt_chars=s.prompt_chars,
         interim_results=interim and s.interim_results,
+        stable_min_probability=s.stable_min_probability,
+        unsure_guard_samples=int(s.stable_unsure_after_s * RATE),
         speculative_samples=int(s.speculative_silence_s * RATE),
         short_silence_samples=int(s.short_silence_s * RATE),
     )
