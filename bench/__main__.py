@@ -152,7 +152,9 @@ def capacity_suite(args: argparse.Namespace, conv: Conversation) -> dict[str, An
         rows = []
         for n in args.streams:
             code, wargs = _code(worker_args)
+            # every stream comes from this one address: lift the per-address cap
             cluster = Cluster(workers=1, worker_args=["--capacity", str(max(n, 1)), *wargs],
+                              gateway_args=["--max-sessions-per-ip", str(n + 10)],
                               worker_cwd=code)
             try:
                 convs = mix(conv, n, args.mix)
