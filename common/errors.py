@@ -92,6 +92,20 @@ class StaleLease(SttError):
     code = "stale_lease"
 
 
+class SessionTaken(SttError):
+    """The session was resumed on another connection; this one may no longer send audio."""
+
+    code = "session_taken"
+    close_code = POLICY_VIOLATION
+
+
+class SessionClosed(SttError):
+    """The session has ended (closed by its transcriber); it takes no more audio."""
+
+    code = "session_closed"
+    close_code = POLICY_VIOLATION
+
+
 class SessionActive(SttError):
     """The operation needs a finished session (e.g. a replay of one still being recorded)."""
 

@@ -36,6 +36,7 @@ class WorkerMetrics:
     sessions_active: Gauge
     sessions_started: Counter
     takeovers: Counter
+    oldest_expired_lease: Gauge
     audio_seconds: Counter
     lag_seconds: Gauge
     decode_seconds: Histogram
@@ -58,6 +59,11 @@ def worker_metrics() -> WorkerMetrics:
                                  registry=r),
         takeovers=Counter("stt_worker_takeovers", "sessions taken over after a lease expired",
                           registry=r),
+        oldest_expired_lease=Gauge(
+            "stt_worker_oldest_expired_lease_seconds",
+            "how long past its lease the oldest expired work entry was when this worker last "
+            "looked (0: none); a value that grows means sessions wait for a takeover",
+            registry=r),
         audio_seconds=Counter("stt_worker_audio_seconds", "audio seconds transcribed",
                               registry=r),
         lag_seconds=Gauge("stt_worker_session_lag_seconds",

@@ -410,6 +410,9 @@ class TranscriberSettings(RedisSettings):
     read_batch: int = setting(50, "audio stream entries read per XREAD")
     lease_ms: int = setting(
         6000, "session lease: another worker may take over after this idle time, milliseconds")
+    takeover_scan: int = setting(
+        100, "expired leases examined per look at the work queue (XPENDING IDLE, which "
+        "searches the whole pending list); one of them is taken over")
     idle_timeout_s: float = setting(
         90.0, "a session with no new audio and no client heartbeat for this long is closed")
     retention_s: int = setting(

@@ -19,9 +19,11 @@ from common import keys
 from common.messages import AudioEntry, pack_audio_entry
 
 # KEYS: meta, audio. ARGV: attach generation, then (seq, packed entry) pairs.
-# Returns the number of entries added, or -1 when another connection has the session.
+# Returns the number of entries added, -1 when another connection has the session, -2 when
+# the session has ended (its transcriber closed it: audio after that would never be heard).
 _APPEND = """
 if redis.call('HGET', KEYS[1], 'attach') ~= ARGV[1] then return -1 end
+if redis.call('HGET', KEYS[1], 'state') == 'closed' then return -2 end
 local last = tonumber(redis.call('HGET', KEYS[1], 'audio_seq') or '0')
 local added = 0
 for i = 2, #ARGV, 2 do
@@ -35,6 +37,9 @@ end
 redis.call('HSET', KEYS[1], 'audio_seq', last)
 return added
 """
+
+#: The append script's answer for a session that has ended.
+CLOSED = -2
 
 #: One session's append: (sid, attach generation, entries in seq order).
 Append = tuple[str, int, Sequence[AudioEntry]]
@@ -65,7 +70,8 @@ class AudioAppender:
 
     async def append(self, sid: str, generation: int, entries: Sequence[AudioEntry]) -> bool:
         """Append entries (strictly increasing ``seq``) in order; entries at or below the
-        stream's last seq are skipped. False when another connection took the session."""
+        stream's last seq are skipped. False when another connection took the session or
+        the session has ended."""
         if self.max_batch == 1:
             self.round_trips += 1
             n = await self._script(keys=_script_keys(sid), args=_script_args(generation, entries))
@@ -80,7 +86,8 @@ class AudioAppender:
     async def append_many(self, appends: Sequence[Append]) -> list[Any]:
         """One pipeline of appends, each (sid, generation, entries), for a caller that batches
         itself (the gateway's ``AudioFlusher``). Each reply is the number of entries added, -1
-        when another connection took that session, or the exception for that append; a
+        when another connection took that session, ``CLOSED`` when it has ended, or the
+        exception for that append; a
         failed round trip raises."""
         self.round_trips += 1
         replies = await self._run(appends)

@@ -26,6 +26,7 @@ from common.messages import (
     unpack_audio_entry,
     unpack_result,
 )
+from common.sessions import create_session, heartbeat
 from common.streams import AudioAppender, queue_backlog
 
 SESSION_ID = re.compile(r"[0-9a-f]{32}")
@@ -239,23 +240,14 @@ class SessionRecords:
 
     async def create_replay(self, sid: str, original: str, fields: dict[str, str | int]) -> None:
         """Write a new session's metadata, index it and announce it to the transcribers."""
-        now = time.time()
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(keys.meta(sid), mapping={
-            **fields, "replay_of": original, "state": "active", "created": f"{now:.3f}",
-            "epoch": 0, "seq": 0, "commit_sample": 0, "next_utterance": 0, "attach": 1,
-            "heartbeat": f"{now:.3f}",
-        })
-        pipe.zadd(keys.INDEX, {sid: now})
-        pipe.xadd(keys.SESSIONS, {"sid": sid})
-        await pipe.execute()
+        await create_session(self.redis, sid, {**fields, "replay_of": original})
 
     async def append(self, sid: str, entries: list[AudioEntry], generation: int = 1) -> bool:
         """Append audio entries to a replay session; False if a client attached to it."""
         return await self._appender.append(sid, generation, entries)
 
     async def heartbeat(self, sid: str) -> None:
-        await self.redis.hset(keys.meta(sid), "heartbeat", f"{time.time():.3f}")
+        await heartbeat(self.redis, sid)
 
     async def backlog(self) -> int:
         """Sessions queued that no transcriber has taken yet."""

@@ -15,14 +15,16 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from common import keys
 from common.audio import TARGET_RATE
 from common.messages import Warning
 from common.redis_client import REDIS_DOWN
+from common.sessions import HEARTBEAT
 from common.tasks import LazyTask
 from ingest.store import SessionStore
 
@@ -63,6 +65,7 @@ class SessionMonitor:
         self._sessions: dict[Watched, _State] = {}
         self._task = LazyTask(self._run, "session-monitor")
         self._beat_at = 0.0
+        self._heartbeat = self.redis.register_script(HEARTBEAT)
 
     def watch(self, session: Watched) -> None:
         self._sessions[session] = _State()
@@ -122,15 +125,22 @@ class SessionMonitor:
                     beat: bool) -> list[tuple[int, int]]:
         """(owner epoch, samples processed) of each session; heartbeats too when ``beat``."""
         out: list[tuple[int, int]] = []
-        stamp = f"{time.time():.3f}"
         for start in range(0, len(sessions), CHUNK):
-            pipe = self.redis.pipeline(transaction=False)
             chunk = sessions[start:start + CHUNK]
-            for session, _ in chunk:
-                pipe.hmget(keys.meta(session.sid), "epoch", "processed_sample")
-                if beat:
-                    pipe.hset(keys.meta(session.sid), "heartbeat", stamp)
-            replies = await pipe.execute()
+
+            def pipeline(chunk: list[tuple[Watched, _State]] = chunk) -> Any:
+                pipe = self.redis.pipeline(transaction=False)
+                for session, _ in chunk:
+                    pipe.hmget(keys.meta(session.sid), "epoch", "processed_sample")
+                    if beat:  # on Redis time: the worker's idle check compares it with that
+                        pipe.evalsha(self._heartbeat.sha, 1, keys.meta(session.sid))
+                return pipe
+
+            try:
+                replies = await pipeline().execute()
+            except NoScriptError:  # a restarted Redis lost its script cache
+                await self.redis.script_load(HEARTBEAT)
+                replies = await pipeline().execute()
             step = 2 if beat else 1
             for epoch, processed in replies[::step]:
                 out.append((int(epoch or 0), int(processed or 0)))

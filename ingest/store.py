@@ -24,6 +24,7 @@ from common.messages import (
     pack_result,
     unpack_audio_entry,
 )
+from common.sessions import create_session, heartbeat
 from common.streams import AudioAppender, queue_backlog
 
 # KEYS: meta, audio. ARGV: attach generation, then one packed entry per argument.
@@ -70,16 +71,8 @@ class SessionStore:
         self._positions_lock = asyncio.Lock()
 
     async def create(self, sid: str, fields: dict[str, str | int]) -> int:
-        """Write the session's metadata and announce it on the work queue."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(keys.meta(sid), mapping={
-            **fields, "state": "active", "created": f"{time.time():.3f}", "epoch": 0, "seq": 0,
-            "commit_sample": 0, "next_utterance": 0, "attach": 1,
-            "heartbeat": f"{time.time():.3f}",
-        })
-        pipe.zadd(keys.INDEX, {sid: time.time()})  # for GET /v1/sessions
-        pipe.xadd(keys.SESSIONS, {"sid": sid})
-        await pipe.execute()
+        """Write the session's metadata and announce it on the work queue (idempotent)."""
+        await create_session(self.redis, sid, dict(fields))
         return 1
 
     async def access(self, sid: str) -> SessionAccess:
@@ -121,7 +114,7 @@ class SessionStore:
         return await self.appender.append(sid, generation, entries)
 
     async def heartbeat(self, sid: str) -> None:
-        await self.redis.hset(keys.meta(sid), "heartbeat", f"{time.time():.3f}")
+        await heartbeat(self.redis, sid)
 
     async def notice(self, sid: str, warning: Warning) -> None:
         await self._notice(keys=[keys.meta(sid), keys.results(sid)], args=[pack_result(warning)])

@@ -18,11 +18,10 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from common import errors
-from common.errors import StorageUnavailable, SttError
+from common.errors import SessionClosed, SessionTaken, StorageUnavailable, SttError
 from common.messages import AudioEntry, AudioFrame
 from common.redis_client import REDIS_DOWN
-from common.streams import AudioAppender
+from common.streams import CLOSED, AudioAppender
 from common.tasks import LazyTask
 
 log = logging.getLogger(__name__)
@@ -31,11 +30,6 @@ log = logging.getLogger(__name__)
 ENTRIES_PER_CALL = 64
 FIRST_BACKOFF_S = 0.05
 MAX_BACKOFF_S = 2.0
-
-
-class SessionTaken(SttError):
-    code = "session_taken"
-    close_code = errors.POLICY_VIOLATION
 
 
 class AudioWriter:
@@ -111,7 +105,9 @@ class AudioWriter:
             return
         self.backoff = FIRST_BACKOFF_S
         if int(reply) < 0:
-            self.failure = SessionTaken("the session was resumed on another connection")
+            self.failure = SessionClosed("this session has ended; start a new one") \
+                if int(reply) == CLOSED else \
+                SessionTaken("the session was resumed on another connection")
             self._pending.clear()
             self._buffered = 0
         else:

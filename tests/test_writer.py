@@ -14,9 +14,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from common import keys
-from common.errors import StorageUnavailable
+from common.errors import SessionTaken, StorageUnavailable
 from common.streams import AudioAppender
-from ingest.writer import AudioFlusher, AudioWriter, SessionTaken
+from ingest.writer import AudioFlusher, AudioWriter
 from tests.procs import RedisServer
 from tests.test_streams import frame, stored_seqs
 

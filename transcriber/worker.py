@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -41,7 +42,7 @@ from common.messages import (
 from common.metrics import HealthServer, WorkerMetrics, worker_metrics
 from common.redis_client import REDIS_DOWN, make_redis
 from common.settings import TranscriberSettings
-from transcriber.commit import SessionWriter
+from transcriber.commit import CLIENT_BACK, DUPLICATE, SessionWriter
 from transcriber.endpointing import EndpointConfig
 from transcriber.model import BUNDLED, WhisperDecoder, load_whisper, resolve_device
 from transcriber.streaming import (
@@ -101,6 +102,19 @@ def _text(meta: dict[bytes, bytes], field: str, default: str = "") -> str:
     return meta.get(field.encode(), default.encode()).decode()
 
 
+@dataclasses.dataclass(eq=False)
+class Lease:
+    """One session this worker runs: its work-queue entry, its task, its fenced writer.
+
+    Compared by identity: a finished task clears only its own record, never a newer one's.
+    """
+
+    sid: str
+    entry_id: bytes
+    task: asyncio.Task[None] | None = None
+    writer: SessionWriter | None = None
+
+
 class Worker:
     def __init__(self, settings: TranscriberSettings, model: Any = None,
                  vad: SileroVad | None = None) -> None:
@@ -127,13 +141,14 @@ class Worker:
         self.executor = ThreadPoolExecutor(max_workers=2 * settings.capacity + self.lanes,
                                            thread_name_prefix="inference")
         self._capacity = asyncio.Semaphore(settings.capacity)
-        self._sessions: dict[str, asyncio.Task[None]] = {}
-        self._entries: dict[str, bytes] = {}  # sid → work-queue entry id
-        self._writers: dict[str, SessionWriter] = {}
-        # sessions the shutdown stopped, to put back on the queue: sid → (entry, writer)
-        self._handover: dict[str, tuple[bytes, SessionWriter | None]] = {}
+        self._leases: dict[str, Lease] = {}  # the sessions running here, by id
+        # sessions the shutdown stopped, to put back on the queue
+        self._handover: dict[str, Lease] = {}
         self.metrics: WorkerMetrics = worker_metrics()
         self._redis_ok_at = 0.0  # monotonic time of the last successful Redis ping
+        # Redis server time minus this machine's: stream ids carry the server's time, and
+        # ages computed from them must not depend on how far apart the two clocks are
+        self.clock_offset_s = 0.0
         self._stopping = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -175,10 +190,17 @@ class Worker:
             return False, "redis unreachable"
         return True, "ready"
 
+    def redis_now(self) -> float:
+        """The Redis server's clock, as far as this worker can tell (unix seconds)."""
+        return time.time() + self.clock_offset_s
+
     async def _watch_redis(self) -> None:
         while True:
             try:
-                await self.probe.ping()
+                sent = time.time()
+                seconds, micros = await self.probe.time()
+                received = time.time()
+                self.clock_offset_s = seconds + micros / 1e6 - (sent + received) / 2
                 self._redis_ok_at = time.monotonic()
             except REDIS_DOWN:
                 self.metrics.redis_errors.labels("transcriber").inc()
@@ -208,7 +230,7 @@ class Worker:
         Another worker picks them up at once (no waiting for the lease to
         expire) and resumes from the commit point.
         """
-        running = set(self._sessions.values())
+        running = {lease.task for lease in self._leases.values() if lease.task is not None}
         for _ in range(10):  # a cancellation lost inside the Redis client is sent again
             if not running:
                 break
@@ -218,21 +240,26 @@ class Worker:
         if running:  # the new owner's epoch fences out whatever these still write
             log.warning("%d session task(s) did not stop; handing over anyway", len(running))
         await asyncio.sleep(0)  # the stopped tasks' done callbacks have run
-        handover = dict(self._handover)
-        for sid, entry_id in self._entries.items():  # still running
-            handover.setdefault(sid, (entry_id, self._writers.get(sid)))
-        for sid, (entry_id, writer) in handover.items():
-            try:
-                if writer is not None and not await writer.still_owner():
-                    continue
-                pipe = self.redis.pipeline(transaction=True)
-                pipe.xack(keys.SESSIONS, keys.GROUP, entry_id)
-                pipe.xdel(keys.SESSIONS, entry_id)
-                pipe.xadd(keys.SESSIONS, {"sid": sid})
-                await pipe.execute()
-                log.info("session %s: released for another worker", sid)
-            except REDIS_DOWN as exc:
-                log.warning("session %s: could not release (%s); lease will expire", sid, exc)
+        handover = {**self._leases, **self._handover}  # stopped, and still running
+        for lease in handover.values():
+            await self._hand_back(lease)
+
+    async def _hand_back(self, lease: Lease) -> None:
+        """Put a session this worker stopped back on the queue: the next worker resumes it
+        from its commit point at once, without waiting for the lease to expire."""
+        try:
+            if lease.writer is not None and not await lease.writer.release():
+                return
+            # A retried hand-back may queue a second entry: the first worker to take one
+            # holds the lease, and the other entry is dropped as a duplicate.
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.xack(keys.SESSIONS, keys.GROUP, lease.entry_id)
+            pipe.xdel(keys.SESSIONS, lease.entry_id)
+            pipe.xadd(keys.SESSIONS, {"sid": lease.sid})
+            await pipe.execute()
+            log.info("session %s: released for another worker", lease.sid)
+        except REDIS_DOWN as exc:
+            log.warning("session %s: could not release (%s); lease will expire", lease.sid, exc)
 
     async def _take_sessions(self) -> None:
         backoff = 0.1
@@ -247,8 +274,7 @@ class Worker:
                 backoff = 0.1
                 if entry is not None:
                     entry_id, sid = entry
-                    self._start_session(entry_id, sid)
-                    started = True
+                    started = await self._start_session(entry_id, sid)
             except REDIS_DOWN as exc:
                 log.warning("redis unavailable while waiting for sessions: %s", exc)
                 await asyncio.sleep(backoff)
@@ -259,15 +285,9 @@ class Worker:
 
     async def _next_entry(self) -> tuple[bytes, str] | None:
         """A session idle past the lease (its owner died) first, else a new one."""
-        lease = self.settings.lease_ms
-        _, claimed, _ = await self.redis.xautoclaim(
-            keys.SESSIONS, keys.GROUP, self.consumer, min_idle_time=lease, count=1)
-        for entry_id, fields in claimed:
-            if fields and entry_id not in self._entries.values():
-                log.info("session %s: taking over after lease expiry",
-                         fields[b"sid"].decode())
-                self.metrics.takeovers.inc()
-                return entry_id, fields[b"sid"].decode()
+        taken = await self._expired_entry()
+        if taken is not None:
+            return taken
         resp = await self.blocking.xreadgroup(
             keys.GROUP, self.consumer, {keys.SESSIONS: ">"}, count=1,
             block=self.settings.redis_block_ms)
@@ -276,27 +296,68 @@ class Worker:
                 return entry_id, fields[b"sid"].decode()
         return None
 
-    def _start_session(self, entry_id: bytes, sid: str) -> None:
-        self._entries[sid] = entry_id
-        task = asyncio.create_task(self._session(entry_id, sid), name=f"session-{sid}")
-        self._sessions[sid] = task
+    async def _expired_entry(self) -> tuple[bytes, str] | None:
+        """Claim one work entry whose lease expired (its owner died or stalled).
+
+        XPENDING with IDLE examines the whole pending list on the server, so an expired
+        entry is found however many live sessions come before it (XAUTOCLAIM from 0-0 with
+        COUNT 1 looked at the same ten oldest, live entries on every call); one call a tick
+        returns at most ``takeover_scan`` of them. XCLAIM re-checks the idle time, so two
+        workers cannot both claim one entry.
+        """
+        lease_ms = self.settings.lease_ms
+        pending = await self.redis.xpending_range(
+            keys.SESSIONS, keys.GROUP, min="-", max="+", count=self.settings.takeover_scan,
+            idle=lease_ms)
+        self.metrics.oldest_expired_lease.set(max(
+            (max(0, p["time_since_delivered"] - lease_ms) / 1000.0 for p in pending),
+            default=0.0))
+        ours = {lease.entry_id for lease in self._leases.values()}
+        for p in pending:
+            entry_id = p["message_id"]
+            if entry_id in ours:  # our own renewal is late; it is still ours
+                continue
+            claimed = await self.redis.xclaim(keys.SESSIONS, keys.GROUP, self.consumer,
+                                              min_idle_time=lease_ms, message_ids=[entry_id])
+            for claimed_id, fields in claimed:
+                if not fields:  # deleted meanwhile: nothing to run
+                    await self._finish_entry(claimed_id)
+                    continue
+                sid = fields[b"sid"].decode()
+                log.info("session %s: taking over after lease expiry (%.1f s idle)", sid,
+                         p["time_since_delivered"] / 1000.0)
+                self.metrics.takeovers.inc()
+                return claimed_id, sid
+        return None
+
+    async def _start_session(self, entry_id: bytes, sid: str) -> bool:
+        """Run the session (True), unless this worker runs it already (False)."""
+        running = self._leases.get(sid)
+        if running is not None:  # a second entry for a session this worker already runs
+            if running.entry_id != entry_id:
+                log.warning("session %s: dropping a duplicate work entry", sid)
+                await self._finish_entry(entry_id)
+            return False
+        lease = Lease(sid, entry_id)
+        self._leases[sid] = lease
+        lease.task = asyncio.create_task(self._session(lease), name=f"session-{sid}")
         self.metrics.sessions_started.inc()
         self.metrics.sessions_active.inc()
 
         def done(t: asyncio.Task[None]) -> None:
             if t.cancelled() and self._stopping.is_set():  # stopped by the shutdown: hand over
-                self._handover[sid] = (entry_id, self._writers.get(sid))
+                self._handover[sid] = lease
             self.metrics.sessions_active.dec()
-            with contextlib.suppress(KeyError):
-                self.metrics.lag_seconds.remove(sid)
-            self._sessions.pop(sid, None)
-            self._entries.pop(sid, None)
-            self._writers.pop(sid, None)
+            if self._leases.get(sid) is lease:
+                del self._leases[sid]
+                with contextlib.suppress(KeyError):
+                    self.metrics.lag_seconds.remove(sid)
             self._capacity.release()
             if not t.cancelled() and t.exception() is not None:
                 log.error("session %s: failed", sid, exc_info=t.exception())
 
-        task.add_done_callback(done)
+        lease.task.add_done_callback(done)
+        return True
 
     async def _renew_leases(self) -> None:
         """Re-claim our own work entries well inside the lease, so nobody takes them over.
@@ -309,15 +370,14 @@ class Worker:
             await asyncio.sleep(interval)
             try:
                 ids = []
-                for sid, entry_id in list(self._entries.items()):
-                    writer = self._writers.get(sid)
-                    if writer is not None and not await writer.still_owner():
+                for sid, lease in list(self._leases.items()):
+                    if lease.writer is not None and not await lease.writer.renew():
                         log.warning("session %s: lease lost to another worker; stopping", sid)
-                        task = self._sessions.get(sid)
-                        if task is not None:
-                            task.cancel()
+                        if lease.task is not None:
+                            lease.task.cancel()
+                        await self._drop_if_duplicate(lease)
                         continue
-                    ids.append(entry_id)
+                    ids.append(lease.entry_id)
                 if ids:
                     await self.redis.xclaim(keys.SESSIONS, keys.GROUP, self.consumer,
                                             min_idle_time=0, message_ids=ids, justid=True)
@@ -326,10 +386,17 @@ class Worker:
 
     # ------------------------------------------------------------------ one session
 
-    async def _session(self, entry_id: bytes, sid: str) -> None:
-        epoch = await SessionWriter.acquire(self.redis, sid, self.consumer)
+    async def _session(self, lease: Lease) -> None:
+        sid, entry_id = lease.sid, lease.entry_id
+        epoch = await SessionWriter.acquire(self.redis, sid, self.consumer, entry_id,
+                                            self.settings.lease_ms)
         if epoch is None:
             log.warning("session %s: no metadata (expired?), dropping queue entry", sid)
+            await self._finish_entry(entry_id)
+            return
+        if epoch == DUPLICATE:
+            log.warning("session %s: another worker holds its lease; dropping a duplicate "
+                        "work entry", sid)
             await self._finish_entry(entry_id)
             return
         meta = await self.redis.hgetall(keys.meta(sid))
@@ -337,7 +404,7 @@ class Worker:
             await self._finish_entry(entry_id)
             return
         writer = SessionWriter(self.redis, sid, epoch)
-        self._writers[sid] = writer
+        lease.writer = writer
         language = _text(meta, "language") or self.settings.language
         try:
             model = await self.model_for(_text(meta, "model"))
@@ -371,8 +438,22 @@ class Worker:
             await _SessionRun(self, sid, core, writer, cursor).run()
             await self._finish_entry(entry_id)
             log.info("session %s: closed", sid)
+        except ClientBack:
+            log.info("session %s: the client came back while it was closed as idle; handing "
+                     "it on from its commit point", sid)
+            await self._hand_back(lease)
         except StaleLease:
             log.warning("session %s: lease lost to another worker; stopping", sid)
+            await self._drop_if_duplicate(lease)
+
+    async def _drop_if_duplicate(self, lease: Lease) -> None:
+        """After losing a session: if the new owner holds it through another entry, ours is
+        a duplicate (acknowledged and deleted, or it would expire and be taken over again);
+        if the new owner claimed our entry, it is theirs now and stays."""
+        with contextlib.suppress(*REDIS_DOWN):
+            entry = await self.redis.hget(keys.meta(lease.sid), "lease_entry")
+            if entry is not None and entry != lease.entry_id:
+                await self._finish_entry(lease.entry_id)
 
     async def _finish_entry(self, entry_id: bytes) -> None:
         pipe = self.redis.pipeline(transaction=False)
@@ -511,6 +592,10 @@ async def with_retry(sid: str, what: str, call: Callable[[], Awaitable[Any]],
             backoff = min(backoff * 2, 2.0)
 
 
+class ClientBack(Exception):
+    """An idle close found the client back (heartbeat or audio, on Redis time)."""
+
+
 class _SessionRun:
     """Reads one session's audio stream from its cursor and publishes what the core emits."""
 
@@ -562,10 +647,10 @@ class _SessionRun:
                          self.sid, s.idle_timeout_s)
                 self._queued()
                 await self._call(self.core.finish)
-                await self._close(AudioMarker("close", 0, self.core.position))
+                await self._close(AudioMarker("close", 0, self.core.position), idle=True)
                 return
             pending: list[np.ndarray] = []
-            self._read_at = time.time()
+            self._read_at = self.worker.redis_now()
             for _stream, entries in resp or ():
                 for entry_id, fields in entries:
                     self.cursor = entry_id.decode()
@@ -590,11 +675,13 @@ class _SessionRun:
             await self._feed(pending)
             if resp:
                 self.worker.metrics.lag_seconds.labels(self.sid).set(
-                    max(0.0, time.time() - self._xadd_ms / 1000.0))
+                    max(0.0, self.worker.redis_now() - self._xadd_ms / 1000.0))
 
     async def _abandoned(self) -> bool:
-        beat = await self.worker.redis.hget(keys.meta(self.sid), "heartbeat")
-        return beat is None or time.time() - float(beat) > self.worker.settings.idle_timeout_s
+        """No client heartbeat for the idle time, measured on Redis time (the gateway that
+        writes the heartbeat may run on a machine whose clock disagrees with ours)."""
+        silence = await self.writer.client_silence_ms()
+        return silence is None or silence > self.worker.settings.idle_timeout_s * 1000
 
     def _new_samples(self, frame: AudioFrame) -> np.ndarray:
         """Samples of a frame the core has not seen (a resumed session re-reads some)."""
@@ -607,7 +694,7 @@ class _SessionRun:
         if not parts:
             return
         pcm = np.concatenate(parts)
-        self._fed_at = time.time()
+        self._fed_at = self.worker.redis_now()
         # Load shedding: when other decodes wait for a lane, or this audio is already old,
         # skip partials (and speculation) so finals stay on time.
         s = self.worker.settings
@@ -641,7 +728,8 @@ class _SessionRun:
         end_sample = int(ev.final.end * RATE)
         for end, xadd_ms in self._appended_at.items():
             if end >= end_sample:
-                self.worker.metrics.time_to_final.observe(max(0.0, time.time() - xadd_ms / 1e3))
+                self.worker.metrics.time_to_final.observe(
+                    max(0.0, self.worker.redis_now() - xadd_ms / 1e3))
                 break
         self.worker.metrics.finals.inc()
 
@@ -686,17 +774,20 @@ class _SessionRun:
             elif isinstance(ev, Committed):
                 self._observe_time_to_final(ev)
                 timing = {"xadd": self._xadd_ms / 1000.0, "read": self._read_at,
-                          "fed": self._fed_at, "done": time.time(),
+                          "fed": self._fed_at, "done": self.worker.redis_now(),
                           "decode": round(ev.decode_s, 4)}
                 await with_retry(self.sid, "commit", functools.partial(
                     self.writer.commit, ev.final, ev.commit_sample, ev.next_utterance,
                     self.core.prompt, self._resume_point(ev.commit_sample), timing))
 
-    async def _close(self, marker: AudioMarker) -> None:
+    async def _close(self, marker: AudioMarker, idle: bool = False) -> None:
         closed = Closed(session_id=self.sid, utterances=self.core.utterance,
                         duration=round(marker.offset / RATE, 3))
-        await with_retry(self.sid, "close", lambda: self.writer.close(
-            closed, self.worker.settings.retention_s))
+        idle_ms = int(self.worker.settings.idle_timeout_s * 1000) if idle else 0
+        seq = await with_retry(self.sid, "close", lambda: self.writer.close(
+            closed, self.worker.settings.retention_s, idle_ms, self.cursor))
+        if seq == CLIENT_BACK:
+            raise ClientBack
 
 
 async def serve(settings: TranscriberSettings) -> None:

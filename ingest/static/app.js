@@ -46,6 +46,7 @@ const ERROR_TEXT = {
   session_not_found: "The session no longer exists on the server.",
   forbidden: "This session belongs to someone else, or the access token does not allow it.",
   session_taken: "This session was continued from another tab or device, so it stopped here.",
+  session_closed: "The session had already ended on the server. Start a new recording to go on.",
   too_fast: "The server refused audio that arrived faster than real time.",
   session_too_long: "The session reached its maximum length. Everything said until then is below.",
   idle_timeout: "The session ended because no audio arrived for too long.",

@@ -1,0 +1,169 @@
+"""Leases under real faults: takeover behind many live sessions, duplicate work entries, and
+creation whose reply is lost, with real worker processes and a real redis-server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from common import keys
+from common.client import StreamResult, listen_url, stream
+from common.sessions import create_session
+from tests.audio_refs import frames, load_pcm16, reference, wer
+from tests.procs import RedisServer, Service, start_gateway, start_transcriber
+from tests.test_pipeline_e2e import check_protocol, with_tail
+from tests.test_resilience import SessionWatch
+
+pytestmark = pytest.mark.integration
+
+JFK = with_tail(load_pcm16("fw_jfk"))
+LEASE_MS = 3000
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    srv = RedisServer()
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def services(request: pytest.FixtureRequest) -> Iterator[list[Service]]:
+    started: list[Service] = []
+    yield started
+    failed = getattr(request.node, "rep_call", None)
+    for svc in started:
+        if svc.proc.poll() is None:
+            svc.proc.send_signal(signal.SIGCONT)
+        svc.stop()
+        if failed is not None and failed.failed:
+            print(f"--- {svc.module}\n{svc.log()}")
+
+
+def meta(r: redis.Redis, sid: str) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in r.hgetall(keys.meta(sid)).items()}
+
+
+def wait_for(what: str, check: Any, timeout: float) -> float:
+    """Poll ``check`` until true; the seconds it took."""
+    began = time.monotonic()
+    while not check():
+        assert time.monotonic() - began < timeout, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return time.monotonic() - began
+
+
+async def create_idle_sessions(url: str, n: int) -> list[str]:
+    import redis.asyncio as aioredis
+
+    r = aioredis.from_url(url)
+    try:
+        sids = [f"{i:032x}" for i in range(1, n + 1)]
+        for sid in sids:
+            await create_session(r, sid, {"model": "", "language": "en", "interim": "1"})
+        return sids
+    finally:
+        await r.aclose()
+
+
+def test_a_dead_owners_session_is_taken_over_behind_a_dozen_live_older_sessions(
+        server: RedisServer, services: list[Service]) -> None:
+    """XAUTOCLAIM from 0-0 with COUNT 1 examined only the ten oldest pending entries, all
+    live and renewed, and never reached the dead owner's newer one (issue: a session was
+    stranded 29 s, then closed 1011). Now it moves within the lease plus one look."""
+    r = server.client()
+    common = ["--lease-ms", str(LEASE_MS), "--idle-timeout-s", "600"]
+    busy = start_transcriber(server.url, "--consumer", "busy", "--capacity", "12", *common)
+    services.append(busy)
+    live = asyncio.run(create_idle_sessions(server.url, 12))
+    wait_for("12 live sessions owned", lambda: all(
+        meta(r, sid).get("owner") == "busy" for sid in live), 30)
+    victim = start_transcriber(server.url, "--consumer", "victim", "--capacity", "1", *common)
+    services.append(victim)
+    gateway, port = start_gateway(server.url)
+    services.append(gateway)
+    watch = SessionWatch()
+    moved: dict[str, float] = {}
+
+    async def scenario() -> StreamResult:
+        async def killer() -> None:
+            await watch.known.wait()
+            assert watch.sid is not None
+            await asyncio.to_thread(wait_for, "the victim owning the session",
+                                    lambda: meta(r, watch.sid or "").get("owner") == "victim",
+                                    20)
+            # the survivor starts now, so only a takeover can bring it the session
+            survivor = await asyncio.to_thread(
+                start_transcriber, server.url, "--consumer", "survivor", "--capacity", "4",
+                *common)
+            services.append(survivor)
+            await asyncio.sleep(1.0)
+            victim.signal(signal.SIGKILL)
+            moved["took"] = await asyncio.to_thread(
+                wait_for, "a takeover",
+                lambda: meta(r, watch.sid or "").get("owner") == "survivor", 30)
+
+        res, _ = await asyncio.gather(
+            stream(listen_url(f"ws://127.0.0.1:{port}"), frames(JFK), pace=1.0,
+                   on_message=watch), killer())
+        return res
+
+    res = asyncio.run(scenario())
+    check_protocol(res)
+    assert wer(reference("fw_jfk"), res.text) <= 0.10, res.text
+    print(f"\ntakeover behind 12 live sessions: {moved['took']:.2f} s after the SIGKILL "
+          f"(lease {LEASE_MS / 1000:.0f} s)")
+    assert moved["took"] <= LEASE_MS / 1000 + 2.5
+    for sid in live:  # the live sessions stayed where they were, never taken over
+        assert meta(r, sid)["owner"] == "busy" and meta(r, sid)["epoch"] == "1"
+
+
+def test_a_duplicate_work_entry_is_dropped_and_the_session_keeps_its_owner(
+        server: RedisServer, services: list[Service]) -> None:
+    """A retried creation or hand-back queues a second entry for a session: whichever
+    worker reads it (its owner, or another) drops it; the owner keeps the session and no
+    lease changes hands every lease period (epoch 22 after 24 s, before)."""
+    r = server.client()
+    common = ["--lease-ms", str(LEASE_MS), "--idle-timeout-s", "600"]
+    for name in ("w1", "w2"):
+        services.append(start_transcriber(server.url, "--consumer", name, "--capacity", "4",
+                                          *common))
+    sid = asyncio.run(create_idle_sessions(server.url, 1))[0]
+    wait_for("an owner", lambda: meta(r, sid).get("epoch") == "1", 20)
+    owner = meta(r, sid)["owner"]
+    for _ in range(3):  # what lost replies of creation and hand-back leave behind
+        r.xadd(keys.SESSIONS, {"sid": sid})
+    wait_for("the duplicates dropped", lambda: r.xlen(keys.SESSIONS) == 1, 10)
+    time.sleep(3 * LEASE_MS / 1000)  # three lease periods
+    m = meta(r, sid)
+    assert (m["epoch"], m["owner"]) == ("1", owner)
+    assert r.xlen(keys.SESSIONS) == 1
+    pending = r.xpending(keys.SESSIONS, keys.GROUP)
+    assert pending["pending"] == 1 and pending["consumers"][0]["name"].decode() == owner
+
+
+def test_creating_a_session_again_changes_nothing(server: RedisServer,
+                                                  services: list[Service]) -> None:
+    """The creation that redis-py sends again when its reply is lost: the epoch, seq and
+    commit point a worker already wrote stay; the extra work entry is dropped."""
+    r = server.client()
+    services.append(start_transcriber(server.url, "--consumer", "w1",
+                                      "--lease-ms", str(LEASE_MS)))
+    sid = asyncio.run(create_idle_sessions(server.url, 1))[0]
+    wait_for("an owner", lambda: meta(r, sid).get("epoch") == "1", 20)
+    r.hset(keys.meta(sid), mapping={"seq": 7, "commit_sample": 16000})
+    before = meta(r, sid)
+    asyncio.run(create_idle_sessions(server.url, 1))  # the same id again
+    wait_for("the duplicate dropped", lambda: r.xlen(keys.SESSIONS) == 1, 10)
+    after = meta(r, sid)
+    for field in ("epoch", "seq", "commit_sample", "created", "state", "owner"):
+        assert after[field] == before[field], field
+    assert r.zcard(keys.INDEX) == 1
