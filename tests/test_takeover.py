@@ -167,3 +167,27 @@ def test_creating_a_session_again_changes_nothing(server: RedisServer,
     for field in ("epoch", "seq", "commit_sample", "created", "state", "owner"):
         assert after[field] == before[field], field
     assert r.zcard(keys.INDEX) == 1
+
+
+def test_a_worker_whose_clock_is_30_s_ahead_neither_closes_a_paused_client_nor_sheds_partials(
+        server: RedisServer, services: list[Service]) -> None:
+    """The idle closer compared the worker's clock with a heartbeat the gateway wrote with
+    its own: 30 s of skew closed a connected client pausing with keepalives, and the speech
+    it sent next was stored and never transcribed. Partial shedding compared the worker's
+    clock with stream-id time: 2 s of skew and no partials at all."""
+    worker = Service("tests.skewed", ["transcriber", "--metrics-port", "0",
+                                      "--idle-timeout-s", "4"],
+                     {"REDIS_URL": server.url, "SKEW_S": "30"}, "ready, capacity")
+    services.append(worker)
+    worker.wait_ready()
+    gateway, port = start_gateway(server.url, HEARTBEAT_S="1")
+    services.append(gateway)
+    pcm = load_pcm16("fw_jfk")
+    first, rest = pcm[:int(2.9 * 16000)], with_tail(pcm[int(2.9 * 16000):])
+    pause = [('{"type": "keepalive"}', 1.0)] * 8  # 8 s without audio, the client still there
+    res = asyncio.run(stream(listen_url(f"ws://127.0.0.1:{port}"),
+                             [*frames(first), *pause, *frames(rest)], pace=1.0))
+    check_protocol(res)
+    assert res.closed_duration == pytest.approx(len(pcm) / 16000 + 2.0, abs=0.01)
+    assert wer(reference("fw_jfk"), res.text) <= 0.15, res.text
+    assert len(res.partials) >= 5, "partials were shed"
