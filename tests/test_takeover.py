@@ -5,6 +5,7 @@ creation whose reply is lost, with real worker processes and a real redis-server
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import signal
 import time
 from collections.abc import Iterator
@@ -14,9 +15,11 @@ import pytest
 import redis
 
 from common import keys
+from common import sessions as sessions_module
 from common.client import StreamResult, listen_url, stream
 from common.sessions import create_session
 from tests.audio_refs import frames, load_pcm16, reference, wer
+from tests.lossy_proxy import LossyProxy
 from tests.procs import RedisServer, Service, start_gateway, start_transcriber
 from tests.test_pipeline_e2e import check_protocol, with_tail
 from tests.test_resilience import SessionWatch
@@ -191,3 +194,76 @@ def test_a_worker_whose_clock_is_30_s_ahead_neither_closes_a_paused_client_nor_s
     assert res.closed_duration == pytest.approx(len(pcm) / 16000 + 2.0, abs=0.01)
     assert wer(reference("fw_jfk"), res.text) <= 0.15, res.text
     assert len(res.partials) >= 5, "partials were shed"
+
+
+def results_epochs(r: redis.Redis, sid: str) -> list[int]:
+    return [int(f[b"epoch"]) for _id, f in r.xrange(keys.results(sid))]
+
+
+def test_creation_whose_replies_are_lost_runs_the_session_once(
+        server: RedisServer, services: list[Service]) -> None:
+    """The gateway's creation script and its work-queue XADD each lose their reply once, so
+    redis-py sends both again: the session still has one owner (epoch 1) and every result
+    once (before: two workers both started 'epoch 1, from sample 0' and published every
+    partial twice)."""
+    proxy = LossyProxy(server.port)
+    try:
+        r = server.client()
+        for name in ("w1", "w2"):
+            services.append(start_transcriber(server.url, "--consumer", name))
+        gateway, port = start_gateway(proxy.url)
+        services.append(gateway)
+        proxy.drop_reply(hashlib.sha1(sessions_module._CREATE.encode()).hexdigest().encode())
+        proxy.drop_reply(keys.SESSIONS.encode())
+        res = asyncio.run(stream(listen_url(f"ws://127.0.0.1:{port}"), frames(JFK), pace=1.0))
+        assert len(proxy.dropped) == 2, proxy.dropped
+        check_protocol(res)
+        assert wer(reference("fw_jfk"), res.text) <= 0.10, res.text
+        sid = res.messages[0].message["session_id"]
+        assert set(results_epochs(r, sid)) <= {0, 1}
+        assert meta(r, sid)["epoch"] == "1"
+        wait_for("the work queue empty", lambda: r.xlen(keys.SESSIONS) == 0, 10)
+    finally:
+        proxy.close()
+
+
+def test_a_hand_back_whose_reply_is_lost_moves_the_session_once(
+        server: RedisServer, services: list[Service]) -> None:
+    """A worker stopping (SIGTERM) hands its session back; the reply of that transaction is
+    lost and redis-py sends it again, queueing a second entry: one worker continues the
+    session and the extra entry is dropped (before: owners changed every lease period)."""
+    proxy = LossyProxy(server.port)
+    try:
+        r = server.client()
+        first = start_transcriber(proxy.url, "--consumer", "first", "--lease-ms", "3000")
+        services.append(first)
+        gateway, port = start_gateway(server.url)
+        services.append(gateway)
+        watch = SessionWatch()
+
+        async def scenario() -> StreamResult:
+            async def stopper() -> None:
+                await watch.known.wait()
+                await asyncio.to_thread(wait_for, "the first worker owning it",
+                                        lambda: meta(r, watch.sid or "").get("epoch") == "1", 20)
+                second = await asyncio.to_thread(start_transcriber, server.url, "--consumer",
+                                                 "second", "--lease-ms", "3000")
+                services.append(second)
+                proxy.drop_reply(b"XACK")  # the hand-back transaction's reply
+                first.signal(signal.SIGTERM)
+
+            res, _ = await asyncio.gather(
+                stream(listen_url(f"ws://127.0.0.1:{port}"), frames(JFK), pace=1.0,
+                       on_message=watch), stopper())
+            return res
+
+        res = asyncio.run(scenario())
+        assert proxy.dropped == [b"XACK"]
+        check_protocol(res)
+        assert wer(reference("fw_jfk"), res.text) <= 0.10, res.text
+        assert watch.sid is not None
+        m = meta(r, watch.sid)
+        assert (m["owner"], m["epoch"]) == ("second", "2"), m
+        wait_for("the work queue empty", lambda: r.xlen(keys.SESSIONS) == 0, 10)
+    finally:
+        proxy.close()
