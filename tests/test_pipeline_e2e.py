@@ -32,6 +32,10 @@ def check_protocol(res: StreamResult) -> None:
     finals_at = {f["utterance"]: f["seq"] for f in res.finals}
     for p in res.partials:  # no partial for an utterance after its final
         assert p["utterance"] not in finals_at or p["seq"] < finals_at[p["utterance"]]
+    texts = {f["utterance"]: f["text"] for f in res.finals}
+    for p in res.partials:  # stable_text is a promise: the final starts with it
+        if p["utterance"] in texts:
+            assert texts[p["utterance"]].startswith(p["stable_text"]), (p, texts)
     assert results[-1]["type"] == "closed"
     assert results[-1]["utterances"] == len(res.finals)
     assert res.close_code == 1000

@@ -697,3 +697,38 @@ def test_detached_partials_that_come_back_late_never_lose_a_word_or_outlive_thei
         if isinstance(ev, Partial):
             assert not any(isinstance(e, Committed) and e.final.utterance == ev.utterance
                            for e in events[:k])
+
+
+class MishearsFirstWord(BurstDecoder):
+    """Hears the first word of the audio it is given as ``w99``."""
+
+    def decode(self, audio: np.ndarray, prompt: str, final: bool,
+               shown: Sequence[str] = (), speculative: bool = False) -> list[Word]:
+        words = super().decode(audio, prompt, final, shown, speculative)
+        return [dataclasses.replace(w, word=" w99") if i == 0 else w
+                for i, w in enumerate(words)]
+
+
+def test_a_takeover_keeps_the_words_the_previous_owner_promised() -> None:
+    """A worker that takes a session over mid-utterance starts from the commit point with
+    the previous owner's stable words, so the utterance's final still starts with every
+    ``stable_text`` the client was shown, even where the new owner hears them otherwise."""
+    audio = np.concatenate([utterance(list(range(20, 28))), silence(1.0)])
+    first = StreamingTranscriber("s", BurstDecoder(), fake_vad, CFG)
+    shown: list[str] = []
+    for i in range(0, int(2.6 * RATE), 1600):
+        shown += [e.stable_text for e in first.feed(audio[i:i + 1600])
+                  if isinstance(e, Partial)]
+    promised = first.stable_words
+    assert shown[-1] and shown[-1] == " ".join(w.word.strip() for w in promised)
+
+    def final_after_takeover(stable: Sequence[Word]) -> str:
+        core = StreamingTranscriber("s", MishearsFirstWord(), fake_vad, CFG, start_sample=0,
+                                    next_utterance=0, stable=stable)
+        events = core.feed(audio) + core.finish()
+        (committed,) = [e for e in events if isinstance(e, Committed)]
+        assert committed.final.utterance == 0
+        return committed.final.text
+
+    assert final_after_takeover(promised).startswith(shown[-1])
+    assert not final_after_takeover(()).startswith(shown[-1])  # what it was before

@@ -7,19 +7,25 @@ increasing per session whichever worker writes.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
 import msgpack
 import redis.asyncio as aioredis
 
 from common import keys
 from common.errors import StaleLease
-from common.messages import Closed, Final, Result, pack_result
+from common.messages import Closed, Final, Partial, Result, Word, pack_result
 
-# KEYS: meta, results. ARGV: epoch, body, processed sample.
+# KEYS: meta, results. ARGV: epoch, body, and for a partial its promised (stable) words,
+# packed (kept in 'stable' so that a worker taking over the open utterance keeps them).
 # Returns seq, or -1 when the epoch is stale.
 _PUBLISH = """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return -1 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('XADD', KEYS[2], '*', 'seq', seq, 'm', ARGV[2], 'epoch', ARGV[1])
+if ARGV[3] then redis.call('HSET', KEYS[1], 'stable', ARGV[3]) end
 return seq
 """
 
@@ -42,6 +48,7 @@ local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('XADD', KEYS[2], '*', 'seq', seq, 'm', ARGV[2], 'epoch', ARGV[1], 't', ARGV[8])
 redis.call('HSET', KEYS[1], 'commit_sample', ARGV[3], 'next_utterance', ARGV[4],
            'prompt', ARGV[5], 'resume_id', ARGV[6])
+redis.call('HDEL', KEYS[1], 'stable')
 return seq
 """
 
@@ -120,6 +127,20 @@ return 1
 DUPLICATE = -2
 
 
+def pack_stable(utterance: int, words: Sequence[Word]) -> bytes:
+    return msgpack.packb({"u": utterance, "w": [dataclasses.astuple(w) for w in words]})
+
+
+def unpack_stable(raw: bytes | None, utterance: int) -> list[Word]:
+    """The promised words kept for ``utterance`` (none when they belong to another one)."""
+    if not raw:
+        return []
+    obj = msgpack.unpackb(raw)
+    if obj.get("u") != utterance:
+        return []
+    return [Word(str(w), float(s), float(e), float(p)) for w, s, e, p in obj["w"]]
+
+
 class SessionWriter:
     """All writes one worker makes to one session, fenced by the epoch it acquired."""
 
@@ -149,9 +170,13 @@ class SessionWriter:
             raise StaleLease(f"session {self.sid}: epoch {self.epoch} is no longer the owner")
         return int(seq)
 
-    async def publish(self, result: Result) -> int:
+    async def publish(self, result: Result, stable: Sequence[Word] | None = None) -> int:
+        """A result; for a partial, ``stable`` (its promised words) is kept for a takeover."""
+        args: list[Any] = [self.epoch, pack_result(result)]
+        if stable is not None and isinstance(result, Partial):
+            args.append(pack_stable(result.utterance, stable))
         seq = await self._publish(keys=[keys.meta(self.sid), keys.results(self.sid)],
-                                  args=[self.epoch, pack_result(result)])
+                                  args=args)
         return self._check(seq)
 
     async def commit(self, final: Final, commit_sample: int, next_utterance: int,

@@ -149,7 +149,11 @@ class StreamingTranscriber:
         start_sample: int = 0,
         next_utterance: int = 0,
         prompt: str = "",
+        stable: Sequence[Word] = (),
     ) -> None:
+        """``start_sample``, ``next_utterance``, ``prompt`` and ``stable`` continue a session
+        another worker began: its commit point, and the words it promised (``stable_text``)
+        of the utterance it left open, which the final of that utterance keeps."""
         self.session_id = session_id
         self.decoder = decoder
         self.vad = vad
@@ -171,8 +175,23 @@ class StreamingTranscriber:
         self._partial_sent = False
         self._spec: _Speculation | None = None
         self._cut_after = 0  # a length cap that found nothing to cut waited until here
+        self._inherited = list(stable)  # promised by the previous owner; kept when it opens
 
     # ------------------------------------------------------------------ public
+
+    @property
+    def stable_words(self) -> tuple[Word, ...]:
+        """The open utterance's promised words (the last partial's ``stable_text``)."""
+        return tuple(self._stable)
+
+    def _inherit(self) -> None:
+        """The first utterance after a takeover starts with what the previous owner promised
+        (and is finalised even if short: its words were shown)."""
+        if self._inherited:
+            self._stable = self._inherited
+            self._agreement.stable = len(self._inherited)
+            self._partial_sent = True
+            self._inherited = []
 
     @property
     def open_utterance_start(self) -> int | None:
@@ -204,6 +223,7 @@ class StreamingTranscriber:
                     if ev.kind == "start":
                         floor = max(self._audio_start, self.commit_sample)
                         self._utt_start = max(ev.sample - self.config.pad_samples, floor)
+                        self._inherit()
                     else:
                         end = min(ev.sample + self.config.pad_samples, self._vad_pos)
                         events += self._close_utterance(end, ev.sample, ev.voiced)

@@ -42,7 +42,7 @@ from common.messages import (
 from common.metrics import HealthServer, WorkerMetrics, worker_metrics
 from common.redis_client import REDIS_DOWN, make_redis
 from common.settings import TranscriberSettings
-from transcriber.commit import CLIENT_BACK, DUPLICATE, SessionWriter
+from transcriber.commit import CLIENT_BACK, DUPLICATE, SessionWriter, unpack_stable
 from transcriber.endpointing import EndpointConfig
 from transcriber.model import BUNDLED, WhisperDecoder, load_whisper, resolve_device
 from transcriber.streaming import (
@@ -431,6 +431,7 @@ class Worker:
             start_sample=int(_text(meta, "commit_sample", "0")),
             next_utterance=int(_text(meta, "next_utterance", "0")),
             prompt=_text(meta, "prompt"),
+            stable=unpack_stable(meta.get(b"stable"), int(_text(meta, "next_utterance", "0"))),
         )
         cursor = _text(meta, "resume_id") or "0-0"
         log.info("session %s: started (epoch %d, from sample %d)", sid, epoch, core.position)
@@ -770,7 +771,8 @@ class _SessionRun:
             if isinstance(ev, PartialJob):
                 self._partial_task = asyncio.create_task(self._run_partial(ev))
             elif isinstance(ev, Partial):
-                await with_retry(self.sid, "partial", functools.partial(self.writer.publish, ev))
+                await with_retry(self.sid, "partial", functools.partial(
+                    self.writer.publish, ev, self.core.stable_words))
             elif isinstance(ev, Committed):
                 self._observe_time_to_final(ev)
                 timing = {"xadd": self._xadd_ms / 1000.0, "read": self._read_at,
