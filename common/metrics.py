@@ -34,6 +34,7 @@ DECODE_BUCKETS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
 class WorkerMetrics:
     registry: CollectorRegistry
     sessions_active: Gauge
+    sessions_parked: Gauge
     sessions_started: Counter
     takeovers: Counter
     oldest_expired_lease: Gauge
@@ -55,6 +56,9 @@ def worker_metrics() -> WorkerMetrics:
         registry=r,
         sessions_active=Gauge("stt_worker_sessions_active", "sessions this worker owns",
                               registry=r),
+        sessions_parked=Gauge(
+            "stt_worker_sessions_parked", "sessions this worker owns that gave their capacity "
+            "slot back while their client is silent (PARK_AFTER_S)", registry=r),
         sessions_started=Counter("stt_worker_sessions_started", "sessions taken from the queue",
                                  registry=r),
         takeovers=Counter("stt_worker_takeovers", "sessions taken over after a lease expired",

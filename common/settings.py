@@ -410,6 +410,11 @@ class TranscriberSettings(RedisSettings):
     read_batch: int = setting(50, "audio stream entries read per XREAD")
     lease_ms: int = setting(
         6000, "session lease: another worker may take over after this idle time, milliseconds")
+    park_after_s: float = setting(
+        3.0, "a session with no speech for this long (a silent client, or one sending only "
+        "keepalives) gives its CAPACITY slot back and only listens (VAD); when it speaks "
+        "again it takes a free slot, or goes back on the queue for a worker with one; 0 = "
+        "never")
     takeover_scan: int = setting(
         100, "expired leases examined per look at the work queue (XPENDING IDLE, which "
         "searches the whole pending list); one of them is taken over")

@@ -113,6 +113,7 @@ class Lease:
     entry_id: bytes
     task: asyncio.Task[None] | None = None
     writer: SessionWriter | None = None
+    parked: bool = False  # gave its capacity slot back while its client is silent
 
 
 class Worker:
@@ -348,11 +349,14 @@ class Worker:
             if t.cancelled() and self._stopping.is_set():  # stopped by the shutdown: hand over
                 self._handover[sid] = lease
             self.metrics.sessions_active.dec()
+            if lease.parked:
+                self.metrics.sessions_parked.dec()
             if self._leases.get(sid) is lease:
                 del self._leases[sid]
                 with contextlib.suppress(KeyError):
                     self.metrics.lag_seconds.remove(sid)
-            self._capacity.release()
+            if not lease.parked:  # a parked session's slot was given back already
+                self._capacity.release()
             if not t.cancelled() and t.exception() is not None:
                 log.error("session %s: failed", sid, exc_info=t.exception())
 
@@ -436,12 +440,11 @@ class Worker:
         cursor = _text(meta, "resume_id") or "0-0"
         log.info("session %s: started (epoch %d, from sample %d)", sid, epoch, core.position)
         try:
-            await _SessionRun(self, sid, core, writer, cursor).run()
+            await _SessionRun(self, lease, core, writer, cursor).run()
             await self._finish_entry(entry_id)
             log.info("session %s: closed", sid)
-        except ClientBack:
-            log.info("session %s: the client came back while it was closed as idle; handing "
-                     "it on from its commit point", sid)
+        except HandBack as exc:
+            log.info("session %s: %s; handing it on from its commit point", sid, exc)
             await self._hand_back(lease)
         except StaleLease:
             log.warning("session %s: lease lost to another worker; stopping", sid)
@@ -476,6 +479,25 @@ class Worker:
                 self._models.pop(next(iter(self._models)))
             self._models[name] = model
         return self._models[name]
+
+    def park(self, lease: Lease) -> None:
+        """Give a silent session's capacity slot back: the worker may take another session
+        while this one only listens (VAD, no decodes) for its client to speak again."""
+        if not lease.parked:
+            lease.parked = True
+            self.metrics.sessions_parked.inc()
+            self._capacity.release()
+
+    async def unpark(self, lease: Lease) -> None:
+        """The session speaks again: it takes a free slot back, or, with none free, goes
+        back on the queue for a worker with room (``HandBack``)."""
+        if not lease.parked:
+            return
+        if self._capacity.locked():
+            raise HandBack("it speaks again while this worker has no free slot")
+        await self._capacity.acquire()
+        lease.parked = False
+        self.metrics.sessions_parked.dec()
 
     @property
     def busy(self) -> int:
@@ -593,17 +615,21 @@ async def with_retry(sid: str, what: str, call: Callable[[], Awaitable[Any]],
             backoff = min(backoff * 2, 2.0)
 
 
-class ClientBack(Exception):
-    """An idle close found the client back (heartbeat or audio, on Redis time)."""
+class HandBack(Exception):
+    """The session goes back on the queue for whichever worker has room, from its commit
+    point: an idle close found the client back, or a parked session speaks again while
+    this worker has no free slot."""
 
 
 class _SessionRun:
     """Reads one session's audio stream from its cursor and publishes what the core emits."""
 
-    def __init__(self, worker: Worker, sid: str, core: StreamingTranscriber,
+    def __init__(self, worker: Worker, lease: Lease, core: StreamingTranscriber,
                  writer: SessionWriter, cursor: str) -> None:
         self.worker = worker
-        self.sid = sid
+        self.lease = lease
+        self.sid = lease.sid
+        self._quiet_since: float | None = None  # monotonic: no utterance open since then
         self.core = core
         self.writer = writer
         self.cursor = cursor
@@ -674,9 +700,27 @@ class _SessionRun:
                         await self._close(entry)
                         return
             await self._feed(pending)
+            await self._slot()
             if resp:
                 self.worker.metrics.lag_seconds.labels(self.sid).set(
                     max(0.0, self.worker.redis_now() - self._xadd_ms / 1000.0))
+
+    async def _slot(self) -> None:
+        """Park after ``park_after_s`` with no utterance open (no speech, or no audio at
+        all: a socket sending only keepalives); take a slot again when speech opens one."""
+        after = self.worker.settings.park_after_s
+        if after <= 0:
+            return
+        now = time.monotonic()
+        if self.core.open_utterance_start is not None:
+            self._quiet_since = None
+            await self.worker.unpark(self.lease)
+        elif self._quiet_since is None:
+            self._quiet_since = now
+        elif now - self._quiet_since >= after and not self.lease.parked:
+            log.info("session %s: no speech for %.0f s; its slot is free for another session "
+                     "until it speaks", self.sid, after)
+            self.worker.park(self.lease)
 
     async def _abandoned(self) -> bool:
         """No client heartbeat for the idle time, measured on Redis time (the gateway that
@@ -789,7 +833,7 @@ class _SessionRun:
         seq = await with_retry(self.sid, "close", lambda: self.writer.close(
             closed, self.worker.settings.retention_s, idle_ms, self.cursor))
         if seq == CLIENT_BACK:
-            raise ClientBack
+            raise HandBack("the client came back while it was closed as idle")
 
 
 async def serve(settings: TranscriberSettings) -> None:

@@ -1,0 +1,118 @@
+"""Nobody starves everyone: silent sessions give their transcriber slot back, decode lanes are
+shared fairly, and a client spamming ``finalize`` cannot push another session's finals back.
+
+Real gateway, worker and redis-server processes, the real model on real speech; each test
+measures a good session beside the attack against the same session unattacked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+
+from common.client import StreamResult, listen_url, stream
+from tests.audio_refs import frames, load_pcm16, reference, wer
+from tests.procs import RedisServer, Service, start_gateway, start_transcriber
+from tests.test_pipeline_e2e import check_protocol, with_tail
+
+pytestmark = pytest.mark.integration
+
+JFK = with_tail(load_pcm16("fw_jfk"))
+#: the good session's time to final may be this much worse under attack (p50 of its finals)
+MARGIN_S = 1.0
+
+
+@pytest.fixture
+def stack(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    server = RedisServer()
+    server.start()
+    made: dict[str, Any] = {"server": server, "services": []}
+    yield made
+    failed = getattr(request.node, "rep_call", None)
+    for svc in made["services"]:
+        svc.stop()
+        if failed is not None and failed.failed:
+            print(f"--- {svc.module}\n{svc.log()}")
+    server.stop()
+
+
+def start(stack: dict[str, Any], *worker_args: str, **gateway_env: str) -> str:
+    server: RedisServer = stack["server"]
+    worker: Service = start_transcriber(server.url, *worker_args)
+    stack["services"].append(worker)
+    gateway, port = start_gateway(server.url, MAX_SESSIONS_PER_IP="100", **gateway_env)
+    stack["services"].append(gateway)
+    return f"ws://127.0.0.1:{port}"
+
+
+async def idle_socket(url: str, stop: asyncio.Event, sids: list[str]) -> None:
+    """A client that opens a session and sends only keepalives."""
+    async with connect(listen_url(url)) as ws:
+        sids.append(json.loads(await ws.recv())["session_id"])
+        while not stop.is_set():
+            await ws.send(json.dumps({"type": "keepalive"}))
+            try:
+                await asyncio.wait_for(stop.wait(), 1.0)
+            except TimeoutError:
+                pass
+
+
+def ttf_p50(res: StreamResult) -> float:
+    return statistics.median(res.time_to_final())
+
+
+def test_sockets_sending_only_keepalives_do_not_hold_the_transcriber_slots(
+        stack: dict[str, Any]) -> None:
+    """Eight idle sockets took all eight slots of a worker and a good session waited 23-31 s
+    for its finals; now each gives its slot back after PARK_AFTER_S without speech."""
+    url = start(stack, "--capacity", "8")
+    baseline = asyncio.run(stream(listen_url(url), frames(JFK), pace=1.0))
+
+    async def attacked() -> StreamResult:
+        stop = asyncio.Event()
+        sids: list[str] = []
+        idle = [asyncio.create_task(idle_socket(url, stop, sids)) for _ in range(8)]
+        await asyncio.sleep(4.0)  # every slot taken, then given back after 3 s of nothing
+        assert len(sids) == 8
+        try:
+            return await stream(listen_url(url), frames(JFK), pace=1.0)
+        finally:
+            stop.set()
+            await asyncio.gather(*idle)
+
+    res = asyncio.run(attacked())
+    check_protocol(res)
+    assert wer(reference("fw_jfk"), res.text) <= 0.10, res.text
+    print(f"\ngood session ttf p50: {ttf_p50(res):.2f} s beside 8 idle sockets, "
+          f"{ttf_p50(baseline):.2f} s alone")
+    assert ttf_p50(res) <= ttf_p50(baseline) + MARGIN_S
+
+
+def test_a_parked_session_that_speaks_while_the_worker_is_full_moves_on_and_loses_nothing(
+        stack: dict[str, Any]) -> None:
+    """Capacity 1: session A is silent, parks, B takes the slot; A then speaks while B
+    talks, goes back on the queue and is transcribed in full once B has ended."""
+    url = start(stack, "--capacity", "1")
+    clip = with_tail(load_pcm16("ps_librivox_0870"))
+    silence = [('{"type": "keepalive"}', 1.0)] * 5
+
+    async def both() -> tuple[StreamResult, StreamResult]:
+        a = asyncio.create_task(stream(listen_url(url), [*silence, *frames(clip)], pace=1.0))
+        await asyncio.sleep(4.0)  # A has parked
+        b = await stream(listen_url(url), frames(JFK), pace=1.0)
+        return await a, b
+
+    a, b = asyncio.run(both())
+    for res, clip_id in ((a, "ps_librivox_0870"), (b, "fw_jfk")):
+        check_protocol(res)
+        assert wer(reference(clip_id), res.text) <= 0.15, (clip_id, res.text)
+    server: RedisServer = stack["server"]
+    log = stack["services"][0].log()
+    assert "handing it on" in log, "A never went back on the queue"
+    assert server.client().xlen("stt:sessions") == 0
