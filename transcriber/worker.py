@@ -18,10 +18,9 @@ import functools
 import logging
 import os
 import socket
-import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -44,6 +43,7 @@ from common.redis_client import REDIS_DOWN, make_redis
 from common.settings import TranscriberSettings
 from transcriber.commit import CLIENT_BACK, DUPLICATE, SessionWriter, unpack_stable
 from transcriber.endpointing import EndpointConfig
+from transcriber.gate import DecodeGate
 from transcriber.model import BUNDLED, WhisperDecoder, load_whisper, resolve_device
 from transcriber.streaming import (
     RATE,
@@ -429,7 +429,8 @@ class Worker:
                                         self.settings.encoder_min_frames,
                                         self._final_tail if model is self.model else None,
                                         self.settings.final_retry_probability),
-                         self.metrics, self.gate),
+                         self.metrics, self.gate,
+                         _text(meta, "account") or _text(meta, "principal") or sid),
             self.vad.stream(),
             stream_config(self.settings, interim),
             start_sample=int(_text(meta, "commit_sample", "0")),
@@ -509,57 +510,17 @@ class Worker:
         return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
 
 
-class DecodeGate:
-    """At most ``lanes`` decodes at once across a worker's sessions. A free lane goes to the
-    finals somebody waits for, then to speculative finals, then to partials; first come
-    first served within each.
-
-    Only decodes wait here: a session's VAD and decisions run on its own thread, so the
-    audio that ends an utterance is heard while other sessions decode (before, every core
-    call queued for a lane, and a pause waited behind other sessions' partials).
-    """
-
-    FINAL, SPECULATIVE, PARTIAL = 0, 1, 2
-
-    def __init__(self, lanes: int) -> None:
-        self._lock = threading.Lock()
-        self._free = lanes
-        self._waiting: tuple[collections.deque[threading.Event], ...] = tuple(
-            collections.deque() for _ in range(3))
-        self.active = 0  # decodes waiting or running
-
-    @contextlib.contextmanager
-    def lane(self, rank: int = FINAL) -> Iterator[None]:
-        with self._lock:
-            self.active += 1
-            if self._free and not any(self._waiting):
-                self._free -= 1
-                turn = None
-            else:
-                turn = threading.Event()
-                self._waiting[rank].append(turn)
-        try:
-            if turn is not None:
-                turn.wait()
-            yield
-        finally:
-            with self._lock:
-                self.active -= 1
-                queue = next((q for q in self._waiting if q), None)
-                if queue is not None:  # hand the lane straight to the next decode
-                    queue.popleft().set()
-                else:
-                    self._free += 1
-
-
 class TimedDecoder:
     """Passes the worker's decode gate and observes every decode's duration, by kind."""
 
     def __init__(self, decoder: WhisperDecoder, metrics: WorkerMetrics,
-                 gate: DecodeGate | None = None) -> None:
+                 gate: DecodeGate | None = None, share: str = "") -> None:
+        """``share``: whose decode this is for the gate's fair share (a principal, or the
+        session when it has none)."""
         self.decoder = decoder
         self.metrics = metrics
         self.gate = gate
+        self.share = share
 
     def decode(self, audio: np.ndarray, prompt: str, final: bool,
                shown: Sequence[str] = (), speculative: bool = False) -> list[Word]:
@@ -567,7 +528,8 @@ class TimedDecoder:
             return self._timed(audio, prompt, final, shown)
         asked = time.perf_counter()
         with self.gate.lane(DecodeGate.PARTIAL if not final else
-                            DecodeGate.SPECULATIVE if speculative else DecodeGate.FINAL):
+                            DecodeGate.SPECULATIVE if speculative else DecodeGate.FINAL,
+                            self.share):
             self.metrics.decode_wait_seconds.labels(
                 "partial" if not final else "speculative" if speculative else "final").observe(
                 time.perf_counter() - asked)
@@ -630,6 +592,8 @@ class _SessionRun:
         self.lease = lease
         self.sid = lease.sid
         self._quiet_since: float | None = None  # monotonic: no utterance open since then
+        self._finalize_due = False  # a client 'finalize' waits for FINALIZE_MIN_INTERVAL_S
+        self._finalized_at = -float("inf")  # monotonic time of the last one applied
         self.core = core
         self.writer = writer
         self.cursor = cursor
@@ -694,16 +658,32 @@ class _SessionRun:
                     pending = []
                     self._queued()
                     if entry.kind == "finalize":
-                        await self._call(self.core.finalize)
+                        self._finalize_due = True
+                        await self._finalize_if_due()
                     elif entry.kind == "close":
                         await self._call(self.core.finish)
                         await self._close(entry)
                         return
             await self._feed(pending)
+            await self._finalize_if_due()
             await self._slot()
             if resp:
                 self.worker.metrics.lag_seconds.labels(self.sid).set(
                     max(0.0, self.worker.redis_now() - self._xadd_ms / 1000.0))
+
+    async def _finalize_if_due(self) -> None:
+        """Apply a client's ``finalize`` (end the open utterance now), at most one per
+        ``finalize_min_interval_s``: one asked for sooner is applied when that has passed,
+        so a client sending it every few hundred milliseconds cannot turn its session into
+        a stream of final decodes (the audio it covers is decoded all the same)."""
+        if not self._finalize_due:
+            return
+        now = time.monotonic()
+        if now - self._finalized_at < self.worker.settings.finalize_min_interval_s:
+            return
+        self._finalize_due = False
+        self._finalized_at = now
+        await self._call(self.core.finalize)
 
     async def _slot(self) -> None:
         """Park after ``park_after_s`` with no utterance open (no speech, or no audio at
