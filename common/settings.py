@@ -413,6 +413,10 @@ class TranscriberSettings(RedisSettings):
     finalize_min_interval_s: float = setting(
         1.0, "a client 'finalize' (end the utterance now, one final decode) is applied at most "
         "this often per session; one sent sooner is applied when this has passed")
+    principal_share: float = setting(
+        0.5, "while sessions of other API keys (principals) wait for a slot, one key may hold "
+        "at most this share of a worker's CAPACITY (at least one): a session over it goes "
+        "back on the queue behind theirs; 0 = no limit")
     park_after_s: float = setting(
         3.0, "a session with no speech for this long (a silent client, or one sending only "
         "keepalives) gives its CAPACITY slot back and only listens (VAD); when it speaks "

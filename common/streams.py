@@ -179,3 +179,19 @@ async def queue_backlog(redis: aioredis.Redis) -> int:
             lag = g.get("lag")
             return int(lag) if lag is not None else 0
     return int(await redis.xlen(keys.SESSIONS))  # no worker has created the group yet
+
+
+async def waiting_entries(redis: aioredis.Redis, count: int) -> list[tuple[bytes, str]]:
+    """The first ``count`` (entry id, session id) on the work queue that no transcriber has
+    taken yet (after the group's last-delivered id)."""
+    last = "0-0"
+    try:
+        for g in await redis.xinfo_groups(keys.SESSIONS):
+            name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+            if name == keys.GROUP:
+                ld = g["last-delivered-id"]
+                last = ld.decode() if isinstance(ld, bytes) else ld
+    except ResponseError:  # no queue yet
+        return []
+    entries = await redis.xrange(keys.SESSIONS, min=f"({last}", count=count)
+    return [(entry_id, fields.get(b"sid", b"").decode()) for entry_id, fields in entries]

@@ -12,7 +12,6 @@ import dataclasses
 import time
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
 
 from common import keys
 from common.errors import SessionNotFound
@@ -25,7 +24,7 @@ from common.messages import (
     unpack_audio_entry,
 )
 from common.sessions import create_session, heartbeat
-from common.streams import AudioAppender, queue_backlog
+from common.streams import AudioAppender, queue_backlog, waiting_entries
 
 # KEYS: meta, audio. ARGV: attach generation, then one packed entry per argument.
 # A notice from the gateway (queue position, lag): not fenced by a worker epoch.
@@ -141,18 +140,8 @@ class SessionStore:
         return self._positions
 
     async def _read_positions(self) -> dict[str, int]:
-        last_delivered = "0-0"
-        try:
-            for g in await self.redis.xinfo_groups(keys.SESSIONS):
-                name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
-                if name == keys.GROUP:
-                    ld = g["last-delivered-id"]
-                    last_delivered = ld.decode() if isinstance(ld, bytes) else ld
-        except ResponseError:
-            pass
-        waiting = await self.redis.xrange(keys.SESSIONS, min=f"({last_delivered}", count=10000)
-        return {fields.get(b"sid", b"").decode(): i + 1
-                for i, (_id, fields) in enumerate(waiting)}
+        waiting = await waiting_entries(self.redis, 10000)
+        return {sid: i + 1 for i, (_id, sid) in enumerate(waiting)}
 
     @staticmethod
     def close_marker(seq: int, offset: int) -> AudioMarker:

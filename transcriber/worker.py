@@ -20,7 +20,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -41,6 +41,7 @@ from common.messages import (
 from common.metrics import HealthServer, WorkerMetrics, worker_metrics
 from common.redis_client import REDIS_DOWN, make_redis
 from common.settings import TranscriberSettings
+from common.streams import waiting_entries
 from transcriber.commit import CLIENT_BACK, DUPLICATE, SessionWriter, unpack_stable
 from transcriber.endpointing import EndpointConfig
 from transcriber.gate import DecodeGate
@@ -66,6 +67,8 @@ AUTO_FINAL_TAIL_FRAMES = 1000
 #: INFERENCE_THREADS=auto on CPU: two decodes at once do 1.3-1.6x the work of one on this
 #: 2-core machine, and a lone decode is as fast as on one lane (docs/benchmarks.md)
 AUTO_LANES_CPU = 2
+#: How often a full worker checks that no share holds more than its quota while others wait.
+SHARE_CHECK_S = 0.5
 
 
 def stream_config(s: TranscriberSettings, interim: bool) -> StreamConfig:
@@ -114,6 +117,8 @@ class Lease:
     task: asyncio.Task[None] | None = None
     writer: SessionWriter | None = None
     parked: bool = False  # gave its capacity slot back while its client is silent
+    share: str = ""  # whose session (API key or principal) for the fair share of slots
+    preempted: bool = False  # stopped to free a slot for another share: hand it back
 
 
 class Worker:
@@ -143,6 +148,7 @@ class Worker:
                                            thread_name_prefix="inference")
         self._capacity = asyncio.Semaphore(settings.capacity)
         self._leases: dict[str, Lease] = {}  # the sessions running here, by id
+        self._tasks: set[asyncio.Task[None]] = set()  # hand-backs under way
         # sessions the shutdown stopped, to put back on the queue
         self._handover: dict[str, Lease] = {}
         self.metrics: WorkerMetrics = worker_metrics()
@@ -213,13 +219,15 @@ class Worker:
         log.info("worker %s ready, capacity %d", self.consumer, self.settings.capacity)
         renew = asyncio.create_task(self._renew_leases())
         watch = asyncio.create_task(self._watch_redis())
+        balance = asyncio.create_task(self._balance_shares())
         try:
             await self._take_sessions()
         finally:
             renew.cancel()
             watch.cancel()
+            balance.cancel()
             await self._release_all()
-            await asyncio.gather(renew, watch, return_exceptions=True)
+            await asyncio.gather(renew, watch, balance, *self._tasks, return_exceptions=True)
             await self.redis.aclose()
             await self.blocking.aclose()
             await self.probe.aclose()
@@ -348,6 +356,8 @@ class Worker:
         def done(t: asyncio.Task[None]) -> None:
             if t.cancelled() and self._stopping.is_set():  # stopped by the shutdown: hand over
                 self._handover[sid] = lease
+            elif t.cancelled() and lease.preempted:
+                self._background(self._hand_back(lease))
             self.metrics.sessions_active.dec()
             if lease.parked:
                 self.metrics.sessions_parked.dec()
@@ -409,6 +419,10 @@ class Worker:
             return
         writer = SessionWriter(self.redis, sid, epoch)
         lease.writer = writer
+        lease.share = _text(meta, "account") or _text(meta, "principal")
+        if self._over_share(lease.share) and await self._others_waiting():
+            await self._hand_back(lease)  # behind the others' sessions
+            return
         language = _text(meta, "language") or self.settings.language
         try:
             model = await self.model_for(_text(meta, "model"))
@@ -480,6 +494,66 @@ class Worker:
                 self._models.pop(next(iter(self._models)))
             self._models[name] = model
         return self._models[name]
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def share_quota(self) -> int:
+        """Slots one share may hold while sessions of a share under its quota wait."""
+        share = self.settings.principal_share
+        if share <= 0 or share >= 1:
+            return self.settings.capacity
+        return max(1, int(share * self.settings.capacity))
+
+    def _held(self, share: str) -> list[Lease]:
+        """The share's sessions that hold a slot here (not parked), oldest first."""
+        return [lease for lease in self._leases.values()
+                if lease.share == share and not lease.parked and lease.writer is not None]
+
+    def _over_share(self, share: str, margin: int = 0) -> bool:
+        return len(self._held(share)) > self.share_quota + margin
+
+    async def _others_waiting(self) -> bool:
+        """Whether a queued session of a share under its quota here waits (the first
+        ``takeover_scan`` waiting entries are looked at)."""
+        waiting = await waiting_entries(self.redis, self.settings.takeover_scan)
+        if not waiting:
+            return False
+        pipe = self.redis.pipeline(transaction=False)
+        for _entry_id, sid in waiting:
+            pipe.hmget(keys.meta(sid), "account", "principal")
+        for account, principal in await pipe.execute():
+            share = (account or principal or b"").decode()
+            if not self._over_share(share, margin=-1):
+                return True
+        return False
+
+    async def _balance_shares(self) -> None:
+        """While this worker is full and a session of another share waits, a share holding
+        more than its quota gives its newest session back to the queue."""
+        while True:
+            await asyncio.sleep(SHARE_CHECK_S)
+            if not self._capacity.locked() or self.share_quota >= self.settings.capacity:
+                continue
+            shares = {lease.share for lease in self._leases.values()}
+            over = [share for share in shares if self._over_share(share)]
+            if not over:
+                continue
+            try:
+                if not await self._others_waiting():
+                    continue
+            except REDIS_DOWN:
+                continue
+            held = self._held(max(over, key=lambda share: len(self._held(share))))
+            lease = held[-1]
+            log.info("session %s: its principal holds %d of %d slots while others wait; "
+                     "handing it back", lease.sid, len(held), self.settings.capacity)
+            if lease.task is not None:
+                lease.preempted = True
+                lease.task.cancel()
 
     def park(self, lease: Lease) -> None:
         """Give a silent session's capacity slot back: the worker may take another session
