@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import math
@@ -60,14 +61,29 @@ TOKEN_REVOKED = b"revoked"
 NONCE_MARGIN_S = 60
 
 # KEYS: one connections set. ARGV: now, lease expiry, member, cap (0 = none), key TTL.
+# Returns 1 when the member was added, 2 when it was already there (a resumed session: its
+# lease is refreshed and it does not count twice), 0 when the set is at its cap.
+# (ZADD XX INCR 0 is nil for a missing member: the existence test with the gateway's ACL,
+# docker/redis-users.acl, which grants zadd but not zscore.)
 _ACQUIRE = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZADD', KEYS[1], 'XX', 'INCR', 0, ARGV[3]) then
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  return 2
+end
 local cap = tonumber(ARGV[4])
 if cap > 0 and redis.call('ZCARD', KEYS[1]) >= cap then return 0 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 """
+
+#: An upgrade answered 101 whose handler has not taken its lease this long after is one
+#: whose client vanished before the handler started (websockets then never runs it).
+HANDLER_START_S = 5.0
+#: An admitted upgrade not answered at all this long after (the handshake timed out).
+HANDSHAKE_LIMIT_S = 60.0
 
 
 def parse_networks(config: str) -> list[IPNetwork]:
@@ -115,6 +131,27 @@ def normalize_origin(origin: str) -> str:
     return origin.strip().rstrip("/").lower()
 
 
+@dataclasses.dataclass
+class CapHold:
+    """One local holder of a cap member: a connection, or a detached session waiting out its
+    resume grace. Several holders (on one gateway or on several) may hold the same member,
+    a session id: a resumed session is counted once."""
+
+    member: str
+    keys: list[str]  # the connections sets it holds the member in
+    added: list[str]  # those where this holder added it (not found it already there)
+
+
+@dataclasses.dataclass
+class Admitted:
+    """An upgrade that passed ``admit``, waiting for its handler (``take``)."""
+
+    principal: Principal
+    lease: str | None
+    at: float  # monotonic: when it was admitted, then when its 101 went out
+    answered: bool = False
+
+
 def select_subprotocol(connection: ServerConnection,
                        offered: Sequence[Subprotocol]) -> Subprotocol | None:
     """Select ``stt`` when offered (a browser sending ``bearer.<token>`` must offer it:
@@ -139,9 +176,10 @@ class AccessGuard:
         self.redis = redis
         self.lease_s = lease_s
         self._acquire = redis.register_script(_ACQUIRE)
-        self._held: dict[str, list[str]] = {}  # connection id -> connection sets it is in
-        # Admitted upgrades waiting for their handler: principal, cap lease, admitted at.
-        self._conns: dict[object, tuple[Principal, str | None, float]] = {}
+        # Cap leases of this process: local handle -> the member it holds and where.
+        self._held: dict[str, CapHold] = {}
+        # Admitted upgrades waiting for their handler.
+        self._conns: dict[object, Admitted] = {}
         self.ip_rate = BucketMap(settings.rate_limit_ip_per_s, settings.rate_limit_ip_burst,
                                  settings.rate_limit_buckets)
         self.key_rate = BucketMap(settings.rate_limit_key_per_s, settings.rate_limit_key_burst,
@@ -278,12 +316,15 @@ class AccessGuard:
         return before is None or before == TOKEN_REVOKED
 
     async def admit(self, connection: object, request: Request, *, opens_session: bool,
-                    caps: tuple[int, int] | None = None,
-                    allow_tokens: bool = True) -> Principal:
+                    caps: tuple[int, int] | None = None, allow_tokens: bool = True,
+                    member: str | None = None) -> Principal:
         """Every check for one request, in order: the address's request rate and failed
         authentications (429), Origin (403), credentials (401), the API key's request rate
         (429), the session caps (429, WebSocket upgrades with ``caps`` only), a token's first
-        use (401). An upgrade's principal and cap lease wait in ``take`` for its handler."""
+        use (401). An upgrade's principal and cap lease wait in ``take`` for its handler.
+
+        ``member`` is what the caps count: the id of the session the upgrade opens or
+        resumes (a fresh id when None)."""
         upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
         ip = self.request_ip(connection, request)
         now = time.monotonic()
@@ -298,7 +339,7 @@ class AccessGuard:
         self.check_key_rate(principal, now)
         lease = None
         if upgrade and caps is not None:
-            lease = await self.acquire(ip, principal, *caps)
+            lease = await self.acquire(ip, principal, *caps, member=member)
         if opens_session:
             try:
                 await self.consume(principal, dry_run=not upgrade)
@@ -309,7 +350,7 @@ class AccessGuard:
                     self.auth_failed(ip, now)
                 raise
         if upgrade:
-            self._conns[connection] = (principal, lease, time.monotonic())
+            self._conns[connection] = Admitted(principal, lease, time.monotonic())
         return principal
 
     def take(self, connection: object) -> tuple[Principal, str | None]:
@@ -319,35 +360,44 @@ class AccessGuard:
             if self.required:
                 raise Unauthorized("authentication required")
             return ANONYMOUS, None
-        return found[0], found[1]
+        return found.principal, found.lease
 
     async def process_response(self, connection: object, request: Request,
                                response: Response) -> None:
         """websockets' process_response hook: an upgrade that failed after ``admit``
-        (a bad handshake) frees what it was given."""
+        (a bad handshake) frees what it was given; a 101 starts the wait for its handler."""
         if response.status_code != 101:
             found = self._conns.pop(connection, None)
-            if found is not None and found[1] is not None:
-                await self.release(found[1])
+            if found is not None and found.lease is not None:
+                await self.release(found.lease)
+            return
+        admitted = self._conns.get(connection)
+        if admitted is not None:
+            admitted.at, admitted.answered = time.monotonic(), True
 
-    async def _sweep(self, older_than_s: float) -> None:
-        """Upgrades whose handler never ran (the client vanished right after the 101)."""
-        limit = time.monotonic() - older_than_s
-        for connection, (_, lease, at) in list(self._conns.items()):
-            if at < limit:
+    async def _sweep(self) -> None:
+        """Upgrades whose handler never ran: the client vanished right after the 101 (the
+        handler starts at once otherwise), or the handshake never finished."""
+        now = time.monotonic()
+        for connection, admitted in list(self._conns.items()):
+            age = now - admitted.at
+            if age > (HANDLER_START_S if admitted.answered else HANDSHAKE_LIMIT_S):
                 del self._conns[connection]
-                if lease is not None:
-                    await self.release(lease)
+                if admitted.lease is not None:
+                    await self.release(admitted.lease)
 
     # ------------------------------------------------------------------ session caps
 
-    async def acquire(self, ip: str, principal: Principal, ip_cap: int,
-                      key_cap: int) -> str:
-        """Count a new session against its address and its API key; the connection id to
-        release later. TooManySessions when either is at its cap."""
-        conn = uuid.uuid4().hex
+    async def acquire(self, ip: str, principal: Principal, ip_cap: int, key_cap: int,
+                      member: str | None = None) -> str:
+        """Count a session (``member``: its id; a fresh id when None) against its address and
+        its API key; a local handle to settle later (``release``, ``forget``).
+        TooManySessions when either is at its cap. A member already counted (a session
+        resumed within its resume grace) is refreshed, not counted again."""
+        member = member or uuid.uuid4().hex
+        handle = uuid.uuid4().hex
         now = time.time()
-        held: list[str] = []
+        hold = CapHold(member, [], [])
         wanted = [(keys.connections("ip", address_bucket(ip)), ip_cap,
                    "too many sessions from this address")]
         if principal.account:
@@ -355,45 +405,61 @@ class AccessGuard:
                            "too many sessions for this API key"))
         try:
             for key, cap, message in wanted:
-                ok = await self._acquire(keys=[key], args=[
-                    f"{now:.3f}", f"{now + self.lease_s:.3f}", conn, cap,
-                    math.ceil(self.lease_s * 2)])
-                if not int(ok):
+                got = int(await self._acquire(keys=[key], args=[
+                    f"{now:.3f}", f"{now + self.lease_s:.3f}", member, cap,
+                    math.ceil(self.lease_s * 2)]))
+                if not got:
                     raise TooManySessions(message)
-                held.append(key)
+                hold.keys.append(key)
+                if got == 1:
+                    hold.added.append(key)
         except BaseException:
-            await self._release_keys(conn, held)
+            await self._remove(member, hold.added)
             raise
-        self._held[conn] = held
-        return conn
+        self._held[handle] = hold
+        return handle
 
-    async def release(self, conn: str) -> None:
-        held = self._held.pop(conn, None)
-        if held:
-            await self._release_keys(conn, held)
+    def member(self, handle: str | None) -> str | None:
+        """The member (session id) a lease counts."""
+        hold = self._held.get(handle) if handle is not None else None
+        return hold.member if hold is not None else None
 
-    async def _release_keys(self, conn: str, held: list[str]) -> None:
-        if not held:
+    async def release(self, handle: str, *, session_closed: bool = False) -> None:
+        """Stop counting: the member leaves the sets where this lease added it or, once its
+        session's stream is closed (``session_closed``), every set it was counted in."""
+        hold = self._held.pop(handle, None)
+        if hold is not None:
+            await self._remove(hold.member, hold.keys if session_closed else hold.added)
+
+    def forget(self, handle: str) -> None:
+        """Drop a lease without touching Redis: another holder has its member now (the
+        session was resumed on another connection), or nobody can tell (its lease runs
+        out by itself unless a live holder renews it)."""
+        self._held.pop(handle, None)
+
+    async def _remove(self, member: str, where: list[str]) -> None:
+        if not where:
             return
         with contextlib.suppress(*REDIS_DOWN):  # the lease expires on its own
             pipe = self.redis.pipeline(transaction=False)
-            for key in held:
-                pipe.zrem(key, conn)
+            for key in where:
+                pipe.zrem(key, member)
             await pipe.execute()
 
     async def renew_forever(self, every_s: float) -> None:
-        """Keep the leases of this process's open sessions fresh (one pipeline per round)."""
+        """Keep the leases of this process's sessions fresh (one pipeline per round). A plain
+        ZADD, not XX: a member that a stale holder removed is restored by its live one."""
         while True:
             await asyncio.sleep(every_s)
-            await self._sweep(60.0)
+            await self._sweep()
             if not self._held:
                 continue
             expiry = f"{time.time() + self.lease_s:.3f}"
             try:
                 pipe = self.redis.pipeline(transaction=False)
-                for conn, held in list(self._held.items()):
-                    for key in held:
-                        pipe.zadd(key, {conn: expiry}, xx=True)
+                for hold in list(self._held.values()):
+                    for key in hold.keys:
+                        pipe.zadd(key, {hold.member: expiry})
                         pipe.expire(key, math.ceil(self.lease_s * 2))
                 await pipe.execute()
             except REDIS_DOWN as exc:

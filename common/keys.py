@@ -47,8 +47,10 @@ def token_nonce(nonce: str) -> str:
 def connections(kind: str, who: str) -> str:
     """Sorted set of one client address's or one API key's open sessions (``kind`` ip|key).
 
-    Members are connection ids scored by a lease expiry (unix seconds) that their gateway
-    renews; members of a gateway that died drop out when their lease expires. The key's TTL
-    is renewed with them.
+    Members are session ids (a replay socket's: a connection id) scored by a lease expiry
+    (unix seconds) that their gateway renews. A session's member stays until its audio
+    stream is closed (its close marker appended), the resume grace of a dropped socket
+    included; a resumed session is the same member, counted once. Members of a gateway that
+    died drop out when their lease expires. The key's TTL is renewed with them.
     """
     return f"stt:conns:{kind}:{who}"

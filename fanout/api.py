@@ -85,6 +85,12 @@ class Route:
     def websocket(self) -> bool:
         return self.kind in ("results", "replay")
 
+    @property
+    def opens_session(self) -> bool:
+        """Replays create a session: they count against the session caps and use up a
+        session token's one session."""
+        return self.kind == "replay"
+
 
 def json_response(status: http.HTTPStatus, body: Any) -> Response:
     data = json.dumps(body, ensure_ascii=False).encode()
@@ -128,6 +134,9 @@ class SessionsApi:
         return path == PREFIX or path.startswith(PREFIX + "/")
 
     def route(self, path: str) -> Route:
+        """The one parse of a ``/v1/sessions...`` path: admission (caps, tokens) and dispatch
+        both act on it. NotFound for anything else (a percent-encoded or doubled segment
+        too); one trailing slash is the same route."""
         m = _ROUTE.fullmatch(path)
         if m is None:
             raise NotFound("no such endpoint")
@@ -146,17 +155,22 @@ class SessionsApi:
             return Route(leaf, sid)
         raise NotFound("no such endpoint")
 
-    @staticmethod
-    def opens_session(path: str) -> bool:
-        """Replays create a session (so they count against the session caps)."""
-        return path.endswith("/replay")
+    def match(self, path: str) -> Route | None:
+        """``route``, or None where it is NotFound."""
+        try:
+            return self.route(path)
+        except NotFound:
+            return None
 
     async def process_request(self, connection: ServerConnection, request: Request,
-                              principal: Principal = ANONYMOUS) -> Response | None:
-        """An HTTP response, or None to upgrade a WebSocket route."""
+                              principal: Principal = ANONYMOUS,
+                              route: Route | None = None) -> Response | None:
+        """An HTTP response, or None to upgrade a WebSocket route. ``route``: the request's
+        route as its admission parsed it (parsed here when not given)."""
         url = urlsplit(request.path)
         try:
-            route = self.route(url.path)
+            if route is None:
+                route = self.route(url.path)
             if route.websocket:
                 if request.headers.get("Upgrade", "").lower() != "websocket":
                     raise WebSocketRequired("this endpoint is a WebSocket")
@@ -175,12 +189,15 @@ class SessionsApi:
             if not principal.may_read(owner):
                 raise token_forbidden()
 
-    async def websocket(self, ws: ServerConnection, principal: Principal = ANONYMOUS) -> None:
+    async def websocket(self, ws: ServerConnection, principal: Principal = ANONYMOUS,
+                        route: Route | None = None) -> None:
+        """``route``: as for ``process_request``."""
         assert ws.request is not None
         url = urlsplit(ws.request.path)
         query = parse_qs(url.query, keep_blank_values=True)
         try:
-            route = self.route(url.path)
+            if route is None:
+                route = self.route(url.path)
             if route.kind == "results":
                 sid = check_session_id(route.sid)
                 params = ViewerParams.parse(query)

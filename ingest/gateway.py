@@ -16,6 +16,8 @@ import contextlib
 import http
 import logging
 import mimetypes
+import uuid
+import weakref
 from importlib import resources
 from urllib.parse import parse_qs, urlsplit
 
@@ -23,7 +25,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from common import errors
+from common import errors, keys
 from common.access import AccessGuard, select_subprotocol
 from common.auth import Principal
 from common.errors import (
@@ -40,10 +42,16 @@ from common.metrics import gateway_metrics, health_route, register_viewer_gauges
 from common.redis_client import REDIS_DOWN, make_redis
 from common.settings import GatewaySettings
 from common.streams import AudioAppender
-from fanout.api import SessionsApi, error_response, json_response
+from fanout.api import NotFound, Route, SessionsApi, error_response, json_response
 from fanout.replay import ReplayConfig
 from fanout.sockets import float_param
-from ingest.listen import ListenParams, ListenSession, send_error
+from ingest.listen import (
+    ListenParams,
+    ListenSession,
+    resume_target,
+    send_error,
+    session_id_ok,
+)
 from ingest.monitor import SessionMonitor
 from ingest.store import SessionStore
 from ingest.writer import AudioFlusher, AudioWriter
@@ -88,6 +96,11 @@ class Gateway:
         self._server: Server | None = None
         self._renewer: asyncio.Task[None] | None = None
         self._detached: set[asyncio.Task[None]] = set()
+        self._detached_sids: dict[str, asyncio.Task[None]] = {}
+        self._live: dict[str, ListenSession] = {}  # the connection writing each session here
+        # The sessions-API route each admitted upgrade was admitted for: its handler
+        # dispatches on that same parse.
+        self._routes: weakref.WeakKeyDictionary[object, Route] = weakref.WeakKeyDictionary()
         self.stopping = False
 
     # ------------------------------------------------------------------ HTTP side
@@ -121,14 +134,27 @@ class Gateway:
                 return await self._revoke(principal, request)
             return self._mint(principal, request)
         if path == LISTEN_PATH:
-            resume = "session" in parse_qs(urlsplit(request.path).query)
-            await self.guard.admit(connection, request, opens_session=not resume,
-                                   caps=self._caps)
+            # The caps count the session: the one named by ?session= (resumed within its
+            # grace, it is counted once), or the id a new session will get. The query is read
+            # the way ListenParams reads it, so "resume" here is "resume" there.
+            target = resume_target(parse_qs(urlsplit(request.path).query,
+                                            keep_blank_values=True))
+            member = target if target is not None and session_id_ok(target) \
+                else uuid.uuid4().hex
+            await self.guard.admit(connection, request, opens_session=target is None,
+                                   caps=self._caps, member=member)
             return None  # upgrade; query errors go to the client as error messages
-        opens = SessionsApi.opens_session(path)
+        # One parse decides everything: opens a session (caps, a token's one use) and what
+        # serves it. A path it does not know opens nothing and is a 404 after admission.
+        route = self.sessions_api.match(path)
+        opens = route is not None and route.opens_session
         principal = await self.guard.admit(connection, request, opens_session=opens,
                                            caps=self._caps if opens else None)
-        return await self.sessions_api.process_request(connection, request, principal)
+        if route is None:
+            raise NotFound("no such endpoint")
+        if route.websocket:
+            self._routes[connection] = route
+        return await self.sessions_api.process_request(connection, request, principal, route)
 
     def _mint(self, principal: Principal, request: Request) -> Response:
         """``GET``/``POST /v1/token``: a single-use session token for a browser page (API
@@ -198,58 +224,113 @@ class Gateway:
 
     async def handler(self, ws: ServerConnection) -> None:
         assert ws.request is not None
+        route = self._routes.pop(ws, None)
         try:
             principal, lease = self.guard.take(ws)
         except SttError as exc:
             self.metrics.rejections.labels(exc.code).inc()
             await send_error(ws, exc)
             return
-        try:
-            await self._websocket(ws, principal)
+        if urlsplit(ws.request.path).path == LISTEN_PATH:
+            await self._listen(ws, principal, lease)
+            return
+        try:  # process_request let only its routes through
+            await self.sessions_api.websocket(ws, principal, route)
         finally:
             if lease is not None:
                 await self.guard.release(lease)
 
-    async def _websocket(self, ws: ServerConnection, principal: Principal) -> None:
+    async def _listen(self, ws: ServerConnection, principal: Principal,
+                      lease: str | None) -> None:
+        """A /v1/listen socket. Its cap lease goes to its ``ListenSession``, which keeps it
+        until the session's stream is closed (through the resume grace when the socket
+        drops)."""
         assert ws.request is not None
-        if urlsplit(ws.request.path).path != LISTEN_PATH:
-            # process_request let only its routes through
-            await self.sessions_api.websocket(ws, principal)
-            return
         try:
             params = ListenParams(parse_qs(urlsplit(ws.request.path).query,
                                            keep_blank_values=True))
         except SttError as exc:
+            if lease is not None:
+                await self.guard.release(lease)
             self.metrics.rejections.labels(exc.code).inc()
             await send_error(ws, exc)
             return
-        await ListenSession(self, ws, params, principal).run()
+        session = ListenSession(self, ws, params, principal, lease)
+        try:
+            await session.run()
+        finally:
+            if session.lease is not None:  # run() settles it; an exception may not have
+                self.guard.forget(session.lease)
 
     def detach_later(self, sid: str, generation: int, samples: int, entry_seq: int,
-                     writer: AudioWriter | None) -> None:
-        """The client vanished: keep the session for the resume grace, then end its stream."""
+                     writer: AudioWriter | None, lease: str | None = None) -> None:
+        """The client vanished: keep the session (and its cap ``lease``) for the resume
+        grace, then end its stream and release the lease."""
         task = asyncio.create_task(
-            self._expire_detached(sid, generation, samples, entry_seq, writer),
+            self._expire_detached(sid, generation, samples, entry_seq, writer, lease),
             name=f"detached-{sid}")
         self._detached.add(task)
-        task.add_done_callback(self._detached.discard)
+        self._detached_sids[sid] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._detached.discard(t)
+            if self._detached_sids.get(sid) is t:
+                del self._detached_sids[sid]
+
+        task.add_done_callback(done)
+
+    def attached(self, session: ListenSession) -> None:
+        """``session`` opened its session or took it over (a resume): an earlier connection
+        or detached wait for it here is stale (it can no longer append), so it ends now and
+        leaves the cap member to this one. Without this, resumes of one session (which share
+        its cap slot) could pile up idle sockets."""
+        task = self._detached_sids.pop(session.sid, None)
+        if task is not None:
+            task.cancel()
+        previous = self._live.get(session.sid)
+        if previous is not None and previous is not session:
+            if previous.generation > session.generation:  # two resumes raced: keep the newer
+                session.taken()
+                return
+            previous.taken()
+        self._live[session.sid] = session
+
+    def unattached(self, session: ListenSession) -> None:
+        if self._live.get(session.sid) is session:
+            del self._live[session.sid]
 
     async def _expire_detached(self, sid: str, generation: int, samples: int, entry_seq: int,
-                               writer: AudioWriter | None) -> None:
-        if writer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.drain(), self.settings.outage_buffer_s)
-            await writer.close()
-        await asyncio.sleep(self.settings.resume_grace_s)
-        marker = AudioMarker("close", entry_seq + 1, samples)
-        for attempt in range(10):
-            try:
-                if await self.store.append(sid, generation, [marker]):
-                    log.info("session %s: not resumed within %.0f s; closing it", sid,
-                             self.settings.resume_grace_s)
-                return
-            except REDIS_DOWN:
-                await asyncio.sleep(min(0.2 * 2 ** attempt, 5.0))
+                               writer: AudioWriter | None, lease: str | None) -> None:
+        closed = False
+        try:
+            if writer is not None:
+                try:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(writer.drain(), self.settings.outage_buffer_s)
+                finally:
+                    await writer.close()
+            await asyncio.sleep(self.settings.resume_grace_s)
+            marker = AudioMarker("close", entry_seq + 1, samples)
+            ended = False  # its transcriber closed it meanwhile (idle): nothing to append
+            for attempt in range(10):
+                try:
+                    closed = await self.store.append(sid, generation, [marker])
+                    if not closed:
+                        ended = await self.redis.hget(keys.meta(sid), "state") != b"active"
+                    break
+                except REDIS_DOWN:
+                    await asyncio.sleep(min(0.2 * 2 ** attempt, 5.0))
+            if closed:
+                log.info("session %s: not resumed within %.0f s; closing it", sid,
+                         self.settings.resume_grace_s)
+            if (closed or ended) and lease is not None:
+                await self.guard.release(lease, session_closed=True)
+        finally:
+            # Not closed here: resumed on another connection (the attach generation moved;
+            # that connection holds the member now), or Redis stayed down (the member's
+            # lease runs out).
+            if lease is not None:
+                self.guard.forget(lease)
 
     async def start(self) -> Server:
         s = self.settings

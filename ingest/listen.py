@@ -28,6 +28,8 @@ from common.errors import (
     BadRequest,
     Forbidden,
     MessageTooBig,
+    SessionClosed,
+    SessionTaken,
     StorageUnavailable,
     SttError,
     TooSlow,
@@ -68,13 +70,28 @@ def _bool_param(value: str | None, default: bool) -> bool:
     raise BadRequest("interim_results must be true or false")
 
 
+def _one(query: dict[str, list[str]], name: str) -> str | None:
+    values = query.get(name)
+    return values[-1] if values else None
+
+
+def session_id_ok(value: str) -> bool:
+    return len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+
+
+def resume_target(query: dict[str, list[str]]) -> str | None:
+    """For admission, before the upgrade: the session a /v1/listen query resumes (None: it
+    opens a new one), read as ``ListenParams`` reads it (parsed with blank values kept). A
+    malformed id is refused after the upgrade; it is still a resume, never a new session."""
+    return _one(query, "session")
+
+
 class ListenParams:
     """The validated query string of /v1/listen."""
 
     def __init__(self, query: dict[str, list[str]]) -> None:
         def one(name: str) -> str | None:
-            values = query.get(name)
-            return values[-1] if values else None
+            return _one(query, name)
 
         self.format: StreamFormat = parse_stream_format(
             one("encoding"), one("sample_rate"), one("channels"))
@@ -83,9 +100,8 @@ class ListenParams:
             raise BadRequest("language must be an ISO code or 'auto'")
         self.language = language
         self.interim_results = _bool_param(one("interim_results"), True)
-        self.session = one("session")
-        if self.session is not None and (
-                len(self.session) != 32 or not all(c in "0123456789abcdef" for c in self.session)):
+        self.session = resume_target(query)
+        if self.session is not None and not session_id_ok(self.session):
             raise BadRequest("session must be a session id from a 'session' message")
         after = one("after")
         if after is not None and self.session is None:
@@ -124,6 +140,21 @@ async def clock_limit(clock: SessionClock) -> AsyncIterator[None]:
             timer.cancel()
 
 
+async def stop_task(task: asyncio.Task[Any], every_s: float = 0.1) -> None:
+    """Cancel ``task`` and wait until it has ended, cancelling again while it runs.
+
+    redis-py (8.1) can swallow a cancellation that lands while it opens a connection: the
+    command then runs on (an XREAD BLOCK for its whole block time, and the loop around it
+    after that), and one ``cancel()`` plus ``await`` would wait for the session's results
+    to close. Measured: a cancel a few ms after a results reader started took the whole
+    10 s block; the second cancel ends it."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=every_s)
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+
+
 async def send_error(ws: ServerConnection, exc: SttError) -> None:
     """Tell the client what went wrong (no internals), then close with the matching code."""
     with contextlib.suppress(ConnectionClosed):
@@ -132,16 +163,27 @@ async def send_error(ws: ServerConnection, exc: SttError) -> None:
 
 
 class ListenSession:
-    """One /v1/listen connection, new or resumed."""
+    """One /v1/listen connection, new or resumed.
+
+    ``lease`` is the connection's cap lease (``AccessGuard``); its member is the session id
+    (for a new session, the id admission counted). The session keeps it until the
+    session's stream is closed: released once this connection appended the close marker,
+    handed to the gateway's detached wait when the socket dropped, forgotten when another
+    connection took the session over. Every session this creates ends on every exit path.
+    """
 
     def __init__(self, gateway: Gateway, ws: ServerConnection, params: ListenParams,
-                 principal: Principal) -> None:
+                 principal: Principal, lease: str | None = None) -> None:
         self.gateway = gateway
         self.settings = gateway.settings
         self.store: SessionStore = gateway.store
         self.ws = ws
         self.params = params
-        self.sid = params.session or uuid.uuid4().hex
+        self.lease = lease
+        self.sid = params.session or gateway.guard.member(lease) or uuid.uuid4().hex
+        self._creating = False  # store.create was sent (the session may exist)
+        self._taken = False  # a newer connection here took the session over
+        self._taken_close: asyncio.Task[None] | None = None
         self.normalizer = AudioNormalizer(params.format)
         self.samples_sent = 0
         self.entry_seq = 0
@@ -169,31 +211,37 @@ class ListenSession:
         try:
             resumed = await self._open()
         except SttError as exc:
+            await self._release_lease()
             await self._fail(exc)
             return
         except REDIS_DOWN:
+            await self._abandon_creation()
             await self._fail(StorageUnavailable("storage unavailable; try again later"))
             return
-        await self.ws.send(to_json(SessionStarted(
-            session_id=self.sid,
-            model=self.settings.model_name,
-            sample_rate=self.params.format.sample_rate,
-            encoding=self.params.format.encoding,
-            channels=self.params.format.channels,
-            language=self.params.language or "en",
-            interim_results=self.params.interim_results,
-            resumed=resumed,
-        )))
-        log.info("session %s: %s (%s %d Hz x%d)", self.sid, "resumed" if resumed else "opened",
-                 self.params.format.encoding, self.params.format.sample_rate,
-                 self.params.format.channels)
+        self.gateway.attached(self)
         metrics = self.gateway.metrics
-        (metrics.reconnects if resumed else metrics.sessions_opened).inc()
         metrics.sessions_active.inc()
-        delivery = asyncio.create_task(self._deliver(), name=f"deliver-{self.sid}")
-        self.gateway.monitor.watch(self)
+        delivery: asyncio.Task[None] | None = None
+        announced = False  # the client has the session id (it can resume)
         clean = False
         try:
+            await self.ws.send(to_json(SessionStarted(
+                session_id=self.sid,
+                model=self.settings.model_name,
+                sample_rate=self.params.format.sample_rate,
+                encoding=self.params.format.encoding,
+                channels=self.params.format.channels,
+                language=self.params.language or "en",
+                interim_results=self.params.interim_results,
+                resumed=resumed,
+            )))
+            announced = True
+            log.info("session %s: %s (%s %d Hz x%d)", self.sid,
+                     "resumed" if resumed else "opened", self.params.format.encoding,
+                     self.params.format.sample_rate, self.params.format.channels)
+            (metrics.reconnects if resumed else metrics.sessions_opened).inc()
+            delivery = asyncio.create_task(self._deliver(), name=f"deliver-{self.sid}")
+            self.gateway.monitor.watch(self)
             if self._ended:
                 await self._drain(delivery)  # resumed after close: just deliver
                 clean = True
@@ -204,7 +252,7 @@ class ListenSession:
             log.info("session %s: client error %s", self.sid, exc.code)
             with contextlib.suppress(Exception):
                 await self._end_stream()
-            if exc.drain:  # a limit reached: deliver what was said, then the error
+            if exc.drain and delivery is not None:  # a limit: deliver what was said, then it
                 await self._drain(delivery, then=exc)
             else:
                 await self._fail(exc)
@@ -215,23 +263,97 @@ class ListenSession:
             log.exception("session %s: internal error", self.sid)
             await self._fail(SttError("internal error"))
         finally:
-            self.gateway.monitor.unwatch(self)
-            delivery.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await delivery
-            if not clean and not self._ended and not self.gateway.stopping:
-                self.gateway.detach_later(self.sid, self.generation, self.samples_sent,
-                                          self.entry_seq, self.writer)
-            elif self.writer is not None:
-                await self._close_writer()
+            if delivery is not None:
+                self.gateway.monitor.unwatch(self)
+                await stop_task(delivery)
+            await self._settle(clean, known=announced or resumed)
             metrics.sessions_active.dec()
             log.info("session %s: socket done (%d samples)", self.sid, self.samples_sent)
 
-    async def _close_writer(self) -> None:
+    def taken(self) -> None:
+        """A newer connection on this gateway resumed this session: this one can no longer
+        append; tell its client and end (the newer one holds the cap member)."""
+        if self._taken:
+            return
+        self._taken = True
+        self._taken_close = asyncio.create_task(send_error(self.ws, SessionTaken(
+            "the session was resumed on another connection")))
+
+    async def _settle(self, clean: bool, known: bool) -> None:
+        """The socket is done: the session's stream ends now, or after the resume grace when
+        the client (which has the session id: ``known``) may come back for it."""
+        self.gateway.unattached(self)
+        if self._taken:
+            if self.writer is not None:
+                await self.writer.close()
+            lease, self.lease = self.lease, None
+            if lease is not None:
+                self.gateway.guard.forget(lease)
+            return
+        if not clean and not self._ended:
+            if known and not self.gateway.stopping:
+                lease, self.lease = self.lease, None
+                self.gateway.detach_later(self.sid, self.generation, self.samples_sent,
+                                          self.entry_seq, self.writer, lease)
+                return
+            if not known:
+                # The 'session' message never went out: nobody can resume this session,
+                # so its close marker goes in now, not after the grace.
+                log.info("session %s: the client left before it got the session id; "
+                         "closing it", self.sid)
+                with contextlib.suppress(Exception):
+                    await self._end_stream()
+            # else a stopping gateway: the client may resume elsewhere (1012)
+        stored = await self._close_writer() if self.writer is not None else True
+        lease, self.lease = self.lease, None
+        if lease is None:
+            return
+        ended = self.writer is not None and isinstance(self.writer.failure, SessionClosed)
+        if (self._ended and stored) or ended:  # the stream is over: nobody counts it any more
+            await self.gateway.guard.release(lease, session_closed=True)
+        else:
+            # Another connection took the session over (it holds the member), or its
+            # close marker could not be stored / a stopping gateway left it to be resumed
+            # elsewhere: the member's lease runs out unless a live holder renews it.
+            self.gateway.guard.forget(lease)
+
+    async def _release_lease(self) -> None:
+        """No session was created or attached here: give back what admission counted."""
+        lease, self.lease = self.lease, None
+        if lease is not None:
+            await self.gateway.guard.release(lease)
+
+    async def _abandon_creation(self) -> None:
+        """Redis failed while opening. A creation whose reply was lost may have made the
+        session: try to close its stream too (it has no entries yet)."""
+        if not self._creating or self.params.session is not None:
+            await self._release_lease()
+            return
+        try:
+            marker = AudioMarker("close", 1, 0)
+            written = await self.store.append(self.sid, 1, [marker])
+        except REDIS_DOWN:
+            lease, self.lease = self.lease, None
+            if lease is not None:
+                self.gateway.guard.forget(lease)  # unknown: let its lease run out
+            return
+        if written:
+            log.info("session %s: created though Redis failed; closed it", self.sid)
+        lease, self.lease = self.lease, None
+        if lease is not None:  # closed now, or it never existed
+            await self.gateway.guard.release(lease, session_closed=True)
+
+    async def _close_writer(self) -> bool:
+        """Stop the writer; True when everything queued was stored."""
         assert self.writer is not None
-        with contextlib.suppress(Exception):
+        stored = False
+        try:
             await asyncio.wait_for(self.writer.drain(), self.settings.outage_buffer_s)
+            stored = True
+        except Exception:
+            pass
         await self.writer.close()
+        return stored
 
     async def _open(self) -> bool:
         """Create the session, or attach to the one named in ``session``."""
@@ -242,6 +364,7 @@ class ListenSession:
             if self.principal.max_session_s is not None:
                 longest = min(longest, self.principal.max_session_s)
             deadline = time.time() + longest
+            self._creating = True
             self.generation = await self.store.create(self.sid, {
                 "encoding": self.params.format.encoding,
                 "sample_rate": self.params.format.sample_rate,
