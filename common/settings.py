@@ -201,6 +201,9 @@ class SessionsApiSettings(AccessSettings):
     export_concurrency: int = setting(
         2, "audio.wav responses built at once per process; more get 503")
     list_max: int = setting(500, "most sessions one GET /v1/sessions returns")
+    list_max_scan: int = setting(
+        1000, "most index entries one GET /v1/sessions examines (a state filter that "
+        "matches few sessions returns a short page and next_before to continue from)")
     max_message_bytes: int = setting(
         1 << 20, "largest WebSocket message accepted; a larger one gets the error "
         "message_too_big and close 1009")

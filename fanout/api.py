@@ -253,7 +253,8 @@ class SessionsApi:
         state = one(query, "state") or None
         if state not in (None, "active", "closed"):
             raise BadRequest("state must be active or closed")
-        sessions, next_before = await self.records.list_sessions(limit, before, state)
+        sessions, next_before = await self.records.list_sessions(
+            limit, before, state, self.settings.list_max_scan)
         return json_response(http.HTTPStatus.OK, {
             "sessions": [s.to_dict() for s in sessions], "next_before": next_before})
 

@@ -208,19 +208,28 @@ class SessionRecords:
         await self.redis.zadd(keys.INDEX, {sid: created}, nx=True)
 
     async def list_sessions(self, limit: int, before: float | None = None,
-                   state: str | None = None) -> tuple[list[SessionInfo], float | None]:
+                            state: str | None = None, max_scan: int = 1000,
+                            ) -> tuple[list[SessionInfo], float | None]:
         """Newest first, from the index; expired members are dropped from the index on the way.
 
-        Returns the page and the ``before`` value of the next page (None at the end).
+        Examines at most ``max_scan`` index entries per call (a ``state`` filter that
+        matches few sessions would otherwise read the whole index in one request), so a
+        page may hold fewer than ``limit`` sessions. Returns the page and the ``before``
+        value of the next page (None at the end of the index).
         """
         out: list[SessionInfo] = []
         high: float | str = f"({before}" if before is not None else "+inf"
+        scanned = 0
         while len(out) < limit:
-            want = max(2 * (limit - len(out)), 100)
+            want = min(max(2 * (limit - len(out)), 100), max_scan - scanned)
+            if want <= 0:
+                return out, float(high[1:]) if isinstance(high, str) and high[0] == "(" \
+                    else None
             members = await self.redis.zrevrangebyscore(
                 keys.INDEX, high, "-inf", start=0, num=want, withscores=True)
             if not members:
                 return out, None
+            scanned += len(members)
             sids = [m.decode() for m, _ in members]
             infos = await self._infos(sids)
             gone = [sid for sid, info in zip(sids, infos, strict=True) if info is None]
