@@ -132,6 +132,9 @@ class SessionStarted:
     language: str
     interim_results: bool
     resumed: bool = False
+    #: 16 kHz samples of audio the server has stored for this session: a resumed client sends
+    #: its audio again from there (what a dropped socket or a dead gateway lost)
+    stored_samples: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -287,6 +287,9 @@ class GatewaySettings(SessionsApiSettings):
         "session is closed and drained")
     outage_buffer_s: float = setting(
         30.0, "seconds of audio buffered per session while Redis is unreachable")
+    shutdown_drain_s: float = setting(
+        5.0, "on SIGTERM, how long the gateway waits for buffered audio to reach Redis before "
+        "it closes its sockets with 1012 (clients resend what it could not store)")
     max_backlog: int = setting(
         50, "queued sessions no transcriber has taken yet beyond which new sessions get 1013")
     lag_warning_s: float = setting(

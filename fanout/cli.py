@@ -127,6 +127,8 @@ class Printer:
         kind = msg.get("type")
         if kind == "error":
             self.failed = f"{msg.get('message')} ({msg.get('code')})"
+        elif kind == "session" and msg.get("resumed"):
+            self.failed = None  # the error that dropped the socket was got over
         if self.as_json:
             self.out.write(json.dumps(msg, ensure_ascii=False) + "\n")
             self.out.flush()
@@ -150,6 +152,8 @@ class Printer:
                 line += f" (replay of {msg['replay_of']}, {msg.get('speed')})"
             if msg.get("model"):
                 line += f", model {msg['model']}"
+            if msg.get("resumed"):
+                line += f", resumed at {msg.get('stored_samples', 0) / 16000:.1f} s"
             print(line, file=sys.stderr)
         elif kind == "warning":
             self._clear_partial()
@@ -299,7 +303,8 @@ def cmd_stream(args: argparse.Namespace) -> None:
     printer = Printer(args.json)
     try:
         res = asyncio.run(stream(url, msgs, pace=file_pace(args, msgs),
-                                 on_message=printer, headers=auth_headers(args)))
+                                 on_message=printer, headers=auth_headers(args),
+                                 reconnects=args.reconnects))
     except (OSError, TimeoutError, WebSocketException) as exc:
         raise CliError(f"cannot connect to {url.split('?')[0]}: {exc}") from None
     if printer.failed:
@@ -449,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--language", default=None)
     p.add_argument("--no-partials", action="store_true", help="finals only")
     p.add_argument("--json", action="store_true", help="print raw JSON messages")
+    p.add_argument("--reconnects", type=int, default=8,
+                   help="a file: resume a dropped session this many times, sending again the "
+                   "audio the server says it has not stored (0 = give up at once)")
     p.set_defaults(func=cmd_stream)
     return parser
 

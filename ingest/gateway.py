@@ -295,6 +295,25 @@ class Gateway:
             previous.taken()
         self._live[session.sid] = session
 
+    async def _drain_writers(self) -> None:
+        """Before the 1012: store the audio the live sessions have buffered (a Redis outage
+        may hold up to ``OUTAGE_BUFFER_S`` of it), for at most ``SHUTDOWN_DRAIN_S``, so a
+        client resuming elsewhere finds it; what could not be stored the client sends again
+        (``stored_samples``)."""
+        writers = [s.writer for s in self._live.values() if s.writer is not None]
+        if not writers:
+            return
+        drains = [asyncio.ensure_future(w.drain()) for w in writers]
+        done, pending = await asyncio.wait(drains, timeout=self.settings.shutdown_drain_s)
+        for fut in pending:
+            fut.cancel()
+        for fut in done:
+            fut.exception()  # a failed writer (taken, closed) has nothing more to store
+        if pending:
+            log.warning("shutdown: %d session(s) still had audio buffered after %.0f s; "
+                        "their clients send it again when they resume", len(pending),
+                        self.settings.shutdown_drain_s)
+
     def unattached(self, session: ListenSession) -> None:
         if self._live.get(session.sid) is session:
             del self._live[session.sid]
@@ -356,6 +375,7 @@ class Gateway:
         self.stopping = True
         if self._server is not None:
             self._server.close(close_connections=False)
+            await self._drain_writers()
             conns = list(self._server.connections)
             await asyncio.gather(*(c.close(errors.SERVICE_RESTART, "gateway restarting")
                                    for c in conns), return_exceptions=True)

@@ -234,6 +234,7 @@ class ListenSession:
                 language=self.params.language or "en",
                 interim_results=self.params.interim_results,
                 resumed=resumed,
+                stored_samples=self.samples_sent,  # resend from here what never arrived
             )))
             announced = True
             log.info("session %s: %s (%s %d Hz x%d)", self.sid,

@@ -23,7 +23,8 @@ def check_protocol(res: StreamResult) -> None:
     msgs = [r.message for r in res.messages]
     assert msgs[0]["type"] == "session"
     sid = msgs[0]["session_id"]
-    results = msgs[1:]
+    assert all(m["session_id"] == sid and m["resumed"] for m in msgs[1:] if m["type"] == "session")
+    results = [m for m in msgs[1:] if m["type"] != "session"]  # a resume's 'session' too
     assert all(m["session_id"] == sid for m in results)
     seqs = [m["seq"] for m in results]
     assert seqs == sorted(set(seqs)), "seq must be strictly increasing"
