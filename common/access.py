@@ -298,8 +298,11 @@ class AccessGuard:
         # After its first-use window the token cannot open a session anyway, so the nonce
         # only has to outlive that window (plus a margin for clocks that disagree).
         ttl = max(1, math.ceil(principal.token_exp - time.time())) + NONCE_MARGIN_S
-        before = await self.redis.set(key, TOKEN_USED, nx=True, ex=ttl, get=True)
-        if before is not None:
+        # A value of this use's own: when redis-py sends the SET again because its reply was
+        # lost, the value it finds is its own first try, not another use.
+        mine = TOKEN_USED + b":" + uuid.uuid4().hex.encode()
+        before = await self.redis.set(key, mine, nx=True, ex=ttl, get=True)
+        if before is not None and before != mine:
             raise Unauthorized("token revoked" if before == TOKEN_REVOKED
                                else "token already used")
 

@@ -476,6 +476,18 @@ class ListenSession:
         (or, when a limit ended the session, send that error and its close code)."""
         assert self.writer is not None
         try:
+            # the close marker stored first: a connection another one took the session from
+            # learns it here (session_taken) instead of waiting for a 'closed' never coming
+            await asyncio.wait_for(self.writer.drain(), self.settings.outage_buffer_s)
+        except SessionClosed:
+            pass  # its transcriber closed it already: 'closed' is on its way
+        except SttError as exc:
+            await self._fail(exc)
+            return
+        except TimeoutError:
+            await self._fail(StorageUnavailable("storage unavailable; try again later"))
+            return
+        try:
             await asyncio.wait_for(asyncio.shield(delivery), self.settings.close_drain_timeout_s)
         except TimeoutError:
             log.warning("session %s: drain timed out", self.sid)

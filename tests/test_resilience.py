@@ -7,6 +7,7 @@ processes, and kills, stops, restarts or disconnects them mid-session.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import time
@@ -420,3 +421,40 @@ def test_a_gateway_killed_with_audio_buffered_in_an_outage_loses_none_of_it(
     assert ends[-1] == len(JFK)
     assert res.closed_duration == pytest.approx(len(JFK) / 16000, abs=0.01)
     assert wer(reference("fw_jfk"), res.text) <= 0.10, res.text
+
+
+def test_a_connection_whose_session_was_resumed_elsewhere_is_told_when_it_sends_close(
+        cluster_factory: Any) -> None:
+    """The old connection learns it was taken over (session_taken, 1008) as soon as its
+    close marker is refused, instead of waiting 120 s for a 'closed' and getting 1011."""
+    cluster = cluster_factory(workers=1)
+    other, other_port = start_gateway(cluster.redis.url)
+
+    async def scenario() -> tuple[list[dict[str, Any]], int | None, float, StreamResult]:
+        parts = frames(JFK)
+        async with connect(listen_url(cluster.ws_url)) as old:
+            sid = json.loads(await old.recv())["session_id"]
+            for payload, _ in parts[:20]:
+                await old.send(payload)
+            await asyncio.sleep(0.5)
+            resumed = asyncio.create_task(stream(
+                listen_url(f"ws://127.0.0.1:{other_port}", session=sid, after=0), parts[20:],
+                pace=1.0))
+            await asyncio.sleep(1.0)  # the other gateway has taken the session
+            began = time.monotonic()
+            await old.send(json.dumps({"type": "close"}))
+            told: list[dict[str, Any]] = []
+            with contextlib.suppress(Exception):
+                async for raw in old:
+                    told.append(json.loads(raw))
+            took = time.monotonic() - began
+            return told, old.close_code, took, await resumed
+
+    try:
+        told, code, took, res = asyncio.run(scenario())
+    finally:
+        other.stop()
+    errors_seen = [m for m in told if m["type"] == "error"]
+    assert [e["code"] for e in errors_seen] == ["session_taken"], told
+    assert code == 1008 and took < 5.0, (code, took)
+    check_protocol(res)

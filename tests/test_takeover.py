@@ -267,3 +267,39 @@ def test_a_hand_back_whose_reply_is_lost_moves_the_session_once(
         wait_for("the work queue empty", lambda: r.xlen(keys.SESSIONS) == 0, 10)
     finally:
         proxy.close()
+
+
+def test_a_token_whose_first_use_loses_its_reply_still_opens_its_session(
+        server: RedisServer, services: list[Service]) -> None:
+    """The token's first use (SET NX GET on its nonce) loses its reply and redis-py sends it
+    again: the retry finds its own first try and the session opens (before: 401 'token
+    already used' for a valid token's first use)."""
+    import json
+    import secrets
+    import urllib.request
+
+    from websockets.asyncio.client import connect
+
+    from common.auth import hash_key, new_key
+
+    key = new_key()
+    proxy = LossyProxy(server.port)
+    try:
+        gateway, port = start_gateway(proxy.url, AUTH="required", API_KEYS=f"app={hash_key(key)}",
+                                      TOKEN_SECRET=secrets.token_hex(32))
+        services.append(gateway)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/token",
+                                         headers={"Authorization": f"Bearer {key}"})
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            token = json.loads(reply.read())["token"]
+        proxy.drop_reply(b"stt:token:")
+
+        async def first_use() -> dict[str, Any]:
+            async with connect(listen_url(f"ws://127.0.0.1:{port}", token=token)) as ws:
+                return dict(json.loads(await ws.recv()))
+
+        opened = asyncio.run(first_use())
+        assert proxy.dropped == [b"stt:token:"]
+        assert opened["type"] == "session", opened
+    finally:
+        proxy.close()
