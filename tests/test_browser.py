@@ -284,6 +284,10 @@ def _select_stt(_conn: ServerConnection, offered: Sequence[Subprotocol]) -> Subp
     return Subprotocol("stt") if "stt" in offered else None
 
 
+#: 16 kHz samples the scripted server says it stored when the page resumes (0.5 s).
+STORED_SAMPLES = 8000
+
+
 class ScriptedGateway:
     """Serves the real static files and plays a fixed /v1/listen script."""
 
@@ -292,6 +296,7 @@ class ScriptedGateway:
         self.queries: list[dict[str, str]] = []
         self.credentials: list[str | None] = []  # per /v1/listen request, upgrades or not
         self.audio_bytes: list[int] = []
+        self.audio: list[bytearray] = []  # what each socket brought
         self.errors: list[str] = []
         self.server: Server = serve(
             self._handler, "127.0.0.1", 0, process_request=self._static, compression=None,
@@ -348,6 +353,7 @@ class ScriptedGateway:
         n = len(self.queries)
         self.queries.append(query)
         self.audio_bytes.append(0)
+        self.audio.append(bytearray())
         try:
             if n == 0:
                 self._first(ws, n)
@@ -375,6 +381,7 @@ class ScriptedGateway:
                     continue
                 return message
             self.audio_bytes[n] += len(message)
+            self.audio[n] += message
         return None
 
     def _first(self, ws: ServerConnection, n: int) -> None:
@@ -398,8 +405,10 @@ class ScriptedGateway:
             ws.close(1008, "bad resume")
             return
         sid = {"session_id": "s1"}
+        # The server stored only the first STORED_SAMPLES of what the page sent (the rest was
+        # lost with the old socket): the page must send it again from there.
         self._send(ws, type="session", session_id="s1", model="scripted", sample_rate=16000,
-                   resumed=True)
+                   resumed=True, stored_samples=STORED_SAMPLES)
         # Results the page already has, as a server replaying from an older seq might send.
         self._send(ws, type="final", seq=2, utterance=0, text=" Hello world.", start=0.1, end=1.0,
                    words=[], **sid)
@@ -473,6 +482,10 @@ def test_page_resumes_a_dropped_session_without_losing_or_repeating_text(
         assert "session" not in first
         assert second["session"] == "s1" and second["after"] == "4"
         assert second["sample_rate"] == first["sample_rate"]
+        # What the first socket carried past the stored point came again first on the second.
+        stored = round(STORED_SAMPLES * int(first["sample_rate"]) / 16000) * 2
+        lost = bytes(scripted.audio[0][stored:])
+        assert lost and bytes(scripted.audio[1][:len(lost)]) == lost
         # Audio went to both sockets, whole 16-bit samples only.
         assert all(b > 0 and b % 2 == 0 for b in scripted.audio_bytes), scripted.audio_bytes
     finally:

@@ -133,6 +133,10 @@ const st = {
   droppedSamples: 0,
   samplesSent: 0, // samples handed to sockets so far (at st.rate), all segments
   sendLog: [], // [{end, t}]: cumulative sample count after a send, performance.now() then
+  // frames sent in this segment, [{start, pcm, samples}] (bounded): on a resume the server
+  // says how much it stored (`stored_samples`), and what it lost is sent again from here
+  sentRing: [],
+  sentRingSamples: 0,
   // transcript
   segments: [], // [{index, sid, lastSeq, baseSample}]
   items: new Map(), // "seg:utt" → {seg, utt, start, end, text, stable, final, el}
@@ -473,6 +477,11 @@ function sendAudio(pcm, samples) {
 
 function transmit(pcm, samples) {
   st.ws.send(pcm);
+  st.sentRing.push({ start: st.samplesSent, pcm, samples });
+  st.sentRingSamples += samples;
+  while (st.sentRingSamples > MAX_PENDING_SECONDS * st.rate && st.sentRing.length > 1) {
+    st.sentRingSamples -= st.sentRing.shift().samples;
+  }
   st.samplesSent += samples;
   st.lastSendAt = performance.now();
   st.sendLog.push({ end: st.samplesSent, t: st.lastSendAt });
@@ -493,6 +502,30 @@ function flushPending() {
     st.pendingSamples -= f.samples;
     transmit(f.pcm, f.samples);
   }
+}
+
+/** A resumed session: audio handed to the old socket that the server never stored (lost
+ * in the socket's buffer, or in a gateway that died) goes first in the queue again, and the
+ * audio timeline steps back to what the server has. `storedSamples` counts 16 kHz samples
+ * of this segment. */
+function resendUnstored(seg, storedSamples) {
+  if (typeof storedSamples !== "number" || !seg) return;
+  const stored = seg.baseSample + Math.round((storedSamples * st.rate) / 16000);
+  if (stored >= st.samplesSent) return;
+  const again = [];
+  while (st.sentRing.length && st.sentRing[st.sentRing.length - 1].start + st.sentRing[st.sentRing.length - 1].samples > stored) {
+    const f = st.sentRing.pop();
+    st.sentRingSamples -= f.samples;
+    const skip = Math.max(0, stored - f.start);
+    again.unshift(skip ? { pcm: f.pcm.slice(skip * 2), samples: f.samples - skip } : { pcm: f.pcm, samples: f.samples });
+    if (skip) break;
+  }
+  st.samplesSent = stored; // the server's timeline: what is sent next lands here
+  while (st.sendLog.length && st.sendLog[st.sendLog.length - 1].end > st.samplesSent) st.sendLog.pop();
+  for (const f of again) st.pendingSamples += f.samples;
+  st.pending.unshift(...again);
+  st.resentSamples = (st.resentSamples || 0) + again.reduce((n, f) => n + f.samples, 0);
+  ui.audioSent.dataset.resent = String(st.resentSamples);
 }
 
 /** When was the audio at `sample` (cumulative, st.rate) handed to the socket? */
@@ -609,6 +642,8 @@ function onSession(msg, resume) {
     const index = st.segmentOffset + st.segments.length;
     const seg = { index, sid: msg.session_id, lastSeq: 0, baseSample: st.samplesSent };
     st.segments.push(seg);
+    st.sentRing = [];
+    st.sentRingSamples = 0;
     if (prev) {
       showWarning(
         "new_session",
@@ -618,6 +653,7 @@ function onSession(msg, resume) {
       recoverTail(prev);
     }
   } else if (resume) {
+    resendUnstored(prev, msg.stored_samples);
     showWarning("resumed", "Reconnected; the session was resumed.", "info", 5000);
   }
   st.sessionReady = true;
