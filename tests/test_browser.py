@@ -486,6 +486,8 @@ def test_page_resumes_a_dropped_session_without_losing_or_repeating_text(
         stored = round(STORED_SAMPLES * int(first["sample_rate"]) / 16000) * 2
         lost = bytes(scripted.audio[0][stored:])
         assert lost and bytes(scripted.audio[1][:len(lost)]) == lost
+        resent = page.get_by_test_id("audio-sent").get_attribute("data-resent")
+        assert resent is not None and int(resent) * 2 >= len(lost), (resent, len(lost))
         # Audio went to both sockets, whole 16-bit samples only.
         assert all(b > 0 and b % 2 == 0 for b in scripted.audio_bytes), scripted.audio_bytes
     finally:
