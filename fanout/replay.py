@@ -33,6 +33,7 @@ from common.errors import BadRequest, Overloaded, SessionActive, StorageUnavaila
 from common.messages import AudioEntry, AudioFrame, AudioMarker, Closed, ReplayStarted, to_json
 from common.ratelimit import MessageLimits
 from common.redis_client import REDIS_DOWN
+from common.tasks import stop_tasks
 from fanout.follow import follow_results
 from fanout.sockets import bool_param, one, read_controls, send_error
 from fanout.store import SessionRecords, audio_end
@@ -130,9 +131,8 @@ class Replay:
             # Whatever ended it (closed delivered, client gone, copy failed): stop copying;
             # the copy then closes the new session at what it has copied.
             self.stop.set()
-            for task in (deliver, incoming):
-                task.cancel()
-            await asyncio.gather(copy, deliver, incoming, return_exceptions=True)
+            await stop_tasks(deliver, incoming)
+            await asyncio.gather(copy, return_exceptions=True)
         if failure is not None:
             if not isinstance(failure, SttError):
                 log.error("session %s: replay copy failed", self.sid, exc_info=failure)

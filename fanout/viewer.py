@@ -22,6 +22,7 @@ from common.errors import Overloaded, StorageUnavailable, SttError
 from common.messages import Closed, Final, Partial, Result, ViewerStarted, to_json
 from common.ratelimit import MessageLimits
 from common.redis_client import REDIS_DOWN
+from common.tasks import stop_tasks
 from fanout.hub import Hubs, ViewerQueue
 from fanout.sockets import bool_param, drop, float_param, int_param, read_controls, send_error
 from fanout.store import SessionRecords
@@ -117,9 +118,7 @@ class Viewer:
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (pump, incoming):
-                task.cancel()
-            await asyncio.gather(pump, incoming, return_exceptions=True)
+            await stop_tasks(pump, incoming)
         failure = None if pump.cancelled() else pump.exception()
         if pump.done() and not pump.cancelled() and failure is None:
             return  # closed was sent

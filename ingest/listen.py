@@ -48,6 +48,7 @@ from common.messages import (
 )
 from common.ratelimit import MessageLimits
 from common.redis_client import REDIS_DOWN
+from common.tasks import stop_task
 from fanout.follow import follow_results
 from ingest.limits import AudioRate, SessionClock
 from ingest.store import SessionStore
@@ -138,21 +139,6 @@ async def clock_limit(clock: SessionClock) -> AsyncIterator[None]:
             yield
         finally:
             timer.cancel()
-
-
-async def stop_task(task: asyncio.Task[Any], every_s: float = 0.1) -> None:
-    """Cancel ``task`` and wait until it has ended, cancelling again while it runs.
-
-    redis-py (8.1) can swallow a cancellation that lands while it opens a connection: the
-    command then runs on (an XREAD BLOCK for its whole block time, and the loop around it
-    after that), and one ``cancel()`` plus ``await`` would wait for the session's results
-    to close. Measured: a cancel a few ms after a results reader started took the whole
-    10 s block; the second cancel ends it."""
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=every_s)
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
 
 
 async def send_error(ws: ServerConnection, exc: SttError) -> None:
