@@ -315,7 +315,7 @@ def test_finals_go_short_context_only_while_other_sessions_wait() -> None:
 
     from common.settings import TranscriberSettings, load
     from transcriber.model import WhisperDecoder, _per_thread
-    from transcriber.worker import TimedDecoder, _SessionRun
+    from transcriber.worker import Lease, TimedDecoder, _SessionRun
 
     class Model:
         tail_frames = 600
@@ -338,7 +338,8 @@ def test_finals_go_short_context_only_while_other_sessions_wait() -> None:
         s = load(TranscriberSettings, [f"--{k.replace('_', '-')}={v}"
                                        for k, v in settings.items()], environ={})
         worker = SimpleNamespace(busy=busy, lanes=lanes, settings=s)
-        _SessionRun(worker, "s", core, None, "0-0")._queued()  # type: ignore[arg-type]
+        _SessionRun(worker, Lease("s", b"1-0"), core, None,  # type: ignore[arg-type]
+                    "0-0")._queued()
         model.tails = []
         core.decoder.decode(audio, "", True)
         core.decoder.decode(audio, "", False)
