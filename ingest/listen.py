@@ -22,6 +22,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
 from common import errors
+from common.access import address_bucket
 from common.audio import TARGET_RATE, AudioNormalizer, StreamFormat, parse_stream_format
 from common.auth import Principal
 from common.errors import (
@@ -361,6 +362,10 @@ class ListenSession:
                 "model": self.settings.model_name,
                 "principal": self.principal.owner,
                 "account": self.principal.account,
+                # whose share of transcriber slots it counts in when it has no API key
+                "address": address_bucket(
+                    self.gateway.guard.request_ip(self.ws, self.ws.request))
+                if self.ws.request is not None else "",
                 "deadline": f"{deadline:.3f}",
             })
             resumed = False

@@ -52,7 +52,7 @@ def services(request: pytest.FixtureRequest) -> Iterator[list[Service]]:
 
 
 def meta(r: redis.Redis, sid: str) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in r.hgetall(keys.meta(sid)).items()}
+    return {k.decode(): v.decode(errors="replace") for k, v in r.hgetall(keys.meta(sid)).items()}
 
 
 def wait_for(what: str, check: Any, timeout: float) -> float:

@@ -105,6 +105,16 @@ def _text(meta: dict[bytes, bytes], field: str, default: str = "") -> str:
     return meta.get(field.encode(), default.encode()).decode()
 
 
+def share_of(meta: dict[bytes, bytes]) -> str:
+    """Whose session it is, for the fair share of slots: its API key (a token's too), else
+    its principal, else the client's address (AUTH=off)."""
+    account, principal = _text(meta, "account"), _text(meta, "principal")
+    if account or principal:
+        return account or principal
+    address = _text(meta, "address")
+    return f"ip:{address}" if address else ""
+
+
 @dataclasses.dataclass(eq=False)
 class Lease:
     """One session this worker runs: its work-queue entry, its task, its fenced writer.
@@ -419,7 +429,7 @@ class Worker:
             return
         writer = SessionWriter(self.redis, sid, epoch)
         lease.writer = writer
-        lease.share = _text(meta, "account") or _text(meta, "principal")
+        lease.share = share_of(meta)
         if self._over_share(lease.share) and await self._others_waiting():
             await self._hand_back(lease)  # behind the others' sessions
             return
@@ -524,10 +534,9 @@ class Worker:
             return False
         pipe = self.redis.pipeline(transaction=False)
         for _entry_id, sid in waiting:
-            pipe.hmget(keys.meta(sid), "account", "principal")
-        for account, principal in await pipe.execute():
-            share = (account or principal or b"").decode()
-            if not self._over_share(share, margin=-1):
+            pipe.hgetall(keys.meta(sid))
+        for meta in await pipe.execute():
+            if not self._over_share(share_of(meta), margin=-1):
                 return True
         return False
 
