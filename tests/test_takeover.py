@@ -77,11 +77,12 @@ async def create_idle_sessions(url: str, n: int) -> list[str]:
         await r.aclose()
 
 
-def test_a_dead_owners_session_is_taken_over_behind_a_dozen_live_older_sessions(
+def test_a_dead_owners_sessions_are_taken_over_behind_a_dozen_live_older_sessions(
         server: RedisServer, services: list[Service]) -> None:
     """XAUTOCLAIM from 0-0 with COUNT 1 examined only the ten oldest pending entries, all
-    live and renewed, and never reached the dead owner's newer one (issue: a session was
-    stranded 29 s, then closed 1011). Now it moves within the lease plus one look."""
+    live and renewed, and never reached the dead owner's newer ones (issue: a session was
+    stranded 29 s, then closed 1011). Now each of its three sessions moves within the lease
+    plus one look, and is transcribed in full."""
     r = server.client()
     common = ["--lease-ms", str(LEASE_MS), "--idle-timeout-s", "600"]
     busy = start_transcriber(server.url, "--consumer", "busy", "--capacity", "12", *common)
@@ -89,42 +90,54 @@ def test_a_dead_owners_session_is_taken_over_behind_a_dozen_live_older_sessions(
     live = asyncio.run(create_idle_sessions(server.url, 12))
     wait_for("12 live sessions owned", lambda: all(
         meta(r, sid).get("owner") == "busy" for sid in live), 30)
-    victim = start_transcriber(server.url, "--consumer", "victim", "--capacity", "1", *common)
+    victim = start_transcriber(server.url, "--consumer", "victim", "--capacity", "3", *common)
     services.append(victim)
     gateway, port = start_gateway(server.url)
     services.append(gateway)
-    watch = SessionWatch()
+    clips = ["fw_jfk", "ps_librivox_0870", "leo_en"]
+    watches = [SessionWatch() for _ in clips]
     moved: dict[str, float] = {}
 
-    async def scenario() -> StreamResult:
+    def owners() -> list[str | None]:
+        return [meta(r, w.sid).get("owner") if w.sid else None for w in watches]
+
+    async def scenario() -> list[StreamResult]:
         async def killer() -> None:
-            await watch.known.wait()
-            assert watch.sid is not None
-            await asyncio.to_thread(wait_for, "the victim owning the session",
-                                    lambda: meta(r, watch.sid or "").get("owner") == "victim",
-                                    20)
-            # the survivor starts now, so only a takeover can bring it the session
+            for w in watches:
+                await w.known.wait()
+            await asyncio.to_thread(wait_for, "the victim owning the sessions",
+                                    lambda: owners() == ["victim"] * 3, 20)
+            # started now, so only a takeover can bring it the sessions
             survivor = await asyncio.to_thread(
                 start_transcriber, server.url, "--consumer", "survivor", "--capacity", "4",
                 *common)
             services.append(survivor)
             await asyncio.sleep(1.0)
             victim.signal(signal.SIGKILL)
-            moved["took"] = await asyncio.to_thread(
-                wait_for, "a takeover",
-                lambda: meta(r, watch.sid or "").get("owner") == "survivor", 30)
+            began = time.monotonic()
+            pending = set(range(len(clips)))
+            while pending:
+                assert time.monotonic() - began < 30, "no takeover"
+                now = owners()
+                for i in list(pending):  # any live worker with room (the busy one's idle
+                    if now[i] in ("survivor", "busy"):  # sessions have parked)
+                        moved[clips[i]] = time.monotonic() - began
+                        pending.discard(i)
+                await asyncio.sleep(0.05)
 
-        res, _ = await asyncio.gather(
-            stream(listen_url(f"ws://127.0.0.1:{port}"), frames(JFK), pace=1.0,
-                   on_message=watch), killer())
-        return res
+        streams = [stream(listen_url(f"ws://127.0.0.1:{port}"),
+                          frames(with_tail(load_pcm16(clip), 6.0)), pace=1.0, on_message=w)
+                   for clip, w in zip(clips, watches, strict=True)]
+        *results, _ = await asyncio.gather(*streams, killer())
+        return list(results)
 
-    res = asyncio.run(scenario())
-    check_protocol(res)
-    assert wer(reference("fw_jfk"), res.text) <= 0.10, res.text
-    print(f"\ntakeover behind 12 live sessions: {moved['took']:.2f} s after the SIGKILL "
-          f"(lease {LEASE_MS / 1000:.0f} s)")
-    assert moved["took"] <= LEASE_MS / 1000 + 2.5
+    results = asyncio.run(scenario())
+    for clip, res in zip(clips, results, strict=True):
+        check_protocol(res)
+        assert wer(reference(clip), res.text) <= 0.15, (clip, res.text)
+    print("\ntakeover behind 12 live sessions, seconds after the SIGKILL (lease "
+          f"{LEASE_MS / 1000:.0f} s): " + ", ".join(f"{c} {t:.2f}" for c, t in moved.items()))
+    assert max(moved.values()) <= LEASE_MS / 1000 + 2.5
     for sid in live:  # the live sessions stayed where they were, never taken over
         assert meta(r, sid)["owner"] == "busy" and meta(r, sid)["epoch"] == "1"
 
