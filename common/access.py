@@ -15,18 +15,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import http
 import ipaddress
 import logging
 import math
 import time
 import uuid
 from collections.abc import Sequence
+from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 import redis.asyncio as aioredis
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
+from websockets.exceptions import SecurityError
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 from websockets.typing import Subprotocol
 
 from common import keys
@@ -39,7 +43,14 @@ from common.auth import (
     key_principal,
     looks_like_token,
 )
-from common.errors import OriginNotAllowed, RateLimited, TooManySessions, Unauthorized
+from common.errors import (
+    BadRequest,
+    OriginNotAllowed,
+    RateLimited,
+    TooManySessions,
+    TooManyViewers,
+    Unauthorized,
+)
 from common.ratelimit import BucketMap
 from common.redis_client import REDIS_DOWN
 from common.settings import AccessSettings
@@ -78,6 +89,13 @@ redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 """
+
+#: Request headers that may appear once: with two, the proxy, these checks and the WebSocket
+#: layer could each read another one (and websockets' ``Headers.get`` raises on them).
+SINGLE_HEADERS = ("Host", "Upgrade", "Connection", "Sec-WebSocket-Key",
+                  "Sec-WebSocket-Version", "Authorization", "Origin")
+#: Refused connections are logged at most once per this many seconds (with a count).
+REFUSED_LOG_INTERVAL_S = 60.0
 
 #: An upgrade answered 101 whose handler has not taken its lease this long after is one
 #: whose client vanished before the handler started (websockets then never runs it).
@@ -129,6 +147,198 @@ def address_bucket(address: str) -> str:
 
 def normalize_origin(origin: str) -> str:
     return origin.strip().rstrip("/").lower()
+
+
+def check_single_headers(headers: Headers) -> None:
+    """BadRequest for a request that repeats a header that must appear once."""
+    for name in SINGLE_HEADERS:
+        if len(headers.get_all(name)) > 1:
+            raise BadRequest(f"send one {name} header")
+
+
+# --------------------------------------------------------------------------- per-address caps
+
+
+class LocalCounts:
+    """Things one client address and one API key hold at once in this process (viewer
+    sockets), each against its cap (0: none)."""
+
+    def __init__(self, ip_cap: int, key_cap: int) -> None:
+        self.ip_cap = ip_cap
+        self.key_cap = key_cap
+        self.by_ip: dict[str, int] = {}
+        self.by_key: dict[str, int] = {}
+
+    def acquire(self, bucket: str, account: str) -> tuple[str, str]:
+        """A slot for ``bucket`` (an address, see ``address_bucket``) and ``account`` (an API
+        key's name; "" for none), or TooManyViewers."""
+        if self.ip_cap > 0 and self.by_ip.get(bucket, 0) >= self.ip_cap:
+            raise TooManyViewers(f"too many viewers from this address (at most {self.ip_cap})")
+        if account and self.key_cap > 0 and self.by_key.get(account, 0) >= self.key_cap:
+            raise TooManyViewers(f"too many viewers for this API key (at most {self.key_cap})")
+        self.by_ip[bucket] = self.by_ip.get(bucket, 0) + 1
+        if account:
+            self.by_key[account] = self.by_key.get(account, 0) + 1
+        return bucket, account
+
+    def release(self, slot: tuple[str, str]) -> None:
+        bucket, account = slot
+        _decrement(self.by_ip, bucket)
+        if account:
+            _decrement(self.by_key, account)
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
+
+
+def connection_caps(settings: AccessSettings, caps_per_ip: Sequence[int]) -> tuple[int, int]:
+    """(handshakes, connections) one client address may have open at once; 0: no limit.
+    ``caps_per_ip``: this server's per-address caps on sockets that stay open (sessions,
+    viewers), for the automatic connection cap."""
+    handshakes = settings.max_handshakes_per_ip
+    if handshakes < 0:  # auto: as many as the address may start at once
+        handshakes = math.ceil(settings.rate_limit_ip_burst) \
+            if settings.rate_limit_ip_per_s > 0 else 0
+    connections = settings.max_connections_per_ip
+    if connections < 0:  # auto: its sockets twice over (resumes, closing ones), + handshakes
+        if handshakes <= 0 or any(cap <= 0 for cap in caps_per_ip):
+            connections = 0
+        else:
+            connections = 2 * sum(caps_per_ip) + handshakes
+    return handshakes, connections
+
+
+class PeerLimits:
+    """Connections and unanswered requests per peer address (IPv6 by /64), checked when a
+    connection is accepted, before anything is read, and the size of a request's headers.
+    Trusted proxies are exempt: every client behind one shares its address (the proxy
+    bounds its clients' connections)."""
+
+    def __init__(self, max_handshakes: int, max_connections: int, max_request_bytes: int,
+                 exempt: Sequence[IPNetwork] = ()) -> None:
+        self.max_handshakes = max_handshakes
+        self.max_connections = max_connections
+        self.max_request_bytes = max_request_bytes
+        self.exempt = list(exempt)
+        self.connections: dict[str, int] = {}
+        self.handshakes: dict[str, int] = {}
+        self.refused = 0  # since the last log line about it
+        self._log_after = float("-inf")
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_handshakes > 0 or self.max_connections > 0
+
+    def bucket(self, peername: Any) -> str | None:
+        """What the caps count for this peer; None: not counted (a trusted proxy, a Unix
+        socket)."""
+        if not self.enabled or not isinstance(peername, tuple) or not peername:
+            return None
+        addr = _address(str(peername[0]))
+        if addr is None or any(addr in net for net in self.exempt):
+            return None
+        return address_bucket(str(addr))
+
+    def open(self, bucket: str) -> bool:
+        """Count a new connection (and its handshake); False when it is over a cap."""
+        if (self.max_connections > 0
+                and self.connections.get(bucket, 0) >= self.max_connections) or (
+                self.max_handshakes > 0
+                and self.handshakes.get(bucket, 0) >= self.max_handshakes):
+            self._refused(bucket)
+            return False
+        self.connections[bucket] = self.connections.get(bucket, 0) + 1
+        self.handshakes[bucket] = self.handshakes.get(bucket, 0) + 1
+        return True
+
+    def answered(self, bucket: str) -> None:
+        _decrement(self.handshakes, bucket)
+
+    def closed(self, bucket: str) -> None:
+        _decrement(self.connections, bucket)
+
+    def _refused(self, bucket: str) -> None:
+        self.refused += 1
+        now = time.monotonic()
+        if now >= self._log_after:
+            self._log_after = now + REFUSED_LOG_INTERVAL_S
+            log.warning("refused %d connection(s) over the per-address caps (%d open, %d "
+                        "unanswered at most; the last from %s)", self.refused,
+                        self.max_connections, self.max_handshakes, bucket)
+            self.refused = 0
+
+
+class LimitedConnection(ServerConnection):
+    """websockets' server connection under ``PeerLimits``: a connection over its address's
+    caps is cut when it is accepted (nothing read, no response); a request whose line and
+    headers exceed ``max_request_bytes`` is answered 431 and the rest of what it sends is
+    discarded. Bound to its limits by ``limited_connection``."""
+
+    peer_limits: ClassVar[PeerLimits]
+    _peer: str | None = None
+    _unanswered = False
+    _request_bytes = 0
+    _oversized = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        bucket = self.peer_limits.bucket(transport.get_extra_info("peername"))
+        if bucket is None:
+            return
+        if not self.peer_limits.open(bucket):
+            self.transport.abort()  # the Transport super() stored
+            return
+        self._peer, self._unanswered = bucket, True
+
+    def data_received(self, data: bytes) -> None:
+        limit = self.peer_limits.max_request_bytes
+        if self.request is None and limit > 0 and not self._oversized:
+            self._request_bytes += len(data)
+            if self._request_bytes > limit:
+                self._oversized = True
+                self._refuse_oversized(limit)
+        super().data_received(data)
+
+    def _refuse_oversized(self, limit: int) -> None:
+        """Answer 431 as websockets answers too many headers: its parser then discards what
+        comes, and the handshake timeout ends a client that does not close."""
+        if self.protocol.state is not State.CONNECTING:
+            return
+        self.protocol.handshake_exc = SecurityError(
+            f"request line and headers exceed {limit} bytes")
+        self.protocol.send_response(self.protocol.reject(
+            http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+            f"Failed to open a WebSocket connection: the request line and headers may be "
+            f"at most {limit} bytes.\n"))
+
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super().handshake(*args, **kwargs)
+        finally:
+            self._answered()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._answered()
+        if self._peer is not None:
+            self.peer_limits.closed(self._peer)
+            self._peer = None
+
+    def _answered(self) -> None:
+        if self._unanswered and self._peer is not None:
+            self._unanswered = False
+            self.peer_limits.answered(self._peer)
+
+
+def limited_connection(limits: PeerLimits) -> type[ServerConnection]:
+    """A ``LimitedConnection`` class bound to ``limits``, for websockets' ``serve(...,
+    create_connection=...)``."""
+    return type("LimitedConnection", (LimitedConnection,), {"peer_limits": limits})
 
 
 @dataclasses.dataclass
@@ -186,6 +396,17 @@ class AccessGuard:
                                   settings.rate_limit_buckets)
         self.auth_failures = BucketMap(settings.auth_failures_per_min / 60.0,
                                        settings.auth_failure_burst, settings.rate_limit_buckets)
+        self.settings = settings
+        # Viewer sockets per address and per key (caps given by SessionsApi's settings).
+        self.viewers = LocalCounts(getattr(settings, "max_viewers_per_ip", 0),
+                                   getattr(settings, "max_viewers_per_key", 0))
+
+    def peer_limits(self, caps_per_ip: Sequence[int]) -> PeerLimits:
+        """The per-address connection limits of a server whose sockets that stay open are
+        capped per address at ``caps_per_ip`` (sessions, viewers)."""
+        handshakes, connections = connection_caps(self.settings, caps_per_ip)
+        return PeerLimits(handshakes, connections, self.settings.max_request_header_bytes,
+                          self.proxies)
 
     def describe(self) -> str:
         if not self.required:
@@ -320,18 +541,21 @@ class AccessGuard:
 
     async def admit(self, connection: object, request: Request, *, opens_session: bool,
                     caps: tuple[int, int] | None = None, allow_tokens: bool = True,
-                    member: str | None = None) -> Principal:
+                    member: str | None = None, viewer: bool = False) -> Principal:
         """Every check for one request, in order: the address's request rate and failed
-        authentications (429), Origin (403), credentials (401), the API key's request rate
-        (429), the session caps (429, WebSocket upgrades with ``caps`` only), a token's first
-        use (401). An upgrade's principal and cap lease wait in ``take`` for its handler.
+        authentications (429), headers that must appear once (400), Origin (403),
+        credentials (401), the API key's request rate (429), the session caps (429,
+        WebSocket upgrades with ``caps`` only) or, for a ``viewer`` upgrade, the viewer caps
+        (429), a token's first use (401). An upgrade's principal and cap lease wait in
+        ``take`` for its handler; a viewer's slot is held until its connection is closed.
 
         ``member`` is what the caps count: the id of the session the upgrade opens or
         resumes (a fresh id when None)."""
-        upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
         ip = self.request_ip(connection, request)
         now = time.monotonic()
         self.check_rate(ip, now)
+        check_single_headers(request.headers)
+        upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
         self.check_origin(request.headers)
         try:
             principal = self.authenticate(request, opens_session=opens_session,
@@ -343,6 +567,8 @@ class AccessGuard:
         lease = None
         if upgrade and caps is not None:
             lease = await self.acquire(ip, principal, *caps, member=member)
+        if upgrade and viewer:
+            self.hold_viewer(connection, ip, principal)
         if opens_session:
             try:
                 await self.consume(principal, dry_run=not upgrade)
@@ -355,6 +581,16 @@ class AccessGuard:
         if upgrade:
             self._conns[connection] = Admitted(principal, lease, time.monotonic())
         return principal
+
+    def hold_viewer(self, connection: object, ip: str, principal: Principal) -> None:
+        """Count a viewer socket against its address and API key (TooManyViewers at a cap)
+        until its connection is closed, however it ends (refused upgrade included)."""
+        slot = self.viewers.acquire(address_bucket(ip), principal.account)
+        closed = getattr(connection, "connection_lost_waiter", None)
+        if isinstance(closed, asyncio.Future):
+            closed.add_done_callback(lambda _: self.viewers.release(slot))
+        else:  # not a socket (unit tests): nothing to hold it for
+            self.viewers.release(slot)
 
     def take(self, connection: object) -> tuple[Principal, str | None]:
         """The principal and cap lease that ``admit`` stored for this connection."""

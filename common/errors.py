@@ -171,6 +171,15 @@ class TooManySessions(SttError):
     http_status = 429
 
 
+class TooManyViewers(SttError):
+    """A client address or an API key already holds its maximum of viewer sockets in this
+    process."""
+
+    code = "too_many_viewers"
+    close_code = POLICY_VIOLATION
+    http_status = 429
+
+
 class TooFast(SttError):
     """Audio arrives faster than the allowed multiple of real time, beyond the burst."""
 

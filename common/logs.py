@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
 import time
+from collections.abc import Callable
+from urllib.parse import quote, unquote_plus
 
 _SESSION = re.compile(r"\bsession ([0-9a-f]{32})\b")
 
@@ -21,10 +24,42 @@ _SECRETS = (
 )
 
 
-def redact(text: str) -> str:
+#: A run of characters without spaces or quotes (a request target, a URL). One with
+#: percent-encoding in it is searched for secrets decoded, the way the server reads a query
+#: (``tok%65n=`` is ``token=``).
+_RUN = re.compile(r"[^\s\"'<>]+")
+_PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
+#: Kept as they are when a redacted run is encoded again (readable, and no control
+#: character or space can reach the log line).
+_URL_SAFE = "/?&=;:,.@!$()*+~_-<>[]"
+
+
+def _redact_plain(text: str) -> str:
     for pattern, replacement in _SECRETS:
         text = pattern.sub(replacement, text)
     return text
+
+
+def _redact_encoded(match: re.Match[str]) -> str:
+    raw = match.group(0)
+    if _PERCENT.search(raw) is None:
+        return raw
+    decoded = raw
+    for _ in range(3):  # a value encoded twice over is still found
+        step = unquote_plus(decoded)
+        if step == decoded:
+            break
+        decoded = step
+    clean = _redact_plain(decoded)
+    if clean == decoded:
+        return raw  # nothing secret in it: logged as it came
+    return quote(clean, safe=_URL_SAFE)
+
+
+def redact(text: str) -> str:
+    if "%" in text:
+        text = _RUN.sub(_redact_encoded, text)
+    return _redact_plain(text)
 
 
 class RedactingFormatter(logging.Formatter):
@@ -63,12 +98,57 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
+#: errno values of "out of file descriptors / memory for sockets": a flood of connections
+#: makes every accept fail and log once a second (asyncio retries every second).
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: At most one such line per this many seconds.
+RESOURCE_LOG_INTERVAL_S = 60.0
+
+
+def _out_of_resources(record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS:
+        return True
+    message = record.getMessage()
+    return "Too many open files" in message or "out of system resource" in message
+
+
+class ResourceErrorFilter(logging.Filter):
+    """Lets one "Too many open files" (EMFILE, ENFILE, ENOBUFS, ENOMEM) line through per
+    ``interval_s`` and counts the others; the next line that passes says how many were left
+    out. Other lines are not touched."""
+
+    def __init__(self, interval_s: float = RESOURCE_LOG_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self.clock = clock
+        self._next = float("-inf")
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not _out_of_resources(record):
+            return True
+        now = self.clock()
+        if now < self._next:
+            self.suppressed += 1
+            return False
+        self._next = now + self.interval_s
+        if self.suppressed:
+            record.msg = (f"{record.getMessage()} ({self.suppressed} more like this in the "
+                          f"last {self.interval_s:.0f} s not logged)")
+            record.args = None
+            self.suppressed = 0
+        return True
+
+
 def setup_logging(level: str, fmt: str = "text") -> None:
     logging.getLogger("faster_whisper").setLevel(logging.WARNING)
     handler = logging.StreamHandler()
     inner = JsonFormatter() if fmt == "json" else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler.setFormatter(RedactingFormatter(inner))
+    handler.addFilter(ResourceErrorFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 
 import msgpack
 
-from common.errors import InvalidMessage
+from common.errors import InvalidMessage, MessageTooBig
 
 # --------------------------------------------------------------------------- results
 
@@ -197,8 +197,13 @@ class Control:
     type: ControlType
 
 
-def parse_control(text: str) -> Control:
-    """Parse a client text message that is a JSON control object."""
+def parse_control(text: str, max_bytes: int = 0) -> Control:
+    """Parse a client text message that is a JSON control object; ``max_bytes`` (0: no
+    bound) is the largest one accepted (MessageTooBig beyond, before any parsing)."""
+    if max_bytes > 0 and len(text) > max_bytes // 4 and (
+            len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+    ) > max_bytes:
+        raise MessageTooBig(f"control messages may be at most {max_bytes} bytes")
     try:
         obj = json.loads(text)
     except (ValueError, RecursionError):

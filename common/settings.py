@@ -181,6 +181,22 @@ class AccessSettings(RedisSettings):
     rate_limit_buckets: int = setting(
         50000, "client addresses (and, separately, API keys) whose request rates one process "
         "tracks; beyond it the one idle longest is forgotten (about 250 bytes each)")
+    max_handshakes_per_ip: int = setting(
+        -1, "connections one client address may have open before its HTTP request is "
+        "answered (a WebSocket handshake or an HTTP call in progress, idle TCP connections "
+        "included); more are cut at once, before anything is read; counted by the peer "
+        "address (IPv6 by /64), TRUSTED_PROXIES exempt; -1 = auto: rate_limit_ip_burst (no "
+        "limit when rate_limit_ip_per_s is 0); 0 = no limit")
+    max_connections_per_ip: int = setting(
+        -1, "TCP connections one client address may have open at once (handshakes, "
+        "sessions, viewers); more are cut at once, before anything is read; counted by the "
+        "peer address (IPv6 by /64), TRUSTED_PROXIES exempt; -1 = auto: twice its session "
+        "and viewer caps plus max_handshakes_per_ip (no limit when one of them is 0); 0 = no "
+        "limit")
+    max_request_header_bytes: int = setting(
+        32768, "largest HTTP request (request line and headers together) a connection may "
+        "send before its request is complete; beyond it HTTP 431 (the WebSocket layer also "
+        "bounds one line to 8 KiB and the count to 128 headers); 0 = only those bounds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +208,12 @@ class SessionsApiSettings(AccessSettings):
         "(error too_slow, close 1013)")
     max_viewers: int = setting(
         2000, "viewer sockets one process serves at once; more get close 1013")
+    max_viewers_per_ip: int = setting(
+        50, "viewer sockets one client address may hold at once in this process (HTTP 429 "
+        "too_many_viewers beyond); 0 = no limit")
+    max_viewers_per_key: int = setting(
+        500, "viewer sockets one API key may hold at once in this process, counting the "
+        "session tokens it minted (HTTP 429 too_many_viewers beyond); 0 = no limit")
     slow_viewer_grace_s: float = setting(
         2.0, "how long a dropped viewer gets to take its error message before the socket "
         "is cut, seconds")
@@ -207,6 +229,10 @@ class SessionsApiSettings(AccessSettings):
     max_message_bytes: int = setting(
         1 << 20, "largest WebSocket message accepted; a larger one gets the error "
         "message_too_big and close 1009")
+    max_control_bytes: int = setting(
+        4096, "largest text control message ({\"type\": ...}) on a /v1/listen socket, and "
+        "largest message of any kind on a viewer or replay socket (which take only control "
+        "messages); a larger one gets the error message_too_big and close 1009")
     transport_max_bytes: int = setting(
         0, "hard bound of the WebSocket layer on one incoming message, bytes; a message "
         "above it is refused from its frame header, without being read, with close 1009 and "
@@ -297,7 +323,9 @@ class GatewaySettings(SessionsApiSettings):
     heartbeat_s: float = setting(
         5.0, "how often an attached connection refreshes its session's heartbeat, seconds")
     replay_models: str = setting(
-        "", "comma-separated models a replay may ask for; empty = any the workers can load")
+        "", "comma-separated model names a replay may ask for with ?model= (never a path: "
+        "a name with / or \\ or a leading . is refused); empty = only model_name "
+        "(STT_MODEL)")
     max_sessions_per_ip: int = setting(
         20, "concurrent /v1/listen and replay sockets one client address may hold "
         "(HTTP 429 beyond); 0 = no limit")

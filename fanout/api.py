@@ -171,11 +171,14 @@ class SessionsApi:
         try:
             if route is None:
                 route = self.route(url.path)
+            query = parse_qs(url.query, keep_blank_values=True)
             if route.websocket:
                 if request.headers.get("Upgrade", "").lower() != "websocket":
                     raise WebSocketRequired("this endpoint is a WebSocket")
+                if route.kind == "replay" and self.replay is not None:
+                    # before the upgrade: a model outside the allowlist (or a path) is a 400
+                    ReplayParams.parse(query, self.replay.allowed_models)
                 return None
-            query = parse_qs(url.query, keep_blank_values=True)
             return await self._http(route, query, principal)
         except SttError as exc:
             return error_response(exc)
@@ -218,10 +221,13 @@ class SessionsApi:
             await send_error(ws, StorageUnavailable("storage unavailable; try again later"))
 
     def inbound(self) -> MessageLimits:
-        """Size and rate limits on what one client socket sends."""
+        """Size and rate limits on what one viewer or replay socket sends: only control
+        messages, so at most ``max_control_bytes`` each."""
         s = self.settings
-        return MessageLimits(s.max_message_bytes, s.max_messages_per_s, s.messages_burst,
-                             time.monotonic())
+        size = s.max_message_bytes
+        if s.max_control_bytes > 0:
+            size = min(size, s.max_control_bytes) if size > 0 else s.max_control_bytes
+        return MessageLimits(size, s.max_messages_per_s, s.messages_burst, time.monotonic())
 
     async def close(self) -> None:
         await self.hubs.close()

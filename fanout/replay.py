@@ -47,6 +47,19 @@ APPEND_BATCH = 128
 OUTAGE_S = 30.0
 
 
+def model_name_ok(name: str) -> bool:
+    """A model name a replay may ask for: never a path (the transcriber loads a directory
+    given as a model), so no separator, no drive, no leading dot or tilde."""
+    return (0 < len(name) <= 200 and name.isprintable() and "/" not in name
+            and "\\" not in name and name[:1] not in (".", "~") and ":" not in name)
+
+
+def model_names(config: str) -> set[str]:
+    """The names in a comma-separated allowlist (``REPLAY_MODELS``); entries that are not
+    model names (paths) are left out."""
+    return {m.strip() for m in config.split(",") if model_name_ok(m.strip())}
+
+
 @dataclasses.dataclass(frozen=True)
 class ReplayParams:
     speed: str = "max"
@@ -55,17 +68,23 @@ class ReplayParams:
     interim_results: bool | None = None
 
     @classmethod
-    def parse(cls, query: Mapping[str, list[str]], allowed_models: str = "") -> ReplayParams:
+    def parse(cls, query: Mapping[str, list[str]],
+              allowed_models: str | None = None) -> ReplayParams:
+        """``allowed_models``: the comma-separated names ``?model=`` may pick (none when
+        empty); None accepts any model name. A path is refused either way."""
         speed = one(query, "speed") or "max"
         if speed not in SPEEDS:
             raise BadRequest("speed must be realtime or max")
         model = one(query, "model") or None
         if model is not None:
-            if len(model) > 200 or not model.isprintable():
-                raise BadRequest("model must be a model name")
-            allowed = {m.strip() for m in allowed_models.split(",") if m.strip()}
-            if allowed and model not in allowed:
-                raise BadRequest(f"model must be one of {', '.join(sorted(allowed))}")
+            if not model_name_ok(model):
+                raise BadRequest("model must be a model name, not a path")
+            if allowed_models is not None:
+                allowed = model_names(allowed_models)
+                if model not in allowed:
+                    raise BadRequest(f"model must be one of {', '.join(sorted(allowed))}"
+                                     if allowed else "this server replays with the "
+                                     "session's own model only")
         language = one(query, "language") or None
         if language is not None and (
                 len(language) > 8 or not all(c.isalpha() or c == "-" for c in language)):
@@ -83,7 +102,8 @@ class ReplayConfig:
     max_backlog: int
     heartbeat_s: float
     block_ms: int
-    allowed_models: str = ""
+    #: The model names a replay's ``?model=`` may pick (comma-separated); None: any name.
+    allowed_models: str | None = None
 
 
 class Replay:

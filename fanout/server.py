@@ -16,7 +16,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from common import errors
-from common.access import AccessGuard, select_subprotocol
+from common.access import AccessGuard, limited_connection, select_subprotocol
 from common.errors import StorageUnavailable, SttError
 from common.metrics import health_route, register_viewer_gauges
 from common.redis_client import REDIS_DOWN, make_redis
@@ -46,8 +46,11 @@ class FanoutServer:
         if health is not None:
             return health
         if SessionsApi.handles(path):
+            route = self.api.match(path)
             try:
-                principal = await self.guard.admit(connection, request, opens_session=False)
+                principal = await self.guard.admit(
+                    connection, request, opens_session=False,
+                    viewer=route is not None and route.kind == "results")
             except SttError as exc:
                 return error_response(exc)
             except REDIS_DOWN:
@@ -67,6 +70,7 @@ class FanoutServer:
         s = self.settings
         self._server = await serve(
             self.handler, s.host, s.port,
+            create_connection=limited_connection(self.guard.peer_limits([s.max_viewers_per_ip])),
             process_request=self.process_request,
             process_response=self.guard.process_response,
             select_subprotocol=select_subprotocol,

@@ -26,7 +26,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from common import errors, keys
-from common.access import AccessGuard, select_subprotocol
+from common.access import AccessGuard, PeerLimits, limited_connection, select_subprotocol
 from common.auth import Principal
 from common.errors import (
     BadRequest,
@@ -43,7 +43,7 @@ from common.redis_client import REDIS_DOWN, make_redis
 from common.settings import GatewaySettings
 from common.streams import AudioAppender
 from fanout.api import NotFound, Route, SessionsApi, error_response, json_response
-from fanout.replay import ReplayConfig
+from fanout.replay import ReplayConfig, model_name_ok, model_names
 from fanout.sockets import float_param
 from ingest.listen import (
     ListenParams,
@@ -70,6 +70,19 @@ class MethodNotAllowed(SttError):
     http_status = 405
 
 
+def replay_allowlist(settings: GatewaySettings) -> str:
+    """The model names a replay may ask for: ``REPLAY_MODELS``, or the deployment's own
+    model when it names none. Entries that are paths never count."""
+    configured = {m.strip() for m in settings.replay_models.split(",") if m.strip()}
+    names = sorted(model_names(settings.replay_models))
+    if len(names) < len(configured):
+        log.warning("REPLAY_MODELS: ignoring entries that are not model names (paths are "
+                    "never allowed)")
+    if not names and model_name_ok(settings.model_name):
+        names = [settings.model_name]
+    return ",".join(names)  # empty: replays only with the recorded session's model
+
+
 class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
@@ -87,13 +100,14 @@ class Gateway:
                                       self.metrics.redis_errors.labels("gateway").inc)
         self.sessions_api = SessionsApi(settings, self.redis, self.blocking, ReplayConfig(
             max_backlog=settings.max_backlog, heartbeat_s=settings.heartbeat_s,
-            block_ms=settings.redis_block_ms, allowed_models=settings.replay_models))
+            block_ms=settings.redis_block_ms, allowed_models=replay_allowlist(settings)))
         register_viewer_gauges(self.metrics.registry, lambda: len(self.sessions_api.hubs),
                                self.sessions_api.hubs.viewer_count)
         self.guard = AccessGuard(settings, self.redis,
                                  lease_s=max(30.0, 4 * settings.heartbeat_s))
         self._caps = (settings.max_sessions_per_ip, settings.max_sessions_per_key)
         self._server: Server | None = None
+        self.peers: PeerLimits | None = None  # connections per client address (start())
         self._renewer: asyncio.Task[None] | None = None
         self._detached: set[asyncio.Task[None]] = set()
         self._detached_sids: dict[str, asyncio.Task[None]] = {}
@@ -149,7 +163,8 @@ class Gateway:
         route = self.sessions_api.match(path)
         opens = route is not None and route.opens_session
         principal = await self.guard.admit(connection, request, opens_session=opens,
-                                           caps=self._caps if opens else None)
+                                           caps=self._caps if opens else None,
+                                           viewer=route is not None and route.kind == "results")
         if route is None:
             raise NotFound("no such endpoint")
         if route.websocket:
@@ -353,8 +368,10 @@ class Gateway:
 
     async def start(self) -> Server:
         s = self.settings
+        self.peers = self.guard.peer_limits([s.max_sessions_per_ip, s.max_viewers_per_ip])
         self._server = await serve(
             self.handler, s.host, s.port,
+            create_connection=limited_connection(self.peers),
             process_request=self.process_request,
             process_response=self.guard.process_response,
             select_subprotocol=select_subprotocol,

@@ -443,8 +443,8 @@ class ListenSession:
             if isinstance(message, bytes):
                 await self._audio(self.normalizer.feed(message), now)
                 continue
-            if message.lstrip().startswith("{"):
-                control = parse_control(message)
+            if message[:1] == "{" or message.lstrip().startswith("{"):
+                control = parse_control(message, self.settings.max_control_bytes)
                 if control.type == "finalize":
                     await self._marker("finalize")
                 elif control.type == "close":

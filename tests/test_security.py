@@ -513,7 +513,8 @@ def flooded(out: Outcome) -> None:
 
 
 def nested(depth: int) -> str:
-    return '{"a":' * depth + "1" + "}" * depth
+    """JSON nested ``depth`` deep in a control message under MAX_CONTROL_BYTES (4 KiB)."""
+    return '{"a":' + "[" * depth + "]" * depth + "}"
 
 
 def retry_after_given(out: Outcome) -> None:
@@ -628,7 +629,9 @@ CASES: list[Case] = [
          status=401, error="unauthorized"),
     Case("two_authorization_headers", listen(sends=[CLOSE], cred=None, headers=[
         ("Authorization", f"Bearer {KEY}"), ("Authorization", f"Bearer {KEY}")]),
-         status=401, error="unauthorized"),
+         status=400, error="bad_request"),
+    Case("two_upgrade_headers", listen(sends=[CLOSE], headers=[("Upgrade", "websocket")]),
+         status=400, error="bad_request"),
     Case("expired_token", expired_token, status=401, error="unauthorized"),
     Case("reused_token", reused_token, status=401, error="unauthorized"),
     Case("forged_token_longer_session", forged({"max": 1e9}), status=401,
@@ -777,8 +780,10 @@ CASES: list[Case] = [
     # ------------------------------------------------ control messages
     Case("invalid_json", listen("", [pcm(0.2), '{"type": ']), close=1007,
          error="invalid_message"),
-    Case("deeply_nested_json", listen("", [nested(10000)]), close=1007,
+    Case("deeply_nested_json", listen("", [nested(2000)]), close=1007,
          error="invalid_message"),
+    Case("control_message_over_4_kib", listen("", [pcm(0.2), json.dumps(
+        {"type": "keepalive", "pad": "x" * 4096})]), close=1009, error="message_too_big"),
     Case("unknown_message_type", listen("", ['{"type": "rewind"}']), close=1007,
          error="invalid_message"),
     Case("message_type_not_a_string", listen("", ['{"type": ["close"]}']), close=1007,
