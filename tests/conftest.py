@@ -44,6 +44,15 @@ def own_redis() -> Iterator[RedisServer]:
     s.stop()
 
 
+@pytest.fixture(scope="module")
+def module_redis() -> Iterator[RedisServer]:
+    """A redis-server for one test module's tests (they may flush it)."""
+    s = RedisServer()
+    s.start()
+    yield s
+    s.stop()
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     if shutil.which("redis-server") is None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -34,11 +33,8 @@ LEASE_MS = st.sampled_from([0, 10**9])
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    srv = RedisServer()
-    srv.start()
-    yield srv
-    srv.stop()
+def server(module_redis: RedisServer) -> RedisServer:
+    return module_redis
 
 
 class LeaseProtocol(RuleBasedStateMachine):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,11 +16,8 @@ from tests.procs import RedisServer
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    srv = RedisServer()
-    srv.start()
-    yield srv
-    srv.stop()
+def server(module_redis: RedisServer) -> RedisServer:
+    return module_redis
 
 
 def test_a_filter_that_matches_few_sessions_pages_through_the_index_in_bounded_steps(

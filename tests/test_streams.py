@@ -5,7 +5,6 @@ Redis failure reaches every caller."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -24,11 +23,8 @@ FRAMES = 25
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    s = RedisServer()
-    s.start()
-    yield s
-    s.stop()
+def server(module_redis: RedisServer) -> RedisServer:
+    return module_redis
 
 
 def frame(seq: int) -> AudioFrame:

@@ -31,11 +31,8 @@ LEASE_MS = 3000
 
 
 @pytest.fixture
-def server() -> Iterator[RedisServer]:
-    srv = RedisServer()
-    srv.start()
-    yield srv
-    srv.stop()
+def server(own_redis: RedisServer) -> RedisServer:
+    return own_redis
 
 
 @pytest.fixture
