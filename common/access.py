@@ -53,6 +53,7 @@ from common.errors import (
 )
 from common.ratelimit import BucketMap
 from common.redis_client import REDIS_DOWN
+from common.scripts import CAP_ACQUIRE
 from common.settings import AccessSettings
 
 log = logging.getLogger(__name__)
@@ -71,24 +72,6 @@ TOKEN_REVOKED = b"revoked"
 #: A nonce key outlives its token's first-use window by this much (clocks that disagree).
 NONCE_MARGIN_S = 60
 
-# KEYS: one connections set. ARGV: now, lease expiry, member, cap (0 = none), key TTL.
-# Returns 1 when the member was added, 2 when it was already there (a resumed session: its
-# lease is refreshed and it does not count twice), 0 when the set is at its cap.
-# (ZADD XX INCR 0 is nil for a missing member: the existence test with the gateway's ACL,
-# docker/redis-users.acl, which grants zadd but not zscore.)
-_ACQUIRE = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-if redis.call('ZADD', KEYS[1], 'XX', 'INCR', 0, ARGV[3]) then
-  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
-  return 2
-end
-local cap = tonumber(ARGV[4])
-if cap > 0 and redis.call('ZCARD', KEYS[1]) >= cap then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-return 1
-"""
 
 #: Request headers that may appear once: with two, the proxy, these checks and the WebSocket
 #: layer could each read another one (and websockets' ``Headers.get`` raises on them).
@@ -385,7 +368,7 @@ class AccessGuard:
         self.proxies = parse_networks(settings.trusted_proxies)
         self.redis = redis
         self.lease_s = lease_s
-        self._acquire = redis.register_script(_ACQUIRE)
+        self._acquire = redis.register_script(CAP_ACQUIRE)
         # Cap leases of this process: local handle -> the member it holds and where.
         self._held: dict[str, CapHold] = {}
         # Admitted upgrades waiting for their handler.

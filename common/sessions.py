@@ -16,29 +16,7 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 from common import keys
-
-# Redis time in seconds with milliseconds, as text (the format of 'created' and 'heartbeat').
-_NOW_S = """
-local t = redis.call('TIME')
-local now = string.format('%.3f', tonumber(t[1]) + tonumber(t[2]) / 1000000)
-"""
-
-# KEYS: meta. ARGV: field, value, field, value, ... (the caller's fields).
-# Writes the session record unless it exists; returns its 'created' time either way.
-_CREATE = _NOW_S + """
-if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('HGET', KEYS[1], 'created') end
-if #ARGV > 0 then redis.call('HSET', KEYS[1], unpack(ARGV)) end
-redis.call('HSET', KEYS[1], 'state', 'active', 'created', now, 'heartbeat', now, 'epoch', 0,
-           'seq', 0, 'commit_sample', 0, 'next_utterance', 0, 'attach', 1)
-return now
-"""
-
-# KEYS: meta. Refreshes the client heartbeat (Redis time); 0 when the session is gone.
-HEARTBEAT = _NOW_S + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'heartbeat', now)
-return 1
-"""
+from common.scripts import CREATE_SESSION, HEARTBEAT
 
 
 async def create_session(redis: aioredis.Redis, sid: str,
@@ -52,7 +30,7 @@ async def create_session(redis: aioredis.Redis, sid: str,
     args: list[str | int | float] = []
     for name, value in fields.items():
         args += [name, value]
-    created = float(await redis.register_script(_CREATE)(keys=[keys.meta(sid)], args=args))
+    created = float(await redis.register_script(CREATE_SESSION)(keys=[keys.meta(sid)], args=args))
     await redis.zadd(keys.INDEX, {sid: created}, nx=True)  # for GET /v1/sessions
     await redis.xadd(keys.SESSIONS, {"sid": sid})
     return created

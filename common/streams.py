@@ -17,29 +17,10 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from common import keys
 from common.messages import AudioEntry, pack_audio_entry
-
-# KEYS: meta, audio. ARGV: attach generation, then (seq, packed entry) pairs.
-# Returns the number of entries added, -1 when another connection has the session, -2 when
-# the session has ended (its transcriber closed it: audio after that would never be heard).
-_APPEND = """
-if redis.call('HGET', KEYS[1], 'attach') ~= ARGV[1] then return -1 end
-if redis.call('HGET', KEYS[1], 'state') == 'closed' then return -2 end
-local last = tonumber(redis.call('HGET', KEYS[1], 'audio_seq') or '0')
-local added = 0
-for i = 2, #ARGV, 2 do
-  local seq = tonumber(ARGV[i])
-  if seq > last then
-    redis.call('XADD', KEYS[2], '*', 'm', ARGV[i + 1])
-    last = seq
-    added = added + 1
-  end
-end
-redis.call('HSET', KEYS[1], 'audio_seq', last)
-return added
-"""
+from common.scripts import APPEND_AUDIO, APPEND_CLOSED
 
 #: The append script's answer for a session that has ended.
-CLOSED = -2
+CLOSED = APPEND_CLOSED
 
 #: One session's append: (sid, attach generation, entries in seq order).
 Append = tuple[str, int, Sequence[AudioEntry]]
@@ -62,7 +43,7 @@ class AudioAppender:
         """``timeout_s``: a bound on each round trip, for a client without read timeouts."""
         self._redis = redis
         self.timeout_s = timeout_s
-        self._script = redis.register_script(_APPEND)
+        self._script = redis.register_script(APPEND_AUDIO)
         self.max_batch = max(1, max_batch)
         self._waiting: list[tuple[Append, asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -94,7 +75,7 @@ class AudioAppender:
         if any(isinstance(r, NoScriptError) for r in replies):
             # Redis lost its script cache (a restart): load it, run the batch again (an
             # append that did run is a no-op the second time: seq)
-            await self._redis.script_load(_APPEND)
+            await self._redis.script_load(APPEND_AUDIO)
             replies = await self._run(appends)
         return replies
 

@@ -23,18 +23,9 @@ from common.messages import (
     pack_result,
     unpack_audio_entry,
 )
+from common.scripts import NOTICE
 from common.sessions import create_session, heartbeat
 from common.streams import AudioAppender, queue_backlog, waiting_entries
-
-# KEYS: meta, audio. ARGV: attach generation, then one packed entry per argument.
-# A notice from the gateway (queue position, lag): not fenced by a worker epoch.
-# KEYS: meta, results. ARGV: body.
-_NOTICE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-redis.call('XADD', KEYS[2], '*', 'seq', seq, 'm', ARGV[1], 'epoch', 0)
-return seq
-"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +55,7 @@ class SessionStore:
     def __init__(self, redis: aioredis.Redis, append_batch: int = 256) -> None:
         self.redis = redis
         self.appender = AudioAppender(redis, append_batch)
-        self._notice = redis.register_script(_NOTICE)
+        self._notice = redis.register_script(NOTICE)
         self._positions: dict[str, int] = {}
         self._positions_at = -POSITIONS_TTL_S
         self._positions_lock = asyncio.Lock()

@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from common import keys
-from common import sessions as sessions_module
+from common import keys, scripts
 from common.client import StreamResult, listen_url, stream
 from common.sessions import create_session
 from tests.audio_refs import frames, load_pcm16, reference, wer
@@ -223,7 +222,7 @@ def test_creation_whose_replies_are_lost_runs_the_session_once(
             services.append(start_transcriber(server.url, "--consumer", name))
         gateway, port = start_gateway(proxy.url)
         services.append(gateway)
-        proxy.drop_reply(hashlib.sha1(sessions_module._CREATE.encode()).hexdigest().encode())
+        proxy.drop_reply(hashlib.sha1(scripts.CREATE_SESSION.encode()).hexdigest().encode())
         proxy.drop_reply(keys.SESSIONS.encode())
         res = asyncio.run(stream(listen_url(f"ws://127.0.0.1:{port}"), frames(JFK), pace=1.0))
         assert len(proxy.dropped) == 2, proxy.dropped
