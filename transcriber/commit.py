@@ -103,9 +103,6 @@ class SessionWriter:
         self._check(await self._progress(keys=[keys.meta(self.sid)],
                                          args=[self.epoch, processed_sample]))
 
-    async def still_owner(self) -> bool:
-        return await self.redis.hget(keys.meta(self.sid), "epoch") == str(self.epoch).encode()
-
     async def renew(self) -> bool:
         """Refresh the lease (Redis time); False once another worker took the session."""
         return bool(int(await self._renew(keys=[keys.meta(self.sid)], args=[self.epoch])))
