@@ -164,16 +164,15 @@ class Replay:
 
     async def _create(self) -> ReplayStarted:
         meta = await self.records.meta(self.original)
-        if meta.get("state") != "closed":
+        if not meta.closed:
             raise SessionActive("the session is still being recorded; replay it once it has "
                                 "closed")
         if await self.records.backlog() >= self.config.max_backlog:
             raise Overloaded("all transcribers are busy; try again later")
         p = self.params
-        model = p.model if p.model is not None else meta.get("model", "")
-        language = p.language if p.language is not None else meta.get("language", "")
-        interim = p.interim_results if p.interim_results is not None \
-            else meta.get("interim", "1") == "1"
+        model = p.model if p.model is not None else meta.model
+        language = p.language if p.language is not None else meta.language
+        interim = p.interim_results if p.interim_results is not None else meta.interim
         info = await self.records.info(self.original)
         await self.records.create_replay(self.sid, self.original, {
             "encoding": "pcm_s16le", "sample_rate": TARGET_RATE, "channels": 1,

@@ -26,6 +26,7 @@ from common.messages import (
     unpack_audio_entry,
     unpack_result,
 )
+from common.session_meta import CLOSED, SessionMeta
 from common.sessions import create_session, heartbeat
 from common.streams import AudioAppender, queue_backlog
 
@@ -45,10 +46,6 @@ def check_session_id(sid: str) -> str:
     if not SESSION_ID.fullmatch(sid):
         raise SessionNotFound("no such session (it may have expired)")
     return sid
-
-
-def _text(value: bytes | None, default: str = "") -> str:
-    return value.decode(errors="replace") if value is not None else default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,23 +71,19 @@ class SessionInfo:
 
 
 def _info(sid: str, values: list[bytes | None], ttl: int, audio_end: int | None) -> SessionInfo:
-    f = dict(zip(_INFO_FIELDS, values, strict=True))
-    state = _text(f["state"], "active")
-    if state == "closed" and f["duration"] is not None:
-        duration = float(_text(f["duration"]))
-    else:
-        duration = (audio_end or 0) / TARGET_RATE
+    m = SessionMeta.decode(dict(zip(_INFO_FIELDS, values, strict=True)))
+    duration = m.duration if m.closed else (audio_end or 0) / TARGET_RATE
     return SessionInfo(
         session_id=sid,
-        state=state,
-        created=float(_text(f["created"], "0")),
+        state=m.state,
+        created=m.created,
         duration=round(duration, 3),
-        model=_text(f["model"]),
-        language=_text(f["language"]),
-        interim_results=_text(f["interim"], "1") == "1",
-        finals=int(_text(f["next_utterance"], "0")),
-        results=int(_text(f["seq"], "0")),
-        replay_of=_text(f["replay_of"]) or None,
+        model=m.model,
+        language=m.language,
+        interim_results=m.interim,
+        finals=m.next_utterance,
+        results=m.seq,
+        replay_of=m.replay_of or None,
         expires_in=ttl if ttl >= 0 else None,
     )
 
@@ -127,7 +120,7 @@ class SessionRecords:
         replies = await pipe.execute()
         metas = [(replies[2 * i], int(replies[2 * i + 1])) for i in range(len(sids))]
         active = [sid for sid, (values, ttl) in zip(sids, metas, strict=True)
-                  if ttl != -2 and _text(values[0], "active") != "closed"]
+                  if ttl != -2 and values[0] != CLOSED.encode()]
         ends: dict[str, int] = {}
         if active:
             pipe = self.redis.pipeline(transaction=False)
@@ -142,21 +135,22 @@ class SessionRecords:
                        else _info(sid, values, ttl, ends.get(sid)))
         return out
 
-    async def meta(self, sid: str) -> dict[str, str]:
+    async def meta(self, sid: str) -> SessionMeta:
         check_session_id(sid)
         raw = await self.redis.hgetall(keys.meta(sid))
         if not raw:
             raise SessionNotFound("no such session (it may have expired)")
-        return {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
+        return SessionMeta.decode(raw)
 
     async def owner(self, sid: str) -> tuple[str, str]:
         """(owner, account) the session was created by ('' when auth was off)."""
         check_session_id(sid)
-        state, owner, account = await self.redis.hmget(
-            keys.meta(sid), ["state", "principal", "account"])
-        if state is None:
+        values = await self.redis.hmget(keys.meta(sid), ["state", "principal", "account"])
+        if values[0] is None:
             raise SessionNotFound("no such session (it may have expired)")
-        return _text(owner), _text(account)
+        meta = SessionMeta.decode(dict(zip(("state", "principal", "account"), values,
+                                           strict=True)))
+        return meta.principal, meta.account
 
     async def exists(self, sid: str) -> bool:
         return bool(await self.redis.exists(keys.meta(sid)))

@@ -108,10 +108,10 @@ class Viewer:
             await send_error(self.ws, exc)
             return
         await self.ws.send(to_json(ViewerStarted(
-            session_id=self.sid, state=meta.get("state", "active"), model=meta.get("model", ""),
-            language=meta.get("language", ""), after=self.params.after,
+            session_id=self.sid, state=meta.state, model=meta.model,
+            language=meta.language, after=self.params.after,
             partials=self.params.partials, original_timing=self.params.original_timing,
-            replay_of=meta.get("replay_of") or None)))
+            replay_of=meta.replay_of or None)))
         pump = asyncio.create_task(self._pump(), name=f"viewer-{self.sid}")
         incoming = asyncio.create_task(read_controls(self.ws, limits=self.inbound))
         waiters: set[asyncio.Future[Any]] = {pump, incoming, self.queue.failed}
@@ -141,7 +141,7 @@ class Viewer:
             await self.ws.close(errors.NORMAL, "closed")
             return
         meta = await self.records.meta(self.sid)
-        if meta.get("state") == "closed":  # nothing live to wait for: no hub
+        if meta.closed:  # nothing live to wait for: no hub
             await self._history()
             await self.ws.close(errors.NORMAL, "closed")
             return

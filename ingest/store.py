@@ -24,6 +24,7 @@ from common.messages import (
     unpack_audio_entry,
 )
 from common.scripts import NOTICE
+from common.session_meta import SessionMeta
 from common.sessions import create_session, heartbeat
 from common.streams import AudioAppender, queue_backlog, waiting_entries
 
@@ -36,7 +37,7 @@ class Attached:
     samples: int  # samples already in the audio stream
     entry_seq: int  # seq of the last audio entry
     ended: bool  # the stream already has its close marker
-    meta: dict[str, str]
+    meta: SessionMeta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,27 +68,23 @@ class SessionStore:
 
     async def access(self, sid: str) -> SessionAccess:
         """Who created the session and until when it may run, read before a resume."""
-        state, owner, account, deadline, created = await self.redis.hmget(
-            keys.meta(sid), ["state", "principal", "account", "deadline", "created"])
-        if state is None:
+        names = ["state", "principal", "account", "deadline", "created"]
+        values = await self.redis.hmget(keys.meta(sid), names)
+        if values[0] is None:
             raise SessionNotFound("no such session (it may have expired)")
-
-        def text(value: bytes | None) -> str:
-            return value.decode(errors="replace") if value is not None else ""
-
-        return SessionAccess(text(owner), text(account),
-                             float(deadline) if deadline else None,
-                             float(created) if created else time.time())
+        meta = SessionMeta.decode(dict(zip(names, values, strict=True)))
+        return SessionAccess(meta.principal, meta.account, meta.deadline or None,
+                             meta.created or time.time())
 
     async def attach(self, sid: str) -> Attached:
         """Take over the writing side of an existing session after a reconnect."""
         raw = await self.redis.hgetall(keys.meta(sid))
         if not raw:
             raise SessionNotFound("no such session (it may have expired)")
-        meta = {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
+        meta = SessionMeta.decode(raw)
         generation = int(await self.redis.hincrby(keys.meta(sid), "attach", 1))
         last = await self.redis.xrevrange(keys.audio(sid), count=1)
-        samples, entry_seq, ended = 0, 0, meta.get("state") == "closed"
+        samples, entry_seq, ended = 0, 0, meta.closed
         if last:
             entry = unpack_audio_entry(last[0][1])
             entry_seq = entry.seq

@@ -40,6 +40,7 @@ from common.messages import (
 )
 from common.metrics import HealthServer, WorkerMetrics, worker_metrics
 from common.redis_client import REDIS_DOWN, make_redis
+from common.session_meta import SessionMeta
 from common.settings import TranscriberSettings
 from common.streams import waiting_entries
 from transcriber.commit import CLIENT_BACK, DUPLICATE, SessionWriter, unpack_stable
@@ -101,18 +102,12 @@ def resolve_tails(s: TranscriberSettings, cuda: bool) -> tuple[int, int]:
     return tail, final
 
 
-def _text(meta: dict[bytes, bytes], field: str, default: str = "") -> str:
-    return meta.get(field.encode(), default.encode()).decode()
-
-
-def share_of(meta: dict[bytes, bytes]) -> str:
+def share_of(meta: SessionMeta) -> str:
     """Whose session it is, for the fair share of slots: its API key (a token's too), else
     its principal, else the client's address (AUTH=off)."""
-    account, principal = _text(meta, "account"), _text(meta, "principal")
-    if account or principal:
-        return account or principal
-    address = _text(meta, "address")
-    return f"ip:{address}" if address else ""
+    if meta.account or meta.principal:
+        return meta.account or meta.principal
+    return f"ip:{meta.address}" if meta.address else ""
 
 
 @dataclasses.dataclass(eq=False)
@@ -423,8 +418,8 @@ class Worker:
                         "work entry", sid)
             await self._finish_entry(entry_id)
             return
-        meta = await self.redis.hgetall(keys.meta(sid))
-        if _text(meta, "state") == "closed":
+        meta = SessionMeta.decode(await self.redis.hgetall(keys.meta(sid)))
+        if meta.closed:
             await self._finish_entry(entry_id)
             return
         writer = SessionWriter(self.redis, sid, epoch)
@@ -433,17 +428,16 @@ class Worker:
         if self._over_share(lease.share) and await self._others_waiting():
             await self._hand_back(lease)  # behind the others' sessions
             return
-        language = _text(meta, "language") or self.settings.language
+        language = meta.language or self.settings.language
         try:
-            model = await self.model_for(_text(meta, "model"))
+            model = await self.model_for(meta.model)
         except Exception as exc:  # unknown name, missing files: the session cannot run here
-            log.error("session %s: cannot load model %r: %s", sid, _text(meta, "model"), exc)
+            log.error("session %s: cannot load model %r: %s", sid, meta.model, exc)
             await writer.publish(Warning(sid, "model_unavailable",
                                          "the requested model is not available"))
             await writer.close(Closed(sid, 0, 0.0), self.settings.retention_s)
             await self._finish_entry(entry_id)
             return
-        interim = _text(meta, "interim", "1") == "1"
         assert self.vad is not None
         core = StreamingTranscriber(
             sid,
@@ -454,15 +448,15 @@ class Worker:
                                         self._final_tail if model is self.model else None,
                                         self.settings.final_retry_probability),
                          self.metrics, self.gate,
-                         _text(meta, "account") or _text(meta, "principal") or sid),
+                         meta.account or meta.principal or sid),
             self.vad.stream(),
-            stream_config(self.settings, interim),
-            start_sample=int(_text(meta, "commit_sample", "0")),
-            next_utterance=int(_text(meta, "next_utterance", "0")),
-            prompt=_text(meta, "prompt"),
-            stable=unpack_stable(meta.get(b"stable"), int(_text(meta, "next_utterance", "0"))),
+            stream_config(self.settings, meta.interim),
+            start_sample=meta.commit_sample,
+            next_utterance=meta.next_utterance,
+            prompt=meta.prompt,
+            stable=unpack_stable(meta.stable, meta.next_utterance),
         )
-        cursor = _text(meta, "resume_id") or "0-0"
+        cursor = meta.resume_id or "0-0"
         log.info("session %s: started (epoch %d, from sample %d)", sid, epoch, core.position)
         try:
             await _SessionRun(self, lease, core, writer, cursor).run()
@@ -535,8 +529,8 @@ class Worker:
         pipe = self.redis.pipeline(transaction=False)
         for _entry_id, sid in waiting:
             pipe.hgetall(keys.meta(sid))
-        for meta in await pipe.execute():
-            if not self._over_share(share_of(meta), margin=-1):
+        for raw in await pipe.execute():
+            if not self._over_share(share_of(SessionMeta.decode(raw)), margin=-1):
                 return True
         return False
 

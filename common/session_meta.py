@@ -1,0 +1,89 @@
+"""The session record (``stt:{sid}:meta``) as every reader sees it: one typed decode.
+
+The hash is written by the Lua scripts in ``common/scripts.py`` (creation, lease, commit,
+close) and by ``HSET``s of a few fields; its field names are this dataclass's field names,
+and docs/architecture.md says who writes each one. Readers decode it here instead of
+picking fields out of a dict of bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, get_type_hints
+
+#: Values of ``state``.
+ACTIVE, CLOSED = "active", "closed"
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionMeta:
+    """One session's record. Defaults stand for fields not (yet) written."""
+
+    state: str = ACTIVE  # active | closed
+    created: float = 0.0  # Redis time, unix seconds
+    heartbeat: float = 0.0  # the client's last sign of life, Redis time
+    # what the client asked for
+    encoding: str = ""
+    sample_rate: int = 0
+    channels: int = 1
+    language: str = ""
+    interim: bool = True
+    model: str = ""
+    deadline: float = 0.0  # unix time (gateway clock) the session must end by; 0 = none
+    replay_of: str = ""
+    # who created it
+    principal: str = ""  # "key:NAME", "token:NONCE", "" without authentication
+    account: str = ""  # the API key's name (a token's minting key)
+    address: str = ""  # the client's address bucket
+    # the writing connection
+    attach: int = 0  # its generation; appends are fenced by it
+    audio_seq: int = 0
+    # the owning worker
+    epoch: int = 0
+    owner: str = ""
+    lease_entry: str = ""
+    lease_at: int = 0  # ms, Redis time
+    # what has been transcribed
+    seq: int = 0
+    commit_sample: int = 0
+    next_utterance: int = 0
+    prompt: str = ""
+    resume_id: str = ""
+    stable: bytes = b""  # the open utterance's promised words (msgpack)
+    processed_sample: int = 0
+    duration: float = 0.0  # audio seconds, once closed
+
+    @property
+    def closed(self) -> bool:
+        return self.state == CLOSED
+
+    @classmethod
+    def decode(cls, raw: Mapping[bytes, bytes | None] | Mapping[str, Any]) -> SessionMeta:
+        """From ``HGETALL`` (or ``HMGET`` zipped with its field names); unknown fields are
+        ignored, missing ones take their defaults."""
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            name = key.decode() if isinstance(key, bytes) else key
+            kind = _KINDS.get(name)
+            if kind is None or value is None:
+                continue
+            values[name] = _convert(kind, value)
+        return cls(**values)
+
+
+def _convert(kind: type, value: bytes | str) -> Any:
+    if kind is bytes:
+        return value if isinstance(value, bytes) else value.encode()
+    text = value.decode(errors="replace") if isinstance(value, bytes) else value
+    if kind is bool:
+        return text == "1"
+    if kind is int:
+        return int(float(text)) if text else 0
+    if kind is float:
+        return float(text) if text else 0.0
+    return text
+
+
+_KINDS: dict[str, type] = get_type_hints(SessionMeta)
+FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(SessionMeta))
