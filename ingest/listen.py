@@ -251,11 +251,11 @@ class ListenSession:
             log.exception("session %s: internal error", self.sid)
             await self._fail(SttError("internal error"))
         finally:
+            metrics.sessions_active.dec()  # the socket is closed: the rest is bookkeeping
             if delivery is not None:
                 self.gateway.monitor.unwatch(self)
                 await stop_task(delivery)
             await self._settle(clean, known=announced or resumed)
-            metrics.sessions_active.dec()
             log.info("session %s: socket done (%d samples)", self.sid, self.samples_sent)
 
     def taken(self) -> None:
