@@ -1,27 +1,31 @@
 """Redis connections with timeouts, keepalive and bounded retries (see PITFALLS.md).
 
 Blocking stream reads get their own client whose socket timeout is above the
-block time, so an idle XREAD never trips the timeout.
+block time, so an idle XREAD never trips the timeout. Who retries a failed command
+(the client, or the loop around it, never both) is explained in ``common/backoff.py``.
 """
 
 from __future__ import annotations
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from common.backoff import REDIS_DOWN, policy
 from common.settings import RedisSettings
 
-#: Errors that mean "Redis is unreachable right now" rather than a bad command.
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+__all__ = ["REDIS_DOWN", "make_redis"]
 
 
 def make_redis(settings: RedisSettings, *, blocking: bool = False,
                max_connections: int | None = None, probe: bool = False,
-               block_ms: int = 0, read_timeout: bool = True) -> aioredis.Redis:
-    """``blocking``: for XREAD BLOCK (of ``redis_block_ms``, or ``block_ms`` if longer);
+               block_ms: int = 0, read_timeout: bool = True,
+               retries: bool = True) -> aioredis.Redis:
+    """``retries=False``: for a caller that waits out outages itself (``common.backoff``);
+    the client then only reconnects a stale pooled connection, once, at once.
+    ``blocking``: for XREAD BLOCK (of ``redis_block_ms``, or ``block_ms`` if longer);
     ``probe``: health checks that must fail fast, no retry; ``read_timeout=False``: no
     timeout per reply, for a caller that bounds each whole round trip itself (redis-py
     arms a timer per reply: 7 us of 27 per script call in a pipeline of 256, measured)."""
@@ -38,7 +42,8 @@ def make_redis(settings: RedisSettings, *, blocking: bool = False,
         socket_connect_timeout=5.0,
         socket_keepalive=True,
         health_check_interval=15,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), settings.redis_retries),
+        retry=Retry(policy(base=0.05), settings.redis_retries)
+        if retries else Retry(NoBackoff(), 1),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         max_connections=max_connections or settings.redis_max_connections,
         decode_responses=False,
