@@ -27,8 +27,11 @@ class SttError(Exception):
     #: The session's audio so far is transcribed and its finals delivered before the error
     #: and the close (limits a well-behaved client can reach: duration, idle).
     drain = False
+    #: The message when none is given: the one wording of this error.
+    default_message = "internal error"
 
-    def __init__(self, message: str = "internal error") -> None:
+    def __init__(self, message: str | None = None) -> None:
+        message = message or self.default_message
         super().__init__(message)
         self.message = message
 
@@ -78,6 +81,27 @@ class SessionNotFound(SttError):
     code = "session_not_found"
     close_code = POLICY_VIOLATION
     http_status = 404
+    default_message = "no such session (it may have expired)"
+
+
+class NotFound(SttError):
+    """A path no endpoint serves."""
+
+    code = "not_found"
+    http_status = 404
+    default_message = "no such endpoint"
+
+
+class MethodNotAllowed(SttError):
+    code = "method_not_allowed"
+    http_status = 405
+
+
+class WebSocketRequired(SttError):
+    """A WebSocket endpoint asked for with plain HTTP."""
+
+    code = "websocket_required"
+    http_status = 426
 
 
 class Overloaded(SttError):
@@ -136,6 +160,7 @@ class StorageUnavailable(SttError):
     code = "storage_unavailable"
     close_code = TRY_AGAIN_LATER
     http_status = 503
+    default_message = "storage unavailable; try again later"
 
 
 # --------------------------------------------------------------------------- access and limits

@@ -1,6 +1,11 @@
-"""Appending to a session's audio stream: fenced by the attach generation, idempotent by seq.
+"""Session streams: reading one (``read_stream``, ``follow_results``) and appending audio
+(``AudioAppender``), and the work queue's backlog.
 
-Used by the gateway (client audio) and by replays. A write whose reply was lost (Redis
+``read_stream`` is the one blocking reader of a stream: the client's own socket and
+replays follow results with it (``follow_results``), the viewer hub too.
+
+Appending audio is fenced by the attach generation and idempotent by seq; it is used by
+the gateway (client audio) and by replays. A write whose reply was lost (Redis
 restarting after it ran the script) is retried by the caller; the ``audio_seq`` high-water
 mark in meta makes the retry a no-op instead of a duplicated frame.
 """
@@ -8,7 +13,8 @@ mark in meta makes the retry a no-op instead of a duplicated frame.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import logging
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import hiredis
@@ -16,8 +22,14 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
 
 from common import keys
-from common.messages import AudioEntry, pack_audio_entry
+from common.backoff import REDIS_DOWN, Backoff
+from common.messages import AudioEntry, Closed, Result, pack_audio_entry, unpack_result
 from common.scripts import APPEND_AUDIO, APPEND_CLOSED
+
+log = logging.getLogger(__name__)
+
+#: One stream entry as redis-py returns it: (entry id, fields).
+Entry = tuple[bytes, dict[bytes, bytes]]
 
 #: The append script's answer for a session that has ended.
 CLOSED = APPEND_CLOSED
@@ -176,3 +188,41 @@ async def waiting_entries(redis: aioredis.Redis, count: int) -> list[tuple[bytes
         return []
     entries = await redis.xrange(keys.SESSIONS, min=f"({last}", count=count)
     return [(entry_id, fields.get(b"sid", b"").decode()) for entry_id, fields in entries]
+
+
+async def read_stream(redis: aioredis.Redis, key: str, cursor: str = "0-0", *,
+                      block_ms: int = 1000, batch: int = 100,
+                      what: str = "stream") -> AsyncIterator[list[Entry]]:
+    """Read ``key`` after ``cursor`` with blocking XREAD, forever: yields each batch (an
+    empty one when ``block_ms`` passed with nothing new). Redis outages are waited out
+    (``common.backoff``); nothing is skipped. ``redis``: a client made with
+    ``blocking=True`` (its socket timeout is above the block time) and ``retries=False``."""
+    backoff = Backoff()
+    while True:
+        try:
+            resp = await redis.xread({key: cursor}, count=batch, block=block_ms)
+        except REDIS_DOWN as exc:
+            log.warning("%s: read failed: %s", what, exc)
+            await backoff.wait()
+            continue
+        backoff.reset()
+        entries: list[Entry] = []
+        for _stream, got in resp or ():
+            entries.extend(got)
+        if entries:
+            cursor = entries[-1][0].decode()
+        yield entries
+
+
+async def follow_results(redis: aioredis.Redis, sid: str, after: str = "0-0",
+                         block_ms: int = 1000, batch: int = 100,
+                         ) -> AsyncIterator[tuple[str, Result]]:
+    """One session's results after entry ``after``, in order: (entry id, result), ending
+    with its ``closed`` message."""
+    async for entries in read_stream(redis, keys.results(sid), after, block_ms=block_ms,
+                                     batch=batch, what=f"session {sid}: results"):
+        for entry_id, fields in entries:
+            result = unpack_result(fields)
+            yield entry_id.decode(), result
+            if isinstance(result, Closed):
+                return

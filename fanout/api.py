@@ -22,12 +22,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import http
-import json
 import logging
-import math
 import re
 import time
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import redis.asyncio as aioredis
@@ -40,21 +37,21 @@ from common.auth import ANONYMOUS, Principal
 from common.errors import (
     BadRequest,
     Forbidden,
+    NotFound,
     Overloaded,
-    RateLimited,
     SessionNotFound,
-    StorageUnavailable,
     SttError,
     TooLarge,
+    WebSocketRequired,
 )
 from common.messages import AudioFrame
 from common.ratelimit import MessageLimits
 from common.redis_client import REDIS_DOWN
-from common.settings import SessionsApiSettings
+from common.settings import GatewaySettings, SessionsApiSettings
+from common.web import error_response, float_param, int_param, json_response, one, send_error
 from fanout import formats
 from fanout.hub import Hubs
 from fanout.replay import Replay, ReplayConfig, ReplayParams
-from fanout.sockets import float_param, int_param, one, send_error
 from fanout.store import SessionRecords, audio_end, check_session_id
 from fanout.viewer import Viewer, ViewerLimits, ViewerParams
 
@@ -63,16 +60,6 @@ log = logging.getLogger(__name__)
 PREFIX = "/v1/sessions"
 _ROUTE = re.compile(r"/v1/sessions(?:/(?P<sid>[^/]+)(?:/(?P<leaf>[^/]+))?)?/?")
 
-
-
-class NotFound(SttError):
-    code = "not_found"
-    http_status = 404
-
-
-class WebSocketRequired(SttError):
-    code = "websocket_required"
-    http_status = 426
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,23 +77,6 @@ class Route:
         """Replays create a session: they count against the session caps and use up a
         session token's one session."""
         return self.kind == "replay"
-
-
-def json_response(status: http.HTTPStatus, body: Any) -> Response:
-    data = json.dumps(body, ensure_ascii=False).encode()
-    return Response(status.value, status.phrase, Headers([
-        ("Content-Type", "application/json"), ("Content-Length", str(len(data))),
-        ("Cache-Control", "no-store")]), data)
-
-
-def error_response(exc: SttError) -> Response:
-    response = json_response(http.HTTPStatus(exc.http_status),
-                             {"type": "error", "code": exc.code, "message": exc.message})
-    if exc.http_status == http.HTTPStatus.UNAUTHORIZED:
-        response.headers["WWW-Authenticate"] = 'Bearer realm="stt"'
-    if isinstance(exc, RateLimited):
-        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
-    return response
 
 
 def token_forbidden() -> Forbidden:
@@ -127,6 +97,12 @@ class SessionsApi:
                                           settings.slow_viewer_grace_s)
         self._exports = asyncio.Semaphore(settings.export_concurrency)
 
+    @classmethod
+    def with_replays(cls, settings: GatewaySettings, redis: aioredis.Redis,
+                     blocking: aioredis.Redis) -> SessionsApi:
+        """The API as the gateway serves it: with replays (which need transcribers)."""
+        return cls(settings, redis, blocking, ReplayConfig.for_gateway(settings))
+
     # ------------------------------------------------------------------ routing
 
     @staticmethod
@@ -139,7 +115,7 @@ class SessionsApi:
         too); one trailing slash is the same route."""
         m = _ROUTE.fullmatch(path)
         if m is None:
-            raise NotFound("no such endpoint")
+            raise NotFound()
         sid, leaf = m.group("sid"), m.group("leaf")
         if sid is None:
             return Route("list")
@@ -153,7 +129,7 @@ class SessionsApi:
                 return Route("transcript", sid, fmt)
         if leaf == "results" or (leaf == "replay" and self.replay is not None):
             return Route(leaf, sid)
-        raise NotFound("no such endpoint")
+        raise NotFound()
 
     def match(self, path: str) -> Route | None:
         """``route``, or None where it is NotFound."""
@@ -180,10 +156,8 @@ class SessionsApi:
                     ReplayParams.parse(query, self.replay.allowed_models)
                 return None
             return await self._http(route, query, principal)
-        except SttError as exc:
+        except (SttError, *REDIS_DOWN) as exc:
             return error_response(exc)
-        except REDIS_DOWN:
-            return error_response(StorageUnavailable("storage unavailable; try again later"))
 
     async def authorize(self, principal: Principal, sid: str) -> None:
         """Forbidden unless the principal may read this session (tokens: their own)."""
@@ -214,11 +188,9 @@ class SessionsApi:
                 await Replay(self.records, self.blocking, self.replay, ws, sid,
                              replay_params, principal, self.inbound()).run()
             else:
-                raise NotFound("no such endpoint")
-        except SttError as exc:
+                raise NotFound()
+        except (SttError, *REDIS_DOWN) as exc:
             await send_error(ws, exc)
-        except REDIS_DOWN:
-            await send_error(ws, StorageUnavailable("storage unavailable; try again later"))
 
     def inbound(self) -> MessageLimits:
         """Size and rate limits on what one viewer or replay socket sends: only control
@@ -250,7 +222,7 @@ class SessionsApi:
             return await self._transcript(sid, route.fmt)
         if route.kind == "audio":
             return await self._audio(sid, query)
-        raise NotFound("no such endpoint")
+        raise NotFound()
 
     async def _list(self, query: dict[str, list[str]]) -> Response:
         limit = int_param(query, "limit", min(50, self.settings.list_max), 1,
@@ -305,7 +277,7 @@ class SessionsApi:
                 if entry.offset >= hi:
                     break
         if not await self.records.exists(sid):
-            raise SessionNotFound("no such session (it may have expired)")
+            raise SessionNotFound()
         return Response(200, "OK", Headers([
             ("Content-Type", "audio/wav"), ("Content-Length", str(len(body))),
             ("Content-Disposition", f'attachment; filename="{sid}.wav"'),

@@ -22,9 +22,10 @@ from collections.abc import AsyncIterator
 import redis.asyncio as aioredis
 
 from common import keys
+from common.backoff import until_up
 from common.errors import SessionNotFound, SttError, TooSlow
 from common.messages import Closed, Partial, Result, unpack_result
-from common.redis_client import REDIS_DOWN
+from common.streams import read_stream
 
 log = logging.getLogger(__name__)
 
@@ -80,45 +81,31 @@ class SessionHub:
 
     async def _follow(self) -> None:
         key = keys.results(self.sid)
-        backoff = 0.1
-        while True:  # start after the last stored entry: viewers read the history themselves
-            try:
-                last = await self.hubs.redis.xrevrange(key, count=1)
-                break
-            except REDIS_DOWN as exc:
-                log.warning("session %s: hub start failed: %s", self.sid, exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+        # start after the last stored entry: viewers read the history themselves
+        last = await until_up(lambda: self.hubs.blocking.xrevrange(key, count=1),
+                              f"session {self.sid}: hub start")
         cursor = last[0][0].decode() if last else "0-0"
         self.ready.set_result(None)
         idle = 0
-        while True:
-            try:
-                resp = await self.hubs.blocking.xread(
-                    {key: cursor}, count=self.hubs.batch, block=self.hubs.block_ms)
-                backoff = 0.1
-                if not resp:
-                    idle += 1
-                    if idle % EXISTS_EVERY == 0 and not await self.hubs.redis.exists(
-                            keys.meta(self.sid)):
-                        self._end(SessionNotFound("the session has expired"))
-                        return
-                    continue
-            except REDIS_DOWN as exc:
-                log.warning("session %s: hub read failed: %s", self.sid, exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+        async for entries in read_stream(self.hubs.blocking, key, cursor,
+                                         block_ms=self.hubs.block_ms, batch=self.hubs.batch,
+                                         what=f"session {self.sid}: hub"):
+            if not entries:
+                idle += 1
+                if idle % EXISTS_EVERY == 0 and not await until_up(
+                        lambda: self.hubs.blocking.exists(keys.meta(self.sid)),
+                        f"session {self.sid}: hub check"):
+                    self._end(SessionNotFound("the session has expired"))
+                    return
                 continue
             idle = 0
-            for _stream, entries in resp:
-                for entry_id, fields in entries:
-                    cursor = entry_id.decode()
-                    result = unpack_result(fields)
-                    for viewer in list(self.viewers):
-                        viewer.offer(result)
-                    if isinstance(result, Closed):
-                        self._end(None)
-                        return
+            for _entry_id, fields in entries:
+                result = unpack_result(fields)
+                for viewer in list(self.viewers):
+                    viewer.offer(result)
+                if isinstance(result, Closed):
+                    self._end(None)
+                    return
 
     def _end(self, exc: SttError | None, cause: BaseException | None = None) -> None:
         """The session ended (Closed was offered) or failed: detach every viewer."""

@@ -29,13 +29,15 @@ from websockets.exceptions import ConnectionClosed
 from common import errors
 from common.audio import TARGET_RATE
 from common.auth import ANONYMOUS, Principal
+from common.backoff import until_up
 from common.errors import BadRequest, Overloaded, SessionActive, StorageUnavailable, SttError
 from common.messages import AudioEntry, AudioFrame, AudioMarker, Closed, ReplayStarted, to_json
 from common.ratelimit import MessageLimits
 from common.redis_client import REDIS_DOWN
+from common.settings import GatewaySettings
+from common.streams import follow_results
 from common.tasks import stop_tasks
-from fanout.follow import follow_results
-from fanout.sockets import bool_param, one, read_controls, send_error
+from common.web import bool_param, one, read_controls, send_error
 from fanout.store import SessionRecords, audio_end
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,25 @@ class ReplayConfig:
     #: The model names a replay's ``?model=`` may pick (comma-separated); None: any name.
     allowed_models: str | None = None
 
+    @classmethod
+    def for_gateway(cls, settings: GatewaySettings) -> ReplayConfig:
+        return cls(max_backlog=settings.max_backlog, heartbeat_s=settings.heartbeat_s,
+                   block_ms=settings.redis_block_ms,
+                   allowed_models=replay_allowlist(settings))
+
+
+def replay_allowlist(settings: GatewaySettings) -> str:
+    """The model names a replay may ask for: ``REPLAY_MODELS``, or the deployment's own
+    model when it names none. Entries that are paths never count."""
+    configured = {m.strip() for m in settings.replay_models.split(",") if m.strip()}
+    names = sorted(model_names(settings.replay_models))
+    if len(names) < len(configured):
+        log.warning("REPLAY_MODELS: ignoring entries that are not model names (paths are "
+                    "never allowed)")
+    if not names and model_name_ok(settings.model_name):
+        names = [settings.model_name]
+    return ",".join(names)  # empty: replays only with the recorded session's model
+
 
 class Replay:
     """One replay socket."""
@@ -126,11 +147,8 @@ class Replay:
     async def run(self) -> None:
         try:
             started = await self._create()
-        except SttError as exc:
+        except (SttError, *REDIS_DOWN) as exc:
             await send_error(self.ws, exc)
-            return
-        except REDIS_DOWN:
-            await send_error(self.ws, StorageUnavailable("storage unavailable; try again later"))
             return
         log.info("session %s: replay of %s (%s, model %r)", self.sid, self.original,
                  self.params.speed, started.model)
@@ -156,7 +174,6 @@ class Replay:
         if failure is not None:
             if not isinstance(failure, SttError):
                 log.error("session %s: replay copy failed", self.sid, exc_info=failure)
-                failure = SttError("internal error")
             await send_error(self.ws, failure)
         elif deliver.done() and not deliver.cancelled() and deliver.exception() is None:
             with contextlib.suppress(ConnectionClosed):
@@ -230,18 +247,11 @@ class Replay:
         """Append with retries through a Redis outage; False if a client took the session."""
         if not entries:
             return True
-        deadline = time.monotonic() + OUTAGE_S
-        backoff = 0.05
-        while True:
-            try:
-                ok = await self.records.append(self.sid, entries)
-                break
-            except REDIS_DOWN as exc:
-                if time.monotonic() > deadline:
-                    raise StorageUnavailable("storage unavailable; replay stopped") from exc
-                log.warning("session %s: replay append failed (%s); retrying", self.sid, exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+        try:
+            ok = await until_up(lambda: self.records.append(self.sid, entries),
+                                f"session {self.sid}: replay append", deadline_s=OUTAGE_S)
+        except REDIS_DOWN as exc:
+            raise StorageUnavailable("storage unavailable; replay stopped") from exc
         if not ok:
             log.warning("session %s: a client attached to the replay; stopping the copy",
                         self.sid)

@@ -17,12 +17,12 @@ from websockets.http11 import Request, Response
 
 from common import errors
 from common.access import AccessGuard, limited_connection, select_subprotocol
-from common.errors import StorageUnavailable, SttError
+from common.errors import NotFound, SttError
 from common.metrics import health_route, register_viewer_gauges
 from common.redis_client import REDIS_DOWN, make_redis
 from common.settings import FanoutSettings
-from fanout.api import NotFound, SessionsApi, error_response
-from fanout.sockets import send_error
+from common.web import error_response, send_error
+from fanout.api import SessionsApi
 
 
 class FanoutServer:
@@ -51,12 +51,10 @@ class FanoutServer:
                 principal = await self.guard.admit(
                     connection, request, opens_session=False,
                     viewer=route is not None and route.kind == "results")
-            except SttError as exc:
+            except (SttError, *REDIS_DOWN) as exc:
                 return error_response(exc)
-            except REDIS_DOWN:
-                return error_response(StorageUnavailable("storage unavailable; try again later"))
             return await self.api.process_request(connection, request, principal)
-        return error_response(NotFound("no such endpoint"))
+        return error_response(NotFound())
 
     async def handler(self, ws: ServerConnection) -> None:
         try:

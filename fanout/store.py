@@ -44,7 +44,7 @@ _INFO_FIELDS = ("state", "created", "model", "language", "interim", "duration",
 def check_session_id(sid: str) -> str:
     """Session ids are 32 hex digits; anything else cannot exist (and never reaches a key)."""
     if not SESSION_ID.fullmatch(sid):
-        raise SessionNotFound("no such session (it may have expired)")
+        raise SessionNotFound()
     return sid
 
 
@@ -106,7 +106,7 @@ class SessionRecords:
         check_session_id(sid)
         infos = await self._infos([sid])
         if not infos[0]:
-            raise SessionNotFound("no such session (it may have expired)")
+            raise SessionNotFound()
         info = infos[0]
         assert info is not None
         return info
@@ -139,7 +139,7 @@ class SessionRecords:
         check_session_id(sid)
         raw = await self.redis.hgetall(keys.meta(sid))
         if not raw:
-            raise SessionNotFound("no such session (it may have expired)")
+            raise SessionNotFound()
         return SessionMeta.decode(raw)
 
     async def owner(self, sid: str) -> tuple[str, str]:
@@ -147,7 +147,7 @@ class SessionRecords:
         check_session_id(sid)
         values = await self.redis.hmget(keys.meta(sid), ["state", "principal", "account"])
         if values[0] is None:
-            raise SessionNotFound("no such session (it may have expired)")
+            raise SessionNotFound()
         meta = SessionMeta.decode(dict(zip(("state", "principal", "account"), values,
                                            strict=True)))
         return meta.principal, meta.account

@@ -23,8 +23,8 @@ from common.messages import Closed, Final, Partial, Result, ViewerStarted, to_js
 from common.ratelimit import MessageLimits
 from common.redis_client import REDIS_DOWN
 from common.tasks import stop_tasks
+from common.web import bool_param, drop, float_param, int_param, read_controls, send_error
 from fanout.hub import Hubs, ViewerQueue
-from fanout.sockets import bool_param, drop, float_param, int_param, read_controls, send_error
 from fanout.store import SessionRecords
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class Viewer:
                 await send_error(self.ws, failure)
             elif not isinstance(failure, ConnectionClosed):
                 log.error("session %s: viewer failed", self.sid, exc_info=failure)
-                await send_error(self.ws, SttError("internal error"))
+                await send_error(self.ws, failure)
         elif self.queue.failed.done():
             reason = self.queue.failed.result()
             log.info("session %s: dropping viewer: %s", self.sid, reason.code)

@@ -1,12 +1,13 @@
-"""The WebSocket gateway: routing, static files, health, and the per-connection sessions.
+"""The WebSocket gateway: routing, static files, health, tokens, and the listen sockets.
 
-The session logic is in ``listen.py``; the recorded-sessions API
-(``/v1/sessions...``: viewers, replays, listing, exports) is fanout's
-``SessionsApi``, the same code ``python -m fanout`` serves. This module owns
-the server, the Redis clients and the detached sessions waiting out their
-resume grace. Every ``/v1`` request passes ``AccessGuard`` (request rates, Origin,
-credentials, session caps) before an upgrade; ``GET`` or ``POST /v1/token`` mints session
-tokens and ``POST /v1/token/revoke`` revokes an unused one.
+A listen socket is served by ``listen.py`` (the asyncio adapter over the I/O-free
+``listen_core.py``), given its dependencies as ``ListenDeps``; ``live.py`` keeps this
+gateway's live and detached sessions. The recorded-sessions API (``/v1/sessions...``:
+viewers, replays, listing, exports) is fanout's ``SessionsApi``, the same code
+``python -m fanout`` serves: the one thing ingest uses from fanout. Every ``/v1``
+request passes ``AccessGuard`` (request rates, Origin, credentials, session caps) before
+an upgrade; ``GET`` or ``POST /v1/token`` mints session tokens and ``POST
+/v1/token/revoke`` revokes an unused one.
 """
 
 from __future__ import annotations
@@ -25,36 +26,32 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from common import errors, keys
+from common import errors
 from common.access import AccessGuard, PeerLimits, limited_connection, select_subprotocol
 from common.auth import Principal
+from common.backoff import REDIS_DOWN
 from common.errors import (
     BadRequest,
     Forbidden,
+    MethodNotAllowed,
     NotConfigured,
-    StorageUnavailable,
+    NotFound,
     SttError,
     TokenUsed,
     Unauthorized,
 )
-from common.messages import AudioMarker
 from common.metrics import gateway_metrics, health_route, register_viewer_gauges
-from common.redis_client import REDIS_DOWN, make_redis
+from common.redis_client import make_redis
 from common.settings import GatewaySettings
 from common.streams import AudioAppender
-from fanout.api import NotFound, Route, SessionsApi, error_response, json_response
-from fanout.replay import ReplayConfig, model_name_ok, model_names
-from fanout.sockets import float_param
-from ingest.listen import (
-    ListenParams,
-    ListenSession,
-    resume_target,
-    send_error,
-    session_id_ok,
-)
+from common.web import client_error, error_response, float_param, json_response, send_error
+from fanout.api import Route, SessionsApi
+from ingest.listen import ListenDeps, ListenSession
+from ingest.listen_core import ListenParams, resume_target, session_id_ok
+from ingest.live import LiveSessions
 from ingest.monitor import SessionMonitor
 from ingest.store import SessionStore
-from ingest.writer import AudioFlusher, AudioWriter
+from ingest.writer import AudioFlusher
 
 log = logging.getLogger(__name__)
 
@@ -65,32 +62,17 @@ REVOKE_PATH = "/v1/token/revoke"
 REVOKE_HEADER = "X-Session-Token"
 
 
-class MethodNotAllowed(SttError):
-    code = "method_not_allowed"
-    http_status = 405
-
-
-def replay_allowlist(settings: GatewaySettings) -> str:
-    """The model names a replay may ask for: ``REPLAY_MODELS``, or the deployment's own
-    model when it names none. Entries that are paths never count."""
-    configured = {m.strip() for m in settings.replay_models.split(",") if m.strip()}
-    names = sorted(model_names(settings.replay_models))
-    if len(names) < len(configured):
-        log.warning("REPLAY_MODELS: ignoring entries that are not model names (paths are "
-                    "never allowed)")
-    if not names and model_name_ok(settings.model_name):
-        names = [settings.model_name]
-    return ",".join(names)  # empty: replays only with the recorded session's model
-
-
 class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.redis = make_redis(settings)
-        self.blocking = make_redis(settings, blocking=True, block_ms=settings.results_block_ms)
+        # results and hub reads wait out outages themselves (read_stream): no client retries
+        self.blocking = make_redis(settings, blocking=True, block_ms=settings.results_block_ms,
+                                   retries=False)
         self.store = SessionStore(self.redis, settings.append_batch)
-        # client audio: a client with no per-reply timer; each round trip is bounded instead
-        self.appends = make_redis(settings, read_timeout=False)
+        # client audio: a client with no per-reply timer; each round trip is bounded instead,
+        # and the flusher retries a failed one itself
+        self.appends = make_redis(settings, read_timeout=False, retries=False)
         self.flusher = AudioFlusher(AudioAppender(self.appends, settings.append_batch,
                                                   settings.redis_socket_timeout_s),
                                     settings.append_batch)
@@ -98,9 +80,7 @@ class Gateway:
         self.metrics = gateway_metrics()
         self.monitor = SessionMonitor(self.store, settings.heartbeat_s, settings.lag_warning_s,
                                       self.metrics.redis_errors.labels("gateway").inc)
-        self.sessions_api = SessionsApi(settings, self.redis, self.blocking, ReplayConfig(
-            max_backlog=settings.max_backlog, heartbeat_s=settings.heartbeat_s,
-            block_ms=settings.redis_block_ms, allowed_models=replay_allowlist(settings)))
+        self.sessions_api = SessionsApi.with_replays(settings, self.redis, self.blocking)
         register_viewer_gauges(self.metrics.registry, lambda: len(self.sessions_api.hubs),
                                self.sessions_api.hubs.viewer_count)
         self.guard = AccessGuard(settings, self.redis,
@@ -109,13 +89,12 @@ class Gateway:
         self._server: Server | None = None
         self.peers: PeerLimits | None = None  # connections per client address (start())
         self._renewer: asyncio.Task[None] | None = None
-        self._detached: set[asyncio.Task[None]] = set()
-        self._detached_sids: dict[str, asyncio.Task[None]] = {}
-        self._live: dict[str, ListenSession] = {}  # the connection writing each session here
+        self.live = LiveSessions(settings, self.store, self.guard)
+        self.listen_deps = ListenDeps(settings, self.store, self.flusher, self.blocking,
+                                      self.guard, self.live, self.monitor, self.metrics)
         # The sessions-API route each admitted upgrade was admitted for: its handler
         # dispatches on that same parse.
         self._routes: weakref.WeakKeyDictionary[object, Route] = weakref.WeakKeyDictionary()
-        self.stopping = False
 
     # ------------------------------------------------------------------ HTTP side
 
@@ -125,14 +104,12 @@ class Gateway:
         if path in (LISTEN_PATH, TOKEN_PATH, REVOKE_PATH) or SessionsApi.handles(path):
             try:
                 return await self._api_request(connection, request, path)
-            except SttError as exc:
-                self.metrics.rejections.labels(exc.code).inc()
+            except (SttError, *REDIS_DOWN) as exc:
+                if isinstance(exc, REDIS_DOWN):
+                    log.warning("%s refused: redis unavailable (%r)", path, exc)
+                    self.metrics.redis_errors.labels("gateway").inc()
+                self.metrics.rejections.labels(client_error(exc).code).inc()
                 return error_response(exc)
-            except REDIS_DOWN as exc:
-                log.warning("%s refused: redis unavailable (%r)", path, exc)
-                self.metrics.redis_errors.labels("gateway").inc()
-                self.metrics.rejections.labels(StorageUnavailable.code).inc()
-                return error_response(StorageUnavailable("storage unavailable; try again later"))
         health = await health_route(path, connection, self.probe, self.metrics.registry,
                                     self._refresh_queued)
         return health if health is not None else self._static(connection, path)
@@ -166,7 +143,7 @@ class Gateway:
                                            caps=self._caps if opens else None,
                                            viewer=route is not None and route.kind == "results")
         if route is None:
-            raise NotFound("no such endpoint")
+            raise NotFound()
         if route.websocket:
             self._routes[connection] = route
         return await self.sessions_api.process_request(connection, request, principal, route)
@@ -270,101 +247,12 @@ class Gateway:
             self.metrics.rejections.labels(exc.code).inc()
             await send_error(ws, exc)
             return
-        session = ListenSession(self, ws, params, principal, lease)
+        session = ListenSession(self.listen_deps, ws, params, principal, lease)
         try:
             await session.run()
         finally:
             if session.lease is not None:  # run() settles it; an exception may not have
                 self.guard.forget(session.lease)
-
-    def detach_later(self, sid: str, generation: int, samples: int, entry_seq: int,
-                     writer: AudioWriter | None, lease: str | None = None) -> None:
-        """The client vanished: keep the session (and its cap ``lease``) for the resume
-        grace, then end its stream and release the lease."""
-        task = asyncio.create_task(
-            self._expire_detached(sid, generation, samples, entry_seq, writer, lease),
-            name=f"detached-{sid}")
-        self._detached.add(task)
-        self._detached_sids[sid] = task
-
-        def done(t: asyncio.Task[None]) -> None:
-            self._detached.discard(t)
-            if self._detached_sids.get(sid) is t:
-                del self._detached_sids[sid]
-
-        task.add_done_callback(done)
-
-    def attached(self, session: ListenSession) -> None:
-        """``session`` opened its session or took it over (a resume): an earlier connection
-        or detached wait for it here is stale (it can no longer append), so it ends now and
-        leaves the cap member to this one. Without this, resumes of one session (which share
-        its cap slot) could pile up idle sockets."""
-        task = self._detached_sids.pop(session.sid, None)
-        if task is not None:
-            task.cancel()
-        previous = self._live.get(session.sid)
-        if previous is not None and previous is not session:
-            if previous.generation > session.generation:  # two resumes raced: keep the newer
-                session.taken()
-                return
-            previous.taken()
-        self._live[session.sid] = session
-
-    async def _drain_writers(self) -> None:
-        """Before the 1012: store the audio the live sessions have buffered (a Redis outage
-        may hold up to ``OUTAGE_BUFFER_S`` of it), for at most ``SHUTDOWN_DRAIN_S``, so a
-        client resuming elsewhere finds it; what could not be stored the client sends again
-        (``stored_samples``)."""
-        writers = [s.writer for s in self._live.values() if s.writer is not None]
-        if not writers:
-            return
-        drains = [asyncio.ensure_future(w.drain()) for w in writers]
-        done, pending = await asyncio.wait(drains, timeout=self.settings.shutdown_drain_s)
-        for fut in pending:
-            fut.cancel()
-        for fut in done:
-            fut.exception()  # a failed writer (taken, closed) has nothing more to store
-        if pending:
-            log.warning("shutdown: %d session(s) still had audio buffered after %.0f s; "
-                        "their clients send it again when they resume", len(pending),
-                        self.settings.shutdown_drain_s)
-
-    def unattached(self, session: ListenSession) -> None:
-        if self._live.get(session.sid) is session:
-            del self._live[session.sid]
-
-    async def _expire_detached(self, sid: str, generation: int, samples: int, entry_seq: int,
-                               writer: AudioWriter | None, lease: str | None) -> None:
-        closed = False
-        try:
-            if writer is not None:
-                try:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(writer.drain(), self.settings.outage_buffer_s)
-                finally:
-                    await writer.close()
-            await asyncio.sleep(self.settings.resume_grace_s)
-            marker = AudioMarker("close", entry_seq + 1, samples)
-            ended = False  # its transcriber closed it meanwhile (idle): nothing to append
-            for attempt in range(10):
-                try:
-                    closed = await self.store.append(sid, generation, [marker])
-                    if not closed:
-                        ended = await self.redis.hget(keys.meta(sid), "state") != b"active"
-                    break
-                except REDIS_DOWN:
-                    await asyncio.sleep(min(0.2 * 2 ** attempt, 5.0))
-            if closed:
-                log.info("session %s: not resumed within %.0f s; closing it", sid,
-                         self.settings.resume_grace_s)
-            if (closed or ended) and lease is not None:
-                await self.guard.release(lease, session_closed=True)
-        finally:
-            # Not closed here: resumed on another connection (the attach generation moved;
-            # that connection holds the member now), or Redis stayed down (the member's
-            # lease runs out).
-            if lease is not None:
-                self.guard.forget(lease)
 
     async def start(self) -> Server:
         s = self.settings
@@ -389,16 +277,15 @@ class Gateway:
 
     async def close(self) -> None:
         """Graceful stop: clients get 1012 and may resume their sessions elsewhere."""
-        self.stopping = True
+        self.live.stopping = True
         if self._server is not None:
             self._server.close(close_connections=False)
-            await self._drain_writers()
+            await self.live.drain_writers()
             conns = list(self._server.connections)
             await asyncio.gather(*(c.close(errors.SERVICE_RESTART, "gateway restarting")
                                    for c in conns), return_exceptions=True)
             await self._server.wait_closed()
-        for task in list(self._detached):
-            task.cancel()
+        self.live.close()
         if self._renewer is not None:
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -1,119 +1,68 @@
-"""One /v1/listen connection: receive audio, write it to Redis, deliver results back.
+"""One /v1/listen connection: the asyncio adapter over ``ListenCore``.
 
-Per connection: the receive loop (normalise, queue the audio in the session's
-bounded ``AudioWriter``, which the gateway's one ``AudioFlusher`` drains into
-Redis, riding out outages with backoff) and delivery (follows the results
-stream to the socket). The gateway's one ``SessionMonitor`` keeps the heartbeat
-fresh and tells the client about queueing and lag.
+The core (``listen_core.py``) decides; this adapter does the I/O: it reads the socket,
+queues the core's audio entries in the session's bounded ``AudioWriter`` (the gateway's
+one ``AudioFlusher`` drains them into Redis, riding out outages), and delivers the
+session's results back to the socket. It gets its dependencies explicitly
+(``ListenDeps``), never the gateway. The gateway's one ``SessionMonitor`` keeps the
+heartbeat fresh and tells the client about queueing and lag.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
 
+import redis.asyncio as aioredis
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
 from common import errors
-from common.access import address_bucket
-from common.audio import TARGET_RATE, AudioNormalizer, StreamFormat, parse_stream_format
+from common.access import AccessGuard, address_bucket
+from common.audio import TARGET_RATE
 from common.auth import Principal
+from common.backoff import REDIS_DOWN
 from common.errors import (
-    BadRequest,
     Forbidden,
-    MessageTooBig,
     SessionClosed,
     SessionTaken,
     StorageUnavailable,
     SttError,
     TooSlow,
 )
-from common.messages import (
-    AudioEntry,
-    AudioFrame,
-    AudioMarker,
-    Closed,
-    ErrorMessage,
-    Final,
-    Result,
-    SessionStarted,
-    parse_control,
-    to_json,
-)
-from common.ratelimit import MessageLimits
-from common.redis_client import REDIS_DOWN
+from common.messages import AudioEntry, AudioMarker, Closed, Result, to_json
+from common.metrics import GatewayMetrics
+from common.settings import GatewaySettings
+from common.streams import follow_results
 from common.tasks import stop_task
-from fanout.follow import follow_results
-from ingest.limits import AudioRate, SessionClock
+from common.web import send_error
+from ingest.limits import SessionClock
+from ingest.listen_core import ListenCore, ListenLimits, ListenParams
+from ingest.live import LiveSessions
+from ingest.monitor import SessionMonitor
 from ingest.store import SessionStore
-from ingest.writer import AudioWriter
-
-if TYPE_CHECKING:
-    from ingest.gateway import Gateway
+from ingest.writer import AudioFlusher, AudioWriter
 
 log = logging.getLogger(__name__)
 
 
-def _bool_param(value: str | None, default: bool) -> bool:
-    if value is None:
-        return default
-    low = value.lower()
-    if low in ("true", "1", "yes"):
-        return True
-    if low in ("false", "0", "no"):
-        return False
-    raise BadRequest("interim_results must be true or false")
+@dataclasses.dataclass(frozen=True)
+class ListenDeps:
+    """What a listen connection uses, shared by all of them in one gateway."""
 
-
-def _one(query: dict[str, list[str]], name: str) -> str | None:
-    values = query.get(name)
-    return values[-1] if values else None
-
-
-def session_id_ok(value: str) -> bool:
-    return len(value) == 32 and all(c in "0123456789abcdef" for c in value)
-
-
-def resume_target(query: dict[str, list[str]]) -> str | None:
-    """For admission, before the upgrade: the session a /v1/listen query resumes (None: it
-    opens a new one), read as ``ListenParams`` reads it (parsed with blank values kept). A
-    malformed id is refused after the upgrade; it is still a resume, never a new session."""
-    return _one(query, "session")
-
-
-class ListenParams:
-    """The validated query string of /v1/listen."""
-
-    def __init__(self, query: dict[str, list[str]]) -> None:
-        def one(name: str) -> str | None:
-            return _one(query, name)
-
-        self.format: StreamFormat = parse_stream_format(
-            one("encoding"), one("sample_rate"), one("channels"))
-        language = one("language") or ""
-        if len(language) > 8 or not all(c.isalpha() or c == "-" for c in language):
-            raise BadRequest("language must be an ISO code or 'auto'")
-        self.language = language
-        self.interim_results = _bool_param(one("interim_results"), True)
-        self.session = resume_target(query)
-        if self.session is not None and not session_id_ok(self.session):
-            raise BadRequest("session must be a session id from a 'session' message")
-        after = one("after")
-        if after is not None and self.session is None:
-            raise BadRequest("'after' needs 'session'")
-        try:
-            self.after = int(after) if after is not None else 0
-        except ValueError:
-            raise BadRequest("after must be an integer seq") from None
-        if self.after < 0:
-            raise BadRequest("after must be an integer seq")
+    settings: GatewaySettings
+    store: SessionStore
+    flusher: AudioFlusher
+    blocking: aioredis.Redis  # for the blocking read of the results stream
+    guard: AccessGuard
+    live: LiveSessions
+    monitor: SessionMonitor
+    metrics: GatewayMetrics
 
 
 @contextlib.asynccontextmanager
@@ -142,56 +91,44 @@ async def clock_limit(clock: SessionClock) -> AsyncIterator[None]:
             timer.cancel()
 
 
-async def send_error(ws: ServerConnection, exc: SttError) -> None:
-    """Tell the client what went wrong (no internals), then close with the matching code."""
-    with contextlib.suppress(ConnectionClosed):
-        await ws.send(to_json(ErrorMessage(exc.code, exc.message)))
-        await ws.close(exc.close_code, exc.code)
-
-
 class ListenSession:
     """One /v1/listen connection, new or resumed.
 
     ``lease`` is the connection's cap lease (``AccessGuard``); its member is the session id
     (for a new session, the id admission counted). The session keeps it until the
     session's stream is closed: released once this connection appended the close marker,
-    handed to the gateway's detached wait when the socket dropped, forgotten when another
-    connection took the session over. Every session this creates ends on every exit path.
+    handed to the detached wait (``LiveSessions``) when the socket dropped, forgotten when
+    another connection took the session over. Every session this creates ends on every
+    exit path.
     """
 
-    def __init__(self, gateway: Gateway, ws: ServerConnection, params: ListenParams,
+    def __init__(self, deps: ListenDeps, ws: ServerConnection, params: ListenParams,
                  principal: Principal, lease: str | None = None) -> None:
-        self.gateway = gateway
-        self.settings = gateway.settings
-        self.store: SessionStore = gateway.store
+        self.deps = deps
+        self.settings = deps.settings
+        self.store = deps.store
         self.ws = ws
         self.params = params
         self.lease = lease
-        self.sid = params.session or gateway.guard.member(lease) or uuid.uuid4().hex
+        self.sid = params.session or deps.guard.member(lease) or uuid.uuid4().hex
         self._creating = False  # store.create was sent (the session may exist)
         self._taken = False  # a newer connection here took the session over
         self._taken_close: asyncio.Task[None] | None = None
-        self.normalizer = AudioNormalizer(params.format)
-        self.samples_sent = 0
-        self.entry_seq = 0
+        self.core = ListenCore(params, ListenLimits.from_settings(deps.settings),
+                               time.monotonic())
         self.generation = 0
         self.writer: AudioWriter | None = None
-        self._ended = False  # the close marker is queued
-        self._max_samples = int(self.settings.max_frame_seconds * TARGET_RATE)
-        self._sent_at: collections.deque[tuple[int, float]] = collections.deque(maxlen=4096)
         self.principal = principal
-        now = time.monotonic()
-        self.rate = AudioRate(self.settings.max_audio_speed, self.settings.audio_burst_s, now)
-        self.inbound = MessageLimits(self.settings.max_message_bytes,
-                                     self.settings.max_messages_per_s,
-                                     self.settings.messages_burst, now)
-        self.clock = SessionClock(now + self.settings.max_session_s,
-                                  self.settings.client_idle_timeout_s, now)
+
+    @property
+    def samples_sent(self) -> int:
+        """Samples of the session's audio stream so far (read by the monitor)."""
+        return self.core.samples_sent
 
     # ------------------------------------------------------------------ life cycle
 
-    async def _fail(self, exc: SttError) -> None:
-        self.gateway.metrics.rejections.labels(exc.code).inc()
+    async def _fail(self, exc: BaseException) -> None:
+        self.deps.metrics.rejections.labels(getattr(exc, "code", "internal_error")).inc()
         await send_error(self.ws, exc)
 
     async def run(self) -> None:
@@ -203,34 +140,26 @@ class ListenSession:
             return
         except REDIS_DOWN:
             await self._abandon_creation()
-            await self._fail(StorageUnavailable("storage unavailable; try again later"))
+            await self._fail(StorageUnavailable())
             return
-        self.gateway.attached(self)
-        metrics = self.gateway.metrics
+        live, metrics = self.deps.live, self.deps.metrics
+        live.attached(self)
         metrics.sessions_active.inc()
         delivery: asyncio.Task[None] | None = None
         announced = False  # the client has the session id (it can resume)
         clean = False
         try:
-            await self.ws.send(to_json(SessionStarted(
-                session_id=self.sid,
-                model=self.settings.model_name,
-                sample_rate=self.params.format.sample_rate,
-                encoding=self.params.format.encoding,
-                channels=self.params.format.channels,
-                language=self.params.language or "en",
-                interim_results=self.params.interim_results,
-                resumed=resumed,
-                stored_samples=self.samples_sent,  # resend from here what never arrived
-            )))
+            await self.ws.send(to_json(self.core.started(self.sid, self.settings.model_name,
+                                                         resumed)))
             announced = True
+            fmt = self.params.format
             log.info("session %s: %s (%s %d Hz x%d)", self.sid,
-                     "resumed" if resumed else "opened", self.params.format.encoding,
-                     self.params.format.sample_rate, self.params.format.channels)
+                     "resumed" if resumed else "opened", fmt.encoding, fmt.sample_rate,
+                     fmt.channels)
             (metrics.reconnects if resumed else metrics.sessions_opened).inc()
             delivery = asyncio.create_task(self._deliver(), name=f"deliver-{self.sid}")
-            self.gateway.monitor.watch(self)
-            if self._ended:
+            self.deps.monitor.watch(self)
+            if self.core.ended:
                 await self._drain(delivery)  # resumed after close: just deliver
                 clean = True
             elif await self._receive():
@@ -247,13 +176,13 @@ class ListenSession:
             clean = True
         except ConnectionClosed:
             pass
-        except Exception:
+        except Exception as exc:
             log.exception("session %s: internal error", self.sid)
-            await self._fail(SttError("internal error"))
+            await self._fail(exc)
         finally:
             metrics.sessions_active.dec()  # the socket is closed: the rest is bookkeeping
             if delivery is not None:
-                self.gateway.monitor.unwatch(self)
+                self.deps.monitor.unwatch(self)
                 await stop_task(delivery)
             await self._settle(clean, known=announced or resumed)
             log.info("session %s: socket done (%d samples)", self.sid, self.samples_sent)
@@ -270,19 +199,20 @@ class ListenSession:
     async def _settle(self, clean: bool, known: bool) -> None:
         """The socket is done: the session's stream ends now, or after the resume grace when
         the client (which has the session id: ``known``) may come back for it."""
-        self.gateway.unattached(self)
+        live, guard = self.deps.live, self.deps.guard
+        live.unattached(self)
         if self._taken:
             if self.writer is not None:
                 await self.writer.close()
             lease, self.lease = self.lease, None
             if lease is not None:
-                self.gateway.guard.forget(lease)
+                guard.forget(lease)
             return
-        if not clean and not self._ended:
-            if known and not self.gateway.stopping:
+        if not clean and not self.core.ended:
+            if known and not live.stopping:
                 lease, self.lease = self.lease, None
-                self.gateway.detach_later(self.sid, self.generation, self.samples_sent,
-                                          self.entry_seq, self.writer, lease)
+                live.detach_later(self.sid, self.generation, self.core.samples_sent,
+                                  self.core.entry_seq, self.writer, lease)
                 return
             if not known:
                 # The 'session' message never went out: nobody can resume this session,
@@ -297,19 +227,19 @@ class ListenSession:
         if lease is None:
             return
         ended = self.writer is not None and isinstance(self.writer.failure, SessionClosed)
-        if (self._ended and stored) or ended:  # the stream is over: nobody counts it any more
-            await self.gateway.guard.release(lease, session_closed=True)
+        if (self.core.ended and stored) or ended:  # the stream is over: nobody counts it
+            await guard.release(lease, session_closed=True)
         else:
             # Another connection took the session over (it holds the member), or its
             # close marker could not be stored / a stopping gateway left it to be resumed
             # elsewhere: the member's lease runs out unless a live holder renews it.
-            self.gateway.guard.forget(lease)
+            guard.forget(lease)
 
     async def _release_lease(self) -> None:
         """No session was created or attached here: give back what admission counted."""
         lease, self.lease = self.lease, None
         if lease is not None:
-            await self.gateway.guard.release(lease)
+            await self.deps.guard.release(lease)
 
     async def _abandon_creation(self) -> None:
         """Redis failed while opening. A creation whose reply was lost may have made the
@@ -317,19 +247,20 @@ class ListenSession:
         if not self._creating or self.params.session is not None:
             await self._release_lease()
             return
+        guard = self.deps.guard
         try:
             marker = AudioMarker("close", 1, 0)
             written = await self.store.append(self.sid, 1, [marker])
         except REDIS_DOWN:
             lease, self.lease = self.lease, None
             if lease is not None:
-                self.gateway.guard.forget(lease)  # unknown: let its lease run out
+                guard.forget(lease)  # unknown: let its lease run out
             return
         if written:
             log.info("session %s: created though Redis failed; closed it", self.sid)
         lease, self.lease = self.lease, None
         if lease is not None:  # closed now, or it never existed
-            await self.gateway.guard.release(lease, session_closed=True)
+            await guard.release(lease, session_closed=True)
 
     async def _close_writer(self) -> bool:
         """Stop the writer; True when everything queued was stored."""
@@ -353,6 +284,7 @@ class ListenSession:
                 longest = min(longest, self.principal.max_session_s)
             deadline = time.time() + longest
             self._creating = True
+            request = self.ws.request
             self.generation = await self.store.create(self.sid, {
                 "encoding": self.params.format.encoding,
                 "sample_rate": self.params.format.sample_rate,
@@ -363,9 +295,8 @@ class ListenSession:
                 "principal": self.principal.owner,
                 "account": self.principal.account,
                 # whose share of transcriber slots it counts in when it has no API key
-                "address": address_bucket(
-                    self.gateway.guard.request_ip(self.ws, self.ws.request))
-                if self.ws.request is not None else "",
+                "address": address_bucket(self.deps.guard.request_ip(self.ws, request))
+                if request is not None else "",
                 "deadline": f"{deadline:.3f}",
             })
             resumed = False
@@ -377,88 +308,48 @@ class ListenSession:
                 else access.created + self.settings.max_session_s
             attached = await self.store.attach(self.sid)
             self.generation = attached.generation
-            self.samples_sent = attached.samples
-            self.entry_seq = attached.entry_seq
-            self._ended = attached.ended
+            self.core.resume(attached.samples, attached.entry_seq, attached.ended)
             resumed = True
-        self.clock.deadline = time.monotonic() + (deadline - time.time())
-        self.writer = AudioWriter(self.gateway.flusher, self.sid, self.generation,
+        self.core.set_deadline(time.monotonic() + (deadline - time.time()))
+        self.writer = AudioWriter(self.deps.flusher, self.sid, self.generation,
                                   int(self.settings.outage_buffer_s * TARGET_RATE))
-        redis_errors = self.gateway.metrics.redis_errors.labels("gateway")
-        self.writer.on_redis_error = redis_errors.inc
+        self.writer.on_redis_error = self.deps.metrics.redis_errors.labels("gateway").inc
         return resumed
 
     # ------------------------------------------------------------------ audio in
 
-    async def _put(self, entry: AudioEntry) -> None:
+    async def _put(self, entries: list[AudioEntry], seconds: float) -> None:
         assert self.writer is not None
-        await self.writer.put(entry, self.settings.outage_buffer_s)
-
-    async def _append_samples(self, pcm: Any) -> None:
-        if len(pcm) == 0:
-            return
-        if len(pcm) > self._max_samples:
-            raise MessageTooBig(
-                f"one message may carry at most {self.settings.max_frame_seconds:g} s of audio")
-        self.entry_seq += 1
-        await self._put(AudioFrame(self.entry_seq, self.samples_sent, pcm.tobytes()))
-        self.samples_sent += len(pcm)
-        self._sent_at.append((self.samples_sent, time.monotonic()))
-        self.gateway.metrics.audio_seconds.inc(len(pcm) / TARGET_RATE)
-
-    async def _marker(self, kind: str) -> None:
-        self.entry_seq += 1
-        await self._put(AudioMarker(kind, self.entry_seq, self.samples_sent))  # type: ignore[arg-type]
+        for entry in entries:
+            await self.writer.put(entry, self.settings.outage_buffer_s)
+        if seconds:
+            self.deps.metrics.audio_seconds.inc(seconds)
 
     async def _end_stream(self) -> None:
-        if self._ended:
-            return
-        self._ended = True
-        await self._append_samples(self.normalizer.flush())
-        await self._marker("close")
+        before = self.core.samples_sent
+        entries = self.core.end(time.monotonic())
+        await self._put(entries, (self.core.samples_sent - before) / TARGET_RATE)
 
     async def _receive(self) -> bool:
         """Audio and control messages until 'close' (True) or the socket ends (False).
 
         Waiting ends at the session's deadline or after the idle timeout (an error that
-        drains the session); a message over ``max_message_bytes`` (``message_too_big``),
-        beyond the message rate (``too_many_messages``) or audio beyond the allowed speed
-        (``too_fast``) is refused.
+        drains the session); what the core refuses (too big, too many, too fast) is raised
+        as its error.
         """
         try:
-            async with clock_limit(self.clock):
-                return await self._messages()
+            async with clock_limit(self.core.clock):
+                while True:
+                    try:
+                        message = await self.ws.recv()
+                    except ConnectionClosedOK:
+                        return False
+                    received = self.core.receive(message, time.monotonic())
+                    await self._put(received.entries, received.seconds)
+                    if received.closed:
+                        return True
         except TimeoutError:
-            raise self.clock.expired(time.monotonic()) from None
-
-    async def _messages(self) -> bool:
-        while True:
-            try:
-                message = await self.ws.recv()
-            except ConnectionClosedOK:
-                return False
-            now = time.monotonic()
-            self.inbound.check(message, now)
-            self.clock.touch(now)
-            if isinstance(message, bytes):
-                await self._audio(self.normalizer.feed(message), now)
-                continue
-            if message[:1] == "{" or message.lstrip().startswith("{"):
-                control = parse_control(message, self.settings.max_control_bytes)
-                if control.type == "finalize":
-                    await self._marker("finalize")
-                elif control.type == "close":
-                    await self._end_stream()
-                    return True
-                continue
-            await self._audio(self.normalizer.feed_text(message), now)
-
-    async def _audio(self, pcm: Any, now: float) -> None:
-        if len(pcm) > self._max_samples:
-            raise MessageTooBig(
-                f"one message may carry at most {self.settings.max_frame_seconds:g} s of audio")
-        self.rate.take(len(pcm) / TARGET_RATE, now)
-        await self._append_samples(pcm)
+            raise self.core.expired(time.monotonic()) from None
 
     # ------------------------------------------------------------------ results out
 
@@ -476,7 +367,7 @@ class ListenSession:
             await self._fail(exc)
             return
         except TimeoutError:
-            await self._fail(StorageUnavailable("storage unavailable; try again later"))
+            await self._fail(StorageUnavailable())
             return
         try:
             await asyncio.wait_for(asyncio.shield(delivery), self.settings.close_drain_timeout_s)
@@ -501,8 +392,8 @@ class ListenSession:
         sender = asyncio.create_task(send())
         try:
             async for _id, result in follow_results(
-                    self.gateway.blocking, self.sid, "0-0", self.settings.results_block_ms):
-                if result.seq <= self.params.after:
+                    self.deps.blocking, self.sid, "0-0", self.settings.results_block_ms):
+                if not self.core.wants(result):
                     continue
                 self._observe(result)
                 try:
@@ -522,11 +413,8 @@ class ListenSession:
 
     def _observe(self, result: Result) -> None:
         """Count what goes out; for finals, time since their last word's audio arrived."""
-        metrics = self.gateway.metrics
+        metrics = self.deps.metrics
         metrics.results_sent.labels(result.TYPE).inc()
-        if isinstance(result, Final) and result.text:
-            end = int(result.end * TARGET_RATE)
-            for received, at in self._sent_at:
-                if received >= end:
-                    metrics.time_to_final.observe(time.monotonic() - at)
-                    break
+        delay = self.core.final_delay(result, time.monotonic())
+        if delay is not None:
+            metrics.time_to_final.observe(delay)

@@ -40,7 +40,9 @@ class Watched(Protocol):
     """What the monitor needs of a session (``ListenSession``)."""
 
     sid: str
-    samples_sent: int
+
+    @property
+    def samples_sent(self) -> int: ...
 
 
 class _State:

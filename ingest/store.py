@@ -46,6 +46,7 @@ class SessionAccess:
     account: str
     deadline: float | None  # unix time the session must end by
     created: float
+    state: str  # "active" or "closed"
 
 
 #: How long one reading of the work queue serves every waiting session's position.
@@ -71,16 +72,16 @@ class SessionStore:
         names = ["state", "principal", "account", "deadline", "created"]
         values = await self.redis.hmget(keys.meta(sid), names)
         if values[0] is None:
-            raise SessionNotFound("no such session (it may have expired)")
+            raise SessionNotFound()
         meta = SessionMeta.decode(dict(zip(names, values, strict=True)))
         return SessionAccess(meta.principal, meta.account, meta.deadline or None,
-                             meta.created or time.time())
+                             meta.created or time.time(), meta.state)
 
     async def attach(self, sid: str) -> Attached:
         """Take over the writing side of an existing session after a reconnect."""
         raw = await self.redis.hgetall(keys.meta(sid))
         if not raw:
-            raise SessionNotFound("no such session (it may have expired)")
+            raise SessionNotFound()
         meta = SessionMeta.decode(raw)
         generation = int(await self.redis.hincrby(keys.meta(sid), "attach", 1))
         last = await self.redis.xrevrange(keys.audio(sid), count=1)

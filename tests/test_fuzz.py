@@ -37,7 +37,7 @@ from common.audio import (
 from common.auth import ApiKeys, TokenSigner, hash_key
 from common.errors import SttError
 from common.messages import CONTROL_TYPES, parse_control
-from ingest.listen import ListenParams
+from ingest.listen_core import ListenParams
 
 # A numpy overflow or invalid-value warning is a bug here too (garbage samples).
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")

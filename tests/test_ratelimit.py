@@ -19,7 +19,7 @@ from common.auth import hash_key, new_key
 from common.errors import MessageTooBig, RateLimited, TooManyMessages, Unauthorized
 from common.ratelimit import BucketMap, MessageLimits, TokenBucket, text_size
 from common.settings import AccessSettings, FanoutSettings, GatewaySettings
-from fanout.api import error_response
+from common.web import error_response
 
 
 def test_bucket_allows_the_burst_then_the_rate() -> None:

@@ -1,26 +1,73 @@
-"""Small WebSocket helpers shared by the viewer and replay endpoints."""
+"""The edge both servers share (the gateway and ``python -m fanout``): the one adapter from
+an error to what a client gets, JSON responses, query parameters, and socket helpers.
+
+An error becomes, over HTTP, its ``http_status`` with ``{"type": "error", "code",
+"message"}``; over a WebSocket, that same ``error`` message and then a close with its
+``close_code``. ``client_error`` decides what any exception is to a client: an
+``SttError`` is itself, Redis being down is ``storage_unavailable``, anything else an
+``internal_error`` whose details stay in the log.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import http
+import json
+import math
 import time
 from collections.abc import Mapping
+from typing import Any
 
 from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Response
 from websockets.protocol import State
 
-from common.errors import BadRequest, SttError
+from common.backoff import REDIS_DOWN
+from common.errors import BadRequest, RateLimited, StorageUnavailable, SttError
 from common.messages import ErrorMessage, parse_control, to_json
 from common.ratelimit import MessageLimits
 
+# --------------------------------------------------------------------------- errors
 
-async def send_error(ws: ServerConnection, exc: SttError) -> None:
-    """Tell the client what went wrong (no internals), then close with the matching code."""
+
+def client_error(exc: BaseException) -> SttError:
+    """What ``exc`` is to a client (never its internals)."""
+    if isinstance(exc, SttError):
+        return exc
+    if isinstance(exc, REDIS_DOWN):
+        return StorageUnavailable()
+    return SttError()
+
+
+def json_response(status: http.HTTPStatus, body: Any) -> Response:
+    data = json.dumps(body, ensure_ascii=False).encode()
+    return Response(status.value, status.phrase, Headers([
+        ("Content-Type", "application/json"), ("Content-Length", str(len(data))),
+        ("Cache-Control", "no-store")]), data)
+
+
+def error_response(exc: BaseException) -> Response:
+    """The HTTP answer to ``exc``: its status and JSON body, with ``WWW-Authenticate`` on
+    401 and ``Retry-After`` on a rate limit."""
+    err = client_error(exc)
+    response = json_response(http.HTTPStatus(err.http_status),
+                             {"type": "error", "code": err.code, "message": err.message})
+    if err.http_status == http.HTTPStatus.UNAUTHORIZED:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="stt"'
+    if isinstance(err, RateLimited):
+        response.headers["Retry-After"] = str(max(1, math.ceil(err.retry_after_s)))
+    return response
+
+
+async def send_error(ws: ServerConnection, exc: BaseException) -> None:
+    """The WebSocket answer to ``exc``: its ``error`` message, then the close with its code."""
+    err = client_error(exc)
     with contextlib.suppress(ConnectionClosed):
-        await ws.send(to_json(ErrorMessage(exc.code, exc.message)))
-        await ws.close(exc.close_code, exc.code)
+        await ws.send(to_json(ErrorMessage(err.code, err.message)))
+        await ws.close(err.close_code, err.code)
 
 
 async def drop(ws: ServerConnection, exc: SttError, grace_s: float) -> None:
@@ -58,7 +105,11 @@ async def read_controls(ws: ServerConnection, on_close: asyncio.Event | None = N
                     on_close.set()
 
 
+# --------------------------------------------------------------------------- query parameters
+
+
 def one(query: Mapping[str, list[str]], name: str) -> str | None:
+    """The parameter's value (the last one when repeated), or None."""
     values = query.get(name)
     return values[-1] if values else None
 
