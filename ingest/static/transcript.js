@@ -1,0 +1,120 @@
+// The transcript model, no DOM: one item per utterance of each segment (server session),
+// built from partials and finals, and the plain text, SRT and WebVTT made from its finals.
+// Times are seconds on the recording's timeline: the segment's start plus the result's.
+//
+// Rules (DESIGN.md §2): exactly one final per utterance, never revised; a partial after
+// the final is ignored; a partial's `stable_text` is the prefix that will not change.
+
+export function itemKey(seg, utt) {
+  return `${seg}:${utt}`;
+}
+
+export class Transcript {
+  constructor() {
+    this.items = new Map(); // key → {key, seg, utt, start, end, text, stable, final, words, orphan}
+  }
+
+  /** The segment index the next recording starts at (after every item shown). */
+  nextSegment() {
+    let next = 0;
+    for (const item of this.items.values()) next = Math.max(next, item.seg + 1);
+    return next;
+  }
+
+  /** Applies a partial of segment `seg` (starting at `base` s); the item, or null when
+   * the utterance already has its final. */
+  partial(seg, base, msg) {
+    const key = itemKey(seg, msg.utterance);
+    let item = this.items.get(key);
+    if (item && item.final) return null;
+    if (!item) {
+      item = { key, seg, utt: msg.utterance, final: false, orphan: false, words: [] };
+      this.items.set(key, item);
+    }
+    item.start = base + (msg.start || 0);
+    item.end = base + (msg.end || 0);
+    item.text = msg.text || "";
+    item.stable = msg.stable_text || "";
+    return item;
+  }
+
+  /** Applies a final; the item, or null for a second final of the same utterance. */
+  final(seg, base, msg) {
+    const key = itemKey(seg, msg.utterance);
+    let item = this.items.get(key);
+    if (item && item.final) return null;
+    if (!item) {
+      item = { key, seg, utt: msg.utterance, orphan: false };
+      this.items.set(key, item);
+    }
+    item.final = true;
+    item.start = base + (msg.start || 0);
+    item.end = base + (msg.end || 0);
+    item.text = (msg.text || "").trim();
+    item.stable = item.text;
+    item.words = msg.words || [];
+    return item;
+  }
+
+  /** Partials that will get no final (their session ended without us): marked, and
+   * returned, once each. */
+  orphanPartials() {
+    const out = [];
+    for (const item of this.items.values()) {
+      if (!item.final && !item.orphan) {
+        item.orphan = true;
+        out.push(item);
+      }
+    }
+    return out;
+  }
+
+  /** Finals with text, in order. */
+  finals() {
+    return [...this.items.values()].filter((i) => i.final && i.text).sort((a, b) => a.seg - b.seg || a.utt - b.utt);
+  }
+
+  clear() {
+    this.items.clear();
+  }
+
+  /** One final a line. */
+  asText() {
+    return this.finals()
+      .map((i) => i.text)
+      .join("\n");
+  }
+
+  asSrt() {
+    return this.cues(",").join("\n");
+  }
+
+  asVtt() {
+    return `WEBVTT\n\n${this.cues(".").join("\n")}`;
+  }
+
+  cues(sep) {
+    return this.finals().map((i, n) => {
+      const end = Math.max(i.end, i.start + 0.5);
+      return `${n + 1}\n${fmtStamp(i.start, sep)} --> ${fmtStamp(end, sep)}\n${i.text}\n`;
+    });
+  }
+}
+
+/** How a partial shows: `stable` in normal type, `rest` as the unstable tail. */
+export function splitPartial(stable, text) {
+  let rest = text;
+  if (stable && text.startsWith(stable)) rest = text.slice(stable.length);
+  else if (stable) rest = text.length > stable.length ? text.slice(stable.length) : "";
+  return { stable: stable.trimStart(), rest: stable ? rest : rest.trimStart() };
+}
+
+/** 00:00:01,250 (SRT, `sep` ",") or 00:00:01.250 (WebVTT, "."). */
+export function fmtStamp(sec, sep) {
+  const ms = Math.max(0, Math.round(sec * 1000));
+  const h = Math.floor(ms / 3600000);
+  const m = Math.floor((ms % 3600000) / 60000);
+  const s = Math.floor((ms % 60000) / 1000);
+  const pad = (n, w = 2) => String(n).padStart(w, "0");
+  return `${pad(h)}:${pad(m)}:${pad(s)}${sep}${pad(ms % 1000, 3)}`;
+}
