@@ -96,6 +96,11 @@ def test_page_and_scripts_are_served_with_their_content_types(stack: Any) -> Non
         "/": "text/html",
         "/index.html": "text/html",
         "/app.js": "text/javascript",
+        "/protocol.js": "text/javascript",
+        "/capture.js": "text/javascript",
+        "/transcript.js": "text/javascript",
+        "/latency.js": "text/javascript",
+        "/view.js": "text/javascript",
         "/worklet.js": "text/javascript",
         "/style.css": "text/css",
         "/favicon.svg": "image/svg+xml",
@@ -112,6 +117,9 @@ def test_page_and_scripts_are_served_with_their_content_types(stack: Any) -> Non
         assert body, path
     status, _, body = _get(stack.http_url, "/")
     assert b'src="app.js"' in body and b'type="module"' in body
+    # Each of the page's scripts (one flat directory of ES modules, no build step) is above.
+    scripts = {f"/{file.name}" for file in STATIC.glob("*.js")}
+    assert scripts <= set(expected), sorted(scripts - set(expected))
     assert _get(stack.http_url, "/nope.js")[0] == 404
 
 

@@ -86,6 +86,22 @@ FAKE_MIC_JS = """() => {
 }"""
 
 
+#: Preload script: keeps the tracks getUserMedia hands the page (``window.__micTracks``), so
+#: a test sees whether the page released the microphone (every track "ended") without
+#: reading the page's own variables.
+MIC_SPY_JS = """() => {
+  const md = navigator.mediaDevices;
+  if (!md) return;
+  const tracks = (window.__micTracks = []);
+  const real = md.getUserMedia.bind(md);
+  md.getUserMedia = async (constraints) => {
+    const stream = await real(constraints);
+    tracks.push(...stream.getTracks());
+    return stream;
+  };
+}"""
+
+
 def _speech_wav() -> tuple[bytes, float]:
     pcm = load_pcm16(CLIP)
     loop = np.concatenate([np.zeros(int(LEAD_S * RATE), np.int16), pcm,
@@ -140,6 +156,29 @@ def _tab(ff: Firefox) -> Iterator[tuple[Page, list[str]]]:
         ff.bidi.off("log.entryAdded", on_log)
         with contextlib.suppress(Exception):
             ff.close_page(page)
+
+
+@contextlib.contextmanager
+def _preload(ff: Firefox, page: Page, js: str) -> Iterator[None]:
+    """``js`` runs in ``page`` before the page's own scripts, on every load."""
+    script = ff.bidi.send("script.addPreloadScript", {
+        "functionDeclaration": js, "contexts": [page.context]})["script"]
+    try:
+        yield
+    finally:
+        ff.bidi.send("script.removePreloadScript", {"script": script})
+
+
+def _mic_tracks(page: Page) -> list[dict[str, str]]:
+    """The tracks the page got from getUserMedia (MIC_SPY_JS): label and readyState."""
+    return list(page.evaluate(
+        "window.__micTracks.map(t => ({kind: t.kind, label: t.label, state: t.readyState}))"))
+
+
+def _capture_rate(page: Page) -> int:
+    """The capture rate the page sends as ``sample_rate`` (documented ``data-rate``)."""
+    return int(page.evaluate(
+        "document.querySelector('[data-testid=capture-info]').dataset.rate"))
 
 
 def _state(page: Page) -> str:
@@ -222,7 +261,7 @@ def test_firefox_transcribes_speech_live_and_closes_cleanly(
                            "partials": 0, "startEnabled": True}, (end, console)
 
             mic = page.evaluate("window.__fakeMic")
-            rate = page.evaluate("window.__stt.rate")
+            rate = _capture_rate(page)
             info = page.evaluate("document.querySelector('[data-testid=capture-info]').textContent")
             latency = page.evaluate(
                 "document.querySelector('[data-testid=latency]').dataset.ms || null")
@@ -248,29 +287,27 @@ def test_firefox_transcribes_speech_live_and_closes_cleanly(
 def test_firefox_captures_from_its_own_microphone_device(
         stack: Any, firefox: Firefox) -> None:
     """No override: Firefox's fake device (a tone) through the real getUserMedia."""
-    with _tab(firefox) as (page, console):
+    with _tab(firefox) as (page, console), _preload(firefox, page, MIC_SPY_JS):
         page.navigate(stack.http_url + "/")
         assert page.evaluate("window.__fakeMic === undefined")
         page.click("[data-testid=start]")
         _wait_state(page, "live", 20)
-        # Frames flow and the meter shows the tone.
+        # Frames flow (so the audio context runs) and the meter shows the tone.
         _wait_audio_sent(page, 2.0, 20)
         page.wait_for("+document.querySelector('[data-testid=level]')"
                       ".getAttribute('aria-valuenow') > 10", 10)
-        track = page.evaluate("""(() => {
-            const t = window.__stt.capture.stream.getAudioTracks()[0];
-            return {label: t.label, state: t.readyState, rate: window.__stt.capture.ctx.sampleRate,
-                    ctx: window.__stt.capture.ctx.state};
-        })()""")
-        assert track["state"] == "live" and track["ctx"] == "running", track
+        tracks = _mic_tracks(page)
+        rate = _capture_rate(page)
+        assert [t["state"] for t in tracks] == ["live"], tracks
+        assert 8000 <= rate <= 48000, rate
         page.click("[data-testid=stop]")
         _wait_state(page, "closed", 60)
         end = _closed_cleanly(page)
         assert end == {"state": "closed", "code": "1000", "closed": "true", "error": "",
                        "partials": 0, "startEnabled": True}, (end, console)
         # The page released the microphone.
-        assert page.evaluate("window.__stt.capture === null")
-        print(f"\nfirefox fake device: {track}; finals {_finals(page)}")
+        assert [t["state"] for t in _mic_tracks(page)] == ["ended"], _mic_tracks(page)
+        print(f"\nfirefox fake device: {tracks} at {rate} Hz; finals {_finals(page)}")
         assert not _errors(console), console
 
 
@@ -284,17 +321,19 @@ def _start_expecting_error(page: Page, url: str, timeout: float) -> str:
     return str(page.evaluate("document.querySelector('[data-testid=error]').textContent"))
 
 
-def test_firefox_explains_a_blocked_microphone(stack: Any, pulse: PulseAudio) -> None:
+def test_firefox_explains_a_blocked_microphone(
+        pulse: PulseAudio, scripted: ScriptedGateway) -> None:
     """The microphone blocked in Firefox's settings (permissions.default.microphone = 2)."""
     ff = _firefox(pulse, **{"media.navigator.streams.fake": True,
                             "media.navigator.permission.disabled": False,
                             "permissions.default.microphone": 2})
     try:
-        with _tab(ff) as (page, console):
-            text = _start_expecting_error(page, stack.http_url, 10)
+        with _tab(ff) as (page, console), _preload(ff, page, MIC_SPY_JS):
+            text = _start_expecting_error(page, scripted.url, 10)
             assert "Microphone access was denied" in text, text
-            # Nothing was opened without a microphone.
-            assert page.evaluate("window.__stt.ws === null && window.__stt.segments.length === 0")
+            # Nothing was opened without a microphone: no request reached the server.
+            assert scripted.credentials == [] and scripted.queries == []
+            assert _mic_tracks(page) == []
             assert page.evaluate(
                 "document.querySelector('[data-testid=session-id]').textContent") == "—"
             assert not _errors(console), console
@@ -302,15 +341,18 @@ def test_firefox_explains_a_blocked_microphone(stack: Any, pulse: PulseAudio) ->
         ff.close()
 
 
-def test_firefox_explains_a_missing_sound_output(stack: Any) -> None:
+def test_firefox_explains_a_missing_sound_output(scripted: ScriptedGateway) -> None:
     """Without any audio output Firefox keeps every AudioContext suspended (resume()
     never settles): the page says so after a few seconds instead of waiting for good."""
     ff = _firefox(None, **{"media.navigator.streams.fake": True})
     try:
-        with _tab(ff) as (page, console):
-            text = _start_expecting_error(page, stack.http_url, 15)
+        with _tab(ff) as (page, console), _preload(ff, page, MIC_SPY_JS):
+            text = _start_expecting_error(page, scripted.url, 15)
             assert "Audio processing did not start" in text, text
-            assert page.evaluate("window.__stt.capture === null && window.__stt.ws === null")
+            # The page released the microphone it got, and opened no socket.
+            tracks = _mic_tracks(page)
+            assert tracks and all(t["state"] == "ended" for t in tracks), tracks
+            assert scripted.credentials == [] and scripted.queries == []
             assert not _errors(console), console
     finally:
         ff.close()
@@ -345,7 +387,7 @@ def test_firefox_follows_the_mic_rate_when_the_default_context_is_refused(
             _wait_audio_sent(page, 1.0, 20)
             page.wait_for("+document.querySelector('[data-testid=level]')"
                           ".getAttribute('aria-valuenow') > 10", 10)
-            assert page.evaluate("window.__stt.rate") == 32000
+            assert _capture_rate(page) == 32000
             assert page.evaluate("window.__refused")[0] == 48000  # the default context
             assert page.evaluate(
                 "document.querySelector('[data-testid=capture-info]').textContent"
