@@ -523,6 +523,20 @@ def test_page_continues_in_a_new_session_when_resume_is_refused(
         assert page.locator("[data-testid=partial]").count() == 0
         assert not server.errors, server.errors
         assert server.queries[1]["session"] == "s1"
+
+        # The finals of both sessions, as text and as subtitles made in the page.
+        with page.expect_download() as txt:
+            page.get_by_test_id("download-txt").click()
+        assert txt.value.suggested_filename == "transcript-s2.txt"
+        assert Path(txt.value.path()).read_text() == "Hello world.\nCarry on.\n"
+        with page.expect_download() as srt:
+            page.get_by_test_id("download-srt").click()
+        cues = Path(srt.value.path()).read_text().split("\n\n")
+        assert [c.splitlines()[0] for c in cues] == ["1", "2"], cues
+        assert cues[0].splitlines()[1:] == ["00:00:00,100 --> 00:00:01,000", "Hello world."]
+        assert cues[1].splitlines()[2] == "Carry on."
+        page.get_by_test_id("clear").click()
+        assert page.locator("[data-testid=final]").count() == 0
     finally:
         context.close()
 
