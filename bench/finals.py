@@ -23,10 +23,10 @@ from bench.sessions import CLIPS, summary
 from common.messages import Final, Partial, Word
 from common.settings import TranscriberSettings, load
 from tests.audio_refs import load_pcm16, normalize, reference
+from transcriber.config import resolve_tails, stream_config
 from transcriber.model import WhisperDecoder, load_whisper
 from transcriber.streaming import Committed, Event, StreamingTranscriber
 from transcriber.vad import SileroVad
-from transcriber.worker import resolve_tails, stream_config
 
 RATE = 16000
 #: CLIPS plus the other English clips whose references are verbatim (the two 53 s sonnets

@@ -1,8 +1,7 @@
-"""Endpointing and LocalAgreement-2, fed with arrays."""
+"""Endpointing: speech start and end from per-window VAD probabilities."""
 
 from __future__ import annotations
 
-from transcriber.agreement import LocalAgreement
 from transcriber.endpointing import WINDOW, EndpointConfig, Endpointer
 
 CFG = EndpointConfig(threshold=0.5, neg_threshold=0.35, min_silence_samples=10 * WINDOW)
@@ -40,18 +39,3 @@ def test_two_utterances_in_one_batch() -> None:
     assert [(e.kind, e.sample) for e in events] == [
         ("start", 1000), ("end", 1000 + 3 * WINDOW),
         ("start", 1000 + 13 * WINDOW), ("end", 1000 + 16 * WINDOW)]
-
-
-def test_local_agreement_promotes_the_agreed_prefix_only() -> None:
-    la = LocalAgreement()
-    assert la.update(["And", "so"]) == 0
-    assert la.update(["and", "so,", "my"]) == 2  # case and punctuation do not matter
-    assert la.update(["And", "so", "my", "fellow"]) == 3
-    assert la.update(["And", "sew"]) == 3  # never shrinks
-    assert la.update(["And", "so", "my", "fellow"], limit=2) == 3
-
-
-def test_local_agreement_limit_holds_back_recent_words() -> None:
-    la = LocalAgreement()
-    la.update(["a", "b", "c"])
-    assert la.update(["a", "b", "c"], limit=1) == 1

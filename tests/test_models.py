@@ -1,4 +1,5 @@
-"""Two-part PyPI models are joined byte-exactly into a loadable directory, once."""
+"""Whisper models: two-part PyPI models joined into a loadable directory (models.py), and
+loading and decoding with short-context encoding and its safeguards (model.py)."""
 
 from __future__ import annotations
 
@@ -256,19 +257,10 @@ def test_a_short_context_final_that_skips_a_phrase_the_partial_showed_is_redone(
     import numpy as np
 
     from common.metrics import worker_metrics
-    from transcriber.agreement import drops_words
+    from transcriber.inference import TimedDecoder
     from transcriber.model import WhisperDecoder, _per_thread
-    from transcriber.worker import TimedDecoder
 
-    shown = "ask what you can do for your".split()
-    assert drops_words(shown, "Ask what do for your country.".split())
-    assert drops_words(shown, "do for your country.".split())  # the first words skipped
-    assert not drops_words(shown, "ask what you do your country".split())  # 1 and 1 apart
-    assert not drops_words(shown, "Ask what you can do for your country.".split())
-    assert not drops_words(shown, "Ask what you do for your country.".split())  # one word
-    assert not drops_words(shown, "Ask what you could do for your country.".split())
-    assert not drops_words(shown, "Ask what you can do.".split())  # partial's end cut off
-    assert not drops_words([], "Ask what".split())
+    shown = "ask what you can do for your".split()  # (drops_words: tests/test_agreement.py)
 
     def words(text: str) -> list[Word]:
         return [Word(" " + w, i * 0.3, i * 0.3 + 0.2, 0.9) for i, w in enumerate(text.split())]
@@ -309,13 +301,17 @@ def test_finals_go_short_context_only_while_other_sessions_wait() -> None:
     """SHORT_FINALS_QUEUE: an idle worker decodes finals with the full window
     (FINAL_ENCODER_TAIL_FRAMES=-1); while another session's call is in flight, with the
     partials' short context; partials are short either way."""
+    import dataclasses
     from types import SimpleNamespace
 
     import numpy as np
 
     from common.settings import TranscriberSettings, load
+    from transcriber.config import WorkerConfig
+    from transcriber.inference import TimedDecoder
     from transcriber.model import WhisperDecoder, _per_thread
-    from transcriber.worker import Lease, TimedDecoder, _SessionRun
+    from transcriber.session import SessionPump
+    from transcriber.workqueue import Lease
 
     class Model:
         tail_frames = 600
@@ -337,9 +333,11 @@ def test_finals_go_short_context_only_while_other_sessions_wait() -> None:
     def tails_at(busy: int, lanes: int = 1, **settings: str) -> list[int]:
         s = load(TranscriberSettings, [f"--{k.replace('_', '-')}={v}"
                                        for k, v in settings.items()], environ={})
-        worker = SimpleNamespace(busy=busy, lanes=lanes, settings=s)
-        _SessionRun(worker, Lease("s", b"1-0"), core, None,  # type: ignore[arg-type]
-                    "0-0")._queued()
+        config = dataclasses.replace(WorkerConfig.resolve(s, cuda=False), lanes=lanes)
+        host = SimpleNamespace(settings=s, metrics=metrics, policy=config.load_policy(s),
+                               inference=SimpleNamespace(busy=busy))
+        SessionPump(host, Lease("s", b"1-0"), core, None,  # type: ignore[arg-type]
+                    "0-0")._short_finals()
         model.tails = []
         core.decoder.decode(audio, "", True)
         core.decoder.decode(audio, "", False)
@@ -351,90 +349,6 @@ def test_finals_go_short_context_only_while_other_sessions_wait() -> None:
     assert tails_at(busy=3, lanes=4) == [-1, 600]  # all four fit in one batch
     assert tails_at(busy=4, lanes=4) == [600, 600]
     assert tails_at(busy=1, lanes=2) == [-1, 600]  # the other session's call has a lane
-
-
-async def test_a_cpu_worker_runs_two_decodes_at_once_and_one_when_told() -> None:
-    """INFERENCE_THREADS auto = 2 lanes on a CPU: two sessions' decodes overlap (each waits
-    at a barrier only the other can open); with one lane the second waits its turn."""
-    import asyncio
-    import threading
-
-    from common.settings import TranscriberSettings, load
-    from transcriber.worker import Worker
-
-    async def overlapping(args: list[str]) -> bool:
-        worker = Worker(load(TranscriberSettings, ["--device=cpu", *args], environ={}),
-                        model=object(), vad=object())  # type: ignore[arg-type]
-        barrier = threading.Barrier(2, timeout=2.0)
-
-        def meet() -> list:  # type: ignore[type-arg]
-            with worker.gate.lane():
-                try:
-                    barrier.wait()
-                    return [True]
-                except threading.BrokenBarrierError:
-                    return [False]
-        try:
-            met = await asyncio.gather(worker.infer(meet), worker.infer(meet))
-            return all(m == [True] for m in met)
-        finally:
-            worker.executor.shutdown(wait=True)
-            await worker.redis.aclose()
-            await worker.blocking.aclose()
-            await worker.probe.aclose()
-
-    assert await overlapping([])
-    assert not await overlapping(["--inference-threads=1"])
-
-
-async def test_a_session_hears_its_audio_while_every_lane_decodes() -> None:
-    """Only decodes wait for a lane: with the lane busy and decodes waiting, another
-    session's core call that needs no decode (VAD, endpointing) runs at once; the lane then
-    goes to the final somebody waits for, then the speculative final, then the partial."""
-    import asyncio
-    import threading
-
-    from common.settings import TranscriberSettings, load
-    from transcriber.worker import DecodeGate, Worker
-
-    worker = Worker(load(TranscriberSettings, ["--device=cpu", "--inference-threads=1"],
-                         environ={}), model=object(), vad=object())  # type: ignore[arg-type]
-    release = threading.Event()
-    order: list[str] = []
-
-    def decode(name: str, rank: int) -> list:  # type: ignore[type-arg]
-        with worker.gate.lane(rank):
-            order.append(name)
-            release.wait(5.0)
-        return []
-
-    async def busy(n: int) -> None:
-        for _ in range(500):
-            if worker.busy >= n:
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"{worker.busy} decodes in flight, expected {n}")
-
-    try:
-        calls = [asyncio.ensure_future(worker.infer(decode, "running", DecodeGate.PARTIAL))]
-        await busy(1)
-        for name, rank in [("partial", DecodeGate.PARTIAL), ("spec", DecodeGate.SPECULATIVE),
-                           ("final", DecodeGate.FINAL), ("final2", DecodeGate.FINAL)]:
-            calls.append(asyncio.ensure_future(worker.infer(decode, name, rank)))
-            await busy(len(calls))
-        assert order == ["running"]  # the others wait at the gate
-        heard = await asyncio.wait_for(worker.infer(lambda: ["vad"]), 1.0)
-        assert heard == ["vad"]
-        release.set()
-        await asyncio.gather(*calls)
-        assert order == ["running", "final", "final2", "spec", "partial"]
-        assert worker.busy == 0
-    finally:
-        release.set()
-        worker.executor.shutdown(wait=True)
-        await worker.redis.aclose()
-        await worker.blocking.aclose()
-        await worker.probe.aclose()
 
 
 def test_concurrent_decodes_on_two_ctranslate2_workers_match_serial_ones() -> None:
@@ -520,18 +434,3 @@ def test_a_decode_encodes_once_unless_whisper_left_audio_unread(
     assert wer(reference("fw_jfk"), "".join(w.word for w in final)) <= 0.1
     assert offline == stock[2][1]
     assert wer(reference("mfa_cold_corpus3"), "".join(w.word for w in offline)) < 0.25
-
-
-def test_automatic_encoder_tails_are_short_on_a_cpu_and_the_full_window_on_cuda() -> None:
-    from common.settings import TranscriberSettings, load
-    from transcriber.worker import resolve_tails
-
-    auto = load(TranscriberSettings, [], environ={})
-    assert resolve_tails(auto, cuda=False) == (600, 1000)  # (partials, finals)
-    assert resolve_tails(auto, cuda=True) == (-1, -1)
-    full = load(TranscriberSettings, ["--final-encoder-tail-frames=-1"], environ={})
-    assert resolve_tails(full, cuda=False) == (600, -1)
-    long = load(TranscriberSettings, ["--encoder-tail-frames=1500"], environ={})
-    assert resolve_tails(long, cuda=False) == (1500, 1500)
-    window = load(TranscriberSettings, ["--encoder-tail-frames=-1"], environ={})
-    assert resolve_tails(window, cuda=False) == (-1, -1)

@@ -23,7 +23,7 @@ from common.redis_client import RedisTimeoutError
 from tests.audio_refs import frames, load_pcm16, reference, wer
 from tests.procs import Cluster, start_gateway
 from tests.test_pipeline_e2e import check_protocol, with_tail
-from transcriber.worker import with_retry
+from transcriber.session import with_retry
 
 pytestmark = pytest.mark.integration
 

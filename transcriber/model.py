@@ -71,6 +71,9 @@ def trimmed_frames(features: np.ndarray, tail: int, quantum: int, min_window: in
     return min(features.shape[-1], -(-need // quantum) * quantum)
 
 
+#: Encoder tail frames meaning no trimming: Whisper's full 30 s window.
+FULL_WINDOW = -1
+
 #: A last segment closing this close (10 ms frames) to the end of the audio ends the decode.
 END_SLACK_FRAMES = 10
 
@@ -80,7 +83,7 @@ _per_thread = threading.local()  # a decode thread's override of the model's tai
 @contextlib.contextmanager
 def encoder_tail(frames: int) -> Iterator[None]:
     """Within this block, this thread's encodes keep ``frames`` frames of padding after the
-    audio (-1: Whisper's full 30 s window)."""
+    audio (``FULL_WINDOW``: Whisper's full 30 s window)."""
     saved = getattr(_per_thread, "tail_frames", None)
     _per_thread.tail_frames = frames
     try:
@@ -93,8 +96,8 @@ def encoder_tail(frames: int) -> Iterator[None]:
 
 
 def load_whisper(model: str, device: str, compute_type: str, cpu_threads: int,  # type: ignore[no-untyped-def]
-                 encoder_tail_frames: int = -1, max_batch: int = 1, batch_wait_s: float = 0.01,
-                 on_batch=None, num_workers: int = 1):
+                 encoder_tail_frames: int = FULL_WINDOW, max_batch: int = 1,
+                 batch_wait_s: float = 0.01, on_batch=None, num_workers: int = 1):
     """Load a faster-whisper model; ``encoder_tail_frames`` >= 0 enables short-context encoding,
     ``max_batch`` > 1 batches concurrent decodes from several threads (transcriber.batching),
     ``num_workers`` > 1 lets that many threads' decodes run at once, unbatched (CTranslate2
@@ -114,7 +117,7 @@ def load_whisper(model: str, device: str, compute_type: str, cpu_threads: int,  
              compute_type, threads, num_workers)
 
     class ShortContextWhisper(WhisperModel):
-        #: Frames of padding kept after the content; -1 = the full 30 s window. A decode
+        #: Frames of padding kept after the content (``FULL_WINDOW``: all 30 s). A decode
         #: thread overrides it for its own calls with ``encoder_tail()``.
         tail_frames = encoder_tail_frames
 
@@ -268,7 +271,7 @@ class WhisperDecoder:
         short-context final that skips a run of them is decoded again, full window)."""
         inner = getattr(self.model, "model", None)
         decoding = getattr(inner, "decoding", None)  # a BatchingWhisper: join its batches
-        tail = getattr(self.model, "tail_frames", -1)
+        tail = getattr(self.model, "tail_frames", FULL_WINDOW)
         if final and self.final_tail_frames is not None and not self.short_finals:
             tail = self.final_tail_frames
         _per_thread.min_window = self.min_frames
@@ -291,12 +294,12 @@ class WhisperDecoder:
                 # Short-context decoding looped, or a final looks worse than a full-window
                 # decode tends to be: decode again with Whisper's full window.
                 self.redos[reason] += 1
-                with encoder_tail(-1):
+                with encoder_tail(FULL_WINDOW):
                     words = self._decode(audio, prompt, final)
             if prompt and looks_degenerate(words, len(audio) / 16000):
                 # Still looping: the previous text often primes it (after "1. 2." a lone
                 # "three" became "3. 3. 3. 3. 3. 3. 3."); decode once more without it.
-                with encoder_tail(-1):
+                with encoder_tail(FULL_WINDOW):
                     words = self._decode(audio, "", final)
             elif final and prompt and not words:
                 # The previous text can also make Whisper end at once: after "Montreal
@@ -311,7 +314,7 @@ class WhisperDecoder:
     def _redo_reason(self, words: list[Word], duration: float, tail: int, final: bool,
                      shown: Sequence[str]) -> str:
         """Why a short-context decode is done again with the full window ("": it is not)."""
-        if tail < 0:
+        if tail < 0:  # FULL_WINDOW already
             return ""
         if looks_degenerate(words, duration):
             return "loop"
