@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import os
 import signal
 import socket
@@ -11,7 +13,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,35 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_until(what: str, check: Callable[[], object], limit_s: float = 10.0,
+               interval: float = 0.05) -> float:
+    """Poll ``check()`` until it is true; the seconds it took. Fails the test, naming
+    ``what``, after ``limit_s`` seconds: a wait on a condition instead of a fixed sleep."""
+    began = time.monotonic()
+    while not check():
+        if time.monotonic() - began > limit_s:
+            raise AssertionError(f"not within {limit_s:g} s: {what}")
+        time.sleep(interval)
+    return time.monotonic() - began
+
+
+async def until(what: str, check: Callable[[], object | Awaitable[object]],
+                limit_s: float = 10.0, interval: float = 0.05) -> float:
+    """``wait_until`` for a coroutine: ``check`` may be a plain function or return an
+    awaitable (a Redis read); the event loop runs while it waits."""
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    while True:
+        got = check()
+        if inspect.isawaitable(got):
+            got = await got
+        if got:
+            return loop.time() - began
+        if loop.time() - began > limit_s:
+            raise AssertionError(f"not within {limit_s:g} s: {what}")
+        await asyncio.sleep(interval)
 
 
 def wait_port(port: int, timeout: float = 30.0) -> None:
@@ -119,6 +150,11 @@ class Service:
 
     def log(self) -> str:
         return "\n".join(self.lines)
+
+    def wait_log(self, text: str, limit_s: float = 10.0) -> float:
+        """Wait until a line of the log contains ``text``; the seconds it took."""
+        return wait_until(f"{self.module} logging {text!r}",
+                          lambda: any(text in line for line in list(self.lines)), limit_s)
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
