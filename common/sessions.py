@@ -1,8 +1,15 @@
-"""Creating a session and keeping its client heartbeat: the writes every service shares.
+"""The one owner of Redis access to sessions: create, attach, access checks, info, listing,
+reads of their streams, heartbeat, notices, audio appends.
 
-Both run as Lua scripts on the session's own hash slot and take their times from the Redis
-server's clock (``TIME``), never from the machine that calls them, so a worker that reads
-``heartbeat`` on another machine compares it with the same clock.
+Field names of the session record (``stt:{sid}:meta``) are those of ``SessionMeta``
+(``common/session_meta.py``); the Lua scripts that write it are in ``common/scripts.py``.
+The gateway (live sessions), ``python -m fanout`` and the gateway's sessions API (viewers,
+listing, exports, replays) all go through ``Sessions``; the transcribers' lease and commit
+scripts are in ``transcriber/``.
+
+Creation and heartbeats run as Lua scripts on the session's own hash slot and take their
+times from the Redis server's clock (``TIME``), never from the machine that calls them,
+so a worker that reads ``heartbeat`` on another machine compares it with the same clock.
 
 Creation is idempotent: redis-py sends a command again when its reply was lost, and the
 old creation transaction then reset the epoch of a session a worker had already taken (two
@@ -13,10 +20,379 @@ may add again is a duplicate that the transcribers drop (``transcriber/commit.py
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import re
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from common import keys
-from common.scripts import CREATE_SESSION, HEARTBEAT
+from common.audio import TARGET_RATE
+from common.errors import SessionNotFound
+from common.messages import (
+    AudioEntry,
+    AudioFrame,
+    Final,
+    Result,
+    Warning,
+    pack_result,
+    unpack_audio_entry,
+    unpack_result,
+)
+from common.scripts import CREATE_SESSION, HEARTBEAT, NOTICE
+from common.session_meta import CLOSED, SessionMeta
+from common.streams import AudioAppender, queue_backlog, waiting_entries
+
+#: How long one reading of the work queue serves every waiting session's position.
+POSITIONS_TTL_S = 1.0
+#: Sessions per pipeline in ``progress_many``: one pipeline of 1000 stalled the loop 40 ms.
+CHUNK = 100
+
+SESSION_ID = re.compile(r"[0-9a-f]{32}")
+
+#: Entries read per XRANGE page.
+PAGE = 500
+
+#: The fields a listing shows.
+_INFO_FIELDS = ("state", "created", "model", "language", "interim", "duration",
+                "next_utterance", "seq", "replay_of", "processed_sample")
+
+
+def check_session_id(sid: str) -> str:
+    """Session ids are 32 hex digits; anything else cannot exist (and never reaches a key)."""
+    if not SESSION_ID.fullmatch(sid):
+        raise SessionNotFound()
+    return sid
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionInfo:
+    """What a listing shows about one session."""
+
+    session_id: str
+    state: str  # active | closed
+    created: float  # unix seconds
+    duration: float  # seconds of audio: final when closed, received so far when active
+    model: str
+    language: str
+    interim_results: bool
+    finals: int  # utterances committed
+    results: int  # every result published: partials, finals, warnings, closed
+    replay_of: str | None
+    expires_in: int | None  # seconds until the retention TTL removes it; None while active
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created))
+        return out
+
+
+def _info(sid: str, values: list[bytes | None], ttl: int, audio_end: int | None) -> SessionInfo:
+    m = SessionMeta.decode(dict(zip(_INFO_FIELDS, values, strict=True)))
+    duration = m.duration if m.closed else (audio_end or 0) / TARGET_RATE
+    return SessionInfo(
+        session_id=sid,
+        state=m.state,
+        created=m.created,
+        duration=round(duration, 3),
+        model=m.model,
+        language=m.language,
+        interim_results=m.interim,
+        finals=m.next_utterance,
+        results=m.seq,
+        replay_of=m.replay_of or None,
+        expires_in=ttl if ttl >= 0 else None,
+    )
+
+
+def audio_end(entry: AudioEntry) -> int:
+    """Samples in the audio stream up to and including ``entry``."""
+    return entry.offset + entry.samples if isinstance(entry, AudioFrame) else entry.offset
+
+
+@dataclasses.dataclass(frozen=True)
+class Attached:
+    """Where a (re)attached connection continues."""
+
+    generation: int
+    samples: int  # samples already in the audio stream
+    entry_seq: int  # seq of the last audio entry
+    ended: bool  # the stream already has its close marker
+    meta: SessionMeta
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionAccess:
+    owner: str  # "key:NAME", "token:NONCE", or "" when created without authentication
+    account: str
+    deadline: float | None  # unix time the session must end by
+    created: float
+    state: str  # "active" or "closed"
+
+
+#: How long one reading of the work queue serves every waiting session's position.
+POSITIONS_TTL_S = 1.0
+
+
+class Sessions:
+    """Every session operation of the gateway and the sessions API, over one Redis."""
+
+    def __init__(self, redis: aioredis.Redis, append_batch: int = 256) -> None:
+        self.redis = redis
+        self.appender = AudioAppender(redis, append_batch)
+        self._notice = redis.register_script(NOTICE)
+        self._heartbeat = redis.register_script(HEARTBEAT)
+        self._positions: dict[str, int] = {}
+        self._positions_at = -POSITIONS_TTL_S
+        self._positions_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ creating, writing
+
+    async def create(self, sid: str, fields: dict[str, str | int]) -> int:
+        """A live session: its record, index entry and work-queue entry (idempotent).
+        Returns its first attach generation."""
+        await create_session(self.redis, sid, dict(fields))
+        return 1
+
+    async def create_replay(self, sid: str, original: str, fields: dict[str, str | int]) -> None:
+        """A replay of ``original``: created like a live session, marked ``replay_of``."""
+        await create_session(self.redis, sid, {**fields, "replay_of": original})
+
+    async def append(self, sid: str, generation: int, entries: Sequence[AudioEntry]) -> bool:
+        """Append entries in order; False when another connection has taken the session
+        (or it has ended)."""
+        return await self.appender.append(sid, generation, entries)
+
+    async def heartbeat(self, sid: str) -> None:
+        await heartbeat(self.redis, sid)
+
+    async def progress_many(self, sids: Sequence[str], beat: bool) -> list[tuple[int, int]]:
+        """(owner epoch, samples processed) of each session, in pipelines of ``CHUNK``;
+        refreshes their heartbeats too when ``beat`` (on Redis time: the worker's idle
+        check compares it with that)."""
+        out: list[tuple[int, int]] = []
+        for start in range(0, len(sids), CHUNK):
+            chunk = sids[start:start + CHUNK]
+
+            def pipeline(chunk: Sequence[str] = chunk) -> Any:
+                pipe = self.redis.pipeline(transaction=False)
+                for sid in chunk:
+                    pipe.hmget(keys.meta(sid), "epoch", "processed_sample")
+                    if beat:
+                        pipe.evalsha(self._heartbeat.sha, 1, keys.meta(sid))
+                return pipe
+
+            try:
+                replies = await pipeline().execute()
+            except NoScriptError:  # a restarted Redis lost its script cache
+                await self.redis.script_load(HEARTBEAT)
+                replies = await pipeline().execute()
+            step = 2 if beat else 1
+            for epoch, processed in replies[::step]:
+                out.append((int(epoch or 0), int(processed or 0)))
+        return out
+
+    async def access(self, sid: str) -> SessionAccess:
+        """Who created the session and until when it may run, read before a resume."""
+        names = ["state", "principal", "account", "deadline", "created"]
+        values = await self.redis.hmget(keys.meta(sid), names)
+        if values[0] is None:
+            raise SessionNotFound()
+        meta = SessionMeta.decode(dict(zip(names, values, strict=True)))
+        return SessionAccess(meta.principal, meta.account, meta.deadline or None,
+                             meta.created or time.time(), meta.state)
+
+    async def attach(self, sid: str) -> Attached:
+        """Take over the writing side of an existing session after a reconnect."""
+        raw = await self.redis.hgetall(keys.meta(sid))
+        if not raw:
+            raise SessionNotFound()
+        meta = SessionMeta.decode(raw)
+        generation = int(await self.redis.hincrby(keys.meta(sid), "attach", 1))
+        last = await self.redis.xrevrange(keys.audio(sid), count=1)
+        samples, entry_seq, ended = 0, 0, meta.closed
+        if last:
+            entry = unpack_audio_entry(last[0][1])
+            entry_seq = entry.seq
+            if isinstance(entry, AudioFrame):
+                samples = entry.offset + entry.samples
+            else:
+                samples = entry.offset
+                ended = ended or entry.kind == "close"
+        await self.heartbeat(sid)
+        return Attached(generation, samples, entry_seq, ended, meta)
+
+    async def notice(self, sid: str, warning: Warning) -> None:
+        await self._notice(keys=[keys.meta(sid), keys.results(sid)], args=[pack_result(warning)])
+
+    async def progress(self, sid: str) -> tuple[int, int]:
+        """(owner epoch, samples the transcriber has processed)."""
+        epoch, processed = await self.redis.hmget(keys.meta(sid), "epoch", "processed_sample")
+        return int(epoch or 0), int(processed or 0)
+
+    async def backlog(self) -> int:
+        """Sessions queued that no transcriber has taken yet."""
+        return await queue_backlog(self.redis)
+
+    async def waiting_positions(self) -> dict[str, int]:
+        """Each session no transcriber has taken yet: its 1-based position in the queue.
+
+        Read at most once per ``POSITIONS_TTL_S`` for all of this gateway's waiting
+        sessions: each reading its own copy every second cost O(waiting²) (half of the
+        gateway's CPU with 200 sessions queued, measured with py-spy)."""
+        async with self._positions_lock:
+            if time.monotonic() - self._positions_at >= POSITIONS_TTL_S:
+                self._positions = await self._read_positions()
+                self._positions_at = time.monotonic()
+        return self._positions
+
+    async def _read_positions(self) -> dict[str, int]:
+        waiting = await waiting_entries(self.redis, 10000)
+        return {sid: i + 1 for i, (_id, sid) in enumerate(waiting)}
+
+
+    # ------------------------------------------------------------------ one session
+
+    async def info(self, sid: str) -> SessionInfo:
+        check_session_id(sid)
+        infos = await self._infos([sid])
+        if not infos[0]:
+            raise SessionNotFound()
+        info = infos[0]
+        assert info is not None
+        return info
+
+    async def _infos(self, sids: list[str]) -> list[SessionInfo | None]:
+        """Info for each id, None where the session has expired (two round trips)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for sid in sids:
+            pipe.hmget(keys.meta(sid), list(_INFO_FIELDS))
+            pipe.ttl(keys.meta(sid))
+        replies = await pipe.execute()
+        metas = [(replies[2 * i], int(replies[2 * i + 1])) for i in range(len(sids))]
+        active = [sid for sid, (values, ttl) in zip(sids, metas, strict=True)
+                  if ttl != -2 and values[0] != CLOSED.encode()]
+        ends: dict[str, int] = {}
+        if active:
+            pipe = self.redis.pipeline(transaction=False)
+            for sid in active:
+                pipe.xrevrange(keys.audio(sid), count=1)
+            for sid, last in zip(active, await pipe.execute(), strict=True):
+                ends[sid] = audio_end(unpack_audio_entry(last[0][1])) if last else 0
+        out: list[SessionInfo | None] = []
+        for sid, (values, ttl) in zip(sids, metas, strict=True):
+            # TTL -2: the meta key does not exist (never did, or expired).
+            out.append(None if ttl == -2 or values[0] is None
+                       else _info(sid, values, ttl, ends.get(sid)))
+        return out
+
+    async def meta(self, sid: str) -> SessionMeta:
+        check_session_id(sid)
+        raw = await self.redis.hgetall(keys.meta(sid))
+        if not raw:
+            raise SessionNotFound()
+        return SessionMeta.decode(raw)
+
+    async def owner(self, sid: str) -> tuple[str, str]:
+        """(owner, account) the session was created by ('' when auth was off)."""
+        check_session_id(sid)
+        values = await self.redis.hmget(keys.meta(sid), ["state", "principal", "account"])
+        if values[0] is None:
+            raise SessionNotFound()
+        meta = SessionMeta.decode(dict(zip(("state", "principal", "account"), values,
+                                           strict=True)))
+        return meta.principal, meta.account
+
+    async def exists(self, sid: str) -> bool:
+        return bool(await self.redis.exists(keys.meta(sid)))
+
+    async def last_result_id(self, sid: str) -> str:
+        last = await self.redis.xrevrange(keys.results(sid), count=1)
+        return last[0][0].decode() if last else "0-0"
+
+    async def audio_samples(self, sid: str) -> int:
+        """Samples in the session's audio stream."""
+        last = await self.redis.xrevrange(keys.audio(sid), count=1)
+        return audio_end(unpack_audio_entry(last[0][1])) if last else 0
+
+    async def results(self, sid: str, after_id: str = "0-0",
+                      ) -> AsyncIterator[tuple[str, Result]]:
+        """Stored results in order, page by page (entry id, result)."""
+        start = f"({after_id}" if after_id != "0-0" else "-"
+        while True:
+            page = await self.redis.xrange(keys.results(sid), min=start, count=PAGE)
+            for entry_id, fields in page:
+                yield entry_id.decode(), unpack_result(fields)
+            if len(page) < PAGE:
+                return
+            start = f"({page[-1][0].decode()}"
+
+    async def audio(self, sid: str) -> AsyncIterator[AudioEntry]:
+        """Stored audio entries in order, page by page."""
+        start = "-"
+        while True:
+            page = await self.redis.xrange(keys.audio(sid), min=start, count=PAGE)
+            for _entry_id, fields in page:
+                yield unpack_audio_entry(fields)
+            if len(page) < PAGE:
+                return
+            start = f"({page[-1][0].decode()}"
+
+    async def finals(self, sid: str) -> list[Final]:
+        return [r async for _id, r in self.results(sid) if isinstance(r, Final)]
+
+    async def result_counts(self, sid: str) -> dict[str, int]:
+        counts = {"partial": 0, "final": 0, "warning": 0, "closed": 0}
+        async for _id, r in self.results(sid):
+            counts[r.TYPE] += 1
+        return counts
+
+    # ------------------------------------------------------------------ listing
+
+    async def index(self, sid: str, created: float) -> None:
+        await self.redis.zadd(keys.INDEX, {sid: created}, nx=True)
+
+    async def list_sessions(self, limit: int, before: float | None = None,
+                            state: str | None = None, max_scan: int = 1000,
+                            ) -> tuple[list[SessionInfo], float | None]:
+        """Newest first, from the index; expired members are dropped from the index on the way.
+
+        Examines at most ``max_scan`` index entries per call (a ``state`` filter that
+        matches few sessions would otherwise read the whole index in one request), so a
+        page may hold fewer than ``limit`` sessions. Returns the page and the ``before``
+        value of the next page (None at the end of the index).
+        """
+        out: list[SessionInfo] = []
+        high: float | str = f"({before}" if before is not None else "+inf"
+        scanned = 0
+        while len(out) < limit:
+            want = min(max(2 * (limit - len(out)), 100), max_scan - scanned)
+            if want <= 0:
+                return out, float(high[1:]) if isinstance(high, str) and high[0] == "(" \
+                    else None
+            members = await self.redis.zrevrangebyscore(
+                keys.INDEX, high, "-inf", start=0, num=want, withscores=True)
+            if not members:
+                return out, None
+            scanned += len(members)
+            sids = [m.decode() for m, _ in members]
+            infos = await self._infos(sids)
+            gone = [sid for sid, info in zip(sids, infos, strict=True) if info is None]
+            if gone:
+                await self.redis.zrem(keys.INDEX, *gone)
+            for (_m, score), info in zip(members, infos, strict=True):
+                if info is not None and (state is None or info.state == state):
+                    out.append(info)
+                    if len(out) == limit:
+                        return out, score
+            high = f"({members[-1][1]}"
+            if len(members) < want:
+                return out, None
+        return out, None
 
 
 async def create_session(redis: aioredis.Redis, sid: str,

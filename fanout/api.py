@@ -47,12 +47,12 @@ from common.errors import (
 from common.messages import AudioFrame
 from common.ratelimit import MessageLimits
 from common.redis_client import REDIS_DOWN
+from common.sessions import Sessions, audio_end, check_session_id
 from common.settings import GatewaySettings, SessionsApiSettings
 from common.web import error_response, float_param, int_param, json_response, one, send_error
 from fanout import formats
 from fanout.hub import Hubs
 from fanout.replay import Replay, ReplayConfig, ReplayParams
-from fanout.store import SessionRecords, audio_end, check_session_id
 from fanout.viewer import Viewer, ViewerLimits, ViewerParams
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class SessionsApi:
     def __init__(self, settings: SessionsApiSettings, redis: aioredis.Redis,
                  blocking: aioredis.Redis, replay: ReplayConfig | None = None) -> None:
         self.settings = settings
-        self.records = SessionRecords(redis)
+        self.records = Sessions(redis)
         self.blocking = blocking
         self.hubs = Hubs(redis, blocking, settings.redis_block_ms, settings.viewer_queue)
         self.replay = replay

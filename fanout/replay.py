@@ -34,11 +34,11 @@ from common.errors import BadRequest, Overloaded, SessionActive, StorageUnavaila
 from common.messages import AudioEntry, AudioFrame, AudioMarker, Closed, ReplayStarted, to_json
 from common.ratelimit import MessageLimits
 from common.redis_client import REDIS_DOWN
+from common.sessions import Sessions, audio_end
 from common.settings import GatewaySettings
 from common.streams import follow_results
 from common.tasks import stop_tasks
 from common.web import bool_param, one, read_controls, send_error
-from fanout.store import SessionRecords, audio_end
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def replay_allowlist(settings: GatewaySettings) -> str:
 class Replay:
     """One replay socket."""
 
-    def __init__(self, records: SessionRecords, blocking: aioredis.Redis, config: ReplayConfig,
+    def __init__(self, records: Sessions, blocking: aioredis.Redis, config: ReplayConfig,
                  ws: ServerConnection, original: str, params: ReplayParams,
                  principal: Principal = ANONYMOUS, inbound: MessageLimits | None = None) -> None:
         self.records = records
@@ -248,7 +248,7 @@ class Replay:
         if not entries:
             return True
         try:
-            ok = await until_up(lambda: self.records.append(self.sid, entries),
+            ok = await until_up(lambda: self.records.append(self.sid, 1, entries),
                                 f"session {self.sid}: replay append", deadline_s=OUTAGE_S)
         except REDIS_DOWN as exc:
             raise StorageUnavailable("storage unavailable; replay stopped") from exc

@@ -22,10 +22,10 @@ from common.errors import Overloaded, StorageUnavailable, SttError
 from common.messages import Closed, Final, Partial, Result, ViewerStarted, to_json
 from common.ratelimit import MessageLimits
 from common.redis_client import REDIS_DOWN
+from common.sessions import Sessions
 from common.tasks import stop_tasks
 from common.web import bool_param, drop, float_param, int_param, read_controls, send_error
 from fanout.hub import Hubs, ViewerQueue
-from fanout.store import SessionRecords
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class _Sender:
 class Viewer:
     """One viewer socket."""
 
-    def __init__(self, records: SessionRecords, hubs: Hubs, limits: ViewerLimits,
+    def __init__(self, records: Sessions, hubs: Hubs, limits: ViewerLimits,
                  ws: ServerConnection, sid: str, params: ViewerParams,
                  inbound: MessageLimits | None = None) -> None:
         self.records = records

@@ -42,6 +42,7 @@ from common.errors import (
 )
 from common.metrics import gateway_metrics, health_route, register_viewer_gauges
 from common.redis_client import make_redis
+from common.sessions import Sessions
 from common.settings import GatewaySettings
 from common.streams import AudioAppender
 from common.web import client_error, error_response, float_param, json_response, send_error
@@ -50,7 +51,6 @@ from ingest.listen import ListenDeps, ListenSession
 from ingest.listen_core import ListenParams, resume_target, session_id_ok
 from ingest.live import LiveSessions
 from ingest.monitor import SessionMonitor
-from ingest.store import SessionStore
 from ingest.writer import AudioFlusher
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class Gateway:
         # results and hub reads wait out outages themselves (read_stream): no client retries
         self.blocking = make_redis(settings, blocking=True, block_ms=settings.results_block_ms,
                                    retries=False)
-        self.store = SessionStore(self.redis, settings.append_batch)
+        self.store = Sessions(self.redis, settings.append_batch)
         # client audio: a client with no per-reply timer; each round trip is bounded instead,
         # and the flusher retries a failed one itself
         self.appends = make_redis(settings, read_timeout=False, retries=False)

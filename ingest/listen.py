@@ -37,6 +37,7 @@ from common.errors import (
 )
 from common.messages import AudioEntry, AudioMarker, Closed, Result, to_json
 from common.metrics import GatewayMetrics
+from common.sessions import Sessions
 from common.settings import GatewaySettings
 from common.streams import follow_results
 from common.tasks import stop_task
@@ -45,7 +46,6 @@ from ingest.limits import SessionClock
 from ingest.listen_core import ListenCore, ListenLimits, ListenParams
 from ingest.live import LiveSessions
 from ingest.monitor import SessionMonitor
-from ingest.store import SessionStore
 from ingest.writer import AudioFlusher, AudioWriter
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class ListenDeps:
     """What a listen connection uses, shared by all of them in one gateway."""
 
     settings: GatewaySettings
-    store: SessionStore
+    store: Sessions
     flusher: AudioFlusher
     blocking: aioredis.Redis  # for the blocking read of the results stream
     guard: AccessGuard

@@ -18,8 +18,8 @@ from common.access import AccessGuard
 from common.backoff import REDIS_DOWN, Backoff, until_up
 from common.errors import SessionNotFound
 from common.messages import AudioMarker
+from common.sessions import Sessions
 from common.settings import GatewaySettings
-from ingest.store import SessionStore
 from ingest.writer import AudioWriter
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class Connection(Protocol):
 
 
 class LiveSessions:
-    def __init__(self, settings: GatewaySettings, store: SessionStore,
+    def __init__(self, settings: GatewaySettings, store: Sessions,
                  guard: AccessGuard) -> None:
         self.settings = settings
         self.store = store

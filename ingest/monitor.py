@@ -15,23 +15,16 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
-import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
-
-from common import keys
 from common.audio import TARGET_RATE
 from common.messages import Warning
 from common.redis_client import REDIS_DOWN
-from common.sessions import HEARTBEAT
+from common.sessions import Sessions
 from common.tasks import LazyTask
-from ingest.store import SessionStore
 
 log = logging.getLogger(__name__)
 
-#: Sessions per pipeline: one pipeline of 1000 stalled the event loop 40 ms.
-CHUNK = 100
 #: Seconds between two lag warnings of one session.
 LAG_WARNING_EVERY_S = 5.0
 
@@ -55,11 +48,10 @@ class _State:
 
 
 class SessionMonitor:
-    def __init__(self, store: SessionStore, heartbeat_s: float, lag_warning_s: float,
+    def __init__(self, store: Sessions, heartbeat_s: float, lag_warning_s: float,
                  on_redis_error: Callable[[], None] | None = None,
                  interval_s: float = 1.0) -> None:
         self.store = store
-        self.redis: aioredis.Redis = store.redis
         self.heartbeat_s = heartbeat_s
         self.lag_warning_s = lag_warning_s
         self.interval_s = interval_s
@@ -67,7 +59,6 @@ class SessionMonitor:
         self._sessions: dict[Watched, _State] = {}
         self._task = LazyTask(self._run, "session-monitor")
         self._beat_at = 0.0
-        self._heartbeat = self.redis.register_script(HEARTBEAT)
 
     def watch(self, session: Watched) -> None:
         self._sessions[session] = _State()
@@ -126,24 +117,4 @@ class SessionMonitor:
     async def _read(self, sessions: list[tuple[Watched, _State]],
                     beat: bool) -> list[tuple[int, int]]:
         """(owner epoch, samples processed) of each session; heartbeats too when ``beat``."""
-        out: list[tuple[int, int]] = []
-        for start in range(0, len(sessions), CHUNK):
-            chunk = sessions[start:start + CHUNK]
-
-            def pipeline(chunk: list[tuple[Watched, _State]] = chunk) -> Any:
-                pipe = self.redis.pipeline(transaction=False)
-                for session, _ in chunk:
-                    pipe.hmget(keys.meta(session.sid), "epoch", "processed_sample")
-                    if beat:  # on Redis time: the worker's idle check compares it with that
-                        pipe.evalsha(self._heartbeat.sha, 1, keys.meta(session.sid))
-                return pipe
-
-            try:
-                replies = await pipeline().execute()
-            except NoScriptError:  # a restarted Redis lost its script cache
-                await self.redis.script_load(HEARTBEAT)
-                replies = await pipeline().execute()
-            step = 2 if beat else 1
-            for epoch, processed in replies[::step]:
-                out.append((int(epoch or 0), int(processed or 0)))
-        return out
+        return await self.store.progress_many([session.sid for session, _ in sessions], beat)

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from common.backoff import Backoff
 from common.errors import SessionClosed, SessionTaken, StorageUnavailable, SttError
 from common.messages import AudioEntry, AudioFrame
 from common.redis_client import REDIS_DOWN
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 #: Entries of one session sent in one script call.
 ENTRIES_PER_CALL = 64
+#: Bounds of the delay before a failed round trip's entries are sent again (``Backoff``).
 FIRST_BACKOFF_S = 0.05
 MAX_BACKOFF_S = 2.0
 
@@ -49,7 +51,7 @@ class AudioWriter:
         self.failure: SttError | None = None
         self.on_redis_error: Callable[[], None] | None = None
         self.closed = False
-        self.backoff = FIRST_BACKOFF_S
+        self.backoff = Backoff(FIRST_BACKOFF_S, MAX_BACKOFF_S)
 
     async def put(self, entry: AudioEntry, wait_s: float) -> None:
         """Queue an entry; when the buffer is full, wait (back-pressuring the client) for room."""
@@ -103,7 +105,7 @@ class AudioWriter:
         if isinstance(reply, BaseException):
             self.failed_round(reply)
             return
-        self.backoff = FIRST_BACKOFF_S
+        self.backoff.reset()
         if int(reply) < 0:
             self.failure = SessionClosed("this session has ended; start a new one") \
                 if int(reply) == CLOSED else \
@@ -121,13 +123,12 @@ class AudioWriter:
 
     def failed_round(self, exc: BaseException) -> None:
         """Redis refused or could not take this writer's entries: they stay queued and are
-        sent again after a backoff (doubling, at most ``MAX_BACKOFF_S``)."""
+        sent again after a backoff (``common.backoff``, at most ``MAX_BACKOFF_S``)."""
         if self.on_redis_error is not None:
             self.on_redis_error()
         log.warning("session %s: audio append failed (%s); %d entries buffered",
                     self.sid, exc, len(self._pending))
-        self.flusher.mark_later(self, self.backoff)
-        self.backoff = min(self.backoff * 2, MAX_BACKOFF_S)
+        self.flusher.mark_later(self, self.backoff.next_delay())
 
     def _signal(self) -> None:
         self._progress.set()

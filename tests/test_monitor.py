@@ -12,8 +12,8 @@ import redis.asyncio as aioredis
 
 from common import keys
 from common.messages import Warning, unpack_result
+from common.sessions import Sessions
 from ingest.monitor import SessionMonitor
-from ingest.store import SessionStore
 from tests.procs import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -37,7 +37,7 @@ async def warnings_of(r: aioredis.Redis, sid: str) -> list[Warning]:
 def test_one_pass_tells_positions_lag_and_refreshes_heartbeats(own_redis: RedisServer) -> None:
     async def run() -> None:
         async with own_redis.aclient() as r:
-            store = SessionStore(r)
+            store = Sessions(r)
             sessions = [FakeSession(f"{i:032x}") for i in range(4)]
             for s in sessions:
                 await store.create(s.sid, {"model": "tiny.en"})
@@ -72,7 +72,7 @@ def test_one_pass_tells_positions_lag_and_refreshes_heartbeats(own_redis: RedisS
 def test_a_redis_outage_is_counted_and_the_monitor_keeps_running(own_redis: RedisServer) -> None:
     async def run() -> None:
         async with own_redis.aclient() as r:
-            store = SessionStore(r)
+            store = Sessions(r)
             errors: list[int] = []
             monitor = SessionMonitor(store, heartbeat_s=5.0, lag_warning_s=3.0,
                                      on_redis_error=lambda: errors.append(1), interval_s=0.05)

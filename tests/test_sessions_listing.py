@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 
 from common import keys
-from common.sessions import create_session
-from fanout.store import SessionRecords
+from common.sessions import Sessions, create_session
 from tests.procs import RedisServer
 
 
@@ -30,7 +29,7 @@ def test_a_filter_that_matches_few_sessions_pages_through_the_index_in_bounded_s
                 if i >= 5:  # all but the five oldest have ended
                     await r.hset(keys.meta(sid), "state", "closed")
                 await r.zadd(keys.INDEX, {sid: 1000.0 + i})  # distinct creation times
-            records = SessionRecords(r)
+            records = Sessions(r)
             found: list[str] = []
             before: float | None = None
             calls = 0
