@@ -1,25 +1,18 @@
-"""Token buckets, the bounded bucket map, per-socket message limits, and the request rate
-checks AccessGuard makes before authenticating (no sockets, no Redis traffic).
+"""Token buckets, the bounded bucket map and per-socket message limits (common/ratelimit.py).
 
-tests/test_security.py drives the same limits through a real gateway.
+tests/test_security.py drives the same limits through a real gateway; the request rate
+checks AccessGuard makes with them: tests/test_access.py.
 """
 
 from __future__ import annotations
 
-import json
 import tracemalloc
 
 import pytest
-import redis.asyncio as aioredis
-from websockets.datastructures import Headers
-from websockets.http11 import Request
 
-from common.access import AccessGuard
-from common.auth import hash_key, new_key
-from common.errors import MessageTooBig, RateLimited, TooManyMessages, Unauthorized
+from common.errors import MessageTooBig, TooManyMessages
 from common.ratelimit import BucketMap, MessageLimits, TokenBucket, text_size
-from common.settings import AccessSettings, FanoutSettings, GatewaySettings
-from common.web import error_response
+from common.settings import FanoutSettings, GatewaySettings
 
 
 def test_bucket_allows_the_burst_then_the_rate() -> None:
@@ -118,71 +111,3 @@ def test_transport_bound_is_a_multiple_of_the_message_limit_and_never_below_it()
     assert FanoutSettings().ws_max_size == 2 * 65536
     assert GatewaySettings(transport_max_bytes=5 << 20).ws_max_size == 5 << 20
     assert GatewaySettings(max_message_bytes=1000, transport_max_bytes=10).ws_max_size == 1000
-
-
-# --------------------------------------------------------------------------- AccessGuard
-
-KEY, OTHER = new_key(), new_key()
-
-
-class Conn:
-    def __init__(self, ip: str) -> None:
-        self.remote_address = (ip, 40000)
-
-
-def guard(**limits: float) -> AccessGuard:
-    settings = AccessSettings(auth="required",
-                              api_keys=f"app={hash_key(KEY)},other={hash_key(OTHER)}",
-                              **limits)  # type: ignore[arg-type]
-    return AccessGuard(settings, aioredis.Redis())  # never connects: no caps, no tokens
-
-
-async def admit(g: AccessGuard, ip: str, key: str | None = KEY) -> str:
-    headers = Headers([("Authorization", f"Bearer {key}")] if key else [])
-    try:
-        await g.admit(Conn(ip), Request("/v1/sessions", headers), opens_session=False)
-    except (RateLimited, Unauthorized) as exc:
-        return exc.code
-    return "ok"
-
-
-async def test_requests_from_one_address_are_limited_and_others_are_not() -> None:
-    g = guard(rate_limit_ip_per_s=1.0, rate_limit_ip_burst=3, rate_limit_key_per_s=0)
-    assert [await admit(g, "10.0.0.1") for _ in range(4)] == ["ok"] * 3 + ["rate_limited"]
-    assert await admit(g, "10.0.0.2") == "ok"
-
-
-async def test_ipv6_clients_share_a_bucket_per_64() -> None:
-    g = guard(rate_limit_ip_per_s=1.0, rate_limit_ip_burst=2, rate_limit_key_per_s=0)
-    assert await admit(g, "2001:db8::1") == "ok"
-    assert await admit(g, "2001:db8::ffff:2") == "ok"
-    assert await admit(g, "2001:db8::3") == "rate_limited"
-    assert await admit(g, "2001:db8:0:1::1") == "ok"
-
-
-async def test_requests_for_one_api_key_are_limited_across_addresses() -> None:
-    g = guard(rate_limit_key_per_s=1.0, rate_limit_key_burst=3)
-    got = [await admit(g, f"10.0.1.{i}") for i in range(4)]
-    assert got == ["ok"] * 3 + ["rate_limited"]
-    assert await admit(g, "10.0.1.9", OTHER) == "ok"
-
-
-async def test_failed_authentications_lock_the_address_out() -> None:
-    g = guard(auth_failures_per_min=6.0, auth_failure_burst=3)
-    wrong = new_key()
-    got = [await admit(g, "10.0.2.1", wrong) for _ in range(4)]
-    assert got == ["unauthorized"] * 3 + ["rate_limited"]
-    assert await admit(g, "10.0.2.1") == "rate_limited"  # even with the right key now
-    assert await admit(g, "10.0.2.2") == "ok"
-
-
-async def test_rate_limited_response_has_retry_after_and_the_json_error() -> None:
-    g = guard(rate_limit_ip_per_s=0.1, rate_limit_ip_burst=1)
-    await admit(g, "10.0.3.1")
-    with pytest.raises(RateLimited) as exc:
-        await g.admit(Conn("10.0.3.1"), Request("/v1/listen", Headers()), opens_session=True)
-    response = error_response(exc.value)
-    assert response.status_code == 429
-    assert 9 <= int(response.headers["Retry-After"]) <= 10
-    body = json.loads(response.body)
-    assert body["type"] == "error" and body["code"] == "rate_limited" and body["message"]

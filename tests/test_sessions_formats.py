@@ -1,4 +1,4 @@
-"""Export formats and request parsing of the recorded-sessions API: no server, no Redis."""
+"""Export formats of the recorded-sessions API (fanout/formats.py): no server, no Redis."""
 
 from __future__ import annotations
 
@@ -8,14 +8,10 @@ import wave
 
 import numpy as np
 import pysrt
-import pytest
 import webvtt
 
-from common.errors import BadRequest
 from common.messages import Final, Word
 from fanout import formats
-from fanout.replay import ReplayParams
-from fanout.viewer import ViewerParams
 
 
 def words_of(text: str, start: float, step: float = 0.4) -> tuple[Word, ...]:
@@ -116,27 +112,3 @@ def test_wav_header_is_read_back_by_the_stdlib() -> None:
     with wave.open(io.BytesIO(data)) as w:
         assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, 16000)
         assert np.array_equal(np.frombuffer(w.readframes(w.getnframes()), "<i2"), pcm)
-
-
-def test_viewer_params() -> None:
-    p = ViewerParams.parse({"after": ["5"], "partials": ["true"], "original_timing": ["1"],
-                            "speed": ["2.5"]})
-    assert p == ViewerParams(5, True, True, 2.5)
-    assert ViewerParams.parse({}) == ViewerParams()
-    for bad in ({"after": ["-1"]}, {"after": ["x"]}, {"partials": ["maybe"]},
-                {"speed": ["0"]}, {"speed": ["nan"]}):
-        with pytest.raises(BadRequest):
-            ViewerParams.parse(bad)
-
-
-def test_replay_params() -> None:
-    assert ReplayParams.parse({}) == ReplayParams("max", None, None, None)
-    p = ReplayParams.parse({"speed": ["realtime"], "model": ["base.en"], "language": ["de"],
-                            "interim_results": ["false"]})
-    assert p == ReplayParams("realtime", "base.en", "de", False)
-    for bad in ({"speed": ["fast"]}, {"language": ["e n"]}, {"model": ["a\nb"]}):
-        with pytest.raises(BadRequest):
-            ReplayParams.parse(bad)
-    with pytest.raises(BadRequest):
-        ReplayParams.parse({"model": ["other"]}, allowed_models="tiny.en, base.en")
-    assert ReplayParams.parse({"model": ["base.en"]}, "tiny.en,base.en").model == "base.en"
