@@ -44,6 +44,16 @@ def own_redis() -> Iterator[RedisServer]:
     s.stop()
 
 
+@pytest.fixture
+def durable_redis() -> Iterator[RedisServer]:
+    """A redis-server for this test alone that keeps every write (AOF, fsync always) across
+    the restarts the test makes."""
+    s = RedisServer(persistence=True)
+    s.start()
+    yield s
+    s.stop()
+
+
 @pytest.fixture(scope="module")
 def module_redis() -> Iterator[RedisServer]:
     """A redis-server for one test module's tests (they may flush it)."""

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -113,16 +113,6 @@ async def r(module_redis: RedisServer) -> AsyncIterator[aioredis.Redis]:
     async with module_redis.aclient() as client:
         await client.flushall()
         yield client
-
-
-@pytest.fixture
-def durable_redis() -> Iterator[RedisServer]:
-    """A redis-server of this test's own that keeps every write (AOF, fsync always) across
-    the restart the test makes."""
-    server = RedisServer(persistence=True)
-    server.start()
-    yield server
-    server.stop()
 
 
 async def test_a_viewer_attached_before_results_are_written_gets_every_later_one_in_order(

@@ -14,7 +14,7 @@ from common import keys
 from common.messages import Warning, unpack_result
 from common.sessions import Sessions
 from ingest.monitor import SessionMonitor
-from tests.procs import RedisServer
+from tests.procs import RedisServer, until
 
 pytestmark = pytest.mark.integration
 
@@ -80,14 +80,16 @@ def test_a_redis_outage_is_counted_and_the_monitor_keeps_running(own_redis: Redi
             await store.create(session.sid, {"model": "tiny.en"})
             own_redis.stop()
             monitor.watch(session)
-            await asyncio.sleep(0.5)
-            assert errors
+            await until("the monitor counting the outage", lambda: errors)
             own_redis.start()
             await store.create(session.sid, {"model": "tiny.en"})
             await r.hset(keys.meta(session.sid), "heartbeat", "1.000")
             monitor.heartbeat_s = 0.0  # every pass beats
-            await asyncio.sleep(0.5)
-            assert float(await r.hget(keys.meta(session.sid), "heartbeat")) > 1.0
+
+            async def beaten() -> bool:
+                return float(await r.hget(keys.meta(session.sid), "heartbeat")) > 1.0
+
+            await until("the heartbeat refreshed after the outage", beaten)
             await monitor.close()
 
     asyncio.run(run())
