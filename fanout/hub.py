@@ -23,8 +23,9 @@ import redis.asyncio as aioredis
 
 from common import keys
 from common.backoff import until_up
-from common.errors import SessionNotFound, SttError, TooSlow
-from common.messages import Closed, Partial, Result, unpack_result
+from common.delivery import ResultQueue
+from common.errors import SessionNotFound, SttError
+from common.messages import Closed, unpack_result
 from common.streams import read_stream
 
 log = logging.getLogger(__name__)
@@ -36,28 +37,8 @@ READ_BATCH = 100
 EXISTS_EVERY = 10
 
 
-class ViewerQueue:
-    """A viewer's side of the hub: a bounded queue and a failure that ends it."""
-
-    def __init__(self, maxsize: int, partials: bool) -> None:
-        self.queue: asyncio.Queue[Result] = asyncio.Queue(maxsize)
-        self.partials = partials
-        self.failed: asyncio.Future[SttError] = asyncio.get_running_loop().create_future()
-
-    def offer(self, result: Result) -> None:
-        """Never waits: a full queue fails the viewer instead."""
-        if self.failed.done() or (isinstance(result, Partial) and not self.partials):
-            return
-        try:
-            self.queue.put_nowait(result)
-        except asyncio.QueueFull:
-            self.fail(TooSlow(
-                f"this viewer fell more than {self.queue.maxsize} results behind; "
-                "reconnect with after=<last seq received> to continue"))
-
-    def fail(self, exc: SttError) -> None:
-        if not self.failed.done():
-            self.failed.set_result(exc)
+#: A viewer's side of the hub (the same bounded queue the client's own socket uses).
+ViewerQueue = ResultQueue
 
 
 class SessionHub:

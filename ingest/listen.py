@@ -27,13 +27,13 @@ from common.access import AccessGuard, address_bucket
 from common.audio import TARGET_RATE
 from common.auth import Principal
 from common.backoff import REDIS_DOWN
+from common.delivery import ResultQueue
 from common.errors import (
     Forbidden,
     SessionClosed,
     SessionTaken,
     StorageUnavailable,
     SttError,
-    TooSlow,
 )
 from common.messages import AudioEntry, AudioMarker, Closed, Result, to_json
 from common.metrics import GatewayMetrics
@@ -381,32 +381,32 @@ class ListenSession:
         await self.ws.close(errors.NORMAL, "closed")
 
     async def _deliver(self) -> None:
-        """Results to the socket through a bounded queue: a client that stops reading is
-        dropped (``too_slow``, 1013; it may resume with ``after``) instead of piling up."""
-        queue: asyncio.Queue[str | None] = asyncio.Queue(self.settings.send_queue)
+        """Results to the socket through a bounded ``ResultQueue``: a client that stops
+        reading is dropped (``too_slow``, 1013; it may resume with ``after``) instead of
+        piling up."""
+        queue = ResultQueue(self.settings.send_queue,
+                            resume_hint="reconnect with session and after")
 
         async def send() -> None:
-            while (text := await queue.get()) is not None:
-                await self.ws.send(text)
+            while not isinstance(result := await queue.get(), Closed):
+                await self.ws.send(to_json(result))
+            await self.ws.send(to_json(result))
 
-        sender = asyncio.create_task(send())
+        sender = asyncio.create_task(send(), name=f"send-{self.sid}")
         try:
             async for _id, result in follow_results(
                     self.deps.blocking, self.sid, "0-0", self.settings.results_block_ms):
                 if not self.core.wants(result):
                     continue
                 self._observe(result)
-                try:
-                    queue.put_nowait(to_json(result))
-                except asyncio.QueueFull:
+                queue.offer(result)
+                if queue.failed.done():
                     log.warning("session %s: client not reading; dropping it", self.sid)
                     sender.cancel()
-                    await self._fail(TooSlow(
-                        "results were not read in time; reconnect with session and after"))
+                    await self._fail(queue.failed.result())
                     return
                 if isinstance(result, Closed):
                     break
-            await queue.put(None)
             await sender
         finally:
             sender.cancel()
