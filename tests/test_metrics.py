@@ -12,7 +12,7 @@ import pytest
 
 from common.client import listen_url, stream
 from tests.audio_refs import frames, load_pcm16
-from tests.procs import Cluster, Service
+from tests.procs import Cluster, Service, until
 
 pytestmark = pytest.mark.integration
 
@@ -141,7 +141,11 @@ def test_fanout_metrics_count_viewers_and_readyz_follows_redis(cluster: Cluster)
         base = f"http://127.0.0.1:{port}"
         wait_status(base + "/readyz", 200)
 
-        async def scenario() -> tuple[float, float]:
+        async def viewers_are(n: int) -> bool:
+            text = await asyncio.to_thread(lambda: http_get(base + "/metrics")[1])
+            return sample(text, "stt_viewers") == n
+
+        async def scenario() -> None:
             watch: dict[str, str] = {}
             known = asyncio.Event()
 
@@ -150,24 +154,19 @@ def test_fanout_metrics_count_viewers_and_readyz_follows_redis(cluster: Cluster)
                     watch["sid"] = str(msg["session_id"])
                     known.set()
 
-            pcm = load_pcm16("fw_jfk")
+            pcm = load_pcm16("ds_ldc93s1")  # a live session of 3 s to view
             task = asyncio.create_task(stream(listen_url(cluster.ws_url), frames(pcm),
                                               pace=1.0, on_message=on))
             await known.wait()
             url = f"ws://127.0.0.1:{port}/v1/sessions/{watch['sid']}/results"
             async with connect(url) as ws:
                 assert json.loads(await ws.recv())["type"] in ("viewer", "session")
-                await asyncio.sleep(0.5)
-                during = sample(await asyncio.to_thread(lambda: http_get(base + "/metrics")[1]),
-                                "stt_viewers")
+                # counted once it has joined the session's hub, just after that message
+                await until("stt_viewers 1", lambda: viewers_are(1))
+            await until("stt_viewers 0 once the viewer left", lambda: viewers_are(0))
             await task
-            await asyncio.sleep(0.5)
-            after = sample(await asyncio.to_thread(lambda: http_get(base + "/metrics")[1]),
-                           "stt_viewers")
-            return during, after
 
-        during, after = asyncio.run(scenario())
-        assert (during, after) == (1, 0)
+        asyncio.run(scenario())
         cluster.redis.stop()
         try:
             wait_status(base + "/readyz", 503)

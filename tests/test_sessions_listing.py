@@ -11,7 +11,7 @@ import pytest
 
 from common import keys
 from common.sessions import Sessions, create_session
-from tests.procs import RedisServer
+from tests.procs import RedisServer, until
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +23,15 @@ def test_a_filter_that_matches_few_sessions_pages_through_the_index_in_bounded_s
         server: RedisServer) -> None:
     async def scenario() -> None:
         async with server.aclient() as r:
-            for i in range(3000):
+            async def made(i: int) -> None:
                 sid = f"{i:032x}"
                 await create_session(r, sid, {"model": ""})
                 if i >= 5:  # all but the five oldest have ended
                     await r.hset(keys.meta(sid), "state", "closed")
                 await r.zadd(keys.INDEX, {sid: 1000.0 + i})  # distinct creation times
+
+            for lo in range(0, 3000, 100):  # a hundred at a time
+                await asyncio.gather(*(made(i) for i in range(lo, lo + 100)))
             records = Sessions(r)
             found: list[str] = []
             before: float | None = None
@@ -95,7 +98,7 @@ def test_listing_a_large_index_in_parallel_leaves_a_live_session_on_time(
             stop: list[bool] = []
             listers = [asyncio.to_thread(lister, stop) for _ in range(6)]
             tasks = [asyncio.ensure_future(c) for c in listers]
-            await asyncio.sleep(1.0)
+            await until("every lister's first listing", lambda: len(took) >= len(tasks))
             try:
                 return await stream(listen_url(f"ws://127.0.0.1:{port}"), jfk, pace=1.0)
             finally:
