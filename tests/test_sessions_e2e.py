@@ -33,7 +33,7 @@ from common.audio import AudioNormalizer, StreamFormat
 from common.client import StreamResult, listen_url, stream
 from tests.audio_refs import frames, load_pcm16, reference, wav16, wer
 from tests.conftest import Stack
-from tests.procs import ROOT, Service, free_port, wait_port
+from tests.procs import ROOT, Service, free_port, wait_port, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -286,7 +286,9 @@ def test_unknown_malformed_and_expired_sessions_get_clear_errors(
     r = stack.redis.client()
     for kind in ("meta", "audio", "results"):
         r.pexpire(f"stt:{{{sid}}}:{kind}", 50)
-    time.sleep(0.2)
+    wait_until("the session's keys expired",
+               lambda: not r.exists(*(f"stt:{{{sid}}}:{kind}" for kind in ("meta", "audio",
+                                                                           "results"))))
     assert get(f"{stack.http_url}/v1/sessions/{sid}")[0] == 404
     listed = get_json(f"{stack.http_url}/v1/sessions?limit=500")["sessions"]
     assert sid not in {s["session_id"] for s in listed}

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import re
 import socket
 import statistics
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -19,7 +21,7 @@ from common.client import StreamResult, listen_url, stream
 from common.messages import Closed, Final, Word, pack_result
 from tests.audio_refs import frames, load_pcm16
 from tests.conftest import Stack
-from tests.procs import Service, free_port, wait_port
+from tests.procs import Service, free_port, until, wait_port
 from tests.test_sessions_e2e import Watched, check_results, watch, with_tail
 
 pytestmark = pytest.mark.integration
@@ -135,11 +137,19 @@ def test_a_viewer_that_stops_reading_is_dropped_and_the_others_keep_up(
         r.hset(f"stt:{{{sid}}}:meta", mapping={"state": "closed", "seq": n + 1})
         return started
 
+    async def viewers_are(n: int) -> bool:
+        def get() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+                return str(reply.read().decode())
+
+        return re.search(rf"^stt_viewers {n}(\.0)?$", await asyncio.to_thread(get), re.M) \
+            is not None
+
     async def run() -> tuple[Watched, Watched, float]:
         path = f"/v1/sessions/{sid}/results"
         stalled = NonReader("127.0.0.1", port, path)
         fast = [asyncio.create_task(watch(f"ws://127.0.0.1:{port}{path}")) for _ in range(2)]
-        await asyncio.sleep(1.0)  # everyone attached
+        await until("the three viewers attached", lambda: viewers_are(3))
         started = await asyncio.to_thread(publish)
         a, b = await asyncio.wait_for(asyncio.gather(*fast), 60)
         dropped = await asyncio.to_thread(stalled.dropped_by_server, 10.0)
