@@ -21,9 +21,9 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import os
 import re
 import secrets
-import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,15 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from common.auth import hash_key, new_key
-from tests.procs import RedisServer, Service, free_port, start_transcriber, wait_port
+from tests.procs import (
+    RedisServer,
+    Service,
+    free_port,
+    start_transcriber,
+    until,
+    wait_port,
+    wait_until,
+)
 from tests.test_logs import percent_encoded
 from tests.test_security import (
     CLOSE,
@@ -284,6 +292,14 @@ async def is_cut(reader: asyncio.StreamReader) -> bool:
     return data == b""
 
 
+async def dropped(port: int, request: bytes, local: str) -> bool:
+    return (await raw(port, request, local=local)).dropped
+
+
+def open_files(svc: Service) -> int:
+    return len(os.listdir(f"/proc/{svc.proc.pid}/fd"))
+
+
 def rss_mb(svc: Service) -> float:
     status = Path(f"/proc/{svc.proc.pid}/status").read_text()
     m = re.search(r"VmRSS:\s+(\d+) kB", status)
@@ -325,11 +341,14 @@ def test_viewers_are_capped_per_address_and_per_key(stack: Stack, bystander: Bys
             await held.enter_async_context(viewer(stack, sid, server=server, key=KEY_B))
             # a viewer that closes gives its slot back (to its address and its key)
             await first[0].close()
-            for _ in range(10):
-                await asyncio.sleep(0.2)
-                out = await refused(stack, path, server=server, ip=address)
-                if out.error != "too_many_viewers":
-                    break
+            answers: list[Outcome] = []
+
+            async def slot_free() -> bool:
+                answers.append(await refused(stack, path, server=server, ip=address))
+                return answers[-1].error != "too_many_viewers"
+
+            await until("the closed viewer's slot free again", slot_free, 5, interval=0.2)
+            out = answers[-1]
             assert out.status is None and out.messages[0].get("viewer") is True, out
     run(go())
     bystander.assert_unaffected()
@@ -395,19 +414,22 @@ def test_unanswered_connections_are_capped_per_address(stack: Stack, bystander: 
     async def go() -> None:
         local = next_local()
         pending = [await half_open(port, local) for _ in range(HANDSHAKES_PER_IP)]
-        await asyncio.sleep(0.3)  # accepted by the server
-        out = await raw(port, upgrade_request(port, path), local=local)
-        assert out.dropped, out
+        # once the server has accepted them, the next is cut (a probe it answers is closed
+        # at once and counts no more)
+        await until("a further connection from the address cut",
+                    lambda: dropped(port, upgrade_request(port, path), local))
         out = await raw(port, upgrade_request(port, path), local=next_local())
         assert out.status == 200, out
         for _, writer in pending:
             writer.close()
-        for _ in range(50):
-            out = await raw(port, upgrade_request(port, path), local=local)
-            if not out.dropped:
-                break
-            await asyncio.sleep(0.1)
-        assert out.status == 200, out
+        answers: list[Outcome] = []
+
+        async def served() -> bool:
+            answers.append(await raw(port, upgrade_request(port, path), local=local))
+            return not answers[-1].dropped
+
+        await until("the address served again", served, 5, interval=0.1)
+        assert answers[-1].status == 200, answers[-1]
 
     run(go())
     bystander.assert_unaffected()
@@ -428,9 +450,8 @@ def test_open_connections_are_capped_per_address(stack: Stack, bystander: Bystan
             pending = [await half_open(port, local)
                        for _ in range(CONNECTIONS_PER_IP - 2 - VIEWERS_PER_IP)]
             assert len(pending) < HANDSHAKES_PER_IP
-            await asyncio.sleep(0.3)
-            out = await raw(port, upgrade_request(port, "/v1/sessions?limit=1"), local=local)
-            assert out.dropped, out
+            await until("a further connection from the address cut", lambda: dropped(
+                port, upgrade_request(port, "/v1/sessions?limit=1"), local))
             out = await raw(port, upgrade_request(port, "/v1/sessions?limit=1"),
                             local=next_local())
             assert out.status == 200, out
@@ -494,7 +515,9 @@ def test_half_open_handshakes_with_a_megabyte_of_headers_take_little_memory(
             local = next_local()
             attempts += [one(local) for _ in range(per_address)]
         results = await asyncio.gather(*attempts)
-        await asyncio.sleep(1.0)  # what is still in socket buffers reaches the gateway
+        # a settling time for the measurement, not a wait for an event: what is still in
+        # socket buffers reaches the gateway
+        await asyncio.sleep(1.0)
         grown = rss_mb(stack.gateway) - before
         for _, writer in results:
             if writer is not None:
@@ -602,9 +625,12 @@ def test_a_percent_encoded_token_parameter_is_redacted(stack: Stack,
                 outs.append(Outcome(messages=[first]))
         return outs
 
+    line = "get /v1/listen?token=<redacted>"
+    before = stack.gateway.log().lower().count(line)
     for out in run(go()):
         assert out.messages[0]["type"] == "session", out  # the credential was accepted
-    time.sleep(0.5)
+    wait_until("the three request lines logged",
+               lambda: stack.gateway.log().lower().count(line) >= before + 3)
     log = stack.gateway.log()
     assert "token=<redacted>" in log.lower(), "the request lines were not logged"
     for secret in (KEY_ENCODED, encoded, lower, KEY_ENCODED[4:]):
@@ -665,7 +691,8 @@ def test_running_out_of_file_descriptors_is_logged_once(stack: Stack,
         lines = [line for line in svc.log().splitlines()
                  if "Too many open files" in line or "out of system resource" in line]
         assert 1 <= len(lines) <= 2, lines  # the message (and its exception line)
-        time.sleep(1.5)  # accepting again
+        # the flood's descriptors closed; asyncio accepts again within its 1 s retry delay
+        wait_until("half the gateway's descriptors free again", lambda: open_files(svc) <= 32)
         out = run(talk(Stack(stack.redis, svc, svc, {"gateway": port}), "/v1/listen",
                        [pcm(1.0), CLOSE], key=KEY_HOLD))
         assert out.close == 1000 and out.of_type("closed"), out
