@@ -271,7 +271,7 @@ async def session(secure: Secure, path: str = "/v1/listen", sends: Sequence[Send
                     else:
                         await ws.send(item)
                     if gap:
-                        await asyncio.sleep(gap)
+                        await asyncio.sleep(gap)  # the case's pace between messages
             except ConnectionClosed:
                 pass
             await asyncio.wait_for(task, read_timeout)
@@ -327,7 +327,7 @@ async def raw_request(secure: Secure, request: bytes, trickle_s: float = 0.0) ->
             for i in range(len(request)):
                 writer.write(request[i:i + 1])
                 await writer.drain()
-                await asyncio.sleep(trickle_s)
+                await asyncio.sleep(trickle_s)  # the slow client is the case
                 if reader.at_eof():
                     break
         else:
@@ -383,7 +383,7 @@ def closed_after(seconds: float) -> Callable[[Outcome], None]:
 
 async def expired_token(s: Secure, b: Bystander) -> Outcome:
     token = await asyncio.to_thread(s.mint, expires_in=1)
-    await asyncio.sleep(1.3)
+    await asyncio.sleep(1.3)  # the token's lifetime running out is the case
     return await session(s, sends=[CLOSE], cred=token, how="query")
 
 
