@@ -44,6 +44,18 @@ def policy(base: float = BASE_S, cap: float = CAP_S) -> AbstractBackoff:
     return ExponentialWithJitterBackoff(cap=cap, base=base)
 
 
+def reraise_cancel() -> None:
+    """Re-raise a cancellation that the Redis client turned into a connection error.
+
+    A task cancelled while redis-py waits on a socket may see a timeout or
+    connection error instead of ``CancelledError`` (redis-py #2028, #2551); a
+    retry loop would then keep running through a shutdown.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class Backoff:
     """Delays between a loop's attempts: ``await wait()`` after a failure, ``reset()``
     after a success."""
@@ -77,6 +89,7 @@ async def until_up(call: Callable[[], Awaitable[T]], what: str, *,
         try:
             return await call()
         except REDIS_DOWN as exc:
+            reraise_cancel()
             if on_error is not None:
                 on_error(exc)
             if give_up is not None and loop.time() >= give_up:

@@ -515,7 +515,8 @@ class ModelSettings:
         0, "CTranslate2 intra-op threads of each decode lane on CPU; 0 = number of cores")
     max_extra_models: int = setting(
         1, "other models (asked for by sessions, e.g. replays) kept loaded besides the default; "
-        "the one loaded first is dropped first")
+        "the one loaded first is dropped first; 0 = load one for the session that asks and "
+        "keep none")
 
 
 @group("Inference")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import hiredis
@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
 
 from common import keys
-from common.backoff import REDIS_DOWN, Backoff
+from common.backoff import REDIS_DOWN, Backoff, reraise_cancel
 from common.messages import AudioEntry, Closed, Result, pack_audio_entry, unpack_result
 from common.scripts import APPEND_AUDIO, APPEND_CLOSED
 
@@ -191,17 +191,23 @@ async def waiting_entries(redis: aioredis.Redis, count: int) -> list[tuple[bytes
 
 
 async def read_stream(redis: aioredis.Redis, key: str, cursor: str = "0-0", *,
-                      block_ms: int = 1000, batch: int = 100,
-                      what: str = "stream") -> AsyncIterator[list[Entry]]:
+                      block_ms: int = 1000, batch: int = 100, what: str = "stream",
+                      on_error: Callable[[BaseException], None] | None = None,
+                      ) -> AsyncIterator[list[Entry]]:
     """Read ``key`` after ``cursor`` with blocking XREAD, forever: yields each batch (an
     empty one when ``block_ms`` passed with nothing new). Redis outages are waited out
-    (``common.backoff``); nothing is skipped. ``redis``: a client made with
-    ``blocking=True`` (its socket timeout is above the block time) and ``retries=False``."""
+    (``common.backoff``; ``on_error`` sees each failure); nothing is skipped. ``redis``: a
+    client made with ``blocking=True`` (its socket timeout is above the block time) and
+    ``retries=False``. The worker reads a session's audio with it, the gateway the results
+    for the client's socket and the viewer hub, replays their results."""
     backoff = Backoff()
     while True:
         try:
             resp = await redis.xread({key: cursor}, count=batch, block=block_ms)
         except REDIS_DOWN as exc:
+            reraise_cancel()
+            if on_error is not None:
+                on_error(exc)
             log.warning("%s: read failed: %s", what, exc)
             await backoff.wait()
             continue

@@ -111,12 +111,14 @@ class Inference:
                                            else set())
         if name in own:
             return self.model
-        if name not in self._extra:
-            model = await self.run(self._load_whisper, name, FULL_WINDOW)
-            while len(self._extra) >= self.settings.max_extra_models:
-                self._extra.pop(next(iter(self._extra)))
+        if name in self._extra:
+            return self._extra[name]
+        model = await self.run(self._load_whisper, name, FULL_WINDOW)
+        while self._extra and len(self._extra) >= self.settings.max_extra_models:
+            self._extra.pop(next(iter(self._extra)))
+        if self.settings.max_extra_models > 0:  # 0: loaded for this session, never kept
             self._extra[name] = model
-        return self._extra[name]
+        return model
 
     def decoder(self, model: Any, language: str, share: str) -> TimedDecoder:
         """A session's decoder for ``model``; ``share``: whose decodes (the gate's fairness)."""

@@ -21,11 +21,12 @@ import numpy as np
 import redis.asyncio as aioredis
 
 from common import keys
-from common.backoff import REDIS_DOWN, Backoff, until_up
+from common.backoff import until_up
 from common.messages import AudioFrame, AudioMarker, Closed, Partial, unpack_audio_entry
 from common.metrics import WorkerMetrics
 from common.session_meta import SessionMeta
 from common.settings import TranscriberSettings
+from common.streams import Entry, read_stream
 from transcriber.commit import CLIENT_BACK, SessionWriter, unpack_stable
 from transcriber.config import stream_config
 from transcriber.inference import Inference, TimedDecoder
@@ -53,24 +54,11 @@ class HandBack(Exception):
     this worker has no free slot."""
 
 
-def reraise_cancel() -> None:
-    """Re-raise a cancellation that the Redis client turned into a connection error.
-
-    A task cancelled while redis-py waits on a socket may see a timeout or
-    connection error instead of ``CancelledError`` (redis-py #2028, #2551); a
-    retry loop would then keep a session running through a shutdown.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
-
-
 async def with_retry(sid: str, what: str, call: Callable[[], Awaitable[Any]],
                      metrics: WorkerMetrics | None = None) -> Any:
     """Retry a write through a Redis outage (the fenced scripts make retries safe); ``call``
     runs on a client that does not retry by itself (``make_redis(retries=False)``)."""
     def failed(_exc: BaseException) -> None:
-        reraise_cancel()
         if metrics is not None:
             metrics.redis_errors.labels("transcriber").inc()
 
@@ -167,25 +155,20 @@ class SessionPump:
             if self._partial_task is not None:  # its words would come after the session
                 self._partial_task.cancel()
 
+    def _before_read(self) -> None:
+        if self.host.stopping:  # shutting down: the session is handed to another worker
+            raise asyncio.CancelledError
+        self._check_partial()
+
     async def _run(self) -> None:
         s = self.settings
-        key = keys.audio(self.sid)
         last_audio = time.monotonic()
-        backoff = Backoff()
-        while True:
-            if self.host.stopping:  # shutting down: the session is handed to another worker
-                raise asyncio.CancelledError
-            self._check_partial()
-            try:
-                resp = await self.host.blocking.xread(
-                    {key: self.cursor}, count=s.read_batch, block=s.redis_block_ms)
-            except REDIS_DOWN as exc:
-                reraise_cancel()
-                self.metrics.redis_errors.labels("transcriber").inc()
-                log.warning("session %s: redis read failed: %s", self.sid, exc)
-                await backoff.wait()
-                continue
-            backoff.reset()
+        errors = self.metrics.redis_errors.labels("transcriber")
+        self._before_read()
+        async for resp in read_stream(self.host.blocking, keys.audio(self.sid), self.cursor,
+                                      block_ms=s.redis_block_ms, batch=s.read_batch,
+                                      what=f"session {self.sid}: audio",
+                                      on_error=lambda _exc: errors.inc()):
             if resp:
                 last_audio = time.monotonic()
             elif time.monotonic() - last_audio > s.idle_timeout_s and await self._abandoned():
@@ -202,30 +185,30 @@ class SessionPump:
             if resp:
                 self.metrics.lag_seconds.labels(self.sid).set(
                     max(0.0, self.host.redis_now() - self._xadd_ms / 1000.0))
+            self._before_read()
 
-    async def _read(self, resp: Any) -> bool:
+    async def _read(self, entries: list[Entry]) -> bool:
         """Feed what one XREAD returned; True when it closed the session."""
         pending: list[np.ndarray] = []
         self._read_at = self.host.redis_now()
-        for _stream, entries in resp or ():
-            for entry_id, fields in entries:
-                self.cursor = entry_id.decode()
-                self._xadd_ms = int(self.cursor.split("-", 1)[0])
-                entry = unpack_audio_entry(fields)
-                if isinstance(entry, AudioFrame):
-                    pending.append(self._new_samples(entry))
-                    self.log.read(self.cursor, entry.offset + entry.samples, self._xadd_ms)
-                    continue
-                await self._feed(pending)
-                pending = []
-                self._short_finals()
-                if entry.kind == "finalize":
-                    self._finalize.ask()
-                    await self._finalize_if_due()
-                elif entry.kind == "close":
-                    await self._call(self.core.finish)
-                    await self._close(entry)
-                    return True
+        for entry_id, fields in entries:
+            self.cursor = entry_id.decode()
+            self._xadd_ms = int(self.cursor.split("-", 1)[0])
+            entry = unpack_audio_entry(fields)
+            if isinstance(entry, AudioFrame):
+                pending.append(self._new_samples(entry))
+                self.log.read(self.cursor, entry.offset + entry.samples, self._xadd_ms)
+                continue
+            await self._feed(pending)
+            pending = []
+            self._short_finals()
+            if entry.kind == "finalize":
+                self._finalize.ask()
+                await self._finalize_if_due()
+            elif entry.kind == "close":
+                await self._call(self.core.finish)
+                await self._close(entry)
+                return True
         await self._feed(pending)
         return False
 

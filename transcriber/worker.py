@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from common import keys
-from common.backoff import REDIS_DOWN, Backoff, until_up
+from common.backoff import REDIS_DOWN, Backoff, reraise_cancel, until_up
 from common.errors import StaleLease
 from common.messages import Closed, Warning
 from common.metrics import HealthServer, WorkerMetrics, worker_metrics
@@ -35,7 +35,7 @@ from transcriber.commit import DUPLICATE, SessionWriter
 from transcriber.config import WorkerConfig
 from transcriber.inference import Inference
 from transcriber.policy import SharePolicy, share_of
-from transcriber.session import HandBack, SessionPump, reraise_cancel, session_core, with_retry
+from transcriber.session import HandBack, SessionPump, session_core, with_retry
 from transcriber.vad import SileroVad
 from transcriber.workqueue import Lease, Leases, WorkQueue
 
