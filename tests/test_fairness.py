@@ -18,7 +18,7 @@ from websockets.asyncio.client import connect
 
 from common.client import StreamResult, listen_url, stream
 from tests.audio_refs import frames, load_pcm16, reference, wer
-from tests.procs import RedisServer, Service, start_gateway, start_transcriber
+from tests.procs import RedisServer, Service, start_gateway, start_transcriber, until
 from tests.test_pipeline_e2e import check_protocol, with_tail
 
 pytestmark = pytest.mark.integration
@@ -73,15 +73,27 @@ def good_session(url: str, headers: dict[str, str] | None = None,
     return stream(listen_url(url), frames(JFK), pace=1.0, headers=headers)
 
 
-async def beside(attacks: list[Coroutine[Any, Any, StreamResult]], settle_s: float, url: str,
+def started(worker: Service) -> int:
+    """Sessions the worker has started transcribing so far (resumes included)."""
+    return worker.log().count(": started (epoch ")
+
+
+async def beside(attacks: list[Coroutine[Any, Any, StreamResult]], worker: Service, url: str,
                  headers: dict[str, str] | None = None,
                  ) -> tuple[StreamResult, list[StreamResult]]:
-    """Start the attacks, give them ``settle_s``, then run the good session beside them:
-    (the good session, the attacks' results)."""
+    """Start the attacks, wait until the worker transcribes every one of them, then run the
+    good session beside them: (the good session, the attacks' results)."""
+    before = started(worker)
     tasks = [asyncio.create_task(attack) for attack in attacks]
-    await asyncio.sleep(settle_s)
+    await until(f"the worker transcribing the {len(attacks)} attacking sessions",
+                lambda: started(worker) >= before + len(attacks), 30)
     good = await good_session(url, headers)
     return good, list(await asyncio.gather(*tasks))
+
+
+def parked(worker: Service, sid: str) -> bool:
+    """The worker gave the session's slot back (PARK_AFTER_S without speech)."""
+    return f"session {sid}: no speech for" in worker.log()
 
 
 def assert_on_time(good: StreamResult, baseline: StreamResult, beside_what: str) -> None:
@@ -104,8 +116,10 @@ def test_sockets_sending_only_keepalives_do_not_hold_the_transcriber_slots(
         stop = asyncio.Event()
         sids: list[str] = []
         idle = [asyncio.create_task(idle_socket(url, stop, sids)) for _ in range(8)]
-        await asyncio.sleep(4.0)  # every slot taken, then given back after 3 s of nothing
-        assert len(sids) == 8
+        # every slot taken, then given back after PARK_AFTER_S of nothing
+        await until("the 8 idle sockets' sessions opened", lambda: len(sids) == 8)
+        await until("the 8 idle sessions parked",
+                    lambda: all(parked(stack["services"][0], sid) for sid in sids), 30)
         try:
             return await good_session(url)
         finally:
@@ -124,8 +138,16 @@ def test_a_parked_session_that_speaks_while_the_worker_is_full_moves_on_and_lose
     silence = [('{"type": "keepalive"}', 1.0)] * 5
 
     async def both() -> tuple[StreamResult, StreamResult]:
-        a = asyncio.create_task(stream(listen_url(url), [*silence, *frames(clip)], pace=1.0))
-        await asyncio.sleep(4.0)  # A has parked
+        known: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        def on(msg: dict[str, Any]) -> None:
+            if msg["type"] == "session" and not known.done():
+                known.set_result(str(msg["session_id"]))
+
+        a = asyncio.create_task(stream(listen_url(url), [*silence, *frames(clip)], pace=1.0,
+                                       on_message=on))
+        sid = await asyncio.wait_for(known, 30)
+        await until("A parked", lambda: parked(stack["services"][0], sid), 30)
         b = await good_session(url)
         return await a, b
 
@@ -156,7 +178,8 @@ def test_finalize_spam_beside_speech_sent_ahead_does_not_delay_another_sessions_
 
     # 53 s of speech each, all at once: within the 60 s a client may be ahead
     good, spammers = asyncio.run(beside(
-        [stream(listen_url(url), spam, pace=None) for _ in range(3)], 2.0, url))
+        [stream(listen_url(url), spam, pace=None) for _ in range(3)], stack["services"][0],
+        url))
     for res in spammers:
         check_protocol(res)
     assert_on_time(good, baseline, f"3 finalize spammers "
@@ -178,8 +201,8 @@ def test_one_api_key_holds_at_most_its_share_of_a_full_worker_while_another_wait
     talk = frames(with_tail(load_pcm16("mfa_cold_corpus3")))
     as_heavy = {"Authorization": f"Bearer {heavy}"}
     good, hogs = asyncio.run(beside(
-        [stream(listen_url(url), talk, pace=1.0, headers=as_heavy) for _ in range(4)], 3.0,
-        url, as_light))
+        [stream(listen_url(url), talk, pace=1.0, headers=as_heavy) for _ in range(4)],
+        stack["services"][0], url, as_light))
     for res in hogs:
         check_protocol(res)
         assert wer(reference("mfa_cold_corpus3"), res.text) <= 0.5, res.text
