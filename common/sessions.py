@@ -20,7 +20,6 @@ may add again is a duplicate that the transcribers drop (``transcriber/commit.py
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import re
 import time
@@ -45,10 +44,9 @@ from common.messages import (
 )
 from common.scripts import CREATE_SESSION, HEARTBEAT, NOTICE
 from common.session_meta import CLOSED, SessionMeta
-from common.streams import AudioAppender, queue_backlog, waiting_entries
+from common.streams import AudioAppender
+from common.work_queue import QueuePositions, queue_backlog
 
-#: How long one reading of the work queue serves every waiting session's position.
-POSITIONS_TTL_S = 1.0
 #: Sessions per pipeline in ``progress_many``: one pipeline of 1000 stalled the loop 40 ms.
 CHUNK = 100
 
@@ -134,8 +132,6 @@ class SessionAccess:
     state: str  # "active" or "closed"
 
 
-#: How long one reading of the work queue serves every waiting session's position.
-POSITIONS_TTL_S = 1.0
 
 
 class Sessions:
@@ -146,9 +142,7 @@ class Sessions:
         self.appender = AudioAppender(redis, append_batch)
         self._notice = redis.register_script(NOTICE)
         self._heartbeat = redis.register_script(HEARTBEAT)
-        self._positions: dict[str, int] = {}
-        self._positions_at = -POSITIONS_TTL_S
-        self._positions_lock = asyncio.Lock()
+        self._positions = QueuePositions(redis)
 
     # ------------------------------------------------------------------ creating, writing
 
@@ -239,23 +233,9 @@ class Sessions:
         return await queue_backlog(self.redis)
 
     async def waiting_positions(self) -> dict[str, int]:
-        """Each session no transcriber has taken yet: its 1-based position in the queue.
-
-        Read at most once per ``POSITIONS_TTL_S`` for all of this gateway's waiting
-        sessions: each reading its own copy every second cost O(waiting²) (half of the
-        gateway's CPU with 200 sessions queued, measured with py-spy)."""
-        async with self._positions_lock:
-            if time.monotonic() - self._positions_at >= POSITIONS_TTL_S:
-                self._positions = await self._read_positions()
-                self._positions_at = time.monotonic()
-        return self._positions
-
-    async def _read_positions(self) -> dict[str, int]:
-        waiting = await waiting_entries(self.redis, 10000)
-        return {sid: i + 1 for i, (_id, sid) in enumerate(waiting)}
-
-
-    # ------------------------------------------------------------------ one session
+        """Each waiting session's 1-based position in the work queue (read at most once a
+        second for all of them: ``QueuePositions``)."""
+        return await self._positions.get()
 
     async def info(self, sid: str) -> SessionInfo:
         check_session_id(sid)

@@ -160,36 +160,6 @@ def _script_args(generation: int, entries: Sequence[AudioEntry]) -> list[int | b
     return args
 
 
-async def queue_backlog(redis: aioredis.Redis) -> int:
-    """Sessions on the work queue that no transcriber has taken yet."""
-    try:
-        groups = await redis.xinfo_groups(keys.SESSIONS)
-    except ResponseError:  # no queue yet
-        return 0
-    for g in groups:
-        name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
-        if name == keys.GROUP:
-            lag = g.get("lag")
-            return int(lag) if lag is not None else 0
-    return int(await redis.xlen(keys.SESSIONS))  # no worker has created the group yet
-
-
-async def waiting_entries(redis: aioredis.Redis, count: int) -> list[tuple[bytes, str]]:
-    """The first ``count`` (entry id, session id) on the work queue that no transcriber has
-    taken yet (after the group's last-delivered id)."""
-    last = "0-0"
-    try:
-        for g in await redis.xinfo_groups(keys.SESSIONS):
-            name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
-            if name == keys.GROUP:
-                ld = g["last-delivered-id"]
-                last = ld.decode() if isinstance(ld, bytes) else ld
-    except ResponseError:  # no queue yet
-        return []
-    entries = await redis.xrange(keys.SESSIONS, min=f"({last}", count=count)
-    return [(entry_id, fields.get(b"sid", b"").decode()) for entry_id, fields in entries]
-
-
 async def read_stream(redis: aioredis.Redis, key: str, cursor: str = "0-0", *,
                       block_ms: int = 1000, batch: int = 100, what: str = "stream",
                       on_error: Callable[[BaseException], None] | None = None,

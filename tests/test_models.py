@@ -309,9 +309,9 @@ def test_finals_go_short_context_only_while_other_sessions_wait() -> None:
     from common.settings import TranscriberSettings, load
     from transcriber.config import WorkerConfig
     from transcriber.inference import TimedDecoder
+    from transcriber.leases import Lease
     from transcriber.model import WhisperDecoder, _per_thread
     from transcriber.session import SessionPump
-    from transcriber.workqueue import Lease
 
     class Model:
         tail_frames = 600

@@ -1,6 +1,7 @@
-"""The work queue (transcriber/workqueue.py) against a real redis-server: new entries are
-claimed, expired leases taken over (never our own), renewed entries kept, and an entry
-finished or handed back leaves exactly what it should on the queue."""
+"""The work queue (common/work_queue.py) and the lease table (transcriber/leases.py)
+against a real redis-server: new entries are claimed, expired leases taken over (never our
+own), renewed entries kept, and an entry finished or handed back leaves exactly what it
+should on the queue."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import redis.asyncio as aioredis
 
 from common import keys
 from common.metrics import worker_metrics
+from common.work_queue import WorkQueue
 from tests.procs import RedisServer
-from transcriber.workqueue import Lease, Leases, WorkQueue
+from transcriber.leases import Lease, Leases
 
 pytestmark = pytest.mark.integration
 

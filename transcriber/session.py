@@ -30,6 +30,7 @@ from common.streams import Entry, read_stream
 from transcriber.commit import CLIENT_BACK, SessionWriter, unpack_stable
 from transcriber.config import stream_config
 from transcriber.inference import Inference, TimedDecoder
+from transcriber.leases import Lease
 from transcriber.policy import FinalizePacer, LoadPolicy, ParkTimer, Slot
 from transcriber.streaming import (
     RATE,
@@ -39,7 +40,6 @@ from transcriber.streaming import (
     SpeechProbs,
     StreamingTranscriber,
 )
-from transcriber.workqueue import Lease
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,10 @@ entry whenever a slot is free and runs its session as a task; a few chores run b
 the sessions and hands them back to the queue, so another worker resumes each from its
 commit point at once.
 
-Where the rest is: the queue and the leases (``workqueue.py``), one session's pump
-(``session.py``), models, threads and the decode gate (``inference.py``), settings
-resolved (``config.py``), every decision (``streaming.py``, ``policy.py``).
+Where the rest is: the work queue (``common/work_queue.py``), the leases (``leases.py``),
+one session's pump (``session.py``), models, threads and the decode gate
+(``inference.py``), settings resolved (``config.py``), every decision (``streaming.py``,
+``policy.py``).
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ from common.metrics import HealthServer, WorkerMetrics, worker_metrics
 from common.redis_client import make_redis
 from common.session_meta import SessionMeta
 from common.settings import TranscriberSettings
+from common.work_queue import WorkQueue
 from transcriber.commit import DUPLICATE, SessionWriter
 from transcriber.config import WorkerConfig
 from transcriber.inference import Inference
+from transcriber.leases import Lease, Leases
 from transcriber.policy import SharePolicy, share_of
 from transcriber.session import HandBack, SessionPump, session_core, with_retry
 from transcriber.vad import SileroVad
-from transcriber.workqueue import Lease, Leases, WorkQueue
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

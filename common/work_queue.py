@@ -1,86 +1,86 @@
-"""The work queue (``stt:sessions``, group ``transcribers``) and the leases a worker holds.
+"""The work queue (``stt:sessions``, group ``transcribers``): its one owner.
 
-A session to transcribe is one entry; the entry pending with a consumer is that worker's
+A session to transcribe is one entry, added when the session is created
+(``common.sessions.create_session``). The entry pending with a consumer is that worker's
 lease on it. A worker claims new entries (XREADGROUP), takes over expired ones (XPENDING
 IDLE + XCLAIM), renews its own (XCLAIM, idle 0), and acknowledges and deletes an entry
-when its session ends (``finish``) or queues it again for another worker (``hand_back``).
-Which epoch owns the session's writes is fenced separately (``commit.py``).
+when its session ends (``finish``) or queues it again for another worker (``hand_back``):
+``WorkQueue``. Gateways and replays read how many sessions wait (``queue_backlog``) and
+where each waits (``QueuePositions``). Which epoch owns a session's writes is fenced
+separately (``transcriber/commit.py``).
 
 Every command here raises ``REDIS_DOWN`` on an outage; how to wait is the caller's
-(see ``Worker``).
+(``common/backoff.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-from collections.abc import Iterator
+import time
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from common import keys
 from common.metrics import WorkerMetrics
-from common.streams import waiting_entries
-from transcriber.commit import SessionWriter
 
 log = logging.getLogger(__name__)
 
-
-@dataclasses.dataclass(eq=False)
-class Lease:
-    """One session this worker runs: everything the worker keeps about it.
-
-    Compared by identity: a finished task clears only its own record, never a newer one's.
-    """
-
-    sid: str
-    entry_id: bytes  # the work-queue entry that holds the lease
-    task: asyncio.Task[None] | None = None
-    writer: SessionWriter | None = None  # fenced by the epoch acquired; None until then
-    share: str = ""  # whose session (API key or principal) for the fair share of slots
-    parked: bool = False  # gave its capacity slot back while its client is silent
-    preempted: bool = False  # stopped to free a slot for another share: hand it back
-    handover: bool = False  # stopped by the shutdown: hand it back
+#: How long one reading of the queue serves every waiting session's position.
+POSITIONS_TTL_S = 1.0
 
 
-class Leases:
-    """The sessions this worker runs, by session id: the one table of them."""
+async def queue_backlog(redis: aioredis.Redis) -> int:
+    """Sessions on the work queue that no transcriber has taken yet."""
+    try:
+        groups = await redis.xinfo_groups(keys.SESSIONS)
+    except ResponseError:  # no queue yet
+        return 0
+    for g in groups:
+        name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+        if name == keys.GROUP:
+            lag = g.get("lag")
+            return int(lag) if lag is not None else 0
+    return int(await redis.xlen(keys.SESSIONS))  # no worker has created the group yet
 
-    def __init__(self) -> None:
-        self._by_sid: dict[str, Lease] = {}
 
-    def __iter__(self) -> Iterator[Lease]:
-        return iter(list(self._by_sid.values()))
+async def waiting_entries(redis: aioredis.Redis, count: int) -> list[tuple[bytes, str]]:
+    """The first ``count`` (entry id, session id) on the work queue that no transcriber has
+    taken yet (after the group's last-delivered id)."""
+    last = "0-0"
+    try:
+        for g in await redis.xinfo_groups(keys.SESSIONS):
+            name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+            if name == keys.GROUP:
+                ld = g["last-delivered-id"]
+                last = ld.decode() if isinstance(ld, bytes) else ld
+    except ResponseError:  # no queue yet
+        return []
+    entries = await redis.xrange(keys.SESSIONS, min=f"({last}", count=count)
+    return [(entry_id, fields.get(b"sid", b"").decode()) for entry_id, fields in entries]
 
-    def __len__(self) -> int:
-        return len(self._by_sid)
 
-    def get(self, sid: str) -> Lease | None:
-        return self._by_sid.get(sid)
+class QueuePositions:
+    """Each session no transcriber has taken yet: its 1-based position in the queue.
 
-    def add(self, lease: Lease) -> None:
-        self._by_sid[lease.sid] = lease
+    Read at most once per ``POSITIONS_TTL_S`` for all of a gateway's waiting sessions: each
+    reading its own copy every second cost O(waiting²) (half of the gateway's CPU with 200
+    sessions queued, measured with py-spy)."""
 
-    def discard(self, lease: Lease) -> None:
-        """Forget ``lease`` (not a newer lease on the same session)."""
-        if self._by_sid.get(lease.sid) is lease:
-            del self._by_sid[lease.sid]
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self._positions: dict[str, int] = {}
+        self._at = -POSITIONS_TTL_S
+        self._lock = asyncio.Lock()
 
-    def entry_ids(self) -> set[bytes]:
-        return {lease.entry_id for lease in self._by_sid.values()}
-
-    def holdings(self) -> dict[str, list[Lease]]:
-        """Per share, its sessions that hold a slot here (running, not parked), oldest first."""
-        out: dict[str, list[Lease]] = {}
-        for lease in self._by_sid.values():
-            if not lease.parked and lease.writer is not None:
-                out.setdefault(lease.share, []).append(lease)
-        return out
-
-    def held(self, share: str) -> int:
-        return len(self.holdings().get(share, ()))
+    async def get(self) -> dict[str, int]:
+        async with self._lock:
+            if time.monotonic() - self._at >= POSITIONS_TTL_S:
+                waiting = await waiting_entries(self.redis, 10000)
+                self._positions = {sid: i + 1 for i, (_id, sid) in enumerate(waiting)}
+                self._at = time.monotonic()
+        return self._positions
 
 
 class WorkQueue:
