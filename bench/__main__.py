@@ -117,7 +117,7 @@ def latency_suite(args: argparse.Namespace, conv: Conversation) -> dict[str, Any
                            "variants": {}}
     for name, worker_args in args.variants:
         code, wargs = _code(worker_args)
-        cluster = Cluster(workers=1, worker_args=wargs, worker_cwd=code)
+        cluster = Cluster(workers=1, worker_args=wargs, worker_cwd=code, gateway_cwd=code)
         try:
             (res,), _ = asyncio.run(run_streams(cluster, [conv]))
             min_sil = _arg(worker_args, "--min-silence-s", 0.5)
@@ -155,7 +155,7 @@ def capacity_suite(args: argparse.Namespace, conv: Conversation) -> dict[str, An
             # every stream comes from this one address: lift the per-address cap
             cluster = Cluster(workers=1, worker_args=["--capacity", str(max(n, 1)), *wargs],
                               gateway_args=["--max-sessions-per-ip", str(n + 10)],
-                              worker_cwd=code)
+                              worker_cwd=code, gateway_cwd=code)
             try:
                 convs = mix(conv, n, args.mix)
                 results, lags = asyncio.run(run_streams(cluster, convs))
@@ -210,7 +210,8 @@ def main() -> None:
                    choices=["latency", "capacity", "gateway", "finals", "appends"])
     p.add_argument("--variant", action="append", default=[], metavar="NAME=WORKER_ARGS",
                    help="a worker configuration to compare, e.g. 'fast=--min-silence-s 0.3'; "
-                   "'old=--code DIR' runs the worker from another checkout (git worktree)")
+                   "'old=--code DIR' runs the worker and the gateway from another checkout (a git "
+                   "worktree of an older revision)")
     p.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",")],
                    default=[1, 2, 4, 6, 8, 10, 12])
     p.add_argument("--clips", type=int, default=8, help="clips in the benchmark conversation")

@@ -179,12 +179,12 @@ def start_transcriber(redis_url: str, *args: str, cwd: Path | str = ROOT,
     return svc
 
 
-def start_gateway(redis_url: str, *args: str, port: int = 0,
+def start_gateway(redis_url: str, *args: str, port: int = 0, cwd: Path | str = ROOT,
                   **env: str) -> tuple[Service, int]:
-    """A gateway on ``port`` (a free one when 0)."""
+    """A gateway on ``port`` (a free one when 0); ``cwd``: the checkout whose code it runs."""
     port = port or free_port()
     svc = Service("ingest", ["--host", "127.0.0.1", "--port", str(port), *args],
-                  {"REDIS_URL": redis_url, **env}, "gateway listening")
+                  {"REDIS_URL": redis_url, **env}, "gateway listening", cwd=cwd)
     svc.wait_ready()
     wait_port(port)
     return svc, port
@@ -195,7 +195,7 @@ class Cluster:
 
     def __init__(self, workers: int = 1, worker_args: Sequence[str] = (),
                  gateway_args: Sequence[str] = (), persistence: bool = False,
-                 worker_cwd: Path | str = ROOT) -> None:
+                 worker_cwd: Path | str = ROOT, gateway_cwd: Path | str = ROOT) -> None:
         self.redis = RedisServer(persistence=persistence)
         self.worker_cwd = worker_cwd
         self.redis.start()
@@ -203,7 +203,7 @@ class Cluster:
         self.worker_args = list(worker_args)
         for i in range(workers):
             self.add_worker(f"w{i + 1}")
-        self.gateway, self.port = start_gateway(self.redis.url, *gateway_args)
+        self.gateway, self.port = start_gateway(self.redis.url, *gateway_args, cwd=gateway_cwd)
 
     def add_worker(self, name: str) -> Service:
         svc = start_transcriber(self.redis.url, "--consumer", name, *self.worker_args,
