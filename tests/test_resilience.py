@@ -21,7 +21,7 @@ from websockets.asyncio.client import connect
 from common.client import StreamResult, listen_url, stream
 from common.redis_client import RedisTimeoutError
 from tests.audio_refs import frames, load_pcm16, reference, wer
-from tests.procs import Cluster, start_gateway
+from tests.procs import Cluster, start_gateway, until
 from tests.test_pipeline_e2e import check_protocol, with_tail
 from transcriber.session import with_retry
 
@@ -83,7 +83,8 @@ def test_sigkill_of_the_owner_mid_utterance_fails_over_with_nothing_lost_or_repe
     async def scenario() -> StreamResult:
         async def killer() -> None:
             await watch.known.wait()
-            await asyncio.sleep(6.0)  # inside "what your country can do for you"
+            # the point in the clip is the case: inside "what your country can do for you"
+            await asyncio.sleep(6.0)
             assert watch.sid is not None
             owner = cluster.owner(watch.sid)
             assert owner in cluster.workers
@@ -139,17 +140,20 @@ def test_a_paused_owner_that_wakes_after_takeover_writes_nothing(cluster_factory
     async def scenario() -> StreamResult:
         async def pauser() -> None:
             await watch.known.wait()
-            await asyncio.sleep(2.5)
-            assert watch.sid is not None
-            owner = cluster.owner(watch.sid)
+            sid = watch.sid
+            assert sid is not None
+            # paused once it has written: its writes are the ones to fence out
+            await until("the owner's first result", lambda: any(
+                int(f[b"epoch"]) > 0 for f in cluster.result_entries(sid)), 20)
+            owner = cluster.owner(sid)
+            assert owner is not None
             info["stale"] = owner
             cluster.workers[owner].signal(signal.SIGSTOP)
-            deadline = time.monotonic() + 20
-            while cluster.owner(watch.sid) == owner:  # wait for the takeover
-                assert time.monotonic() < deadline, "no takeover"
-                await asyncio.sleep(0.2)
-            info["epoch"] = int(cluster.meta(watch.sid)["epoch"])
-            await asyncio.sleep(0.5)
+            await until("the takeover", lambda: cluster.owner(sid) != owner, 20)
+            info["epoch"] = epoch = int(cluster.meta(sid)["epoch"])
+            # woken while the new owner writes
+            await until("the new owner's first result", lambda: any(
+                int(f[b"epoch"]) >= epoch for f in cluster.result_entries(sid)), 20)
             cluster.workers[owner].signal(signal.SIGCONT)
 
         res, _ = await asyncio.gather(
@@ -163,13 +167,12 @@ def test_a_paused_owner_that_wakes_after_takeover_writes_nothing(cluster_factory
     assert wer(reference("fw_jfk"), res.text) <= 0.10, res.text
     epochs = [int(f[b"epoch"]) for f in cluster.result_entries(watch.sid)]
     first_new = next(i for i, e in enumerate(epochs) if e >= info["epoch"])
+    # nothing of the old owner's epoch (or older) after the new owner's first entry
     assert all(e >= info["epoch"] or e == 0 for e in epochs[first_new:]), epochs
+    # and the woken owner found out: its next renewal (every LEASE_MS / 3) or its next
+    # write (refused: StaleLease) tells it, and it stops the session
     stale = cluster.workers[info["stale"]]
-    deadline = time.monotonic() + 10  # its next renewal (every LEASE_MS / 3) finds it out
-    while "lease lost to another worker; stopping" not in stale.log():
-        assert time.monotonic() < deadline, "the woken owner did not notice it lost the lease"
-        time.sleep(0.1)
-    assert epochs.count(info["epoch"] - 1) == epochs[:first_new].count(info["epoch"] - 1)
+    stale.wait_log(f"session {watch.sid}: lease lost to another worker; stopping", 10)
 
 
 def test_a_redis_restart_mid_session_loses_no_audio(cluster_factory: Any) -> None:
@@ -179,9 +182,9 @@ def test_a_redis_restart_mid_session_loses_no_audio(cluster_factory: Any) -> Non
     async def scenario() -> StreamResult:
         async def restart() -> None:
             await watch.known.wait()
-            await asyncio.sleep(4.0)
+            await asyncio.sleep(4.0)  # the case: mid-session,
             await asyncio.to_thread(cluster.redis.stop)
-            await asyncio.sleep(3.0)
+            await asyncio.sleep(3.0)  # a 3 s outage
             await asyncio.to_thread(cluster.redis.start)
 
         res, _ = await asyncio.gather(
@@ -215,14 +218,15 @@ def test_reconnect_with_after_delivers_every_result_exactly_once(cluster_factory
             start = time.monotonic()
             reader = asyncio.create_task(_collect(ws, first))
             for i, (payload, _s) in enumerate(parts[:half]):
-                await asyncio.sleep(max(0.0, start + i * 0.1 - time.monotonic()))
+                await asyncio.sleep(max(0.0, start + i * 0.1 - time.monotonic()))  # real time
                 await ws.send(payload)
-            await asyncio.sleep(0.3)
+            sid = first[0]["session_id"]
+            await until("the first half stored", lambda: stored_seq(cluster, sid) >= half)
             ws.transport.abort()  # the network drops: no close frame
             reader.cancel()
-        sid = first[0]["session_id"]
         last_seq = max((m["seq"] for m in first if "seq" in m), default=0)
-        await asyncio.sleep(1.5)  # results keep coming while the client is away
+        # the case: away for a while, as results keep coming (the worker is behind the audio)
+        await asyncio.sleep(1.5)
         url = listen_url(cluster.ws_url, session=sid, after=last_seq)
         second = await stream(url, parts[half:], pace=1.0)
         assert second.messages[0].message["resumed"] is True
@@ -243,6 +247,11 @@ def test_reconnect_with_after_delivers_every_result_exactly_once(cluster_factory
 async def _collect(ws: Any, out: list[dict[str, Any]]) -> None:
     async for raw in ws:
         out.append(json.loads(raw))
+
+
+def stored_seq(cluster: Cluster, sid: str) -> int:
+    """The last audio entry of the session stored (one per audio message sent)."""
+    return int(cluster.meta(sid).get("audio_seq", 0))
 
 
 CLIPS = ["fw_jfk", "ds_ldc93s1", "ls_6930-75918-0000"]
@@ -279,7 +288,7 @@ def test_sigterm_hands_sessions_over_without_waiting_for_the_lease(cluster_facto
     async def scenario() -> StreamResult:
         async def terminate() -> None:
             await watch.known.wait()
-            await asyncio.sleep(4.0)
+            await asyncio.sleep(4.0)  # the case: mid-session
             assert watch.sid is not None
             info["owner"] = cluster.owner(watch.sid)
             info["at"] = time.monotonic()
@@ -318,7 +327,7 @@ def test_a_cancellation_the_redis_client_turns_into_a_timeout_still_stops_the_re
 
     async def scenario() -> bool:
         task = asyncio.create_task(with_retry("s", "read", blocking_read))
-        await asyncio.sleep(0.05)
+        await until("the read started", lambda: calls == 1)
         task.cancel()
         done, _ = await asyncio.wait({task}, timeout=2.0)
         return task in done and task.cancelled()
@@ -352,7 +361,8 @@ def test_backlog_bound_refuses_new_sessions_with_1013_and_queued_clients_are_tol
         async with connect(listen_url(cluster.ws_url)) as ws:
             reader = asyncio.create_task(_collect(ws, got))
             await ws.send(np.zeros(1600, dtype=np.int16).tobytes())
-            await asyncio.sleep(2.5)
+            await until("the queued session told its position",
+                        lambda: any(m["type"] == "warning" for m in got))
             refused = await stream(listen_url(cluster.ws_url), frames(JFK[:16000]), pace=None)
             reader.cancel()
         return got, refused
@@ -393,6 +403,8 @@ def test_a_gateway_killed_with_audio_buffered_in_an_outage_loses_none_of_it(
 
     async def scenario() -> StreamResult:
         async def fault() -> None:
+            # the case's timeline: 3 s stored, Redis down, 3 s buffered in the gateway,
+            # the gateway killed, Redis back while the client resumes
             await watch.known.wait()
             await asyncio.sleep(3.0)
             await asyncio.to_thread(cluster.redis.stop)
@@ -439,11 +451,13 @@ def test_a_connection_whose_session_was_resumed_elsewhere_is_told_when_it_sends_
             sid = json.loads(await old.recv())["session_id"]
             for payload, _ in parts[:20]:
                 await old.send(payload)
-            await asyncio.sleep(0.5)
+            await until("the 20 messages stored", lambda: stored_seq(cluster, sid) >= 20)
+            attach = int(cluster.meta(sid)["attach"])
             resumed = asyncio.create_task(stream(
                 listen_url(f"ws://127.0.0.1:{other_port}", session=sid, after=0), parts[20:],
                 pace=1.0))
-            await asyncio.sleep(1.0)  # the other gateway has taken the session
+            await until("the other gateway taking the session",
+                        lambda: int(cluster.meta(sid)["attach"]) > attach)
             began = time.monotonic()
             await old.send(json.dumps({"type": "close"}))
             told: list[dict[str, Any]] = []
