@@ -29,7 +29,7 @@ class FanoutServer:
     def __init__(self, settings: FanoutSettings) -> None:
         self.settings = settings
         self.redis = make_redis(settings)
-        self.blocking = make_redis(settings, blocking=True)
+        self.blocking = make_redis(settings, blocking=True, retries=False)  # read_stream retries
         self.api = SessionsApi(settings, self.redis, self.blocking)
         self.probe = make_redis(settings, probe=True)
         self.registry = CollectorRegistry()

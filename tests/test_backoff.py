@@ -3,12 +3,16 @@ at its deadline, and a client made for such a loop does not retry by itself."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common.backoff import Backoff, until_up
 from common.redis_client import make_redis
 from common.settings import RedisSettings
+from tests.procs import until
 
 
 def test_delays_stay_under_a_doubling_bound_and_the_cap() -> None:
@@ -55,3 +59,30 @@ async def test_a_loop_client_reconnects_once_and_a_command_client_retries() -> N
     finally:
         await loop_client.aclose()
         await command_client.aclose()
+
+
+def test_a_cancellation_the_redis_client_turns_into_a_timeout_still_stops_the_retry_loop(
+        ) -> None:
+    """redis-py can answer a cancel with a timeout error (its #2028, #2551); a retry
+    loop that took that for an outage kept a session running through SIGTERM."""
+    calls = 0
+
+    async def blocking_read() -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise RuntimeError("retried after the cancel")
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise RedisTimeoutError("Timeout reading from socket") from None
+
+    async def scenario() -> bool:
+        task = asyncio.create_task(until_up(blocking_read, "read"))
+        await until("the read started", lambda: calls == 1)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=2.0)
+        return task in done and task.cancelled()
+
+    assert asyncio.run(scenario())
+    assert calls == 1

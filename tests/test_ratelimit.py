@@ -12,7 +12,6 @@ import pytest
 
 from common.errors import MessageTooBig, TooManyMessages
 from common.ratelimit import BucketMap, MessageLimits, TokenBucket, text_size
-from common.settings import FanoutSettings, GatewaySettings
 
 
 def test_bucket_allows_the_burst_then_the_rate() -> None:
@@ -106,8 +105,3 @@ def test_message_limits_refuse_large_messages_then_floods() -> None:
     limits.check(b"x", 0.1)  # 10 per second: one more after 0.1 s
 
 
-def test_transport_bound_is_a_multiple_of_the_message_limit_and_never_below_it() -> None:
-    assert GatewaySettings().ws_max_size == 2 * GatewaySettings().max_message_bytes
-    assert FanoutSettings().ws_max_size == 2 * 65536
-    assert GatewaySettings(transport_max_bytes=5 << 20).ws_max_size == 5 << 20
-    assert GatewaySettings(max_message_bytes=1000, transport_max_bytes=10).ws_max_size == 1000

@@ -19,11 +19,9 @@ import pytest
 from websockets.asyncio.client import connect
 
 from common.client import StreamResult, listen_url, stream
-from common.redis_client import RedisTimeoutError
 from tests.audio_refs import frames, load_pcm16, reference, wer
 from tests.procs import Cluster, start_gateway, until
 from tests.test_pipeline_e2e import check_protocol, with_tail
-from transcriber.session import with_retry
 
 pytestmark = pytest.mark.integration
 
@@ -307,33 +305,6 @@ def test_sigterm_hands_sessions_over_without_waiting_for_the_lease(cluster_facto
     finished = res.messages[-1].at - info["at"]
     assert finished < 30.0, f"took {finished:.1f} s: waited for the 60 s lease?"
     assert cluster.workers[info["owner"]].proc.wait(10) == 0
-
-
-def test_a_cancellation_the_redis_client_turns_into_a_timeout_still_stops_the_retry_loop(
-        ) -> None:
-    """redis-py can answer a cancel with a timeout error (its #2028, #2551); a retry
-    loop that took that for an outage kept a session running through SIGTERM."""
-    calls = 0
-
-    async def blocking_read() -> None:
-        nonlocal calls
-        calls += 1
-        if calls > 1:
-            raise RuntimeError("retried after the cancel")
-        try:
-            await asyncio.sleep(3600)
-        except asyncio.CancelledError:
-            raise RedisTimeoutError("Timeout reading from socket") from None
-
-    async def scenario() -> bool:
-        task = asyncio.create_task(with_retry("s", "read", blocking_read))
-        await until("the read started", lambda: calls == 1)
-        task.cancel()
-        done, _ = await asyncio.wait({task}, timeout=2.0)
-        return task in done and task.cancelled()
-
-    assert asyncio.run(scenario())
-    assert calls == 1
 
 
 def test_gateway_shutdown_closes_clients_with_1012(cluster_factory: Any) -> None:

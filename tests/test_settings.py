@@ -145,3 +145,10 @@ def test_configuration_doc_matches_the_code() -> None:
     doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
     assert doc.read_text() == configuration_markdown(), \
         "docs/configuration.md is stale: python -m common.settings > docs/configuration.md"
+
+
+def test_transport_bound_is_a_multiple_of_the_message_limit_and_never_below_it() -> None:
+    assert GatewaySettings().ws_max_size == 2 * GatewaySettings().max_message_bytes
+    assert FanoutSettings().ws_max_size == 2 * 65536
+    assert GatewaySettings(transport_max_bytes=5 << 20).ws_max_size == 5 << 20
+    assert GatewaySettings(max_message_bytes=1000, transport_max_bytes=10).ws_max_size == 1000
