@@ -207,7 +207,7 @@ def _arg(args: str, flag: str, default: float) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("suites", nargs="*", default=["latency", "capacity", "gateway"],
-                   choices=["latency", "capacity", "gateway", "finals", "appends"])
+                   choices=["latency", "capacity", "gateway", "finals", "appends", "robustness"])
     p.add_argument("--variant", action="append", default=[], metavar="NAME=WORKER_ARGS",
                    help="a worker configuration to compare, e.g. 'fast=--min-silence-s 0.3'; "
                    "'old=--code DIR' runs the worker and the gateway from another checkout (a git "
@@ -228,6 +228,14 @@ def main() -> None:
     p.add_argument("--stop-at-failure", action="store_true")
     p.add_argument("--gateway-variant", action="append", default=[], metavar="NAME=GATEWAY_ARGS",
                    help="a gateway configuration to compare, e.g. 'direct=--append-batch 1'")
+    p.add_argument("--conditions", type=lambda s: [x for x in s.split(",") if x], default=None,
+                   help="robustness: conditions to run, comma-separated (default: all; see "
+                   "bench/robustness.py); '' for none")
+    p.add_argument("--nonspeech", type=lambda s: [x for x in s.split(",") if x], default=None,
+                   help="robustness: non-speech kinds to run, comma-separated (default: all); "
+                   "'' for none")
+    p.add_argument("--nonspeech-seconds", type=float, default=60.0,
+                   help="robustness: seconds of each non-speech kind")
     args = p.parse_args()
     args.variants = [tuple(v.split("=", 1)) for v in args.variant] or [("default", "")]
     OUT.mkdir(exist_ok=True)
@@ -241,6 +249,11 @@ def main() -> None:
             from bench.finals import finals_suite
 
             data = finals_suite(args.variants)
+        elif suite == "robustness":
+            from bench.robustness import robustness_suite
+
+            data = robustness_suite(args.variants, args.conditions, args.nonspeech,
+                                    args.nonspeech_seconds)
         elif suite == "appends":
             from bench.appends import appends_suite
 
