@@ -7,13 +7,15 @@ The same material decoded offline (faster-whisper, whole file) gives "You" on si
 "Thank you." on the arpeggio (bench/robustness.py), so the guards are doing work. A second
 set streams it with a VAD that calls every window speech, as a VAD fooled by the noise (or
 a lower speech threshold) would: then only the decoder's own guards stand between the
-noise and the transcript.
+noise and the transcript. One case fails today and is marked so (issue 24): a partial
+invented on 60 Hz hum.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import pytest
 
 from bench import material as mat
@@ -29,8 +31,21 @@ OPEN_VAD_CASES = [("silence", 2.0), ("room", 2.0), ("hum50", 2.0), ("arpeggio", 
                   ("clicks", 2.0), ("breathing", 2.0)]
 
 
+def nonspeech(kind: str, seconds: float) -> np.ndarray:
+    return mat.NONSPEECH[kind](seconds, 24)
+
+
+def hum60_first_10s() -> np.ndarray:
+    """The first 10.5 s of the bench's 60 s of 60 Hz hum (its room noise is drawn for the
+    whole minute, so this is not ``nonspeech("hum60", 10.5)``)."""
+    return mat.NONSPEECH["hum60"](60.0, 24)[:int(10.5 * mat.RATE)]
+
+
+Run = Callable[[np.ndarray, bool], StreamRun]
+
+
 @pytest.fixture(scope="module")
-def run() -> Iterator[Callable[[str, float, bool], StreamRun]]:
+def run() -> Iterator[Run]:
     from transcriber.model import load_whisper
     from transcriber.vad import SileroVad
 
@@ -38,8 +53,7 @@ def run() -> Iterator[Callable[[str, float, bool], StreamRun]]:
     model = load_whisper("", "cpu", "int8", 0)
     vad = SileroVad()
 
-    def go(kind: str, seconds: float, open_vad: bool) -> StreamRun:
-        audio = mat.NONSPEECH[kind](seconds, 24)
+    def go(audio: np.ndarray, open_vad: bool) -> StreamRun:
         return stream(audio, _decoder(model, settings), None if open_vad else vad, settings)
 
     yield go
@@ -50,16 +64,20 @@ def _invented(r: StreamRun) -> list[str]:
 
 
 @pytest.mark.parametrize(("kind", "seconds"), SILERO_CASES, ids=[k for k, _ in SILERO_CASES])
-def test_non_speech_gives_no_words(run: Callable[[str, float, bool], StreamRun], kind: str,
-                                   seconds: float) -> None:
-    r = run(kind, seconds, False)
+def test_non_speech_gives_no_words(run: Run, kind: str, seconds: float) -> None:
+    r = run(nonspeech(kind, seconds), False)
     assert not r.words and not _invented(r), _invented(r)
 
 
-@pytest.mark.parametrize(("kind", "seconds"), OPEN_VAD_CASES,
-                         ids=[k for k, _ in OPEN_VAD_CASES])
+@pytest.mark.parametrize("audio", [
+    *(pytest.param(lambda k=k, n=n: nonspeech(k, n), id=k) for k, n in OPEN_VAD_CASES),
+    pytest.param(hum60_first_10s, id="hum60_10s", marks=pytest.mark.xfail(
+        strict=True, reason="issue 24: with every window called speech, the partial at "
+        "10.0 s of this hum reads \"I'm going to do it.\" (the final is empty); Silero "
+        "itself scores this hum at most 0.12, so today's service never decodes it")),
+])
 def test_non_speech_the_vad_lets_through_gives_no_words(
-        run: Callable[[str, float, bool], StreamRun], kind: str, seconds: float) -> None:
-    r = run(kind, seconds, True)
+        run: Run, audio: Callable[[], np.ndarray]) -> None:
+    r = run(audio(), True)
     assert r.decoded, "the forced-open VAD sent nothing to a final decode"
     assert not r.words and not _invented(r), _invented(r)
