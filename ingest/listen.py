@@ -19,8 +19,6 @@ import uuid
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
-from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
 from common import errors
 from common.access import AccessGuard, address_bucket
@@ -41,7 +39,7 @@ from common.sessions import Sessions
 from common.settings import GatewaySettings
 from common.streams import follow_results
 from common.tasks import stop_task
-from common.web import send_error
+from common.web import Socket, SocketClosed, send_error
 from ingest.limits import SessionClock
 from ingest.listen_core import ListenCore, ListenLimits, ListenParams
 from ingest.live import LiveSessions
@@ -102,7 +100,7 @@ class ListenSession:
     exit path.
     """
 
-    def __init__(self, deps: ListenDeps, ws: ServerConnection, params: ListenParams,
+    def __init__(self, deps: ListenDeps, ws: Socket, params: ListenParams,
                  principal: Principal, lease: str | None = None) -> None:
         self.deps = deps
         self.settings = deps.settings
@@ -174,7 +172,7 @@ class ListenSession:
             else:
                 await self._fail(exc)
             clean = True
-        except ConnectionClosed:
+        except SocketClosed:
             pass
         except Exception as exc:
             log.exception("session %s: internal error", self.sid)
@@ -284,7 +282,6 @@ class ListenSession:
                 longest = min(longest, self.principal.max_session_s)
             deadline = time.time() + longest
             self._creating = True
-            request = self.ws.request
             self.generation = await self.store.create(self.sid, {
                 "encoding": self.params.format.encoding,
                 "sample_rate": self.params.format.sample_rate,
@@ -295,8 +292,7 @@ class ListenSession:
                 "principal": self.principal.owner,
                 "account": self.principal.account,
                 # whose share of transcriber slots it counts in when it has no API key
-                "address": address_bucket(self.deps.guard.request_ip(self.ws, request))
-                if request is not None else "",
+                "address": address_bucket(self.deps.guard.request_ip(self.ws.request)),
                 "deadline": f"{deadline:.3f}",
             })
             resumed = False
@@ -342,7 +338,7 @@ class ListenSession:
                 while True:
                     try:
                         message = await self.ws.recv()
-                    except ConnectionClosedOK:
+                    except SocketClosed:
                         return False
                     received = self.core.receive(message, time.monotonic())
                     await self._put(received.entries, received.seconds)
