@@ -29,8 +29,6 @@ from common.errors import BadRequest, MethodNotAllowed, RateLimited, StorageUnav
 from common.messages import ErrorMessage, parse_control, to_json
 from common.ratelimit import MessageLimits
 
-#: Seconds between pings on a server WebSocket (browsers answer them; they never send any).
-PING_INTERVAL_S = 20.0
 #: Seconds ``Socket.close`` waits for the client's close frame.
 CLOSE_TIMEOUT_S = 10.0
 
@@ -159,14 +157,16 @@ class Socket:
 
 async def accept(request: web.BaseRequest, max_size: int) -> Socket:
     """Answer an upgrade 101: ``stt`` as the subprotocol where offered (never a
-    ``bearer.`` one, so a credential is not echoed), no compression, a ping every
-    ``PING_INTERVAL_S``, messages of up to ``max_size`` bytes (a larger one is refused from
-    its frame header: close 1009). aiohttp answers a malformed handshake with 400."""
+    ``bearer.`` one, so a credential is not echoed), no compression, messages of up to
+    ``max_size`` bytes (a larger one is refused from its frame header: close 1009); the
+    client's pings are answered as it is read. Keepalive pings are
+    ``common.serving``'s (``PING_INTERVAL_S``). aiohttp answers a malformed handshake
+    with 400."""
     offered = [item.strip() for line in request.headers.getall("Sec-WebSocket-Protocol", ())
                for item in line.split(",")]
     chosen = select_subprotocol(offered)
     ws = web.WebSocketResponse(protocols=(chosen,) if chosen else (), compress=False,
-                               heartbeat=PING_INTERVAL_S, timeout=CLOSE_TIMEOUT_S,
+                               timeout=CLOSE_TIMEOUT_S,
                                max_msg_size=max_size + 1)  # aiohttp refuses >= its bound
     await ws.prepare(request)
     return Socket(request, ws)

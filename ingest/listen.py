@@ -35,6 +35,7 @@ from common.errors import (
 )
 from common.messages import AudioEntry, AudioMarker, Closed, Result, to_json
 from common.metrics import GatewayMetrics
+from common.ratelimit import MessageLimits
 from common.sessions import Sessions
 from common.settings import GatewaySettings
 from common.streams import follow_results
@@ -351,7 +352,34 @@ class ListenSession:
 
     async def _drain(self, delivery: asyncio.Task[None], then: SttError | None = None) -> None:
         """After 'close': wait until every final and 'closed' went out, then close 1000
-        (or, when a limit ended the session, send that error and its close code)."""
+        (or, when a limit ended the session, send that error and its close code). The
+        socket is read meanwhile, and what comes ignored, so the client's pings are
+        answered however long the last finals take; the reading stops before the close,
+        which then reads on to the client's close frame."""
+        reading = asyncio.create_task(self._ignore_messages(), name=f"drain-read-{self.sid}")
+        try:
+            failure = await self._delivered(delivery)
+        finally:
+            await stop_task(reading)
+        if failure is None and then is not None:
+            failure = then
+        if failure is not None:
+            await self._fail(failure)
+            return
+        await self.ws.close(errors.NORMAL, "closed")
+
+    async def _ignore_messages(self) -> None:
+        """Read and drop what the client sends after its stream ended, within its message
+        rate: past it the socket is no longer read (TCP pushes back, as it would have)."""
+        limits = MessageLimits(0, self.settings.max_messages_per_s,
+                               self.settings.messages_burst, time.monotonic())
+        with contextlib.suppress(SttError):
+            async for message in self.ws:
+                limits.check(message, time.monotonic())
+
+    async def _delivered(self, delivery: asyncio.Task[None]) -> SttError | None:
+        """Wait for the close marker to be stored, then for every result to go out; the
+        error that ends the session instead, if one does."""
         assert self.writer is not None
         try:
             # the close marker stored first: a connection another one took the session from
@@ -360,21 +388,15 @@ class ListenSession:
         except SessionClosed:
             pass  # its transcriber closed it already: 'closed' is on its way
         except SttError as exc:
-            await self._fail(exc)
-            return
+            return exc
         except TimeoutError:
-            await self._fail(StorageUnavailable())
-            return
+            return StorageUnavailable()
         try:
             await asyncio.wait_for(asyncio.shield(delivery), self.settings.close_drain_timeout_s)
         except TimeoutError:
             log.warning("session %s: drain timed out", self.sid)
-            await self._fail(SttError("transcription did not finish in time"))
-            return
-        if then is not None:
-            await self._fail(then)
-            return
-        await self.ws.close(errors.NORMAL, "closed")
+            return SttError("transcription did not finish in time")
+        return None
 
     async def _deliver(self) -> None:
         """Results to the socket through a bounded ``ResultQueue``: a client that stops

@@ -1,7 +1,8 @@
 """Serving HTTP and WebSocket with aiohttp (common/serving.py, common/web.py).
 
-* The request head bounds and the handshake timeout of ``ConnectionGuard``, fed bytes by
-  hand (no sockets): what aiohttp gets, what is answered, what waits.
+* The request head bounds, the handshake timeout and the keepalive pings of
+  ``ConnectionGuard``, fed bytes by hand (no sockets): what aiohttp gets, what is answered,
+  what waits.
 * The gateway and ``python -m fanout`` serve HTTP and WebSocket on one port; one request per
   connection; read endpoints refuse other methods with 405 (``DELETE /v1/sessions/{id}``
   deletes nothing); an audio export longer than the old one-response cap (3600 s) is
@@ -182,6 +183,35 @@ async def test_the_handshake_timeout_cuts_a_connection_until_it_is_answered() ->
     g.answered()
     await asyncio.sleep(0.1)
     assert not transport.aborted
+
+
+class OpenSocket:
+    closed = False
+
+
+async def test_a_silent_websocket_is_pinged_then_cut_and_a_pong_keeps_it() -> None:
+    g, _, transport = guard()
+    g.data_received(HEAD)
+    g.read_on()
+    g.keep_alive(OpenSocket(), 0.05)  # type: ignore[arg-type]
+    await asyncio.sleep(0.07)
+    assert bytes(transport.written) == b"\x89\x00" and not transport.aborted  # a ping
+    g.data_received(b"\x8a\x80abcd")  # the client's (masked, empty) pong
+    await asyncio.sleep(0.05)
+    assert not transport.aborted and bytes(transport.written) == b"\x89\x00"
+    await asyncio.sleep(0.1)  # silent again: pinged, then cut
+    assert transport.aborted and bytes(transport.written) == b"\x89\x00" * 2
+
+
+async def test_a_closed_websocket_is_not_pinged() -> None:
+    g, _, transport = guard()
+    g.data_received(HEAD)
+    g.read_on()
+    ws = OpenSocket()
+    g.keep_alive(ws, 0.02)  # type: ignore[arg-type]
+    ws.closed = True
+    await asyncio.sleep(0.1)
+    assert not transport.written and not transport.aborted
 
 
 async def test_connections_over_the_peer_caps_are_cut_before_anything_is_read() -> None:
