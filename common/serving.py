@@ -81,7 +81,12 @@ class _Refused(Exception):
 
 class ConnectionGuard(asyncio.Protocol):
     """One accepted connection: the checks above, in front of aiohttp's ``RequestHandler``
-    (``inner``), which gets every byte it is meant to parse."""
+    (``inner``), which gets every byte it is meant to parse. One per socket: slotted."""
+
+    __slots__ = ("_held", "_line_first", "_line_len", "_line_start", "_lines", "_peer",
+                 "_ping_timer", "_pinged", "_reads", "_reads_seen", "_request_line", "_seen",
+                 "_started", "_state", "_timer", "_total", "_unanswered", "_ws",
+                 "data_received", "inner", "owner", "transport")
 
     def __init__(self, inner: asyncio.Protocol, owner: Connections) -> None:
         self.inner = inner
@@ -100,13 +105,17 @@ class ConnectionGuard(asyncio.Protocol):
         self._line_first = 0  # its first byte
         self._line_start = b""  # its first _NAME_BYTES bytes
         self._request_line = False  # a request line was read (empty lines before it skip)
-        self._seen: set[str] = set()  # singleton headers so far
+        self._seen: set[str] | None = None  # singleton headers so far
         # an upgraded connection's keepalive
         self._ws: web.WebSocketResponse | None = None
         self._reads = 0
         self._reads_seen = 0
         self._pinged = False
         self._ping_timer: asyncio.TimerHandle | None = None
+        # What the transport calls with each read (the slot shadows the method): ``_read``
+        # until the head is done, then ``_pass`` (an upgraded connection's frames skip the
+        # head's state checks).
+        self.data_received = self._read  # type: ignore[method-assign]
 
     # ------------------------------------------------------------------ asyncio.Protocol
 
@@ -128,7 +137,7 @@ class ConnectionGuard(asyncio.Protocol):
         self._started = True
         self.inner.connection_made(transport)
 
-    def data_received(self, data: bytes) -> None:
+    def _read(self, data: bytes) -> None:
         state = self._state
         if state is _PASS:
             self.inner.data_received(data)
@@ -282,7 +291,9 @@ class ConnectionGuard(asyncio.Protocol):
                 raise _Refused(431, f"a request may have at most {MAX_HEADERS} headers")
             name = start.partition(b":")[0].strip().lower().decode("latin-1")
             if name in SINGLETON_HEADERS:
-                if name in self._seen:
+                if self._seen is None:
+                    self._seen = set()
+                elif name in self._seen:
                     raise _Refused(400, f"send one {SINGLETON_HEADERS[name]} header",
                                    "bad_request")
                 self._seen.add(name)

@@ -97,11 +97,12 @@ class Socket:
     as a message, and a failed send as a connection error). ``request`` is the upgrade's
     HTTP request."""
 
-    __slots__ = ("request", "ws")
+    __slots__ = ("_closing", "request", "ws")
 
     def __init__(self, request: web.BaseRequest, ws: web.WebSocketResponse) -> None:
         self.request = request
         self.ws = ws
+        self._closing: asyncio.Future[bool] | None = None
 
     @property
     def subprotocol(self) -> str | None:
@@ -143,10 +144,20 @@ class Socket:
         cancelled, aiohttp would close the connection with the client's unread messages in
         its receive buffer, a TCP reset that can destroy what the client has not read yet
         (the error message, the close frame)."""
-        closing = asyncio.ensure_future(self.ws.close(code=code, message=reason.encode()))
-        _closing.add(closing)
-        closing.add_done_callback(_closing.discard)
-        await asyncio.shield(closing)
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(
+                self.ws.close(code=code, message=reason.encode()))
+            _closing.add(self._closing)
+            self._closing.add_done_callback(_closing.discard)
+        await asyncio.shield(self._closing)
+
+    async def wait_closed(self) -> None:
+        """Until a close handshake under way has ended: its handler must not return before
+        (aiohttp then closes the connection, resetting it under the client's unread
+        messages, the last ones the server sent among them)."""
+        if self._closing is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._closing)
 
     def abort(self) -> None:
         """Cut the TCP connection: its buffers are freed at once."""

@@ -88,6 +88,7 @@ class FanoutServer:
             yield ws
         finally:
             self.sockets.discard(ws)
+            await ws.wait_closed()
 
     async def start(self) -> Served:
         s = self.settings

@@ -282,6 +282,7 @@ class Gateway:
             yield ws
         finally:
             self.sockets.discard(ws)
+            await ws.wait_closed()
 
     async def _listen_socket(self, ws: Socket, admission: Admission) -> None:
         """A /v1/listen socket. Its cap lease goes to its ``ListenSession``, which keeps it
