@@ -17,10 +17,10 @@ a service facing the internet needs before a request is read (docs/security.md,
 * **the handshake timeout** cuts a connection that has not had its answer (the 101, or an
   HTTP response's head) that long after it was accepted, without a response;
 * **one request per connection**: once a head is complete, reading stops until the handler
-  decides: a WebSocket upgrade reads on (its frames), anything else gets its response and
-  ``Connection: close``. So nothing pipelined behind a request is parsed, and a keep-alive
-  connection cannot send a second head past these bounds. An endpoint that reads a request
-  body calls ``Connections.read_body`` first;
+  decides: a WebSocket upgrade answered 101 reads on (its frames), anything else (a refused
+  upgrade too) gets its response and ``Connection: close``. So nothing pipelined behind a
+  request is parsed, and a keep-alive connection cannot send a second head past these
+  bounds. An endpoint that reads a request body calls ``Connections.read_body`` first;
 * **keepalive pings** on an upgraded connection: after ``PING_INTERVAL_S`` without a read
   the client is pinged, after as long again without one (its pong is a read) it is cut.
   aiohttp's own heartbeat does the same with a callback and a timer reset for every read
@@ -374,8 +374,6 @@ class Connections:
                       *request.version)
             for name, value in request.raw_headers:
                 log.debug("< %s: %s", name.decode("latin-1"), value.decode("latin-1"))
-        if request.headers.get("Upgrade", "").lower() == "websocket":
-            self.read_body(request)  # what follows the 101 is the socket's frames
         return await handler(request)
 
     async def _on_response_prepare(self, request: web.BaseRequest,
@@ -383,8 +381,10 @@ class Connections:
         guard = self.guard(request)
         if guard is not None:
             guard.answered()
-            if isinstance(response, web.WebSocketResponse) and self.ping_interval_s > 0:
-                guard.keep_alive(response, self.ping_interval_s)
+            if isinstance(response, web.WebSocketResponse):  # a 101: frames follow
+                guard.read_on()
+                if self.ping_interval_s > 0:
+                    guard.keep_alive(response, self.ping_interval_s)
         if response.status != 101:
             response.force_close()  # one request per connection
             response.headers["Connection"] = "close"
