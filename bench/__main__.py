@@ -227,7 +227,10 @@ def main() -> None:
                    "timed frame")
     p.add_argument("--stop-at-failure", action="store_true")
     p.add_argument("--gateway-variant", action="append", default=[], metavar="NAME=GATEWAY_ARGS",
-                   help="a gateway configuration to compare, e.g. 'direct=--append-batch 1'")
+                   help="a gateway configuration to compare, e.g. 'direct=--append-batch 1'; "
+                   "'old=--code DIR' runs the gateway from another checkout (git worktree)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="gateway load: run the variants in turn this many times")
     p.add_argument("--conditions", type=lambda s: [x for x in s.split(",") if x], default=None,
                    help="robustness: conditions to run, comma-separated (default: all; see "
                    "bench/robustness.py); '' for none")
@@ -263,7 +266,7 @@ def main() -> None:
 
             data = gateway_suite(args.sockets, args.seconds,
                                  [tuple(v.split("=", 1)) for v in args.gateway_variant],
-                                 args.settle)
+                                 args.settle, args.rounds)
         data["machine"] = machine()
         data["audio_s"] = len(conv.pcm) / 16000
         path = OUT / f"{suite}.json"

@@ -8,10 +8,12 @@ loop is bounded in sockets and seconds.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import shlex
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -21,7 +23,7 @@ from websockets.frames import Frame, Opcode
 
 from bench.sessions import summary
 from common.client import listen_url
-from tests.procs import RedisServer, start_gateway
+from tests.procs import ROOT, RedisServer, start_gateway
 
 FRAME = 1600  # 100 ms at 16 kHz
 
@@ -33,11 +35,12 @@ def _cpu_seconds(pid: int) -> float:
 
 
 async def _load(url: str, sockets: int, seconds: float, settle_s: float,
-                probe: Callable[[], list[float]]) -> tuple[dict[str, list[float]], int, float,
-                                                        list[float]]:
+                probe: Callable[[], list[float]], memory: Callable[[], float]
+                ) -> tuple[dict[str, list[float]], int, float, list[float], float]:
     """Open every socket, wait ``settle_s``, then send 100 ms frames from all of them for
     ``seconds``. Returns the send times per session, the sockets that failed, how long
-    opening them took, and the change in ``probe()`` (CPU seconds) while they sent."""
+    opening them took, the change in ``probe()`` (CPU seconds) while they sent, and
+    ``memory()`` (the gateway's RSS) once every socket was open."""
     rng = np.random.default_rng(1)
     payload = (rng.normal(0, 300, FRAME)).astype("<i2").tobytes()
     sent: dict[str, list[float]] = {}
@@ -80,6 +83,7 @@ async def _load(url: str, sockets: int, seconds: float, settle_s: float,
     # The connection storm (every socket opened at once) is over before frames are timed:
     # this measures sockets that stream, not the handshakes.
     await asyncio.sleep(settle_s)
+    rss = memory()
     before = probe()
     t0 = time.monotonic()
     for k in range(int(seconds * 100)):  # every 10 ms, one phase's sockets send a frame
@@ -94,7 +98,19 @@ async def _load(url: str, sockets: int, seconds: float, settle_s: float,
     await asyncio.sleep(1.0)  # let the last frames land
     done.set()
     await asyncio.gather(*tasks)
-    return sent, failures, connect_s, used
+    return sent, failures, connect_s, used, rss
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _total_rss_mb(pids: list[int]) -> float:
+    return sum(_rss_mb(p) for p in pids)
 
 
 def _ms(value: float | None) -> str:
@@ -109,19 +125,32 @@ def session_id_of(hello: str | bytes) -> str:
 
 def gateway_suite(socket_counts: list[int], seconds: float,
                   variants: list[tuple[str, str]] | None = None,
-                  settle_s: float = 2.0) -> dict[str, Any]:
+                  settle_s: float = 2.0, rounds: int = 1) -> dict[str, Any]:
     """Each variant (name, extra gateway flags) at each socket count. ``procs:N`` among a
-    variant's flags runs N gateway processes sharing the port (``--reuse-port``)."""
-    out: dict[str, Any] = {"seconds": seconds, "settle_s": settle_s, "variants": {}}
-    for name, gateway_args in variants or [("default", "")]:
-        rows = _gateway_rows(socket_counts, seconds, settle_s, shlex.split(gateway_args), name)
-        out["variants"][name] = {"gateway_args": gateway_args, "rows": rows}
+    variant's flags runs N gateway processes sharing the port (``--reuse-port``); ``--code
+    DIR`` runs the gateway from another checkout (a ``git worktree`` of an older revision),
+    so a change is compared with the code before it in one run. With ``rounds`` > 1 the
+    variants take turns, round after round (a drift of the machine then touches each
+    alike), and every round's row is kept."""
+    out: dict[str, Any] = {"seconds": seconds, "settle_s": settle_s, "rounds": rounds,
+                           "variants": {}}
+    variants = variants or [("default", "")]
+    for name, gateway_args in variants:
+        out["variants"][name] = {"gateway_args": gateway_args, "rows": []}
+    for _ in range(rounds):
+        for name, gateway_args in variants:
+            out["variants"][name]["rows"] += _gateway_rows(
+                socket_counts, seconds, settle_s, shlex.split(gateway_args), name)
     out["rows"] = out["variants"][next(iter(out["variants"]))]["rows"]  # the first, for plots
     return out
 
 
 def _gateway_rows(socket_counts: list[int], seconds: float, settle_s: float,
                   extra: list[str], name: str) -> list[dict[str, Any]]:
+    code: Path | str = ROOT
+    if "--code" in extra:
+        i = extra.index("--code")
+        code, extra = Path(extra[i + 1]).resolve(), extra[:i] + extra[i + 2:]
     procs = [int(a.split(":", 1)[1]) for a in extra if a.startswith("procs:")]
     extra = [a for a in extra if not a.startswith("procs:")]
     if procs:
@@ -133,8 +162,8 @@ def _gateway_rows(socket_counts: list[int], seconds: float, settle_s: float,
         # One load generator on one address: lift the per-address cap for this run.
         flags = ["--max-backlog", "1000000", "--resume-grace-s", "3600",
                  "--max-sessions-per-ip", str(n + 10), *extra]
-        gateway, port = start_gateway(server.url, *flags)
-        gateways = [gateway] + [start_gateway(server.url, *flags, port=port)[0]
+        gateway, port = start_gateway(server.url, *flags, cwd=code)
+        gateways = [gateway] + [start_gateway(server.url, *flags, port=port, cwd=code)[0]
                                 for _ in range(max(procs or [1]) - 1)]
         try:
             pids = [g.proc.pid for g in gateways]
@@ -145,8 +174,10 @@ def _gateway_rows(socket_counts: list[int], seconds: float, settle_s: float,
                 return [sum(_cpu_seconds(p) for p in pids), _cpu_seconds(rpid),
                         time.process_time(), time.monotonic()]
 
-            sent, failures, connect_s, (cpu, rcpu, own, wall) = asyncio.run(
-                _load(listen_url(f"ws://127.0.0.1:{port}"), n, seconds, settle_s, probe))
+            idle_mb = _total_rss_mb(pids)
+            sent, failures, connect_s, (cpu, rcpu, own, wall), loaded_mb = asyncio.run(
+                _load(listen_url(f"ws://127.0.0.1:{port}"), n, seconds, settle_s, probe,
+                      functools.partial(_total_rss_mb, pids)))
             r = server.client()
             lat = []
             for sid, times in sent.items():
@@ -162,7 +193,9 @@ def _gateway_rows(socket_counts: list[int], seconds: float, settle_s: float,
                    "frame_to_xadd_ms": {k: (v * 1000 if isinstance(v, float) else v)
                                         for k, v in summary(lat).items()},
                    "gateway_cores": cores, "cores_per_100_sockets": cores * 100 / n,
-                   "redis_cores": rcpu / wall, "load_generator_cores": own / wall}
+                   "redis_cores": rcpu / wall, "load_generator_cores": own / wall,
+                   "gateway_rss_idle_mb": idle_mb, "gateway_rss_mb": loaded_mb,
+                   "gateway_kb_per_socket": (loaded_mb - idle_mb) * 1024 / n}
             rows.append(row)
             lat_ms = row["frame_to_xadd_ms"]
             print(f"[gateway] {name} {n} sockets: frame→XADD p50 {_ms(lat_ms['p50'])} "
@@ -171,7 +204,8 @@ def _gateway_rows(socket_counts: list[int], seconds: float, settle_s: float,
                   f"gateway "
                   f"{cores:.2f} cores ({row['cores_per_100_sockets']:.3f} per 100 sockets); "
                   f"redis {row['redis_cores']:.2f}, load generator "
-                  f"{row['load_generator_cores']:.2f} cores",
+                  f"{row['load_generator_cores']:.2f} cores; gateway RSS {idle_mb:.0f} -> "
+                  f"{loaded_mb:.0f} MB ({row['gateway_kb_per_socket']:.1f} kB per socket)",
                   flush=True)
         finally:
             for g in gateways:

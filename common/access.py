@@ -1,6 +1,7 @@
 """Checks made on every HTTP request before a WebSocket upgrade: request rates, Origin,
 credentials, the client's address, and the per-address and per-key caps on concurrent
-sessions.
+sessions; and the per-address connection counts checked when a connection is accepted
+(``PeerLimits``, applied by ``common/serving.py``).
 
 Used by the gateway and by ``python -m fanout``; each failure is an ``SttError`` whose
 ``http_status`` becomes the response (401, 403, 429) with a JSON error body.
@@ -15,23 +16,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import http
 import ipaddress
 import logging
 import math
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import redis.asyncio as aioredis
-from websockets.asyncio.server import ServerConnection
-from websockets.datastructures import Headers
-from websockets.exceptions import SecurityError
-from websockets.http11 import Request, Response
-from websockets.protocol import State
-from websockets.typing import Subprotocol
+from multidict import CIMultiDictProxy
 
 from common import keys
 from common.auth import (
@@ -45,6 +40,7 @@ from common.auth import (
 )
 from common.errors import (
     BadRequest,
+    MethodNotAllowed,
     OriginNotAllowed,
     RateLimited,
     TooManySessions,
@@ -55,6 +51,11 @@ from common.ratelimit import BucketMap
 from common.redis_client import REDIS_DOWN
 from common.scripts import CAP_ACQUIRE
 from common.settings import AccessSettings
+
+if TYPE_CHECKING:
+    from aiohttp.web import BaseRequest
+
+Headers = CIMultiDictProxy[str]
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +75,11 @@ NONCE_MARGIN_S = 60
 
 
 #: Request headers that may appear once: with two, the proxy, these checks and the WebSocket
-#: layer could each read another one (and websockets' ``Headers.get`` raises on them).
+#: layer could each read another one.
 SINGLE_HEADERS = ("Host", "Upgrade", "Connection", "Sec-WebSocket-Key",
                   "Sec-WebSocket-Version", "Authorization", "Origin")
 #: Refused connections are logged at most once per this many seconds (with a count).
 REFUSED_LOG_INTERVAL_S = 60.0
-
-#: An upgrade answered 101 whose handler has not taken its lease this long after is one
-#: whose client vanished before the handler started (websockets then never runs it).
-HANDLER_START_S = 5.0
-#: An admitted upgrade not answered at all this long after (the handshake timed out).
-HANDSHAKE_LIMIT_S = 60.0
 
 
 def parse_networks(config: str) -> list[IPNetwork]:
@@ -135,7 +130,7 @@ def normalize_origin(origin: str) -> str:
 def check_single_headers(headers: Headers) -> None:
     """BadRequest for a request that repeats a header that must appear once."""
     for name in SINGLE_HEADERS:
-        if len(headers.get_all(name)) > 1:
+        if len(headers.getall(name, ())) > 1:
             raise BadRequest(f"send one {name} header")
 
 
@@ -256,74 +251,6 @@ class PeerLimits:
             self.refused = 0
 
 
-class LimitedConnection(ServerConnection):
-    """websockets' server connection under ``PeerLimits``: a connection over its address's
-    caps is cut when it is accepted (nothing read, no response); a request whose line and
-    headers exceed ``max_request_bytes`` is answered 431 and the rest of what it sends is
-    discarded. Bound to its limits by ``limited_connection``."""
-
-    peer_limits: ClassVar[PeerLimits]
-    _peer: str | None = None
-    _unanswered = False
-    _request_bytes = 0
-    _oversized = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        bucket = self.peer_limits.bucket(transport.get_extra_info("peername"))
-        if bucket is None:
-            return
-        if not self.peer_limits.open(bucket):
-            self.transport.abort()  # the Transport super() stored
-            return
-        self._peer, self._unanswered = bucket, True
-
-    def data_received(self, data: bytes) -> None:
-        limit = self.peer_limits.max_request_bytes
-        if self.request is None and limit > 0 and not self._oversized:
-            self._request_bytes += len(data)
-            if self._request_bytes > limit:
-                self._oversized = True
-                self._refuse_oversized(limit)
-        super().data_received(data)
-
-    def _refuse_oversized(self, limit: int) -> None:
-        """Answer 431 as websockets answers too many headers: its parser then discards what
-        comes, and the handshake timeout ends a client that does not close."""
-        if self.protocol.state is not State.CONNECTING:
-            return
-        self.protocol.handshake_exc = SecurityError(
-            f"request line and headers exceed {limit} bytes")
-        self.protocol.send_response(self.protocol.reject(
-            http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-            f"Failed to open a WebSocket connection: the request line and headers may be "
-            f"at most {limit} bytes.\n"))
-
-    async def handshake(self, *args: Any, **kwargs: Any) -> None:
-        try:
-            await super().handshake(*args, **kwargs)
-        finally:
-            self._answered()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        self._answered()
-        if self._peer is not None:
-            self.peer_limits.closed(self._peer)
-            self._peer = None
-
-    def _answered(self) -> None:
-        if self._unanswered and self._peer is not None:
-            self._unanswered = False
-            self.peer_limits.answered(self._peer)
-
-
-def limited_connection(limits: PeerLimits) -> type[ServerConnection]:
-    """A ``LimitedConnection`` class bound to ``limits``, for websockets' ``serve(...,
-    create_connection=...)``."""
-    return type("LimitedConnection", (LimitedConnection,), {"peer_limits": limits})
-
-
 @dataclasses.dataclass
 class CapHold:
     """One local holder of a cap member: a connection, or a detached session waiting out its
@@ -336,21 +263,21 @@ class CapHold:
 
 
 @dataclasses.dataclass
-class Admitted:
-    """An upgrade that passed ``admit``, waiting for its handler (``take``)."""
+class Admission:
+    """What ``admit`` gave a request: its principal, and what the handler must give back
+    however the request ends: the session caps' lease (``release``, or handed to the
+    session that keeps it) and a viewer's slot (``release_viewer``)."""
 
     principal: Principal
-    lease: str | None
-    at: float  # monotonic: when it was admitted, then when its 101 went out
-    answered: bool = False
+    lease: str | None = None
+    viewer: tuple[str, str] | None = None
 
 
-def select_subprotocol(connection: ServerConnection,
-                       offered: Sequence[Subprotocol]) -> Subprotocol | None:
+def select_subprotocol(offered: Sequence[str]) -> str | None:
     """Select ``stt`` when offered (a browser sending ``bearer.<token>`` must offer it:
     browsers fail a handshake whose response selects none of the offered ones). The
     credential-carrying entry is never selected, so never echoed."""
-    return Subprotocol(SUBPROTOCOL) if SUBPROTOCOL in offered else None
+    return SUBPROTOCOL if SUBPROTOCOL in offered else None
 
 
 class AccessGuard:
@@ -371,8 +298,6 @@ class AccessGuard:
         self._acquire = redis.register_script(CAP_ACQUIRE)
         # Cap leases of this process: local handle -> the member it holds and where.
         self._held: dict[str, CapHold] = {}
-        # Admitted upgrades waiting for their handler.
-        self._conns: dict[object, Admitted] = {}
         self.ip_rate = BucketMap(settings.rate_limit_ip_per_s, settings.rate_limit_ip_burst,
                                  settings.rate_limit_buckets)
         self.key_rate = BucketMap(settings.rate_limit_key_per_s, settings.rate_limit_key_burst,
@@ -405,11 +330,11 @@ class AccessGuard:
     def client_ip(self, peer: str, headers: Headers) -> str:
         if not self.proxies:
             return peer
-        return client_address(peer, headers.get_all("X-Forwarded-For"), self.proxies)
+        return client_address(peer, headers.getall("X-Forwarded-For", ()), self.proxies)
 
-    def request_ip(self, connection: object, request: Request) -> str:
-        peer = getattr(connection, "remote_address", None)
-        return self.client_ip(str(peer[0]) if peer else "", request.headers)
+    def request_ip(self, request: BaseRequest) -> str:
+        """The client's address: the peer's, or the one a trusted proxy forwarded."""
+        return self.client_ip(request.remote or "", request.headers)
 
     def check_rate(self, ip: str, now: float) -> None:
         """RateLimited when this address is locked out by failed authentications or has
@@ -439,14 +364,14 @@ class AccessGuard:
         """Browsers always send Origin on a WebSocket upgrade; other clients need not."""
         if not self.origins:
             return
-        for origin in headers.get_all("Origin"):
+        for origin in headers.getall("Origin", ()):
             if normalize_origin(origin) not in self.origins:
                 raise OriginNotAllowed("this page's origin may not use the service")
 
     @staticmethod
-    def credential(request: Request) -> str | None:
+    def credential(request: BaseRequest) -> str | None:
         """``Authorization: Bearer``, else a ``bearer.<token>`` subprotocol, else ``?token=``."""
-        auth = request.headers.get_all("Authorization")
+        auth = request.headers.getall("Authorization", ())
         if len(auth) > 1:
             raise Unauthorized("send one Authorization header")
         if auth:
@@ -454,15 +379,15 @@ class AccessGuard:
             if scheme.lower() != "bearer" or not value.strip():
                 raise Unauthorized("use 'Authorization: Bearer <key or token>'")
             return value.strip()
-        for line in request.headers.get_all("Sec-WebSocket-Protocol"):
+        for line in request.headers.getall("Sec-WebSocket-Protocol", ()):
             for item in line.split(","):
                 item = item.strip()
                 if item.lower().startswith(BEARER_PROTOCOL_PREFIX):
                     return item[len(BEARER_PROTOCOL_PREFIX):]
-        values = parse_qs(urlsplit(request.path).query, max_num_fields=64).get("token")
+        values = parse_qs(urlsplit(request.raw_path).query, max_num_fields=64).get("token")
         return values[-1] if values else None
 
-    def authenticate(self, request: Request, *, opens_session: bool,
+    def authenticate(self, request: BaseRequest, *, opens_session: bool,
                      allow_tokens: bool = True) -> Principal:
         """The principal, or Unauthorized. A token opening a session must still be inside
         its first-use window; it is consumed separately (``consume``), after the caps."""
@@ -522,19 +447,21 @@ class AccessGuard:
                                       ex=left + NONCE_MARGIN_S, get=True)
         return before is None or before == TOKEN_REVOKED
 
-    async def admit(self, connection: object, request: Request, *, opens_session: bool,
+    async def admit(self, request: BaseRequest, *, opens_session: bool,
                     caps: tuple[int, int] | None = None, allow_tokens: bool = True,
-                    member: str | None = None, viewer: bool = False) -> Principal:
+                    member: str | None = None, viewer: bool = False,
+                    methods: tuple[str, ...] = ("GET",),
+                    method_message: str | None = None) -> Admission:
         """Every check for one request, in order: the address's request rate and failed
         authentications (429), headers that must appear once (400), Origin (403),
-        credentials (401), the API key's request rate (429), the session caps (429,
-        WebSocket upgrades with ``caps`` only) or, for a ``viewer`` upgrade, the viewer caps
-        (429), a token's first use (401). An upgrade's principal and cap lease wait in
-        ``take`` for its handler; a viewer's slot is held until its connection is closed.
+        credentials (401), the API key's request rate (429), the method (405: one of
+        ``methods``), the session caps (429, WebSocket upgrades with ``caps`` only) or, for
+        a ``viewer`` upgrade, the viewer caps (429), a token's first use (401). The
+        ``Admission`` holds what the handler gives back when the request ends.
 
         ``member`` is what the caps count: the id of the session the upgrade opens or
         resumes (a fresh id when None)."""
-        ip = self.request_ip(connection, request)
+        ip = self.request_ip(request)
         now = time.monotonic()
         self.check_rate(ip, now)
         check_single_headers(request.headers)
@@ -547,66 +474,36 @@ class AccessGuard:
             self.auth_failed(ip, now)
             raise
         self.check_key_rate(principal, now)
-        lease = None
+        if request.method not in methods:
+            raise MethodNotAllowed(method_message or f"use {' or '.join(methods)}",
+                                   allow=methods)
+        admission = Admission(principal)
         if upgrade and caps is not None:
-            lease = await self.acquire(ip, principal, *caps, member=member)
+            admission.lease = await self.acquire(ip, principal, *caps, member=member)
         if upgrade and viewer:
-            self.hold_viewer(connection, ip, principal)
+            admission.viewer = self.viewers.acquire(address_bucket(ip), principal.account)
         if opens_session:
             try:
                 await self.consume(principal, dry_run=not upgrade)
             except BaseException as exc:
-                if lease is not None:
-                    await self.release(lease)
+                await self.settle(admission)
                 if isinstance(exc, Unauthorized):
                     self.auth_failed(ip, now)
                 raise
-        if upgrade:
-            self._conns[connection] = Admitted(principal, lease, time.monotonic())
-        return principal
+        return admission
 
-    def hold_viewer(self, connection: object, ip: str, principal: Principal) -> None:
-        """Count a viewer socket against its address and API key (TooManyViewers at a cap)
-        until its connection is closed, however it ends (refused upgrade included)."""
-        slot = self.viewers.acquire(address_bucket(ip), principal.account)
-        closed = getattr(connection, "connection_lost_waiter", None)
-        if isinstance(closed, asyncio.Future):
-            closed.add_done_callback(lambda _: self.viewers.release(slot))
-        else:  # not a socket (unit tests): nothing to hold it for
+    async def settle(self, admission: Admission) -> None:
+        """Give back what ``admit`` took for a request that has ended (its lease, unless a
+        session took it over and cleared it; its viewer slot)."""
+        lease, admission.lease = admission.lease, None
+        if lease is not None:
+            await self.release(lease)
+        self.release_viewer(admission)
+
+    def release_viewer(self, admission: Admission) -> None:
+        slot, admission.viewer = admission.viewer, None
+        if slot is not None:
             self.viewers.release(slot)
-
-    def take(self, connection: object) -> tuple[Principal, str | None]:
-        """The principal and cap lease that ``admit`` stored for this connection."""
-        found = self._conns.pop(connection, None)
-        if found is None:  # not admitted: never fall back to anonymous when auth is on
-            if self.required:
-                raise Unauthorized("authentication required")
-            return ANONYMOUS, None
-        return found.principal, found.lease
-
-    async def process_response(self, connection: object, request: Request,
-                               response: Response) -> None:
-        """websockets' process_response hook: an upgrade that failed after ``admit``
-        (a bad handshake) frees what it was given; a 101 starts the wait for its handler."""
-        if response.status_code != 101:
-            found = self._conns.pop(connection, None)
-            if found is not None and found.lease is not None:
-                await self.release(found.lease)
-            return
-        admitted = self._conns.get(connection)
-        if admitted is not None:
-            admitted.at, admitted.answered = time.monotonic(), True
-
-    async def _sweep(self) -> None:
-        """Upgrades whose handler never ran: the client vanished right after the 101 (the
-        handler starts at once otherwise), or the handshake never finished."""
-        now = time.monotonic()
-        for connection, admitted in list(self._conns.items()):
-            age = now - admitted.at
-            if age > (HANDLER_START_S if admitted.answered else HANDSHAKE_LIMIT_S):
-                del self._conns[connection]
-                if admitted.lease is not None:
-                    await self.release(admitted.lease)
 
     # ------------------------------------------------------------------ session caps
 
@@ -673,7 +570,6 @@ class AccessGuard:
         ZADD, not XX: a member that a stale holder removed is restored by its live one."""
         while True:
             await asyncio.sleep(every_s)
-            await self._sweep()
             if not self._held:
                 continue
             expiry = f"{time.time() + self.lease_s:.3f}"

@@ -93,8 +93,15 @@ class NotFound(SttError):
 
 
 class MethodNotAllowed(SttError):
+    """A method the endpoint does not serve; ``allow`` lists those it does (the ``Allow``
+    header of the 405)."""
+
     code = "method_not_allowed"
     http_status = 405
+
+    def __init__(self, message: str | None = None, allow: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.allow = allow
 
 
 class WebSocketRequired(SttError):
@@ -144,14 +151,6 @@ class TooSlow(SttError):
     code = "too_slow"
     close_code = TRY_AGAIN_LATER
     http_status = 503
-
-
-class TooLarge(SttError):
-    """A response would exceed a configured size limit."""
-
-    code = "too_large"
-    close_code = MESSAGE_TOO_BIG
-    http_status = 413
 
 
 class StorageUnavailable(SttError):

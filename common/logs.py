@@ -142,6 +142,25 @@ class ResourceErrorFilter(logging.Filter):
         return True
 
 
+class MalformedRequestFilter(logging.Filter):
+    """aiohttp logs every request it cannot parse (the client's fault, and the client's to
+    repeat at will) at ERROR with a traceback: such a line is kept at DEBUG, as one line,
+    and dropped otherwise. Its other errors (a handler that failed) are not touched."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.msg = f"{record.getMessage()}: malformed request: {' '.join(str(exc).split())}"
+        record.args, record.exc_info, record.exc_text = None, None, None
+        return True
+
+
 def setup_logging(level: str, fmt: str = "text") -> None:
     logging.getLogger("faster_whisper").setLevel(logging.WARNING)
     handler = logging.StreamHandler()
@@ -149,6 +168,9 @@ def setup_logging(level: str, fmt: str = "text") -> None:
         "%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler.setFormatter(RedactingFormatter(inner))
     handler.addFilter(ResourceErrorFilter())
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequestFilter) for f in server_log.filters):
+        server_log.addFilter(MalformedRequestFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))

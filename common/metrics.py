@@ -1,4 +1,4 @@
-"""Prometheus metrics: every name in one place, and a health/metrics HTTP endpoint.
+"""Prometheus metrics: every name in one place, and the health/metrics HTTP routes.
 
 Each process registers only what it uses: ``gateway_metrics()``,
 ``worker_metrics()`` or ``fanout_metrics()`` build their collectors on a
@@ -8,13 +8,11 @@ fresh registry, so tests can run several in one process.
 from __future__ import annotations
 
 import dataclasses
-import http
-import http.server
 import logging
-import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -23,6 +21,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+from common.serving import Served, serve
 
 log = logging.getLogger(__name__)
 
@@ -154,78 +154,62 @@ def register_viewer_gauges(registry: CollectorRegistry, hubs: Callable[[], int],
           registry=registry).set_function(viewers)
 
 
-class HealthServer:
-    """/metrics, /healthz and /readyz on a plain HTTP port, served from a daemon thread."""
-
-    def __init__(self, registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]],
-                 host: str, port: int) -> None:
-        self.registry = registry
-        self.ready = ready
-        handler = self._handler()
-        self.server = http.server.ThreadingHTTPServer((host, port), handler)
-        self.port = int(self.server.server_address[1])
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True,
-                                        name="health-http")
-
-    def start(self) -> HealthServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def _handler(self) -> type[http.server.BaseHTTPRequestHandler]:
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    self._send(200, generate_latest(outer.registry), CONTENT_TYPE_LATEST)
-                elif path == "/healthz":
-                    self._send(200, b"ok\n")
-                elif path == "/readyz":
-                    ok, why = outer.ready()
-                    self._send(200 if ok else 503, (why + "\n").encode())
-                else:
-                    self._send(404, b"not found\n")
-
-            def _send(self, status: int, body: bytes,
-                      ctype: str = "text/plain; charset=utf-8") -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass  # scrapes every few seconds would drown the service's own log
-
-        return Handler
+Readiness = Callable[[], Awaitable[tuple[bool, str]]]
 
 
-async def health_route(path: str, connection: Any, probe: Any, registry: CollectorRegistry,
-                       before_metrics: Callable[[], Awaitable[None]] | None = None) -> Any:
-    """/healthz, /readyz (``probe`` answers PING) and /metrics on a websockets server;
-    None for any other path. The same three endpoints on the gateway and fanout."""
-    from websockets.datastructures import Headers
-    from websockets.http11 import Response
+def _text(status: int, text: str) -> web.Response:
+    return web.Response(status=status, text=text, content_type="text/plain", charset="utf-8")
 
+
+def health_routes(registry: CollectorRegistry, ready: Readiness,
+                  before_metrics: Callable[[], Awaitable[None]] | None = None
+                  ) -> list[web.RouteDef]:
+    """``/healthz`` (alive), ``/readyz`` (``ready()``: 200 or 503 with its reason) and
+    ``/metrics`` (Prometheus; ``before_metrics`` refreshes what is read at scrape time):
+    the same three on the gateway, fanout and the worker."""
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return _text(200, "ok\n")
+
+    async def readyz(_request: web.Request) -> web.Response:
+        ok, why = await ready()
+        return _text(200 if ok else 503, why + "\n")
+
+    async def metrics(_request: web.Request) -> web.Response:
+        if before_metrics is not None:
+            await before_metrics()
+        return web.Response(body=generate_latest(registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    return [web.get("/healthz", healthz), web.get("/readyz", readyz),
+            web.get("/metrics", metrics)]
+
+
+def redis_ready(probe: Any) -> Readiness:
+    """Readiness of a server whose only dependency is Redis (``probe`` answers PING)."""
     from common.redis_client import REDIS_DOWN
 
-    if path == "/healthz":
-        return connection.respond(http.HTTPStatus.OK, "ok\n")
-    if path == "/readyz":
+    async def ready() -> tuple[bool, str]:
         try:
             await probe.ping()
         except REDIS_DOWN:
-            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "redis unreachable\n")
-        return connection.respond(http.HTTPStatus.OK, "ready\n")
-    if path == "/metrics":
-        if before_metrics is not None:
-            await before_metrics()
-        body = generate_latest(registry)
-        return Response(200, "OK", Headers([("Content-Type", CONTENT_TYPE_LATEST),
-                                            ("Content-Length", str(len(body)))]), body)
-    return None
+            return False, "redis unreachable"
+        return True, "ready"
+    return ready
+
+
+async def serve_health(registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]],
+                       host: str, port: int) -> Served:
+    """The worker's health port: ``health_routes`` on this event loop (its model and VAD
+    run in threads, so the loop stays free to answer); anything else is a 404."""
+
+    async def readiness() -> tuple[bool, str]:
+        return ready()
+
+    async def not_found(_request: web.Request) -> web.Response:
+        return _text(404, "not found\n")
+
+    app = web.Application()
+    app.add_routes(health_routes(registry, readiness))
+    app.router.add_route("*", "/{path:.*}", not_found)
+    return await serve(app, host, port)

@@ -230,8 +230,9 @@ class ClientLimitSettings:
     logins, open connections, request size (docs/security.md)."""
 
     handshake_timeout_s: float = setting(
-        10.0, "seconds a connection has to send its HTTP request and complete the WebSocket "
-        "handshake before it is cut (slow-loris guard)")
+        10.0, "seconds a connection has from its accept until its request is answered (the "
+        "101 of a WebSocket upgrade, or the head of an HTTP response); then it is cut without "
+        "a response (slow-loris guard)")
     rate_limit_ip_per_s: float = setting(
         5.0, "/v1 HTTP requests and WebSocket handshakes per second one client address may "
         "make once rate_limit_ip_burst is spent (beyond: HTTP 429 rate_limited with "
@@ -269,8 +270,9 @@ class ClientLimitSettings:
         "of them is 0); 0 = no limit")
     max_request_header_bytes: int = setting(
         32768, "bytes of HTTP request (request line and headers together) a connection may "
-        "send; beyond it HTTP 431 (the WebSocket layer also bounds one line to 8 KiB and the "
-        "count to 128 headers); 0 = only those bounds")
+        "send; beyond it HTTP 431 (one line is also bounded to 8 KiB, HTTP 414 for the "
+        "request line and 431 for a header, and the count to 128 headers, 431); 0 = only "
+        "those bounds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,8 +297,8 @@ class MessageLimitSettings:
     transport_max_bytes: int = setting(
         0, "bytes of the largest message the WebSocket layer reads at all: a larger one is "
         "refused from its frame header, unread, with close 1009 and no error message (memory "
-        "per socket is about this times max_queue); at least max_message_bytes; "
-        "0 = auto: 2 x max_message_bytes")
+        "per socket is at most about this plus 128 KiB of messages read ahead); at least "
+        "max_message_bytes; 0 = auto: 2 x max_message_bytes")
     max_messages_per_s: float = setting(
         100.0, "WebSocket messages per second one socket may send once messages_burst is "
         "spent (beyond: too_many_messages, close 1008); 0 = no limit")
@@ -341,11 +343,9 @@ class ListingExportSettings:
     list_max_scan: int = setting(
         1000, "most index entries one GET /v1/sessions examines; a state filter that matches "
         "few sessions returns a short page and next_before to continue from")
-    export_max_audio_s: float = setting(
-        3600.0, "seconds of audio one audio.wav response may carry (about 115 MB per hour); "
-        "longer sessions are fetched in windows with start= and end=")
     export_concurrency: int = setting(
-        2, "audio.wav responses one process builds at once; more get HTTP 503 overloaded")
+        2, "audio.wav responses one process streams at once (each reads the session's audio "
+        "stream from Redis); more get HTTP 503 overloaded")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,9 +390,6 @@ class GatewayIoSettings:
         False, "let several gateway processes on this host listen on the same port "
         "(SO_REUSEPORT: the kernel spreads new connections across them), e.g. one per core; "
         "each process serves its own /metrics")
-    max_queue: int = setting(
-        16, "incoming WebSocket messages buffered per connection before the gateway stops "
-        "reading from its socket")
     send_queue: int = setting(
         256, "results buffered per /v1/listen socket; a client that falls further behind is "
         "dropped (error too_slow, close 1013; it may resume)")

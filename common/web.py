@@ -1,5 +1,6 @@
 """The edge both servers share (the gateway and ``python -m fanout``): the one adapter from
-an error to what a client gets, JSON responses, query parameters, and socket helpers.
+an error to what a client gets, JSON responses, query parameters, and the WebSocket adapter
+(``Socket``: the rest of the code never sees aiohttp's message types).
 
 An error becomes, over HTTP, its ``http_status`` with ``{"type": "error", "code",
 "message"}``; over a WebSocket, that same ``error`` message and then a close with its
@@ -18,17 +19,18 @@ import math
 import time
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
-from websockets.asyncio.server import ServerConnection
-from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Response
-from websockets.protocol import State
+from aiohttp import WSMsgType, web
 
+from common.access import select_subprotocol
 from common.backoff import REDIS_DOWN
-from common.errors import BadRequest, RateLimited, StorageUnavailable, SttError
+from common.errors import BadRequest, MethodNotAllowed, RateLimited, StorageUnavailable, SttError
 from common.messages import ErrorMessage, parse_control, to_json
 from common.ratelimit import MessageLimits
+
+#: Seconds ``Socket.close`` waits for the client's close frame.
+CLOSE_TIMEOUT_S = 10.0
 
 # --------------------------------------------------------------------------- errors
 
@@ -42,16 +44,15 @@ def client_error(exc: BaseException) -> SttError:
     return SttError()
 
 
-def json_response(status: http.HTTPStatus, body: Any) -> Response:
+def json_response(status: http.HTTPStatus, body: Any) -> web.Response:
     data = json.dumps(body, ensure_ascii=False).encode()
-    return Response(status.value, status.phrase, Headers([
-        ("Content-Type", "application/json"), ("Content-Length", str(len(data))),
-        ("Cache-Control", "no-store")]), data)
+    return web.Response(status=status.value, body=data, headers={
+        "Content-Type": "application/json", "Cache-Control": "no-store"})
 
 
-def error_response(exc: BaseException) -> Response:
+def error_response(exc: BaseException) -> web.Response:
     """The HTTP answer to ``exc``: its status and JSON body, with ``WWW-Authenticate`` on
-    401 and ``Retry-After`` on a rate limit."""
+    401, ``Retry-After`` on a rate limit and ``Allow`` on 405."""
     err = client_error(exc)
     response = json_response(http.HTTPStatus(err.http_status),
                              {"type": "error", "code": err.code, "message": err.message})
@@ -59,18 +60,138 @@ def error_response(exc: BaseException) -> Response:
         response.headers["WWW-Authenticate"] = 'Bearer realm="stt"'
     if isinstance(err, RateLimited):
         response.headers["Retry-After"] = str(max(1, math.ceil(err.retry_after_s)))
+    if isinstance(err, MethodNotAllowed) and err.allow:
+        response.headers["Allow"] = ", ".join(err.allow)
     return response
 
 
-async def send_error(ws: ServerConnection, exc: BaseException) -> None:
+def target(request: web.BaseRequest) -> tuple[str, dict[str, list[str]]]:
+    """The request's path as it was sent (not percent-decoded) and its query parameters:
+    the one parse every check and route acts on."""
+    url = urlsplit(request.raw_path)
+    return url.path, parse_qs(url.query, keep_blank_values=True)
+
+
+def wants_websocket(request: web.BaseRequest) -> bool:
+    return request.headers.get("Upgrade", "").lower() == "websocket"
+
+
+# --------------------------------------------------------------------------- WebSockets
+
+
+#: Close handshakes under way whose caller was cancelled (kept until they end).
+_closing: set[asyncio.Future[bool]] = set()
+
+
+class SocketClosed(Exception):
+    """The WebSocket is closed, by either side; ``code`` is its close code when known."""
+
+    def __init__(self, code: int | None = None) -> None:
+        super().__init__(f"socket closed ({code})")
+        self.code = code
+
+
+class Socket:
+    """A server WebSocket as the services use it: ``recv`` and ``send`` text or bytes, and
+    ``close`` with a code; a closed socket raises ``SocketClosed`` (aiohttp reports a close
+    as a message, and a failed send as a connection error). ``request`` is the upgrade's
+    HTTP request."""
+
+    __slots__ = ("_closing", "request", "ws")
+
+    def __init__(self, request: web.BaseRequest, ws: web.WebSocketResponse) -> None:
+        self.request = request
+        self.ws = ws
+        self._closing: asyncio.Future[bool] | None = None
+
+    @property
+    def subprotocol(self) -> str | None:
+        return self.ws.ws_protocol
+
+    @property
+    def closed(self) -> bool:
+        return self.ws.closed
+
+    async def recv(self) -> str | bytes:
+        """The next text (str) or binary (bytes) message; pings are answered meanwhile."""
+        msg = await self.ws.receive()
+        if msg.type is WSMsgType.BINARY or msg.type is WSMsgType.TEXT:
+            return msg.data
+        raise SocketClosed(self.ws.close_code)
+
+    def __aiter__(self) -> Socket:
+        return self
+
+    async def __anext__(self) -> str | bytes:
+        try:
+            return await self.recv()
+        except SocketClosed:
+            raise StopAsyncIteration from None
+
+    async def send(self, message: str | bytes) -> None:
+        try:
+            if isinstance(message, str):
+                await self.ws.send_str(message)
+            else:
+                await self.ws.send_bytes(message)
+        except ConnectionError as exc:
+            raise SocketClosed(self.ws.close_code) from exc
+
+    async def close(self, code: int, reason: str = "") -> None:
+        """Send the close frame and wait (up to ``CLOSE_TIMEOUT_S``) for the client's.
+
+        The handshake goes on when the caller is cancelled (a task stopped meanwhile):
+        cancelled, aiohttp would close the connection with the client's unread messages in
+        its receive buffer, a TCP reset that can destroy what the client has not read yet
+        (the error message, the close frame)."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(
+                self.ws.close(code=code, message=reason.encode()))
+            _closing.add(self._closing)
+            self._closing.add_done_callback(_closing.discard)
+        await asyncio.shield(self._closing)
+
+    async def wait_closed(self) -> None:
+        """Until a close handshake under way has ended: its handler must not return before
+        (aiohttp then closes the connection, resetting it under the client's unread
+        messages, the last ones the server sent among them)."""
+        if self._closing is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._closing)
+
+    def abort(self) -> None:
+        """Cut the TCP connection: its buffers are freed at once."""
+        transport = self.request.transport
+        if transport is not None:
+            transport.abort()
+
+
+async def accept(request: web.BaseRequest, max_size: int) -> Socket:
+    """Answer an upgrade 101: ``stt`` as the subprotocol where offered (never a
+    ``bearer.`` one, so a credential is not echoed), no compression, messages of up to
+    ``max_size`` bytes (a larger one is refused from its frame header: close 1009); the
+    client's pings are answered as it is read. Keepalive pings are
+    ``common.serving``'s (``PING_INTERVAL_S``). aiohttp answers a malformed handshake
+    with 400."""
+    offered = [item.strip() for line in request.headers.getall("Sec-WebSocket-Protocol", ())
+               for item in line.split(",")]
+    chosen = select_subprotocol(offered)
+    ws = web.WebSocketResponse(protocols=(chosen,) if chosen else (), compress=False,
+                               timeout=CLOSE_TIMEOUT_S,
+                               max_msg_size=max_size + 1)  # aiohttp refuses >= its bound
+    await ws.prepare(request)
+    return Socket(request, ws)
+
+
+async def send_error(ws: Socket, exc: BaseException) -> None:
     """The WebSocket answer to ``exc``: its ``error`` message, then the close with its code."""
     err = client_error(exc)
-    with contextlib.suppress(ConnectionClosed):
+    with contextlib.suppress(SocketClosed):
         await ws.send(to_json(ErrorMessage(err.code, err.message)))
         await ws.close(err.close_code, err.code)
 
 
-async def drop(ws: ServerConnection, exc: SttError, grace_s: float) -> None:
+async def drop(ws: Socket, exc: SttError, grace_s: float) -> None:
     """Disconnect a client that may not be reading: error and close if it takes them in
     ``grace_s``, else cut the TCP connection so its buffers are freed at once."""
     try:
@@ -78,11 +199,10 @@ async def drop(ws: ServerConnection, exc: SttError, grace_s: float) -> None:
             await send_error(ws, exc)
     except TimeoutError:
         pass
-    if ws.state is not State.CLOSED:
-        ws.transport.abort()
+    ws.abort()
 
 
-async def read_controls(ws: ServerConnection, on_close: asyncio.Event | None = None,
+async def read_controls(ws: Socket, on_close: asyncio.Event | None = None,
                         limits: MessageLimits | None = None) -> None:
     """Read (and mostly ignore) what a client sends until the socket closes.
 
@@ -90,19 +210,18 @@ async def read_controls(ws: ServerConnection, on_close: asyncio.Event | None = N
     sets ``on_close`` where the endpoint supports ending early. A message over the
     ``limits`` (too large, too many) gets its error and the close, and ends the reading.
     """
-    with contextlib.suppress(ConnectionClosed):
-        async for message in ws:
-            if limits is not None:
-                try:
-                    limits.check(message, time.monotonic())
-                except SttError as exc:
-                    await send_error(ws, exc)
-                    return
-            if on_close is None or not isinstance(message, str):
-                continue
-            with contextlib.suppress(SttError):
-                if parse_control(message).type == "close":
-                    on_close.set()
+    async for message in ws:
+        if limits is not None:
+            try:
+                limits.check(message, time.monotonic())
+            except SttError as exc:
+                await send_error(ws, exc)
+                return
+        if on_close is None or not isinstance(message, str):
+            continue
+        with contextlib.suppress(SttError):
+            if parse_control(message).type == "close":
+                on_close.set()
 
 
 # --------------------------------------------------------------------------- query parameters

@@ -13,8 +13,8 @@ log = logging.getLogger("fanout")
 
 async def serve(settings: FanoutSettings) -> None:
     fanout = FanoutServer(settings)
-    server = await fanout.start()
-    ports = sorted({sock.getsockname()[1] for sock in server.sockets})
+    served = await fanout.start()
+    ports = served.ports
     log.info("fanout listening on %s port %s", settings.host, ports)
     await wait_for_stop_signal()
     await fanout.close()

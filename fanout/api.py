@@ -1,10 +1,10 @@
 """The recorded-sessions API: routing of ``/v1/sessions...`` for the gateway and for fanout.
 
-HTTP (plain GET, answered from ``process_request``):
+HTTP (``GET``, or ``HEAD`` for the headers alone; any other method is a 405):
 
 * ``/v1/sessions`` — newest first: ``{"sessions": [...], "next_before": ...}``
 * ``/v1/sessions/{id}`` — one session's info with result counts by type
-* ``/v1/sessions/{id}/audio.wav`` — the normalised audio (16 kHz mono int16)
+* ``/v1/sessions/{id}/audio.wav`` — the normalised audio (16 kHz mono int16), streamed
 * ``/v1/sessions/{id}/transcript.{txt,json,srt,vtt}``
 
 WebSocket: ``/v1/sessions/{id}/results`` (viewer) and, where a replay
@@ -25,23 +25,20 @@ import http
 import logging
 import re
 import time
-from urllib.parse import parse_qs, urlsplit
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 
 import redis.asyncio as aioredis
-from websockets.asyncio.server import ServerConnection
-from websockets.datastructures import Headers
-from websockets.http11 import Request, Response
+from aiohttp import web
 
 from common.audio import TARGET_RATE
-from common.auth import ANONYMOUS, Principal
+from common.auth import Principal
 from common.errors import (
     BadRequest,
     Forbidden,
     NotFound,
     Overloaded,
-    SessionNotFound,
     SttError,
-    TooLarge,
     WebSocketRequired,
 )
 from common.messages import AudioFrame
@@ -49,7 +46,18 @@ from common.ratelimit import MessageLimits
 from common.redis_client import REDIS_DOWN
 from common.sessions import Sessions, audio_end, check_session_id
 from common.settings import GatewaySettings, SessionsApiSettings
-from common.web import error_response, float_param, int_param, json_response, one, send_error
+from common.web import (
+    Socket,
+    accept,
+    error_response,
+    float_param,
+    int_param,
+    json_response,
+    one,
+    send_error,
+    target,
+    wants_websocket,
+)
 from fanout import formats
 from fanout.hub import Hubs
 from fanout.replay import Replay, ReplayConfig, ReplayParams
@@ -59,6 +67,12 @@ log = logging.getLogger(__name__)
 
 PREFIX = "/v1/sessions"
 _ROUTE = re.compile(r"/v1/sessions(?:/(?P<sid>[^/]+)(?:/(?P<leaf>[^/]+))?)?/?")
+#: Bytes of audio one export writes at a time.
+EXPORT_CHUNK = 1 << 16
+
+#: What keeps an open socket known to its server while it runs (so a stopping server can
+#: close it with 1012).
+Track = Callable[[Socket], AbstractAsyncContextManager[Socket]]
 
 
 
@@ -71,6 +85,11 @@ class Route:
     @property
     def websocket(self) -> bool:
         return self.kind in ("results", "replay")
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods this route serves (any other: 405): it only reads."""
+        return ("GET",) if self.websocket else ("GET", "HEAD")
 
     @property
     def opens_session(self) -> bool:
@@ -138,26 +157,26 @@ class SessionsApi:
         except NotFound:
             return None
 
-    async def process_request(self, connection: ServerConnection, request: Request,
-                              principal: Principal = ANONYMOUS,
-                              route: Route | None = None) -> Response | None:
-        """An HTTP response, or None to upgrade a WebSocket route. ``route``: the request's
-        route as its admission parsed it (parsed here when not given)."""
-        url = urlsplit(request.path)
+    async def serve(self, request: web.Request, principal: Principal, route: Route,
+                    track: Track) -> web.StreamResponse:
+        """One admitted request on ``route`` (as its admission parsed it): the HTTP
+        response, or the WebSocket, upgraded and served to its end (``track`` holds it
+        meanwhile). Errors before the upgrade are JSON with their status."""
+        _, query = target(request)
         try:
-            if route is None:
-                route = self.route(url.path)
-            query = parse_qs(url.query, keep_blank_values=True)
-            if route.websocket:
-                if request.headers.get("Upgrade", "").lower() != "websocket":
-                    raise WebSocketRequired("this endpoint is a WebSocket")
-                if route.kind == "replay" and self.replay is not None:
-                    # before the upgrade: a model outside the allowlist (or a path) is a 400
-                    ReplayParams.parse(query, self.replay.allowed_models)
-                return None
-            return await self._http(route, query, principal)
+            if not route.websocket:
+                return await self._http(request, route, query, principal)
+            if not wants_websocket(request):
+                raise WebSocketRequired("this endpoint is a WebSocket")
+            if route.kind == "replay" and self.replay is not None:
+                # before the upgrade: a model outside the allowlist (or a path) is a 400
+                ReplayParams.parse(query, self.replay.allowed_models)
         except (SttError, *REDIS_DOWN) as exc:
             return error_response(exc)
+        ws = await accept(request, self.settings.ws_max_size)
+        async with track(ws):
+            await self.websocket(ws, principal, route, query)
+        return ws.ws
 
     async def authorize(self, principal: Principal, sid: str) -> None:
         """Forbidden unless the principal may read this session (tokens: their own)."""
@@ -166,15 +185,10 @@ class SessionsApi:
             if not principal.may_read(owner):
                 raise token_forbidden()
 
-    async def websocket(self, ws: ServerConnection, principal: Principal = ANONYMOUS,
-                        route: Route | None = None) -> None:
-        """``route``: as for ``process_request``."""
-        assert ws.request is not None
-        url = urlsplit(ws.request.path)
-        query = parse_qs(url.query, keep_blank_values=True)
+    async def websocket(self, ws: Socket, principal: Principal, route: Route,
+                        query: dict[str, list[str]]) -> None:
+        """A viewer or replay socket, to its end."""
         try:
-            if route is None:
-                route = self.route(url.path)
             if route.kind == "results":
                 sid = check_session_id(route.sid)
                 params = ViewerParams.parse(query)
@@ -206,8 +220,8 @@ class SessionsApi:
 
     # ------------------------------------------------------------------ HTTP endpoints
 
-    async def _http(self, route: Route, query: dict[str, list[str]],
-                    principal: Principal) -> Response:
+    async def _http(self, request: web.Request, route: Route, query: dict[str, list[str]],
+                    principal: Principal) -> web.StreamResponse:
         if route.kind == "list":
             if principal.kind == "token":
                 raise token_forbidden()
@@ -221,10 +235,10 @@ class SessionsApi:
         if route.kind == "transcript":
             return await self._transcript(sid, route.fmt)
         if route.kind == "audio":
-            return await self._audio(sid, query)
+            return await self._audio(request, sid, query)
         raise NotFound()
 
-    async def _list(self, query: dict[str, list[str]]) -> Response:
+    async def _list(self, query: dict[str, list[str]]) -> web.Response:
         limit = int_param(query, "limit", min(50, self.settings.list_max), 1,
                           self.settings.list_max)
         before = float_param(query, "before", None, 0.0, 1e12)
@@ -236,20 +250,23 @@ class SessionsApi:
         return json_response(http.HTTPStatus.OK, {
             "sessions": [s.to_dict() for s in sessions], "next_before": next_before})
 
-    async def _transcript(self, sid: str, fmt: str) -> Response:
+    async def _transcript(self, sid: str, fmt: str) -> web.Response:
         info = await self.records.info(sid)
         finals = await self.records.finals(sid)
         text = formats.transcript(fmt, finals, info.to_dict()).encode()
-        return Response(200, "OK", Headers([
-            ("Content-Type", formats.CONTENT_TYPES[fmt]), ("Content-Length", str(len(text))),
-            ("Content-Disposition", f'inline; filename="{sid}.{fmt}"'),
-            ("Cache-Control", "no-store")]), text)
+        return web.Response(body=text, headers={
+            "Content-Type": formats.CONTENT_TYPES[fmt],
+            "Content-Disposition": f'inline; filename="{sid}.{fmt}"',
+            "Cache-Control": "no-store"})
 
-    async def _audio(self, sid: str, query: dict[str, list[str]]) -> Response:
-        """The normalised audio as one WAV, built in one buffer of the exact size.
+    async def _audio(self, request: web.Request, sid: str,
+                     query: dict[str, list[str]]) -> web.StreamResponse:
+        """The normalised audio as one WAV, streamed as it is read from Redis: memory per
+        export is one stream entry and one chunk, however long the session.
 
-        ``start``/``end`` (seconds) select a window; one response carries at
-        most ``export_max_audio_s`` so memory per export stays bounded.
+        ``start``/``end`` (seconds) select a window. Samples the stream lacks (none, unless
+        its entries were lost) are silence. A session that is gone by the end of the read
+        (it expired meanwhile) has its response cut short, so the client sees an error.
         """
         await self.records.info(sid)  # 404 when it does not exist
         total = await self.records.audio_samples(sid)
@@ -257,28 +274,79 @@ class SessionsApi:
         end_s = float_param(query, "end", None, 0.0, 1e7)
         lo = min(round(start_s * TARGET_RATE), total)
         hi = total if end_s is None else max(lo, min(round(end_s * TARGET_RATE), total))
-        limit = self.settings.export_max_audio_s
-        if hi - lo > limit * TARGET_RATE:
-            raise TooLarge(f"one audio export carries at most {limit:g} s; ask for a window "
-                           "with start= and end= (seconds)")
+        response = web.StreamResponse(headers={
+            "Content-Type": "audio/wav",
+            "Content-Disposition": f'attachment; filename="{sid}.wav"',
+            "Cache-Control": "no-store"})
+        response.content_length = 44 + 2 * (hi - lo)
+        if request.method == "HEAD":
+            return response
         if self._exports.locked():
             raise Overloaded("too many audio exports at once; try again shortly")
         async with self._exports:
-            body = bytearray(44 + 2 * (hi - lo))
-            body[:44] = formats.wav_header(hi - lo)
-            view = memoryview(body)
-            async for entry in self.records.audio(sid):
-                if not isinstance(entry, AudioFrame):
-                    continue
-                a, b = max(entry.offset, lo), min(audio_end(entry), hi)
-                if a < b:
-                    src = (a - entry.offset) * 2
-                    view[44 + (a - lo) * 2:44 + (b - lo) * 2] = entry.pcm[src:src + (b - a) * 2]
-                if entry.offset >= hi:
-                    break
+            await response.prepare(request)
+            try:
+                complete = await self._write_audio(response, sid, lo, hi)
+            except ConnectionError:  # the client went away
+                complete = False
+            except Exception as exc:  # Redis down for good: the response cannot finish
+                log.warning("session %s: audio export failed: %r", sid, exc)
+                complete = False
+            if not complete:
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
+            await response.write_eof()
+        return response
+
+    async def _write_audio(self, response: web.StreamResponse, sid: str, lo: int,
+                           hi: int) -> bool:
+        """Write samples ``lo``..``hi`` as a WAV body; False when the session was gone by
+        the end of the read (the last chunk is not written then)."""
+        out = _Chunks(response)
+        await out.write(formats.wav_header(hi - lo))
+        at = lo  # the next sample the body needs
+        async for entry in self.records.audio(sid):
+            if not isinstance(entry, AudioFrame):
+                continue
+            a, b = max(entry.offset, at), min(audio_end(entry), hi)
+            if a < b:
+                await out.silence(2 * (a - at))
+                src = (a - entry.offset) * 2
+                await out.write(entry.pcm[src:src + (b - a) * 2])
+                at = b
+            if entry.offset >= hi:
+                break
+        await out.silence(2 * (hi - at))
         if not await self.records.exists(sid):
-            raise SessionNotFound()
-        return Response(200, "OK", Headers([
-            ("Content-Type", "audio/wav"), ("Content-Length", str(len(body))),
-            ("Content-Disposition", f'attachment; filename="{sid}.wav"'),
-            ("Cache-Control", "no-store")]), body)
+            log.info("session %s: expired during its audio export; cut short", sid)
+            return False
+        await out.flush()
+        return True
+
+
+class _Chunks:
+    """Writes to a streamed response in chunks of ``EXPORT_CHUNK`` bytes, the last one held
+    back until ``flush`` (so a response can still be cut short before it is complete)."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        self.response = response
+        self.buffer = bytearray()
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.buffer += data
+        while len(self.buffer) > EXPORT_CHUNK:
+            chunk = bytes(self.buffer[:EXPORT_CHUNK])
+            del self.buffer[:EXPORT_CHUNK]
+            await self.response.write(chunk)
+
+    async def silence(self, size: int) -> None:
+        while size > 0:
+            step = min(size, EXPORT_CHUNK)
+            await self.write(bytes(step))
+            size -= step
+
+    async def flush(self) -> None:
+        if self.buffer:
+            await self.response.write(bytes(self.buffer))
+            self.buffer.clear()

@@ -23,8 +23,6 @@ import uuid
 from collections.abc import Mapping
 
 import redis.asyncio as aioredis
-from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
 
 from common import errors
 from common.audio import TARGET_RATE
@@ -38,7 +36,7 @@ from common.sessions import Sessions, audio_end
 from common.settings import GatewaySettings
 from common.streams import follow_results
 from common.tasks import stop_tasks
-from common.web import bool_param, one, read_controls, send_error
+from common.web import Socket, SocketClosed, bool_param, one, read_controls, send_error
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +129,7 @@ class Replay:
     """One replay socket."""
 
     def __init__(self, records: Sessions, blocking: aioredis.Redis, config: ReplayConfig,
-                 ws: ServerConnection, original: str, params: ReplayParams,
+                 ws: Socket, original: str, params: ReplayParams,
                  principal: Principal = ANONYMOUS, inbound: MessageLimits | None = None) -> None:
         self.records = records
         self.blocking = blocking
@@ -157,7 +155,7 @@ class Replay:
         incoming = asyncio.create_task(read_controls(self.ws, self.stop, self.inbound))
         failure: BaseException | None = None
         try:
-            with contextlib.suppress(ConnectionClosed):
+            with contextlib.suppress(SocketClosed):
                 await self.ws.send(to_json(started))
             waiting: set[asyncio.Task[None]] = {copy, deliver, incoming}
             while deliver in waiting and incoming in waiting:
@@ -176,7 +174,7 @@ class Replay:
                 log.error("session %s: replay copy failed", self.sid, exc_info=failure)
             await send_error(self.ws, failure)
         elif deliver.done() and not deliver.cancelled() and deliver.exception() is None:
-            with contextlib.suppress(ConnectionClosed):
+            with contextlib.suppress(SocketClosed):
                 await self.ws.close(errors.NORMAL, "closed")
 
     async def _create(self) -> ReplayStarted:

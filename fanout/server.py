@@ -2,26 +2,29 @@
 
 It serves the read-only half of the recorded-sessions API (viewers,
 listing, exports) with the same ``SessionsApi`` the gateway uses, plus
-``/healthz``. Replays write audio and stay on the gateway. Requests are
-authenticated like the gateway's (same ``API_KEYS`` and ``TOKEN_SECRET``).
+``/healthz``, ``/readyz`` and ``/metrics``, HTTP and WebSocket on one port (aiohttp, under
+``common/serving.py``'s per-connection checks). Replays write audio and stay on the
+gateway. Requests are authenticated like the gateway's (same ``API_KEYS`` and
+``TOKEN_SECRET``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 
+from aiohttp import web
 from prometheus_client import CollectorRegistry
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.http11 import Request, Response
 
 from common import errors
-from common.access import AccessGuard, limited_connection, select_subprotocol
+from common.access import AccessGuard
 from common.errors import NotFound, SttError
-from common.metrics import health_route, register_viewer_gauges
+from common.metrics import health_routes, redis_ready, register_viewer_gauges
 from common.redis_client import REDIS_DOWN, make_redis
+from common.serving import Served, serve
 from common.settings import FanoutSettings
-from common.web import error_response, send_error
+from common.web import Socket, error_response, target
 from fanout.api import SessionsApi
 
 
@@ -36,63 +39,72 @@ class FanoutServer:
         register_viewer_gauges(self.registry, lambda: len(self.api.hubs),
                                self.api.hubs.viewer_count)
         self.guard = AccessGuard(settings, self.redis)
-        self._server: Server | None = None
-        self._sweeper: asyncio.Task[None] | None = None
+        self.served: Served | None = None
+        self.sockets: set[Socket] = set()  # open viewers (closed with 1012 at a stop)
 
-    async def process_request(self, connection: ServerConnection,
-                              request: Request) -> Response | None:
-        path = request.path.split("?", 1)[0]
-        health = await health_route(path, connection, self.probe, self.registry)
-        if health is not None:
-            return health
-        if SessionsApi.handles(path):
-            route = self.api.match(path)
-            try:
-                principal = await self.guard.admit(
-                    connection, request, opens_session=False,
-                    viewer=route is not None and route.kind == "results")
-            except (SttError, *REDIS_DOWN) as exc:
-                return error_response(exc)
-            return await self.api.process_request(connection, request, principal)
-        return error_response(NotFound())
+    def app(self) -> web.Application:
+        """Health routes (paths matched as sent), ``/v1/sessions...`` (which parses its own
+        paths), and a JSON 404 for anything else."""
+        app = web.Application(middlewares=[self._exact_paths])
+        app.add_routes([
+            *health_routes(self.registry, redis_ready(self.probe)),
+            web.route("*", "/{path:.*}", self._request),
+        ])
+        return app
 
-    async def handler(self, ws: ServerConnection) -> None:
+    @web.middleware
+    async def _exact_paths(self, request: web.Request,
+                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                           ) -> web.StreamResponse:
+        """A percent-encoded spelling of a health route is not that route."""
+        path, _ = target(request)
+        if path != request.path and not SessionsApi.handles(path):
+            return error_response(NotFound())
+        return await handler(request)
+
+    async def _request(self, request: web.Request) -> web.StreamResponse:
+        path, _ = target(request)
+        if not SessionsApi.handles(path):
+            return error_response(NotFound())
+        route = self.api.match(path)
         try:
-            principal, _ = self.guard.take(ws)
-        except SttError as exc:
-            await send_error(ws, exc)
-            return
-        await self.api.websocket(ws, principal)
+            admission = await self.guard.admit(
+                request, opens_session=False,
+                viewer=route is not None and route.kind == "results",
+                methods=route.methods if route is not None else (request.method,))
+        except (SttError, *REDIS_DOWN) as exc:
+            return error_response(exc)
+        try:
+            if route is None:
+                return error_response(NotFound())
+            return await self.api.serve(request, admission.principal, route, self._track)
+        finally:
+            await self.guard.settle(admission)
 
-    async def start(self) -> Server:
+    @contextlib.asynccontextmanager
+    async def _track(self, ws: Socket) -> AsyncIterator[Socket]:
+        self.sockets.add(ws)
+        try:
+            yield ws
+        finally:
+            self.sockets.discard(ws)
+            await ws.wait_closed()
+
+    async def start(self) -> Served:
         s = self.settings
-        self._server = await serve(
-            self.handler, s.host, s.port,
-            create_connection=limited_connection(self.guard.peer_limits([s.max_viewers_per_ip])),
-            process_request=self.process_request,
-            process_response=self.guard.process_response,
-            select_subprotocol=select_subprotocol,
-            open_timeout=s.handshake_timeout_s,
-            max_size=s.ws_max_size,  # hard bound; max_message_bytes answers with an error
-            compression=None,
-            ping_interval=20,
-            ping_timeout=20,
-        )
-        self._sweeper = asyncio.create_task(self.guard.renew_forever(10.0))
-        return self._server
+        peers = self.guard.peer_limits([s.max_viewers_per_ip])
+        self.served = await serve(self.app(), s.host, s.port, limits=peers,
+                                  max_request_bytes=peers.max_request_bytes,
+                                  handshake_timeout_s=s.handshake_timeout_s)
+        return self.served
 
     async def close(self) -> None:
         """Viewers get 1012 and may reconnect elsewhere with ``after``."""
-        if self._server is not None:
-            self._server.close(close_connections=False)
-            await asyncio.gather(*(c.close(errors.SERVICE_RESTART, "fanout restarting")
-                                   for c in list(self._server.connections)),
-                                 return_exceptions=True)
-            await self._server.wait_closed()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        if self.served is not None:
+            await self.served.stop_accepting()
+            await asyncio.gather(*(ws.close(errors.SERVICE_RESTART, "fanout restarting")
+                                   for ws in list(self.sockets)), return_exceptions=True)
+            await self.served.close()
         await self.api.close()
         await self.redis.aclose()
         await self.blocking.aclose()

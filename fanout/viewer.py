@@ -14,9 +14,6 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
-
 from common import errors
 from common.errors import Overloaded, StorageUnavailable, SttError
 from common.messages import Closed, Final, Partial, Result, ViewerStarted, to_json
@@ -24,7 +21,16 @@ from common.ratelimit import MessageLimits
 from common.redis_client import REDIS_DOWN
 from common.sessions import Sessions
 from common.tasks import stop_tasks
-from common.web import bool_param, drop, float_param, int_param, read_controls, send_error
+from common.web import (
+    Socket,
+    SocketClosed,
+    bool_param,
+    drop,
+    float_param,
+    int_param,
+    read_controls,
+    send_error,
+)
 from fanout.hub import Hubs, ViewerQueue
 
 log = logging.getLogger(__name__)
@@ -62,7 +68,7 @@ class ViewerLimits:
 class _Sender:
     """Sends results in seq order, each at most once, and remembers where it is."""
 
-    def __init__(self, ws: ServerConnection, after: int) -> None:
+    def __init__(self, ws: Socket, after: int) -> None:
         self.ws = ws
         self.last = after
 
@@ -79,7 +85,7 @@ class Viewer:
     """One viewer socket."""
 
     def __init__(self, records: Sessions, hubs: Hubs, limits: ViewerLimits,
-                 ws: ServerConnection, sid: str, params: ViewerParams,
+                 ws: Socket, sid: str, params: ViewerParams,
                  inbound: MessageLimits | None = None) -> None:
         self.records = records
         self.hubs = hubs
@@ -127,7 +133,7 @@ class Viewer:
         if failure is not None:
             if isinstance(failure, SttError):
                 await send_error(self.ws, failure)
-            elif not isinstance(failure, ConnectionClosed):
+            elif not isinstance(failure, SocketClosed):
                 log.error("session %s: viewer failed", self.sid, exc_info=failure)
                 await send_error(self.ws, failure)
         elif self.queue.failed.done():

@@ -13,8 +13,8 @@ log = logging.getLogger("ingest")
 
 async def serve(settings: GatewaySettings) -> None:
     gateway = Gateway(settings)
-    server = await gateway.start()
-    ports = sorted({sock.getsockname()[1] for sock in server.sockets})
+    served = await gateway.start()
+    ports = served.ports
     log.info("gateway listening on %s port %s", settings.host, ports)
     await wait_for_stop_signal()
     await gateway.close()

@@ -1,12 +1,14 @@
-"""The WebSocket gateway: routing, static files, health, tokens, and the listen sockets.
+"""The gateway: its routes (an aiohttp ``Application``, HTTP and WebSocket on one port, served
+under ``common/serving.py``'s per-connection checks), static files, health, tokens, and the
+listen sockets.
 
 A listen socket is served by ``listen.py`` (the asyncio adapter over the I/O-free
 ``listen_core.py``), given its dependencies as ``ListenDeps``; ``live.py`` keeps this
 gateway's live and detached sessions. The recorded-sessions API (``/v1/sessions...``:
 viewers, replays, listing, exports) is fanout's ``SessionsApi``, the same code
 ``python -m fanout`` serves: the one thing ingest uses from fanout. Every ``/v1``
-request passes ``AccessGuard`` (request rates, Origin, credentials, session caps) before
-an upgrade; ``GET`` or ``POST /v1/token`` mints session tokens and ``POST
+request passes ``AccessGuard`` (request rates, Origin, credentials, method, session caps)
+before an upgrade; ``GET`` or ``POST /v1/token`` mints session tokens and ``POST
 /v1/token/revoke`` revokes an unused one.
 """
 
@@ -18,35 +20,43 @@ import http
 import logging
 import mimetypes
 import uuid
-import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
-from urllib.parse import parse_qs, urlsplit
 
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
-from websockets.http11 import Request, Response
+from aiohttp import web
 
 from common import errors
-from common.access import AccessGuard, PeerLimits, limited_connection, select_subprotocol
+from common.access import AccessGuard, Admission
 from common.auth import Principal
 from common.backoff import REDIS_DOWN
 from common.errors import (
     BadRequest,
     Forbidden,
-    MethodNotAllowed,
     NotConfigured,
     NotFound,
     SttError,
     TokenUsed,
     Unauthorized,
+    WebSocketRequired,
 )
-from common.metrics import gateway_metrics, health_route, register_viewer_gauges
+from common.metrics import gateway_metrics, health_routes, redis_ready, register_viewer_gauges
 from common.redis_client import make_redis
+from common.serving import Served, serve
 from common.sessions import Sessions
 from common.settings import GatewaySettings
 from common.streams import AudioAppender
-from common.web import client_error, error_response, float_param, json_response, send_error
-from fanout.api import Route, SessionsApi
+from common.web import (
+    Socket,
+    accept,
+    client_error,
+    error_response,
+    float_param,
+    json_response,
+    send_error,
+    target,
+    wants_websocket,
+)
+from fanout.api import PREFIX, SessionsApi
 from ingest.listen import ListenDeps, ListenSession
 from ingest.listen_core import ListenParams, resume_target, session_id_ok
 from ingest.live import LiveSessions
@@ -60,6 +70,16 @@ TOKEN_PATH = "/v1/token"
 REVOKE_PATH = "/v1/token/revoke"
 #: The header carrying the token to revoke (a header stays out of URLs and access logs).
 REVOKE_HEADER = "X-Session-Token"
+
+
+web_handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def not_found() -> web.Response:
+    """What any path the gateway does not serve gets (the sessions API answers its own
+    unknown paths in JSON, after admission)."""
+    return web.Response(status=404, text="not found\n", content_type="text/plain",
+                        charset="utf-8")
 
 
 class Gateway:
@@ -86,77 +106,119 @@ class Gateway:
         self.guard = AccessGuard(settings, self.redis,
                                  lease_s=max(30.0, 4 * settings.heartbeat_s))
         self._caps = (settings.max_sessions_per_ip, settings.max_sessions_per_key)
-        self._server: Server | None = None
-        self.peers: PeerLimits | None = None  # connections per client address (start())
+        self.served: Served | None = None
         self._renewer: asyncio.Task[None] | None = None
         self.live = LiveSessions(settings, self.store, self.guard)
         self.listen_deps = ListenDeps(settings, self.store, self.flusher, self.blocking,
                                       self.guard, self.live, self.monitor, self.metrics)
-        # The sessions-API route each admitted upgrade was admitted for: its handler
-        # dispatches on that same parse.
-        self._routes: weakref.WeakKeyDictionary[object, Route] = weakref.WeakKeyDictionary()
+        self.sockets: set[Socket] = set()  # open WebSockets (closed with 1012 at a stop)
 
-    # ------------------------------------------------------------------ HTTP side
+    # ------------------------------------------------------------------ routing
 
-    async def process_request(self, connection: ServerConnection,
-                              request: Request) -> Response | None:
-        path = urlsplit(request.path).path
-        if path in (LISTEN_PATH, TOKEN_PATH, REVOKE_PATH) or SessionsApi.handles(path):
-            try:
-                return await self._api_request(connection, request, path)
-            except (SttError, *REDIS_DOWN) as exc:
-                if isinstance(exc, REDIS_DOWN):
-                    log.warning("%s refused: redis unavailable (%r)", path, exc)
-                    self.metrics.redis_errors.labels("gateway").inc()
-                self.metrics.rejections.labels(client_error(exc).code).inc()
-                return error_response(exc)
-        health = await health_route(path, connection, self.probe, self.metrics.registry,
-                                    self._refresh_queued)
-        return health if health is not None else self._static(connection, path)
+    def app(self) -> web.Application:
+        """Every route of the gateway. Paths are matched as sent: a percent-encoded spelling
+        of an endpoint is not that endpoint (the sessions API parses its own paths)."""
+        app = web.Application(middlewares=[self._exact_paths])
+        app.add_routes([
+            web.route("*", LISTEN_PATH, self._listen),
+            web.route("*", TOKEN_PATH, self._token),
+            web.route("*", REVOKE_PATH, self._token),
+            web.route("*", PREFIX + "{tail:(?:/.*)?}", self._sessions),
+            *health_routes(self.metrics.registry, redis_ready(self.probe),
+                           self._refresh_queued),
+            web.get("/{path:.*}", self._static),
+        ])
+        return app
 
-    async def _api_request(self, connection: ServerConnection, request: Request,
-                           path: str) -> Response | None:
-        """Request rates, Origin, credentials and session caps first (429, 403, 401), then
-        the route."""
-        if path in (TOKEN_PATH, REVOKE_PATH):
-            principal = await self.guard.admit(connection, request, opens_session=False,
-                                               allow_tokens=False)
-            if path == REVOKE_PATH:
-                return await self._revoke(principal, request)
-            return self._mint(principal, request)
-        if path == LISTEN_PATH:
-            # The caps count the session: the one named by ?session= (resumed within its
-            # grace, it is counted once), or the id a new session will get. The query is read
-            # the way ListenParams reads it, so "resume" here is "resume" there.
-            target = resume_target(parse_qs(urlsplit(request.path).query,
-                                            keep_blank_values=True))
-            member = target if target is not None and session_id_ok(target) \
-                else uuid.uuid4().hex
-            await self.guard.admit(connection, request, opens_session=target is None,
-                                   caps=self._caps, member=member)
-            return None  # upgrade; query errors go to the client as error messages
-        # One parse decides everything: opens a session (caps, a token's one use) and what
-        # serves it. A path it does not know opens nothing and is a 404 after admission.
-        route = self.sessions_api.match(path)
+    @web.middleware
+    async def _exact_paths(self, request: web.Request,
+                           handler: web_handler) -> web.StreamResponse:
+        path, _ = target(request)
+        if path != request.path and not SessionsApi.handles(path):
+            return not_found()
+        return await handler(request)
+
+    def _refused(self, request: web.Request, exc: BaseException) -> web.Response:
+        """A ``/v1`` request refused (by admission or its endpoint): JSON with its status."""
+        if isinstance(exc, REDIS_DOWN):
+            log.warning("%s refused: redis unavailable (%r)", request.path, exc)
+            self.metrics.redis_errors.labels("gateway").inc()
+        self.metrics.rejections.labels(client_error(exc).code).inc()
+        return error_response(exc)
+
+    async def _token(self, request: web.Request) -> web.StreamResponse:
+        """``/v1/token`` (mint) and ``/v1/token/revoke``: API keys only."""
+        revoke = request.path == REVOKE_PATH
+        try:
+            admission = await self.guard.admit(
+                request, opens_session=False, allow_tokens=False,
+                methods=("POST",) if revoke else ("GET", "POST"),
+                method_message="use POST to revoke a token" if revoke
+                else "use GET or POST to mint a token")
+            if revoke:
+                return await self._revoke(admission.principal, request)
+            return self._mint(admission.principal, request)
+        except (SttError, *REDIS_DOWN) as exc:
+            return self._refused(request, exc)
+
+    async def _sessions(self, request: web.Request) -> web.StreamResponse:
+        """``/v1/sessions...``: one parse of the path decides everything: whether it opens a
+        session (caps, a token's one use) and what serves it. A path it does not know opens
+        nothing and is a 404 after admission."""
+        route = self.sessions_api.match(target(request)[0])
         opens = route is not None and route.opens_session
-        principal = await self.guard.admit(connection, request, opens_session=opens,
-                                           caps=self._caps if opens else None,
-                                           viewer=route is not None and route.kind == "results")
-        if route is None:
-            raise NotFound()
-        if route.websocket:
-            self._routes[connection] = route
-        return await self.sessions_api.process_request(connection, request, principal, route)
+        try:
+            admission = await self.guard.admit(
+                request, opens_session=opens, caps=self._caps if opens else None,
+                viewer=route is not None and route.kind == "results",
+                methods=route.methods if route is not None else (request.method,))
+        except (SttError, *REDIS_DOWN) as exc:
+            return self._refused(request, exc)
+        try:
+            if route is None:
+                return self._refused(request, NotFound())
+            return await self.sessions_api.serve(request, admission.principal, route,
+                                                 self._track)
+        finally:
+            await self.guard.settle(admission)
 
-    def _mint(self, principal: Principal, request: Request) -> Response:
+    async def _listen(self, request: web.Request) -> web.StreamResponse:
+        """``/v1/listen``: admitted, then upgraded; query errors go to the client as error
+        messages on the socket."""
+        try:
+            admission = await self._admit_listen(request)
+        except (SttError, *REDIS_DOWN) as exc:
+            return self._refused(request, exc)
+        try:
+            ws = await accept(request, self.settings.ws_max_size)
+        except BaseException:
+            await self.guard.settle(admission)
+            raise
+        async with self._track(ws):
+            await self._listen_socket(ws, admission)
+        return ws.ws
+
+    async def _admit_listen(self, request: web.Request) -> Admission:
+        """The caps count the session: the one named by ?session= (resumed within its grace,
+        it is counted once), or the id a new session will get. The query is read the way
+        ListenParams reads it, so "resume" here is "resume" there."""
+        resumes = resume_target(target(request)[1])
+        member = resumes if resumes is not None and session_id_ok(resumes) \
+            else uuid.uuid4().hex
+        admission = await self.guard.admit(request, opens_session=resumes is None,
+                                           caps=self._caps, member=member)
+        if not wants_websocket(request):
+            await self.guard.settle(admission)
+            raise WebSocketRequired("this endpoint is a WebSocket")
+        return admission
+
+    def _mint(self, principal: Principal, request: web.Request) -> web.Response:
         """``GET``/``POST /v1/token``: a single-use session token for a browser page (API
         key only)."""
         s = self.settings
-        if request.method not in ("GET", "POST"):
-            raise MethodNotAllowed("use GET or POST to mint a token")
         if not self.guard.tokens.enabled:
             raise NotConfigured("session tokens are not enabled on this server")
-        query = parse_qs(urlsplit(request.path).query, keep_blank_values=True)
+        _, query = target(request)
         expires_in = float_param(query, "expires_in", s.token_ttl_s, 1.0, s.token_max_ttl_s)
         max_session = float_param(query, "max_session_s", s.max_session_s, 1.0,
                                   s.max_session_s)
@@ -168,15 +230,13 @@ class Gateway:
         return json_response(http.HTTPStatus.OK, {
             "token": token, "expires_at": claims.exp, "max_session_s": claims.max_session_s})
 
-    async def _revoke(self, principal: Principal, request: Request) -> Response:
+    async def _revoke(self, principal: Principal, request: web.Request) -> web.Response:
         """``POST /v1/token/revoke`` with the token in ``X-Session-Token``: the API key that
         minted an unused token makes it unable to open a session (409 ``token_used`` once
         it has opened one)."""
-        if request.method != "POST":
-            raise MethodNotAllowed("use POST to revoke a token")
         if not self.guard.tokens.enabled:
             raise NotConfigured("session tokens are not enabled on this server")
-        values = request.headers.get_all(REVOKE_HEADER)
+        values = request.headers.getall(REVOKE_HEADER, ())
         if len(values) != 1:
             raise BadRequest(f"send the token to revoke in one {REVOKE_HEADER} header")
         try:
@@ -197,94 +257,78 @@ class Gateway:
         except REDIS_DOWN:
             self.metrics.redis_errors.labels("gateway").inc()
 
-    def _static(self, connection: ServerConnection, path: str) -> Response:
+    async def _static(self, request: web.Request) -> web.Response:
+        """The browser page: ``ingest/static`` is one flat directory; ``/`` is index.html."""
+        path, _ = target(request)
         name = "index.html" if path in ("/", "") else path.lstrip("/")
         if "/" in name or name.startswith(".") or not name:
-            return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
+            return not_found()
         try:
             body = resources.files("ingest").joinpath("static", name).read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
+            return not_found()
         ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
         if ctype.startswith("text/") or ctype.endswith("javascript"):
             ctype += "; charset=utf-8"
-        headers = Headers([("Content-Type", ctype), ("Content-Length", str(len(body))),
-                           ("Cache-Control", "no-cache")])
-        return Response(200, "OK", headers, body)
+        return web.Response(body=body, headers={"Content-Type": ctype,
+                                                "Cache-Control": "no-cache"})
 
     # ------------------------------------------------------------------ WebSocket side
 
-    async def handler(self, ws: ServerConnection) -> None:
-        assert ws.request is not None
-        route = self._routes.pop(ws, None)
+    @contextlib.asynccontextmanager
+    async def _track(self, ws: Socket) -> AsyncIterator[Socket]:
+        self.sockets.add(ws)
         try:
-            principal, lease = self.guard.take(ws)
-        except SttError as exc:
-            self.metrics.rejections.labels(exc.code).inc()
-            await send_error(ws, exc)
-            return
-        if urlsplit(ws.request.path).path == LISTEN_PATH:
-            await self._listen(ws, principal, lease)
-            return
-        try:  # process_request let only its routes through
-            await self.sessions_api.websocket(ws, principal, route)
+            yield ws
         finally:
-            if lease is not None:
-                await self.guard.release(lease)
+            self.sockets.discard(ws)
+            await ws.wait_closed()
 
-    async def _listen(self, ws: ServerConnection, principal: Principal,
-                      lease: str | None) -> None:
+    async def _listen_socket(self, ws: Socket, admission: Admission) -> None:
         """A /v1/listen socket. Its cap lease goes to its ``ListenSession``, which keeps it
         until the session's stream is closed (through the resume grace when the socket
         drops)."""
-        assert ws.request is not None
+        lease, admission.lease = admission.lease, None
         try:
-            params = ListenParams(parse_qs(urlsplit(ws.request.path).query,
-                                           keep_blank_values=True))
+            params = ListenParams(target(ws.request)[1])
         except SttError as exc:
             if lease is not None:
                 await self.guard.release(lease)
             self.metrics.rejections.labels(exc.code).inc()
             await send_error(ws, exc)
             return
-        session = ListenSession(self.listen_deps, ws, params, principal, lease)
+        session = ListenSession(self.listen_deps, ws, params, admission.principal, lease)
         try:
             await session.run()
         finally:
             if session.lease is not None:  # run() settles it; an exception may not have
                 self.guard.forget(session.lease)
 
-    async def start(self) -> Server:
+    async def start(self) -> Served:
         s = self.settings
-        self.peers = self.guard.peer_limits([s.max_sessions_per_ip, s.max_viewers_per_ip])
-        self._server = await serve(
-            self.handler, s.host, s.port,
-            create_connection=limited_connection(self.peers),
-            process_request=self.process_request,
-            process_response=self.guard.process_response,
-            select_subprotocol=select_subprotocol,
-            open_timeout=s.handshake_timeout_s,
-            max_size=s.ws_max_size,  # hard bound; max_message_bytes answers with an error
-            max_queue=s.max_queue,
-            compression=None,
-            reuse_port=s.reuse_port or None,
-            ping_interval=20,
-            ping_timeout=20,
-        )
+        peers = self.guard.peer_limits([s.max_sessions_per_ip, s.max_viewers_per_ip])
+        self.served = await serve(self.app(), s.host, s.port, limits=peers,
+                                  max_request_bytes=peers.max_request_bytes,
+                                  handshake_timeout_s=s.handshake_timeout_s,
+                                  reuse_port=s.reuse_port)
         self._renewer = asyncio.create_task(self.guard.renew_forever(s.heartbeat_s))
         (log.info if self.guard.required else log.warning)("%s", self.guard.describe())
-        return self._server
+        return self.served
+
+    @property
+    def port(self) -> int:
+        assert self.served is not None
+        return self.served.port
 
     async def close(self) -> None:
         """Graceful stop: clients get 1012 and may resume their sessions elsewhere."""
         self.live.stopping = True
-        if self._server is not None:
-            self._server.close(close_connections=False)
+        if self.served is not None:
+            await self.served.stop_accepting()
             await self.live.drain_writers()
-            conns = list(self._server.connections)
-            await asyncio.gather(*(c.close(errors.SERVICE_RESTART, "gateway restarting")
-                                   for c in conns), return_exceptions=True)
-            await self._server.wait_closed()
+            await asyncio.gather(*(ws.close(errors.SERVICE_RESTART, "gateway restarting")
+                                   for ws in list(self.sockets)), return_exceptions=True)
+            await self.served.close()
         self.live.close()
         if self._renewer is not None:
             self._renewer.cancel()

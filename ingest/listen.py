@@ -19,8 +19,6 @@ import uuid
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
-from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
 from common import errors
 from common.access import AccessGuard, address_bucket
@@ -37,11 +35,12 @@ from common.errors import (
 )
 from common.messages import AudioEntry, AudioMarker, Closed, Result, to_json
 from common.metrics import GatewayMetrics
+from common.ratelimit import MessageLimits
 from common.sessions import Sessions
 from common.settings import GatewaySettings
 from common.streams import follow_results
 from common.tasks import stop_task
-from common.web import send_error
+from common.web import Socket, SocketClosed, send_error
 from ingest.limits import SessionClock
 from ingest.listen_core import ListenCore, ListenLimits, ListenParams
 from ingest.live import LiveSessions
@@ -102,7 +101,7 @@ class ListenSession:
     exit path.
     """
 
-    def __init__(self, deps: ListenDeps, ws: ServerConnection, params: ListenParams,
+    def __init__(self, deps: ListenDeps, ws: Socket, params: ListenParams,
                  principal: Principal, lease: str | None = None) -> None:
         self.deps = deps
         self.settings = deps.settings
@@ -174,7 +173,7 @@ class ListenSession:
             else:
                 await self._fail(exc)
             clean = True
-        except ConnectionClosed:
+        except SocketClosed:
             pass
         except Exception as exc:
             log.exception("session %s: internal error", self.sid)
@@ -284,7 +283,6 @@ class ListenSession:
                 longest = min(longest, self.principal.max_session_s)
             deadline = time.time() + longest
             self._creating = True
-            request = self.ws.request
             self.generation = await self.store.create(self.sid, {
                 "encoding": self.params.format.encoding,
                 "sample_rate": self.params.format.sample_rate,
@@ -295,8 +293,7 @@ class ListenSession:
                 "principal": self.principal.owner,
                 "account": self.principal.account,
                 # whose share of transcriber slots it counts in when it has no API key
-                "address": address_bucket(self.deps.guard.request_ip(self.ws, request))
-                if request is not None else "",
+                "address": address_bucket(self.deps.guard.request_ip(self.ws.request)),
                 "deadline": f"{deadline:.3f}",
             })
             resumed = False
@@ -342,7 +339,7 @@ class ListenSession:
                 while True:
                     try:
                         message = await self.ws.recv()
-                    except ConnectionClosedOK:
+                    except SocketClosed:
                         return False
                     received = self.core.receive(message, time.monotonic())
                     await self._put(received.entries, received.seconds)
@@ -355,7 +352,34 @@ class ListenSession:
 
     async def _drain(self, delivery: asyncio.Task[None], then: SttError | None = None) -> None:
         """After 'close': wait until every final and 'closed' went out, then close 1000
-        (or, when a limit ended the session, send that error and its close code)."""
+        (or, when a limit ended the session, send that error and its close code). The
+        socket is read meanwhile, and what comes ignored, so the client's pings are
+        answered however long the last finals take; the reading stops before the close,
+        which then reads on to the client's close frame."""
+        reading = asyncio.create_task(self._ignore_messages(), name=f"drain-read-{self.sid}")
+        try:
+            failure = await self._delivered(delivery)
+        finally:
+            await stop_task(reading)
+        if failure is None and then is not None:
+            failure = then
+        if failure is not None:
+            await self._fail(failure)
+            return
+        await self.ws.close(errors.NORMAL, "closed")
+
+    async def _ignore_messages(self) -> None:
+        """Read and drop what the client sends after its stream ended, within its message
+        rate: past it the socket is no longer read (TCP pushes back, as it would have)."""
+        limits = MessageLimits(0, self.settings.max_messages_per_s,
+                               self.settings.messages_burst, time.monotonic())
+        with contextlib.suppress(SttError):
+            async for message in self.ws:
+                limits.check(message, time.monotonic())
+
+    async def _delivered(self, delivery: asyncio.Task[None]) -> SttError | None:
+        """Wait for the close marker to be stored, then for every result to go out; the
+        error that ends the session instead, if one does."""
         assert self.writer is not None
         try:
             # the close marker stored first: a connection another one took the session from
@@ -364,21 +388,15 @@ class ListenSession:
         except SessionClosed:
             pass  # its transcriber closed it already: 'closed' is on its way
         except SttError as exc:
-            await self._fail(exc)
-            return
+            return exc
         except TimeoutError:
-            await self._fail(StorageUnavailable())
-            return
+            return StorageUnavailable()
         try:
             await asyncio.wait_for(asyncio.shield(delivery), self.settings.close_drain_timeout_s)
         except TimeoutError:
             log.warning("session %s: drain timed out", self.sid)
-            await self._fail(SttError("transcription did not finish in time"))
-            return
-        if then is not None:
-            await self._fail(then)
-            return
-        await self.ws.close(errors.NORMAL, "closed")
+            return SttError("transcription did not finish in time")
+        return None
 
     async def _deliver(self) -> None:
         """Results to the socket through a bounded ``ResultQueue``: a client that stops

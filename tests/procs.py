@@ -181,7 +181,8 @@ def start_transcriber(redis_url: str, *args: str, cwd: Path | str = ROOT,
 
 def start_gateway(redis_url: str, *args: str, port: int = 0, cwd: Path | str = ROOT,
                   **env: str) -> tuple[Service, int]:
-    """A gateway on ``port`` (a free one when 0); ``cwd``: the checkout whose code it runs."""
+    """A gateway on ``port`` (a free one when 0); ``cwd``: the checkout whose code it runs
+    (benchmarks compare revisions)."""
     port = port or free_port()
     svc = Service("ingest", ["--host", "127.0.0.1", "--port", str(port), *args],
                   {"REDIS_URL": redis_url, **env}, "gateway listening", cwd=cwd)

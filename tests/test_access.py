@@ -12,8 +12,9 @@ import json
 
 import pytest
 import redis.asyncio as aioredis
-from websockets.datastructures import Headers
-from websockets.http11 import Request
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+from multidict import CIMultiDict
 
 from common.access import AccessGuard, address_bucket, client_address, parse_networks
 from common.auth import hash_key, new_key
@@ -50,9 +51,11 @@ def test_ipv6_clients_are_capped_per_64() -> None:
 KEY, OTHER = new_key(), new_key()
 
 
-class Conn:
-    def __init__(self, ip: str) -> None:
-        self.remote_address = (ip, 40000)
+def request(path: str, ip: str, headers: list[tuple[str, str]] | None = None,
+            method: str = "GET") -> web.BaseRequest:
+    """A request from client address ``ip`` (no socket)."""
+    return make_mocked_request(method, path, headers=CIMultiDict(headers or [])).clone(
+        remote=ip)
 
 
 def guard(**limits: float) -> AccessGuard:
@@ -63,9 +66,9 @@ def guard(**limits: float) -> AccessGuard:
 
 
 async def admit(g: AccessGuard, ip: str, key: str | None = KEY) -> str:
-    headers = Headers([("Authorization", f"Bearer {key}")] if key else [])
+    headers = [("Authorization", f"Bearer {key}")] if key else []
     try:
-        await g.admit(Conn(ip), Request("/v1/sessions", headers), opens_session=False)
+        await g.admit(request("/v1/sessions", ip, headers), opens_session=False)
     except (RateLimited, Unauthorized) as exc:
         return exc.code
     return "ok"
@@ -105,9 +108,10 @@ async def test_rate_limited_response_has_retry_after_and_the_json_error() -> Non
     g = guard(rate_limit_ip_per_s=0.1, rate_limit_ip_burst=1)
     await admit(g, "10.0.3.1")
     with pytest.raises(RateLimited) as exc:
-        await g.admit(Conn("10.0.3.1"), Request("/v1/listen", Headers()), opens_session=True)
+        await g.admit(request("/v1/listen", "10.0.3.1"), opens_session=True)
     response = error_response(exc.value)
-    assert response.status_code == 429
+    assert response.status == 429
     assert 9 <= int(response.headers["Retry-After"]) <= 10
+    assert isinstance(response.body, bytes)
     body = json.loads(response.body)
     assert body["type"] == "error" and body["code"] == "rate_limited" and body["message"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -55,12 +56,32 @@ def cluster():  # type: ignore[no-untyped-def]
 
 
 def test_worker_metrics_move_when_a_session_runs(cluster: Cluster) -> None:
+    """... and its health port (served from the worker's event loop, while decodes run on
+    inference threads) answers promptly all the while."""
     base = f"http://127.0.0.1:{metrics_port(cluster.workers['w1'])}"
     status, before = http_get(base + "/metrics")
     assert status == 200
     assert sample(before, "stt_worker_finals_total") == 0
     pcm = load_pcm16("fw_jfk")
-    res = asyncio.run(stream(listen_url(cluster.ws_url), frames(pcm), pace=2.0))
+    waits: list[float] = []
+    streaming = threading.Event()
+
+    def poll() -> None:
+        while streaming.is_set():
+            began = time.monotonic()
+            assert http_get(base + "/healthz") == (200, "ok\n")
+            waits.append(time.monotonic() - began)
+            time.sleep(0.05)
+
+    streaming.set()
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        res = asyncio.run(stream(listen_url(cluster.ws_url), frames(pcm), pace=2.0))
+    finally:
+        streaming.clear()
+        poller.join(10)
+    assert len(waits) > 20 and max(waits) < 1.0, (len(waits), max(waits, default=None))
     assert res.close_code == 1000
     _, after = http_get(base + "/metrics")
     assert sample(after, "stt_worker_finals_total") == len([f for f in res.finals if f["text"]])

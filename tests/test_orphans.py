@@ -286,7 +286,7 @@ async def test_a_session_whose_session_message_cannot_be_sent_closes_at_once(
 
     gw.store.create = slow_create  # type: ignore[method-assign]
     served = await gw.start()
-    port = served.sockets[0].getsockname()[1]
+    port = served.port
     try:
         async with server.aclient() as r:
             began = time.time() - 1

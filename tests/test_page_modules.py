@@ -34,12 +34,11 @@ MIN_NODE = 18  # node:test and --test
 NOT_FOR_LISTEN = {
     "stale_lease": "between a transcriber and Redis: a worker that lost its lease",
     "session_active": "replays of a session still being recorded",
-    "too_large": "HTTP responses over a size limit (exports)",
     "too_many_viewers": "viewer sockets (the page's tail recovery ignores their errors)",
     "token_used": "POST /v1/token/revoke",
     "not_configured": "/v1/token on a server without session tokens",
     "not_found": "paths no endpoint serves; the page asks only for /v1/listen",
-    "method_not_allowed": "other methods on /v1/token and /v1/token/revoke",
+    "method_not_allowed": "a method an HTTP endpoint does not serve (the page only GETs)",
     "websocket_required": "viewer and replay endpoints asked for over plain HTTP",
 }
 

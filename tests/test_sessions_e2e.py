@@ -37,9 +37,6 @@ from tests.procs import ROOT, Service, free_port, wait_port, wait_until
 
 pytestmark = pytest.mark.integration
 
-EXPORT_LIMIT_S = 5.0  # the fanout server's export_max_audio_s in these tests
-
-
 # --------------------------------------------------------------------------- helpers
 
 
@@ -115,8 +112,7 @@ def with_tail(pcm: np.ndarray, seconds: float = 2.0) -> np.ndarray:
 def fanout(stack: Stack) -> Iterator[str]:
     """A standalone ``python -m fanout`` on the stack's Redis (HTTP base URL)."""
     port = free_port()
-    svc = Service("fanout", ["--host", "127.0.0.1", "--port", str(port),
-                             "--export-max-audio-s", str(EXPORT_LIMIT_S)],
+    svc = Service("fanout", ["--host", "127.0.0.1", "--port", str(port)],
                   {"REDIS_URL": stack.redis.url}, "fanout listening")
     svc.wait_ready()
     wait_port(port)
@@ -306,11 +302,11 @@ def test_exported_wav_is_sample_identical_to_the_streamed_audio(
     assert rate == 16000 and data.ndim == 1
     assert np.array_equal(data, live.pcm)
 
-    # One response is bounded (the fanout here allows 5 s); windows fetch the rest.
-    status, body, _ = get(f"{fanout}/v1/sessions/{live.sid}/audio.wav")
-    assert status == 413 and json.loads(body)["code"] == "too_large"
-    status, body, _ = get(f"{fanout}/v1/sessions/{live.sid}/audio.wav?start=1&end=6.5")
-    assert status == 413
+    # The fanout streams the same WAV; a window is a WAV of its own.
+    status, body, headers = get(f"{fanout}/v1/sessions/{live.sid}/audio.wav")
+    assert status == 200 and headers["Content-Length"] == str(len(body))
+    data, _ = sf.read(io.BytesIO(body), dtype="int16")
+    assert np.array_equal(data, live.pcm)
     status, body, _ = get(f"{fanout}/v1/sessions/{live.sid}/audio.wav?start=2.5&end=7")
     assert status == 200
     window, _ = sf.read(io.BytesIO(body), dtype="int16")

@@ -38,11 +38,11 @@ def own_fields(cls: type) -> set[str]:
 
 
 def test_flag_beats_env_beats_default() -> None:
-    env = {"PORT": "9000", "REDIS_URL": "redis://example:1/2", "MAX_QUEUE": "4"}
+    env = {"PORT": "9000", "REDIS_URL": "redis://example:1/2", "SEND_QUEUE": "4"}
     s = load(GatewaySettings, ["--port", "9100"], env)
     assert s.port == 9100
     assert s.redis_url == "redis://example:1/2"
-    assert s.max_queue == 4
+    assert s.send_queue == 4
     assert s.close_drain_timeout_s == GatewaySettings().close_drain_timeout_s
 
 

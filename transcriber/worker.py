@@ -28,7 +28,7 @@ from common import keys
 from common.backoff import REDIS_DOWN, Backoff, reraise_cancel, until_up
 from common.errors import StaleLease
 from common.messages import Closed, Warning
-from common.metrics import HealthServer, WorkerMetrics, worker_metrics
+from common.metrics import WorkerMetrics, serve_health, worker_metrics
 from common.redis_client import make_redis
 from common.session_meta import SessionMeta
 from common.settings import TranscriberSettings
@@ -88,7 +88,8 @@ class Worker:
     # ------------------------------------------------------------------ the loop
 
     async def run(self) -> None:
-        self.inference.load()
+        # on an inference thread: the loop answers the health port meanwhile
+        await self.inference.run(self.inference.load)
         await self._once(self.queue.ensure_group, "creating the work queue group")
         log.info("worker %s ready, capacity %d", self.consumer, self.settings.capacity)
         chores = [asyncio.create_task(c) for c in (
@@ -394,8 +395,8 @@ async def serve(settings: TranscriberSettings) -> None:
     import signal
 
     worker = Worker(settings)
-    health = HealthServer(worker.metrics.registry, worker.readiness, settings.metrics_host,
-                          settings.metrics_port).start()
+    health = await serve_health(worker.metrics.registry, worker.readiness,
+                                settings.metrics_host, settings.metrics_port)
     log.info("metrics, healthz and readyz on port %d", health.port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -404,4 +405,4 @@ async def serve(settings: TranscriberSettings) -> None:
     try:
         await worker.run()
     finally:
-        health.stop()
+        await health.close()
