@@ -17,7 +17,7 @@ import http
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -164,6 +164,30 @@ class Socket:
         transport = self.request.transport
         if transport is not None:
             transport.abort()
+
+
+class OpenSockets:
+    """A server's open WebSockets, closed together when it stops."""
+
+    def __init__(self) -> None:
+        self._sockets: set[Socket] = set()
+
+    def __len__(self) -> int:
+        return len(self._sockets)
+
+    @contextlib.asynccontextmanager
+    async def track(self, ws: Socket) -> AsyncIterator[Socket]:
+        """Count ``ws`` as open while the block runs, and until its close handshake ends."""
+        self._sockets.add(ws)
+        try:
+            yield ws
+        finally:
+            self._sockets.discard(ws)
+            await ws.wait_closed()
+
+    async def close_all(self, code: int, reason: str) -> None:
+        await asyncio.gather(*(ws.close(code, reason) for ws in list(self._sockets)),
+                             return_exceptions=True)
 
 
 async def accept(request: web.BaseRequest, max_size: int) -> Socket:

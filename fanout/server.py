@@ -10,9 +10,7 @@ gateway. Requests are authenticated like the gateway's (same ``API_KEYS`` and
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -24,7 +22,7 @@ from common.metrics import health_routes, redis_ready, register_viewer_gauges
 from common.redis_client import REDIS_DOWN, make_redis
 from common.serving import Served, serve
 from common.settings import FanoutSettings
-from common.web import Socket, error_response, target
+from common.web import OpenSockets, error_response, target
 from fanout.api import SessionsApi
 
 
@@ -40,7 +38,7 @@ class FanoutServer:
                                self.api.hubs.viewer_count)
         self.guard = AccessGuard(settings, self.redis)
         self.served: Served | None = None
-        self.sockets: set[Socket] = set()  # open viewers (closed with 1012 at a stop)
+        self.sockets = OpenSockets()  # open viewers (closed with 1012 at a stop)
 
     def app(self) -> web.Application:
         """Health routes (paths matched as sent), ``/v1/sessions...`` (which parses its own
@@ -77,18 +75,10 @@ class FanoutServer:
         try:
             if route is None:
                 return error_response(NotFound())
-            return await self.api.serve(request, admission.principal, route, self._track)
+            return await self.api.serve(request, admission.principal, route, self.sockets.track)
         finally:
             await self.guard.settle(admission)
 
-    @contextlib.asynccontextmanager
-    async def _track(self, ws: Socket) -> AsyncIterator[Socket]:
-        self.sockets.add(ws)
-        try:
-            yield ws
-        finally:
-            self.sockets.discard(ws)
-            await ws.wait_closed()
 
     async def start(self) -> Served:
         s = self.settings
@@ -102,8 +92,7 @@ class FanoutServer:
         """Viewers get 1012 and may reconnect elsewhere with ``after``."""
         if self.served is not None:
             await self.served.stop_accepting()
-            await asyncio.gather(*(ws.close(errors.SERVICE_RESTART, "fanout restarting")
-                                   for ws in list(self.sockets)), return_exceptions=True)
+            await self.sockets.close_all(errors.SERVICE_RESTART, "fanout restarting")
             await self.served.close()
         await self.api.close()
         await self.redis.aclose()

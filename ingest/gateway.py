@@ -20,7 +20,7 @@ import http
 import logging
 import mimetypes
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from importlib import resources
 
 from aiohttp import web
@@ -46,6 +46,7 @@ from common.sessions import Sessions
 from common.settings import GatewaySettings
 from common.streams import AudioAppender
 from common.web import (
+    OpenSockets,
     Socket,
     accept,
     client_error,
@@ -111,7 +112,7 @@ class Gateway:
         self.live = LiveSessions(settings, self.store, self.guard)
         self.listen_deps = ListenDeps(settings, self.store, self.flusher, self.blocking,
                                       self.guard, self.live, self.monitor, self.metrics)
-        self.sockets: set[Socket] = set()  # open WebSockets (closed with 1012 at a stop)
+        self.sockets = OpenSockets()  # open WebSockets (closed with 1012 at a stop)
 
     # ------------------------------------------------------------------ routing
 
@@ -178,7 +179,7 @@ class Gateway:
             if route is None:
                 return self._refused(request, NotFound())
             return await self.sessions_api.serve(request, admission.principal, route,
-                                                 self._track)
+                                                 self.sockets.track)
         finally:
             await self.guard.settle(admission)
 
@@ -194,7 +195,7 @@ class Gateway:
         except BaseException:
             await self.guard.settle(admission)
             raise
-        async with self._track(ws):
+        async with self.sockets.track(ws):
             await self._listen_socket(ws, admission)
         return ws.ws
 
@@ -275,14 +276,6 @@ class Gateway:
 
     # ------------------------------------------------------------------ WebSocket side
 
-    @contextlib.asynccontextmanager
-    async def _track(self, ws: Socket) -> AsyncIterator[Socket]:
-        self.sockets.add(ws)
-        try:
-            yield ws
-        finally:
-            self.sockets.discard(ws)
-            await ws.wait_closed()
 
     async def _listen_socket(self, ws: Socket, admission: Admission) -> None:
         """A /v1/listen socket. Its cap lease goes to its ``ListenSession``, which keeps it
@@ -326,8 +319,7 @@ class Gateway:
         if self.served is not None:
             await self.served.stop_accepting()
             await self.live.drain_writers()
-            await asyncio.gather(*(ws.close(errors.SERVICE_RESTART, "gateway restarting")
-                                   for ws in list(self.sockets)), return_exceptions=True)
+            await self.sockets.close_all(errors.SERVICE_RESTART, "gateway restarting")
             await self.served.close()
         self.live.close()
         if self._renewer is not None:
