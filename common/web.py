@@ -257,6 +257,15 @@ def one(query: Mapping[str, list[str]], name: str) -> str | None:
     return values[-1] if values else None
 
 
+def language_param(query: Mapping[str, list[str]]) -> str | None:
+    """``language``: an ISO code (``en``, ``pt-BR``) or ``auto``; None when absent."""
+    language = one(query, "language") or None
+    if language is not None and (
+            len(language) > 8 or not all(c.isalpha() or c == "-" for c in language)):
+        raise BadRequest("language must be an ISO code or 'auto'")
+    return language
+
+
 def bool_param(query: Mapping[str, list[str]], name: str, default: bool) -> bool:
     value = one(query, name)
     if value is None or value == "":

@@ -36,7 +36,15 @@ from common.sessions import Sessions, audio_end
 from common.settings import GatewaySettings
 from common.streams import follow_results
 from common.tasks import stop_tasks
-from common.web import Socket, SocketClosed, bool_param, one, read_controls, send_error
+from common.web import (
+    Socket,
+    SocketClosed,
+    bool_param,
+    language_param,
+    one,
+    read_controls,
+    send_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +93,7 @@ class ReplayParams:
                     raise BadRequest(f"model must be one of {', '.join(sorted(allowed))}"
                                      if allowed else "this server replays with the "
                                      "session's own model only")
-        language = one(query, "language") or None
-        if language is not None and (
-                len(language) > 8 or not all(c.isalpha() or c == "-" for c in language)):
-            raise BadRequest("language must be an ISO code or 'auto'")
+        language = language_param(query)
         interim = None
         if one(query, "interim_results"):
             interim = bool_param(query, "interim_results", True)

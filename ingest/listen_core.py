@@ -28,7 +28,7 @@ from common.messages import (
     parse_control,
 )
 from common.ratelimit import MessageLimits
-from common.web import bool_param, one
+from common.web import bool_param, language_param, one
 from ingest.limits import AudioRate, SessionClock
 
 #: Audio arrival times kept for the time-to-final metric (the newest ones).
@@ -52,10 +52,7 @@ class ListenParams:
     def __init__(self, query: dict[str, list[str]]) -> None:
         self.format: StreamFormat = parse_stream_format(
             one(query, "encoding"), one(query, "sample_rate"), one(query, "channels"))
-        language = one(query, "language") or ""
-        if len(language) > 8 or not all(c.isalpha() or c == "-" for c in language):
-            raise BadRequest("language must be an ISO code or 'auto'")
-        self.language = language
+        self.language = language_param(query) or ""
         self.interim_results = bool_param(query, "interim_results", True)
         self.session = resume_target(query)
         if self.session is not None and not session_id_ok(self.session):
