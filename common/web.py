@@ -185,9 +185,20 @@ class OpenSockets:
             self._sockets.discard(ws)
             await ws.wait_closed()
 
-    async def close_all(self, code: int, reason: str) -> None:
-        await asyncio.gather(*(ws.close(code, reason) for ws in list(self._sockets)),
-                             return_exceptions=True)
+    async def close_all(self, code: int, reason: str, wait_s: float = 3.0) -> None:
+        """Close every open socket with ``code``; one whose client has not answered the
+        close within ``wait_s`` is cut (a client that does not read would otherwise hold a
+        stopping server for ``CLOSE_TIMEOUT_S``)."""
+        sockets = list(self._sockets)
+        closes = [asyncio.ensure_future(ws.close(code, reason)) for ws in sockets]
+        if not closes:
+            return
+        _done, pending = await asyncio.wait(closes, timeout=wait_s)
+        for ws, close in zip(sockets, closes, strict=True):
+            if close in pending:
+                ws.abort()
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)  # an aborted socket's close ends at once
 
 
 async def accept(request: web.BaseRequest, max_size: int) -> Socket:

@@ -16,6 +16,7 @@ import contextlib
 import http.client
 import json
 import re
+import signal
 import struct
 import time
 from collections.abc import Iterator
@@ -441,3 +442,29 @@ def test_an_audio_export_longer_than_an_hour_is_streamed(
     assert grown < 30, f"the fanout grew by {grown:.0f} MB during a {size >> 20} MiB export"
     with contextlib.suppress(Exception):
         redis_server.client().delete(f"stt:{{{sid}}}:audio")
+
+
+@pytest.mark.integration
+def test_a_stopping_gateway_cuts_a_client_that_does_not_answer_its_1012(
+        own_redis: RedisServer) -> None:
+    """A client that stopped reading cannot hold a stopping gateway for the whole close
+    timeout: it gets ``OpenSockets.close_all``'s wait (3 s), then its connection is cut."""
+    gateway, port = start_gateway(own_redis.url)
+
+    async def stalled() -> float:
+        # max_queue=1: holding the unread 'session' message, the client library stops
+        # reading its socket, so it never sees (nor answers) the server's close frame
+        async with connect(f"ws://127.0.0.1:{port}/v1/listen", max_queue=1):
+            # the gateway logs the opening after it sent the 'session' message
+            await asyncio.to_thread(gateway.wait_log, ": opened (")
+            started = time.monotonic()
+            gateway.signal(signal.SIGTERM)
+            await asyncio.to_thread(gateway.proc.wait, 30)
+            return time.monotonic() - started
+
+    try:
+        took = asyncio.run(stalled())
+    finally:
+        gateway.stop()
+    assert took < 8.0, f"the gateway took {took:.1f} s to stop"
+    assert gateway.proc.returncode == 0
