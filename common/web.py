@@ -289,29 +289,26 @@ def bool_param(query: Mapping[str, list[str]], name: str, default: bool) -> bool
     raise BadRequest(f"{name} must be true or false")
 
 
-def float_param(query: Mapping[str, list[str]], name: str, default: float | None,
-                low: float, high: float) -> float | None:
+def _number_param(query: Mapping[str, list[str]], name: str, default: Any, low: Any,
+                  high: Any, kind: type, what: str, shown: str) -> Any:
+    """``name`` as a ``kind`` within [``low``, ``high``], or ``default`` when absent."""
     value = one(query, name)
     if value is None or value == "":
         return default
     try:
-        number = float(value)
+        number = kind(value)
     except ValueError:
-        raise BadRequest(f"{name} must be a number") from None
+        raise BadRequest(f"{name} must be {what}") from None
     if not low <= number <= high:
-        raise BadRequest(f"{name} must be between {low:g} and {high:g}")
+        raise BadRequest(f"{name} must be between {low:{shown}} and {high:{shown}}")
     return number
+
+
+def float_param(query: Mapping[str, list[str]], name: str, default: float | None,
+                low: float, high: float) -> float | None:
+    return _number_param(query, name, default, low, high, float, "a number", "g")
 
 
 def int_param(query: Mapping[str, list[str]], name: str, default: int,
               low: int, high: int) -> int:
-    value = one(query, name)
-    if value is None or value == "":
-        return default
-    try:
-        number = int(value)
-    except ValueError:
-        raise BadRequest(f"{name} must be an integer") from None
-    if not low <= number <= high:
-        raise BadRequest(f"{name} must be between {low} and {high}")
-    return number
+    return int(_number_param(query, name, default, low, high, int, "an integer", "d"))

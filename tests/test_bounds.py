@@ -85,7 +85,7 @@ GATEWAY_ENV = {
     **COMMON_ENV,
     "MAX_SESSIONS_PER_IP": "2",
     "MAX_SESSIONS_PER_KEY": "100",
-    "LOG_LEVEL": "DEBUG",  # websockets logs request lines: the redaction case reads them
+    "LOG_LEVEL": "DEBUG",  # request lines are logged at DEBUG: the redaction case reads them
 }
 
 _locals = (f"127.0.{i // 250}.{i % 250 + 2}" for i in itertools.count(250))

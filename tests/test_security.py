@@ -84,7 +84,7 @@ GATEWAY_ENV = {
     "MAX_MESSAGES_PER_S": "100",
     "MESSAGES_BURST": str(MESSAGES_BURST),
     "RESUME_GRACE_S": "3",
-    "LOG_LEVEL": "DEBUG",  # websockets logs request lines and headers: none may leak
+    "LOG_LEVEL": "DEBUG",  # request lines and headers are logged at DEBUG: none may leak
 }
 
 JFK = with_tail(load_pcm16("fw_jfk"))

@@ -21,16 +21,24 @@ export class Transcript {
     return next;
   }
 
-  /** Applies a partial of segment `seg` (starting at `base` s); the item, or null when
-   * the utterance already has its final. */
-  partial(seg, base, msg) {
-    const key = itemKey(seg, msg.utterance);
+  /** The item of utterance `utt` of segment `seg` (made when new), or null when it
+   * already has its final. */
+  open(seg, utt) {
+    const key = itemKey(seg, utt);
     let item = this.items.get(key);
     if (item && item.final) return null;
     if (!item) {
-      item = { key, seg, utt: msg.utterance, final: false, orphan: false, words: [] };
+      item = { key, seg, utt, final: false, orphan: false, words: [] };
       this.items.set(key, item);
     }
+    return item;
+  }
+
+  /** Applies a partial of segment `seg` (starting at `base` s); the item, or null when
+   * the utterance already has its final. */
+  partial(seg, base, msg) {
+    const item = this.open(seg, msg.utterance);
+    if (!item) return null;
     item.start = base + (msg.start || 0);
     item.end = base + (msg.end || 0);
     item.text = msg.text || "";
@@ -40,13 +48,8 @@ export class Transcript {
 
   /** Applies a final; the item, or null for a second final of the same utterance. */
   final(seg, base, msg) {
-    const key = itemKey(seg, msg.utterance);
-    let item = this.items.get(key);
-    if (item && item.final) return null;
-    if (!item) {
-      item = { key, seg, utt: msg.utterance, orphan: false };
-      this.items.set(key, item);
-    }
+    const item = this.open(seg, msg.utterance);
+    if (!item) return null;
     item.final = true;
     item.start = base + (msg.start || 0);
     item.end = base + (msg.end || 0);
