@@ -3,7 +3,8 @@
 HTTP (``GET``, or ``HEAD`` for the headers alone; any other method is a 405):
 
 * ``/v1/sessions`` — newest first: ``{"sessions": [...], "next_before": ...}``
-* ``/v1/sessions/{id}`` — one session's info with result counts by type
+* ``/v1/sessions/{id}`` — one session's info with result counts by type; ``DELETE``
+  removes it (every key, its listing entry; a live one ends): 204, then 404
 * ``/v1/sessions/{id}/audio.wav`` — the normalised audio (16 kHz mono int16), streamed
 * ``/v1/sessions/{id}/transcript.{txt,json,srt,vtt}``
 
@@ -88,8 +89,11 @@ class Route:
 
     @property
     def methods(self) -> tuple[str, ...]:
-        """The methods this route serves (any other: 405): it only reads."""
-        return ("GET",) if self.websocket else ("GET", "HEAD")
+        """The methods this route serves (any other: 405): reads, and ``DELETE`` of a
+        session."""
+        if self.websocket:
+            return ("GET",)
+        return ("GET", "HEAD", "DELETE") if self.kind == "info" else ("GET", "HEAD")
 
     @property
     def opens_session(self) -> bool:
@@ -228,6 +232,11 @@ class SessionsApi:
             return await self._list(query)
         sid = check_session_id(route.sid)
         await self.authorize(principal, sid)
+        if route.kind == "info" and request.method == "DELETE":
+            await self.records.delete(sid)
+            log.info("session %s: deleted (by %s)", sid, principal.kind)
+            return web.Response(status=http.HTTPStatus.NO_CONTENT,
+                                headers={"Cache-Control": "no-store"})
         if route.kind == "info":
             info = (await self.records.info(sid)).to_dict()
             info["counts"] = await self.records.result_counts(sid)
