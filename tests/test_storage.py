@@ -86,22 +86,21 @@ def test_a_live_session_ends_with_storage_full_and_resumes_when_there_is_room(
     async def run() -> Any:
         errors: list[str] = []
         first_final = asyncio.Event()
-        lifted = asyncio.Event()
+        failed = asyncio.Event()
 
         def on_message(m: dict[str, Any]) -> None:
             if m["type"] == "final":
                 first_final.set()
             if m["type"] == "error":
                 errors.append(m["code"])
+                failed.set()
 
         async def fill_then_lift() -> None:
             await asyncio.wait_for(first_final.wait(), 30)
             r.config_set("maxmemory", used(r) // 2)  # full: every write refused
-            while not errors:
-                await asyncio.sleep(0.1)
+            await asyncio.wait_for(failed.wait(), 30)
             await asyncio.sleep(1.0)  # the client's first resume is refused (503)
             r.config_set("maxmemory", 0)
-            lifted.set()
 
         filler = asyncio.create_task(fill_then_lift())
         res = await stream(listen_url(stack.ws_url), frames(pcm), pace=1.0,
