@@ -195,8 +195,8 @@ class Sessions:
                 pipe = self.redis.pipeline(transaction=False)
                 for sid in chunk:
                     pipe.hmget(keys.meta(sid), "epoch", "processed_sample")
-                    if beat:
-                        pipe.evalsha(self._heartbeat.sha, 1, keys.meta(sid))
+                    if beat:  # execute_command: a cluster pipeline refuses .evalsha()
+                        pipe.execute_command("EVALSHA", self._heartbeat.sha, 1, keys.meta(sid))
                 return pipe
 
             try:

@@ -167,6 +167,9 @@ class RedisSettings:
     redis_url: str = setting(
         "redis://localhost:6379/0", "the Redis server: a redis:// or rediss:// (TLS) URL, with "
         "user, password and database number where needed (redis://user:password@host:6379/0)")
+    redis_cluster: str = setting(
+        "auto", "whether redis_url names a Redis Cluster node: auto = ask it once at start "
+        "(INFO cluster; unreachable = not a cluster), 1 = a cluster, 0 = a plain Redis")
     redis_socket_timeout_s: float = setting(
         10.0, "seconds one Redis command may take before it fails (and is retried); blocking "
         "stream reads have their own, longer timeout (see redis_block_ms)")
