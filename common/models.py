@@ -141,9 +141,10 @@ class Registry:
         return {w.model for w in self.records}
 
 
-async def read_registry(redis: aioredis.Redis, grace_s: float) -> Registry:
-    """The registry as it is now; records expired more than ``grace_s`` ago are deleted (a
-    worker that crashed: a stopping one deletes its own)."""
+async def read_registry(redis: aioredis.Redis, grace_s: float, purge: bool = True) -> Registry:
+    """The registry as it is now, less records expired more than ``grace_s`` ago, which are
+    deleted when ``purge`` (a worker that crashed: a stopping one deletes its own; fanout,
+    which only reads Redis, leaves that to the gateways)."""
     seconds, micros = await redis.time()
     now_ms = seconds * 1000 + micros // 1000
     raw = await redis.hgetall(keys.WORKERS)
@@ -156,7 +157,7 @@ async def read_registry(redis: aioredis.Redis, grace_s: float) -> Registry:
             stale.append(field)
         else:
             records.append(info)
-    if stale:
+    if stale and purge:
         await redis.hdel(keys.WORKERS, *stale)
     return Registry(now_ms, tuple(sorted(records, key=lambda w: w.name)))
 
@@ -166,12 +167,14 @@ class ServedModels:
     ``SNAPSHOT_TTL_S`` for all its users.
 
     ``default``: the deployment's default model (``STT_MODEL``), None where the process does
-    not know it (fanout); ``accepted``: names always accepted (``MODELS``).
+    not know it (fanout, which also never deletes: ``purge``); ``accepted``: names always
+    accepted (``MODELS``).
     """
 
     def __init__(self, redis: aioredis.Redis, default: str | None = None,
-                 accepted: str = "", grace_s: float = 300.0) -> None:
+                 accepted: str = "", grace_s: float = 300.0, purge: bool = True) -> None:
         self.redis = redis
+        self.purge = purge
         self.default = default
         self.accepted = parse_names(accepted) | ({default} if default else set())
         self.grace_s = grace_s
@@ -182,7 +185,7 @@ class ServedModels:
     async def registry(self) -> Registry:
         async with self._lock:
             if self._registry is None or time.monotonic() - self._at >= SNAPSHOT_TTL_S:
-                self._registry = await read_registry(self.redis, self.grace_s)
+                self._registry = await read_registry(self.redis, self.grace_s, self.purge)
                 self._at = time.monotonic()
             return self._registry
 

@@ -116,7 +116,7 @@ class SessionsApi:
         ``MODELS``); fanout makes its own, which knows no default."""
         self.settings = settings
         self.records = Sessions(redis)
-        self.models = models if models is not None else ServedModels(redis)
+        self.models = models if models is not None else ServedModels(redis, purge=False)
         self.blocking = blocking
         self.hubs = Hubs(redis, blocking, settings.redis_block_ms, settings.viewer_queue)
         self.replay = replay
