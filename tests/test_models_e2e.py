@@ -25,7 +25,14 @@ from websockets.exceptions import InvalidStatus
 
 from common.client import listen_url, stream
 from tests.audio_refs import frames, load_pcm16, reference, wer
-from tests.procs import ROOT, RedisServer, free_port, start_gateway, start_transcriber
+from tests.procs import (
+    ROOT,
+    RedisServer,
+    free_port,
+    start_gateway,
+    start_transcriber,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -100,10 +107,15 @@ def test_models_lists_what_the_workers_serve(models: Models) -> None:
     assert set(listed) == {"tiny.en", "tiny-copy"}
     assert listed["tiny-copy"]["workers"] == 1 and listed["tiny-copy"]["capacity"] == 8
     assert listed["tiny.en"]["devices"] == ["cpu"]
-    with urllib.request.urlopen(f"{models.http}/metrics", timeout=10) as resp:
-        metrics = resp.read().decode()
-    assert 'stt_worker_free_slots{model="tiny-copy"} 8.0' in metrics
-    assert 'stt_sessions_waiting{model="ghost"}' in metrics
+
+    def metrics() -> str:
+        with urllib.request.urlopen(f"{models.http}/metrics", timeout=10) as resp:
+            return str(resp.read().decode())
+
+    # slots are announced every second: the sessions of the test before may just have ended
+    wait_until("free slots on the gateway's /metrics",
+               lambda: 'stt_worker_free_slots{model="tiny-copy"} 8.0' in metrics(), 5.0)
+    assert 'stt_sessions_waiting{model="ghost"}' in metrics()
     registry = models.redis.client().hgetall("stt:workers")
     assert json.loads(registry[b"w-tiny"])["metrics_port"] == models.tiny_port
 
