@@ -9,7 +9,8 @@ from the machine that runs the script.
 
 Who runs what: the gateway CREATE_SESSION, HEARTBEAT, APPEND_AUDIO, NOTICE, CAP_ACQUIRE;
 replays CREATE_SESSION, HEARTBEAT, APPEND_AUDIO; the transcriber the LEASE_* scripts,
-PUBLISH, PROGRESS, COMMIT, CLIENT_SILENCE and CLOSE (transcriber/commit.py).
+PUBLISH, PROGRESS, COMMIT, CLIENT_SILENCE and CLOSE (transcriber/commit.py), and
+ANNOUNCE_WORKER (the worker registry, common/models.py).
 """
 
 from __future__ import annotations
