@@ -123,13 +123,6 @@ class SessionMonitor:
                     state.owned = True
                     continue
                 model = getattr(session, "model", keys.DEFAULT_MODEL)
-                unserved = served is not None and model not in served
-                if unserved and not state.unserved:
-                    notices.append((session.sid, Warning(
-                        session.sid, "model_unavailable",
-                        f"no transcriber serves the model {model!r} now; the session waits "
-                        "for one")))
-                state.unserved = unserved
                 if model not in positions:
                     positions[model] = await self.store.waiting_positions(model)
                 position = positions[model].get(session.sid)
@@ -138,6 +131,13 @@ class SessionMonitor:
                         session.sid, "queued",
                         f"waiting for a free transcriber (position {position} in queue)")))
                 state.position = position
+                unserved = served is not None and model not in served
+                if unserved and not state.unserved:
+                    notices.append((session.sid, Warning(
+                        session.sid, "model_unavailable",
+                        f"no transcriber serves the model {model!r} now; the session waits "
+                        "for one")))
+                state.unserved = unserved
                 continue
             lag = (session.samples_sent - processed) / TARGET_RATE
             if lag >= self.lag_warning_s and now - state.warned_at >= LAG_WARNING_EVERY_S:

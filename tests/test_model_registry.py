@@ -194,7 +194,7 @@ async def test_the_monitor_warns_a_session_whose_model_nobody_serves_and_sets_th
             out.append(result.code)
         return out
 
-    assert await codes(unserved.sid) == ["model_unavailable", "queued"]
+    assert await codes(unserved.sid) == ["queued", "model_unavailable"]
     assert await codes(served.sid) == ["queued"]
     text = generate_latest(metrics.registry).decode()
     assert 'stt_sessions_waiting{model="ghost"} 1.0' in text

@@ -100,6 +100,7 @@ class Worker:
         # on an inference thread: the loop answers the health port meanwhile
         await self.inference.run(self.inference.load)
         await self._once(self.queue.ensure_group, "creating the work queue group")
+        await self._once(self._announce_once, "announcing in the worker registry")
         log.info("worker %s ready, capacity %d, serving model %s (queue %s)", self.consumer,
                  self.settings.capacity, self.model_name, self.queue.stream)
         chores = [asyncio.create_task(c) for c in (
@@ -208,16 +209,19 @@ class Worker:
                           max(0, self.settings.capacity - held), socket.gethostname(),
                           self.metrics_port)
 
+    async def _announce_once(self) -> None:
+        await announce(self.redis, self.info(),
+                       int(self.settings.announce_interval_s * ANNOUNCE_TTL_INTERVALS * 1000))
+
     async def _announce(self) -> None:
-        """Tell the registry what this worker serves, every ``announce_interval_s``."""
-        interval = self.settings.announce_interval_s
+        """Tell the registry what this worker serves, every ``announce_interval_s`` (the
+        first time before it says it is ready)."""
         while True:
+            await asyncio.sleep(self.settings.announce_interval_s)
             try:
-                await announce(self.redis, self.info(),
-                               int(interval * ANNOUNCE_TTL_INTERVALS * 1000))
+                await self._announce_once()
             except REDIS_DOWN as exc:
                 log.warning("announcing in the worker registry failed: %s", exc)
-            await asyncio.sleep(interval)
 
     # ------------------------------------------------------------------ leases
 
