@@ -3,7 +3,8 @@
 HTTP (``GET``, or ``HEAD`` for the headers alone; any other method is a 405):
 
 * ``/v1/sessions`` — newest first: ``{"sessions": [...], "next_before": ...}``
-* ``/v1/sessions/{id}`` — one session's info with result counts by type
+* ``/v1/sessions/{id}`` — one session's info with result counts by type; ``DELETE`` (on the
+  gateway) removes it (every key, its listing entry; a live one ends): 204, then 404
 * ``/v1/sessions/{id}/audio.wav`` — the normalised audio (16 kHz mono int16), streamed
 * ``/v1/sessions/{id}/transcript.{txt,json,srt,vtt}``
 * ``/v1/models`` — the models workers serve now (``common/models.py``): ``{"models":
@@ -85,6 +86,7 @@ class Route:
     kind: str  # list | info | audio | transcript | results | replay | models
     sid: str = ""
     fmt: str = ""
+    deletable: bool = False  # DELETE is served (on the gateway's info route)
 
     @property
     def websocket(self) -> bool:
@@ -92,8 +94,11 @@ class Route:
 
     @property
     def methods(self) -> tuple[str, ...]:
-        """The methods this route serves (any other: 405): it only reads."""
-        return ("GET",) if self.websocket else ("GET", "HEAD")
+        """The methods this route serves (any other: 405): reads, and ``DELETE`` of a
+        session."""
+        if self.websocket:
+            return ("GET",)
+        return ("GET", "HEAD", "DELETE") if self.deletable else ("GET", "HEAD")
 
     @property
     def opens_session(self) -> bool:
@@ -111,10 +116,14 @@ class SessionsApi:
 
     def __init__(self, settings: SessionsApiSettings, redis: aioredis.Redis,
                  blocking: aioredis.Redis, replay: ReplayConfig | None = None,
-                 models: ServedModels | None = None) -> None:
-        """``models``: the gateway's view of the worker registry (with its default model and
-        ``MODELS``); fanout makes its own, which knows no default."""
+                 deletes: bool = False, models: ServedModels | None = None) -> None:
+        """``replay``: serve replays (they need transcribers); ``deletes``: serve
+        ``DELETE /v1/sessions/{id}`` (the gateway: ``python -m fanout`` is the read side,
+        and its Redis user may only read, docker/redis-users.acl); ``models``: the gateway's
+        view of the worker registry (with its default model and ``MODELS``); fanout makes
+        its own, which knows no default and deletes nothing."""
         self.settings = settings
+        self.deletes = deletes
         self.records = Sessions(redis)
         self.models = models if models is not None else ServedModels(redis, purge=False)
         self.blocking = blocking
@@ -127,10 +136,11 @@ class SessionsApi:
     @classmethod
     def with_replays(cls, settings: GatewaySettings, redis: aioredis.Redis,
                      blocking: aioredis.Redis) -> SessionsApi:
-        """The API as the gateway serves it: with replays (which need transcribers)."""
-        return cls(settings, redis, blocking, ReplayConfig.for_gateway(settings),
-                   ServedModels(redis, settings.model_name, settings.models,
-                                settings.model_grace_s))
+        """The API as the gateway serves it: with replays (which need transcribers) and
+        deletion."""
+        return cls(settings, redis, blocking, ReplayConfig.for_gateway(settings), deletes=True,
+                   models=ServedModels(redis, settings.model_name, settings.models,
+                                       settings.model_grace_s))
 
     # ------------------------------------------------------------------ routing
 
@@ -151,7 +161,7 @@ class SessionsApi:
         if sid is None:
             return Route("list")
         if leaf is None:
-            return Route("info", sid)
+            return Route("info", sid, deletable=self.deletes)
         if leaf == "audio.wav":
             return Route("audio", sid, "wav")
         if leaf.startswith("transcript."):
@@ -245,6 +255,11 @@ class SessionsApi:
             return json_response(http.HTTPStatus.OK, await self.models.listing())
         sid = check_session_id(route.sid)
         await self.authorize(principal, sid)
+        if route.deletable and request.method == "DELETE":
+            await self.records.delete(sid)
+            log.info("session %s: deleted (by %s)", sid, principal.kind)
+            return web.Response(status=http.HTTPStatus.NO_CONTENT,
+                                headers={"Cache-Control": "no-store"})
         if route.kind == "info":
             info = (await self.records.info(sid)).to_dict()
             info["counts"] = await self.records.result_counts(sid)

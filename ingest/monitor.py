@@ -4,11 +4,12 @@ Once a second it reads every session's owner epoch and transcribed position in o
 Redis pipeline (and refreshes the heartbeats every ``HEARTBEAT_S`` in the same
 pipeline), then tells each client what changed: its position in its model's queue while
 no transcriber has it, a ``model_unavailable`` warning while no worker serves its model,
-and a ``lag`` warning when transcription falls ``LAG_WARNING_S`` behind. The same pass
-refreshes the autoscaling gauges (sessions waiting and the oldest wait per model queue,
-workers and free slots per model from the worker registry), whether or not this gateway
-has sessions. A task per session doing the same cost one Redis round
-trip and one wake-up per socket per second (10 % of the gateway's CPU at 300
+a ``lag`` warning when transcription falls ``LAG_WARNING_S`` behind, and
+``session_not_found`` when its session was deleted. The same pass refreshes the
+autoscaling gauges (sessions waiting and the oldest wait per model queue, workers and
+free slots per model from the worker registry), whether or not this gateway has sessions.
+A task per session doing the same cost one Redis round trip and one wake-up per
+socket per second (10 % of the gateway's CPU at 300
 sockets, measured with py-spy).
 """
 
@@ -26,7 +27,7 @@ from common.messages import Warning
 from common.metrics import GatewayMetrics
 from common.models import ServedModels
 from common.redis_client import REDIS_DOWN
-from common.sessions import Sessions
+from common.sessions import GONE, Sessions
 from common.tasks import LazyTask
 from common.work_queue import queue_wait
 
@@ -44,6 +45,9 @@ class Watched(Protocol):
 
     @property
     def samples_sent(self) -> int: ...
+
+    def gone(self) -> None:
+        """The session has no record any more (deleted, or expired): end its socket."""
 
 
 class _State:
@@ -118,6 +122,10 @@ class SessionMonitor:
         positions: dict[str, dict[str, int]] = {}  # by model
         notices: list[tuple[str, Warning]] = []
         for (session, state), (epoch, processed) in zip(sessions, progress, strict=True):
+            if epoch == GONE:
+                self.unwatch(session)
+                session.gone()
+                continue
             if not state.owned:
                 if epoch:
                     state.owned = True
