@@ -136,7 +136,7 @@ def test_a_known_model_nobody_serves_waits_with_a_warning(models: Models) -> Non
     async def run() -> list[dict[str, Any]]:
         got: list[dict[str, Any]] = []
         async with connect(listen_url(models.ws, model="ghost")) as ws:
-            while len(got) < 2:
+            while len(got) < 4:  # session, queued (position 1), model_unavailable
                 got.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
                 if got[-1]["type"] == "warning" and got[-1]["code"] == "model_unavailable":
                     break
@@ -144,7 +144,8 @@ def test_a_known_model_nobody_serves_waits_with_a_warning(models: Models) -> Non
 
     got = asyncio.run(run())
     assert got[0]["type"] == "session" and got[0]["model"] == "ghost"
-    assert got[-1]["type"] == "warning" and got[-1]["code"] == "model_unavailable"
+    assert [(m["type"], m.get("code")) for m in got[1:]] == [
+        ("warning", "queued"), ("warning", "model_unavailable")]
 
 
 def test_a_second_worker_on_a_taken_metrics_port_stops_with_one_line(models: Models) -> None:
