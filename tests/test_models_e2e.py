@@ -100,7 +100,8 @@ def test_each_session_goes_to_the_worker_of_the_model_it_asks_for(models: Models
                                if "loading whisper model" in line)
 
 
-def test_models_lists_what_the_workers_serve(models: Models) -> None:
+def test_models_lists_what_the_workers_serve(models: Models,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
     status, body = get(f"{models.http}/v1/models")
     assert status == 200 and body["default"] == "tiny.en"
     listed = {m["name"]: m for m in body["models"]}
@@ -116,6 +117,13 @@ def test_models_lists_what_the_workers_serve(models: Models) -> None:
     wait_until("free slots on the gateway's /metrics",
                lambda: 'stt_worker_free_slots{model="tiny-copy"} 8.0' in metrics(), 5.0)
     assert 'stt_sessions_waiting{model="ghost"}' in metrics()
+    from fanout.cli import main
+
+    assert main(["--url", models.http, "models"]) == 0  # stt models
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["MODEL", "WORKERS", "CAPACITY", "FREE", "DEVICES"]
+    assert sorted(line.split()[0] for line in table[1:]) == ["tiny-copy", "tiny.en"]
+    assert any(line.startswith("tiny.en (default)") for line in table)
     registry = models.redis.client().hgetall("stt:workers")
     assert json.loads(registry[b"w-tiny"])["metrics_port"] == models.tiny_port
 
