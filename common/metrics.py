@@ -131,8 +131,8 @@ def gateway_metrics() -> GatewayMetrics:
         sessions_active=Gauge("stt_gateway_sessions_active", "open /v1/listen sockets",
                               registry=r),
         sessions_queued=Gauge("stt_sessions_queued",
-                              "sessions waiting for a transcriber (read at scrape time)",
-                              registry=r),
+                              "sessions waiting for a transcriber, all models (the sum of "
+                              "stt_sessions_waiting)", registry=r),
         sessions_opened=Counter("stt_gateway_sessions_opened", "new sessions", registry=r),
         reconnects=Counter("stt_gateway_reconnects", "sessions resumed with session/after",
                            registry=r),
