@@ -541,7 +541,7 @@ class ModelSettings:
     device: str = setting("auto", "cpu, cuda, or auto: cuda when a GPU is usable, else cpu")
     device_index: int = setting(
         0, "which GPU of the machine (CUDA device number) the model runs on; one worker per "
-        "GPU, each with its own device_index and metrics_port")
+        "GPU, each with its own device_index and metrics_port; 0 on CPU")
     compute_type: str = setting(
         "auto", "CTranslate2 compute type (int8, float16, ...); auto = int8 on CPU, float16 on "
         "CUDA")

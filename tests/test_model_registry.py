@@ -78,7 +78,18 @@ def test_a_worker_loads_its_one_model_once_whatever_sessions_ask() -> None:
         inference.load()
         inference.load()
         assert loads == ["/models/copy"] and inference.model_name == "copy"
-        assert not hasattr(inference, "model_for")
+    finally:
+        inference.executor.shutdown()
+
+
+def test_device_index_reaches_ctranslate2() -> None:
+    """DEVICE_INDEX is faster-whisper's device_index: CTranslate2 itself refuses a CPU
+    device that does not exist (on a GPU machine it picks the GPU)."""
+    s = dataclasses.replace(TranscriberSettings(), device="cpu", device_index=1)
+    inference = Inference(s, WorkerConfig.from_settings(s), worker_metrics(), vad=object())  # type: ignore[arg-type]
+    try:
+        with pytest.raises(ValueError, match="Invalid CPU device index: 1"):
+            inference.load()
     finally:
         inference.executor.shutdown()
 

@@ -113,7 +113,7 @@ def load_whisper(model: str, device: str, compute_type: str, cpu_threads: int,  
                  batch_wait_s: float = 0.01, on_batch=None, num_workers: int = 1,
                  device_index: int = 0):
     """Load a faster-whisper model on ``device`` number ``device_index`` (a GPU of several;
-    CTranslate2 ignores it on CPU); ``encoder_tail_frames`` >= 0 enables short-context encoding,
+    on CPU only 0 exists); ``encoder_tail_frames`` >= 0 enables short-context encoding,
     ``max_batch`` > 1 batches concurrent decodes from several threads (transcriber.batching),
     ``num_workers`` > 1 lets that many threads' decodes run at once, unbatched (CTranslate2
     keeps a model replica per worker).
