@@ -195,9 +195,9 @@ class ServedModels:
 
     async def check(self, name: str) -> None:
         """BadRequest for what cannot be a model name; ModelUnavailable unless a session may
-        ask for ``name``: a worker serves it, or did
-        within the grace, or the deployment names it (default, ``MODELS``). Such a session
-        may still wait for a worker (with a ``model_unavailable`` warning)."""
+        ask for ``name``: a worker serves it, or did within the grace, or the deployment
+        names it (default, ``MODELS``). Such a session may still wait for a worker (with a
+        ``model_unavailable`` warning)."""
         check_model_name(name)
         if name in self.accepted:
             return
@@ -205,10 +205,6 @@ class ServedModels:
             raise ModelUnavailable(f"no transcriber serves the model {name!r}"
                                    + (f"; the default is {self.default!r}"
                                       if self.default else ""))
-
-    async def serving(self, name: str) -> bool:
-        """Whether a live worker serves ``name`` now."""
-        return name in (await self.registry()).served()
 
     async def listing(self) -> dict[str, Any]:
         """``GET /v1/models``: what is served now, and the default."""
