@@ -126,6 +126,10 @@ def test_a_session_streams_is_viewed_listed_exported_and_replayed(
     assert status == 200 and len(body) == 44 + 2 * len(JFK)
     assert np.array_equal(np.frombuffer(body[44:], "<i2"), JFK)
 
+    # the worker registry (one key, read with TIME) answers on a cluster too
+    status, body = get(f"{http}/v1/models")
+    assert status == 200 and [m["name"] for m in json.loads(body)["models"]] == ["tiny.en"]
+
     replayed = asyncio.run(watch(f"{deployment.url(0)}/v1/sessions/{sid}/replay?speed=max"))
     text = " ".join(m["text"] for m in replayed if m["type"] == "final")
     assert replayed[-1]["type"] == "closed" and wer(reference("fw_jfk"), text) <= 0.10, text
