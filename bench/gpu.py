@@ -102,7 +102,7 @@ def cuda_library_path() -> str | None:
     """Put the nvidia-cublas-cu12 wheel's libraries (if installed) on LD_LIBRARY_PATH for the
     processes this one starts (the probe, the workers); the directory, or None."""
     try:
-        import nvidia.cublas  # type: ignore[import-not-found]
+        import nvidia.cublas
     except ImportError:
         return None
     lib = str(Path(next(iter(nvidia.cublas.__path__))) / "lib")

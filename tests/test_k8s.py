@@ -260,8 +260,17 @@ KEDA_SCHEMAS: dict[str, dict[str, Any]] = {
 }
 
 
-def kube_errors(doc: dict[str, Any]) -> list[str]:
+@functools.cache
+def _validate_module() -> Any:
+    """kubernetes-validate, reading each schema file once per test run (it reads its large
+    _definitions.json again for every object)."""
     kv = _need("kubernetes_validate", "kubernetes-validate")
+    kv.utils.schema_contents = functools.cache(kv.utils.schema_contents)
+    return kv
+
+
+def kube_errors(doc: dict[str, Any]) -> list[str]:
+    kv = _validate_module()
     errors = []
     for version in KUBE_VERSIONS:
         v = kv.latest_version() if version == "latest" else version
