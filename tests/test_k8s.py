@@ -307,12 +307,12 @@ def schema_errors(doc: dict[str, Any]) -> list[str]:
     return kube_errors(doc)
 
 
-@pytest.mark.parametrize("overlay", [*OVERLAYS, "gpu-external-redis"])
+@pytest.mark.parametrize("overlay", [*OVERLAYS, "gpu-external-redis", "cpu-no-keda"])
 def test_every_object_matches_its_schema(overlay: str) -> None:
     docs = rendered(overlay)
     kinds = {d["kind"] for d in docs}
-    assert {"Deployment", "Service", "ScaledObject", "TriggerAuthentication",
-            "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap"} <= kinds, kinds
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+            "ConfigMap"} <= kinds, kinds
     assert [e for doc in docs for e in schema_errors(doc)] == []
     assert all(d["metadata"].get("namespace") == "live-stt" for d in docs
                if d["kind"] != "Namespace"), "every object in the overlay's namespace"
@@ -579,3 +579,11 @@ def test_external_redis_component_drops_the_demo_redis() -> None:
     assert not address.startswith("stt-redis:")
     assert "REDIS_URL" in env_of(docs, container(docs, "transcriber"))
 
+
+def test_no_keda_component_fixes_the_worker_count() -> None:
+    docs = rendered("cpu-no-keda")
+    assert not [d for d in docs if d["apiVersion"].startswith("keda.sh/")]
+    assert workloads(docs)[workload_of(docs, "transcriber")]["spec"]["replicas"] >= 1
+    with_keda = rendered("cpu")
+    assert {d["kind"] for d in with_keda if d["apiVersion"].startswith("keda.sh/")} == {
+        "ScaledObject", "TriggerAuthentication"}
