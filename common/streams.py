@@ -24,7 +24,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from common import keys
 from common.backoff import REDIS_DOWN, Backoff, reraise_cancel
 from common.messages import AudioEntry, Closed, Result, pack_audio_entry, unpack_result
-from common.scripts import APPEND_AUDIO, APPEND_CLOSED
+from common.scripts import APPEND_AUDIO, APPEND_CLOSED, APPEND_GONE
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,8 @@ Entry = tuple[bytes, dict[bytes, bytes]]
 
 #: The append script's answer for a session that has ended.
 CLOSED = APPEND_CLOSED
+#: The append script's answer for a session whose record is gone (deleted or expired).
+GONE = APPEND_GONE
 
 #: One session's append: (sid, attach generation, entries in seq order).
 Append = tuple[str, int, Sequence[AudioEntry]]
