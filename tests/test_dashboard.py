@@ -24,6 +24,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from common.metrics import gateway_metrics, register_viewer_gauges, worker_metrics
+from common.storage import StorageWatch
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "stt.json"
@@ -55,7 +56,9 @@ def exported() -> dict[str, tuple[str, ...]]:
     registries = [gateway_metrics().registry, worker_metrics().registry]
     viewers = CollectorRegistry()
     register_viewer_gauges(viewers, lambda: 0, lambda: 0)
-    registries.append(viewers)
+    storage = CollectorRegistry()  # the gateway's Redis memory gauges
+    StorageWatch(None, 0.9, 1.0, 30.0).register_gauges(storage)
+    registries += [viewers, storage]
     names: dict[str, tuple[str, ...]] = {}
     for registry in registries:
         # the collectors themselves: a labelled metric with no child yet has no sample
@@ -177,7 +180,8 @@ def test_every_metric_and_label_exists() -> None:
     for name in ("stt_gateway_time_to_final_seconds_bucket", "stt_worker_session_lag_seconds",
                  "stt_sessions_queued", "stt_gateway_sessions_active",
                  "stt_worker_decode_wait_seconds_bucket", "stt_redis_errors_total",
-                 "stt_gateway_rejections_total", *ANNOUNCED):
+                 "stt_gateway_rejections_total", "stt_redis_memory_used_bytes",
+                 "stt_storage_full", *ANNOUNCED):
         assert name in used, name
 
 
