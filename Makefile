@@ -1,7 +1,7 @@
 # make run   - install into .venv if needed, use or start Redis, start gateway + transcriber
 # make test  - install if needed, run the whole test suite (unit + integration + browser)
 # make bench-gpu - on a machine with an NVIDIA GPU: install, check the device, run the capacity
-#              bench at 8-128 streams with and without batching (under 10 min; docs/benchmarks.md)
+#              bench at 8-128 streams with and without batching (under 10 min; docs/operations.md)
 # make bench-gpu DRY_RUN=1 - the same plan at tiny sizes on the CPU
 PY ?= python3
 VENV := .venv
