@@ -52,9 +52,16 @@ def meta(sid: str) -> str:
     return f"stt:{{{sid}}}:meta"
 
 
-def session_keys(sid: str) -> tuple[str, str, str]:
+def audio_z(sid: str) -> str:
+    """A closed session's audio, compacted (hash: codec, samples, markers, data, raw_bytes;
+    ``common/compaction.py``): it replaces ``audio`` once the session is closed. TTL: the
+    record's."""
+    return f"stt:{{{sid}}}:audio.z"
+
+
+def session_keys(sid: str) -> tuple[str, str, str, str]:
     """Every key one session has (its hash slot's: ``{sid}``); deletion removes them all."""
-    return audio(sid), results(sid), meta(sid)
+    return audio(sid), results(sid), meta(sid), audio_z(sid)
 
 
 def token_nonce(nonce: str) -> str:

@@ -48,6 +48,8 @@ class WorkerMetrics:
     partials_skipped: Counter
     redis_errors: Counter
     batch_rows: Histogram
+    compactions: Counter
+    compacted_bytes: Counter
 
 
 def worker_metrics() -> WorkerMetrics:
@@ -101,6 +103,12 @@ def worker_metrics() -> WorkerMetrics:
         batch_rows=Histogram("stt_worker_batch_rows",
                              "rows (session decodes) per batched model call, by call",
                              ["op"], buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r),
+        compactions=Counter("stt_worker_compactions",
+                            "closed sessions whose audio was compacted (COMPACT_CODEC)",
+                            registry=r),
+        compacted_bytes=Counter(
+            "stt_worker_compacted_bytes", "audio bytes in Redis before (raw) and after "
+            "(compacted) the compactions of this worker", ["form"], registry=r),
     )
 
 

@@ -8,10 +8,11 @@ heartbeat, created, duration. Times come from the Redis server's clock (``TIME``
 from the machine that runs the script.
 
 Who runs what: the gateway CREATE_SESSION, HEARTBEAT, APPEND_AUDIO, NOTICE, CAP_ACQUIRE,
-DELETE_SESSION (the sessions API, in fanout too);
+DELETE_SESSION (the gateway's sessions API);
 replays CREATE_SESSION, HEARTBEAT, APPEND_AUDIO; the transcriber the LEASE_* scripts,
-PUBLISH, PROGRESS, COMMIT, CLIENT_SILENCE and CLOSE (transcriber/commit.py), and
-ANNOUNCE_WORKER (the worker registry, common/models.py).
+PUBLISH, PROGRESS, COMMIT, CLIENT_SILENCE and CLOSE (transcriber/commit.py),
+ANNOUNCE_WORKER (the worker registry, common/models.py), and COMPACT_AUDIO after a close
+(``Sessions.compact``).
 """
 
 from __future__ import annotations
@@ -222,6 +223,24 @@ DELETE_SESSION = """
 local existed = redis.call('EXISTS', KEYS[1])
 redis.call('UNLINK', unpack(KEYS))
 return existed
+"""
+
+
+# Compaction: a closed session's audio stream replaced by its compressed form, at once.
+# KEYS: meta, audio, audio.z. ARGV: id of the last audio entry read, codec, samples, markers
+# (packed), data, raw bytes. Refused (-1) unless the session is closed, (-2) when the stream
+# changed since it was read (its last entry is another one; or it is gone: compacted or
+# deleted meanwhile). The compacted key takes the record's remaining TTL.
+COMPACT_AUDIO = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'closed' then return -1 end
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
+if not last or last[1] ~= ARGV[1] then return -2 end
+redis.call('HSET', KEYS[3], 'codec', ARGV[2], 'samples', ARGV[3], 'markers', ARGV[4],
+           'data', ARGV[5], 'raw_bytes', ARGV[6])
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[3], ttl) end
+redis.call('UNLINK', KEYS[2])
+return 1
 """
 
 

@@ -20,21 +20,25 @@ may add again is a duplicate that the transcribers drop (``transcriber/commit.py
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import msgpack
+import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from common import keys
+from common import compaction, keys
 from common.audio import TARGET_RATE
 from common.errors import SessionNotFound
 from common.messages import (
     AudioEntry,
     AudioFrame,
+    AudioMarker,
     Final,
     Result,
     Warning,
@@ -42,7 +46,7 @@ from common.messages import (
     unpack_audio_entry,
     unpack_result,
 )
-from common.scripts import CREATE_SESSION, DELETE_SESSION, HEARTBEAT, NOTICE
+from common.scripts import COMPACT_AUDIO, CREATE_SESSION, DELETE_SESSION, HEARTBEAT, NOTICE
 from common.session_meta import CLOSED, SessionMeta
 from common.streams import AudioAppender
 from common.work_queue import QueuePositions, enqueue, queue_backlog
@@ -57,6 +61,13 @@ SESSION_ID = re.compile(r"[0-9a-f]{32}")
 
 #: Entries read per XRANGE page.
 PAGE = 500
+
+#: Samples per frame of compacted audio as it is read back (100 ms, as a live client sends).
+COMPACTED_FRAME = 1600
+
+#: Redis' own bytes per stream entry beyond its fields (id, listpack headers), estimated for
+#: the raw size a compaction reports.
+STREAM_ENTRY_BYTES = 24
 
 #: The fields a listing shows.
 _INFO_FIELDS = ("state", "created", "model", "language", "interim", "duration",
@@ -127,6 +138,16 @@ class Attached:
 
 
 @dataclasses.dataclass(frozen=True)
+class Compacted:
+    """What a compaction did: bytes of the raw stream's entries (fields plus Redis' own
+    per-entry cost, estimated), bytes of the compressed form, samples."""
+
+    raw_bytes: int
+    compact_bytes: int
+    samples: int
+
+
+@dataclasses.dataclass(frozen=True)
 class SessionAccess:
     owner: str  # "key:NAME", "token:NONCE", or "" when created without authentication
     account: str
@@ -146,6 +167,7 @@ class Sessions:
         self._notice = redis.register_script(NOTICE)
         self._heartbeat = redis.register_script(HEARTBEAT)
         self._delete = redis.register_script(DELETE_SESSION)
+        self._compact = redis.register_script(COMPACT_AUDIO)
         self._positions = QueuePositions(redis)
 
     # ------------------------------------------------------------------ creating, writing
@@ -177,7 +199,7 @@ class Sessions:
         the transcriber that takes it (no record)."""
         check_session_id(sid)
         existed = int(await self._delete(keys=[keys.meta(sid), keys.audio(sid),
-                                               keys.results(sid)]))
+                                               keys.results(sid), keys.audio_z(sid)]))
         await self.redis.zrem(keys.INDEX, sid)
         if not existed:
             raise SessionNotFound()
@@ -314,9 +336,12 @@ class Sessions:
         return last[0][0].decode() if last else "0-0"
 
     async def audio_samples(self, sid: str) -> int:
-        """Samples in the session's audio stream."""
+        """Samples in the session's audio (its stream, or its compacted form)."""
         last = await self.redis.xrevrange(keys.audio(sid), count=1)
-        return audio_end(unpack_audio_entry(last[0][1])) if last else 0
+        if last:
+            return audio_end(unpack_audio_entry(last[0][1]))
+        samples = await self.redis.hget(keys.audio_z(sid), "samples")
+        return int(samples or 0)
 
     async def results(self, sid: str, after_id: str = "0-0",
                       ) -> AsyncIterator[tuple[str, Result]]:
@@ -331,15 +356,100 @@ class Sessions:
             start = f"({page[-1][0].decode()}"
 
     async def audio(self, sid: str) -> AsyncIterator[AudioEntry]:
-        """Stored audio entries in order, page by page."""
+        """Stored audio entries in order, page by page; from the compacted form once the
+        session was compacted (frames of ``COMPACTED_FRAME`` samples, markers where they
+        were), also when that happens in the middle of the read."""
         start = "-"
+        at = 0  # samples yielded so far
+        ended = False
         while True:
             page = await self.redis.xrange(keys.audio(sid), min=start, count=PAGE)
             for _entry_id, fields in page:
-                yield unpack_audio_entry(fields)
+                entry = unpack_audio_entry(fields)
+                at = max(at, audio_end(entry))
+                ended = ended or (isinstance(entry, AudioMarker) and entry.kind == "close")
+                yield entry
             if len(page) < PAGE:
-                return
+                break
             start = f"({page[-1][0].decode()}"
+        if not ended:  # compacted before or while it was read: the rest is in the blob
+            async for entry in self.compacted_audio(sid, after=at):
+                yield entry
+
+    async def compacted_audio(self, sid: str, after: int = 0) -> AsyncIterator[AudioEntry]:
+        """The compacted audio as entries from sample ``after`` on (nothing when the
+        session is not compacted). Decoding runs in a thread, a second at a time."""
+        codec, samples, packed, data = await self.redis.hmget(
+            keys.audio_z(sid), ["codec", "samples", "markers", "data"])
+        if codec is None or data is None:
+            return
+        markers = [AudioMarker(kind, 0, offset) for kind, offset
+                   in msgpack.unpackb(packed or b"\x90")]
+        chunks = compaction.decode(data, codec.decode(), int(samples or 0))
+        seq = 0
+        offset = 0
+        buffer = np.zeros(0, dtype=np.int16)
+        while True:
+            chunk = await asyncio.to_thread(next, chunks, None)
+            if chunk is not None:
+                buffer = np.concatenate([buffer, chunk])
+            while len(buffer) >= COMPACTED_FRAME or (chunk is None and len(buffer)):
+                # a frame ends at the next marker inside it
+                end = offset + min(len(buffer), COMPACTED_FRAME)
+                cut = next((m.offset for m in markers if offset < m.offset < end), end)
+                n = cut - offset
+                frame, buffer = buffer[:n], buffer[n:]
+                while markers and markers[0].offset <= offset:
+                    marker = markers.pop(0)
+                    seq += 1
+                    if marker.offset >= after:
+                        yield dataclasses.replace(marker, seq=seq)
+                seq += 1
+                if offset + n > after:
+                    lo = max(0, after - offset)
+                    yield AudioFrame(seq, offset + lo, frame[lo:].tobytes())
+                offset += n
+            if chunk is None:
+                break
+        for marker in markers:
+            seq += 1
+            if marker.offset >= after:
+                yield dataclasses.replace(marker, seq=seq)
+
+    async def compact(self, sid: str, codec: str, opus_bitrate: int) -> Compacted | None:
+        """Replace a closed session's audio stream with its compressed form (one script:
+        nothing is lost if the session changes meanwhile: then nothing happens). None when
+        there is nothing to do (not closed, already compacted, deleted, changed)."""
+        encoder = compaction.Encoder(codec, opus_bitrate)
+        markers: list[tuple[str, int]] = []
+        raw = 0
+        last_id = ""
+        start = "-"
+        while True:
+            page = await self.redis.xrange(keys.audio(sid), min=start, count=PAGE)
+            pcm: list[np.ndarray] = []
+            for entry_id, fields in page:
+                raw += sum(len(k) + len(v) for k, v in fields.items()) + STREAM_ENTRY_BYTES
+                entry = unpack_audio_entry(fields)
+                if isinstance(entry, AudioFrame):
+                    pcm.append(np.frombuffer(entry.pcm, dtype="<i2"))
+                else:
+                    markers.append((entry.kind, entry.offset))
+                last_id = entry_id.decode()
+            if pcm:
+                await asyncio.to_thread(encoder.feed, np.concatenate(pcm))
+            if len(page) < PAGE:
+                break
+            start = f"({page[-1][0].decode()}"
+        if not last_id:
+            return None
+        data = await asyncio.to_thread(encoder.finish)
+        done = int(await self._compact(
+            keys=[keys.meta(sid), keys.audio(sid), keys.audio_z(sid)],
+            args=[last_id, codec, encoder.samples, msgpack.packb(markers), data, raw]))
+        if done != 1:
+            return None
+        return Compacted(raw, len(data), encoder.samples)
 
     async def finals(self, sid: str) -> list[Final]:
         return [r async for _id, r in self.results(sid) if isinstance(r, Final)]

@@ -664,6 +664,19 @@ class LoadSheddingSettings:
         "never speculate")
 
 
+@group("Compaction")
+@dataclasses.dataclass(frozen=True)
+class CompactionSettings:
+    """What a closed session's audio becomes (the transcriber that closed it compacts it)."""
+
+    compact_codec: str = setting(
+        "opus", "a closed session's raw audio stream (about 139 MB per audio-hour) is replaced "
+        "by one compressed blob: opus (lossy, Ogg Opus at compact_opus_bitrate), flac "
+        "(lossless, sample-identical export), or off (kept raw until retention_s)")
+    compact_opus_bitrate: int = setting(
+        24000, "bits per second of compacted Opus audio (24000: 10.8 MB per audio-hour)")
+
+
 @group("Work queue and slots")
 @dataclasses.dataclass(frozen=True)
 class WorkQueueSettings:
@@ -737,7 +750,8 @@ class FanoutSettings(LoggingSettings, ListenSettings, GcSettings, SessionsApiSet
 @dataclasses.dataclass(frozen=True)
 class TranscriberSettings(LoggingSettings, ModelSettings, InferenceSettings,
                           ShortContextSettings, EndpointingSettings, TranscriptSettings,
-                          LoadSheddingSettings, WorkQueueSettings, MetricsSettings,
+                          LoadSheddingSettings, WorkQueueSettings, CompactionSettings,
+                          MetricsSettings,
                           RedisSettings):
     """Transcriber worker: takes sessions from the queue, runs VAD and Whisper."""
 

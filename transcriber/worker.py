@@ -32,6 +32,7 @@ from common.metrics import WorkerMetrics, serve_health, worker_metrics
 from common.models import ANNOUNCE_TTL_INTERVALS, WorkerInfo, announce, model_name_ok, withdraw
 from common.redis_client import make_redis
 from common.session_meta import SessionMeta
+from common.sessions import Sessions
 from common.settings import TranscriberSettings
 from common.work_queue import WorkQueue
 from transcriber.commit import DUPLICATE, OTHER_MODEL, SessionWriter
@@ -88,6 +89,9 @@ class Worker:
         self.leases = Leases()  # the sessions running here
         self._capacity = asyncio.Semaphore(settings.capacity)
         self._tasks: set[asyncio.Task[None]] = set()  # hand-backs under way
+        self._compactions: set[asyncio.Task[None]] = set()  # closed sessions' audio
+        self._compacting = asyncio.Semaphore(1)
+        self.records = Sessions(self.redis)
         self._redis_ok_at = 0.0  # monotonic time of the last successful Redis ping
         # Redis server time minus this machine's: stream ids carry the server's time, and
         # ages computed from them must not depend on how far apart the two clocks are
@@ -109,10 +113,11 @@ class Worker:
         try:
             await self._take_sessions()
         finally:
-            for chore in chores:
+            for chore in (*chores, *self._compactions):
                 chore.cancel()
             await self._release_all()
-            await asyncio.gather(*chores, *self._tasks, return_exceptions=True)
+            await asyncio.gather(*chores, *self._tasks, *self._compactions,
+                                 return_exceptions=True)
             with contextlib.suppress(*REDIS_DOWN):  # or its record expires by itself
                 await withdraw(self.redis, self.consumer)
             await self.redis.aclose()
@@ -309,6 +314,33 @@ class Worker:
             if entry is not None and entry != lease.entry_id:
                 await self.queue.finish(lease.entry_id)
 
+    def _compact_later(self, sid: str) -> None:
+        """A closed session's audio stream is replaced by its compressed form
+        (``COMPACT_CODEC``), one session at a time per worker, its encoding on a thread;
+        cancelled at a stop (nothing is lost: the stream stays until a compaction
+        completes, in one script)."""
+        if self.settings.compact_codec == "off":
+            return
+        task = asyncio.create_task(self._compact(sid), name=f"compact-{sid}")
+        self._compactions.add(task)
+        task.add_done_callback(self._compactions.discard)
+
+    async def _compact(self, sid: str) -> None:
+        async with self._compacting:
+            try:
+                done = await self.records.compact(sid, self.settings.compact_codec,
+                                                  self.settings.compact_opus_bitrate)
+            except (*REDIS_DOWN, ValueError) as exc:
+                log.warning("session %s: compaction failed (%s); its audio stays raw", sid, exc)
+                return
+        if done is not None:
+            self.metrics.compactions.inc()
+            self.metrics.compacted_bytes.labels("raw").inc(done.raw_bytes)
+            self.metrics.compacted_bytes.labels("compacted").inc(done.compact_bytes)
+            log.info("session %s: audio compacted (%s): %d -> %d bytes (%.1f s of audio)",
+                     sid, self.settings.compact_codec, done.raw_bytes, done.compact_bytes,
+                     done.samples / 16000)
+
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
@@ -361,6 +393,7 @@ class Worker:
             await SessionPump(self, lease, core, writer, meta.resume_id or "0-0").run()
             await self._finish(lease)
             log.info("session %s: closed", sid)
+            self._compact_later(sid)
         except HandBack as exc:
             log.info("session %s: %s; handing it on from its commit point", sid, exc)
             await self._hand_back(lease)
