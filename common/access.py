@@ -59,6 +59,9 @@ Headers = CIMultiDictProxy[str]
 
 log = logging.getLogger(__name__)
 
+#: ``Authorization`` schemes that carry an API key or a session token: ``Token`` is the one
+#: Deepgram's SDKs send.
+AUTH_SCHEMES = ("bearer", "token")
 #: Subprotocol a browser offers besides ``bearer.<token>``; the server selects it, so the
 #: credential is never echoed back.
 SUBPROTOCOL = "stt"
@@ -370,13 +373,14 @@ class AccessGuard:
 
     @staticmethod
     def credential(request: BaseRequest) -> str | None:
-        """``Authorization: Bearer``, else a ``bearer.<token>`` subprotocol, else ``?token=``."""
+        """``Authorization: Bearer`` (or ``Token``, as Deepgram's clients send it), else a
+        ``bearer.<token>`` subprotocol, else ``?token=``."""
         auth = request.headers.getall("Authorization", ())
         if len(auth) > 1:
             raise Unauthorized("send one Authorization header")
         if auth:
             scheme, _, value = auth[0].strip().partition(" ")
-            if scheme.lower() != "bearer" or not value.strip():
+            if scheme.lower() not in AUTH_SCHEMES or not value.strip():
                 raise Unauthorized("use 'Authorization: Bearer <key or token>'")
             return value.strip()
         for line in request.headers.getall("Sec-WebSocket-Protocol", ()):

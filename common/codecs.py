@@ -86,7 +86,7 @@ def g711_table(law: str) -> np.ndarray:
     decoded by libav."""
     import av
 
-    codec = av.CodecContext.create({"mulaw": "pcm_mulaw", "alaw": "pcm_alaw"}[law], "r")
+    codec: Any = av.CodecContext.create({"mulaw": "pcm_mulaw", "alaw": "pcm_alaw"}[law], "r")
     codec.sample_rate = 8000
     codec.layout = "mono"
     frames = codec.decode(av.Packet(bytes(range(256))))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import http
 import logging
 import mimetypes
@@ -53,20 +54,20 @@ from common.web import (
     error_response,
     float_param,
     json_response,
-    send_error,
     target,
     wants_websocket,
 )
 from fanout.api import PREFIX, SessionsApi
-from ingest.listen import ListenDeps, ListenSession
-from ingest.listen_core import ListenParams, resume_target, session_id_ok
+from ingest.dialects.deepgram import DeepgramDialect
+from ingest.listen import Dialect, ListenDeps, ListenSession, NativeDialect, send_wire_error
+from ingest.listen_core import resume_target, session_id_ok
 from ingest.live import LiveSessions
 from ingest.monitor import SessionMonitor
 from ingest.writer import AudioFlusher
 
 log = logging.getLogger(__name__)
 
-LISTEN_PATH = "/v1/listen"
+LISTEN_PATH = NativeDialect.path
 TOKEN_PATH = "/v1/token"
 REVOKE_PATH = "/v1/token/revoke"
 #: The header carrying the token to revoke (a header stays out of URLs and access logs).
@@ -113,6 +114,8 @@ class Gateway:
         self.listen_deps = ListenDeps(settings, self.store, self.flusher, self.blocking,
                                       self.guard, self.live, self.monitor, self.metrics)
         self.sockets = OpenSockets()  # open WebSockets (closed with 1012 at a stop)
+        #: The listen endpoints: /v1/listen and the client protocols it also speaks
+        self.dialects: list[Dialect] = [NativeDialect(), DeepgramDialect(settings.model_name)]
 
     # ------------------------------------------------------------------ routing
 
@@ -121,7 +124,8 @@ class Gateway:
         of an endpoint is not that endpoint (the sessions API parses its own paths)."""
         app = web.Application(middlewares=[self._exact_paths])
         app.add_routes([
-            web.route("*", LISTEN_PATH, self._listen),
+            *(web.route("*", dialect.path, functools.partial(self._listen, dialect=dialect))
+              for dialect in self.dialects),
             web.route("*", TOKEN_PATH, self._token),
             web.route("*", REVOKE_PATH, self._token),
             web.route("*", PREFIX + "{tail:(?:/.*)?}", self._sessions),
@@ -139,13 +143,16 @@ class Gateway:
             return not_found()
         return await handler(request)
 
-    def _refused(self, request: web.Request, exc: BaseException) -> web.Response:
-        """A ``/v1`` request refused (by admission or its endpoint): JSON with its status."""
+    def _refused(self, request: web.Request, exc: BaseException,
+                 respond: Callable[[BaseException], web.Response] = error_response
+                 ) -> web.Response:
+        """A ``/v1`` request refused (by admission or its endpoint): JSON with its status
+        (``respond``: in a dialect's words)."""
         if isinstance(exc, REDIS_DOWN):
             log.warning("%s refused: redis unavailable (%r)", request.path, exc)
             self.metrics.redis_errors.labels("gateway").inc()
         self.metrics.rejections.labels(client_error(exc).code).inc()
-        return error_response(exc)
+        return respond(exc)
 
     async def _token(self, request: web.Request) -> web.StreamResponse:
         """``/v1/token`` (mint) and ``/v1/token/revoke``: API keys only."""
@@ -183,27 +190,27 @@ class Gateway:
         finally:
             await self.guard.settle(admission)
 
-    async def _listen(self, request: web.Request) -> web.StreamResponse:
-        """``/v1/listen``: admitted, then upgraded; query errors go to the client as error
-        messages on the socket."""
+    async def _listen(self, request: web.Request, dialect: Dialect) -> web.StreamResponse:
+        """``/v1/listen`` (and each dialect's listen endpoint): admitted, then upgraded;
+        query errors go to the client as error messages on the socket."""
         try:
-            admission = await self._admit_listen(request)
+            admission = await self._admit_listen(request, dialect)
         except (SttError, *REDIS_DOWN) as exc:
-            return self._refused(request, exc)
+            return self._refused(request, exc, dialect.refused)
         try:
             ws = await accept(request, self.settings.ws_max_size)
         except BaseException:
             await self.guard.settle(admission)
             raise
         async with self.sockets.track(ws):
-            await self._listen_socket(ws, admission)
+            await self._listen_socket(ws, admission, dialect)
         return ws.ws
 
-    async def _admit_listen(self, request: web.Request) -> Admission:
+    async def _admit_listen(self, request: web.Request, dialect: Dialect) -> Admission:
         """The caps count the session: the one named by ?session= (resumed within its grace,
         it is counted once), or the id a new session will get. The query is read the way
         ListenParams reads it, so "resume" here is "resume" there."""
-        resumes = resume_target(target(request)[1])
+        resumes = resume_target(target(request)[1]) if dialect.resumes else None
         member = resumes if resumes is not None and session_id_ok(resumes) \
             else uuid.uuid4().hex
         admission = await self.guard.admit(request, opens_session=resumes is None,
@@ -277,20 +284,21 @@ class Gateway:
     # ------------------------------------------------------------------ WebSocket side
 
 
-    async def _listen_socket(self, ws: Socket, admission: Admission) -> None:
-        """A /v1/listen socket. Its cap lease goes to its ``ListenSession``, which keeps it
+    async def _listen_socket(self, ws: Socket, admission: Admission, dialect: Dialect) -> None:
+        """A listen socket. Its cap lease goes to its ``ListenSession``, which keeps it
         until the session's stream is closed (through the resume grace when the socket
         drops)."""
         lease, admission.lease = admission.lease, None
         try:
-            params = ListenParams(target(ws.request)[1])
+            params, wire = dialect.read(target(ws.request)[1])
         except SttError as exc:
             if lease is not None:
                 await self.guard.release(lease)
             self.metrics.rejections.labels(exc.code).inc()
-            await send_error(ws, exc)
+            await send_wire_error(ws, dialect.plain_wire(), exc)
             return
-        session = ListenSession(self.listen_deps, ws, params, admission.principal, lease)
+        session = ListenSession(self.listen_deps, ws, params, admission.principal, lease,
+                                wire)
         try:
             await session.run()
         finally:

@@ -22,10 +22,11 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Protocol
 
 import redis.asyncio as aioredis
+from aiohttp import web
 
 from common import errors
 from common.access import AccessGuard, address_bucket
@@ -56,7 +57,7 @@ from common.sessions import Sessions
 from common.settings import GatewaySettings
 from common.streams import follow_results
 from common.tasks import stop_task
-from common.web import Socket, SocketClosed, client_error
+from common.web import Socket, SocketClosed, client_error, error_response
 from ingest.limits import SessionClock
 from ingest.listen_core import ListenCore, ListenLimits, ListenParams, Received, native_control
 from ingest.live import LiveSessions
@@ -103,6 +104,37 @@ class NativeWire:
 
     def error(self, err: SttError) -> tuple[list[str | bytes], int, str]:
         return [to_json(ErrorMessage(err.code, err.message))], err.close_code, err.code
+
+
+class Dialect(Protocol):
+    """A listen endpoint's protocol, for the gateway: how it reads its query (the session's
+    ``ListenParams`` and the connection's ``Wire``), how it refuses a request before the
+    upgrade, and whether its clients can resume a session (``?session=``)."""
+
+    path: str
+    resumes: bool
+
+    def read(self, query: Mapping[str, list[str]]) -> tuple[ListenParams, Wire]: ...
+
+    def plain_wire(self) -> Wire: ...
+
+    def refused(self, exc: BaseException) -> web.Response: ...
+
+
+class NativeDialect:
+    """/v1/listen itself."""
+
+    path = "/v1/listen"
+    resumes = True
+
+    def read(self, query: Mapping[str, list[str]]) -> tuple[ListenParams, Wire]:
+        return ListenParams(dict(query)), NativeWire()
+
+    def plain_wire(self) -> Wire:
+        return NativeWire()
+
+    def refused(self, exc: BaseException) -> web.Response:
+        return error_response(exc)
 
 
 async def send_wire_error(ws: Socket, wire: Wire, exc: BaseException) -> None:
