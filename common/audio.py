@@ -40,6 +40,8 @@ ENCODINGS = ("pcm_s16le", "pcm_f32le", "wav", *G711, *CONTAINER_ENCODINGS)
 #: naming the format (Deepgram's containerised audio). WAV, Ogg, WebM or FLAC, told apart by
 #: the stream's first bytes.
 AUTO = "auto"
+#: AUTO reads a WAV header whole: it may be this long (LIST and other chunks before data).
+WAV_HEADER_MAX = 4096
 
 _WAVE_FORMAT_PCM = 0x0001
 _WAVE_FORMAT_IEEE_FLOAT = 0x0003
@@ -200,10 +202,9 @@ class AudioNormalizer:
         """One binary message → the int16 samples it completes (possibly none)."""
         if self._encoding == AUTO:
             self._head += data
-            if len(self._head) < MAGIC_BYTES:
+            if not self._choose(self._head):
                 return np.zeros(0, dtype=np.int16)
             data, self._head = self._head, b""
-            self._choose(data)
         if self._codec is not None:
             return self._from_chunks(self._codec.feed(data))
         if self._encoding == "wav" and data[:4] == b"RIFF":
@@ -253,9 +254,18 @@ class AudioNormalizer:
         if self._codec is not None:
             self._codec.close()
 
-    def _choose(self, head: bytes) -> None:
-        """AUTO: the format the stream's first bytes name."""
+    def _choose(self, head: bytes) -> bool:
+        """AUTO: take the format the stream's first bytes name; False while they are too few
+        to tell (a WAV header is read whole, up to ``WAV_HEADER_MAX`` bytes)."""
+        if len(head) < MAGIC_BYTES:
+            return False
         if head[:4] == b"RIFF":
+            try:
+                parse_wav_header(head)
+            except InvalidAudio:
+                if len(head) < WAV_HEADER_MAX:
+                    return False
+                raise
             self._encoding = "wav"
         elif head[:MAGIC_BYTES] in MAGIC:
             self._encoding = "container"
@@ -264,6 +274,7 @@ class AudioNormalizer:
         else:
             raise UnsupportedAudio("name the encoding (and sample_rate) of raw audio: the "
                                    "stream is not WAV, Ogg, WebM or FLAC")
+        return True
 
     def _from_chunks(self, chunks: list[Chunk]) -> np.ndarray:
         """Decoded float chunks (any rate) → 16 kHz int16."""

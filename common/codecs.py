@@ -18,9 +18,9 @@ into messages (a ``MediaRecorder`` WebM blob ends anywhere). The buffer is bound
 thread whatever state it is in.
 
 A stream that is not what it claims — wrong magic bytes, a header cut short, a CRC or
-structure error libav reports while reading, or ``max_undecoded_bytes`` taken without a
-sample coming out — is ``InvalidAudio`` (close 1007), raised from the ``feed`` or ``finish``
-that meets it. libav's error log lines are captured per thread to see the errors its demuxers
+structure error libav reports while reading, FLAC frames missing from the sequence, or
+``max_undecoded_bytes`` taken without a sample coming out — is ``InvalidAudio`` (close
+1007), raised from the ``feed`` or ``finish`` that meets it. libav's error log lines are captured per thread to see the errors its demuxers
 otherwise skip over (they resynchronise silently).
 """
 
@@ -61,6 +61,9 @@ CONTAINERS_OF: dict[str, tuple[str, ...]] = {
 #: Decoded rates accepted from a container's header (they are resampled to 16 kHz).
 MIN_DECODED_RATE = 8000
 MAX_DECODED_RATE = 192000
+
+#: A FLAC frame starting this far from where the one before it ended: frames were lost.
+FLAC_GAP_S = 0.002
 
 Chunk = tuple[np.ndarray, int]  # float32 mono samples in [-1, 1], and their rate
 
@@ -146,6 +149,8 @@ def _enable_error_log() -> None:
     import av.logging
 
     av.logging.set_level(av.logging.ERROR)
+    # An error worded like the one before it (another stream's) must still be seen.
+    av.logging.set_skip_repeated(False)
 
 
 class _Shared:
@@ -196,9 +201,17 @@ def _run(shared: _Shared, container: str, limits: CodecLimits) -> None:
                 if not box.streams.audio:
                     raise InvalidAudio("the stream has no audio track")
                 stream = box.streams.audio[0]
+                expected: float | None = None  # FLAC: where the next frame must start
                 for frame in box.decode(stream):
                     if logs:
                         break
+                    if container == "flac" and frame.pts is not None and frame.time_base:
+                        # FLAC numbers its frames; the parser skips damaged ones silently
+                        at = float(frame.pts * frame.time_base)
+                        if expected is not None and abs(at - expected) > FLAC_GAP_S:
+                            error = "the FLAC stream is corrupt (frames are missing)"
+                            break
+                        expected = at + frame.samples / frame.sample_rate
                     rate = frame.sample_rate
                     if not MIN_DECODED_RATE <= rate <= MAX_DECODED_RATE:
                         raise InvalidAudio(f"decoded audio at {rate} Hz is outside "
