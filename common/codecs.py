@@ -20,8 +20,9 @@ thread whatever state it is in.
 A stream that is not what it claims — wrong magic bytes, a header cut short, a CRC or
 structure error libav reports while reading, FLAC frames missing from the sequence, or
 ``max_undecoded_bytes`` taken without a sample coming out — is ``InvalidAudio`` (close
-1007), raised from the ``feed`` or ``finish`` that meets it. libav's error log lines are captured per thread to see the errors its demuxers
-otherwise skip over (they resynchronise silently).
+1007), raised from the ``feed`` or ``finish`` that meets it. libav's error log lines are
+captured per thread to see the errors its demuxers otherwise skip over (they resynchronise
+silently).
 """
 
 from __future__ import annotations
