@@ -80,10 +80,11 @@ CLOSE_REASONS = {
     "unsupported_audio": "DATA-0000",
     "idle_timeout": "NET-0001",
 }
-#: A final whose end is within this of a ``Finalize``'s position was ended by it (the
-#: transcriber applies a finalize at most every ``finalize_min_interval_s``, later audio
-#: included).
-FINALIZE_SLACK_S = 2.0
+#: A final of an utterance that began before a ``Finalize`` and whose last word ended less
+#: than this before it was ended by that ``Finalize``: a pause (the transcriber's
+#: ``min_silence_s``) would have needed more silence than this to end it first. A heuristic:
+#: finals do not say what ended them.
+FINALIZE_WINDOW_S = 0.5
 #: ``Finalize`` positions remembered at once (older ones are forgotten).
 FINALIZES_KEPT = 64
 
@@ -222,7 +223,7 @@ class DeepgramWire:
         elif isinstance(result, Final):
             if result.text:
                 self._speech_started(result.utterance, result.start, out)
-            from_finalize = self._from_finalize(result.end)
+            from_finalize = self._from_finalize(result.start, result.end)
             out.append(self._results(result.text, result.words, result.start, result.end,
                                      is_final=True, speech_final=not from_finalize,
                                      from_finalize=from_finalize))
@@ -252,13 +253,21 @@ class DeepgramWire:
         out.append({"type": "SpeechStarted", "channel": self._channel(),
                     "timestamp": _round(start)})
 
-    def _from_finalize(self, end: float) -> bool:
-        """Whether a ``Finalize`` ended the utterance that ends at ``end``: the final ends
-        where a Finalize was sent (or a little later, when it was applied late)."""
-        hit = next((f for f in self._finalizes if f - 0.001 <= end <= f + FINALIZE_SLACK_S),
-                   None)
-        self._finalizes = [f for f in self._finalizes if f > end + 0.001]
-        return hit is not None
+    def _from_finalize(self, start: float, end: float) -> bool:
+        """Whether a ``Finalize`` ended the utterance from ``start`` to ``end`` (its last
+        word): it began before the oldest pending Finalize and ended just before it. A final
+        of an utterance that began after a Finalize retires it (that Finalize found nothing
+        open, or its final has gone by)."""
+        while self._finalizes:
+            at = self._finalizes[0]
+            if start >= at - 0.001:
+                self._finalizes.pop(0)
+                continue
+            if at - end <= FINALIZE_WINDOW_S:
+                self._finalizes.pop(0)
+                return True
+            return False  # an earlier utterance a pause ended: the Finalize's is to come
+        return False
 
     def _results(self, text: str, words: tuple[Word, ...], start: float, end: float, *,
                  is_final: bool, speech_final: bool = False,
