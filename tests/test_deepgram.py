@@ -238,7 +238,7 @@ def sdk_run(stack: Stack) -> dict[str, Any]:
                     got.append((time.monotonic(), message))
                     if isinstance(message, ListenV1Results) and message.from_finalize:
                         flushed.set()
-            except BaseException as exc:  # noqa: BLE001 - the test reports it
+            except BaseException as exc:  # the test reports it
                 failure.append(exc)
 
         reader = threading.Thread(target=read)
