@@ -392,13 +392,15 @@ class AccessGuard:
         return values[-1] if values else None
 
     def authenticate(self, request: BaseRequest, *, opens_session: bool,
-                     allow_tokens: bool = True) -> Principal:
+                     allow_tokens: bool = True, credential: str | None = None) -> Principal:
         """The principal, or Unauthorized. A token opening a session must still be inside
-        its first-use window; it is consumed separately (``consume``), after the caps."""
+        its first-use window; it is consumed separately (``consume``), after the caps.
+        ``credential``: one the protocol carried after the upgrade (Twilio's
+        ``customParameters``), instead of the request's."""
         if not self.required:
             return ANONYMOUS
         try:
-            credential = self.credential(request)
+            credential = credential or self.credential(request)
         except ValueError:  # too many query fields
             raise Unauthorized("malformed credentials") from None
         if not credential:
@@ -455,7 +457,8 @@ class AccessGuard:
                     caps: tuple[int, int] | None = None, allow_tokens: bool = True,
                     member: str | None = None, viewer: bool = False,
                     methods: tuple[str, ...] = ("GET",),
-                    method_message: str | None = None) -> Admission:
+                    method_message: str | None = None,
+                    credential: str | None = None) -> Admission:
         """Every check for one request, in order: the address's request rate and failed
         authentications (429), headers that must appear once (400), Origin (403),
         credentials (401), the API key's request rate (429), the method (405: one of
@@ -473,7 +476,7 @@ class AccessGuard:
         self.check_origin(request.headers)
         try:
             principal = self.authenticate(request, opens_session=opens_session,
-                                          allow_tokens=allow_tokens)
+                                          allow_tokens=allow_tokens, credential=credential)
         except Unauthorized:
             self.auth_failed(ip, now)
             raise

@@ -27,7 +27,7 @@ from importlib import resources
 from aiohttp import web
 
 from common import errors
-from common.access import AccessGuard, Admission
+from common.access import AccessGuard, Admission, check_single_headers
 from common.auth import Principal
 from common.backoff import REDIS_DOWN
 from common.errors import (
@@ -49,6 +49,7 @@ from common.streams import AudioAppender
 from common.web import (
     OpenSockets,
     Socket,
+    SocketClosed,
     accept,
     client_error,
     error_response,
@@ -58,6 +59,7 @@ from common.web import (
     wants_websocket,
 )
 from fanout.api import PREFIX, SessionsApi
+from ingest.dialects import twilio
 from ingest.dialects.deepgram import DeepgramDialect
 from ingest.listen import Dialect, ListenDeps, ListenSession, NativeDialect, send_wire_error
 from ingest.listen_core import resume_target, session_id_ok
@@ -126,6 +128,7 @@ class Gateway:
         app.add_routes([
             *(web.route("*", dialect.path, functools.partial(self._listen, dialect=dialect))
               for dialect in self.dialects),
+            web.route("*", twilio.PATH, self._twilio),
             web.route("*", TOKEN_PATH, self._token),
             web.route("*", REVOKE_PATH, self._token),
             web.route("*", PREFIX + "{tail:(?:/.*)?}", self._sessions),
@@ -205,6 +208,61 @@ class Gateway:
         async with self.sockets.track(ws):
             await self._listen_socket(ws, admission, dialect)
         return ws.ws
+
+    async def _twilio(self, request: web.Request) -> web.StreamResponse:
+        """``/v1/twilio``: Twilio Media Streams. Twilio cannot put a query string in a
+        ``<Stream>`` URL, so the credential may come in the ``start`` event's
+        ``customParameters``: the upgrade is answered first (Origin and duplicate headers
+        checked), admission follows the ``start`` event, which must come within
+        ``handshake_timeout_s``."""
+        try:
+            check_single_headers(request.headers)
+            self.guard.check_origin(request.headers)
+            if not wants_websocket(request):
+                raise WebSocketRequired("this endpoint is a WebSocket")
+        except SttError as exc:
+            return self._refused(request, exc)
+        ws = await accept(request, self.settings.ws_max_size)
+        async with self.sockets.track(ws):
+            await self._twilio_socket(ws)
+        return ws.ws
+
+    async def _twilio_socket(self, ws: Socket) -> None:
+        refuse = twilio.TwilioWire(None)
+        try:
+            async with asyncio.timeout(self.settings.handshake_timeout_s):
+                start = await twilio.read_start(ws, self.settings.max_message_bytes)
+            params = twilio.twilio_params(start)
+            admission = await self.guard.admit(
+                ws.request, opens_session=True, caps=self._caps, member=start.session_id,
+                credential=AccessGuard.credential(ws.request) or start.token)
+        except TimeoutError:
+            await send_wire_error(ws, refuse, BadRequest("no 'start' event in time"))
+            return
+        except SocketClosed:
+            return
+        except (SttError, *REDIS_DOWN) as exc:
+            self.metrics.rejections.labels(client_error(exc).code).inc()
+            await send_wire_error(ws, refuse, exc)
+            return
+        lease, admission.lease = admission.lease, None
+        try:
+            if await self.store.exists(start.session_id):
+                raise BadRequest("this stream (streamSid) was transcribed already")
+        except (SttError, *REDIS_DOWN) as exc:
+            if lease is not None:
+                await self.guard.release(lease)
+            await send_wire_error(ws, refuse, exc)
+            return
+        log.info("session %s: Twilio stream (call %s, tracks %s)", start.session_id,
+                 start.call_sid or "-", "+".join(start.tracks))
+        session = ListenSession(self.listen_deps, ws, params, admission.principal, lease,
+                                twilio.TwilioWire(start))
+        try:
+            await session.run()
+        finally:
+            if session.lease is not None:
+                self.guard.forget(session.lease)
 
     async def _admit_listen(self, request: web.Request, dialect: Dialect) -> Admission:
         """The caps count the session: the one named by ?session= (resumed within its grace,

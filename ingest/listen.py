@@ -71,6 +71,10 @@ class Wire(Protocol):
     """How one client protocol spells a listen session's messages. One per connection (a
     dialect may keep state: which utterance a ``Finalize`` ended, a hash of the audio)."""
 
+    def inbound(self, message: str | bytes) -> str | bytes:
+        """A client message as the native one the core reads (a dialect that wraps audio
+        in JSON, Twilio's, unwraps it here)."""
+
     def control(self, text: str, max_bytes: int) -> Control | None:
         """A client text message as a control, or None when it is audio (base64)."""
 
@@ -89,6 +93,9 @@ class Wire(Protocol):
 
 class NativeWire:
     """/v1/listen's own protocol (docs/protocol.md)."""
+
+    def inbound(self, message: str | bytes) -> str | bytes:
+        return message
 
     def control(self, text: str, max_bytes: int) -> Control | None:
         return native_control(text, max_bytes)
@@ -442,7 +449,7 @@ class ListenSession:
                         message = await self.ws.recv()
                     except SocketClosed:
                         return False
-                    received = self.core.receive(message, time.monotonic())
+                    received = self.core.receive(self.wire.inbound(message), time.monotonic())
                     self.wire.received(message, received)
                     await self._put(received.entries, received.seconds)
                     if received.closed:

@@ -183,6 +183,9 @@ class DeepgramWire:
 
     # ------------------------------------------------------------------ client → server
 
+    def inbound(self, message: str | bytes) -> str | bytes:
+        return message
+
     def control(self, text: str, max_bytes: int) -> Control | None:
         """Every text message is a JSON control (Deepgram sends audio only as binary)."""
         if max_bytes > 0 and len(text.encode("utf-8", "surrogatepass")) > max_bytes:
