@@ -20,6 +20,7 @@ import functools
 import http
 import logging
 import mimetypes
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -41,6 +42,7 @@ from common.errors import (
     WebSocketRequired,
 )
 from common.metrics import gateway_metrics, health_routes, redis_ready, register_viewer_gauges
+from common.ratelimit import MessageLimits
 from common.redis_client import make_redis
 from common.serving import Served, serve
 from common.sessions import Sessions
@@ -257,7 +259,9 @@ class Gateway:
         log.info("session %s: Twilio stream (call %s, tracks %s)", start.session_id,
                  start.call_sid or "-", "+".join(start.tracks))
         session = ListenSession(self.listen_deps, ws, params, admission.principal, lease,
-                                twilio.TwilioWire(start))
+                                twilio.TwilioWire(start, MessageLimits(
+                                    0, self.settings.max_messages_per_s,
+                                    self.settings.messages_burst, time.monotonic())))
         try:
             await session.run()
         finally:

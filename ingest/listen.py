@@ -71,9 +71,10 @@ class Wire(Protocol):
     """How one client protocol spells a listen session's messages. One per connection (a
     dialect may keep state: which utterance a ``Finalize`` ended, a hash of the audio)."""
 
-    def inbound(self, message: str | bytes) -> str | bytes:
+    def inbound(self, message: str | bytes) -> str | bytes | None:
         """A client message as the native one the core reads (a dialect that wraps audio
-        in JSON, Twilio's, unwraps it here)."""
+        in JSON, Twilio's, unwraps it here); None: a message of the dialect's that this
+        service has no use for (the wire bounds how many of those come)."""
 
     def control(self, text: str, max_bytes: int) -> Control | None:
         """A client text message as a control, or None when it is audio (base64)."""
@@ -94,7 +95,7 @@ class Wire(Protocol):
 class NativeWire:
     """/v1/listen's own protocol (docs/protocol.md)."""
 
-    def inbound(self, message: str | bytes) -> str | bytes:
+    def inbound(self, message: str | bytes) -> str | bytes | None:
         return message
 
     def control(self, text: str, max_bytes: int) -> Control | None:
@@ -449,7 +450,10 @@ class ListenSession:
                         message = await self.ws.recv()
                     except SocketClosed:
                         return False
-                    received = self.core.receive(self.wire.inbound(message), time.monotonic())
+                    native = self.wire.inbound(message)
+                    if native is None:
+                        continue
+                    received = self.core.receive(native, time.monotonic())
                     self.wire.received(message, received)
                     await self._put(received.entries, received.seconds)
                     if received.closed:

@@ -22,7 +22,14 @@ import soxr
 import websockets
 
 from common.auth import hash_key, new_key
-from common.errors import BadRequest, InvalidAudio, InvalidMessage, UnsupportedAudio
+from common.errors import (
+    BadRequest,
+    InvalidAudio,
+    InvalidMessage,
+    TooManyMessages,
+    UnsupportedAudio,
+)
+from common.ratelimit import MessageLimits
 from ingest.dialects.twilio import (
     CLOSE,
     KEEPALIVE,
@@ -136,7 +143,7 @@ def test_a_bad_start_is_refused(change: dict[str, Any], error: type[Exception]) 
 def test_events_unwrap_to_what_the_session_reads() -> None:
     wire = TwilioWire(parse_start(start_event("MZ1")))
     assert wire.inbound(media("MZ1", 2, "inbound", b"\xff\x7f", 0)) == b"\xff\x7f"
-    assert wire.inbound(media("MZ1", 3, "outbound", b"\xff\x7f", 0)) == KEEPALIVE
+    assert wire.inbound(media("MZ1", 3, "outbound", b"\xff\x7f", 0)) is None  # dropped
     assert wire.inbound('{"event": "mark", "mark": {"name": "x"}}') == KEEPALIVE
     assert wire.inbound('{"event": "dtmf", "dtmf": {"digit": "1"}}') == KEEPALIVE
     assert wire.inbound('{"event": "stop", "stop": {}}') == CLOSE
@@ -204,3 +211,13 @@ def test_the_credential_may_come_in_custom_parameters_or_the_url(
     code, reason = asyncio.run(call(f"ws://127.0.0.1:{port}/v1/twilio", "MZnone", audio,
                                     pace=8.0))
     assert (code, reason) == (1008, "unauthorized")
+
+
+def test_the_dropped_track_is_counted_apart_and_bounded() -> None:
+    """Both tracks double Twilio's message rate (100 a second): the outbound one is read and
+    dropped, counted against a bucket of its own, so a call stays within the session's
+    message rate and a flood of ignored events still ends the connection."""
+    wire = TwilioWire(parse_start(start_event("MZ1")), MessageLimits(0, 100.0, 10, 0.0))
+    with pytest.raises(TooManyMessages):
+        for seq in range(20):
+            wire.inbound(media("MZ1", seq, "outbound", b"\xff" * 160, 20 * seq))

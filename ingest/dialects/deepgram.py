@@ -183,7 +183,7 @@ class DeepgramWire:
 
     # ------------------------------------------------------------------ client → server
 
-    def inbound(self, message: str | bytes) -> str | bytes:
+    def inbound(self, message: str | bytes) -> str | bytes | None:
         return message
 
     def control(self, text: str, max_bytes: int) -> Control | None:

@@ -22,6 +22,7 @@ import base64
 import binascii
 import dataclasses
 import json
+import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -36,6 +37,7 @@ from common.errors import (
     UnsupportedAudio,
 )
 from common.messages import Control, Result, SessionStarted
+from common.ratelimit import MessageLimits
 from common.web import Socket, language_param
 from ingest.listen_core import ListenParams, Received, native_control
 
@@ -146,10 +148,14 @@ def twilio_params(start: TwilioStart) -> ListenParams:
 class TwilioWire:
     """One Twilio stream's events, unwrapped for the listen session."""
 
-    def __init__(self, start: TwilioStart | None) -> None:
+    def __init__(self, start: TwilioStart | None, ignored: MessageLimits | None = None
+                 ) -> None:
         self.start = start
+        #: The outbound track's media is read and dropped: those messages (as many as the
+        #: inbound ones) are counted here, apart from the session's own message rate.
+        self.ignored = ignored
 
-    def inbound(self, message: str | bytes) -> str | bytes:
+    def inbound(self, message: str | bytes) -> str | bytes | None:
         event = parse_event(message, 0)  # the socket's message bound applies
         kind = event["event"]
         if kind == "media":
@@ -157,7 +163,9 @@ class TwilioWire:
             if not isinstance(media, dict) or not isinstance(media.get("payload"), str):
                 raise InvalidMessage("a 'media' event carries media.payload")
             if media.get("track", "inbound") != "inbound":
-                return KEEPALIVE  # what the caller hears is not transcribed
+                if self.ignored is not None:  # what the caller hears is not transcribed
+                    self.ignored.check(message, time.monotonic())
+                return None
             try:
                 return base64.b64decode(media["payload"], validate=True)
             except (binascii.Error, ValueError):
