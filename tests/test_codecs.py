@@ -15,11 +15,13 @@ import av
 import numpy as np
 import pytest
 import soxr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from common.audio import AUTO, AudioNormalizer, StreamFormat, parse_stream_format
 from common.client import listen_url, stream
 from common.codecs import CodecLimits, ContainerDecoder
-from common.errors import INVALID_PAYLOAD, InvalidAudio, SttError
+from common.errors import INVALID_PAYLOAD, InvalidAudio, SttError, UnsupportedAudio
 from tests.audio_refs import load_pcm16, reference, wav16, wer
 from tests.conftest import Stack
 
@@ -251,3 +253,30 @@ def test_unknown_encodings_are_still_refused() -> None:
     with pytest.raises(SttError) as exc:
         parse_stream_format("speex", None, None)
     assert exc.value.code == "unsupported_audio"
+
+
+# --------------------------------------------------------------------------- hostile input
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(st.sampled_from([b"OggS", b"\x1a\x45\xdf\xa3", b"fLaC", b"RIFF"]),
+       st.lists(st.binary(max_size=600), max_size=8))
+def test_any_bytes_after_a_magic_decode_or_are_invalid_audio(magic: bytes,
+                                                             parts: list[bytes]) -> None:
+    """Whatever follows a container's first bytes: samples, or invalid_audio (or unsupported
+    audio for a WAV header it refuses); never another error, and the decoder's thread
+    ends."""
+    norm = AudioNormalizer(StreamFormat(AUTO))
+    try:
+        for part in [magic, *parts]:
+            assert norm.feed(part).dtype == np.int16
+        norm.flush()
+    except (InvalidAudio, UnsupportedAudio):
+        pass
+    finally:
+        norm.close()
+    codec = norm._codec
+    thread = getattr(codec, "_thread", None)
+    if thread is not None:
+        thread.join(2.0)
+        assert not thread.is_alive()

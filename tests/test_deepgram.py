@@ -32,11 +32,19 @@ from deepgram.listen.v1.types import (
     ListenV1SpeechStarted,
     ListenV1UtteranceEnd,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from common.access import AccessGuard
 from common.audio import AUTO
-from common.errors import InvalidAudio, InvalidMessage, SttError, UnsupportedAudio
+from common.errors import (
+    InvalidAudio,
+    InvalidMessage,
+    MessageTooBig,
+    SttError,
+    UnsupportedAudio,
+)
 from common.messages import AudioMarker, Closed, Final, Partial, SessionStarted, Warning, Word
 from ingest.dialects.deepgram import DeepgramOptions, DeepgramWire, deepgram_params, http_error
 from ingest.listen_core import Received
@@ -333,3 +341,34 @@ def test_plain_http_is_refused_in_deepgram_s_words(stack: Stack) -> None:
         urllib.request.urlopen(f"{stack.http_url}/deepgram/v1/listen")
     assert exc.value.code == 426
     assert json.loads(exc.value.read())["err_code"] == "websocket_required"
+
+
+# --------------------------------------------------------------------------- hostile input
+
+FUZZ = settings(max_examples=150, deadline=None, database=None)
+JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                       lambda kids: st.lists(kids, max_size=4)
+                       | st.dictionaries(st.text(max_size=10), kids, max_size=4), max_leaves=12)
+
+
+@FUZZ
+@given(st.one_of(st.text(max_size=200), JSONISH.map(json.dumps),
+                 st.dictionaries(st.just("type"), JSONISH).map(json.dumps)))
+def test_any_text_is_a_control_or_its_client_error(text: str) -> None:
+    try:
+        control = wire().control(text, 4096)
+    except (InvalidMessage, MessageTooBig):
+        return
+    assert control is not None and control.type in ("keepalive", "finalize", "close")
+
+
+@FUZZ
+@given(st.dictionaries(st.text(max_size=20), st.lists(st.text(max_size=12), max_size=3),
+                       max_size=8))
+def test_any_query_is_parameters_or_a_client_error(q: dict[str, list[str]]) -> None:
+    try:
+        params, _ = deepgram_params(q)
+    except SttError as exc:
+        assert exc.close_code in (1003, 1008), exc
+        return
+    assert params.format.channels in (1, 2)

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import soxr
 import websockets
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from common.auth import hash_key, new_key
 from common.errors import (
@@ -221,3 +223,36 @@ def test_the_dropped_track_is_counted_apart_and_bounded() -> None:
     with pytest.raises(TooManyMessages):
         for seq in range(20):
             wire.inbound(media("MZ1", seq, "outbound", b"\xff" * 160, 20 * seq))
+
+
+# --------------------------------------------------------------------------- hostile input
+
+FUZZ = settings(max_examples=150, deadline=None, database=None)
+JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                       lambda kids: st.lists(kids, max_size=4)
+                       | st.dictionaries(st.text(max_size=10), kids, max_size=4), max_leaves=12)
+EVENTS = st.fixed_dictionaries({"event": st.sampled_from(
+    ["media", "start", "stop", "mark", "dtmf", "connected", "clear"])}, optional={
+    "media": JSONISH, "start": JSONISH, "streamSid": JSONISH})
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=64), st.text(max_size=100), JSONISH.map(json.dumps),
+                 EVENTS.map(json.dumps)))
+def test_any_message_unwraps_or_is_its_client_error(message: str | bytes) -> None:
+    wire = TwilioWire(parse_start(start_event("MZ1")))
+    try:
+        native = wire.inbound(message)
+    except (InvalidMessage, InvalidAudio):
+        return
+    assert native is None or isinstance(native, bytes) or native in (KEEPALIVE, CLOSE)
+
+
+@FUZZ
+@given(EVENTS.map(lambda e: {**e, "event": "start"}))
+def test_any_start_is_a_stream_or_its_client_error(event: dict[str, Any]) -> None:
+    try:
+        start = parse_start(event)
+    except (BadRequest, UnsupportedAudio):
+        return
+    assert len(start.session_id) == 32
