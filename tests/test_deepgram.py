@@ -327,6 +327,11 @@ async def raw(url: str, send: list[str | bytes]) -> tuple[list[dict[str, Any]], 
     ("?encoding=speex", [], "unsupported_audio", 1003),
     ("?encoding=opus", [b"OggS" + bytes(100), '{"type": "CloseStream"}'], "invalid_audio",
      1007),
+    # the native limits, in Deepgram's words: 6.25 s of audio in one message, a 5 KB control
+    ("?encoding=linear16", [bytes(200_000)], "message_too_big", 1009),
+    ("?encoding=linear16", [json.dumps({"type": "KeepAlive", "pad": "x" * 5000})],
+     "message_too_big", 1009),
+    ("?encoding=linear16&sample_rate=96000", [], "unsupported_audio", 1003),
 ])
 def test_bad_input_gets_an_error_message_and_a_close_code(
         stack: Stack, path: str, send: list[str | bytes], variant: str, code: int) -> None:
