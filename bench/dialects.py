@@ -73,6 +73,26 @@ def chunks(data: bytes, seconds: float, step_s: float) -> list[tuple[bytes, floa
             for i in range(0, len(data), size)]
 
 
+def packet_chunks(data: bytes, step_s: float) -> list[tuple[bytes, float]]:
+    """A container stream in messages of ``step_s`` of audio by its packets' timestamps
+    (cut where a packet starts): Opus is variable bitrate, and a cut by byte share would
+    send speech late and silence early."""
+    starts: list[tuple[float, int]] = []
+    with av.open(io.BytesIO(data)) as box:
+        for packet in box.demux(audio=0):
+            if packet.pts is not None and packet.pos is not None and packet.pos >= 0 and \
+                    packet.time_base is not None:
+                starts.append((float(packet.pts * packet.time_base), packet.pos))
+    out: list[tuple[bytes, float]] = []
+    prev, k = 0, 1
+    for at, pos in starts:
+        if at >= k * step_s and pos > prev:
+            out.append((data[prev:pos], step_s))
+            prev, k = pos, k + 1
+    out.append((data[prev:], step_s))
+    return out
+
+
 async def pace(ws: Any, messages: list[tuple[str | bytes, float]], sent: Sent) -> None:
     loop = asyncio.get_running_loop()
     began, total = loop.time(), 0.0
@@ -207,11 +227,13 @@ async def main_async(clip: str, step_s: float) -> dict[str, Any]:
             f"{base}/deepgram/v1/listen?encoding=linear16&sample_rate=16000&model=nova-3",
             chunks(pcm.tobytes(), seconds, step_s)),
         "native opus webm": lambda: run_native(
-            f"{base}/v1/listen?encoding=opus", chunks(webm, seconds, step_s)),
+            f"{base}/v1/listen?encoding=opus", packet_chunks(webm, step_s)),
         "deepgram opus webm (no encoding)": lambda: run_deepgram(
-            f"{base}/deepgram/v1/listen?model=nova-3", chunks(webm, seconds, step_s)),
+            f"{base}/deepgram/v1/listen?model=nova-3", packet_chunks(webm, step_s)),
         "native mulaw 8k": lambda: run_native(
             f"{base}/v1/listen?encoding=mulaw", chunks(law, seconds, step_s)),
+        "native mulaw 8k, 20 ms messages": lambda: run_native(
+            f"{base}/v1/listen?encoding=mulaw", chunks(law, seconds, 0.02)),
         "twilio mulaw 8k (20 ms events)": lambda: run_twilio(base, law),
     }
     report: dict[str, Any] = {"clip": clip, "audio_s": seconds, "message_s": step_s,
@@ -243,7 +265,7 @@ def main() -> None:
     args = parser.parse_args()
     report = asyncio.run(main_async(args.clip, args.message_s))
     OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"dialects-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path = OUT / "dialects.json"
     path.write_text(json.dumps(report, indent=1, ensure_ascii=False))
     print("wrote", path)
 
