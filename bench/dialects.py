@@ -78,7 +78,7 @@ def packet_chunks(data: bytes, step_s: float) -> list[tuple[bytes, float]]:
     (cut where a packet starts): Opus is variable bitrate, and a cut by byte share would
     send speech late and silence early."""
     starts: list[tuple[float, int]] = []
-    with av.open(io.BytesIO(data)) as box:
+    with av.open(io.BytesIO(data), "r") as box:
         for packet in box.demux(audio=0):
             if packet.pts is not None and packet.pos is not None and packet.pos >= 0 and \
                     packet.time_base is not None:

@@ -66,6 +66,8 @@ AUTH_SCHEMES = ("bearer", "token")
 #: credential is never echoed back.
 SUBPROTOCOL = "stt"
 BEARER_PROTOCOL_PREFIX = "bearer."
+#: Deepgram's browser SDKs offer ``token`` and the key as the next subprotocol.
+TOKEN_PROTOCOL = "token"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -278,9 +280,22 @@ class Admission:
 
 def select_subprotocol(offered: Sequence[str]) -> str | None:
     """Select ``stt`` when offered (a browser sending ``bearer.<token>`` must offer it:
-    browsers fail a handshake whose response selects none of the offered ones). The
+    browsers fail a handshake whose response selects none of the offered ones), else
+    ``token`` (Deepgram's browser clients offer ``token`` and then the key). The
     credential-carrying entry is never selected, so never echoed."""
-    return SUBPROTOCOL if SUBPROTOCOL in offered else None
+    if SUBPROTOCOL in offered:
+        return SUBPROTOCOL
+    return TOKEN_PROTOCOL if _token_protocol_key(offered) is not None else None
+
+
+def _token_protocol_key(offered: Sequence[str]) -> str | None:
+    """The key after a ``token`` entry of ``Sec-WebSocket-Protocol`` (Deepgram's browser
+    SDKs send ``token, <key>``), or None."""
+    items = [item.strip() for item in offered]
+    for i, item in enumerate(items[:-1]):
+        if item.lower() == TOKEN_PROTOCOL and items[i + 1]:
+            return items[i + 1]
+    return None
 
 
 class AccessGuard:
@@ -374,7 +389,8 @@ class AccessGuard:
     @staticmethod
     def credential(request: BaseRequest) -> str | None:
         """``Authorization: Bearer`` (or ``Token``, as Deepgram's clients send it), else a
-        ``bearer.<token>`` subprotocol, else ``?token=``."""
+        ``bearer.<token>`` subprotocol (or ``token`` and the key: Deepgram's browser
+        clients), else ``?token=``."""
         auth = request.headers.getall("Authorization", ())
         if len(auth) > 1:
             raise Unauthorized("send one Authorization header")
@@ -383,11 +399,14 @@ class AccessGuard:
             if scheme.lower() not in AUTH_SCHEMES or not value.strip():
                 raise Unauthorized("use 'Authorization: Bearer <key or token>'")
             return value.strip()
-        for line in request.headers.getall("Sec-WebSocket-Protocol", ()):
-            for item in line.split(","):
-                item = item.strip()
-                if item.lower().startswith(BEARER_PROTOCOL_PREFIX):
-                    return item[len(BEARER_PROTOCOL_PREFIX):]
+        offered = [item.strip() for line in request.headers.getall("Sec-WebSocket-Protocol", ())
+                   for item in line.split(",")]
+        for item in offered:
+            if item.lower().startswith(BEARER_PROTOCOL_PREFIX):
+                return item[len(BEARER_PROTOCOL_PREFIX):]
+        key = _token_protocol_key(offered)
+        if key is not None:
+            return key
         values = parse_qs(urlsplit(request.raw_path).query, max_num_fields=64).get("token")
         return values[-1] if values else None
 

@@ -36,7 +36,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from common.access import AccessGuard
+from common.access import AccessGuard, select_subprotocol
 from common.audio import AUTO
 from common.errors import (
     InvalidAudio,
@@ -138,6 +138,17 @@ def test_authorization_token_is_an_api_key_like_bearer() -> None:
         request = make_mocked_request("GET", "/deepgram/v1/listen",
                                       headers=CIMultiDict({"Authorization": f"{scheme} k1"}))
         assert AccessGuard.credential(request) == "k1"
+
+
+def test_a_browser_s_token_subprotocol_carries_the_key_and_is_selected() -> None:
+    """Deepgram's browser SDKs offer ``token`` and the key: ``token`` is selected (browsers
+    fail a handshake that selects none), the key never."""
+    request = make_mocked_request("GET", "/deepgram/v1/listen", headers=CIMultiDict(
+        {"Sec-WebSocket-Protocol": "token, k2"}))
+    assert AccessGuard.credential(request) == "k2"
+    assert select_subprotocol(["token", "k2"]) == "token"
+    assert select_subprotocol(["stt", "bearer.x"]) == "stt"
+    assert select_subprotocol(["token"]) is None
 
 
 # --------------------------------------------------------------------------- the wire
@@ -339,6 +350,18 @@ def test_bad_input_gets_an_error_message_and_a_close_code(
     errors = [sdk_valid(m) for m in received if m["type"] == "Error"]
     assert [e["variant"] for e in errors] == [variant], received
     assert close_code == code
+
+
+def test_a_browser_client_offering_its_key_as_a_subprotocol_connects(stack: Stack) -> None:
+    async def go() -> str | None:
+        async with websockets.connect(f"{stack.ws_url}/deepgram/v1/listen",
+                                      subprotocols=["token", "a-key"]) as ws:  # type: ignore[list-item]
+            await ws.send('{"type": "CloseStream"}')
+            with pytest.raises(websockets.ConnectionClosedOK):
+                while True:
+                    json.loads(await ws.recv())
+            return ws.subprotocol
+    assert asyncio.run(go()) == "token"
 
 
 def test_plain_http_is_refused_in_deepgram_s_words(stack: Stack) -> None:
