@@ -24,6 +24,7 @@ from typing import TypeVar
 
 from redis.backoff import AbstractBackoff, ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,10 @@ T = TypeVar("T")
 
 #: Errors that mean "Redis is unreachable right now" rather than a bad command: what a
 #: retry waits out.
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+#: Redis refusing writes for lack of memory (``maxmemory`` reached with ``noeviction``) is
+#: waited out the same way, and answered to clients as ``storage_full``.
+REDIS_FULL = (OutOfMemoryError,)
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError, *REDIS_FULL)
 
 #: First delay bound and largest delay bound, seconds, of a loop waiting out an outage.
 BASE_S = 0.1

@@ -162,6 +162,19 @@ class StorageUnavailable(SttError):
     default_message = "storage unavailable; try again later"
 
 
+class StorageFull(StorageUnavailable):
+    """Redis is at its memory watermark (or refused a write for lack of memory): new
+    sessions are refused, with ``Retry-After``; a live session whose audio cannot be
+    stored any more ends with this error and may resume when there is room."""
+
+    code = "storage_full"
+    default_message = "storage is full; try again later"
+
+    def __init__(self, message: str | None = None, retry_after_s: float = 30.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 # --------------------------------------------------------------------------- access and limits
 
 

@@ -33,6 +33,7 @@ def meta(sid: str) -> str:
 
 
 def session_keys(sid: str) -> tuple[str, str, str]:
+    """Every key one session has (its hash slot's: ``{sid}``); deletion removes them all."""
     return audio(sid), results(sid), meta(sid)
 
 

@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from urllib.parse import quote, unquote_plus
 
+from redis.exceptions import OutOfMemoryError
+
 _SESSION = re.compile(r"\bsession ([0-9a-f]{32})\b")
 
 #: Credentials that must never reach a log: query tokens, bearer headers and subprotocols,
@@ -105,40 +107,52 @@ _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.E
 RESOURCE_LOG_INTERVAL_S = 60.0
 
 
-def _out_of_resources(record: logging.LogRecord) -> bool:
+def _out_of_resources(record: logging.LogRecord) -> str | None:
+    """Which kind of resource exhaustion the line reports ("fds", "redis_memory"), if any."""
     exc = record.exc_info[1] if record.exc_info else None
     if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS:
-        return True
+        return "fds"
     message = record.getMessage()
-    return "Too many open files" in message or "out of system resource" in message
+    if "Too many open files" in message or "out of system resource" in message:
+        return "fds"
+    if "'maxmemory'" in message or isinstance(exc, OutOfMemoryError):
+        return "redis_memory"
+    return None
 
 
 class ResourceErrorFilter(logging.Filter):
-    """Lets one "Too many open files" (EMFILE, ENFILE, ENOBUFS, ENOMEM) line through per
-    ``interval_s`` and counts the others; the next line that passes says how many were left
-    out. Other lines are not touched."""
+    """Lets one line of each kind of resource exhaustion through per ``interval_s`` and
+    counts the others; the next line of that kind that passes says how many were left out.
+    Kinds: out of file descriptors (EMFILE, ENFILE, ENOBUFS, ENOMEM: a flood of connections)
+    and Redis refusing writes for lack of memory ("used memory > 'maxmemory'": every
+    session's writes fail at once). Other lines are not touched."""
 
     def __init__(self, interval_s: float = RESOURCE_LOG_INTERVAL_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.interval_s = interval_s
         self.clock = clock
-        self._next = float("-inf")
-        self.suppressed = 0
+        self._next: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    @property
+    def suppressed(self) -> int:
+        return sum(self._suppressed.values())
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not _out_of_resources(record):
+        kind = _out_of_resources(record)
+        if kind is None:
             return True
         now = self.clock()
-        if now < self._next:
-            self.suppressed += 1
+        if now < self._next.get(kind, float("-inf")):
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
             return False
-        self._next = now + self.interval_s
-        if self.suppressed:
-            record.msg = (f"{record.getMessage()} ({self.suppressed} more like this in the "
+        self._next[kind] = now + self.interval_s
+        left_out = self._suppressed.pop(kind, 0)
+        if left_out:
+            record.msg = (f"{record.getMessage()} ({left_out} more like this in the "
                           f"last {self.interval_s:.0f} s not logged)")
             record.args = None
-            self.suppressed = 0
         return True
 
 

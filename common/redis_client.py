@@ -3,20 +3,76 @@
 Blocking stream reads get their own client whose socket timeout is above the
 block time, so an idle XREAD never trips the timeout. Who retries a failed command
 (the client, or the loop around it, never both) is explained in ``common/backoff.py``.
+
+**Redis Cluster.** ``REDIS_URL`` may name any node of a cluster: with ``REDIS_CLUSTER=auto``
+(the default) each process asks that node once, at start, whether it runs in cluster mode
+(``INFO cluster``) and then uses redis-py's cluster client, which sends each command to the
+primary of its key's slot and follows the cluster through resharding and failovers
+(``MOVED``/``ASK``, a new topology after a node fails). ``REDIS_CLUSTER=1`` or ``0`` skips
+the question (a node that cannot be reached at start is taken for a plain Redis in ``auto``
+mode: set it explicitly where the cluster may be down when the services start). Every
+command and script touches one session's keys (one slot: ``{sid}``) or one global key, so
+nothing needs a cross-slot operation (docs/storage.md lists the global keys).
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Any, cast
+
+import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common.backoff import REDIS_DOWN, policy
 from common.settings import RedisSettings
 
-__all__ = ["REDIS_DOWN", "make_redis"]
+__all__ = ["REDIS_DOWN", "is_cluster", "make_redis", "uses_cluster"]
+
+log = logging.getLogger(__name__)
+
+#: Whether a URL names a cluster, as asked once per process (``uses_cluster``).
+_CLUSTER: dict[str, bool] = {}
+
+
+def uses_cluster(settings: RedisSettings) -> bool:
+    """``REDIS_CLUSTER``: 1/0 as set; ``auto``: ask the node the URL names (once)."""
+    mode = settings.redis_cluster.strip().lower()
+    if mode in ("1", "true", "yes", "on"):
+        return True
+    if mode in ("0", "false", "no", "off"):
+        return False
+    url = settings.redis_url
+    if url not in _CLUSTER:
+        try:
+            node = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+            try:
+                _CLUSTER[url] = bool(int(node.info("cluster").get("cluster_enabled", 0)))
+            finally:
+                node.close()
+        except RedisError as exc:
+            log.warning("could not ask %s whether it is a cluster (%s): taking it for a "
+                        "plain Redis; set REDIS_CLUSTER=1 for a cluster", _safe(url), exc)
+            return False
+        if _CLUSTER[url]:
+            log.info("Redis at %s is a cluster: using the cluster client", _safe(url))
+    return _CLUSTER[url]
+
+
+def is_cluster(client: Any) -> bool:
+    """Whether ``client`` (from ``make_redis``) talks to a Redis Cluster."""
+    return isinstance(client, RedisCluster)
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for logs."""
+    _head, sep, tail = url.rpartition("@")
+    return f"{url.split('://')[0]}://…@{tail}" if sep else url
 
 
 def make_redis(settings: RedisSettings, *, blocking: bool = False,
@@ -28,16 +84,23 @@ def make_redis(settings: RedisSettings, *, blocking: bool = False,
     ``blocking``: for XREAD BLOCK (of ``redis_block_ms``, or ``block_ms`` if longer);
     ``probe``: health checks that must fail fast, no retry; ``read_timeout=False``: no
     timeout per reply, for a caller that bounds each whole round trip itself (redis-py
-    arms a timer per reply: 7 us of 27 per script call in a pipeline of 256, measured)."""
+    arms a timer per reply: 7 us of 27 per script call in a pipeline of 256, measured).
+
+    On a cluster (``uses_cluster``) the client is redis-py's ``RedisCluster``, typed here as
+    ``Redis``: the commands the services use are the same (``max_connections`` is then per
+    node)."""
     timeout = settings.redis_socket_timeout_s
     if blocking:
         timeout = max(timeout, max(settings.redis_block_ms, block_ms) / 1000.0 + 5.0)
+    cluster = uses_cluster(settings)
     if probe:
-        return aioredis.Redis.from_url(settings.redis_url, socket_timeout=2.0,
-                                       socket_connect_timeout=2.0, retry=None,
+        options: dict[str, Any] = dict(socket_timeout=2.0, socket_connect_timeout=2.0,
                                        max_connections=2)
-    return aioredis.Redis.from_url(
-        settings.redis_url,
+        if cluster:
+            return cast(aioredis.Redis, RedisCluster.from_url(
+                settings.redis_url, retry=Retry(NoBackoff(), 0), **options))
+        return aioredis.Redis.from_url(settings.redis_url, retry=None, **options)
+    options = dict(
         socket_timeout=timeout if read_timeout else None,
         socket_connect_timeout=5.0,
         socket_keepalive=True,
@@ -48,3 +111,6 @@ def make_redis(settings: RedisSettings, *, blocking: bool = False,
         max_connections=max_connections or settings.redis_max_connections,
         decode_responses=False,
     )
+    if cluster:
+        return cast(aioredis.Redis, RedisCluster.from_url(settings.redis_url, **options))
+    return aioredis.Redis.from_url(settings.redis_url, **options)

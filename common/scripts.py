@@ -7,7 +7,8 @@ audio_seq, seq, commit_sample, next_utterance, prompt, resume_id, stable, proces
 heartbeat, created, duration. Times come from the Redis server's clock (``TIME``), never
 from the machine that runs the script.
 
-Who runs what: the gateway CREATE_SESSION, HEARTBEAT, APPEND_AUDIO, NOTICE, CAP_ACQUIRE;
+Who runs what: the gateway CREATE_SESSION, HEARTBEAT, APPEND_AUDIO, NOTICE, CAP_ACQUIRE,
+DELETE_SESSION (the sessions API, in fanout too);
 replays CREATE_SESSION, HEARTBEAT, APPEND_AUDIO; the transcriber the LEASE_* scripts,
 PUBLISH, PROGRESS, COMMIT, CLIENT_SILENCE and CLOSE (transcriber/commit.py).
 """
@@ -50,9 +51,12 @@ return 1
 
 # KEYS: meta, audio. ARGV: attach generation, then (seq, packed entry) pairs.
 # Returns the number of entries added, -1 when another connection has the session, -2 when
-# the session has ended (its transcriber closed it: audio after that would never be heard).
+# the session has ended (its transcriber closed it: audio after that would never be heard),
+# -3 when its record is gone (deleted, or expired).
 APPEND_AUDIO = """
-if redis.call('HGET', KEYS[1], 'attach') ~= ARGV[1] then return -1 end
+local attach = redis.call('HGET', KEYS[1], 'attach')
+if not attach then return -3 end
+if attach ~= ARGV[1] then return -1 end
 if redis.call('HGET', KEYS[1], 'state') == 'closed' then return -2 end
 local last = tonumber(redis.call('HGET', KEYS[1], 'audio_seq') or '0')
 local added = 0
@@ -201,12 +205,26 @@ return seq
 """
 
 
+# Deletion: every key of one session, at once. KEYS: meta, then the session's other keys.
+# Returns 1, or 0 when it had no record (never existed, expired, or deleted already); its
+# other keys are removed either way. UNLINK: a long session's audio is freed in the
+# background, not while Redis serves nobody else. A writer that comes after finds no record:
+# every script above refuses a session without one (no epoch, no attach generation).
+DELETE_SESSION = """
+local existed = redis.call('EXISTS', KEYS[1])
+redis.call('UNLINK', unpack(KEYS))
+return existed
+"""
+
+
 # --------------------------------------------------------------------- answers
 
 #: APPEND_AUDIO: another connection has the session (its attach generation moved on).
 APPEND_TAKEN = -1
 #: APPEND_AUDIO: the session has ended.
 APPEND_CLOSED = -2
+#: APPEND_AUDIO: the session's record is gone (deleted or expired).
+APPEND_GONE = -3
 #: LEASE_ACQUIRE: the session is gone.
 LEASE_GONE = -1
 #: LEASE_ACQUIRE: another work entry holds a live lease on the session.

@@ -42,10 +42,13 @@ from common.messages import (
     unpack_audio_entry,
     unpack_result,
 )
-from common.scripts import CREATE_SESSION, HEARTBEAT, NOTICE
+from common.scripts import CREATE_SESSION, DELETE_SESSION, HEARTBEAT, NOTICE
 from common.session_meta import CLOSED, SessionMeta
 from common.streams import AudioAppender
 from common.work_queue import QueuePositions, queue_backlog
+
+#: ``progress_many``'s epoch for a session that has no record any more.
+GONE = -1
 
 #: Sessions per pipeline in ``progress_many``: one pipeline of 1000 stalled the loop 40 ms.
 CHUNK = 100
@@ -142,6 +145,7 @@ class Sessions:
         self.appender = AudioAppender(redis, append_batch)
         self._notice = redis.register_script(NOTICE)
         self._heartbeat = redis.register_script(HEARTBEAT)
+        self._delete = redis.register_script(DELETE_SESSION)
         self._positions = QueuePositions(redis)
 
     # ------------------------------------------------------------------ creating, writing
@@ -164,10 +168,25 @@ class Sessions:
     async def heartbeat(self, sid: str) -> None:
         await heartbeat(self.redis, sid)
 
+    async def delete(self, sid: str) -> None:
+        """Remove the session: every key of it (one script on its hash slot), then its
+        listing entry (another slot on a cluster). SessionNotFound when it had no record.
+        A live session ends: its gateway's next append, its monitor (within a second) and
+        its transcriber's next lease renewal find no record; its viewers are told within
+        their hub's existence check. Its work-queue entry, if still waiting, is dropped by
+        the transcriber that takes it (no record)."""
+        check_session_id(sid)
+        existed = int(await self._delete(keys=[keys.meta(sid), keys.audio(sid),
+                                               keys.results(sid)]))
+        await self.redis.zrem(keys.INDEX, sid)
+        if not existed:
+            raise SessionNotFound()
+
     async def progress_many(self, sids: Sequence[str], beat: bool) -> list[tuple[int, int]]:
         """(owner epoch, samples processed) of each session, in pipelines of ``CHUNK``;
         refreshes their heartbeats too when ``beat`` (on Redis time: the worker's idle
-        check compares it with that)."""
+        check compares it with that). The epoch is ``GONE`` (-1) for a session without a
+        record (deleted, or expired): a created session always has one (0 until taken)."""
         out: list[tuple[int, int]] = []
         for start in range(0, len(sids), CHUNK):
             chunk = sids[start:start + CHUNK]
@@ -176,8 +195,8 @@ class Sessions:
                 pipe = self.redis.pipeline(transaction=False)
                 for sid in chunk:
                     pipe.hmget(keys.meta(sid), "epoch", "processed_sample")
-                    if beat:
-                        pipe.evalsha(self._heartbeat.sha, 1, keys.meta(sid))
+                    if beat:  # execute_command: a cluster pipeline refuses .evalsha()
+                        pipe.execute_command("EVALSHA", self._heartbeat.sha, 1, keys.meta(sid))
                 return pipe
 
             try:
@@ -187,7 +206,7 @@ class Sessions:
                 replies = await pipeline().execute()
             step = 2 if beat else 1
             for epoch, processed in replies[::step]:
-                out.append((int(epoch or 0), int(processed or 0)))
+                out.append((GONE if epoch is None else int(epoch), int(processed or 0)))
         return out
 
     async def access(self, sid: str) -> SessionAccess:

@@ -167,6 +167,9 @@ class RedisSettings:
     redis_url: str = setting(
         "redis://localhost:6379/0", "the Redis server: a redis:// or rediss:// (TLS) URL, with "
         "user, password and database number where needed (redis://user:password@host:6379/0)")
+    redis_cluster: str = setting(
+        "auto", "whether redis_url names a Redis Cluster node: auto = ask it once at start "
+        "(INFO cluster; unreachable = not a cluster), 1 = a cluster, 0 = a plain Redis")
     redis_socket_timeout_s: float = setting(
         10.0, "seconds one Redis command may take before it fails (and is retried); blocking "
         "stream reads have their own, longer timeout (see redis_block_ms)")
@@ -477,6 +480,25 @@ class ResilienceSettings:
         "(close 1011)")
 
 
+@group("Storage")
+@dataclasses.dataclass(frozen=True)
+class StorageSettings:
+    """How the gateway behaves as Redis fills up (``maxmemory`` with ``noeviction``)."""
+
+    storage_high_watermark: float = setting(
+        0.9, "fraction of Redis maxmemory (the fullest primary of a cluster) above which new "
+        "sessions, resumes and replays are refused with storage_full (HTTP 503, Retry-After); "
+        "0 = never refuse (no maxmemory set: never refused either)")
+    storage_check_s: float = setting(
+        1.0, "seconds between two reads of Redis INFO memory for the watermark, per gateway")
+    storage_retry_after_s: float = setting(
+        30.0, "Retry-After seconds sent with a storage_full refusal")
+    storage_full_grace_s: float = setting(
+        5.0, "seconds a live session's audio may be refused by Redis for lack of memory "
+        "(buffered meanwhile, and sent again with backoff) before the session ends with "
+        "storage_full (close 1013); it may resume when there is room")
+
+
 @group("Session tokens")
 @dataclasses.dataclass(frozen=True)
 class TokenSettings:
@@ -689,8 +711,8 @@ class MetricsSettings:
 
 @dataclasses.dataclass(frozen=True)
 class GatewaySettings(LoggingSettings, ListenSettings, GatewayIoSettings, SessionLimitSettings,
-                      AudioLimitSettings, ResilienceSettings, TokenSettings, ModelNameSettings,
-                      GcSettings, SessionsApiSettings):
+                      AudioLimitSettings, ResilienceSettings, StorageSettings, TokenSettings,
+                      ModelNameSettings, GcSettings, SessionsApiSettings):
     """WebSocket gateway: /v1/listen, result fanout to the originating socket, the page."""
 
 

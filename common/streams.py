@@ -24,7 +24,8 @@ from redis.exceptions import NoScriptError, ResponseError
 from common import keys
 from common.backoff import REDIS_DOWN, Backoff, reraise_cancel
 from common.messages import AudioEntry, Closed, Result, pack_audio_entry, unpack_result
-from common.scripts import APPEND_AUDIO, APPEND_CLOSED
+from common.redis_client import is_cluster
+from common.scripts import APPEND_AUDIO, APPEND_CLOSED, APPEND_GONE
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ Entry = tuple[bytes, dict[bytes, bytes]]
 
 #: The append script's answer for a session that has ended.
 CLOSED = APPEND_CLOSED
+#: The append script's answer for a session whose record is gone (deleted or expired).
+GONE = APPEND_GONE
 
 #: One session's append: (sid, attach generation, entries in seq order).
 Append = tuple[str, int, Sequence[AudioEntry]]
@@ -99,6 +102,8 @@ class AudioAppender:
         support either: a SCRIPT EXISTS round trip per pipeline (and that command in the
         ACL). A failed round trip raises; the caller sends the round again (the seq makes
         that safe)."""
+        if is_cluster(self._redis):
+            return await self._run_cluster(appends)
         sha = self._script.sha
         packed = b"".join([hiredis.pack_command((b"EVALSHA", sha, 2, *_script_keys(sid),
                                                  *_script_args(generation, entries)))
@@ -121,6 +126,18 @@ class AudioAppender:
             raise
         finally:
             await pool.release(conn)
+
+    async def _run_cluster(self, appends: Sequence[Append]) -> list[Any]:
+        """On a cluster: one redis-py pipeline, which splits the calls by the node that
+        holds each session's slot and follows MOVED/ASK; each call's error is its own."""
+        pipe = self._redis.pipeline(transaction=False)
+        for sid, generation, entries in appends:
+            # through execute_command: redis-py's cluster pipeline refuses .evalsha(), but
+            # routes the command by its keys (one session's slot) like any other
+            pipe.execute_command("EVALSHA", self._script.sha, 2, *_script_keys(sid),
+                                 *_script_args(generation, entries))
+        async with asyncio.timeout(self.timeout_s):
+            return list(await pipe.execute(raise_on_error=False))
 
     async def _flush(self) -> None:
         await asyncio.sleep(0)  # the other sessions' appends of this loop turn join in

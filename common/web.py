@@ -24,8 +24,15 @@ from urllib.parse import parse_qs, urlsplit
 from aiohttp import WSMsgType, web
 
 from common.access import select_subprotocol
-from common.backoff import REDIS_DOWN
-from common.errors import BadRequest, MethodNotAllowed, RateLimited, StorageUnavailable, SttError
+from common.backoff import REDIS_DOWN, REDIS_FULL
+from common.errors import (
+    BadRequest,
+    MethodNotAllowed,
+    RateLimited,
+    StorageFull,
+    StorageUnavailable,
+    SttError,
+)
 from common.messages import ErrorMessage, parse_control, to_json
 from common.ratelimit import MessageLimits
 
@@ -39,6 +46,8 @@ def client_error(exc: BaseException) -> SttError:
     """What ``exc`` is to a client (never its internals)."""
     if isinstance(exc, SttError):
         return exc
+    if isinstance(exc, REDIS_FULL):
+        return StorageFull()
     if isinstance(exc, REDIS_DOWN):
         return StorageUnavailable()
     return SttError()
@@ -52,13 +61,13 @@ def json_response(status: http.HTTPStatus, body: Any) -> web.Response:
 
 def error_response(exc: BaseException) -> web.Response:
     """The HTTP answer to ``exc``: its status and JSON body, with ``WWW-Authenticate`` on
-    401, ``Retry-After`` on a rate limit and ``Allow`` on 405."""
+    401, ``Retry-After`` on a rate limit or a full storage and ``Allow`` on 405."""
     err = client_error(exc)
     response = json_response(http.HTTPStatus(err.http_status),
                              {"type": "error", "code": err.code, "message": err.message})
     if err.http_status == http.HTTPStatus.UNAUTHORIZED:
         response.headers["WWW-Authenticate"] = 'Bearer realm="stt"'
-    if isinstance(err, RateLimited):
+    if isinstance(err, RateLimited | StorageFull):
         response.headers["Retry-After"] = str(max(1, math.ceil(err.retry_after_s)))
     if isinstance(err, MethodNotAllowed) and err.allow:
         response.headers["Allow"] = ", ".join(err.allow)

@@ -3,7 +3,8 @@
 HTTP (``GET``, or ``HEAD`` for the headers alone; any other method is a 405):
 
 * ``/v1/sessions`` — newest first: ``{"sessions": [...], "next_before": ...}``
-* ``/v1/sessions/{id}`` — one session's info with result counts by type
+* ``/v1/sessions/{id}`` — one session's info with result counts by type; ``DELETE`` (on the
+  gateway) removes it (every key, its listing entry; a live one ends): 204, then 404
 * ``/v1/sessions/{id}/audio.wav`` — the normalised audio (16 kHz mono int16), streamed
 * ``/v1/sessions/{id}/transcript.{txt,json,srt,vtt}``
 
@@ -81,6 +82,7 @@ class Route:
     kind: str  # list | info | audio | transcript | results | replay
     sid: str = ""
     fmt: str = ""
+    deletable: bool = False  # DELETE is served (on the gateway's info route)
 
     @property
     def websocket(self) -> bool:
@@ -88,8 +90,11 @@ class Route:
 
     @property
     def methods(self) -> tuple[str, ...]:
-        """The methods this route serves (any other: 405): it only reads."""
-        return ("GET",) if self.websocket else ("GET", "HEAD")
+        """The methods this route serves (any other: 405): reads, and ``DELETE`` of a
+        session."""
+        if self.websocket:
+            return ("GET",)
+        return ("GET", "HEAD", "DELETE") if self.deletable else ("GET", "HEAD")
 
     @property
     def opens_session(self) -> bool:
@@ -106,8 +111,13 @@ class SessionsApi:
     """Serves ``/v1/sessions...``; one per process, sharing its Redis clients and hubs."""
 
     def __init__(self, settings: SessionsApiSettings, redis: aioredis.Redis,
-                 blocking: aioredis.Redis, replay: ReplayConfig | None = None) -> None:
+                 blocking: aioredis.Redis, replay: ReplayConfig | None = None,
+                 deletes: bool = False) -> None:
+        """``replay``: serve replays (they need transcribers); ``deletes``: serve
+        ``DELETE /v1/sessions/{id}`` (the gateway: ``python -m fanout`` is the read side,
+        and its Redis user may only read, docker/redis-users.acl)."""
         self.settings = settings
+        self.deletes = deletes
         self.records = Sessions(redis)
         self.blocking = blocking
         self.hubs = Hubs(redis, blocking, settings.redis_block_ms, settings.viewer_queue)
@@ -119,8 +129,9 @@ class SessionsApi:
     @classmethod
     def with_replays(cls, settings: GatewaySettings, redis: aioredis.Redis,
                      blocking: aioredis.Redis) -> SessionsApi:
-        """The API as the gateway serves it: with replays (which need transcribers)."""
-        return cls(settings, redis, blocking, ReplayConfig.for_gateway(settings))
+        """The API as the gateway serves it: with replays (which need transcribers) and
+        deletion."""
+        return cls(settings, redis, blocking, ReplayConfig.for_gateway(settings), deletes=True)
 
     # ------------------------------------------------------------------ routing
 
@@ -139,7 +150,7 @@ class SessionsApi:
         if sid is None:
             return Route("list")
         if leaf is None:
-            return Route("info", sid)
+            return Route("info", sid, deletable=self.deletes)
         if leaf == "audio.wav":
             return Route("audio", sid, "wav")
         if leaf.startswith("transcript."):
@@ -228,6 +239,11 @@ class SessionsApi:
             return await self._list(query)
         sid = check_session_id(route.sid)
         await self.authorize(principal, sid)
+        if route.deletable and request.method == "DELETE":
+            await self.records.delete(sid)
+            log.info("session %s: deleted (by %s)", sid, principal.kind)
+            return web.Response(status=http.HTTPStatus.NO_CONTENT,
+                                headers={"Cache-Control": "no-store"})
         if route.kind == "info":
             info = (await self.records.info(sid)).to_dict()
             info["counts"] = await self.records.result_counts(sid)

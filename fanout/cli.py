@@ -74,11 +74,13 @@ def auth_headers(args: argparse.Namespace) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-def http_get(url: str, timeout: float = 60.0, headers: dict[str, str] | None = None) -> Any:
-    """Open a GET; HTTP errors become CliError with the server's message."""
+def http_get(url: str, timeout: float = 60.0, headers: dict[str, str] | None = None,
+             method: str = "GET") -> Any:
+    """Open a request (GET unless ``method``); HTTP errors become CliError with the
+    server's message."""
     try:
-        return urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}),
-                                      timeout=timeout)
+        return urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers or {}, method=method), timeout=timeout)
     except urllib.error.HTTPError as exc:
         try:
             body = json.loads(exc.read())
@@ -218,6 +220,14 @@ def cmd_show(args: argparse.Namespace) -> None:
         if isinstance(value, dict):
             value = ", ".join(f"{k} {v}" for k, v in value.items())
         print(f"{key + ':':<17} {value if value not in (None, '') else '-'}")
+
+
+def cmd_delete(args: argparse.Namespace) -> None:
+    """Remove a session: its audio, results, record and listing entry (a live one ends)."""
+    with http_get(session_url(http_base(args.url), args.id), headers=auth_headers(args),
+                  method="DELETE"):
+        pass
+    print(f"deleted {args.id}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -409,6 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.add_argument("--json", action="store_true", help="print the server's JSON")
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("delete", parents=[common],
+                       help="delete a session: its audio, results and record")
+    p.add_argument("id")
+    p.set_defaults(func=cmd_delete)
 
     p = sub.add_parser("export", parents=[common], help="export audio or transcript")
     p.add_argument("id")

@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 #: Most results read per XREAD. A batch is offered to every queue at once, so
 #: it is kept well under the viewer queue size (see ``Hubs``).
 READ_BATCH = 100
-#: Empty blocking reads between checks that the session still exists.
-EXISTS_EVERY = 10
+#: Empty blocking reads between checks that the session still exists (a deleted session's
+#: viewers are told within this many blocking reads; one EXISTS per hub, not per viewer).
+EXISTS_EVERY = 3
 
 
 #: A viewer's side of the hub (the same bounded queue the client's own socket uses).
@@ -76,7 +77,7 @@ class SessionHub:
                 if idle % EXISTS_EVERY == 0 and not await until_up(
                         lambda: self.hubs.blocking.exists(keys.meta(self.sid)),
                         f"session {self.sid}: hub check"):
-                    self._end(SessionNotFound("the session has expired"))
+                    self._end(SessionNotFound("the session no longer exists (deleted or expired)"))
                     return
                 continue
             idle = 0

@@ -47,6 +47,7 @@ from common.redis_client import make_redis
 from common.serving import Served, serve
 from common.sessions import Sessions
 from common.settings import GatewaySettings
+from common.storage import StorageWatch
 from common.streams import AudioAppender
 from common.web import (
     OpenSockets,
@@ -118,6 +119,9 @@ class Gateway:
         self.listen_deps = ListenDeps(settings, self.store, self.flusher, self.blocking,
                                       self.guard, self.live, self.monitor, self.metrics)
         self.sockets = OpenSockets()  # open WebSockets (closed with 1012 at a stop)
+        self.storage = StorageWatch(self.probe, settings.storage_high_watermark,
+                                    settings.storage_check_s, settings.storage_retry_after_s)
+        self.storage.register_gauges(self.metrics.registry)
         #: The listen endpoints: /v1/listen and the client protocols it also speaks
         self.dialects: list[Dialect] = [NativeDialect(), DeepgramDialect(settings.model_name)]
 
@@ -181,6 +185,8 @@ class Gateway:
         route = self.sessions_api.match(target(request)[0])
         opens = route is not None and route.opens_session
         try:
+            if opens:
+                await self.storage.check()
             admission = await self.guard.admit(
                 request, opens_session=opens, caps=self._caps if opens else None,
                 viewer=route is not None and route.kind == "results",
@@ -235,6 +241,7 @@ class Gateway:
             async with asyncio.timeout(self.settings.handshake_timeout_s):
                 start = await twilio.read_start(ws, self.settings.max_message_bytes)
             params = twilio.twilio_params(start)
+            await self.storage.check()  # no room in Redis: refused before anything is counted
             admission = await self.guard.admit(
                 ws.request, opens_session=True, caps=self._caps, member=start.session_id,
                 credential=AccessGuard.credential(ws.request) or start.token)
@@ -272,6 +279,7 @@ class Gateway:
         """The caps count the session: the one named by ?session= (resumed within its grace,
         it is counted once), or the id a new session will get. The query is read the way
         ListenParams reads it, so "resume" here is "resume" there."""
+        await self.storage.check()  # no room in Redis: refused before anything is counted
         resumes = resume_target(target(request)[1]) if dialect.resumes else None
         member = resumes if resumes is not None and session_id_ok(resumes) \
             else uuid.uuid4().hex

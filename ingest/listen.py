@@ -37,6 +37,7 @@ from common.delivery import ResultQueue
 from common.errors import (
     Forbidden,
     SessionClosed,
+    SessionNotFound,
     SessionTaken,
     StorageUnavailable,
     SttError,
@@ -220,6 +221,7 @@ class ListenSession:
         self._creating = False  # store.create was sent (the session may exist)
         self._taken = False  # a newer connection here took the session over
         self._taken_close: asyncio.Task[None] | None = None
+        self._gone: asyncio.Task[None] | None = None  # the session was deleted meanwhile
         self.core = ListenCore(params, ListenLimits.from_settings(deps.settings),
                                time.monotonic(), self.wire.control)
         self.generation = 0
@@ -244,9 +246,9 @@ class ListenSession:
             await self._release_lease()
             await self._fail(exc)
             return
-        except REDIS_DOWN:
+        except REDIS_DOWN as exc:  # unreachable (storage_unavailable), or full (storage_full)
             await self._abandon_creation()
-            await self._fail(StorageUnavailable())
+            await self._fail(client_error(exc))
             return
         live, metrics = self.deps.live, self.deps.metrics
         live.attached(self)
@@ -304,11 +306,24 @@ class ListenSession:
         self._taken_close = asyncio.create_task(send_wire_error(self.ws, self.wire, SessionTaken(
             "the session was resumed on another connection")))
 
+    def gone(self) -> None:
+        """The session was deleted (``DELETE /v1/sessions/{id}``) while this socket was open
+        (the monitor found no record): tell the client and end; nothing is left to resume."""
+        if self._taken or self._gone is not None:
+            return
+        self._gone = asyncio.create_task(self._fail(SessionNotFound(
+            "the session was deleted")))
+
     async def _settle(self, clean: bool, known: bool) -> None:
         """The socket is done: the session's stream ends now, or after the resume grace when
         the client (which has the session id: ``known``) may come back for it."""
         live, guard = self.deps.live, self.deps.guard
         live.unattached(self)
+        if self._gone is not None:
+            if self.writer is not None:
+                await self.writer.close()
+            await self._release_lease()
+            return
         if self._taken:
             if self.writer is not None:
                 await self.writer.close()
@@ -418,7 +433,8 @@ class ListenSession:
             resumed = True
         self.core.set_deadline(time.monotonic() + (deadline - time.time()))
         self.writer = AudioWriter(self.deps.flusher, self.sid, self.generation,
-                                  int(self.settings.outage_buffer_s * TARGET_RATE))
+                                  int(self.settings.outage_buffer_s * TARGET_RATE),
+                                  self.settings.storage_full_grace_s)
         self.writer.on_redis_error = self.deps.metrics.redis_errors.labels("gateway").inc
         return resumed
 

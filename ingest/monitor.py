@@ -3,9 +3,10 @@
 Once a second it reads every session's owner epoch and transcribed position in one
 Redis pipeline (and refreshes the heartbeats every ``HEARTBEAT_S`` in the same
 pipeline), then tells each client what changed: its position in the queue while
-no transcriber has it, and a ``lag`` warning when transcription falls
-``LAG_WARNING_S`` behind. A task per session doing the same cost one Redis round
-trip and one wake-up per socket per second (10 % of the gateway's CPU at 300
+no transcriber has it, a ``lag`` warning when transcription falls
+``LAG_WARNING_S`` behind, and ``session_not_found`` when its session was deleted.
+A task per session doing the same cost one Redis round trip and one wake-up per
+socket per second (10 % of the gateway's CPU at 300
 sockets, measured with py-spy).
 """
 
@@ -20,7 +21,7 @@ from typing import Protocol
 from common.audio import TARGET_RATE
 from common.messages import Warning
 from common.redis_client import REDIS_DOWN
-from common.sessions import Sessions
+from common.sessions import GONE, Sessions
 from common.tasks import LazyTask
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,9 @@ class Watched(Protocol):
 
     @property
     def samples_sent(self) -> int: ...
+
+    def gone(self) -> None:
+        """The session has no record any more (deleted, or expired): end its socket."""
 
 
 class _State:
@@ -93,6 +97,10 @@ class SessionMonitor:
         positions: dict[str, int] | None = None
         notices: list[tuple[str, Warning]] = []
         for (session, state), (epoch, processed) in zip(sessions, progress, strict=True):
+            if epoch == GONE:
+                self.unwatch(session)
+                session.gone()
+                continue
             if not state.owned:
                 if epoch:
                     state.owned = True

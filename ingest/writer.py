@@ -15,14 +15,22 @@ import asyncio
 import collections
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
-from common.backoff import Backoff
-from common.errors import SessionClosed, SessionTaken, StorageUnavailable, SttError
+from common.backoff import REDIS_FULL, Backoff
+from common.errors import (
+    SessionClosed,
+    SessionNotFound,
+    SessionTaken,
+    StorageFull,
+    StorageUnavailable,
+    SttError,
+)
 from common.messages import AudioEntry, AudioFrame
 from common.redis_client import REDIS_DOWN
-from common.streams import CLOSED, AudioAppender
+from common.streams import CLOSED, GONE, AudioAppender
 from common.tasks import LazyTask
 
 log = logging.getLogger(__name__)
@@ -38,7 +46,8 @@ class AudioWriter:
     """A bounded, ordered buffer of one session's audio entries, drained by the flusher."""
 
     def __init__(self, flusher: AudioFlusher, sid: str, generation: int,
-                 max_samples: int) -> None:
+                 max_samples: int, full_grace_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.flusher = flusher
         self.sid = sid
         self.generation = generation
@@ -52,6 +61,9 @@ class AudioWriter:
         self.on_redis_error: Callable[[], None] | None = None
         self.closed = False
         self.backoff = Backoff(FIRST_BACKOFF_S, MAX_BACKOFF_S)
+        self.full_grace_s = full_grace_s
+        self.clock = clock
+        self._full_since: float | None = None  # Redis refusing appends for lack of memory
 
     async def put(self, entry: AudioEntry, wait_s: float) -> None:
         """Queue an entry; when the buffer is full, wait (back-pressuring the client) for room."""
@@ -106,12 +118,9 @@ class AudioWriter:
             self.failed_round(reply)
             return
         self.backoff.reset()
+        self._full_since = None
         if int(reply) < 0:
-            self.failure = SessionClosed("this session has ended; start a new one") \
-                if int(reply) == CLOSED else \
-                SessionTaken("the session was resumed on another connection")
-            self._pending.clear()
-            self._buffered = 0
+            self._fail(_refusal(int(reply)))
         else:
             for _ in range(count):
                 entry = self._pending.popleft()
@@ -123,17 +132,45 @@ class AudioWriter:
 
     def failed_round(self, exc: BaseException) -> None:
         """Redis refused or could not take this writer's entries: they stay queued and are
-        sent again after a backoff (``common.backoff``, at most ``MAX_BACKOFF_S``)."""
+        sent again after a backoff (``common.backoff``, at most ``MAX_BACKOFF_S``). Refused
+        for lack of memory for ``full_grace_s`` on end, the writer fails with
+        ``storage_full`` (the session may resume once there is room)."""
         if self.on_redis_error is not None:
             self.on_redis_error()
+        if isinstance(exc, REDIS_FULL):
+            now = self.clock()
+            if self._full_since is None:
+                self._full_since = now
+            elif now - self._full_since >= self.full_grace_s:
+                log.warning("session %s: Redis has had no room for its audio for %.0f s; "
+                            "ending it (storage_full)", self.sid, now - self._full_since)
+                self._fail(StorageFull("storage is full: the session's audio cannot be "
+                                       "stored; resume it later"))
+                return
         log.warning("session %s: audio append failed (%s); %d entries buffered",
                     self.sid, exc, len(self._pending))
         self.flusher.mark_later(self, self.backoff.next_delay())
+
+    def _fail(self, failure: SttError) -> None:
+        """No entry of this writer can be stored any more: ``put`` and ``drain`` raise it."""
+        self.failure = failure
+        self._pending.clear()
+        self._buffered = 0
+        self._signal()
 
     def _signal(self) -> None:
         self._progress.set()
         if not self._pending or self.failure is not None or self.closed:
             self._drained.set()
+
+
+def _refusal(reply: int) -> SttError:
+    """What the append script's refusal means to the client."""
+    if reply == CLOSED:
+        return SessionClosed("this session has ended; start a new one")
+    if reply == GONE:
+        return SessionNotFound("the session no longer exists (deleted or expired)")
+    return SessionTaken("the session was resumed on another connection")
 
 
 class AudioFlusher:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -113,6 +115,106 @@ class RedisServer:
             yield r
         finally:
             await r.aclose()
+
+
+class RedisClusterServers:
+    """A real Redis Cluster on free ports: ``masters`` primaries with ``replicas`` replicas
+    each, made of ``redis-server --cluster-enabled yes`` processes joined by
+    ``redis-cli --cluster create``. Nodes can be killed (a primary's replica is then
+    promoted after ``node_timeout_ms``)."""
+
+    def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 2000) -> None:
+        self.masters = masters
+        self.replicas = replicas
+        self.node_timeout_ms = node_timeout_ms
+        self.ports = cluster_ports(masters * (1 + replicas))
+        self.dir = tempfile.mkdtemp(prefix="stt-cluster-")
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        """Any node names the whole cluster (``REDIS_URL``)."""
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def _start_node(self, port: int) -> None:
+        node_dir = Path(self.dir) / str(port)
+        node_dir.mkdir(exist_ok=True)
+        self.procs[port] = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+             "--cluster-node-timeout", str(self.node_timeout_ms), "--dir", str(node_dir),
+             "--save", "", "--appendonly", "no", "--protected-mode", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+    def start(self) -> None:
+        for port in self.ports:
+            self._start_node(port)
+        for port in self.ports:
+            wait_until(f"cluster node {port}", functools.partial(_pings, port), 10)
+        subprocess.run(["redis-cli", "--cluster", "create",
+                        *(f"127.0.0.1:{p}" for p in self.ports),
+                        "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                       timeout=60)
+        wait_until("the cluster to be ok", self.healthy, 30, 0.2)
+
+    def healthy(self) -> bool:
+        """Every node says cluster_state:ok and the slots are served by ``masters``."""
+        for port, proc in self.procs.items():
+            if proc.poll() is not None:
+                continue
+            info = redis.Redis(port=port, socket_timeout=2).cluster("info")
+            if info.get("cluster_state") != "ok":
+                return False
+        return True
+
+    def client(self) -> redis.RedisCluster:
+        return redis.RedisCluster.from_url(self.url, socket_timeout=5)
+
+    def master_of(self, key: str) -> int:
+        """The port of the primary that serves ``key``'s slot now."""
+        c = self.client()
+        try:
+            return int(c.get_node_from_key(key).port)
+        finally:
+            c.close()
+
+    def kill(self, port: int) -> None:
+        proc = self.procs[port]
+        proc.kill()
+        proc.wait(10)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+
+
+def cluster_ports(n: int) -> list[int]:
+    """``n`` ports whose cluster bus ports (port + 10000) are free too: below 55536."""
+    out: list[int] = []
+    while len(out) < n:
+        port = random.randrange(20000, 45000)
+        if port in out:
+            continue
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        out.append(port)
+    return out
+
+
+def _pings(port: int) -> bool:
+    try:
+        return bool(redis.Redis(port=port, socket_timeout=1).ping())
+    except redis.ConnectionError:
+        return False
 
 
 #: Test services run without authentication (as `make run` does on 127.0.0.1) unless a

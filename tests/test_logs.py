@@ -82,3 +82,24 @@ def test_the_resource_error_filter_counts_what_it_left_out() -> None:
     passed = record("redis unavailable: [Errno 24] Too many open files")
     assert f.filter(passed)
     assert "5 more like this" in passed.getMessage()
+
+
+def test_redis_out_of_memory_lines_are_limited_apart_from_file_descriptor_lines() -> None:
+    """A full Redis fails every session's writes at once: one line a minute says so, and
+    it neither hides nor is hidden by the out-of-descriptors lines."""
+    now = [0.0]
+    f = ResourceErrorFilter(60.0, clock=lambda: now[0])
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("ingest", logging.WARNING, __file__, 1, msg, (), None)
+
+    oom = "session %s: audio append failed (command not allowed when used memory > 'maxmemory'.)"
+    assert f.filter(record(oom % "a"))
+    assert f.filter(record("socket.accept() out of system resource"))  # another kind
+    for sid in "bcdefg":
+        now[0] += 1
+        assert not f.filter(record(oom % sid))
+    now[0] += 60
+    passed = record(oom % "h")
+    assert f.filter(passed)
+    assert "6 more like this" in passed.getMessage()

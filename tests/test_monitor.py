@@ -23,6 +23,10 @@ pytestmark = pytest.mark.integration
 class FakeSession:
     sid: str
     samples_sent: int = 0
+    ended: bool = False
+
+    def gone(self) -> None:
+        self.ended = True
 
 
 async def warnings_of(r: aioredis.Redis, sid: str) -> list[Warning]:
@@ -90,6 +94,26 @@ def test_a_redis_outage_is_counted_and_the_monitor_keeps_running(own_redis: Redi
                 return float(await r.hget(keys.meta(session.sid), "heartbeat")) > 1.0
 
             await until("the heartbeat refreshed after the outage", beaten)
+            await monitor.close()
+
+    asyncio.run(run())
+
+
+def test_a_deleted_session_is_told_and_no_longer_watched(own_redis: RedisServer) -> None:
+    async def run() -> None:
+        async with own_redis.aclient() as r:
+            store = Sessions(r)
+            kept, deleted = FakeSession("a" * 32), FakeSession("b" * 32)
+            monitor = SessionMonitor(store, heartbeat_s=5.0, lag_warning_s=3.0)
+            for s in (kept, deleted):
+                await store.create(s.sid, {"model": "tiny.en"})
+                monitor.watch(s)
+            await monitor.tick()
+            assert not kept.ended and not deleted.ended
+            await store.delete(deleted.sid)
+            await monitor.tick()
+            assert deleted.ended and not kept.ended
+            assert list(monitor._sessions) == [kept]
             await monitor.close()
 
     asyncio.run(run())

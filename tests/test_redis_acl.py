@@ -95,6 +95,13 @@ def url(server: OwnRedis, user: str, password: str) -> str:
     return f"redis://{user}:{password}@127.0.0.1:{server.port}/0"
 
 
+def metric_line(text: bytes, name: str) -> float:
+    for line in text.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
 def test_the_services_run_a_whole_session_as_least_privilege_acl_users(
         acl_redis: tuple[OwnRedis, dict[str, str]]) -> None:
     server, passwords = acl_redis
@@ -143,6 +150,12 @@ def test_the_services_run_a_whole_session_as_least_privilege_acl_users(
         assert sid in [s["session_id"] for s in listing["sessions"]]
         assert b"fellow Americans" in get(fanout_port, f"/v1/sessions/{sid}/transcript.txt")
         assert len(get(fanout_port, f"/v1/sessions/{sid}/audio.wav")) > 44
+        deletion = urllib.request.Request(f"http://127.0.0.1:{port}/v1/sessions/{sid}",
+                                          headers=bearer, method="DELETE")
+        with urllib.request.urlopen(deletion, timeout=30) as resp:
+            assert resp.status == 204  # the gateway's user may unlink a session's keys
+        assert not server.admin().exists(f"stt:{{{sid}}}:meta", f"stt:{{{sid}}}:audio")
+        assert metric_line(get(port, "/metrics"), "stt_redis_memory_used_bytes") > 0  # INFO
         denied = server.admin().execute_command("ACL", "LOG")
         assert denied == [], f"the documented ACL refused something: {denied}"
     finally:

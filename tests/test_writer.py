@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from common import keys
-from common.errors import SessionTaken, StorageUnavailable
+from common.errors import SessionNotFound, SessionTaken, StorageFull, StorageUnavailable
 from common.streams import AudioAppender
 from ingest.writer import AudioFlusher, AudioWriter
 from tests.procs import RedisServer, until
@@ -29,7 +29,7 @@ SAMPLES = 160
 
 @contextlib.asynccontextmanager
 async def writers_on(server: RedisServer, n: int, max_samples: int = 10**6,
-                     timeout_s: float | None = None, **client: Any,
+                     timeout_s: float | None = None, full_grace_s: float = 5.0, **client: Any,
                      ) -> AsyncIterator[tuple[aioredis.Redis, AudioFlusher, list[AudioWriter]]]:
     """``n`` sessions' writers on one flusher against an emptied ``server``; the flusher and
     the client are closed when the block ends, a failed assertion included."""
@@ -40,7 +40,7 @@ async def writers_on(server: RedisServer, n: int, max_samples: int = 10**6,
         for i in range(n):
             sid = f"s{i:03d}"
             await r.hset(keys.meta(sid), mapping={"attach": 1})
-            writers.append(AudioWriter(flusher, sid, 1, max_samples))
+            writers.append(AudioWriter(flusher, sid, 1, max_samples, full_grace_s))
         try:
             yield r, flusher, writers
         finally:
@@ -80,6 +80,64 @@ def test_a_session_resumed_elsewhere_fails_alone(own_redis: RedisServer) -> None
             with pytest.raises(SessionTaken):
                 await b.put(frame(2), 5.0)
             assert await stored_seqs(r, a.sid) == [1] and await stored_seqs(r, b.sid) == []
+
+    asyncio.run(run())
+
+
+def test_a_deleted_session_fails_with_session_not_found_not_taken(
+        own_redis: RedisServer) -> None:
+    """Its record gone (deleted, or expired), the append is refused as session_not_found:
+    the client must not be told that another connection took it."""
+    async def run() -> None:
+        async with writers_on(own_redis, 2) as (r, _, (a, b)):
+            await r.delete(keys.meta(b.sid))
+            for w in (a, b):
+                await w.put(frame(1), 5.0)
+            await a.drain()
+            with pytest.raises(SessionNotFound):
+                await b.drain()
+            assert await stored_seqs(r, b.sid) == []
+
+    asyncio.run(run())
+
+
+async def fill(r: aioredis.Redis) -> None:
+    """Redis full: maxmemory below what it uses, noeviction (what docker-compose.yml sets)."""
+    used = int((await r.info("memory"))["used_memory"])
+    await r.config_set("maxmemory-policy", "noeviction")
+    await r.config_set("maxmemory", used // 2)
+
+
+async def make_room(r: aioredis.Redis) -> None:
+    await r.config_set("maxmemory", 0)
+
+
+def test_a_full_redis_is_ridden_out_within_the_grace_then_ends_the_session(
+        own_redis: RedisServer) -> None:
+    """Appends refused for lack of memory stay buffered and are sent again with backoff:
+    room made within STORAGE_FULL_GRACE_S, every frame lands in order; no room for longer,
+    the writer fails with storage_full (close 1013: the client may resume later)."""
+    async def run() -> None:
+        async with writers_on(own_redis, 2, full_grace_s=1.5) as (r, _, (a, b)):
+            for w in (a, b):
+                await w.put(frame(1), 5.0)
+                await w.drain()
+            await fill(r)
+            await a.put(frame(2), 5.0)
+            await asyncio.sleep(0.5)
+            assert await stored_seqs(r, a.sid) == [1]  # refused, buffered
+            await make_room(r)  # room again, within the grace
+            await a.put(frame(3), 5.0)
+            await a.drain()
+            assert await stored_seqs(r, a.sid) == [1, 2, 3]
+
+            await fill(r)
+            await b.put(frame(2), 5.0)
+            with pytest.raises(StorageFull) as failed:
+                await asyncio.wait_for(b.drain(), 10)
+            assert failed.value.code == "storage_full" and failed.value.close_code == 1013
+            with pytest.raises(StorageFull):
+                await b.put(frame(3), 5.0)
 
     asyncio.run(run())
 
