@@ -373,7 +373,7 @@ def test_plain_http_is_refused_in_deepgram_s_words(stack: Stack) -> None:
 
 # --------------------------------------------------------------------------- hostile input
 
-FUZZ = settings(max_examples=150, deadline=None, database=None)
+FUZZ = settings(max_examples=80, deadline=None, database=None)
 JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
                        lambda kids: st.lists(kids, max_size=4)
                        | st.dictionaries(st.text(max_size=10), kids, max_size=4), max_leaves=12)

@@ -227,7 +227,7 @@ def test_the_dropped_track_is_counted_apart_and_bounded() -> None:
 
 # --------------------------------------------------------------------------- hostile input
 
-FUZZ = settings(max_examples=150, deadline=None, database=None)
+FUZZ = settings(max_examples=80, deadline=None, database=None)
 JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
                        lambda kids: st.lists(kids, max_size=4)
                        | st.dictionaries(st.text(max_size=10), kids, max_size=4), max_leaves=12)
