@@ -23,8 +23,14 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from redis.backoff import AbstractBackoff, ExponentialWithJitterBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger(__name__)
@@ -36,7 +42,11 @@ T = TypeVar("T")
 #: Redis refusing writes for lack of memory (``maxmemory`` reached with ``noeviction``) is
 #: waited out the same way, and answered to clients as ``storage_full``.
 REDIS_FULL = (OutOfMemoryError,)
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError, *REDIS_FULL)
+#: A cluster (or a primary/replica pair) in the middle of a failover answers these until a
+#: replica has taken over: waited out too.
+REDIS_FAILING_OVER = (ClusterDownError, TryAgainError, SlotNotCoveredError, ReadOnlyError)
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError, *REDIS_FULL,
+              *REDIS_FAILING_OVER)
 
 #: First delay bound and largest delay bound, seconds, of a loop waiting out an outage.
 BASE_S = 0.1

@@ -279,3 +279,13 @@ class NotConfigured(SttError):
     code = "not_configured"
     close_code = POLICY_VIOLATION
     http_status = 501
+
+
+class ModelUnavailable(SttError):
+    """A model no worker of this deployment serves: a name it does not know, or one no
+    worker has served for ``model_grace_s`` (common/models.py)."""
+
+    code = "model_unavailable"
+    close_code = TRY_AGAIN_LATER
+    http_status = 503
+    default_message = "no transcriber serves this model"

@@ -8,13 +8,33 @@ from __future__ import annotations
 
 # Work queue: one entry per session; the pending entry in group GROUP is the
 # owner's lease. Entries are acknowledged and deleted when a session ends.
+# One queue per model name (``work_queue``): the bundled default keeps this key.
 SESSIONS = "stt:sessions"
 GROUP = "transcribers"
+#: The model name whose sessions queue on ``SESSIONS`` (the bundled model, the default
+#: everywhere: ``STT_MODEL``).
+DEFAULT_MODEL = "tiny.en"
+
+# Worker registry: one hash, a field per worker (its consumer name), the value a JSON record
+# of what it serves (model, device, device index, capacity, free slots) and until when (Redis
+# time, ms). Written by each worker every ANNOUNCE_INTERVAL_S (one HSET: workers / interval
+# writes a second in all), deleted by a worker that stops; read by gateways (one HGETALL a
+# second each, and per GET /v1/models); a crashed worker's field is deleted by the first
+# reader that finds it expired more than MODEL_GRACE_S ago. No TTL on the key itself.
+WORKERS = "stt:workers"
 
 # Listing index: sorted set of session ids scored by creation time (unix seconds).
 # Not hash-tagged: one global key. No TTL of its own; a member whose meta key has
 # expired is removed when a listing comes across it.
 INDEX = "stt:index"
+
+
+def work_queue(model: str) -> str:
+    """The work queue (a stream, group ``GROUP``) of sessions asking for ``model``: the
+    default model's is ``SESSIONS``, every other name's ``stt:sessions:<name>`` (a name is
+    checked by ``common.models.model_name_ok``). Entries are deleted as in ``SESSIONS``; the
+    stream itself stays (no TTL: a few bytes per model name ever used)."""
+    return SESSIONS if model in ("", DEFAULT_MODEL) else f"{SESSIONS}:{model}"
 
 
 def audio(sid: str) -> str:

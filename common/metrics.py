@@ -116,6 +116,12 @@ class GatewayMetrics:
     results_sent: Counter
     time_to_final: Histogram
     redis_errors: Counter
+    # the autoscaling signal, per model (ingest/monitor.py refreshes them every second)
+    sessions_waiting: Gauge
+    queue_oldest_wait: Gauge
+    workers: Gauge
+    worker_capacity: Gauge
+    worker_free_slots: Gauge
 
 
 def gateway_metrics() -> GatewayMetrics:
@@ -125,8 +131,8 @@ def gateway_metrics() -> GatewayMetrics:
         sessions_active=Gauge("stt_gateway_sessions_active", "open /v1/listen sockets",
                               registry=r),
         sessions_queued=Gauge("stt_sessions_queued",
-                              "sessions waiting for a transcriber (read at scrape time)",
-                              registry=r),
+                              "sessions waiting for a transcriber, all models (the sum of "
+                              "stt_sessions_waiting)", registry=r),
         sessions_opened=Counter("stt_gateway_sessions_opened", "new sessions", registry=r),
         reconnects=Counter("stt_gateway_reconnects", "sessions resumed with session/after",
                            registry=r),
@@ -142,6 +148,22 @@ def gateway_metrics() -> GatewayMetrics:
             buckets=LATENCY_BUCKETS, registry=r),
         redis_errors=Counter("stt_redis_errors", "failed Redis operations (retried)",
                              ["service"], registry=r),
+        sessions_waiting=Gauge(
+            "stt_sessions_waiting", "sessions on a model's work queue that no worker has "
+            "taken yet (the whole deployment's, as every gateway sees it: aggregate with max)",
+            ["model"], registry=r),
+        queue_oldest_wait=Gauge(
+            "stt_queue_oldest_wait_seconds", "how long the oldest session waiting on a "
+            "model's work queue has waited (Redis time; 0: none waits)", ["model"],
+            registry=r),
+        workers=Gauge("stt_workers", "live workers serving a model (worker registry)",
+                      ["model"], registry=r),
+        worker_capacity=Gauge(
+            "stt_worker_capacity", "session slots of the live workers serving a model",
+            ["model"], registry=r),
+        worker_free_slots=Gauge(
+            "stt_worker_free_slots", "free session slots of the live workers serving a model, "
+            "as they last announced them", ["model"], registry=r),
     )
 
 

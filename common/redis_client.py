@@ -22,11 +22,12 @@ from typing import Any, cast
 
 import redis
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
+from redis.exceptions import ClusterDownError, RedisClusterException, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common.backoff import REDIS_DOWN, policy
@@ -53,6 +54,8 @@ def uses_cluster(settings: RedisSettings) -> bool:
             node = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
             try:
                 _CLUSTER[url] = bool(int(node.info("cluster").get("cluster_enabled", 0)))
+                if _CLUSTER[url]:
+                    _NODES[url] = _slot_nodes(node.execute_command("CLUSTER SLOTS"))
             finally:
                 node.close()
         except RedisError as exc:
@@ -62,6 +65,82 @@ def uses_cluster(settings: RedisSettings) -> bool:
         if _CLUSTER[url]:
             log.info("Redis at %s is a cluster: using the cluster client", _safe(url))
     return _CLUSTER[url]
+
+
+class _Cluster(RedisCluster):
+    """redis-py's cluster client, able to re-learn the cluster after its default node dies.
+
+    redis-py 8.1 asks its *default node* (at first the node ``REDIS_URL`` names) where the
+    keys of a command with "movable" keys are (``COMMAND GETKEYS``, one extra round trip
+    per command: every XREAD and XREADGROUP), and for the command table when it re-reads
+    the topology. When that node is the one that died, those questions fail before any
+    node is asked the command itself, so the client never marks its topology stale and
+    never learns that a replica took the dead node's slots over: 40 s of connection errors
+    to the dead node were seen while the cluster had failed over in 4. Here the stream
+    reads' keys are found locally (the names after ``STREAMS``), and a failure of the
+    default node moves the default to another node and marks the topology stale."""
+
+    async def _determine_slot(self, command: str, *args: Any) -> int:
+        if command.upper() in _STREAM_READS:
+            return _stream_read_slot(self.get_encoder(), command, args)
+        try:
+            return int(await super()._determine_slot(command, *args))
+        except (RedisConnectionError, RedisTimeoutError):
+            self._default_node_failed()
+            raise
+
+    async def initialize(self, *args: Any, **kwargs: Any) -> _Cluster:
+        try:
+            await super().initialize(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError, ClusterDownError):
+            self._default_node_failed()
+            raise
+        return self
+
+    def _default_node_failed(self) -> None:
+        self.replace_default_node()
+        self._initialize = True
+
+
+#: Stream reads whose keys redis-py would ask the default node for.
+_STREAM_READS = frozenset({"XREAD", "XREADGROUP"})
+
+
+def _stream_read_slot(encoder: Any, command: str, args: tuple[Any, ...]) -> int:
+    """The one slot of an XREAD/XREADGROUP's streams (the first half of what follows
+    ``STREAMS``); streams of several slots are a cross-slot error, as Redis would say."""
+    words = [a.upper() if isinstance(a, str) else a.upper() if isinstance(a, bytes) else a
+             for a in args]
+    at = next((i for i, w in enumerate(words) if w in ("STREAMS", b"STREAMS")), None)
+    if at is None:
+        raise RedisClusterException(f"{command} without STREAMS")
+    rest = args[at + 1:]
+    slots = {key_slot(encoder.encode(k)) for k in rest[:len(rest) // 2]}
+    if len(slots) != 1:
+        raise RedisClusterException(f"{command} of streams in {len(slots)} slots")
+    return slots.pop()
+
+
+#: Every node of a cluster, as its first node answered at start (``uses_cluster``).
+_NODES: dict[str, list[tuple[str, int]]] = {}
+
+
+def _slot_nodes(slots: Any) -> list[tuple[str, int]]:
+    """(host, port) of every node in a ``CLUSTER SLOTS`` answer."""
+    out: list[tuple[str, int]] = []
+    for entry in slots or ():
+        for node in entry[2:]:
+            host = node[0].decode() if isinstance(node[0], bytes) else str(node[0])
+            if host and (host, int(node[1])) not in out:
+                out.append((host, int(node[1])))
+    return out
+
+
+def _startup_nodes(url: str) -> list[ClusterNode]:
+    """Every node the cluster had at start, so a client can reach the cluster whichever
+    node dies (redis-py starts from the URL's node alone, and a client whose first command
+    came after that node died could never connect)."""
+    return [ClusterNode(host, port) for host, port in _NODES.get(url, [])]
 
 
 def is_cluster(client: Any) -> bool:
@@ -97,8 +176,9 @@ def make_redis(settings: RedisSettings, *, blocking: bool = False,
         options: dict[str, Any] = dict(socket_timeout=2.0, socket_connect_timeout=2.0,
                                        max_connections=2)
         if cluster:
-            return cast(aioredis.Redis, RedisCluster.from_url(
-                settings.redis_url, retry=Retry(NoBackoff(), 0), **options))
+            return cast(aioredis.Redis, _Cluster.from_url(
+                settings.redis_url, retry=Retry(NoBackoff(), 0),
+                startup_nodes=_startup_nodes(settings.redis_url), **options))
         return aioredis.Redis.from_url(settings.redis_url, retry=None, **options)
     options = dict(
         socket_timeout=timeout if read_timeout else None,
@@ -112,5 +192,6 @@ def make_redis(settings: RedisSettings, *, blocking: bool = False,
         decode_responses=False,
     )
     if cluster:
-        return cast(aioredis.Redis, RedisCluster.from_url(settings.redis_url, **options))
+        return cast(aioredis.Redis, _Cluster.from_url(
+            settings.redis_url, startup_nodes=_startup_nodes(settings.redis_url), **options))
     return aioredis.Redis.from_url(settings.redis_url, **options)

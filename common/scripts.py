@@ -10,7 +10,8 @@ from the machine that runs the script.
 Who runs what: the gateway CREATE_SESSION, HEARTBEAT, APPEND_AUDIO, NOTICE, CAP_ACQUIRE,
 DELETE_SESSION (the sessions API, in fanout too);
 replays CREATE_SESSION, HEARTBEAT, APPEND_AUDIO; the transcriber the LEASE_* scripts,
-PUBLISH, PROGRESS, COMMIT, CLIENT_SILENCE and CLOSE (transcriber/commit.py).
+PUBLISH, PROGRESS, COMMIT, CLIENT_SILENCE and CLOSE (transcriber/commit.py), and
+ANNOUNCE_WORKER (the worker registry, common/models.py).
 """
 
 from __future__ import annotations
@@ -107,15 +108,22 @@ return 1
 # The meta hash records which entry holds the lease (lease_entry) and when its owner last
 # renewed it (lease_at, Redis time); an entry that is not the recorded one while that
 # lease is fresh is a duplicate (a retried creation or hand-back) and takes nothing.
-# KEYS: meta. ARGV: owner, entry id, lease ms.
-# Returns the new epoch, -1 if the session is gone, -2 for a duplicate entry.
+# With ARGV[4] (the model the worker serves), a session that asked for another model is not
+# taken (-3: the worker moves its entry to that model's queue); one that named none records
+# the worker's model, so the record names the model that transcribes.
+# KEYS: meta. ARGV: owner, entry id, lease ms[, model].
+# Returns the new epoch, -1 if the session is gone, -2 for a duplicate entry, -3 for another
+# model's session.
 LEASE_ACQUIRE = NOW_MS + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local entry = redis.call('HGET', KEYS[1], 'lease_entry')
 local at = tonumber(redis.call('HGET', KEYS[1], 'lease_at') or '0')
 if entry and entry ~= ARGV[2] and now - at < tonumber(ARGV[3]) then return -2 end
+local model = redis.call('HGET', KEYS[1], 'model')
+if ARGV[4] and model and model ~= '' and model ~= ARGV[4] then return -3 end
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'lease_entry', ARGV[2], 'lease_at', now)
+if ARGV[4] then redis.call('HSET', KEYS[1], 'model', ARGV[4]) end
 return epoch
 """
 
@@ -229,7 +237,20 @@ APPEND_GONE = -3
 LEASE_GONE = -1
 #: LEASE_ACQUIRE: another work entry holds a live lease on the session.
 LEASE_DUPLICATE = -2
+#: LEASE_ACQUIRE: the session asked for another model than the worker's.
+LEASE_OTHER_MODEL = -3
 #: PUBLISH, COMMIT, PROGRESS, CLOSE: the writer's epoch is no longer the session's.
 STALE_EPOCH = -1
 #: CLOSE: an idle close found the client back (fresh heartbeat, or audio after the last read).
 CLOSE_CLIENT_BACK = -3
+
+
+# A worker announces what it serves (common/models.py). KEYS: the worker registry (one
+# global key). ARGV: worker name, its record (a JSON object), ms the record stays valid.
+# Stores the record with 'expires_ms' (Redis time + ARGV[3]) added; returns Redis time (ms).
+ANNOUNCE_WORKER = NOW_MS + """
+local record = cjson.decode(ARGV[2])
+record['expires_ms'] = now + tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(record))
+return now
+"""

@@ -45,7 +45,7 @@ from common.messages import (
 from common.scripts import CREATE_SESSION, DELETE_SESSION, HEARTBEAT, NOTICE
 from common.session_meta import CLOSED, SessionMeta
 from common.streams import AudioAppender
-from common.work_queue import QueuePositions, queue_backlog
+from common.work_queue import QueuePositions, enqueue, queue_backlog
 
 #: ``progress_many``'s epoch for a session that has no record any more.
 GONE = -1
@@ -247,14 +247,14 @@ class Sessions:
         epoch, processed = await self.redis.hmget(keys.meta(sid), "epoch", "processed_sample")
         return int(epoch or 0), int(processed or 0)
 
-    async def backlog(self) -> int:
+    async def backlog(self, model: str = keys.DEFAULT_MODEL) -> int:
         """Sessions queued that no transcriber has taken yet."""
-        return await queue_backlog(self.redis)
+        return await queue_backlog(self.redis, model)
 
-    async def waiting_positions(self) -> dict[str, int]:
+    async def waiting_positions(self, model: str = keys.DEFAULT_MODEL) -> dict[str, int]:
         """Each waiting session's 1-based position in the work queue (read at most once a
         second for all of them: ``QueuePositions``)."""
-        return await self._positions.get()
+        return await self._positions.get(model)
 
     async def info(self, sid: str) -> SessionInfo:
         check_session_id(sid)
@@ -407,7 +407,7 @@ async def create_session(redis: aioredis.Redis, sid: str,
         args += [name, value]
     created = float(await redis.register_script(CREATE_SESSION)(keys=[keys.meta(sid)], args=args))
     await redis.zadd(keys.INDEX, {sid: created}, nx=True)  # for GET /v1/sessions
-    await redis.xadd(keys.SESSIONS, {"sid": sid})
+    await enqueue(redis, sid, str(fields.get("model", "")))  # the model's own queue
     return created
 
 

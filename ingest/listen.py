@@ -122,6 +122,7 @@ class Dialect(Protocol):
 
     path: str
     resumes: bool
+    models: bool  # whether its ``model=`` selects the model (else it is accepted, ignored)
 
     def read(self, query: Mapping[str, list[str]]) -> tuple[ListenParams, Wire]: ...
 
@@ -135,6 +136,7 @@ class NativeDialect:
 
     path = "/v1/listen"
     resumes = True
+    models = True
 
     def read(self, query: Mapping[str, list[str]]) -> tuple[ListenParams, Wire]:
         return ListenParams(dict(query)), NativeWire()
@@ -227,6 +229,9 @@ class ListenSession:
         self.generation = 0
         self.writer: AudioWriter | None = None
         self.principal = principal
+        #: the model that transcribes it: the one asked for (model=, or the default), or a
+        #: resumed session's own (only workers serving that name take it)
+        self.model = params.model or deps.settings.model_name
 
     @property
     def samples_sent(self) -> int:
@@ -257,8 +262,7 @@ class ListenSession:
         announced = False  # the client has the session id (it can resume)
         clean = False
         try:
-            for message in self.wire.opening(self.core.started(self.sid, self.settings.model_name,
-                                                               resumed)):
+            for message in self.wire.opening(self.core.started(self.sid, self.model, resumed)):
                 await self.ws.send(message)
             announced = True
             fmt = self.params.format
@@ -400,7 +404,7 @@ class ListenSession:
     async def _open(self) -> bool:
         """Create the session, or attach to the one named in ``session``."""
         if self.params.session is None:
-            if await self.store.backlog() >= self.settings.max_backlog:
+            if await self.store.backlog(self.model) >= self.settings.max_backlog:
                 raise errors.Overloaded("all transcribers are busy; try again later")
             longest = self.settings.max_session_s
             if self.principal.max_session_s is not None:
@@ -413,7 +417,7 @@ class ListenSession:
                 "channels": self.params.format.channels,
                 "language": self.params.language,
                 "interim": "1" if self.params.interim_results else "0",
-                "model": self.settings.model_name,
+                "model": self.model,
                 "principal": self.principal.owner,
                 "account": self.principal.account,
                 # whose share of transcriber slots it counts in when it has no API key
@@ -429,6 +433,7 @@ class ListenSession:
                 else access.created + self.settings.max_session_s
             attached = await self.store.attach(self.sid)
             self.generation = attached.generation
+            self.model = attached.meta.model or self.model
             self.core.resume(attached.samples, attached.entry_seq, attached.ended)
             resumed = True
         self.core.set_deadline(time.monotonic() + (deadline - time.time()))

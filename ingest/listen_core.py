@@ -30,6 +30,7 @@ from common.messages import (
     SessionStarted,
     parse_control,
 )
+from common.models import check_model_name
 from common.ratelimit import MessageLimits
 from common.web import bool_param, language_param, one
 from ingest.limits import AudioRate, SessionClock
@@ -69,6 +70,9 @@ class ListenParams:
             one(query, "encoding"), one(query, "sample_rate"), one(query, "channels"))
         self.language = language_param(query) or ""
         self.interim_results = bool_param(query, "interim_results", True)
+        model = one(query, "model")
+        #: the model asked for (None: the default); a resumed session keeps its own
+        self.model = check_model_name(model) if model else None
         self.session = resume_target(query)
         if self.session is not None and not session_id_ok(self.session):
             raise BadRequest("session must be a session id from a 'session' message")

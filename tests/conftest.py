@@ -77,7 +77,7 @@ def redis_server() -> Iterator[RedisServer]:
 def stack(redis_server: RedisServer) -> Iterator[Stack]:
     """One gateway and one transcriber shared by the end-to-end tests."""
     worker = start_transcriber(redis_server.url)
-    # a name no worker serves is allowed here, to test what a worker does with it
+    # a name no worker serves is allowed here, to test that a replay asking for it is refused
     gateway, port = start_gateway(redis_server.url, REPLAY_MODELS="tiny.en,no-such-model")
     yield Stack(redis_server, gateway, worker, port)
     gateway.stop()

@@ -143,7 +143,8 @@ class RedisClusterServers:
             ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
              "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
              "--cluster-node-timeout", str(self.node_timeout_ms), "--dir", str(node_dir),
-             "--save", "", "--appendonly", "no", "--protected-mode", "no"],
+             "--save", "", "--appendonly", "no", "--protected-mode", "no",
+             "--logfile", str(node_dir / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
     def start(self) -> None:
@@ -159,12 +160,17 @@ class RedisClusterServers:
         wait_until("the cluster to be ok", self.healthy, 30, 0.2)
 
     def healthy(self) -> bool:
-        """Every node says cluster_state:ok and the slots are served by ``masters``."""
+        """Every live node says cluster_state:ok, and every live replica has its master's
+        data (a replica that never synced is never promoted)."""
         for port, proc in self.procs.items():
             if proc.poll() is not None:
                 continue
-            info = redis.Redis(port=port, socket_timeout=2).cluster("info")
-            if info.get("cluster_state") != "ok":
+            node = redis.Redis(port=port, socket_timeout=2)
+            if node.cluster("info").get("cluster_state") != "ok":
+                return False
+            replication = node.info("replication")
+            if replication.get("role") == "slave" \
+                    and replication.get("master_link_status") != "up":
                 return False
         return True
 

@@ -16,6 +16,7 @@ No Docker engine and no network are needed:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import os
@@ -32,9 +33,13 @@ from typing import Any
 import pytest
 import yaml
 
+from common.settings import SERVICES as SETTINGS
+from common.settings import env_name
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
+COMPOSE_MULTIGPU = ROOT / "docker-compose.multigpu.yml"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 DOCKERFILE_CUDA = ROOT / "docker" / "Dockerfile.cuda"
 DOCKERFILES = [DOCKERFILE, DOCKERFILE_CUDA]
@@ -220,8 +225,8 @@ def schema_errors(doc: Any) -> list[str]:
 
 @pytest.mark.parametrize(
     "files",
-    [(COMPOSE,), (COMPOSE_CPU,), (COMPOSE, COMPOSE_CPU)],
-    ids=["compose", "cpu-override-alone", "compose+cpu"],
+    [(COMPOSE,), (COMPOSE_CPU,), (COMPOSE, COMPOSE_CPU), (COMPOSE, COMPOSE_MULTIGPU)],
+    ids=["compose", "cpu-override-alone", "compose+cpu", "compose+multigpu"],
 )
 def test_compose_files_match_compose_spec(files: tuple[Path, ...]) -> None:
     raw: Any = {}
@@ -250,7 +255,7 @@ def test_compose_schema_is_not_vacuous() -> None:
 
 def test_every_variable_has_a_default() -> None:
     """`docker compose up` works with no .env file at all."""
-    for path in (COMPOSE, COMPOSE_CPU):
+    for path in (COMPOSE, COMPOSE_CPU, COMPOSE_MULTIGPU):
         for text in strings(load_yaml(path)):
             for m in _VAR.finditer(text):
                 if m.group("escaped"):
@@ -405,6 +410,55 @@ def test_cpu_override() -> None:
     base = effective(COMPOSE)["services"]
     for name in SERVICES - {"transcriber"}:
         assert cpu[name] == base[name], name
+
+
+def test_multigpu_override_gives_each_worker_its_own_gpu() -> None:
+    """`--scale` shares one reservation among replicas, so one service per GPU, each
+    reserving its GPU by index, the base transcriber held back by a profile."""
+    merged = effective(COMPOSE, COMPOSE_MULTIGPU)["services"]
+    base = effective(COMPOSE)["services"]
+    assert merged["transcriber"]["profiles"] == ["single-gpu"], "not started by default"
+    workers = sorted(n for n in merged if n.startswith("transcriber-"))
+    assert workers == ["transcriber-0", "transcriber-1"]
+    gpus = []
+    for name in workers:
+        svc = merged[name]
+        (gpu,) = _gpu_devices(svc)
+        assert "count" not in gpu, "count and device_ids exclude each other"
+        (device,) = gpu["device_ids"]
+        gpus.append(device)
+        # the same worker as the base file's, on its own GPU
+        assert "profiles" not in svc
+        assert _command(svc) == _command(base["transcriber"])
+        assert svc["image"] == base["transcriber"]["image"]
+        assert svc["build"] == base["transcriber"]["build"]
+        assert _env(svc) == _env(base["transcriber"]), name
+        assert svc["depends_on"] == base["transcriber"]["depends_on"]
+        assert svc["restart"] == base["transcriber"]["restart"] and svc["init"] is True
+        for key in ("container_name", "ports"):
+            assert key not in svc
+    assert gpus == [str(i) for i in range(len(workers))], "GPU i for transcriber-i"
+    for name in SERVICES - {"transcriber"}:
+        assert merged[name] == base[name], name
+
+
+@pytest.mark.parametrize(
+    "files", [(COMPOSE,), (COMPOSE, COMPOSE_CPU), (COMPOSE, COMPOSE_MULTIGPU)],
+    ids=["compose", "compose+cpu", "compose+multigpu"])
+def test_every_environment_variable_is_a_setting_of_its_service(
+        files: tuple[Path, ...]) -> None:
+    """What a compose file sets for `python -m X` is a setting of X (common/settings.py)."""
+    modules = {"ingest": "gateway", "transcriber": "transcriber", "fanout": "fanout"}
+    seen = set()
+    for name, svc in effective(*files)["services"].items():
+        cmd = _command(svc)
+        if cmd[:2] != ["python", "-m"]:
+            continue
+        seen.add(cmd[2])
+        cls = dict(SETTINGS)[modules[cmd[2]]]
+        known = {env_name(f) for f in dataclasses.fields(cls)}
+        assert set(_env(svc)) - known == set(), f"{name}: not settings of python -m {cmd[2]}"
+    assert seen == set(modules)
 
 
 # --------------------------------------------------------------------------- nginx
@@ -578,5 +632,6 @@ def test_dockerignore_keeps_the_context_small() -> None:
 def test_deploy_doc_covers_the_commands() -> None:
     text = DEPLOY_DOC.read_text()
     for needle in ("--scale transcriber=", "--profile proxy", "docker-compose.cpu.yml",
-                   "REDIS_PASSWORD", "nvidia", "/healthz"):
+                   "docker-compose.multigpu.yml", "REDIS_PASSWORD", "nvidia", "/healthz",
+                   "kubectl apply -k deploy/k8s/overlays/", "stt-secrets"):
         assert needle in text, needle

@@ -151,7 +151,7 @@ def test_fanout_metrics_count_viewers_and_readyz_follows_redis(cluster: Cluster)
 
     from websockets.asyncio.client import connect
 
-    from tests.procs import free_port, wait_port
+    from tests.procs import free_port, wait_port, wait_until
 
     port = free_port()
     fan = Service("fanout", ["--host", "127.0.0.1", "--port", str(port)],
@@ -188,6 +188,12 @@ def test_fanout_metrics_count_viewers_and_readyz_follows_redis(cluster: Cluster)
             await task
 
         asyncio.run(scenario())
+        # fanout serves GET /v1/models too (read-only: it knows no default model); the
+        # session's slot is free again once the worker announces it (every second)
+        wait_until("the worker's slots all free in GET /v1/models", lambda: json.loads(
+            http_get(base + "/v1/models")[1]) == {"models": [
+                {"name": "tiny.en", "workers": 1, "capacity": 8, "free_slots": 8,
+                 "devices": ["cpu"]}]}, limit_s=5.0)
         cluster.redis.stop()
         try:
             wait_status(base + "/readyz", 503)

@@ -126,6 +126,10 @@ def test_a_session_streams_is_viewed_listed_exported_and_replayed(
     assert status == 200 and len(body) == 44 + 2 * len(JFK)
     assert np.array_equal(np.frombuffer(body[44:], "<i2"), JFK)
 
+    # the worker registry (one key, read with TIME) answers on a cluster too
+    status, body = get(f"{http}/v1/models")
+    assert status == 200 and [m["name"] for m in json.loads(body)["models"]] == ["tiny.en"]
+
     replayed = asyncio.run(watch(f"{deployment.url(0)}/v1/sessions/{sid}/replay?speed=max"))
     text = " ".join(m["text"] for m in replayed if m["type"] == "final")
     assert replayed[-1]["type"] == "closed" and wer(reference("fw_jfk"), text) <= 0.10, text
@@ -192,3 +196,52 @@ def test_deletion_removes_every_key_of_the_session_from_its_node(
     finally:
         c.close()
     assert get(f"{deployment.url(0, 'http')}/v1/sessions/{sid}")[0] == 404
+
+
+def test_killing_the_primary_of_a_live_sessions_slot_loses_and_repeats_no_final(
+        deployment: Deployment) -> None:
+    """SIGKILL of the primary that holds the session's slot, mid-utterance: its replica is
+    promoted (cluster-node-timeout 2 s) and the session goes on: every final once, in order,
+    seq strictly increasing, the transcript as good as undisturbed."""
+    sid: list[str] = []
+    events: dict[str, Any] = {}
+
+    async def run() -> StreamResult:
+        known = asyncio.Event()
+
+        def on_message(m: dict[str, Any]) -> None:
+            if m["type"] == "session" and not sid:
+                sid.append(m["session_id"])
+                known.set()
+            if "killed_at" in events and m["type"] in ("partial", "final"):
+                events.setdefault("next_result_at", time.monotonic())
+
+        async def fault() -> None:
+            await known.wait()
+            await asyncio.sleep(5.0)  # inside "ask not what your country can do for you"
+            port = deployment.redis.master_of(f"stt:{{{sid[0]}}}:meta")
+            events["killed_at"] = time.monotonic()
+            deployment.redis.kill(port)
+
+        res, _ = await asyncio.wait_for(asyncio.gather(
+            stream(listen_url(deployment.url(0)), frames(JFK), pace=1.0, on_message=on_message,
+                   reconnects=3),
+            fault()), 60)
+        return res
+
+    try:
+        res = asyncio.run(run())
+        check_protocol(res)
+    except BaseException:
+        print(deployment.logs())  # the services' own account, for diagnosis
+        raise
+    print(f"\nprimary killed: next result {events['next_result_at'] - events['killed_at']:.2f} s "
+          "later (cluster-node-timeout 2 s)")
+    assert wer(reference("fw_jfk"), res.text) <= 0.10, res.text
+    # what the promoted replica stores is what the client got: no final lost to the
+    # asynchronous replication, none twice, seq strictly increasing
+    status, body = get(f"{deployment.url(1, 'http')}/v1/sessions/{sid[0]}/transcript.json")
+    assert status == 200, (body, deployment.logs())
+    stored = json.loads(body)["utterances"]
+    assert [(u["utterance"], u["seq"], u["text"]) for u in stored] == \
+        [(f["utterance"], f["seq"], f["text"]) for f in res.finals if f["text"]]

@@ -421,17 +421,29 @@ def test_replay_at_real_time_takes_the_audio_duration(
     assert wer(reference("ds_ldc93s1"), w.text) <= wer(reference("ds_ldc93s1"), original) + 0.02
 
 
-def test_replay_with_another_model_or_language(
+def test_replay_with_another_language_and_a_model_nobody_serves(
         short: tuple[str, np.ndarray, StreamResult], stack: Stack) -> None:
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
     sid = short[0]
-    w = asyncio.run(watch(f"{stack.ws_url}/v1/sessions/{sid}/replay?model=no-such-model"
-                          f"&language=de"))
+
+    async def refused() -> InvalidStatus:  # allowed for replays, but no worker serves it
+        with pytest.raises(InvalidStatus) as exc:
+            async with connect(f"{stack.ws_url}/v1/sessions/{sid}/replay?model=no-such-model"):
+                pass
+        return exc.value
+
+    exc = asyncio.run(refused())
+    assert exc.response.status_code == 503
+    assert json.loads(exc.response.body)["code"] == "model_unavailable"
+    w = asyncio.run(watch(f"{stack.ws_url}/v1/sessions/{sid}/replay?language=de"
+                          "&interim_results=false"))
     first = w.messages[0][1]
-    assert first["model"] == "no-such-model" and first["language"] == "de"
-    assert [m["code"] for m in w.of("warning")] == ["model_unavailable"]
-    assert w.results[-1]["type"] == "closed" and w.close_code == 1000
+    assert first["model"] == "tiny.en" and first["language"] == "de"
+    assert w.of("warning") == [] and w.results[-1]["type"] == "closed" and w.close_code == 1000
     meta = stack.redis.client().hgetall(f"stt:{{{first['session_id']}}}:meta")
-    assert meta[b"model"] == b"no-such-model" and meta[b"language"] == b"de"
+    assert meta[b"model"] == b"tiny.en" and meta[b"language"] == b"de"
     assert meta[b"replay_of"] == sid.encode()
 
 

@@ -25,6 +25,7 @@ from common.scripts import (
     LEASE_ACQUIRE,
     LEASE_DUPLICATE,
     LEASE_GONE,
+    LEASE_OTHER_MODEL,
     LEASE_RELEASE,
     LEASE_RENEW,
     PROGRESS,
@@ -35,6 +36,8 @@ from common.scripts import (
 CLIENT_BACK = CLOSE_CLIENT_BACK
 #: SessionWriter.acquire's answer for an entry that duplicates a live lease.
 DUPLICATE = LEASE_DUPLICATE
+#: SessionWriter.acquire's answer for a session that asked for another model.
+OTHER_MODEL = LEASE_OTHER_MODEL
 
 
 def pack_stable(utterance: int, words: Sequence[Word]) -> bytes:
@@ -68,11 +71,15 @@ class SessionWriter:
 
     @staticmethod
     async def acquire(redis: aioredis.Redis, sid: str, owner: str, entry_id: bytes,
-                      lease_ms: int) -> int | None:
+                      lease_ms: int, model: str | None = None) -> int | None:
         """The new epoch; None if the session is gone; ``DUPLICATE`` when another entry
-        holds a live lease on it."""
+        holds a live lease on it; with ``model`` (the one this worker serves, then written
+        in the record), ``OTHER_MODEL`` when the session asked for another one."""
+        args: list[str | bytes | int] = [owner, entry_id, lease_ms]
+        if model is not None:
+            args.append(model)
         epoch = int(await redis.register_script(LEASE_ACQUIRE)(
-            keys=[keys.meta(sid)], args=[owner, entry_id, lease_ms]))
+            keys=[keys.meta(sid)], args=args))
         return None if epoch == LEASE_GONE else epoch
 
     def _check(self, seq: int) -> int:

@@ -1,5 +1,8 @@
-"""Inference for one worker: the models (loaded once, a few others on demand), the VAD, the
-threads they run on, and the decode gate every Whisper decode passes.
+"""Inference for one worker: its one model (loaded once), the VAD, the threads they run on,
+and the decode gate every Whisper decode passes.
+
+A worker serves one model under one name (``served_name``) and takes only the sessions that
+ask for that name (the model's own work queue): it never loads another model for a session.
 
 Model inference (VAD and Whisper) runs on a thread pool, never on the event loop: a
 session's core call (VAD, decisions, the decodes they need) runs on a thread of its own,
@@ -24,7 +27,7 @@ from common.metrics import WorkerMetrics
 from common.settings import TranscriberSettings
 from transcriber.config import WorkerConfig
 from transcriber.gate import DecodeGate
-from transcriber.model import BUNDLED, FULL_WINDOW, WhisperDecoder, load_whisper
+from transcriber.model import WhisperDecoder, load_whisper, served_name
 from transcriber.vad import SileroVad
 
 T = TypeVar("T")
@@ -70,19 +73,21 @@ class TimedDecoder:
 
 
 class Inference:
-    """The worker's models, VAD, inference threads and decode gate."""
+    """The worker's model, VAD, inference threads and decode gate."""
 
     def __init__(self, settings: TranscriberSettings, config: WorkerConfig,
                  metrics: WorkerMetrics, model: Any = None, vad: SileroVad | None = None) -> None:
         self.settings = settings
         self.config = config
         self.metrics = metrics
-        self.model = model  # the worker's own model (STT_MODEL_PATH)
+        self.model = model  # the worker's one model (STT_MODEL_PATH)
+        #: the name it is served under (STT_MODEL): the sessions this worker takes ask for it
+        self.model_name = served_name(settings.model, settings.served_model)
+        self.device = "cuda" if config.cuda else "cpu"
         self.vad = vad
-        self._extra: dict[str, Any] = {}  # other models sessions asked for, oldest first
         self.gate = DecodeGate(config.lanes)
         # a thread for each session's core call and one for its detached partial (and for
-        # loading models): only decodes queue, at the gate
+        # loading the model): only decodes queue, at the gate
         self.executor = ThreadPoolExecutor(max_workers=2 * settings.capacity + config.lanes,
                                            thread_name_prefix="inference")
 
@@ -102,23 +107,8 @@ class Inference:
                             max_batch=batch, batch_wait_s=s.batch_wait_ms / 1000.0,
                             on_batch=lambda op, rows: self.metrics.batch_rows.labels(op)
                             .observe(rows),
-                            num_workers=1 if batch > 1 else self.config.lanes)
-
-    async def model_for(self, name: str) -> Any:
-        """The worker's own model, or another one a session (e.g. a replay) asked for: loaded
-        with the full window, at most MAX_EXTRA_MODELS kept (the oldest loaded goes)."""
-        own = {"", self.settings.model} | ({BUNDLED} if self.settings.model in ("", BUNDLED)
-                                           else set())
-        if name in own:
-            return self.model
-        if name in self._extra:
-            return self._extra[name]
-        model = await self.run(self._load_whisper, name, FULL_WINDOW)
-        while self._extra and len(self._extra) >= self.settings.max_extra_models:
-            self._extra.pop(next(iter(self._extra)))
-        if self.settings.max_extra_models > 0:  # 0: loaded for this session, never kept
-            self._extra[name] = model
-        return model
+                            num_workers=1 if batch > 1 else self.config.lanes,
+                            device_index=s.device_index)
 
     def decoder(self, model: Any, language: str, share: str) -> TimedDecoder:
         """A session's decoder for ``model``; ``share``: whose decodes (the gate's fairness)."""
@@ -126,7 +116,7 @@ class Inference:
         return TimedDecoder(
             WhisperDecoder(model, language, s.beam_size, s.partial_beam_size, s.prompt_tokens,
                            s.encoder_min_frames,
-                           self.config.final_tail_frames if model is self.model else None,
+                           self.config.final_tail_frames,
                            s.final_retry_probability),
             self.metrics, self.gate, share)
 

