@@ -26,6 +26,7 @@ from common.codecs import (
     Chunk,
     CodecLimits,
     ContainerDecoder,
+    DecoderSlots,
     G711Decoder,
 )
 from common.errors import InvalidAudio, UnsupportedAudio
@@ -165,9 +166,11 @@ class AudioNormalizer:
     A compressed stream holds a decoder (a thread, for containers): ``close`` it when the
     session ends without ``flush``."""
 
-    def __init__(self, stream: StreamFormat, codec_limits: CodecLimits | None = None) -> None:
+    def __init__(self, stream: StreamFormat, codec_limits: CodecLimits | None = None,
+                 decoders: DecoderSlots | None = None) -> None:
         self.stream = stream
         self.codec_limits = codec_limits or CodecLimits()
+        self.decoders = decoders  # the process's decoder threads, shared
         self._encoding = stream.encoding
         self._fmt: SampleFormat | None = None
         self._codec: G711Decoder | ContainerDecoder | None = None
@@ -179,7 +182,8 @@ class AudioNormalizer:
         elif stream.encoding in G711:
             self._codec = G711Decoder(stream.encoding, stream.sample_rate, stream.channels)
         elif stream.encoding in CONTAINER_ENCODINGS:
-            self._codec = ContainerDecoder(stream.encoding, self.codec_limits)
+            self._codec = ContainerDecoder(stream.encoding, self.codec_limits,
+                                           slots=decoders)
         self._remainder = b""
         self._resampler: soxr.ResampleStream | None = None
         self._resampler_rate = 0
@@ -270,7 +274,7 @@ class AudioNormalizer:
         elif head[:MAGIC_BYTES] in MAGIC:
             self._encoding = "container"
             self._codec = ContainerDecoder("audio", self.codec_limits,
-                                           allowed=tuple(MAGIC.values()))
+                                           allowed=tuple(MAGIC.values()), slots=self.decoders)
         else:
             raise UnsupportedAudio("name the encoding (and sample_rate) of raw audio: the "
                                    "stream is not WAV, Ogg, WebM or FLAC")

@@ -133,6 +133,28 @@ class G711Decoder:
 # --------------------------------------------------------------------------- containers
 
 
+class DecoderSlots:
+    """How many container decoders (threads) one process runs at once: ``limit`` (0: no
+    limit). Shared by a gateway's sessions; a slot is taken when a stream's decoder starts
+    and given back when its thread ends."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.limit and self.in_use >= self.limit:
+                return False
+            self.in_use += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self.in_use -= 1
+
+
 def sniff(head: bytes) -> str | None:
     """The container whose magic ``head`` starts with (``ogg``, ``matroska``, ``flac``), or
     None."""
@@ -187,7 +209,8 @@ class _Shared:
             return data
 
 
-def _run(shared: _Shared, container: str, limits: CodecLimits) -> None:
+def _run(shared: _Shared, container: str, limits: CodecLimits,
+         slots: DecoderSlots | None) -> None:
     """The decoder thread: demux and decode until the input ends, an error, or ``close``."""
     import av
     import av.logging
@@ -243,6 +266,8 @@ def _run(shared: _Shared, container: str, limits: CodecLimits) -> None:
                 shared.error = error
             shared.done = True
             shared.cond.notify_all()
+        if slots is not None:
+            slots.give_back()
 
 
 def _mono(array: np.ndarray, fmt: str, planar: bool, channels: int) -> np.ndarray:
@@ -271,8 +296,10 @@ class ContainerDecoder:
     """One compressed stream in a container, decoded incrementally by libav in a thread."""
 
     def __init__(self, encoding: str, limits: CodecLimits | None = None,
-                 allowed: tuple[str, ...] | None = None) -> None:
+                 allowed: tuple[str, ...] | None = None,
+                 slots: DecoderSlots | None = None) -> None:
         self.encoding = encoding
+        self.slots = slots
         self.limits = limits or CodecLimits()
         self.allowed = allowed if allowed is not None else CONTAINERS_OF[encoding]
         self.container: str | None = None
@@ -338,10 +365,14 @@ class ContainerDecoder:
             raise InvalidAudio(f"not a {self.encoding} stream in "
                                f"{' or '.join(_NAMES[c] for c in self.allowed)}"
                                " (its first bytes do not match)")
+        if self.slots is not None and not self.slots.take():
+            raise Overloaded("this server decodes as many compressed streams as it can; "
+                             "try again later, or send PCM")
         self.container = container
         _enable_error_log()
-        self._thread = threading.Thread(target=_run, args=(self._shared, container, self.limits),
-                                        name=f"decode-{container}", daemon=True)
+        self._thread = threading.Thread(
+            target=_run, args=(self._shared, container, self.limits, self.slots),
+            name=f"decode-{container}", daemon=True)
         self._thread.start()
 
     def _check(self) -> None:

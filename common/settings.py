@@ -458,6 +458,9 @@ class AudioLimitSettings:
     codec_undecoded_bytes: int = setting(
         262144, "bytes of a compressed stream (opus, flac) decoded without a sample coming "
         "out before it is invalid_audio (close 1007)")
+    codec_max_streams: int = setting(
+        256, "compressed streams (opus, flac; a decoder thread each) one gateway decodes at "
+        "once; a session starting another gets overloaded (close 1013); 0 = no limit")
 
 
 @group("Reconnects and outages")

@@ -31,6 +31,7 @@ from common import errors
 from common.access import AccessGuard, Admission, check_single_headers
 from common.auth import Principal
 from common.backoff import REDIS_DOWN
+from common.codecs import DecoderSlots
 from common.errors import (
     BadRequest,
     Forbidden,
@@ -121,7 +122,8 @@ class Gateway:
         self._renewer: asyncio.Task[None] | None = None
         self.live = LiveSessions(settings, self.store, self.guard)
         self.listen_deps = ListenDeps(settings, self.store, self.flusher, self.blocking,
-                                      self.guard, self.live, self.monitor, self.metrics)
+                                      self.guard, self.live, self.monitor, self.metrics,
+                                      DecoderSlots(settings.codec_max_streams))
         self.sockets = OpenSockets()  # open WebSockets (closed with 1012 at a stop)
         self.storage = StorageWatch(self.probe, settings.storage_high_watermark,
                                     settings.storage_check_s, settings.storage_retry_after_s)

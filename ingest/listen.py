@@ -33,6 +33,7 @@ from common.access import AccessGuard, address_bucket
 from common.audio import TARGET_RATE
 from common.auth import Principal
 from common.backoff import REDIS_DOWN
+from common.codecs import DecoderSlots
 from common.delivery import ResultQueue
 from common.errors import (
     Forbidden,
@@ -170,6 +171,8 @@ class ListenDeps:
     live: LiveSessions
     monitor: SessionMonitor
     metrics: GatewayMetrics
+    #: the gateway's compressed-audio decoders (threads), bounded by ``codec_max_streams``
+    decoders: DecoderSlots | None = None
 
 
 @contextlib.asynccontextmanager
@@ -225,7 +228,7 @@ class ListenSession:
         self._taken_close: asyncio.Task[None] | None = None
         self._gone: asyncio.Task[None] | None = None  # the session was deleted meanwhile
         self.core = ListenCore(params, ListenLimits.from_settings(deps.settings),
-                               time.monotonic(), self.wire.control)
+                               time.monotonic(), self.wire.control, deps.decoders)
         self.generation = 0
         self.writer: AudioWriter | None = None
         self.principal = principal

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from common.audio import TARGET_RATE, AudioNormalizer, StreamFormat, parse_stream_format
-from common.codecs import CodecLimits
+from common.codecs import CodecLimits, DecoderSlots
 from common.errors import BadRequest, MessageTooBig, SttError
 from common.messages import (
     AudioEntry,
@@ -132,11 +132,12 @@ class ListenCore:
     """
 
     def __init__(self, params: ListenParams, limits: ListenLimits, now: float,
-                 read_control: ControlReader = native_control) -> None:
+                 read_control: ControlReader = native_control,
+                 decoders: DecoderSlots | None = None) -> None:
         self.params = params
         self.limits = limits
         self.read_control = read_control
-        self.normalizer = AudioNormalizer(params.format, limits.codec)
+        self.normalizer = AudioNormalizer(params.format, limits.codec, decoders)
         self.samples_sent = 0
         self.entry_seq = 0
         self.ended = False  # the close marker is queued

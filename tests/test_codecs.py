@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from common.audio import AUTO, AudioNormalizer, StreamFormat, parse_stream_format
 from common.client import listen_url, stream
-from common.codecs import CodecLimits, ContainerDecoder
-from common.errors import INVALID_PAYLOAD, InvalidAudio, SttError, UnsupportedAudio
+from common.codecs import CodecLimits, ContainerDecoder, DecoderSlots
+from common.errors import INVALID_PAYLOAD, InvalidAudio, Overloaded, SttError, UnsupportedAudio
 from tests.audio_refs import load_pcm16, reference, wav16, wer
 from tests.conftest import Stack
 
@@ -191,6 +191,28 @@ def test_closing_a_decoder_stops_its_thread(streams: dict[str, bytes]) -> None:
     thread.join(2.0)
     assert not thread.is_alive()
     assert all(t.name != "decode-matroska" for t in threading.enumerate())
+
+
+def test_a_process_decodes_at_most_its_slots_of_streams_at_once(
+        streams: dict[str, bytes]) -> None:
+    """``codec_max_streams``: one slot; a second stream is overloaded (1013) until the first
+    decoder's thread has ended."""
+    slots = DecoderSlots(1)
+    first = ContainerDecoder("opus", slots=slots)
+    first.feed(streams["webm"][:5000])
+    with pytest.raises(Overloaded) as exc:
+        ContainerDecoder("opus", slots=slots).feed(streams["ogg"][:5000])
+    assert exc.value.close_code == 1013
+    thread = first._thread
+    assert thread is not None
+    first.close()
+    thread.join(2.0)
+    third = ContainerDecoder("flac", slots=slots)
+    try:
+        assert third.feed(streams["flac"]) or third.finish()
+    finally:
+        third.close()
+    assert slots.in_use <= 1
 
 
 # --------------------------------------------------------------------------- G.711
