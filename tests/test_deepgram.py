@@ -286,7 +286,8 @@ def test_the_deepgram_sdk_transcribes_a_clip(sdk_run: dict[str, Any]) -> None:
     finals = [m for m in messages if isinstance(m, ListenV1Results) and m.is_final]
     text = " ".join(f.channel.alternatives[0].transcript for f in finals)
     assert wer(reference(CLIP), text) <= 0.15, text
-    assert any(isinstance(m, ListenV1Results) and not m.is_final for m in messages)
+    # (interim Results are not required here: a loaded transcriber sheds partials first;
+    # their mapping is test_partials_are_interim_results_only_when_asked)
     assert any(isinstance(m, ListenV1SpeechStarted) for m in messages)
     assert any(isinstance(m, ListenV1UtteranceEnd) for m in messages)
     ids = {m.metadata.request_id for m in finals} | {messages[-1].request_id}
