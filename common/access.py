@@ -59,10 +59,15 @@ Headers = CIMultiDictProxy[str]
 
 log = logging.getLogger(__name__)
 
+#: ``Authorization`` schemes that carry an API key or a session token: ``Token`` is the one
+#: Deepgram's SDKs send.
+AUTH_SCHEMES = ("bearer", "token")
 #: Subprotocol a browser offers besides ``bearer.<token>``; the server selects it, so the
 #: credential is never echoed back.
 SUBPROTOCOL = "stt"
 BEARER_PROTOCOL_PREFIX = "bearer."
+#: Deepgram's browser SDKs offer ``token`` and the key as the next subprotocol.
+TOKEN_PROTOCOL = "token"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -275,9 +280,22 @@ class Admission:
 
 def select_subprotocol(offered: Sequence[str]) -> str | None:
     """Select ``stt`` when offered (a browser sending ``bearer.<token>`` must offer it:
-    browsers fail a handshake whose response selects none of the offered ones). The
+    browsers fail a handshake whose response selects none of the offered ones), else
+    ``token`` (Deepgram's browser clients offer ``token`` and then the key). The
     credential-carrying entry is never selected, so never echoed."""
-    return SUBPROTOCOL if SUBPROTOCOL in offered else None
+    if SUBPROTOCOL in offered:
+        return SUBPROTOCOL
+    return TOKEN_PROTOCOL if _token_protocol_key(offered) is not None else None
+
+
+def _token_protocol_key(offered: Sequence[str]) -> str | None:
+    """The key after a ``token`` entry of ``Sec-WebSocket-Protocol`` (Deepgram's browser
+    SDKs send ``token, <key>``), or None."""
+    items = [item.strip() for item in offered]
+    for i, item in enumerate(items[:-1]):
+        if item.lower() == TOKEN_PROTOCOL and items[i + 1]:
+            return items[i + 1]
+    return None
 
 
 class AccessGuard:
@@ -370,31 +388,38 @@ class AccessGuard:
 
     @staticmethod
     def credential(request: BaseRequest) -> str | None:
-        """``Authorization: Bearer``, else a ``bearer.<token>`` subprotocol, else ``?token=``."""
+        """``Authorization: Bearer`` (or ``Token``, as Deepgram's clients send it), else a
+        ``bearer.<token>`` subprotocol (or ``token`` and the key: Deepgram's browser
+        clients), else ``?token=``."""
         auth = request.headers.getall("Authorization", ())
         if len(auth) > 1:
             raise Unauthorized("send one Authorization header")
         if auth:
             scheme, _, value = auth[0].strip().partition(" ")
-            if scheme.lower() != "bearer" or not value.strip():
+            if scheme.lower() not in AUTH_SCHEMES or not value.strip():
                 raise Unauthorized("use 'Authorization: Bearer <key or token>'")
             return value.strip()
-        for line in request.headers.getall("Sec-WebSocket-Protocol", ()):
-            for item in line.split(","):
-                item = item.strip()
-                if item.lower().startswith(BEARER_PROTOCOL_PREFIX):
-                    return item[len(BEARER_PROTOCOL_PREFIX):]
+        offered = [item.strip() for line in request.headers.getall("Sec-WebSocket-Protocol", ())
+                   for item in line.split(",")]
+        for item in offered:
+            if item.lower().startswith(BEARER_PROTOCOL_PREFIX):
+                return item[len(BEARER_PROTOCOL_PREFIX):]
+        key = _token_protocol_key(offered)
+        if key is not None:
+            return key
         values = parse_qs(urlsplit(request.raw_path).query, max_num_fields=64).get("token")
         return values[-1] if values else None
 
     def authenticate(self, request: BaseRequest, *, opens_session: bool,
-                     allow_tokens: bool = True) -> Principal:
+                     allow_tokens: bool = True, credential: str | None = None) -> Principal:
         """The principal, or Unauthorized. A token opening a session must still be inside
-        its first-use window; it is consumed separately (``consume``), after the caps."""
+        its first-use window; it is consumed separately (``consume``), after the caps.
+        ``credential``: one the protocol carried after the upgrade (Twilio's
+        ``customParameters``), instead of the request's."""
         if not self.required:
             return ANONYMOUS
         try:
-            credential = self.credential(request)
+            credential = credential or self.credential(request)
         except ValueError:  # too many query fields
             raise Unauthorized("malformed credentials") from None
         if not credential:
@@ -451,7 +476,8 @@ class AccessGuard:
                     caps: tuple[int, int] | None = None, allow_tokens: bool = True,
                     member: str | None = None, viewer: bool = False,
                     methods: tuple[str, ...] = ("GET",),
-                    method_message: str | None = None) -> Admission:
+                    method_message: str | None = None,
+                    credential: str | None = None) -> Admission:
         """Every check for one request, in order: the address's request rate and failed
         authentications (429), headers that must appear once (400), Origin (403),
         credentials (401), the API key's request rate (429), the method (405: one of
@@ -469,7 +495,7 @@ class AccessGuard:
         self.check_origin(request.headers)
         try:
             principal = self.authenticate(request, opens_session=opens_session,
-                                          allow_tokens=allow_tokens)
+                                          allow_tokens=allow_tokens, credential=credential)
         except Unauthorized:
             self.auth_failed(ip, now)
             raise

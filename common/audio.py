@@ -3,7 +3,9 @@
 Handles pcm_s16le, pcm_f32le and WAV (each message a whole WAV file, or a
 header followed by raw chunks), binary or base64 text; any rate from 8 to
 48 kHz resampled with soxr's streaming resampler; stereo downmixed; samples
-split across messages buffered until complete.
+split across messages buffered until complete. The compressed encodings (G.711
+``mulaw``/``alaw``, ``opus`` in Ogg or WebM, ``flac``) are decoded as they arrive by
+``common/codecs.py`` and go through the same resampler.
 """
 
 from __future__ import annotations
@@ -16,12 +18,31 @@ import struct
 import numpy as np
 import soxr
 
+from common.codecs import (
+    CONTAINER_ENCODINGS,
+    G711,
+    MAGIC,
+    MAGIC_BYTES,
+    Chunk,
+    CodecLimits,
+    ContainerDecoder,
+    DecoderSlots,
+    G711Decoder,
+)
 from common.errors import InvalidAudio, UnsupportedAudio
 
 TARGET_RATE = 16000
 MIN_RATE = 8000
 MAX_RATE = 48000
-ENCODINGS = ("pcm_s16le", "pcm_f32le", "wav")
+#: G.711 is telephony audio: its rate when the client names none.
+G711_RATE = 8000
+ENCODINGS = ("pcm_s16le", "pcm_f32le", "wav", *G711, *CONTAINER_ENCODINGS)
+#: Not a client's choice on /v1/listen: a dialect whose clients send "a file's bytes" without
+#: naming the format (Deepgram's containerised audio). WAV, Ogg, WebM or FLAC, told apart by
+#: the stream's first bytes.
+AUTO = "auto"
+#: AUTO reads a WAV header whole: it may be this long (LIST and other chunks before data).
+WAV_HEADER_MAX = 4096
 
 _WAVE_FORMAT_PCM = 0x0001
 _WAVE_FORMAT_IEEE_FLOAT = 0x0003
@@ -65,7 +86,8 @@ def parse_stream_format(encoding: str | None, sample_rate: str | None,
     if enc not in ENCODINGS:
         raise UnsupportedAudio(f"encoding must be one of {', '.join(ENCODINGS)}")
     try:
-        rate = int(sample_rate) if sample_rate is not None else TARGET_RATE
+        rate = int(sample_rate) if sample_rate is not None else \
+            G711_RATE if enc in G711 else TARGET_RATE
         chans = int(channels) if channels is not None else 1
     except ValueError:
         raise UnsupportedAudio("sample_rate and channels must be integers") from None
@@ -139,15 +161,29 @@ def float_to_int16(samples: np.ndarray) -> np.ndarray:
 
 
 class AudioNormalizer:
-    """Stateful converter from one client's audio messages to 16 kHz mono int16."""
+    """Stateful converter from one client's audio messages to 16 kHz mono int16.
 
-    def __init__(self, stream: StreamFormat) -> None:
+    A compressed stream holds a decoder (a thread, for containers): ``close`` it when the
+    session ends without ``flush``."""
+
+    def __init__(self, stream: StreamFormat, codec_limits: CodecLimits | None = None,
+                 decoders: DecoderSlots | None = None) -> None:
         self.stream = stream
+        self.codec_limits = codec_limits or CodecLimits()
+        self.decoders = decoders  # the process's decoder threads, shared
+        self._encoding = stream.encoding
         self._fmt: SampleFormat | None = None
+        self._codec: G711Decoder | ContainerDecoder | None = None
+        self._head = b""  # AUTO: the first bytes, until the format is known
         if stream.encoding == "pcm_s16le":
             self._fmt = SampleFormat("int", 2, stream.sample_rate, stream.channels)
         elif stream.encoding == "pcm_f32le":
             self._fmt = SampleFormat("float", 4, stream.sample_rate, stream.channels)
+        elif stream.encoding in G711:
+            self._codec = G711Decoder(stream.encoding, stream.sample_rate, stream.channels)
+        elif stream.encoding in CONTAINER_ENCODINGS:
+            self._codec = ContainerDecoder(stream.encoding, self.codec_limits,
+                                           slots=decoders)
         self._remainder = b""
         self._resampler: soxr.ResampleStream | None = None
         self._resampler_rate = 0
@@ -168,7 +204,14 @@ class AudioNormalizer:
 
     def feed(self, data: bytes) -> np.ndarray:
         """One binary message → the int16 samples it completes (possibly none)."""
-        if self.stream.encoding == "wav" and data[:4] == b"RIFF":
+        if self._encoding == AUTO:
+            self._head += data
+            if not self._choose(self._head):
+                return np.zeros(0, dtype=np.int16)
+            data, self._head = self._head, b""
+        if self._codec is not None:
+            return self._from_chunks(self._codec.feed(data))
+        if self._encoding == "wav" and data[:4] == b"RIFF":
             fmt, offset, length = parse_wav_header(data)
             if self._fmt is not None and fmt.sample_rate != self._fmt.sample_rate:
                 self._reset_resampler()
@@ -193,12 +236,56 @@ class AudioNormalizer:
         return float_to_int16(self._resample(np.ascontiguousarray(mono), fmt.sample_rate))
 
     def flush(self) -> np.ndarray:
-        """The resampler's tail at the end of the stream."""
+        """The end of the stream: what a decoder still holds, and the resampler's tail.
+        ``InvalidAudio`` when a compressed stream turns out truncated or corrupt."""
+        if self._encoding == AUTO and self._head:
+            raise InvalidAudio("the stream ended before its format could be recognised")
+        decoded = np.zeros(0, dtype=np.int16)
+        if self._codec is not None:
+            try:
+                decoded = self._from_chunks(self._codec.finish())
+            finally:
+                self._codec.close()
         if self._resampler is None:
-            return np.zeros(0, dtype=np.int16)
+            return decoded
         tail = self._resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
         self._resampler = None
-        return float_to_int16(tail)
+        return np.concatenate([decoded, float_to_int16(tail)]) if len(decoded) \
+            else float_to_int16(tail)
+
+    def close(self) -> None:
+        """Stop a decoder's thread (the session ended without ``flush``)."""
+        if self._codec is not None:
+            self._codec.close()
+
+    def _choose(self, head: bytes) -> bool:
+        """AUTO: take the format the stream's first bytes name; False while they are too few
+        to tell (a WAV header is read whole, up to ``WAV_HEADER_MAX`` bytes)."""
+        if len(head) < MAGIC_BYTES:
+            return False
+        if head[:4] == b"RIFF":
+            try:
+                parse_wav_header(head)
+            except InvalidAudio:
+                if len(head) < WAV_HEADER_MAX:
+                    return False
+                raise
+            self._encoding = "wav"
+        elif head[:MAGIC_BYTES] in MAGIC:
+            self._encoding = "container"
+            self._codec = ContainerDecoder("audio", self.codec_limits,
+                                           allowed=tuple(MAGIC.values()), slots=self.decoders)
+        else:
+            raise UnsupportedAudio("name the encoding (and sample_rate) of raw audio: the "
+                                   "stream is not WAV, Ogg, WebM or FLAC")
+        return True
+
+    def _from_chunks(self, chunks: list[Chunk]) -> np.ndarray:
+        """Decoded float chunks (any rate) → 16 kHz int16."""
+        if not chunks:
+            return np.zeros(0, dtype=np.int16)
+        parts = [float_to_int16(self._resample(samples, rate)) for samples, rate in chunks]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _reset_resampler(self) -> None:
         self._resampler = None

@@ -449,6 +449,18 @@ class AudioLimitSettings:
     audio_burst_s: float = setting(
         60.0, "seconds of audio a client may send ahead of real time (a file's head, a "
         "backlog after a reconnect) before max_audio_speed applies")
+    codec_pending_bytes: int = setting(
+        1 << 20, "bytes of compressed audio (opus, flac) received but not yet taken by the "
+        "session's decoder; beyond: overloaded, close 1013")
+    codec_wait_s: float = setting(
+        0.5, "seconds a message of compressed audio (opus, flac) waits for its decoder to "
+        "take it, so its samples go out with it")
+    codec_undecoded_bytes: int = setting(
+        262144, "bytes of a compressed stream (opus, flac) decoded without a sample coming "
+        "out before it is invalid_audio (close 1007)")
+    codec_max_streams: int = setting(
+        256, "compressed streams (opus, flac; a decoder thread each) one gateway decodes at "
+        "once; a session starting another gets overloaded (close 1013); 0 = no limit")
 
 
 @group("Reconnects and outages")

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import http
 import logging
 import mimetypes
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -26,9 +28,10 @@ from importlib import resources
 from aiohttp import web
 
 from common import errors
-from common.access import AccessGuard, Admission
+from common.access import AccessGuard, Admission, check_single_headers
 from common.auth import Principal
 from common.backoff import REDIS_DOWN
+from common.codecs import DecoderSlots
 from common.errors import (
     BadRequest,
     Forbidden,
@@ -40,6 +43,7 @@ from common.errors import (
     WebSocketRequired,
 )
 from common.metrics import gateway_metrics, health_routes, redis_ready, register_viewer_gauges
+from common.ratelimit import MessageLimits
 from common.redis_client import make_redis
 from common.serving import Served, serve
 from common.sessions import Sessions
@@ -49,26 +53,28 @@ from common.streams import AudioAppender
 from common.web import (
     OpenSockets,
     Socket,
+    SocketClosed,
     accept,
     client_error,
     error_response,
     float_param,
     json_response,
     one,
-    send_error,
     target,
     wants_websocket,
 )
 from fanout.api import MODELS_PATH, PREFIX, SessionsApi
-from ingest.listen import ListenDeps, ListenSession
-from ingest.listen_core import ListenParams, resume_target, session_id_ok
+from ingest.dialects import twilio
+from ingest.dialects.deepgram import DeepgramDialect
+from ingest.listen import Dialect, ListenDeps, ListenSession, NativeDialect, send_wire_error
+from ingest.listen_core import resume_target, session_id_ok
 from ingest.live import LiveSessions
 from ingest.monitor import SessionMonitor
 from ingest.writer import AudioFlusher
 
 log = logging.getLogger(__name__)
 
-LISTEN_PATH = "/v1/listen"
+LISTEN_PATH = NativeDialect.path
 TOKEN_PATH = "/v1/token"
 REVOKE_PATH = "/v1/token/revoke"
 #: The header carrying the token to revoke (a header stays out of URLs and access logs).
@@ -116,11 +122,14 @@ class Gateway:
         self._renewer: asyncio.Task[None] | None = None
         self.live = LiveSessions(settings, self.store, self.guard)
         self.listen_deps = ListenDeps(settings, self.store, self.flusher, self.blocking,
-                                      self.guard, self.live, self.monitor, self.metrics)
+                                      self.guard, self.live, self.monitor, self.metrics,
+                                      DecoderSlots(settings.codec_max_streams))
         self.sockets = OpenSockets()  # open WebSockets (closed with 1012 at a stop)
         self.storage = StorageWatch(self.probe, settings.storage_high_watermark,
                                     settings.storage_check_s, settings.storage_retry_after_s)
         self.storage.register_gauges(self.metrics.registry)
+        #: The listen endpoints: /v1/listen and the client protocols it also speaks
+        self.dialects: list[Dialect] = [NativeDialect(), DeepgramDialect(settings.model_name)]
 
     # ------------------------------------------------------------------ routing
 
@@ -129,7 +138,9 @@ class Gateway:
         of an endpoint is not that endpoint (the sessions API parses its own paths)."""
         app = web.Application(middlewares=[self._exact_paths])
         app.add_routes([
-            web.route("*", LISTEN_PATH, self._listen),
+            *(web.route("*", dialect.path, functools.partial(self._listen, dialect=dialect))
+              for dialect in self.dialects),
+            web.route("*", twilio.PATH, self._twilio),
             web.route("*", TOKEN_PATH, self._token),
             web.route("*", REVOKE_PATH, self._token),
             web.route("*", PREFIX + "{tail:(?:/.*)?}", self._sessions),
@@ -148,13 +159,16 @@ class Gateway:
             return not_found()
         return await handler(request)
 
-    def _refused(self, request: web.Request, exc: BaseException) -> web.Response:
-        """A ``/v1`` request refused (by admission or its endpoint): JSON with its status."""
+    def _refused(self, request: web.Request, exc: BaseException,
+                 respond: Callable[[BaseException], web.Response] = error_response
+                 ) -> web.Response:
+        """A ``/v1`` request refused (by admission or its endpoint): JSON with its status
+        (``respond``: in a dialect's words)."""
         if isinstance(exc, REDIS_DOWN):
             log.warning("%s refused: redis unavailable (%r)", request.path, exc)
             self.metrics.redis_errors.labels("gateway").inc()
         self.metrics.rejections.labels(client_error(exc).code).inc()
-        return error_response(exc)
+        return respond(exc)
 
     async def _token(self, request: web.Request) -> web.StreamResponse:
         """``/v1/token`` (mint) and ``/v1/token/revoke``: API keys only."""
@@ -194,28 +208,86 @@ class Gateway:
         finally:
             await self.guard.settle(admission)
 
-    async def _listen(self, request: web.Request) -> web.StreamResponse:
-        """``/v1/listen``: admitted, then upgraded; query errors go to the client as error
-        messages on the socket."""
+    async def _listen(self, request: web.Request, dialect: Dialect) -> web.StreamResponse:
+        """``/v1/listen`` (and each dialect's listen endpoint): admitted, then upgraded;
+        query errors go to the client as error messages on the socket."""
         try:
-            admission = await self._admit_listen(request)
+            admission = await self._admit_listen(request, dialect)
         except (SttError, *REDIS_DOWN) as exc:
-            return self._refused(request, exc)
+            return self._refused(request, exc, dialect.refused)
         try:
             ws = await accept(request, self.settings.ws_max_size)
         except BaseException:
             await self.guard.settle(admission)
             raise
         async with self.sockets.track(ws):
-            await self._listen_socket(ws, admission)
+            await self._listen_socket(ws, admission, dialect)
         return ws.ws
 
-    async def _admit_listen(self, request: web.Request) -> Admission:
+    async def _twilio(self, request: web.Request) -> web.StreamResponse:
+        """``/v1/twilio``: Twilio Media Streams. Twilio cannot put a query string in a
+        ``<Stream>`` URL, so the credential may come in the ``start`` event's
+        ``customParameters``: the upgrade is answered first (Origin and duplicate headers
+        checked), admission follows the ``start`` event, which must come within
+        ``handshake_timeout_s``."""
+        try:
+            check_single_headers(request.headers)
+            self.guard.check_origin(request.headers)
+            if not wants_websocket(request):
+                raise WebSocketRequired("this endpoint is a WebSocket")
+        except SttError as exc:
+            return self._refused(request, exc)
+        ws = await accept(request, self.settings.ws_max_size)
+        async with self.sockets.track(ws):
+            await self._twilio_socket(ws)
+        return ws.ws
+
+    async def _twilio_socket(self, ws: Socket) -> None:
+        refuse = twilio.TwilioWire(None)
+        try:
+            async with asyncio.timeout(self.settings.handshake_timeout_s):
+                start = await twilio.read_start(ws, self.settings.max_message_bytes)
+            params = twilio.twilio_params(start)
+            await self.storage.check()  # no room in Redis: refused before anything is counted
+            admission = await self.guard.admit(
+                ws.request, opens_session=True, caps=self._caps, member=start.session_id,
+                credential=AccessGuard.credential(ws.request) or start.token)
+        except TimeoutError:
+            await send_wire_error(ws, refuse, BadRequest("no 'start' event in time"))
+            return
+        except SocketClosed:
+            return
+        except (SttError, *REDIS_DOWN) as exc:
+            self.metrics.rejections.labels(client_error(exc).code).inc()
+            await send_wire_error(ws, refuse, exc)
+            return
+        lease, admission.lease = admission.lease, None
+        try:
+            if await self.store.exists(start.session_id):
+                raise BadRequest("this stream (streamSid) was transcribed already")
+        except (SttError, *REDIS_DOWN) as exc:
+            if lease is not None:
+                await self.guard.release(lease)
+            await send_wire_error(ws, refuse, exc)
+            return
+        log.info("session %s: Twilio stream (call %s, tracks %s)", start.session_id,
+                 start.call_sid or "-", "+".join(start.tracks))
+        session = ListenSession(self.listen_deps, ws, params, admission.principal, lease,
+                                twilio.TwilioWire(start, MessageLimits(
+                                    0, self.settings.max_messages_per_s,
+                                    self.settings.messages_burst, time.monotonic())))
+        try:
+            await session.run()
+        finally:
+            if session.lease is not None:
+                self.guard.forget(session.lease)
+
+    async def _admit_listen(self, request: web.Request, dialect: Dialect) -> Admission:
         """The caps count the session: the one named by ?session= (resumed within its grace,
         it is counted once), or the id a new session will get. The query is read the way
         ListenParams reads it, so "resume" here is "resume" there."""
         await self.storage.check()  # no room in Redis: refused before anything is counted
-        resumes = resume_target(target(request)[1])
+        resumes = resume_target(target(request)[1]) if dialect.resumes else None
         member = resumes if resumes is not None and session_id_ok(resumes) \
             else uuid.uuid4().hex
         admission = await self.guard.admit(request, opens_session=resumes is None,
@@ -223,7 +295,7 @@ class Gateway:
         if not wants_websocket(request):
             await self.guard.settle(admission)
             raise WebSocketRequired("this endpoint is a WebSocket")
-        if resumes is None:  # a new session: its model must be one the deployment knows
+        if resumes is None and dialect.models:  # a new session: a model the deployment knows
             model = one(target(request)[1], "model")
             try:
                 if model:
@@ -299,20 +371,21 @@ class Gateway:
     # ------------------------------------------------------------------ WebSocket side
 
 
-    async def _listen_socket(self, ws: Socket, admission: Admission) -> None:
-        """A /v1/listen socket. Its cap lease goes to its ``ListenSession``, which keeps it
+    async def _listen_socket(self, ws: Socket, admission: Admission, dialect: Dialect) -> None:
+        """A listen socket. Its cap lease goes to its ``ListenSession``, which keeps it
         until the session's stream is closed (through the resume grace when the socket
         drops)."""
         lease, admission.lease = admission.lease, None
         try:
-            params = ListenParams(target(ws.request)[1])
+            params, wire = dialect.read(target(ws.request)[1])
         except SttError as exc:
             if lease is not None:
                 await self.guard.release(lease)
             self.metrics.rejections.labels(exc.code).inc()
-            await send_error(ws, exc)
+            await send_wire_error(ws, dialect.plain_wire(), exc)
             return
-        session = ListenSession(self.listen_deps, ws, params, admission.principal, lease)
+        session = ListenSession(self.listen_deps, ws, params, admission.principal, lease,
+                                wire)
         try:
             await session.run()
         finally:

@@ -6,6 +6,12 @@ one ``AudioFlusher`` drains them into Redis, riding out outages), and delivers t
 session's results back to the socket. It gets its dependencies explicitly
 (``ListenDeps``), never the gateway. The gateway's one ``SessionMonitor`` keeps the
 heartbeat fresh and tells the client about queueing and lag.
+
+What goes over the socket is spelled by a ``Wire``: how the client's text messages read
+(controls) and how the session's messages are written (its start, each result, an error and
+its close). ``NativeWire`` is /v1/listen's own protocol; a dialect (``ingest/dialects/``:
+Deepgram's, Twilio's) is another ``Wire`` over the same session machinery, so resume,
+limits, auth, viewers and exports work the same for every dialect.
 """
 
 from __future__ import annotations
@@ -16,15 +22,18 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from typing import Protocol
 
 import redis.asyncio as aioredis
+from aiohttp import web
 
 from common import errors
 from common.access import AccessGuard, address_bucket
 from common.audio import TARGET_RATE
 from common.auth import Principal
 from common.backoff import REDIS_DOWN
+from common.codecs import DecoderSlots
 from common.delivery import ResultQueue
 from common.errors import (
     Forbidden,
@@ -34,21 +43,120 @@ from common.errors import (
     StorageUnavailable,
     SttError,
 )
-from common.messages import AudioEntry, AudioMarker, Closed, Result, to_json
+from common.messages import (
+    AudioEntry,
+    AudioMarker,
+    Closed,
+    Control,
+    ErrorMessage,
+    Result,
+    SessionStarted,
+    to_json,
+)
 from common.metrics import GatewayMetrics
 from common.ratelimit import MessageLimits
 from common.sessions import Sessions
 from common.settings import GatewaySettings
 from common.streams import follow_results
 from common.tasks import stop_task
-from common.web import Socket, SocketClosed, client_error, send_error
+from common.web import Socket, SocketClosed, client_error, error_response
 from ingest.limits import SessionClock
-from ingest.listen_core import ListenCore, ListenLimits, ListenParams
+from ingest.listen_core import ListenCore, ListenLimits, ListenParams, Received, native_control
 from ingest.live import LiveSessions
 from ingest.monitor import SessionMonitor
 from ingest.writer import AudioFlusher, AudioWriter
 
 log = logging.getLogger(__name__)
+
+
+class Wire(Protocol):
+    """How one client protocol spells a listen session's messages. One per connection (a
+    dialect may keep state: which utterance a ``Finalize`` ended, a hash of the audio)."""
+
+    def inbound(self, message: str | bytes) -> str | bytes | None:
+        """A client message as the native one the core reads (a dialect that wraps audio
+        in JSON, Twilio's, unwraps it here); None: a message of the dialect's that this
+        service has no use for (the wire bounds how many of those come)."""
+
+    def control(self, text: str, max_bytes: int) -> Control | None:
+        """A client text message as a control, or None when it is audio (base64)."""
+
+    def opening(self, started: SessionStarted) -> list[str | bytes]:
+        """What the client gets once the session is open (or resumed)."""
+
+    def received(self, message: str | bytes, received: Received) -> None:
+        """A client message the core accepted, and what it made of it."""
+
+    def results(self, result: Result) -> list[str | bytes]:
+        """A result of the session in this protocol: none, one or several messages."""
+
+    def error(self, err: SttError) -> tuple[list[str | bytes], int, str]:
+        """The messages that report ``err``, then the close code and reason."""
+
+
+class NativeWire:
+    """/v1/listen's own protocol (docs/protocol.md)."""
+
+    def inbound(self, message: str | bytes) -> str | bytes | None:
+        return message
+
+    def control(self, text: str, max_bytes: int) -> Control | None:
+        return native_control(text, max_bytes)
+
+    def opening(self, started: SessionStarted) -> list[str | bytes]:
+        return [to_json(started)]
+
+    def received(self, message: str | bytes, received: Received) -> None:
+        pass
+
+    def results(self, result: Result) -> list[str | bytes]:
+        return [to_json(result)]
+
+    def error(self, err: SttError) -> tuple[list[str | bytes], int, str]:
+        return [to_json(ErrorMessage(err.code, err.message))], err.close_code, err.code
+
+
+class Dialect(Protocol):
+    """A listen endpoint's protocol, for the gateway: how it reads its query (the session's
+    ``ListenParams`` and the connection's ``Wire``), how it refuses a request before the
+    upgrade, and whether its clients can resume a session (``?session=``)."""
+
+    path: str
+    resumes: bool
+    models: bool  # whether its ``model=`` selects the model (else it is accepted, ignored)
+
+    def read(self, query: Mapping[str, list[str]]) -> tuple[ListenParams, Wire]: ...
+
+    def plain_wire(self) -> Wire: ...
+
+    def refused(self, exc: BaseException) -> web.Response: ...
+
+
+class NativeDialect:
+    """/v1/listen itself."""
+
+    path = "/v1/listen"
+    resumes = True
+    models = True
+
+    def read(self, query: Mapping[str, list[str]]) -> tuple[ListenParams, Wire]:
+        return ListenParams(dict(query)), NativeWire()
+
+    def plain_wire(self) -> Wire:
+        return NativeWire()
+
+    def refused(self, exc: BaseException) -> web.Response:
+        return error_response(exc)
+
+
+async def send_wire_error(ws: Socket, wire: Wire, exc: BaseException) -> None:
+    """The answer to ``exc`` in ``wire``'s words: its messages, then the close with its code
+    (``common.web.send_error`` for any protocol)."""
+    messages, code, reason = wire.error(client_error(exc))
+    with contextlib.suppress(SocketClosed):
+        for message in messages:
+            await ws.send(message)
+        await ws.close(code, reason)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +171,8 @@ class ListenDeps:
     live: LiveSessions
     monitor: SessionMonitor
     metrics: GatewayMetrics
+    #: the gateway's compressed-audio decoders (threads), bounded by ``codec_max_streams``
+    decoders: DecoderSlots | None = None
 
 
 @contextlib.asynccontextmanager
@@ -103,8 +213,10 @@ class ListenSession:
     """
 
     def __init__(self, deps: ListenDeps, ws: Socket, params: ListenParams,
-                 principal: Principal, lease: str | None = None) -> None:
+                 principal: Principal, lease: str | None = None,
+                 wire: Wire | None = None) -> None:
         self.deps = deps
+        self.wire: Wire = wire if wire is not None else NativeWire()
         self.settings = deps.settings
         self.store = deps.store
         self.ws = ws
@@ -116,7 +228,7 @@ class ListenSession:
         self._taken_close: asyncio.Task[None] | None = None
         self._gone: asyncio.Task[None] | None = None  # the session was deleted meanwhile
         self.core = ListenCore(params, ListenLimits.from_settings(deps.settings),
-                               time.monotonic())
+                               time.monotonic(), self.wire.control, deps.decoders)
         self.generation = 0
         self.writer: AudioWriter | None = None
         self.principal = principal
@@ -133,7 +245,7 @@ class ListenSession:
 
     async def _fail(self, exc: BaseException) -> None:
         self.deps.metrics.rejections.labels(getattr(exc, "code", "internal_error")).inc()
-        await send_error(self.ws, exc)
+        await send_wire_error(self.ws, self.wire, exc)
 
     async def run(self) -> None:
         try:
@@ -153,7 +265,8 @@ class ListenSession:
         announced = False  # the client has the session id (it can resume)
         clean = False
         try:
-            await self.ws.send(to_json(self.core.started(self.sid, self.model, resumed)))
+            for message in self.wire.opening(self.core.started(self.sid, self.model, resumed)):
+                await self.ws.send(message)
             announced = True
             fmt = self.params.format
             log.info("session %s: %s (%s %d Hz x%d)", self.sid,
@@ -166,7 +279,7 @@ class ListenSession:
                 await self._drain(delivery)  # resumed after close: just deliver
                 clean = True
             elif await self._receive():
-                await self._drain(delivery)
+                await self._drain(delivery, then=self.core.end_error)
                 clean = True
         except SttError as exc:
             log.info("session %s: client error %s", self.sid, exc.code)
@@ -183,6 +296,7 @@ class ListenSession:
             log.exception("session %s: internal error", self.sid)
             await self._fail(exc)
         finally:
+            self.core.close()
             metrics.sessions_active.dec()  # the socket is closed: the rest is bookkeeping
             if delivery is not None:
                 self.deps.monitor.unwatch(self)
@@ -196,7 +310,7 @@ class ListenSession:
         if self._taken:
             return
         self._taken = True
-        self._taken_close = asyncio.create_task(send_error(self.ws, SessionTaken(
+        self._taken_close = asyncio.create_task(send_wire_error(self.ws, self.wire, SessionTaken(
             "the session was resumed on another connection")))
 
     def gone(self) -> None:
@@ -360,7 +474,11 @@ class ListenSession:
                         message = await self.ws.recv()
                     except SocketClosed:
                         return False
-                    received = self.core.receive(message, time.monotonic())
+                    native = self.wire.inbound(message)
+                    if native is None:
+                        continue
+                    received = self.core.receive(native, time.monotonic())
+                    self.wire.received(message, received)
                     await self._put(received.entries, received.seconds)
                     if received.closed:
                         return True
@@ -425,9 +543,12 @@ class ListenSession:
                             resume_hint="reconnect with session and after")
 
         async def send() -> None:
-            while not isinstance(result := await queue.get(), Closed):
-                await self.ws.send(to_json(result))
-            await self.ws.send(to_json(result))
+            while True:
+                result = await queue.get()
+                for message in self.wire.results(result):
+                    await self.ws.send(message)
+                if isinstance(result, Closed):
+                    return
 
         sender = asyncio.create_task(send(), name=f"send-{self.sid}")
         try:

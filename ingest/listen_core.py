@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from common.audio import TARGET_RATE, AudioNormalizer, StreamFormat, parse_stream_format
+from common.codecs import CodecLimits, DecoderSlots
 from common.errors import BadRequest, MessageTooBig, SttError
 from common.messages import (
     AudioEntry,
     AudioFrame,
     AudioMarker,
+    Control,
     Final,
     Result,
     SessionStarted,
@@ -34,6 +37,18 @@ from ingest.limits import AudioRate, SessionClock
 
 #: Audio arrival times kept for the time-to-final metric (the newest ones).
 ARRIVALS_KEPT = 4096
+
+
+#: How a client protocol reads a text message: its control (``finalize``, ``close``,
+#: ``keepalive``), or None when the text is audio (base64); ``max_bytes`` bounds a control.
+ControlReader = Callable[[str, int], "Control | None"]
+
+
+def native_control(text: str, max_bytes: int) -> Control | None:
+    """/v1/listen: a JSON object is a control message; any other text is base64 audio."""
+    if text[:1] == "{" or text.lstrip().startswith("{"):
+        return parse_control(text, max_bytes)
+    return None
 
 
 def session_id_ok(value: str) -> bool:
@@ -85,6 +100,14 @@ class ListenLimits:
     max_control_bytes: int
     max_session_s: float
     client_idle_timeout_s: float
+    codec_pending_bytes: int = CodecLimits.max_pending_bytes
+    codec_wait_s: float = CodecLimits.wait_s
+    codec_undecoded_bytes: int = CodecLimits.max_undecoded_bytes
+
+    @property
+    def codec(self) -> CodecLimits:
+        return CodecLimits(self.codec_pending_bytes, self.codec_wait_s,
+                           self.codec_undecoded_bytes)
 
     @classmethod
     def from_settings(cls, settings: Any) -> ListenLimits:
@@ -108,13 +131,20 @@ class ListenCore:
     every entry is numbered one above the last.
     """
 
-    def __init__(self, params: ListenParams, limits: ListenLimits, now: float) -> None:
+    def __init__(self, params: ListenParams, limits: ListenLimits, now: float,
+                 read_control: ControlReader = native_control,
+                 decoders: DecoderSlots | None = None) -> None:
         self.params = params
         self.limits = limits
-        self.normalizer = AudioNormalizer(params.format)
+        self.read_control = read_control
+        self.normalizer = AudioNormalizer(params.format, limits.codec, decoders)
         self.samples_sent = 0
         self.entry_seq = 0
         self.ended = False  # the close marker is queued
+        #: Why the stream's last audio could not be decoded (a compressed stream cut short
+        #: or corrupt at its end): the session still ends, and the client gets this error
+        #: after its finals instead of a normal close.
+        self.end_error: SttError | None = None
         self._max_samples = int(limits.max_frame_seconds * TARGET_RATE)
         self._arrivals: collections.deque[tuple[int, float]] = collections.deque(
             maxlen=ARRIVALS_KEPT)
@@ -156,8 +186,7 @@ class ListenCore:
         out = Received()
         if isinstance(message, bytes):
             self._audio(self.normalizer.feed(message), now, out)
-        elif message[:1] == "{" or message.lstrip().startswith("{"):
-            control = parse_control(message, self.limits.max_control_bytes)
+        elif (control := self.read_control(message, self.limits.max_control_bytes)) is not None:
             if control.type == "finalize":
                 out.entries.append(self._marker("finalize"))
             elif control.type == "close":
@@ -175,11 +204,19 @@ class ListenCore:
             return []
         self.ended = True
         out: list[AudioEntry] = []
-        frame = self._frame(self.normalizer.flush(), now)
+        try:
+            frame = self._frame(self.normalizer.flush(), now)
+        except SttError as exc:  # the stream's end is broken: what came before still counts
+            self.end_error = exc
+            frame = None
         if frame is not None:
             out.append(frame)
         out.append(self._marker("close"))
         return out
+
+    def close(self) -> None:
+        """The connection is done: free the audio decoder (its thread, for containers)."""
+        self.normalizer.close()
 
     def _audio(self, pcm: Any, now: float, out: Received) -> None:
         self._check_size(pcm)

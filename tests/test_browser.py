@@ -198,6 +198,39 @@ def test_page_transcribes_the_microphone_live_and_closes_cleanly(
         context.close()
 
 
+def test_page_low_bandwidth_mode_sends_opus_from_media_recorder(
+        stack: Any, browser: Any, fake_mic: tuple[Path, float]) -> None:
+    """The low-bandwidth mode: MediaRecorder's Opus (WebM in Chromium) instead of PCM, cut
+    wherever the recorder cuts it; the same transcript, and a clean close."""
+    loop_s = fake_mic[1]
+    context = browser.new_context(permissions=["microphone"])
+    page = context.new_page()
+    console: list[str] = []
+    page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+    page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
+    try:
+        page.goto(stack.http_url + "/")
+        page.locator("#options > summary").click()  # the Settings panel
+        page.get_by_test_id("opt-opus").check()
+        page.get_by_test_id("start").click()
+        page.wait_for_selector("[data-testid=conn-state][data-state=live]", timeout=20_000)
+        sid = page.get_by_test_id("session-id").inner_text().strip()
+        page.wait_for_selector("[data-testid=final]", timeout=40_000)
+        page.wait_for_function(
+            "s => parseFloat(document.querySelector('[data-testid=audio-sent]')"
+            ".dataset.seconds) >= s",
+            arg=loop_s - 1.0, timeout=40_000)
+        page.get_by_test_id("stop").click()
+        page.wait_for_selector("[data-testid=conn-state][data-state=closed]", timeout=60_000)
+        assert page.get_by_test_id("conn-state").get_attribute("data-close-code") == "1000"
+        hyp = " ".join(f["text"] for f in _finals(page))
+        assert wer(reference(CLIP), hyp) <= 0.15, (hyp, console)
+        assert any(sid in line and "(opus " in line for line in stack.gateway.lines), sid
+        assert not [c for c in console if c.startswith(("error", "pageerror"))], console
+    finally:
+        context.close()
+
+
 def test_page_opens_a_session_with_a_minted_token_and_explains_a_used_one(
         stack: Any, browser: Any) -> None:
     """Against a real gateway with AUTH=required: the token a backend minted with its API

@@ -14,6 +14,8 @@ import {
   AudioOutbox,
   DRAIN_TIMEOUT_MS,
   KEEPALIVE_MS,
+  OPUS_BITS_PER_SECOND,
+  OPUS_TIMESLICE_MS,
   ReconnectPolicy,
   SLOW_NETWORK_SECONDS,
   Segments,
@@ -24,6 +26,7 @@ import {
   errorText,
   listenUrl,
   onClose,
+  opusType,
   parseMessage,
   sessionKind,
   socketProtocols,
@@ -39,8 +42,10 @@ const transcript = new Transcript();
  * Callbacks of an older recording compare their `run` with `current` and do nothing. */
 class Run {
   constructor(settings) {
-    this.settings = settings; // {echo, noise, agc, interim, language, token}
+    this.settings = settings; // {echo, noise, agc, interim, opus, language, token}
     this.capture = null;
+    this.opusType = null; // the low-bandwidth mode's MediaRecorder type
+    this.recorder = null; // its MediaRecorder, while a session takes its blobs
     this.rate = 0;
     this.outbox = null; // AudioOutbox, once the rate is known
     this.latency = new LatencyLog();
@@ -71,13 +76,23 @@ async function start() {
   view.showError("");
   view.clearWarnings();
   view.resetRun();
+  if (run.settings.opus) {
+    run.opusType = typeof MediaRecorder === "undefined" ? null : opusType((t) => MediaRecorder.isTypeSupported(t));
+    if (!run.opusType) {
+      setPhase("error");
+      view.setConn("error", "Opus unavailable");
+      view.showError(TEXT.noOpus);
+      return;
+    }
+  }
   setPhase("starting");
   view.setConn("connecting", "Waiting for microphone…");
   let cap;
   try {
     cap = await startCapture(run.settings, {
       onMic: () => run === current && view.setConn("connecting", "Starting audio…"),
-      onAudio: (pcm, samples) => run === current && run.capture && sendAudio(run, pcm, samples),
+      onAudio: (pcm, samples) =>
+        run === current && run.capture && (run.settings.opus ? countAudio(run, samples) : sendAudio(run, pcm, samples)),
       onLevel: (rms, peak) => run === current && view.showLevel(rms, peak),
       onEnded: () => {
         if (run === current && ["live", "connecting", "reconnecting"].includes(phase)) {
@@ -126,6 +141,7 @@ async function stop() {
   view.setConn("closing", "Finishing…");
   if (run.capture) {
     const cap = run.capture;
+    if (run.settings.opus) await finishRecorder(run); // its last blob, before the mic goes
     await cap.flush(); // the worklet's buffered tail arrives as audio first
     run.capture = null;
   }
@@ -140,6 +156,7 @@ async function stop() {
 
 /** The recording is over: timers, microphone and socket go. */
 function finishRun(run) {
+  stopRecorder(run);
   clearTimeout(run.timers.reconnect);
   clearTimeout(run.timers.drain);
   clearInterval(run.timers.keepalive);
@@ -197,6 +214,65 @@ function transmit(run, pcm, samples) {
     view.showWarning("network_slow", `The network is slow: ${backlog.toFixed(1)} s of audio waiting to be sent.`,
       "client", 10000);
   }
+}
+
+// ------------------------------------------------------------------ low bandwidth: Opus
+
+/** The low-bandwidth mode sends MediaRecorder's Opus, not the worklet's PCM; the worklet's
+ * frames still measure the audio sent (the timeline, time to final, the meter). */
+function countAudio(run, samples) {
+  if (!run.recorder || !socketReady(run) || run.conn.closeSent) return;
+  const sent = run.outbox.sent(null, samples);
+  run.latency.sent(sent, performance.now());
+  view.audioSent(sent / run.rate);
+}
+
+/** A new recorder for the session now ready: each socket gets a whole Opus stream, header
+ * first (what a lost socket was sent cannot be continued on another). */
+function startRecorder(run) {
+  stopRecorder(run);
+  const conn = run.conn;
+  const rec = new MediaRecorder(run.capture.stream, {
+    mimeType: run.opusType,
+    audioBitsPerSecond: OPUS_BITS_PER_SECOND,
+  });
+  rec.ondataavailable = (ev) => {
+    if (ev.data.size && run.conn === conn && conn.ws.readyState === WebSocket.OPEN && !conn.closeSent) {
+      conn.ws.send(ev.data); // Blobs go out in order, cut wherever the recorder cut them
+      run.lastSendAt = performance.now();
+    }
+  };
+  rec.start(OPUS_TIMESLICE_MS);
+  run.recorder = rec;
+}
+
+function stopRecorder(run) {
+  const rec = run.recorder;
+  run.recorder = null;
+  if (rec && rec.state !== "inactive") {
+    rec.ondataavailable = null;
+    try {
+      rec.stop();
+    } catch (_) {
+      /* already stopped */
+    }
+  }
+}
+
+/** Stop: the recorder's last blob goes out (before the close). */
+function finishRecorder(run) {
+  const rec = run.recorder;
+  if (!rec || rec.state === "inactive") return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      if (run.recorder === rec) run.recorder = null;
+      resolve();
+    };
+    const timer = setTimeout(done, 2000);
+    rec.addEventListener("stop", done, { once: true });
+    rec.stop(); // a last dataavailable comes before stop
+  });
 }
 
 function flushPending(run) {
@@ -282,6 +358,13 @@ function onSession(run, conn, msg) {
       view.showWarning("new_session", TEXT.newSession, "client");
       recoverTail(run, prev);
     }
+  } else if (kind === "resumed" && run.settings.opus) {
+    // Opus is not resent: the timeline continues where the server's stored audio ends.
+    if (typeof msg.stored_samples === "number") {
+      run.outbox.samplesSent = prev.baseSample + Math.round((msg.stored_samples * run.rate) / 16000);
+      run.latency.rewind(run.outbox.samplesSent);
+    }
+    view.showWarning("resumed", TEXT.resumed, "info", 5000);
   } else if (kind === "resumed") {
     if (run.outbox.resendFrom(prev.baseSample, msg.stored_samples) !== null) {
       run.latency.rewind(run.outbox.samplesSent);
@@ -300,6 +383,7 @@ function onSession(run, conn, msg) {
   } else {
     setPhase("live");
     view.setConn("live", "Live");
+    if (run.settings.opus && run.capture) startRecorder(run);
     flushPending(run);
   }
 }
@@ -325,6 +409,7 @@ function recoverTail(run, seg) {
 
 function onSocketClosed(run, conn, code) {
   run.conn = null;
+  stopRecorder(run); // a new socket gets a new Opus stream
   view.closeCode(code);
   const next = onClose({
     code,

@@ -93,6 +93,7 @@ export const TEXT = Object.freeze({
   unreachable: "The transcription server cannot be reached. Check your network connection and try again.",
   newSession: "The connection dropped and the session could not be resumed; continuing in a new session.",
   resumed: "Reconnected; the session was resumed.",
+  noOpus: "This browser cannot record Opus (MediaRecorder); turn off low bandwidth to send plain audio.",
 });
 
 /** Browsers hide the HTTP status of a refused WebSocket upgrade, so the page asks for
@@ -129,15 +130,16 @@ function wsBase(loc) {
   return `${loc.protocol === "https:" ? "wss:" : "ws:"}//${loc.host}`;
 }
 
-/** The /v1/listen URL for `params` ({interim, language, token}) at capture `rate`;
- * `resume` ({sid, lastSeq}) asks for that session's results after lastSeq. */
+/** The /v1/listen URL for `params` ({interim, language, token, opus}) at capture `rate`;
+ * `resume` ({sid, lastSeq}) asks for that session's results after lastSeq. With `opus`
+ * (the low-bandwidth mode) the audio is MediaRecorder's Opus, whose header says its rate. */
 export function listenUrl(loc, params, rate, resume = null) {
-  const q = new URLSearchParams({
-    encoding: "pcm_s16le",
-    sample_rate: String(rate),
-    channels: "1",
-    interim_results: params.interim ? "true" : "false",
-  });
+  const q = new URLSearchParams(
+    params.opus
+      ? { encoding: "opus" }
+      : { encoding: "pcm_s16le", sample_rate: String(rate), channels: "1" },
+  );
+  q.set("interim_results", params.interim ? "true" : "false");
   if (params.language) q.set("language", params.language);
   if (params.token && !tokenAsSubprotocol(params.token)) q.set("token", params.token);
   if (resume) {
@@ -146,6 +148,20 @@ export function listenUrl(loc, params, rate, resume = null) {
   }
   return `${wsBase(loc)}/v1/listen?${q}`;
 }
+
+/** Container types MediaRecorder may record Opus in, in order of preference (the server
+ * reads both). */
+export const OPUS_TYPES = ["audio/webm;codecs=opus", "audio/ogg;codecs=opus"];
+
+/** The first of OPUS_TYPES that `isSupported` (MediaRecorder.isTypeSupported) accepts. */
+export function opusType(isSupported) {
+  return OPUS_TYPES.find((t) => isSupported(t)) || null;
+}
+
+/** MediaRecorder's timeslice in the low-bandwidth mode: a blob of Opus this often. */
+export const OPUS_TIMESLICE_MS = 250;
+/** Its bit rate: speech at 24 kb/s instead of 256 kb/s of 16-bit PCM at 16 kHz. */
+export const OPUS_BITS_PER_SECOND = 24000;
 
 /** The viewer endpoint of session `sid`, from results after `after`. */
 export function viewerUrl(loc, sid, after, token) {

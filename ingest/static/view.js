@@ -11,7 +11,7 @@
 
 import { splitPartial } from "./transcript.js";
 
-const SETTINGS = ["opt-echo", "opt-noise", "opt-agc", "opt-interim", "opt-language"]; // kept in localStorage
+const SETTINGS = ["opt-echo", "opt-noise", "opt-agc", "opt-interim", "opt-opus", "opt-language"]; // kept in localStorage
 const MAX_NOTICES = 4;
 const RUNNING = ["starting", "connecting", "live", "reconnecting"];
 
@@ -48,6 +48,7 @@ export class View {
       noise: $("opt-noise"),
       agc: $("opt-agc"),
       interim: $("opt-interim"),
+      opus: $("opt-opus"),
       language: $("opt-language"),
       token: $("opt-token"),
       sessionId: $("session-id"),
@@ -140,6 +141,7 @@ export class View {
       noise: ui.noise.checked,
       agc: ui.agc.checked,
       interim: ui.interim.checked,
+      opus: ui.opus.checked,
       language: ui.language.value.trim(),
       token: ui.token.value.trim(),
     };
@@ -153,7 +155,7 @@ export class View {
     const running = RUNNING.includes(phase);
     ui.start.disabled = running || phase === "closing";
     ui.stop.disabled = !running;
-    for (const el of [ui.echo, ui.noise, ui.agc, ui.interim, ui.language, ui.token]) {
+    for (const el of [ui.echo, ui.noise, ui.agc, ui.interim, ui.opus, ui.language, ui.token]) {
       el.disabled = running || phase === "closing";
     }
   }

@@ -16,8 +16,10 @@ import {
   diagnosisText,
   errorOf,
   errorText,
+  OPUS_TYPES,
   listenUrl,
   onClose,
+  opusType,
   parseMessage,
   sessionKind,
   socketProtocols,
@@ -43,6 +45,19 @@ describe("listen URL", () => {
       encoding: "pcm_s16le", sample_rate: "48000", channels: "1", interim_results: "true",
     });
     assert.equal(query(listenUrl(HTTP, { ...PARAMS, interim: false }, 44100)).interim_results, "false");
+  });
+
+  it("asks for Opus, whose header names its rate, in the low-bandwidth mode", () => {
+    assert.deepEqual(query(listenUrl(HTTP, { ...PARAMS, opus: true }, 48000)), {
+      encoding: "opus", interim_results: "true",
+    });
+  });
+
+  it("records Opus in WebM where it can, else in Ogg, else not at all", () => {
+    assert.equal(opusType(() => true), "audio/webm;codecs=opus");
+    assert.equal(opusType((t) => t.startsWith("audio/ogg")), "audio/ogg;codecs=opus");
+    assert.equal(opusType(() => false), null);
+    assert.equal(OPUS_TYPES.length, 2);
   });
 
   it("uses wss on an https page", () => {
