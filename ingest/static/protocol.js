@@ -52,6 +52,8 @@ export const ERROR_TEXT = Object.freeze({
   internal_error: "The server hit an internal error. The transcript so far is kept below.",
   overloaded: "All transcribers are busy right now. Please try again in a little while.",
   storage_unavailable: "The server's storage is unavailable. Please try again in a little while.",
+  storage_full: "The server's storage is full. Please try again in a little while.",
+  model_unavailable: "The requested speech model is not available on this server.",
   too_slow: "This page fell behind reading results.",
   too_many_messages: "The page sent messages faster than the server allows.",
   rate_limited: "Too many requests from here in a short time. Please wait a moment and try again.",
@@ -62,7 +64,7 @@ export const DETAIL_CODES = new Set(["bad_request", "unsupported_audio", "invali
 /** Close codes after which reconnecting would fail the same way... */
 export const FATAL_CLOSE_CODES = new Set([1003, 1007, 1008, 1009, 1011, 1013, 1015]);
 /** ...except after these errors, when a resume with `after` carries on. */
-export const RESUMABLE_ERRORS = new Set(["too_slow", "storage_unavailable"]);
+export const RESUMABLE_ERRORS = new Set(["too_slow", "storage_unavailable", "storage_full"]);
 /** A token usable as a WebSocket subprotocol ("bearer.<token>"): kept out of URLs and logs. */
 export const SUBPROTOCOL_SAFE = /^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$/;
 

@@ -173,8 +173,8 @@ describe("socket closed", () => {
     assert.deepEqual(onClose({ ...base, stopping: true }), { action: "resume" });
   });
 
-  it("resumes after too_slow and storage_unavailable, once connected", () => {
-    for (const code of ["too_slow", "storage_unavailable"]) {
+  it("resumes after too_slow, storage_unavailable and storage_full, once connected", () => {
+    for (const code of ["too_slow", "storage_unavailable", "storage_full"]) {
       const error = { code, message: "" };
       assert.deepEqual(onClose({ ...base, code: 1013, error }), { action: "resume" });
       assert.deepEqual(onClose({ ...base, code: 1013, error, everConnected: false }),
