@@ -500,6 +500,12 @@ class StorageSettings:
         5.0, "seconds a live session's audio may be refused by Redis for lack of memory "
         "(buffered meanwhile, and sent again with backoff) before the session ends with "
         "storage_full (close 1013); it may resume when there is room")
+    retention_max_bytes: int = setting(
+        0, "bytes of Redis memory (used_memory; the fullest primary of a cluster) above which "
+        "the gateways delete the oldest closed sessions until under it; never an active "
+        "one. Set it below maxmemory x storage_high_watermark; 0 = off (retention_s alone)")
+    retention_check_s: float = setting(
+        10.0, "seconds between two retention sweeps per gateway (one gateway sweeps at a time)")
 
 
 @group("Session tokens")

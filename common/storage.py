@@ -18,15 +18,19 @@ session lands on is not known before its id is drawn).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from common import keys
 from common.backoff import REDIS_DOWN
-from common.errors import StorageFull
+from common.errors import SessionNotFound, StorageFull
+from common.session_meta import CLOSED
+from common.sessions import Sessions
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +75,12 @@ class StorageWatch:
         return self.watermark > 0 and self.memory.limit > 0 \
             and self.memory.fraction >= self.watermark
 
-    async def read(self) -> Memory:
-        """Memory now, read from Redis at most once per ``check_s``. A failed read keeps
-        the last value (an unreachable Redis is refused by the request's own commands)."""
+    async def read(self, fresh: bool = False) -> Memory:
+        """Memory now, read from Redis at most once per ``check_s`` (``fresh``: now). A
+        failed read keeps the last value (an unreachable Redis is refused by the request's
+        own commands)."""
         now = self.clock()
-        if now - self._read_at >= self.check_s:
+        if fresh or now - self._read_at >= self.check_s:
             self._read_at = now
             try:
                 self.memory = Memory.from_info(await self._info())
@@ -107,3 +112,84 @@ class StorageWatch:
               registry=registry).set_function(lambda: self.memory.limit)
         Gauge("stt_storage_full", "1 while new sessions are refused for lack of Redis memory",
               registry=registry).set_function(lambda: float(self.full))
+
+
+#: Oldest index entries looked at per round of a retention sweep.
+SWEEP_PAGE = 100
+#: The lock one gateway holds while it sweeps (the others skip that round).
+SWEEP_LOCK = "stt:retention:lock"
+
+
+class Retention:
+    """Keeps Redis under ``RETENTION_MAX_BYTES``: the oldest *closed* sessions are deleted
+    first (``Sessions.delete``: every key, the listing entry), never an active one, so
+    Redis' own eviction never has to choose (``noeviction``) and no audio that is still to
+    be transcribed is dropped. One gateway sweeps at a time (a lock key); memory is
+    ``INFO memory`` (the fullest primary on a cluster), and the bytes a deletion frees are
+    estimated with ``MEMORY USAGE`` of the session's keys, since ``UNLINK`` frees them in
+    the background."""
+
+    def __init__(self, store: Sessions, watch: StorageWatch, max_bytes: int,
+                 registry: CollectorRegistry | None = None) -> None:
+        self.store = store
+        self.watch = watch
+        self.max_bytes = max_bytes
+        self.deleted = Counter("stt_retention_deleted", "closed sessions deleted to stay "
+                               "under RETENTION_MAX_BYTES (oldest first)",
+                               registry=registry)
+
+    async def sweep(self) -> int:
+        """One pass: delete the oldest closed sessions while Redis uses more than the budget.
+        Returns the number deleted."""
+        if self.max_bytes <= 0:
+            return 0
+        redis = self.store.redis
+        used = (await self.watch.read(fresh=True)).used
+        if used <= self.max_bytes:
+            return 0
+        if not await redis.set(SWEEP_LOCK, "1", nx=True, px=60_000):
+            return 0  # another gateway is sweeping
+        deleted = 0
+        try:
+            start = 0
+            while used > self.max_bytes:
+                oldest = await redis.zrange(keys.INDEX, start, start + SWEEP_PAGE - 1)
+                if not oldest:
+                    break
+                for member in oldest:
+                    sid = member.decode()
+                    if used <= self.max_bytes:
+                        break
+                    if await redis.hget(keys.meta(sid), "state") != CLOSED.encode():
+                        start += 1  # active (or gone: dropped from the index by a listing)
+                        continue
+                    freed = await self._usage(sid)
+                    try:
+                        await self.store.delete(sid)
+                    except SessionNotFound:
+                        continue
+                    deleted += 1
+                    self.deleted.inc()
+                    used -= freed
+        finally:
+            await redis.unlink(SWEEP_LOCK)
+        if deleted:
+            log.info("retention: deleted the %d oldest closed sessions (Redis used %.0f MiB "
+                     "of a %.0f MiB budget)", deleted, self.watch.memory.used / 2**20,
+                     self.max_bytes / 2**20)
+        return deleted
+
+    async def _usage(self, sid: str) -> int:
+        total = 0
+        for key in keys.session_keys(sid):
+            total += int(await self.store.redis.memory_usage(key) or 0)
+        return total
+
+    async def run(self, interval_s: float) -> None:
+        """Sweep every ``interval_s`` until cancelled; Redis outages are waited out."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.sweep()
+            except REDIS_DOWN as exc:
+                log.warning("retention: sweep failed: %s", exc)

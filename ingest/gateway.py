@@ -48,7 +48,7 @@ from common.redis_client import make_redis
 from common.serving import Served, serve
 from common.sessions import Sessions
 from common.settings import GatewaySettings
-from common.storage import StorageWatch
+from common.storage import Retention, StorageWatch
 from common.streams import AudioAppender
 from common.web import (
     OpenSockets,
@@ -128,6 +128,9 @@ class Gateway:
         self.storage = StorageWatch(self.probe, settings.storage_high_watermark,
                                     settings.storage_check_s, settings.storage_retry_after_s)
         self.storage.register_gauges(self.metrics.registry)
+        self.retention = Retention(self.store, self.storage, settings.retention_max_bytes,
+                                   self.metrics.registry)
+        self._retention_task: asyncio.Task[None] | None = None
         #: The listen endpoints: /v1/listen and the client protocols it also speaks
         self.dialects: list[Dialect] = [NativeDialect(), DeepgramDialect(settings.model_name)]
 
@@ -401,6 +404,9 @@ class Gateway:
                                   reuse_port=s.reuse_port)
         self._renewer = asyncio.create_task(self.guard.renew_forever(s.heartbeat_s))
         self.monitor.start()  # the autoscaling gauges, with or without sessions
+        if s.retention_max_bytes > 0:
+            self._retention_task = asyncio.create_task(
+                self.retention.run(s.retention_check_s), name="retention")
         (log.info if self.guard.required else log.warning)("%s", self.guard.describe())
         return self.served
 
@@ -418,10 +424,11 @@ class Gateway:
             await self.sockets.close_all(errors.SERVICE_RESTART, "gateway restarting")
             await self.served.close()
         self.live.close()
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
+        for task in (self._renewer, self._retention_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.sessions_api.close()
         await self.flusher.close()
         await self.monitor.close()

@@ -173,3 +173,37 @@ def split(pcm: np.ndarray) -> list[AudioFrame | AudioMarker]:
         for i, start in enumerate(range(0, len(pcm), 1600))]
     entries.append(AudioMarker("close", 1000 + len(entries), len(pcm)))
     return entries
+
+
+def test_retention_deletes_the_oldest_closed_sessions_first_and_never_an_active_one(
+        own_redis: RedisServer) -> None:
+    """Over RETENTION_MAX_BYTES, a sweep deletes closed sessions oldest first until the
+    estimate is under the budget; an older active session is kept; under it, nothing."""
+    from common.storage import Retention, StorageWatch
+
+    pcm = np.tile(load_pcm16("ds_ldc93s1"), 8)  # ~23 s: about 1 MB of stream each
+
+    async def run() -> None:
+        async with own_redis.aclient() as r:
+            store = Sessions(r)
+            sids = [f"{i:032x}" for i in range(5)]
+            for i, sid in enumerate(sids):
+                await store.create(sid, {"model": "tiny.en"})
+                await r.zadd(keys.INDEX, {sid: 1000 + i})  # creation order = index order
+                assert await store.append(sid, 1, split(pcm))
+                if i != 0:  # the oldest one is still active
+                    await r.hset(keys.meta(sid), "state", "closed")
+            watch = StorageWatch(r, 0.9, 1.0, 30.0)
+            used = (await watch.read(fresh=True)).used
+            one = sum([int(await r.memory_usage(k) or 0) for k in keys.session_keys(sids[1])])
+            assert one > 500_000
+            keeper = Retention(store, watch, used - int(1.5 * one))
+            assert await keeper.sweep() == 2
+            assert [await store.exists(sid) for sid in sids] == [True, False, False, True, True]
+            assert await r.zscore(keys.INDEX, sids[1]) is None
+            await asyncio.sleep(0.2)  # UNLINK frees in the background
+            under = Retention(store, watch, (await watch.read(fresh=True)).used + 10_000)
+            assert await under.sweep() == 0
+            assert not await r.exists("stt:retention:lock")
+
+    asyncio.run(run())
