@@ -1,5 +1,6 @@
 # make run   - install into .venv if needed, use or start Redis, start gateway + transcriber
 # make test  - install if needed, run the whole test suite (unit + integration + browser)
+# make test-long - the same with the long load-style tests (STT_LONG_TESTS=1)
 # make bench-gpu - on a machine with an NVIDIA GPU: install, check the device, run the capacity
 #              bench at 8-128 streams with and without batching (under 10 min; docs/operations.md)
 # make bench-gpu DRY_RUN=1 - the same plan at tiny sizes on the CPU
@@ -23,6 +24,10 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# everything, the long load-style tests too (about 5 more minutes on 2 cores)
+test-long: install
+	STT_LONG_TESTS=1 $(BIN)/python -m pytest
 
 lint: install
 	$(BIN)/ruff check .

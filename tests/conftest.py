@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 from collections.abc import Iterator
 
@@ -25,6 +26,18 @@ class Stack:
     @property
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``long`` tests (load-style runs of half a minute or more: many sessions, many
+    workers, fairness under contention) run with ``STT_LONG_TESTS=1`` (``make test-long``);
+    ``make test`` (and CI) stays under 15 minutes on a 2-core machine without them."""
+    if os.environ.get("STT_LONG_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="a long run: STT_LONG_TESTS=1 (make test-long) runs it")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -150,17 +150,30 @@ def test_a_final_the_prompt_emptied_is_decoded_again_without_it() -> None:
 def test_a_loop_the_prompt_primed_is_decoded_again_without_it_not_with_the_full_window(
         ) -> None:
     """Real model, real speech: after a sentence as the prompt, the short-context decode of
-    a lone "one" (sr_english's first 0.8 s) loops ("1. 1. 1. ..."). Without the prompt the
+    a lone "one" (sr_english's first 0.8-1 s) loops ("1. 1. 1. ..."). Without the prompt the
     same short context hears "1.", so that is tried first: under load the full-window redo
     of this word, said by eight sessions, queued finals for seconds."""
     from tests.audio_refs import load_pcm16
     from transcriber.model import WhisperDecoder, encoder_tail, load_whisper, looks_degenerate
 
-    audio = (load_pcm16("sr_english")[:int(0.8 * 16000)] / 32768.0).astype("float32")
-    prompt = "And so my fellow Americans, ask not what your country can do for you."
     decoder = WhisperDecoder(load_whisper("", "cpu", "int8", 0, 600), "en", min_frames=1000)
+    jfk = "And so my fellow Americans, ask not what your country can do for you."
+    # Which cut of the word and which prompt make the loop depends on the CPU's int8 kernels
+    # (0.8 s after the JFK sentence loops on one machine, 1 s after "Thank you." on
+    # another): the first case whose prompted short-context final loops here is the one
+    # tested, and one of them must.
+    looping = None
+    for seconds, prompt in ((0.8, jfk), (0.9, jfk), (0.8, "Thank you."), (1.0, "Thank you.")):
+        audio = (load_pcm16("sr_english")[:int(seconds * 16000)] / 32768.0).astype("float32")
+        decoder.redos.clear()
+        decoder.decode(audio, prompt, True)
+        if decoder.redos["loop_without_prompt"]:
+            looping = audio, prompt
+            break
+    assert looping is not None, "no case makes the prompted short decode loop"
+    audio, prompt = looping
     with encoder_tail(600):
-        assert looks_degenerate(decoder._decode(audio, prompt, True), 0.8)  # it really loops
+        assert looks_degenerate(decoder._decode(audio, prompt, True), len(audio) / 16000)
     for final in (True, False):
         decoder.redos.clear()
         words = decoder.decode(audio, prompt, final)
@@ -427,8 +440,10 @@ def test_a_decode_encodes_once_unless_whisper_left_audio_unread(
     monkeypatch.setattr(type(model), "_split_segments_by_timestamps",
                         WhisperModel._split_segments_by_timestamps)
     stock = run()
-    assert [n for n, _ in stock] == [2, 2, 2]  # the inputs do make Whisper look twice
-    assert [n for n, _ in ours] == [1, 1, 2]
+    # the inputs do make Whisper look twice (or, for the final on some CPUs' int8 kernels,
+    # three times: it seeks past its last timestamp twice)
+    assert all(n >= 2 for n, _ in stock), [n for n, _ in stock]
+    assert [n for n, _ in ours] == [1, 1, stock[2][0]], ([n for n, _ in ours], stock)
     partial, final, offline = (words for _, words in ours)
     assert partial[-1].end > 5.0  # the partial still reaches the end of its audio
     assert wer(reference("fw_jfk"), "".join(w.word for w in final)) <= 0.1

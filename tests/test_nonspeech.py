@@ -72,9 +72,11 @@ def test_non_speech_gives_no_words(run: Run, kind: str, seconds: float) -> None:
 @pytest.mark.parametrize("audio", [
     *(pytest.param(lambda k=k, n=n: nonspeech(k, n), id=k) for k, n in OPEN_VAD_CASES),
     pytest.param(hum60_first_10s, id="hum60_10s", marks=pytest.mark.xfail(
-        strict=True, reason="issue 24: with every window called speech, the partial at "
-        "10.0 s of this hum reads \"I'm going to do it.\" (the final is empty); Silero "
-        "itself scores this hum at most 0.12, so today's service never decodes it")),
+        strict=False, reason="issue 24: with every window called speech, the partial at "
+        "10.0 s of this hum reads \"I'm going to do it.\" (the final is empty) on some CPUs' "
+        "int8 kernels (an Intel machine's), not on others (this AMD EPYC's): not strict "
+        "until the decode is fixed; Silero itself scores this hum at most 0.12, so today's "
+        "service never decodes it")),
 ])
 def test_non_speech_the_vad_lets_through_gives_no_words(
         run: Run, audio: Callable[[], np.ndarray]) -> None:
