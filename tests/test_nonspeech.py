@@ -74,8 +74,8 @@ def test_non_speech_gives_no_words(run: Run, kind: str, seconds: float) -> None:
     pytest.param(hum60_first_10s, id="hum60_10s", marks=pytest.mark.xfail(
         strict=False, reason="issue 24: with every window called speech, the partial at "
         "10.0 s of this hum reads \"I'm going to do it.\" (the final is empty) on some CPUs' "
-        "int8 kernels (an Intel machine's), not on others (this AMD EPYC's): not strict "
-        "until the decode is fixed; Silero itself scores this hum at most 0.12, so today's "
+        "int8 kernels (an earlier session's machine), not on others (this AMD EPYC's): not "
+        "strict until the decode is fixed; Silero itself scores this hum at most 0.12, so today's "
         "service never decodes it")),
 ])
 def test_non_speech_the_vad_lets_through_gives_no_words(

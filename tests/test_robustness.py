@@ -83,7 +83,7 @@ def test_words_are_scored_against_the_clip_whose_stretch_they_fall_in() -> None:
 
 
 @pytest.mark.xfail(strict=False, reason="issue 24: a partial decoding loop on babble is "
-                   "promised and kept in the final, on some CPUs' int8 kernels (an Intel "
+                   "promised and kept in the final, on some CPUs' int8 kernels (an earlier "
                    "machine's), not on others (this AMD EPYC's): not strict until it is fixed")
 def test_a_partial_under_babble_is_not_a_decoding_loop() -> None:
     """Real model: 3 s of mfa_thoughts ("i have a thousand thoughts about that thing")
