@@ -10,7 +10,7 @@ heartbeat fresh and tells the client about queueing and lag.
 What goes over the socket is spelled by a ``Wire``: how the client's text messages read
 (controls) and how the session's messages are written (its start, each result, an error and
 its close). ``NativeWire`` is /v1/listen's own protocol; a dialect (``ingest/dialects/``:
-Deepgram's, Twilio's) is another ``Wire`` over the same session machinery, so resume,
+Deepgram's, Twilio's, OpenAI's) is another ``Wire`` over the same session machinery, so resume,
 limits, auth, viewers and exports work the same for every dialect.
 """
 
@@ -92,6 +92,9 @@ class Wire(Protocol):
 
     def error(self, err: SttError) -> tuple[list[str | bytes], int, str]:
         """The messages that report ``err``, then the close code and reason."""
+
+    # Optional: ``replies() -> list[str | bytes]``, messages that answer the client's last
+    # message (sent right after ``inbound``; ``ListenSession._replies``).
 
 
 class NativeWire:
@@ -475,6 +478,7 @@ class ListenSession:
                     except SocketClosed:
                         return False
                     native = self.wire.inbound(message)
+                    await self._replies()
                     if native is None:
                         continue
                     received = self.core.receive(native, time.monotonic())
@@ -484,6 +488,14 @@ class ListenSession:
                         return True
         except TimeoutError:
             raise self.core.expired(time.monotonic()) from None
+
+    async def _replies(self) -> None:
+        """What the wire answers the client's last message with, if it answers any (a
+        wire may have ``replies()``: OpenAI's acknowledgements and non-fatal errors)."""
+        replies = getattr(self.wire, "replies", None)
+        if replies is not None:
+            for reply in replies():
+                await self.ws.send(reply)
 
     # ------------------------------------------------------------------ results out
 

@@ -1,0 +1,389 @@
+"""OpenAI's transcription APIs: /v1/realtime?intent=transcription and POST
+/v1/audio/transcriptions (ingest/dialects/openai.py).
+
+The wire's events are checked against the official SDK's own event models (``openai``);
+the last tests run that SDK, unchanged but for ``base_url``, against the running service: a
+real clip streamed over the realtime client (24 kHz PCM, server VAD, a commit at the end)
+and uploaded through ``audio.transcriptions.create`` as json, verbose_json with words, and
+srt; the transcripts are checked by WER, and the sessions they made are ordinary sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import json
+import time
+import urllib.request
+from typing import Any
+
+import numpy as np
+import openai as openai_sdk
+import pytest
+import soxr
+import websockets
+from openai.types.audio import Transcription, TranscriptionVerbose
+from openai.types.realtime import (
+    ConversationItemInputAudioTranscriptionCompletedEvent,
+    ConversationItemInputAudioTranscriptionDeltaEvent,
+    InputAudioBufferClearedEvent,
+    InputAudioBufferCommittedEvent,
+    InputAudioBufferSpeechStartedEvent,
+    InputAudioBufferSpeechStoppedEvent,
+    RealtimeErrorEvent,
+    SessionCreatedEvent,
+    SessionUpdatedEvent,
+)
+
+from common.errors import BadRequest, InvalidMessage, UnsupportedAudio
+from common.messages import Final, Partial, Word
+from ingest.dialects.openai import (
+    RealtimeConfig,
+    RealtimeWire,
+    Upload,
+    check_intent,
+    decode_file,
+    transcription_response,
+    updated,
+    upload_entries,
+)
+from tests.audio_refs import load_pcm16, reference, wav_bytes, wer
+from tests.conftest import Stack
+
+SID = "0123456789abcdef0123456789abcdef"
+MODELS: dict[str, Any] = {
+    "session.created": SessionCreatedEvent,
+    "session.updated": SessionUpdatedEvent,
+    "input_audio_buffer.speech_started": InputAudioBufferSpeechStartedEvent,
+    "input_audio_buffer.speech_stopped": InputAudioBufferSpeechStoppedEvent,
+    "input_audio_buffer.committed": InputAudioBufferCommittedEvent,
+    "input_audio_buffer.cleared": InputAudioBufferClearedEvent,
+    "conversation.item.input_audio_transcription.delta":
+        ConversationItemInputAudioTranscriptionDeltaEvent,
+    "conversation.item.input_audio_transcription.completed":
+        ConversationItemInputAudioTranscriptionCompletedEvent,
+    "error": RealtimeErrorEvent,
+}
+
+
+def events(messages: list[str | bytes]) -> list[dict[str, Any]]:
+    """The messages as events, each validated by the SDK's model of its type."""
+    out = [json.loads(m) for m in messages]
+    for event in out:
+        MODELS[event["type"]].model_validate(event)
+    return out
+
+
+def ga_update(**audio_input: Any) -> dict[str, Any]:
+    return {"type": "session.update",
+            "session": {"type": "transcription", "audio": {"input": audio_input}}}
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_session_update_sets_the_session_s_format_language_and_turns() -> None:
+    config = updated(RealtimeConfig(), ga_update(
+        format={"type": "audio/pcmu"},
+        transcription={"model": "gpt-4o-transcribe", "language": "en-US", "prompt": "JFK"},
+        turn_detection=None))
+    params = config.listen_params()
+    assert (params.format.encoding, params.format.sample_rate) == ("mulaw", 8000)
+    assert params.language == "en" and params.interim_results
+    assert not config.server_vad and config.prompt == "JFK"
+    # fields an update leaves out keep their values; the beta API's flat shape works too
+    beta = updated(config, {"type": "transcription_session.update", "session": {
+        "input_audio_format": "g711_alaw",
+        "turn_detection": {"type": "server_vad", "silence_duration_ms": 700}}})
+    assert (beta.format, beta.language, beta.server_vad) == ("audio/pcma", "en", True)
+    default = RealtimeConfig().listen_params().format
+    assert (default.encoding, default.sample_rate) == ("pcm_s16le", 24000)
+
+
+@pytest.mark.parametrize("update, error", [
+    (ga_update(format={"type": "audio/pcm", "rate": 16000}), UnsupportedAudio),
+    (ga_update(format={"type": "audio/opus"}), UnsupportedAudio),
+    (ga_update(turn_detection={"type": "push_to_talk"}), BadRequest),
+    (ga_update(turn_detection={"type": "server_vad", "silence_duration_ms": -5}), BadRequest),
+    (ga_update(transcription={"language": "en; drop"}), BadRequest),
+    ({"type": "session.update", "session": {"type": "realtime"}}, BadRequest),
+])
+def test_a_bad_session_update_is_refused(update: dict[str, Any], error: type) -> None:
+    with pytest.raises(error):
+        updated(RealtimeConfig(), update)
+
+
+def test_only_transcription_intent_is_served() -> None:
+    check_intent({"intent": ["transcription"]})
+    for query in ({}, {"model": ["gpt-realtime"]}, {"intent": ["conversation"]}):
+        with pytest.raises(BadRequest):
+            check_intent(query)
+
+
+# --------------------------------------------------------------------------- the wire
+
+
+def wire(**config: Any) -> RealtimeWire:
+    return RealtimeWire(SID, RealtimeConfig(**config))
+
+
+def test_client_events_become_native_messages_and_replies() -> None:
+    w = wire(turn_detection=None)
+    audio = base64.b64encode(bytes(4800)).decode()
+    commit = json.dumps({"type": "input_audio_buffer.commit"})
+    assert w.inbound(commit) is None  # nothing appended yet: a non-fatal error
+    [empty] = events(w.replies())
+    assert empty["error"]["code"] == "input_audio_buffer_commit_empty"
+    assert w.inbound(json.dumps({"type": "input_audio_buffer.append", "audio": audio})) == audio
+    assert w.control(w.inbound(commit) or "", 4096).type == "finalize"  # type: ignore[union-attr]
+    assert w.inbound(json.dumps({"type": "input_audio_buffer.clear"})) is None
+    assert [e["type"] for e in events(w.replies())] == ["input_audio_buffer.cleared"]
+    assert w.inbound(json.dumps(ga_update(turn_detection={"type": "server_vad"}))) is None
+    assert [e["type"] for e in events(w.replies())] == ["session.updated"]
+    assert w.config.server_vad
+    # the format is the session's once audio came: an error event, the rest applies
+    assert w.inbound(json.dumps(ga_update(format={"type": "audio/pcmu"}))) is None
+    replies = events(w.replies())
+    assert [e["type"] for e in replies] == ["error", "session.updated"]
+    assert w.config.format == "audio/pcm"
+    assert w.inbound(json.dumps({"type": "response.create"})) is None
+    assert [e["type"] for e in events(w.replies())] == ["error"]
+    for bad in (b"\x00\x01", "not json", "[1]", '{"type": 3}',
+                '{"type": "input_audio_buffer.append"}'):
+        with pytest.raises(InvalidMessage):
+            w.inbound(bad)
+
+
+WORDS = (Word(" Ask", 5.5, 5.8, 0.9), Word(" not", 5.8, 6.2, 0.7))
+
+
+def test_results_are_speech_events_deltas_and_completed_items() -> None:
+    w = wire()
+    first = events(w.results(Partial(SID, 0, " Ask not", " Ask", 5.4, 6.0)))
+    assert [e["type"] for e in first] == ["input_audio_buffer.speech_started",
+                                          "conversation.item.input_audio_transcription.delta"]
+    item = first[0]["item_id"]
+    assert first[0]["audio_start_ms"] == 5400 and first[1]["delta"] == "Ask"
+    # unstable text is not sent; a revision of it changes nothing sent
+    assert w.results(Partial(SID, 0, " Ask nut", " Ask", 5.4, 6.1)) == []
+    final = events(w.results(Final(SID, 0, " Ask not.", 5.4, 6.5, WORDS)))
+    assert [e["type"] for e in final] == [
+        "input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
+        "conversation.item.input_audio_transcription.delta",
+        "conversation.item.input_audio_transcription.completed"]
+    assert {e["item_id"] for e in final} == {item}
+    assert final[0]["audio_end_ms"] == 6500 and final[1]["previous_item_id"] is None
+    assert first[1]["delta"] + final[2]["delta"] == final[3]["transcript"] == "Ask not."
+    second = events(w.results(Final(SID, 1, " What?", 7.0, 8.0)))
+    assert second[2]["previous_item_id"] == item and second[2]["item_id"] != item
+    assert w.results(Final(SID, 2, "", 9.0, 9.5)) == []  # silence made no item
+    assert len({e["event_id"] for e in first + final + second}) == len(first + final + second)
+
+
+def test_manual_turns_have_no_vad_events_and_errors_close() -> None:
+    w = wire(turn_detection=None)
+    got = events(w.results(Partial(SID, 3, " Go", " Go", 1.0, 1.5))
+                 + w.results(Final(SID, 3, " Go.", 1.0, 1.6)))
+    assert [e["type"] for e in got] == [
+        "conversation.item.input_audio_transcription.delta", "input_audio_buffer.committed",
+        "conversation.item.input_audio_transcription.delta",
+        "conversation.item.input_audio_transcription.completed"]
+    messages, code, reason = w.error(UnsupportedAudio("nope"))
+    [error] = events(messages)
+    assert error["error"]["code"] == "unsupported_audio" and (code, reason) == \
+        (1003, "unsupported_audio")
+
+
+# --------------------------------------------------------------------------- uploads
+
+
+def test_an_upload_is_decoded_framed_and_answered_in_each_format() -> None:
+    tone = (np.sin(np.arange(48000) / 10) * 8000).astype(np.int16)
+    pcm = decode_file(wav_bytes(tone, 48000), 60.0)
+    assert abs(len(pcm) - 16000) < 64  # resampled to 16 kHz
+    entries = upload_entries(pcm)
+    assert [e.seq for e in entries] == [1, 2] and entries[-1].offset == len(pcm)
+    with pytest.raises(BadRequest):
+        decode_file(wav_bytes(tone, 48000), 0.5)
+    finals = [Final(SID, 0, " Ask not.", 0.5, 1.2, WORDS), Final(SID, 1, " ", 2.0, 2.1)]
+    for fmt, check in [
+        ("json", lambda b: json.loads(b) == {"text": "Ask not.",
+                                            "usage": {"type": "duration", "seconds": 3}}),
+        ("text", lambda b: b == "Ask not.\n"),
+        ("srt", lambda b: b.startswith("1\n00:00:05,500 --> 00:00:06,200\nAsk not")),
+        ("vtt", lambda b: b.startswith("WEBVTT")),
+    ]:
+        response = transcription_response(Upload(response_format=fmt), finals, 2.5, SID)
+        assert response.headers["X-Session-Id"] == SID
+        assert check(response.text), (fmt, response.text)
+    verbose = transcription_response(
+        Upload(response_format="verbose_json", granularities=("word",)), finals, 2.5, SID)
+    body = TranscriptionVerbose.model_validate(json.loads(verbose.text or ""))
+    assert body.words and [w.word for w in body.words] == ["Ask", "not"]
+    assert body.segments is None and body.duration == 2.5
+
+
+# --------------------------------------------------------------------------- the service
+
+CLIP = "fw_jfk"
+SPEED = 4.0  # times real time the clip is streamed
+
+
+@pytest.fixture(scope="module")
+def realtime_run(stack: Stack) -> dict[str, Any]:
+    """The SDK's realtime client: session.update (24 kHz PCM, server VAD, English), the clip
+    streamed at 4x real time in 100 ms appends, then a commit; events read until 3 s pass
+    without one after the commit."""
+    pcm24 = soxr.resample(load_pcm16(CLIP).astype(np.float32) / 32768, 16000, 24000)
+    pcm24 = (np.clip(pcm24, -1, 1) * 32767).astype(np.int16)
+
+    async def go() -> dict[str, Any]:
+        client = openai_sdk.AsyncOpenAI(base_url=f"{stack.http_url}/v1", api_key="sk-test")
+        got: list[Any] = []
+        async with client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
+            await conn.session.update(session={  # type: ignore[arg-type]
+                "type": "transcription",
+                "audio": {"input": {
+                    "format": {"type": "audio/pcm", "rate": 24000},
+                    "transcription": {"model": "gpt-4o-transcribe", "language": "en"},
+                    "turn_detection": {"type": "server_vad", "silence_duration_ms": 500,
+                                       "prefix_padding_ms": 300}}}})
+
+            async def read() -> None:
+                async for event in conn:
+                    got.append(event)
+
+            reader = asyncio.create_task(read())
+            step = 2400
+            for i in range(0, len(pcm24), step):
+                await conn.input_audio_buffer.append(
+                    audio=base64.b64encode(pcm24[i:i + step].tobytes()).decode())
+                await asyncio.sleep(0.1 / SPEED)
+            await conn.input_audio_buffer.commit()
+            deadline = time.monotonic() + 40
+            seen = -1
+            while time.monotonic() < deadline and seen != len(got):
+                seen = len(got)
+                await asyncio.sleep(3.0)
+            reader.cancel()
+        return {"events": got}
+
+    return asyncio.run(go())
+
+
+def test_the_realtime_client_transcribes_a_clip(realtime_run: dict[str, Any]) -> None:
+    got = realtime_run["events"]
+    kinds = [e.type for e in got]
+    assert kinds[:2] == ["session.created", "session.updated"], kinds
+    assert got[1].session.audio.input.transcription.language == "en"
+    assert "error" not in kinds, [e for e in got if e.type == "error"]
+    completed = [e for e in got if isinstance(
+        e, ConversationItemInputAudioTranscriptionCompletedEvent)]
+    text = " ".join(e.transcript for e in completed)
+    assert wer(reference(CLIP), text) <= 0.15, text
+    committed = [e.item_id for e in got if isinstance(e, InputAudioBufferCommittedEvent)]
+    assert committed == [e.item_id for e in completed]
+    started = [e for e in got if isinstance(e, InputAudioBufferSpeechStartedEvent)]
+    assert {e.item_id for e in started} == set(committed)
+    assert 0 <= started[0].audio_start_ms < 2000
+    # the deltas of an item add up to its transcript
+    for event in completed:
+        deltas = "".join(e.delta or "" for e in got if isinstance(
+            e, ConversationItemInputAudioTranscriptionDeltaEvent) and e.item_id == event.item_id)
+        assert deltas == event.transcript
+
+
+def test_the_realtime_session_is_an_ordinary_session(
+        stack: Stack, realtime_run: dict[str, Any]) -> None:
+    sid = realtime_run["events"][0].session.id
+    with urllib.request.urlopen(f"{stack.http_url}/v1/sessions/{sid}") as r:
+        info = json.loads(r.read())
+    assert info["session_id"] == sid if "session_id" in info else info
+    completed = [e.transcript for e in realtime_run["events"] if isinstance(
+        e, ConversationItemInputAudioTranscriptionCompletedEvent)]
+    with urllib.request.urlopen(f"{stack.http_url}/v1/sessions/{sid}/transcript.txt") as r:
+        assert wer(" ".join(completed), r.read().decode()) == 0
+
+
+def test_the_sdk_transcribes_an_uploaded_file(stack: Stack) -> None:
+    client = openai_sdk.OpenAI(base_url=f"{stack.http_url}/v1", api_key="sk-test",
+                               max_retries=0)
+    audio = wav_bytes(load_pcm16(CLIP), 16000)
+
+    def create(**options: Any) -> Any:
+        return client.audio.transcriptions.with_raw_response.create(
+            model="whisper-1", file=("jfk.wav", audio, "audio/wav"), **options)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        plain, verbose, srt = pool.map(lambda o: create(**o), [
+            {}, {"response_format": "verbose_json", "timestamp_granularities": ["word"],
+                 "language": "en"},
+            {"response_format": "srt"}])
+    result = plain.parse()
+    assert isinstance(result, Transcription)
+    assert wer(reference(CLIP), result.text) <= 0.15, result.text
+    words = verbose.parse()
+    assert isinstance(words, TranscriptionVerbose)
+    assert 10.5 <= words.duration <= 11.5 and words.language == "en"
+    assert words.words and all(w.start <= w.end for w in words.words)
+    assert wer(reference(CLIP), " ".join(w.word for w in words.words)) <= 0.15
+    subtitles = srt.parse()
+    assert isinstance(subtitles, str) and "00:00:0" in subtitles and " --> " in subtitles
+    # each upload is an ordinary session: its transcript is stored under its id
+    sid = plain.headers["x-session-id"]
+    with urllib.request.urlopen(f"{stack.http_url}/v1/sessions/{sid}/transcript.txt") as r:
+        assert wer(result.text, r.read().decode()) == 0
+
+
+def test_bad_uploads_get_openai_s_error_body(stack: Stack) -> None:
+    client = openai_sdk.OpenAI(base_url=f"{stack.http_url}/v1", api_key="sk-test",
+                               max_retries=0)
+    with pytest.raises(openai_sdk.BadRequestError) as exc:
+        client.audio.transcriptions.create(model="whisper-1",
+                                           file=("x.wav", b"not audio at all", "audio/wav"))
+    assert exc.value.code == "invalid_audio"
+    assert exc.value.status_code == 400
+    with pytest.raises(openai_sdk.BadRequestError) as exc:
+        client.audio.transcriptions.create(
+            model="whisper-1", file=("x.wav", wav_bytes(np.zeros(1600, np.int16), 16000),
+                                     "audio/wav"), response_format="diarized_json")
+    assert exc.value.code == "bad_request"
+
+
+async def raw(url: str, send: list[str | bytes]) -> tuple[list[dict[str, Any]], int | None]:
+    received: list[dict[str, Any]] = []
+    async with websockets.connect(url) as ws:
+        try:
+            for message in send:
+                await ws.send(message)
+            while True:
+                received.append(json.loads(await ws.recv()))
+        except websockets.ConnectionClosed:
+            pass
+        return received, ws.close_code
+
+
+@pytest.mark.parametrize("send, code_name, close", [
+    (["not json"], "invalid_message", 1007),
+    ([json.dumps(ga_update(format={"type": "audio/pcm", "rate": 16000}))],
+     "unsupported_audio", 1003),
+    ([json.dumps({"type": "input_audio_buffer.append", "audio": "@@not base64@@"})],
+     "invalid_audio", 1007),
+])
+def test_bad_realtime_input_gets_an_error_event_and_a_close_code(
+        stack: Stack, send: list[str | bytes], code_name: str, close: int) -> None:
+    received, close_code = asyncio.run(
+        raw(f"{stack.ws_url}/v1/realtime?intent=transcription", send))
+    assert received[0]["type"] == "session.created"
+    errors = events([json.dumps(m) for m in received if m["type"] == "error"])
+    assert [e["error"]["code"] for e in errors] == [code_name], received
+    assert close_code == close
+
+
+def test_a_realtime_conversation_is_refused_in_openai_s_words(stack: Stack) -> None:
+    with pytest.raises(websockets.InvalidStatus) as exc:
+        asyncio.run(raw(f"{stack.ws_url}/v1/realtime?model=gpt-realtime", []))
+    response = exc.value.response
+    assert response.status_code == 400
+    assert json.loads(response.body or b"")["error"]["code"] == "bad_request"
