@@ -217,8 +217,11 @@ class ListenSession:
 
     def __init__(self, deps: ListenDeps, ws: Socket, params: ListenParams,
                  principal: Principal, lease: str | None = None,
-                 wire: Wire | None = None) -> None:
+                 wire: Wire | None = None, resumable: bool = True) -> None:
         self.deps = deps
+        #: whether its client can resume it (a dialect without resume: its stream ends as
+        #: soon as its socket does, not after the resume grace)
+        self.resumable = resumable
         self.wire: Wire = wire if wire is not None else NativeWire()
         self.settings = deps.settings
         self.store = deps.store
@@ -342,16 +345,18 @@ class ListenSession:
                 guard.forget(lease)
             return
         if not clean and not self.core.ended:
-            if known and not live.stopping:
+            if known and self.resumable and not live.stopping:
                 lease, self.lease = self.lease, None
                 live.detach_later(self.sid, self.generation, self.core.samples_sent,
                                   self.core.entry_seq, self.writer, lease)
                 return
-            if not known:
-                # The 'session' message never went out: nobody can resume this session,
-                # so its close marker goes in now, not after the grace.
-                log.info("session %s: the client left before it got the session id; "
-                         "closing it", self.sid)
+            if not known or not self.resumable:
+                # The 'session' message never went out, or the protocol has no resume:
+                # nobody can resume this session, so its close marker goes in now, not
+                # after the grace.
+                log.info("session %s: the client left %s; closing it", self.sid,
+                         "(its protocol has no resume)" if known
+                         else "before it got the session id")
                 with contextlib.suppress(Exception):
                     await self._end_stream()
             # else a stopping gateway: the client may resume elsewhere (1012)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import contextlib
 import json
 import time
 import urllib.request
@@ -36,6 +37,7 @@ from openai.types.realtime import (
     SessionUpdatedEvent,
 )
 
+from common.codecs import g711_table
 from common.errors import BadRequest, InvalidMessage, UnsupportedAudio
 from common.messages import Final, Partial, Word
 from ingest.dialects.openai import (
@@ -50,6 +52,7 @@ from ingest.dialects.openai import (
 )
 from tests.audio_refs import load_pcm16, reference, wav_bytes, wer
 from tests.conftest import Stack
+from tests.procs import wait_until
 
 SID = "0123456789abcdef0123456789abcdef"
 MODELS: dict[str, Any] = {
@@ -230,13 +233,18 @@ CLIP = "fw_jfk"
 SPEED = 4.0  # times real time the clip is streamed
 
 
+def pcm24(pcm16: np.ndarray) -> np.ndarray:
+    """16 kHz int16 as 24 kHz int16 (OpenAI's audio/pcm)."""
+    up = soxr.resample(pcm16.astype(np.float32) / 32768, 16000, 24000)
+    return (np.clip(up, -1, 1) * 32767).astype(np.int16)
+
+
 @pytest.fixture(scope="module")
 def realtime_run(stack: Stack) -> dict[str, Any]:
     """The SDK's realtime client: session.update (24 kHz PCM, server VAD, English), the clip
     streamed at 4x real time in 100 ms appends, then a commit; events read until 3 s pass
     without one after the commit."""
-    pcm24 = soxr.resample(load_pcm16(CLIP).astype(np.float32) / 32768, 16000, 24000)
-    pcm24 = (np.clip(pcm24, -1, 1) * 32767).astype(np.int16)
+    audio = pcm24(load_pcm16(CLIP))
 
     async def go() -> dict[str, Any]:
         client = openai_sdk.AsyncOpenAI(base_url=f"{stack.http_url}/v1", api_key="sk-test")
@@ -256,9 +264,9 @@ def realtime_run(stack: Stack) -> dict[str, Any]:
 
             reader = asyncio.create_task(read())
             step = 2400
-            for i in range(0, len(pcm24), step):
+            for i in range(0, len(audio), step):
                 await conn.input_audio_buffer.append(
-                    audio=base64.b64encode(pcm24[i:i + step].tobytes()).decode())
+                    audio=base64.b64encode(audio[i:i + step].tobytes()).decode())
                 await asyncio.sleep(0.1 / SPEED)
             await conn.input_audio_buffer.commit()
             deadline = time.monotonic() + 40
@@ -296,10 +304,16 @@ def test_the_realtime_client_transcribes_a_clip(realtime_run: dict[str, Any]) ->
 
 def test_the_realtime_session_is_an_ordinary_session(
         stack: Stack, realtime_run: dict[str, Any]) -> None:
+    """Listed by the sessions API under ``session.created``'s id, and closed as soon as the
+    client closed its socket (OpenAI has no resume: no grace is waited)."""
     sid = realtime_run["events"][0].session.id
-    with urllib.request.urlopen(f"{stack.http_url}/v1/sessions/{sid}") as r:
-        info = json.loads(r.read())
-    assert info["session_id"] == sid if "session_id" in info else info
+
+    def info() -> dict[str, Any]:
+        with urllib.request.urlopen(f"{stack.http_url}/v1/sessions/{sid}") as r:
+            return dict(json.loads(r.read()))
+
+    wait_until("the session closed", lambda: info()["state"] == "closed", 10.0)
+    assert info()["language"] == "en" and 10.5 <= info()["duration"] <= 11.5
     completed = [e.transcript for e in realtime_run["events"] if isinstance(
         e, ConversationItemInputAudioTranscriptionCompletedEvent)]
     with urllib.request.urlopen(f"{stack.http_url}/v1/sessions/{sid}/transcript.txt") as r:
@@ -349,6 +363,54 @@ def test_bad_uploads_get_openai_s_error_body(stack: Stack) -> None:
             model="whisper-1", file=("x.wav", wav_bytes(np.zeros(1600, np.int16), 16000),
                                      "audio/wav"), response_format="diarized_json")
     assert exc.value.code == "bad_request"
+
+
+def mulaw(pcm16: np.ndarray) -> bytes:
+    """16 kHz int16 as 8 kHz μ-law bytes (the nearest code in libav's table)."""
+    table = g711_table("mulaw")
+    order = np.argsort(table)
+    ordered = table[order]
+    x = soxr.resample(pcm16.astype(np.float32) / 32768, 16000, 8000)
+    pos = np.clip(np.searchsorted(ordered, x), 1, 255)
+    nearer = np.where(np.abs(ordered[pos - 1] - x) < np.abs(ordered[pos] - x), pos - 1, pos)
+    return bytes(order[nearer].astype(np.uint8))
+
+
+def test_mulaw_with_manual_turns_and_a_final_commit(stack: Stack) -> None:
+    """audio/pcmu, turn_detection null: the clip up to 10.55 s (its last word ends at 10.4 s:
+    too little silence after it for the VAD to end the utterance) sent at once, then a
+    commit, which ends the last item: every word comes back, no VAD events."""
+    audio = mulaw(load_pcm16(CLIP)[:int(10.55 * 16000)])
+    update = ga_update(format={"type": "audio/pcmu"}, turn_detection=None,
+                       transcription={"language": "en"})
+
+    async def go() -> list[dict[str, Any]]:
+        got: list[dict[str, Any]] = []
+        async with websockets.connect(f"{stack.ws_url}/v1/realtime?intent=transcription",
+                                      additional_headers={"Authorization": "Bearer k"}) as ws:
+            await ws.send(json.dumps(update))
+            for i in range(0, len(audio), 1600):  # 200 ms appends
+                chunk = base64.b64encode(audio[i:i + 1600]).decode()
+                await ws.send(json.dumps({"type": "input_audio_buffer.append",
+                                          "audio": chunk}))
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(30):
+                    while True:
+                        async with asyncio.timeout(2.5):  # no event for 2.5 s: done
+                            got.append(json.loads(await ws.recv()))
+        return got
+
+    got = events([json.dumps(e) for e in asyncio.run(go())])
+    kinds = [e["type"] for e in got]
+    assert kinds[:2] == ["session.created", "session.updated"]
+    assert got[1]["session"]["audio"]["input"]["format"]["type"] == "audio/pcmu"
+    assert "input_audio_buffer.speech_started" not in kinds and "error" not in kinds, kinds
+    completed = [e for e in got
+                 if e["type"] == "conversation.item.input_audio_transcription.completed"]
+    assert kinds.count("input_audio_buffer.committed") == len(completed) >= 1
+    text = " ".join(e["transcript"] for e in completed)
+    assert wer(reference(CLIP), text) <= 0.25, text  # μ-law 8 kHz: ~0.14 on this clip
 
 
 async def raw(url: str, send: list[str | bytes]) -> tuple[list[dict[str, Any]], int | None]:

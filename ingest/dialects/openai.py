@@ -499,7 +499,8 @@ async def serve_realtime(ws: Socket, deps: ListenDeps, principal: Any, lease: st
         if lease is not None:
             await deps.guard.release(lease)
         return
-    session = ListenSession(deps, PrimedSocket(ws, [first]), params, principal, lease, wire)
+    session = ListenSession(deps, PrimedSocket(ws, [first]), params, principal, lease, wire,
+                            resumable=False)
     try:
         await session.run()
     finally:
