@@ -464,6 +464,10 @@ class AudioLimitSettings:
     upload_max_bytes: int = setting(
         26_214_400, "bytes of the audio file one POST /v1/audio/transcriptions may upload "
         "(OpenAI's own limit: 25 MB); a larger one is refused with message_too_big (413)")
+    upload_max_s: float = setting(
+        1500.0, "seconds of audio one POST /v1/audio/transcriptions may hold once decoded "
+        "(its 16 kHz samples are held in memory while they are stored); a longer file is "
+        "refused with bad_request (400)")
 
 
 @group("Reconnects and outages")

@@ -42,6 +42,7 @@ from aiohttp import web
 from common.audio import TARGET_RATE, StreamFormat
 from common.errors import (
     BadRequest,
+    IdleTimeout,
     InvalidAudio,
     InvalidMessage,
     MessageTooBig,
@@ -490,8 +491,8 @@ async def serve_realtime(ws: Socket, deps: ListenDeps, principal: Any, lease: st
     except (SttError, TimeoutError) as exc:
         if lease is not None:
             await deps.guard.release(lease)
-        err = exc if isinstance(exc, SttError) else BadRequest(
-            "no event within the idle timeout")
+        err = exc if isinstance(exc, SttError) else IdleTimeout(
+            "no event within client_idle_timeout_s")
         deps.metrics.rejections.labels(err.code).inc()
         await send_wire_error(ws, wire, err)
         return
@@ -632,7 +633,7 @@ async def transcribe_upload(deps: ListenDeps, upload: Upload, principal: Any, si
     s = deps.settings
     longest = s.max_session_s if principal.max_session_s is None \
         else min(s.max_session_s, principal.max_session_s)
-    pcm = await asyncio.to_thread(decode_file, upload.file, longest)
+    pcm = await asyncio.to_thread(decode_file, upload.file, min(longest, s.upload_max_s))
     duration = len(pcm) / TARGET_RATE
     if await deps.store.backlog(s.model_name) >= s.max_backlog:
         raise Overloaded("all transcribers are busy; try again later")
