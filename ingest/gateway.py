@@ -6,7 +6,8 @@ A listen socket is served by ``listen.py`` (the asyncio adapter over the I/O-fre
 ``listen_core.py``), given its dependencies as ``ListenDeps``; ``live.py`` keeps this
 gateway's live and detached sessions. The recorded-sessions API (``/v1/sessions...``:
 viewers, replays, listing, exports) is fanout's ``SessionsApi``, the same code
-``python -m fanout`` serves: the one thing ingest uses from fanout. Every ``/v1``
+``python -m fanout`` serves: the one thing ingest uses from fanout (with
+``fanout.formats``' subtitles, for the OpenAI dialect's uploads). Every ``/v1``
 request passes ``AccessGuard`` (request rates, Origin, credentials, method, session caps)
 before an upgrade; ``GET`` or ``POST /v1/token`` mints session tokens and ``POST
 /v1/token/revoke`` revokes an unused one.

@@ -16,6 +16,7 @@ import concurrent.futures
 import contextlib
 import json
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -52,7 +53,7 @@ from ingest.dialects.openai import (
 )
 from tests.audio_refs import load_pcm16, reference, wav_bytes, wer
 from tests.conftest import Stack
-from tests.procs import wait_until
+from tests.procs import start_gateway, wait_until
 
 SID = "0123456789abcdef0123456789abcdef"
 MODELS: dict[str, Any] = {
@@ -139,7 +140,10 @@ def test_client_events_become_native_messages_and_replies() -> None:
     [empty] = events(w.replies())
     assert empty["error"]["code"] == "input_audio_buffer_commit_empty"
     assert w.inbound(json.dumps({"type": "input_audio_buffer.append", "audio": audio})) == audio
-    assert w.control(w.inbound(commit) or "", 4096).type == "finalize"  # type: ignore[union-attr]
+    finalize = w.inbound(commit)
+    assert isinstance(finalize, str)
+    control = w.control(finalize, 4096)
+    assert control is not None and control.type == "finalize"
     assert w.inbound(json.dumps({"type": "input_audio_buffer.clear"})) is None
     assert [e["type"] for e in events(w.replies())] == ["input_audio_buffer.cleared"]
     assert w.inbound(json.dumps(ga_update(turn_detection={"type": "server_vad"}))) is None
@@ -250,7 +254,7 @@ def realtime_run(stack: Stack) -> dict[str, Any]:
         client = openai_sdk.AsyncOpenAI(base_url=f"{stack.http_url}/v1", api_key="sk-test")
         got: list[Any] = []
         async with client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
-            await conn.session.update(session={  # type: ignore[arg-type]
+            await conn.session.update(session={
                 "type": "transcription",
                 "audio": {"input": {
                     "format": {"type": "audio/pcm", "rate": 24000},
@@ -363,6 +367,10 @@ def test_bad_uploads_get_openai_s_error_body(stack: Stack) -> None:
             model="whisper-1", file=("x.wav", wav_bytes(np.zeros(1600, np.int16), 16000),
                                      "audio/wav"), response_format="diarized_json")
     assert exc.value.code == "bad_request"
+    with pytest.raises(urllib.error.HTTPError) as http:
+        urllib.request.urlopen(f"{stack.http_url}/v1/audio/transcriptions")
+    assert http.value.code == 405
+    assert json.loads(http.value.read())["error"]["code"] == "method_not_allowed"
 
 
 def mulaw(pcm16: np.ndarray) -> bytes:
@@ -449,3 +457,47 @@ def test_a_realtime_conversation_is_refused_in_openai_s_words(stack: Stack) -> N
     response = exc.value.response
     assert response.status_code == 400
     assert json.loads(response.body or b"")["error"]["code"] == "bad_request"
+
+
+def test_keys_and_per_key_caps_apply_to_both_endpoints(module_redis: Any) -> None:
+    """A gateway that requires API keys, one session per key (no worker needed): a wrong
+    Bearer key is 401 on both endpoints; an open realtime socket holds the key's one session,
+    so a second socket and an upload are 429 until it closes."""
+    from common.auth import hash_key, new_key
+
+    key = new_key()
+    gateway, port = start_gateway(module_redis.url, AUTH="required",
+                                  API_KEYS=f"app={hash_key(key)}", MAX_SESSIONS_PER_KEY="1")
+    base = f"http://127.0.0.1:{port}/v1"
+    url = f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription"
+    wav = ("x.wav", wav_bytes(np.zeros(1600, np.int16), 16000), "audio/wav")
+
+    def upload(api_key: str) -> None:
+        openai_sdk.OpenAI(base_url=base, api_key=api_key, max_retries=0) \
+            .audio.transcriptions.create(model="whisper-1", file=wav)
+
+    async def refused(api_key: str) -> tuple[int, str]:
+        with pytest.raises(websockets.InvalidStatus) as exc:
+            async with websockets.connect(
+                    url, additional_headers={"Authorization": f"Bearer {api_key}"}):
+                pass
+        body = json.loads(exc.value.response.body or b"")
+        return exc.value.response.status_code, body["error"]["code"]
+
+    async def go() -> None:
+        assert await refused("wrong") == (401, "unauthorized")
+        async with websockets.connect(
+                url, additional_headers={"Authorization": f"Bearer {key}"}) as ws:
+            assert json.loads(await ws.recv())["type"] == "session.created"
+            assert await refused(key) == (429, "too_many_sessions")
+            with pytest.raises(openai_sdk.RateLimitError) as exc:
+                await asyncio.to_thread(upload, key)
+            assert exc.value.code == "too_many_sessions"
+
+    try:
+        with pytest.raises(openai_sdk.AuthenticationError) as exc:
+            upload("wrong")
+        assert exc.value.code == "unauthorized"
+        asyncio.run(go())
+    finally:
+        gateway.stop()

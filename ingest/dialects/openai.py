@@ -596,11 +596,10 @@ def decode_file(data: bytes, max_seconds: float) -> np.ndarray:
     total = 0
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
-            streams = [s for s in container.streams if s.type == "audio"]
-            if not streams:
+            if not container.streams.audio:
                 raise InvalidAudio("the file has no audio stream")
             resampler = av.AudioResampler(format="s16", layout="mono", rate=TARGET_RATE)
-            for frame in itertools.chain(container.decode(streams[0]), [None]):
+            for frame in itertools.chain(container.decode(container.streams.audio[0]), [None]):
                 for chunk in resampler.resample(frame):
                     pcm = chunk.to_ndarray().reshape(-1).astype(np.int16, copy=False)
                     total += len(pcm)
