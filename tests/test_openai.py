@@ -42,6 +42,7 @@ from common.codecs import g711_table
 from common.errors import BadRequest, InvalidMessage, UnsupportedAudio
 from common.messages import Final, Partial, Word
 from ingest.dialects.openai import (
+    KEEPALIVE,
     RealtimeConfig,
     RealtimeWire,
     Upload,
@@ -136,7 +137,7 @@ def test_client_events_become_native_messages_and_replies() -> None:
     w = wire(turn_detection=None)
     audio = base64.b64encode(bytes(4800)).decode()
     commit = json.dumps({"type": "input_audio_buffer.commit"})
-    assert w.inbound(commit) is None  # nothing appended yet: a non-fatal error
+    assert w.inbound(commit) == KEEPALIVE  # nothing appended yet: a non-fatal error
     [empty] = events(w.replies())
     assert empty["error"]["code"] == "input_audio_buffer_commit_empty"
     assert w.inbound(json.dumps({"type": "input_audio_buffer.append", "audio": audio})) == audio
@@ -144,17 +145,17 @@ def test_client_events_become_native_messages_and_replies() -> None:
     assert isinstance(finalize, str)
     control = w.control(finalize, 4096)
     assert control is not None and control.type == "finalize"
-    assert w.inbound(json.dumps({"type": "input_audio_buffer.clear"})) is None
+    assert w.inbound(json.dumps({"type": "input_audio_buffer.clear"})) == KEEPALIVE
     assert [e["type"] for e in events(w.replies())] == ["input_audio_buffer.cleared"]
-    assert w.inbound(json.dumps(ga_update(turn_detection={"type": "server_vad"}))) is None
+    assert w.inbound(json.dumps(ga_update(turn_detection={"type": "server_vad"}))) == KEEPALIVE
     assert [e["type"] for e in events(w.replies())] == ["session.updated"]
     assert w.config.server_vad
     # the format is the session's once audio came: an error event, the rest applies
-    assert w.inbound(json.dumps(ga_update(format={"type": "audio/pcmu"}))) is None
+    assert w.inbound(json.dumps(ga_update(format={"type": "audio/pcmu"}))) == KEEPALIVE
     replies = events(w.replies())
     assert [e["type"] for e in replies] == ["error", "session.updated"]
     assert w.config.format == "audio/pcm"
-    assert w.inbound(json.dumps({"type": "response.create"})) is None
+    assert w.inbound(json.dumps({"type": "response.create"})) == KEEPALIVE
     assert [e["type"] for e in events(w.replies())] == ["error"]
     for bad in (b"\x00\x01", "not json", "[1]", '{"type": 3}',
                 '{"type": "input_audio_buffer.append"}'):
@@ -455,6 +456,9 @@ async def raw(url: str, send: list[str | bytes]) -> tuple[list[dict[str, Any]], 
      "unsupported_audio", 1003),
     ([json.dumps({"type": "input_audio_buffer.append", "audio": "@@not base64@@"})],
      "invalid_audio", 1007),
+    # events answered by the wire count in the message rate too (messages_burst: 1000)
+    ([json.dumps({"type": "input_audio_buffer.append", "audio": ""})] * 1500,
+     "too_many_messages", 1008),
 ])
 def test_bad_realtime_input_gets_an_error_event_and_a_close_code(
         stack: Stack, send: list[str | bytes], code_name: str, close: int) -> None:

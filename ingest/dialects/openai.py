@@ -94,6 +94,7 @@ UPLOAD_FRAME_S = 1.0
 #: Entries per append when writing an upload.
 UPLOAD_BATCH = 64
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+KEEPALIVE = '{"type":"keepalive"}'
 
 
 def _dumps(body: dict[str, Any]) -> str:
@@ -348,6 +349,9 @@ class RealtimeWire:
         return [self.session_event("session.updated")]
 
     def inbound(self, message: str | bytes) -> str | bytes | None:
+        """The event as a native message: audio (base64 text), ``finalize``, or a keepalive
+        for the events answered here (so every event counts in the session's message rate
+        and idle clock)."""
         event = parse_event(message)
         kind = event["type"]
         if kind == "input_audio_buffer.append":
@@ -355,7 +359,7 @@ class RealtimeWire:
             if not isinstance(audio, str):
                 raise InvalidMessage("input_audio_buffer.append needs 'audio' (base64)")
             if not audio:
-                return None
+                return KEEPALIVE
             if audio.lstrip()[:1] == "{":
                 raise InvalidAudio("'audio' must be base64")
             self._audio_started = True
@@ -367,20 +371,20 @@ class RealtimeWire:
                     **error_body(BadRequest("the input audio buffer is empty: append audio "
                                             "before committing"), event.get("event_id")),
                     "code": "input_audio_buffer_commit_empty"}))
-                return None
+                return KEEPALIVE
             self._uncommitted = 0
             return '{"type":"finalize"}'
         if kind == "input_audio_buffer.clear":
             self._uncommitted = 0
             self._replies.append(self.event("input_audio_buffer.cleared"))
-            return None
+            return KEEPALIVE
         if kind in UPDATES:
             self._replies.extend(self.update(event))
-            return None
+            return KEEPALIVE
         self._replies.append(self.event("error", error=error_body(BadRequest(
             f"{kind[:64]!r} is not an event of a transcription session"),
             event.get("event_id") if isinstance(event.get("event_id"), str) else None)))
-        return None
+        return KEEPALIVE
 
     def replies(self) -> list[str | bytes]:
         """What answers the client's last event (``session.updated``, ``cleared``, a
