@@ -375,6 +375,12 @@ def test_bad_uploads_get_openai_s_error_body(stack: Stack) -> None:
                                      "audio/wav"), response_format="diarized_json")
     assert exc.value.code == "bad_request"
     with pytest.raises(urllib.error.HTTPError) as http:
+        urllib.request.urlopen(urllib.request.Request(
+            f"{stack.http_url}/v1/audio/transcriptions", data=b'{"file": "x"}',
+            headers={"Content-Type": "application/json"}))
+    assert http.value.code == 400
+    assert json.loads(http.value.read())["error"]["code"] == "bad_request"
+    with pytest.raises(urllib.error.HTTPError) as http:
         urllib.request.urlopen(f"{stack.http_url}/v1/audio/transcriptions")
     assert http.value.code == 405
     assert json.loads(http.value.read())["error"]["code"] == "method_not_allowed"

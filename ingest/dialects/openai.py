@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from common.audio import TARGET_RATE, StreamFormat
 from common.errors import (
@@ -89,6 +89,8 @@ UPDATES = ("session.update", "transcription_session.update")
 DEFAULT_MODEL = "whisper-1"
 #: Text fields of an upload (``model``, ``language``, ...) are at most this long.
 MAX_FIELD_BYTES = 4096
+#: Parts of an upload's form read at most (the SDK sends a handful).
+MAX_PARTS = 64
 #: Seconds of audio in each entry an upload is written as.
 UPLOAD_FRAME_S = 1.0
 #: Entries per append when writing an upload.
@@ -541,12 +543,18 @@ async def read_upload(request: web.BaseRequest, max_bytes: int) -> Upload:
     seen_file = False
     try:
         reader = await request.multipart()
+        parts = 0
         async for part in reader:
-            name = getattr(part, "name", None)
+            parts += 1
+            if parts > MAX_PARTS:
+                raise BadRequest(f"the form may have at most {MAX_PARTS} parts")
+            if not isinstance(part, BodyPartReader):
+                raise BadRequest("nested multipart bodies are not read")
+            name = part.name
             limit = max_bytes if name == "file" else MAX_FIELD_BYTES
             chunks: list[bytes] = []
             size = 0
-            while chunk := await part.read_chunk(65536):  # type: ignore[union-attr]
+            while chunk := await part.read_chunk(65536):
                 size += len(chunk)
                 if size > limit:
                     raise MessageTooBig(f"the file may be at most {max_bytes} bytes"
@@ -557,7 +565,7 @@ async def read_upload(request: web.BaseRequest, max_bytes: int) -> Upload:
             if name == "file":
                 seen_file = True
                 upload.file = data
-                upload.filename = getattr(part, "filename", None) or ""
+                upload.filename = part.filename or ""
                 continue
             try:
                 value = data.decode()
