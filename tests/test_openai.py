@@ -25,6 +25,8 @@ import openai as openai_sdk
 import pytest
 import soxr
 import websockets
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openai.types.audio import Transcription, TranscriptionVerbose
 from openai.types.realtime import (
     ConversationItemInputAudioTranscriptionCompletedEvent,
@@ -39,7 +41,7 @@ from openai.types.realtime import (
 )
 
 from common.codecs import g711_table
-from common.errors import BadRequest, InvalidMessage, UnsupportedAudio
+from common.errors import BadRequest, InvalidMessage, SttError, UnsupportedAudio
 from common.messages import Final, Partial, Word
 from ingest.dialects.openai import (
     KEEPALIVE,
@@ -526,3 +528,42 @@ def test_keys_and_per_key_caps_apply_to_both_endpoints(module_redis: Any) -> Non
         asyncio.run(go())
     finally:
         gateway.stop()
+
+
+# --------------------------------------------------------------------------- hostile input
+
+FUZZ = settings(max_examples=80, deadline=None, database=None)
+JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() |
+                       st.text(max_size=12),
+                       lambda kids: st.lists(kids, max_size=4)
+                       | st.dictionaries(st.text(max_size=10), kids, max_size=4), max_leaves=12)
+KINDS = st.sampled_from(["session.update", "transcription_session.update",
+                         "input_audio_buffer.append", "input_audio_buffer.commit",
+                         "input_audio_buffer.clear", "response.create"])
+SESSIONS = st.fixed_dictionaries({}, optional={
+    "type": st.sampled_from(["transcription", "realtime"]) | JSONISH,
+    "audio": st.fixed_dictionaries({}, optional={"input": st.fixed_dictionaries({}, optional={
+        "format": JSONISH | st.fixed_dictionaries({"type": st.sampled_from(
+            ["audio/pcm", "audio/pcmu", "audio/pcma"]) | JSONISH}, optional={"rate": JSONISH}),
+        "transcription": JSONISH | st.dictionaries(st.sampled_from(
+            ["model", "language", "prompt"]), JSONISH),
+        "turn_detection": JSONISH | st.dictionaries(st.sampled_from(
+            ["type", "threshold", "silence_duration_ms"]), JSONISH),
+        "noise_reduction": JSONISH}) | JSONISH}) | JSONISH,
+    "input_audio_format": JSONISH, "include": JSONISH})
+
+
+@FUZZ
+@given(st.one_of(st.text(max_size=100), JSONISH.map(json.dumps),
+                 st.builds(lambda k, s, a: json.dumps({"type": k, "session": s, "audio": a}),
+                           KINDS, SESSIONS, JSONISH | st.text(max_size=20))))
+def test_any_event_is_a_native_message_or_its_client_error(text: str) -> None:
+    w = wire()
+    try:
+        native = w.inbound(text)
+    except SttError:
+        return
+    assert isinstance(native, str)
+    if native.startswith("{"):  # never a control the client wrote: only the wire's own
+        assert native in (KEEPALIVE, '{"type":"finalize"}'), native
+    events(w.replies())

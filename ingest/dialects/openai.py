@@ -294,6 +294,12 @@ def parse_event(message: str | bytes) -> dict[str, Any]:
     return event
 
 
+def _client_event_id(event: dict[str, Any]) -> str | None:
+    """The client's ``event_id``, echoed in an error about its event."""
+    value = event.get("event_id")
+    return value[:64] if isinstance(value, str) else None
+
+
 # --------------------------------------------------------------------------- the wire
 
 
@@ -316,7 +322,6 @@ class RealtimeWire:
         self._uncommitted = 0  # base64 characters appended since the last commit/clear
         self._open: int | None = None  # the utterance deltas were sent for
         self._sent = ""  # its text sent as deltas so far
-        self._spoken: set[int] = set()  # utterances speech_started was sent for (bounded: 1)
         self._previous: str | None = None  # the item committed last
 
     # ------------------------------------------------------------------ ids
@@ -346,7 +351,7 @@ class RealtimeWire:
                                          language=self.config.language)
             self._replies.append(self.event("error", error=error_body(BadRequest(
                 "the audio format and language cannot change once audio has been sent"),
-                event.get("event_id"))))
+                _client_event_id(event))))
         self.config = config
         return [self.session_event("session.updated")]
 
@@ -371,7 +376,7 @@ class RealtimeWire:
             if self._uncommitted == 0:
                 self._replies.append(self.event("error", error={
                     **error_body(BadRequest("the input audio buffer is empty: append audio "
-                                            "before committing"), event.get("event_id")),
+                                            "before committing"), _client_event_id(event)),
                     "code": "input_audio_buffer_commit_empty"}))
                 return KEEPALIVE
             self._uncommitted = 0
@@ -385,7 +390,7 @@ class RealtimeWire:
             return KEEPALIVE
         self._replies.append(self.event("error", error=error_body(BadRequest(
             f"{kind[:64]!r} is not an event of a transcription session"),
-            event.get("event_id") if isinstance(event.get("event_id"), str) else None)))
+            _client_event_id(event))))
         return KEEPALIVE
 
     def replies(self) -> list[str | bytes]:
