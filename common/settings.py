@@ -461,6 +461,13 @@ class AudioLimitSettings:
     codec_max_streams: int = setting(
         256, "compressed streams (opus, flac; a decoder thread each) one gateway decodes at "
         "once; a session starting another gets overloaded (close 1013); 0 = no limit")
+    upload_max_bytes: int = setting(
+        26_214_400, "bytes of the audio file one POST /v1/audio/transcriptions may upload "
+        "(OpenAI's own limit: 25 MB); a larger one is refused with message_too_big (413)")
+    upload_max_s: float = setting(
+        1500.0, "seconds of audio one POST /v1/audio/transcriptions may hold once decoded "
+        "(its 16 kHz samples are held in memory while they are stored); a longer file is "
+        "refused with bad_request (400)")
 
 
 @group("Reconnects and outages")

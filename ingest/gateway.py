@@ -6,7 +6,8 @@ A listen socket is served by ``listen.py`` (the asyncio adapter over the I/O-fre
 ``listen_core.py``), given its dependencies as ``ListenDeps``; ``live.py`` keeps this
 gateway's live and detached sessions. The recorded-sessions API (``/v1/sessions...``:
 viewers, replays, listing, exports) is fanout's ``SessionsApi``, the same code
-``python -m fanout`` serves: the one thing ingest uses from fanout. Every ``/v1``
+``python -m fanout`` serves: the one thing ingest uses from fanout (with
+``fanout.formats``' subtitles, for the OpenAI dialect's uploads). Every ``/v1``
 request passes ``AccessGuard`` (request rates, Origin, credentials, method, session caps)
 before an upgrade; ``GET`` or ``POST /v1/token`` mints session tokens and ``POST
 /v1/token/revoke`` revokes an unused one.
@@ -28,7 +29,7 @@ from importlib import resources
 from aiohttp import web
 
 from common import errors
-from common.access import AccessGuard, Admission, check_single_headers
+from common.access import AccessGuard, Admission, address_bucket, check_single_headers
 from common.auth import Principal
 from common.backoff import REDIS_DOWN
 from common.codecs import DecoderSlots
@@ -64,7 +65,7 @@ from common.web import (
     wants_websocket,
 )
 from fanout.api import MODELS_PATH, PREFIX, SessionsApi
-from ingest.dialects import twilio
+from ingest.dialects import openai, twilio
 from ingest.dialects.deepgram import DeepgramDialect
 from ingest.listen import Dialect, ListenDeps, ListenSession, NativeDialect, send_wire_error
 from ingest.listen_core import resume_target, session_id_ok
@@ -133,6 +134,7 @@ class Gateway:
         self._retention_task: asyncio.Task[None] | None = None
         #: The listen endpoints: /v1/listen and the client protocols it also speaks
         self.dialects: list[Dialect] = [NativeDialect(), DeepgramDialect(settings.model_name)]
+        self.openai = openai.RealtimeDialect()
 
     # ------------------------------------------------------------------ routing
 
@@ -144,6 +146,8 @@ class Gateway:
             *(web.route("*", dialect.path, functools.partial(self._listen, dialect=dialect))
               for dialect in self.dialects),
             web.route("*", twilio.PATH, self._twilio),
+            web.route("*", openai.REALTIME_PATH, self._openai_realtime),
+            web.route("*", openai.TRANSCRIPTIONS_PATH, self._openai_transcriptions),
             web.route("*", TOKEN_PATH, self._token),
             web.route("*", REVOKE_PATH, self._token),
             web.route("*", PREFIX + "{tail:(?:/.*)?}", self._sessions),
@@ -284,6 +288,60 @@ class Gateway:
         finally:
             if session.lease is not None:
                 self.guard.forget(session.lease)
+
+    async def _openai_realtime(self, request: web.Request) -> web.StreamResponse:
+        """``/v1/realtime?intent=transcription``: OpenAI's realtime transcription sessions
+        (``ingest/dialects/openai.py``), admitted like a new listen session."""
+        try:
+            openai.check_intent(target(request)[1])
+            admission = await self._admit_listen(request, self.openai)
+        except (SttError, *REDIS_DOWN) as exc:
+            return self._refused(request, exc, openai.http_error)
+        try:
+            ws = await accept(request, self.settings.ws_max_size)
+        except BaseException:
+            await self.guard.settle(admission)
+            raise
+        lease, admission.lease = admission.lease, None
+        sid = self.guard.member(lease) or uuid.uuid4().hex
+        async with self.sockets.track(ws):
+            await openai.serve_realtime(ws, self.listen_deps, admission.principal, lease, sid)
+        return ws.ws
+
+    async def _openai_transcriptions(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/audio/transcriptions``: an uploaded file transcribed as a new session
+        (counted in the session caps while it is transcribed), answered once it closed."""
+        lease: str | None = None
+        sid = uuid.uuid4().hex
+        closed = False
+        try:
+            await self.storage.check()
+            admission = await self.guard.admit(request, opens_session=True, allow_tokens=False,
+                                               methods=("POST",))
+        except (SttError, *REDIS_DOWN) as exc:
+            return self._refused(request, exc, openai.http_error)
+        try:
+            lease = await self.guard.acquire(self.guard.request_ip(request),
+                                             admission.principal, *self._caps, member=sid)
+            if self.served is not None:
+                self.served.connections.read_body(request)
+            upload = await openai.read_upload(request, self.settings.upload_max_bytes)
+            address = address_bucket(self.guard.request_ip(request))
+            finals, duration = await openai.transcribe_upload(
+                self.listen_deps, upload, admission.principal, sid, address)
+            closed = True
+            log.info("session %s: transcribed an upload (%.1f s, %d finals)", sid, duration,
+                     len(finals))
+            return openai.transcription_response(upload, finals, duration, sid)
+        except (SttError, *REDIS_DOWN) as exc:
+            return self._refused(request, exc, openai.http_error)
+        except TimeoutError:
+            return self._refused(request, SttError("transcription did not finish in time"),
+                                 openai.http_error)
+        finally:
+            if lease is not None:
+                await self.guard.release(lease, session_closed=closed)
+            await self.guard.settle(admission)
 
     async def _admit_listen(self, request: web.Request, dialect: Dialect) -> Admission:
         """The caps count the session: the one named by ?session= (resumed within its grace,

@@ -10,7 +10,7 @@ heartbeat fresh and tells the client about queueing and lag.
 What goes over the socket is spelled by a ``Wire``: how the client's text messages read
 (controls) and how the session's messages are written (its start, each result, an error and
 its close). ``NativeWire`` is /v1/listen's own protocol; a dialect (``ingest/dialects/``:
-Deepgram's, Twilio's) is another ``Wire`` over the same session machinery, so resume,
+Deepgram's, Twilio's, OpenAI's) is another ``Wire`` over the same session machinery, so resume,
 limits, auth, viewers and exports work the same for every dialect.
 """
 
@@ -92,6 +92,9 @@ class Wire(Protocol):
 
     def error(self, err: SttError) -> tuple[list[str | bytes], int, str]:
         """The messages that report ``err``, then the close code and reason."""
+
+    # Optional: ``replies() -> list[str | bytes]``, messages that answer the client's last
+    # message (sent right after ``inbound``; ``ListenSession._replies``).
 
 
 class NativeWire:
@@ -214,8 +217,11 @@ class ListenSession:
 
     def __init__(self, deps: ListenDeps, ws: Socket, params: ListenParams,
                  principal: Principal, lease: str | None = None,
-                 wire: Wire | None = None) -> None:
+                 wire: Wire | None = None, resumable: bool = True) -> None:
         self.deps = deps
+        #: whether its client can resume it (a dialect without resume: its stream ends as
+        #: soon as its socket does, not after the resume grace)
+        self.resumable = resumable
         self.wire: Wire = wire if wire is not None else NativeWire()
         self.settings = deps.settings
         self.store = deps.store
@@ -339,16 +345,18 @@ class ListenSession:
                 guard.forget(lease)
             return
         if not clean and not self.core.ended:
-            if known and not live.stopping:
+            if known and self.resumable and not live.stopping:
                 lease, self.lease = self.lease, None
                 live.detach_later(self.sid, self.generation, self.core.samples_sent,
                                   self.core.entry_seq, self.writer, lease)
                 return
-            if not known:
-                # The 'session' message never went out: nobody can resume this session,
-                # so its close marker goes in now, not after the grace.
-                log.info("session %s: the client left before it got the session id; "
-                         "closing it", self.sid)
+            if not known or not self.resumable:
+                # The 'session' message never went out, or the protocol has no resume:
+                # nobody can resume this session, so its close marker goes in now, not
+                # after the grace.
+                log.info("session %s: the client left %s; closing it", self.sid,
+                         "(its protocol has no resume)" if known
+                         else "before it got the session id")
                 with contextlib.suppress(Exception):
                     await self._end_stream()
             # else a stopping gateway: the client may resume elsewhere (1012)
@@ -475,6 +483,7 @@ class ListenSession:
                     except SocketClosed:
                         return False
                     native = self.wire.inbound(message)
+                    await self._replies()
                     if native is None:
                         continue
                     received = self.core.receive(native, time.monotonic())
@@ -484,6 +493,14 @@ class ListenSession:
                         return True
         except TimeoutError:
             raise self.core.expired(time.monotonic()) from None
+
+    async def _replies(self) -> None:
+        """What the wire answers the client's last message with, if it answers any (a
+        wire may have ``replies()``: OpenAI's acknowledgements and non-fatal errors)."""
+        replies = getattr(self.wire, "replies", None)
+        if replies is not None:
+            for reply in replies():
+                await self.ws.send(reply)
 
     # ------------------------------------------------------------------ results out
 
