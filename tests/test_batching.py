@@ -159,6 +159,7 @@ def test_batched_decodes_give_the_words_of_unbatched_ones(tail: int) -> None:
     assert all(n <= 4 for _, n in rows)
 
 
+@pytest.mark.long
 @pytest.mark.integration
 def test_a_batching_worker_transcribes_concurrent_sessions_accurately() -> None:
     """Four real-time sessions on one worker with BATCH_SIZE=4: every transcript is accurate,

@@ -105,6 +105,7 @@ def assert_on_time(good: StreamResult, baseline: StreamResult, beside_what: str)
     assert ttf_p50(good) <= ttf_p50(baseline) + MARGIN_S
 
 
+@pytest.mark.long
 def test_sockets_sending_only_keepalives_do_not_hold_the_transcriber_slots(
         stack: dict[str, Any]) -> None:
     """Eight idle sockets took all eight slots of a worker and a good session waited 23-31 s
@@ -161,6 +162,7 @@ def test_a_parked_session_that_speaks_while_the_worker_is_full_moves_on_and_lose
     assert server.client().xlen("stt:sessions") == 0
 
 
+@pytest.mark.long
 def test_finalize_spam_beside_speech_sent_ahead_does_not_delay_another_sessions_finals(
         stack: dict[str, Any]) -> None:
     """Three sessions send a 53 s reading at once (within AUDIO_BURST_S) with a
@@ -186,6 +188,7 @@ def test_finalize_spam_beside_speech_sent_ahead_does_not_delay_another_sessions_
                    f"({sum(len(r.finals) for r in spammers)} finals)")
 
 
+@pytest.mark.long
 def test_one_api_key_holds_at_most_its_share_of_a_full_worker_while_another_waits(
         stack: dict[str, Any]) -> None:
     """Capacity 4, PRINCIPAL_SHARE 0.5: one key's four speaking sessions fill the worker;

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.integration
 SESSIONS = 150
 
 
+@pytest.mark.long
 def test_150_concurrent_sessions_on_one_gateway_all_open() -> None:
     server = RedisServer()
     server.start()

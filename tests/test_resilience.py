@@ -255,6 +255,7 @@ def stored_seq(cluster: Cluster, sid: str) -> int:
 CLIPS = ["fw_jfk", "ds_ldc93s1", "ls_6930-75918-0000"]
 
 
+@pytest.mark.long
 def test_three_workers_share_nine_sessions_by_capacity(cluster_factory: Any) -> None:
     cluster = cluster_factory(workers=3, worker_args=["--capacity", "3", "--cpu-threads", "1"])
     clips = [CLIPS[i % 3] for i in range(9)]

@@ -52,6 +52,7 @@ def test_a_filter_that_matches_few_sessions_pages_through_the_index_in_bounded_s
     asyncio.run(scenario())
 
 
+@pytest.mark.long
 @pytest.mark.integration
 def test_listing_a_large_index_in_parallel_leaves_a_live_session_on_time(
         server: RedisServer) -> None:

@@ -83,6 +83,7 @@ async def session(stack: Stack, pcm: np.ndarray, viewers: int,
     return res, watched
 
 
+@pytest.mark.long
 def test_twenty_viewers_and_one_that_never_reads_leave_latency_unchanged(stack: Stack) -> None:
     pcm = with_tail(load_pcm16("fw_jfk"))
     asyncio.run(stream(listen_url(stack.ws_url), frames(load_pcm16("ds_ldc93s1")), pace=None))

@@ -73,6 +73,7 @@ async def create_idle_sessions(url: str, n: int) -> list[str]:
         await r.aclose()
 
 
+@pytest.mark.long
 def test_a_dead_owners_sessions_are_taken_over_behind_a_dozen_live_older_sessions(
         server: RedisServer, services: list[Service]) -> None:
     """XAUTOCLAIM from 0-0 with COUNT 1 examined only the ten oldest pending entries, all
