@@ -328,6 +328,10 @@ class Sessions:
                                            strict=True)))
         return meta.principal, meta.account
 
+    async def closed(self, sid: str) -> bool:
+        """Whether the session exists and has ended."""
+        return await self.redis.hget(keys.meta(sid), "state") == CLOSED.encode()
+
     async def exists(self, sid: str) -> bool:
         return bool(await self.redis.exists(keys.meta(sid)))
 

@@ -29,7 +29,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from common import keys
 from common.backoff import REDIS_DOWN
 from common.errors import SessionNotFound, StorageFull
-from common.session_meta import CLOSED
 from common.sessions import Sessions
 
 log = logging.getLogger(__name__)
@@ -160,7 +159,7 @@ class Retention:
                     sid = member.decode()
                     if used <= self.max_bytes:
                         break
-                    if await redis.hget(keys.meta(sid), "state") != CLOSED.encode():
+                    if not await self.store.closed(sid):
                         start += 1  # active (or gone: dropped from the index by a listing)
                         continue
                     freed = await self._usage(sid)

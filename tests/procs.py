@@ -226,11 +226,11 @@ def _pings(port: int) -> bool:
 #: Test services run without authentication (as `make run` does on 127.0.0.1) unless a
 #: test passes AUTH=required (tests/test_security.py does), and without request rate limits
 #: (every test client, and the benchmarks' load generators, share 127.0.0.1) unless a test
-#: sets them (tests/test_security.py does). Closed sessions are compacted losslessly (FLAC)
-#: unless a test asks otherwise, so the tests that compare an export with the streamed audio
-#: sample by sample hold (the default, Opus, is tested in tests/test_compaction.py).
+#: sets them (tests/test_security.py does). Closed sessions keep their raw audio stream
+#: unless a test asks for compaction (tests/test_compaction.py does): many tests read the
+#: stream of a closed session.
 TEST_ENV = {"AUTH": "off", "RATE_LIMIT_IP_PER_S": "0", "RATE_LIMIT_KEY_PER_S": "0",
-            "COMPACT_CODEC": "flac"}
+            "COMPACT_CODEC": "off"}
 
 
 class Service:

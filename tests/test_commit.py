@@ -153,5 +153,5 @@ async def test_an_idle_close_is_refused_while_the_client_is_back_and_a_close_is_
     assert (await meta(r)).closed and seq > 0
     assert await writer.close(closed, 60) == 0  # closed already: nothing written
     assert [type(m) for _s, _e, m in await results(r)] == [Closed]
-    for key in keys.session_keys(SID):
+    for key in (keys.audio(SID), keys.results(SID), keys.meta(SID)):
         assert 0 < await r.ttl(key) <= 60

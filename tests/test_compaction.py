@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.request
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from common.messages import AudioFrame, AudioMarker
 from common.sessions import Sessions
 from tests.audio_refs import frames, load_pcm16, reference, wer
 from tests.conftest import Stack
-from tests.procs import RedisServer, wait_until
+from tests.procs import RedisServer, start_gateway, start_transcriber, wait_until
 from tests.test_pipeline_e2e import with_tail
 
 pytestmark = pytest.mark.integration
@@ -128,12 +129,26 @@ def test_a_read_that_the_compaction_overtakes_goes_on_from_the_compacted_form(
     asyncio.run(run())
 
 
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    """A gateway and a transcriber that compacts closed sessions losslessly (FLAC); the
+    other tests' services keep raw streams (COMPACT_CODEC=off in tests/procs.py)."""
+    server = RedisServer()
+    server.start()
+    worker = start_transcriber(server.url, COMPACT_CODEC="flac")
+    gateway, port = start_gateway(server.url)
+    yield Stack(server, gateway, worker, port)
+    gateway.stop()
+    worker.stop()
+    server.stop()
+
+
 def test_the_worker_compacts_a_closed_session_and_exports_and_replays_read_it(
         stack: Stack) -> None:
-    """Through the real services: the transcriber that closed the session compacts it (the
-    test stack: FLAC); the WAV export is still the streamed audio sample for sample; then
-    the same session compacted with Opus (the default) is replayed through the
-    transcribers as accurately as the raw audio was transcribed."""
+    """Through the real services: the transcriber that closed the session compacts it
+    (FLAC here); the WAV export is still the streamed audio sample for sample; then the
+    same session compacted with Opus (the default) is replayed through the transcribers as
+    accurately as the raw audio was transcribed."""
     pcm = with_tail(load_pcm16("fw_jfk"), 1.0)
     res = asyncio.run(stream(listen_url(stack.ws_url), frames(pcm), pace=None))
     sid = res.messages[0].message["session_id"]
