@@ -23,46 +23,19 @@ from typing import Any
 
 import av
 import numpy as np
-import soxr
 import websockets
 
 from common.messages import Final, Partial, SessionStarted, Word
 from ingest.dialects.deepgram import DeepgramOptions, DeepgramWire
 from ingest.dialects.twilio import TwilioWire, parse_start, session_for
 from ingest.listen_core import Received
-from tests.audio_refs import load_pcm16, reference, wer
+from tests.audio_refs import encode, load_pcm16, mulaw, reference, wer
 from tests.procs import Cluster
 
 OUT = Path(__file__).resolve().parent / "results"
 
 Sent = list[tuple[float, float]]  # (audio seconds sent so far, monotonic time)
 Finals = list[tuple[float, float, str]]  # (received at, last word's end, text)
-
-
-def encode(pcm16: np.ndarray, fmt: str, codec: str, rate: int,
-           options: dict[str, str] | None = None) -> bytes:
-    buf = io.BytesIO()
-    with av.open(buf, "w", format=fmt, options=options or {}) as box:
-        out: Any = box.add_stream(codec, rate=rate, layout="mono")
-        frame = av.AudioFrame.from_ndarray(pcm16.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = 16000
-        resampler = av.AudioResampler(format=out.codec_context.format, layout="mono",
-                                      rate=rate)
-        for part in [*resampler.resample(frame), *resampler.resample(None)]:
-            box.mux(out.encode(part))
-        box.mux(out.encode(None))
-    return buf.getvalue()
-
-
-def mulaw(pcm16: np.ndarray) -> bytes:
-    pcm8k = soxr.resample(pcm16.astype(np.float32) / 32768, 16000, 8000)
-    enc: Any = av.CodecContext.create("pcm_mulaw", "w")
-    enc.sample_rate, enc.layout, enc.format = 8000, "mono", "s16"
-    frame = av.AudioFrame.from_ndarray(
-        (np.clip(pcm8k, -1, 1) * 32767).astype(np.int16).reshape(1, -1), format="s16",
-        layout="mono")
-    frame.sample_rate = 8000
-    return b"".join(bytes(p) for p in [*enc.encode(frame), *enc.encode(None)])
 
 
 def chunks(data: bytes, seconds: float, step_s: float) -> list[tuple[bytes, float]]:

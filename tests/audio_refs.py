@@ -9,10 +9,13 @@ import os
 import re
 import wave
 from pathlib import Path
+from typing import Any
 
+import av
 import jiwer
 import numpy as np
 import soundfile as sf
+import soxr
 
 AUDIO_DIR = Path(os.environ.get("STT_AUDIO_DIR",
                                 Path(__file__).resolve().parents[2] / "shared" / "audio"))
@@ -69,3 +72,31 @@ def frames(pcm16: np.ndarray, frame_s: float = 0.1, rate: int = 16000) -> list[t
     step = int(rate * frame_s)
     return [(pcm16[i:i + step].astype("<i2").tobytes(), len(pcm16[i:i + step]) / rate)
             for i in range(0, len(pcm16), step)]
+
+
+def encode(pcm16: np.ndarray, fmt: str, codec: str, rate: int,
+           options: dict[str, str] | None = None) -> bytes:
+    """16 kHz int16 speech → a ``fmt`` stream of ``codec`` at ``rate``, encoded by libav."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt, options=options or {}) as box:
+        out: Any = box.add_stream(codec, rate=rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray(pcm16.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = 16000
+        resampler = av.AudioResampler(format=out.codec_context.format, layout="mono",
+                                      rate=rate)
+        for part in [*resampler.resample(frame), *resampler.resample(None)]:
+            box.mux(out.encode(part))
+        box.mux(out.encode(None))
+    return buf.getvalue()
+
+
+def mulaw(pcm16: np.ndarray) -> bytes:
+    """16 kHz speech → 8 kHz μ-law, by libav's G.711 encoder (what a phone line carries)."""
+    pcm8k = soxr.resample(pcm16.astype(np.float32) / 32768, 16000, 8000)
+    enc: Any = av.CodecContext.create("pcm_mulaw", "w")
+    enc.sample_rate, enc.layout, enc.format = 8000, "mono", "s16"
+    frame = av.AudioFrame.from_ndarray(
+        (np.clip(pcm8k, -1, 1) * 32767).astype(np.int16).reshape(1, -1), format="s16",
+        layout="mono")
+    frame.sample_rate = 8000
+    return b"".join(bytes(p) for p in [*enc.encode(frame), *enc.encode(None)])

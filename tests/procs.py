@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import json
 import os
 import random
 import signal
@@ -348,3 +349,20 @@ class Cluster:
                 svc.proc.send_signal(signal.SIGCONT)
             svc.stop()
         self.redis.stop()
+
+
+async def raw(url: str, send: list[str | bytes]) -> tuple[list[dict[str, Any]], int | None]:
+    """Send ``send`` on a WebSocket, then read JSON messages to the close: (messages,
+    close code). The dialects' hostile-input tests use it."""
+    import websockets
+
+    received: list[dict[str, Any]] = []
+    async with websockets.connect(url) as ws:
+        try:
+            for message in send:
+                await ws.send(message)
+            while True:
+                received.append(json.loads(await ws.recv()))
+        except websockets.ConnectionClosed:
+            pass
+        return received, ws.close_code

@@ -7,7 +7,6 @@ through the whole service and check the transcript."""
 from __future__ import annotations
 
 import asyncio
-import io
 import random
 import threading
 
@@ -22,26 +21,10 @@ from common.audio import AUTO, AudioNormalizer, StreamFormat, parse_stream_forma
 from common.client import listen_url, stream
 from common.codecs import CodecLimits, ContainerDecoder, DecoderSlots
 from common.errors import INVALID_PAYLOAD, InvalidAudio, Overloaded, SttError, UnsupportedAudio
-from tests.audio_refs import load_pcm16, reference, wav16, wer
+from tests.audio_refs import encode, load_pcm16, reference, wav16, wer
 from tests.conftest import Stack
 
 CLIP = "fw_jfk"
-
-
-def encode(pcm16: np.ndarray, fmt: str, codec: str, rate: int,
-           options: dict[str, str] | None = None) -> bytes:
-    """16 kHz int16 speech → a ``fmt`` stream of ``codec`` at ``rate``, encoded by libav."""
-    buf = io.BytesIO()
-    with av.open(buf, "w", format=fmt, options=options or {}) as box:
-        out = box.add_stream(codec, rate=rate, layout="mono")
-        frame = av.AudioFrame.from_ndarray(pcm16.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = 16000
-        resampler = av.AudioResampler(format=out.codec_context.format, layout="mono",
-                                      rate=rate)
-        for part in [*resampler.resample(frame), *resampler.resample(None)]:
-            box.mux(out.encode(part))
-        box.mux(out.encode(None))
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,7 @@ from ingest.dialects.deepgram import DeepgramOptions, DeepgramWire, deepgram_par
 from ingest.listen_core import Received
 from tests.audio_refs import load_pcm16, reference, wer
 from tests.conftest import Stack
+from tests.procs import raw
 
 SID = uuid.uuid4().hex
 MODEL = "tiny.en"
@@ -319,19 +320,6 @@ def test_the_session_is_an_ordinary_session(stack: Stack, sdk_run: dict[str, Any
         stored = r.read().decode()
     finals = [m for _, m in sdk_run["got"] if isinstance(m, ListenV1Results) and m.is_final]
     assert wer(" ".join(f.channel.alternatives[0].transcript for f in finals), stored) == 0
-
-
-async def raw(url: str, send: list[str | bytes]) -> tuple[list[dict[str, Any]], int | None]:
-    received: list[dict[str, Any]] = []
-    async with websockets.connect(url) as ws:
-        try:
-            for message in send:
-                await ws.send(message)
-            while True:
-                received.append(json.loads(await ws.recv()))
-        except websockets.ConnectionClosed:
-            pass
-        return received, ws.close_code
 
 
 @pytest.mark.parametrize("path, send, variant, code", [

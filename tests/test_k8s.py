@@ -29,7 +29,6 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ import yaml
 from common import keys
 from common.settings import SERVICES, env_name
 from common.web import OpenSockets
+from tests.test_deploy_files import _need
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
@@ -51,17 +51,6 @@ SETTINGS_OF = {"ingest": dict(SERVICES)["gateway"], "transcriber": dict(SERVICES
 #: Seconds the stopping worker's ``_release_all`` cancels its sessions for, at most (10
 #: rounds of ``asyncio.wait(..., timeout=1.0)`` in transcriber/worker.py).
 WORKER_CANCEL_S = 10.0
-
-
-def _need(module: str, package: str) -> Any:
-    """Import a dev-only tool; a missing one fails under CI and skips elsewhere."""
-    try:
-        return import_module(module)
-    except ImportError:
-        message = f"{module} not installed (pip install {package}; it is a dev dependency)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 def kubectl() -> str:

@@ -56,7 +56,7 @@ from ingest.dialects.openai import (
 )
 from tests.audio_refs import load_pcm16, reference, wav_bytes, wer
 from tests.conftest import Stack
-from tests.procs import start_gateway, wait_until
+from tests.procs import raw, start_gateway, wait_until
 
 SID = "0123456789abcdef0123456789abcdef"
 MODELS: dict[str, Any] = {
@@ -443,19 +443,6 @@ def test_mulaw_with_manual_turns_and_a_final_commit(stack: Stack) -> None:
     assert kinds.count("input_audio_buffer.committed") == len(completed) >= 1
     text = text_of(got)
     assert wer(reference(CLIP), text) <= 0.25, text  # μ-law 8 kHz: ~0.14 on this clip
-
-
-async def raw(url: str, send: list[str | bytes]) -> tuple[list[dict[str, Any]], int | None]:
-    received: list[dict[str, Any]] = []
-    async with websockets.connect(url) as ws:
-        try:
-            for message in send:
-                await ws.send(message)
-            while True:
-                received.append(json.loads(await ws.recv()))
-        except websockets.ConnectionClosed:
-            pass
-        return received, ws.close_code
 
 
 @pytest.mark.parametrize("send, code_name, close", [

@@ -27,6 +27,7 @@ from common.client import StreamResult, listen_url, stream
 from tests.audio_refs import frames, load_pcm16, reference, wer
 from tests.procs import RedisClusterServers, Service, start_gateway, start_transcriber
 from tests.test_pipeline_e2e import check_protocol, with_tail
+from tests.test_resilience import SessionWatch
 
 pytestmark = pytest.mark.integration
 
@@ -139,22 +140,17 @@ def test_worker_sigkill_and_a_gateway_stop_mid_session_lose_and_repeat_nothing(
         deployment: Deployment) -> None:
     """The owner is SIGKILLed at 3 s (the other worker takes over after the lease); the
     gateway the client talks to stops at 7 s (1012: the client resumes on the other one)."""
-    sid: list[str] = []
+    watch = SessionWatch()
     events: dict[str, Any] = {}
 
     async def run() -> StreamResult:
-        known = asyncio.Event()
-
-        def on_message(m: dict[str, Any]) -> None:
-            if m["type"] == "session" and not sid:
-                sid.append(m["session_id"])
-                known.set()
+        on_message = watch
 
         async def faults() -> None:
-            await known.wait()
+            await watch.known.wait()
             started = time.monotonic()
             await asyncio.sleep(3.0)
-            owner = deployment.meta(sid[0]).get("owner")
+            owner = deployment.meta(watch.sid).get("owner")
             assert owner in deployment.workers
             events["killed"] = owner
             deployment.workers[owner].signal(signal.SIGKILL)
@@ -171,7 +167,7 @@ def test_worker_sigkill_and_a_gateway_stop_mid_session_lose_and_repeat_nothing(
         res = asyncio.run(run())
         check_protocol(res)
         assert sum(m.message["type"] == "session" for m in res.messages) == 2  # resumed once
-        assert deployment.meta(sid[0])["owner"] != events["killed"]
+        assert deployment.meta(watch.sid)["owner"] != events["killed"]
         assert wer(reference("fw_jfk"), res.text) <= 0.10, res.text
     finally:
         killed = events.get("killed")
@@ -203,23 +199,19 @@ def test_killing_the_primary_of_a_live_sessions_slot_loses_and_repeats_no_final(
     """SIGKILL of the primary that holds the session's slot, mid-utterance: its replica is
     promoted (cluster-node-timeout 2 s) and the session goes on: every final once, in order,
     seq strictly increasing, the transcript as good as undisturbed."""
-    sid: list[str] = []
+    watch = SessionWatch()
     events: dict[str, Any] = {}
 
     async def run() -> StreamResult:
-        known = asyncio.Event()
-
         def on_message(m: dict[str, Any]) -> None:
-            if m["type"] == "session" and not sid:
-                sid.append(m["session_id"])
-                known.set()
+            watch(m)
             if "killed_at" in events and m["type"] in ("partial", "final"):
                 events.setdefault("next_result_at", time.monotonic())
 
         async def fault() -> None:
-            await known.wait()
+            await watch.known.wait()
             await asyncio.sleep(5.0)  # inside "ask not what your country can do for you"
-            port = deployment.redis.master_of(f"stt:{{{sid[0]}}}:meta")
+            port = deployment.redis.master_of(f"stt:{{{watch.sid}}}:meta")
             events["killed_at"] = time.monotonic()
             deployment.redis.kill(port)
 
@@ -240,7 +232,7 @@ def test_killing_the_primary_of_a_live_sessions_slot_loses_and_repeats_no_final(
     assert wer(reference("fw_jfk"), res.text) <= 0.10, res.text
     # what the promoted replica stores is what the client got: no final lost to the
     # asynchronous replication, none twice, seq strictly increasing
-    status, body = get(f"{deployment.url(1, 'http')}/v1/sessions/{sid[0]}/transcript.json")
+    status, body = get(f"{deployment.url(1, 'http')}/v1/sessions/{watch.sid}/transcript.json")
     assert status == 200, (body, deployment.logs())
     stored = json.loads(body)["utterances"]
     assert [(u["utterance"], u["seq"], u["text"]) for u in stored] == \

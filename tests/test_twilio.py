@@ -15,10 +15,8 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-import av
 import numpy as np
 import pytest
-import soxr
 import websockets
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -40,7 +38,7 @@ from ingest.dialects.twilio import (
     session_for,
     twilio_params,
 )
-from tests.audio_refs import load_pcm16, reference, wer
+from tests.audio_refs import load_pcm16, mulaw, reference, wer
 from tests.conftest import Stack
 from tests.procs import Service, start_gateway
 
@@ -54,18 +52,6 @@ def start_event(stream_sid: str, **custom: str) -> dict[str, Any]:
         "accountSid": ACCOUNT, "streamSid": stream_sid, "callSid": CALL,
         "tracks": ["inbound", "outbound"], "customParameters": custom,
         "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}
-
-
-def mulaw(pcm16: np.ndarray) -> bytes:
-    """16 kHz speech → 8 kHz μ-law, by libav's G.711 encoder (what a phone line carries)."""
-    pcm8k = soxr.resample(pcm16.astype(np.float32) / 32768, 16000, 8000)
-    enc: Any = av.CodecContext.create("pcm_mulaw", "w")
-    enc.sample_rate, enc.layout, enc.format = 8000, "mono", "s16"
-    frame = av.AudioFrame.from_ndarray(
-        (np.clip(pcm8k, -1, 1) * 32767).astype(np.int16).reshape(1, -1), format="s16",
-        layout="mono")
-    frame.sample_rate = 8000
-    return b"".join(bytes(p) for p in [*enc.encode(frame), *enc.encode(None)])
 
 
 def media(stream_sid: str, seq: int, track: str, chunk: bytes, at_ms: int) -> str:

@@ -40,7 +40,7 @@ from typing import Any
 from aiohttp import web
 
 from common.audio import AUTO, StreamFormat, parse_stream_format
-from common.errors import BadRequest, InvalidMessage, MessageTooBig, SttError, UnsupportedAudio
+from common.errors import InvalidMessage, MessageTooBig, SttError, UnsupportedAudio
 from common.messages import (
     Closed,
     Control,
@@ -50,7 +50,7 @@ from common.messages import (
     SessionStarted,
     Word,
 )
-from common.web import bool_param, client_error, error_response, one
+from common.web import bool_param, client_error, error_response, int_param, one
 from ingest.listen import Wire
 from ingest.listen_core import ListenParams, Received
 
@@ -102,14 +102,8 @@ class DeepgramOptions:
 def _int(query: Mapping[str, list[str]], name: str, low: int, high: int) -> int | None:
     value = one(query, name)
     if value is None or value == "" or value.lower() == "false":
-        return None
-    try:
-        number = int(value)
-    except ValueError:
-        raise BadRequest(f"{name} must be an integer") from None
-    if not low <= number <= high:
-        raise BadRequest(f"{name} must be between {low} and {high}")
-    return number
+        return None  # Deepgram's "off"
+    return int_param(query, name, 0, low, high)  # present: the default is never used
 
 
 def deepgram_params(query: Mapping[str, list[str]]) -> tuple[ListenParams, DeepgramOptions]:
