@@ -32,16 +32,23 @@ async def _pipeline(appender: AudioAppender, r: aioredis.Redis,
     return list(await pipe.execute(raise_on_error=False))
 
 
+async def appender_for(r: aioredis.Redis, sids: list[str]) -> AudioAppender:
+    """An appender with its script loaded, and a record (attach generation 1) for each of
+    ``sids``, as a gateway's sessions have."""
+    for sid in sids:
+        await r.hset(keys.meta(sid), mapping={"attach": 1})
+    appender = AudioAppender(r)
+    await r.script_load(appender._script.script)
+    return appender
+
+
 async def _measure(sessions: int, rounds: int, repeats: int) -> dict[str, Any]:
     server = RedisServer()
     server.start()
     try:
         async with server.aclient() as r:
             sids = [f"b{i:04d}" for i in range(sessions)]
-            for sid in sids:
-                await r.hset(keys.meta(sid), mapping={"attach": 1})
-            appender = AudioAppender(r)
-            await r.script_load(appender._script.script)
+            appender = await appender_for(r, sids)
             pcm = bytes(FRAME_BYTES)
             seq = 0
             ways = {"redis_py_pipeline": lambda a: _pipeline(appender, r, a),

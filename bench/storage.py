@@ -26,12 +26,12 @@ import subprocess
 import time
 from typing import Any
 
+from bench.appends import appender_for
 from common import keys
 from common.messages import AudioFrame
 from common.redis_client import make_redis
 from common.sessions import create_session
 from common.settings import RedisSettings
-from common.streams import AudioAppender
 from tests.procs import RedisClusterServers, RedisServer, free_port, wait_until
 
 FRAME_BYTES = 3200
@@ -41,10 +41,7 @@ async def appends(url: str, sessions: int, seconds: float) -> dict[str, float]:
     r = make_redis(RedisSettings(redis_url=url), read_timeout=False, retries=False)
     try:
         sids = [f"{i:032x}" for i in range(sessions)]
-        for sid in sids:
-            await r.hset(keys.meta(sid), mapping={"attach": 1})
-        appender = AudioAppender(r)
-        await r.script_load(appender._script.script)
+        appender = await appender_for(r, sids)
         pcm = bytes(FRAME_BYTES)
         seq = 0
         frames = 0
