@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 READ_BATCH = 100
 #: Empty blocking reads between checks that the session still exists (a deleted session's
 #: viewers are told within this many blocking reads; one EXISTS per hub, not per viewer).
-EXISTS_EVERY = 3
+EXISTS_EVERY = 10
 
 
 #: A viewer's side of the hub (the same bounded queue the client's own socket uses).
