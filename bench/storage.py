@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import statistics
 import subprocess
+import tempfile
 import time
 from typing import Any
 
@@ -132,7 +133,10 @@ def main() -> None:
     primary = RedisServer()
     primary.start()
     replica_port = free_port()
+    # the replica writes the primary's snapshot to its --dir: a scratch folder, not the cwd
+    scratch = tempfile.TemporaryDirectory(prefix="stt-replica-")
     replica = subprocess.Popen(["redis-server", "--port", str(replica_port), "--save", "",
+                                "--dir", scratch.name,
                                 "--appendonly", "no", "--replicaof", "127.0.0.1",
                                 str(primary.port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
@@ -143,6 +147,8 @@ def main() -> None:
         results["WAIT"] = asyncio.run(wait_cost(primary.url))
     finally:
         replica.terminate()
+        replica.wait()
+        scratch.cleanup()
         primary.stop()
     for name, values in results.items():
         print(name + ": " + ", ".join(f"{k} {v:,.2f}" for k, v in values.items()))

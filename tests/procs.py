@@ -93,9 +93,16 @@ class RedisServer:
         deadline = time.monotonic() + 10
         while True:
             try:
-                redis.Redis(port=self.port, socket_timeout=1).ping()
+                # the server that answers must be this one, not another on a reused port
+                pid = redis.Redis(port=self.port, socket_timeout=1).info("server")["process_id"]
+                if pid != self.proc.pid:
+                    raise RuntimeError(f"port {self.port} is taken by another redis-server "
+                                       f"(pid {pid})")
                 return
             except redis.ConnectionError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"redis-server on port {self.port} exited with "
+                                       f"{self.proc.returncode}") from None
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
@@ -111,6 +118,8 @@ class RedisServer:
     @contextlib.asynccontextmanager
     async def aclient(self, **options: Any) -> AsyncIterator[aioredis.Redis]:
         """An asyncio client, closed when the block ends (a failed assertion too)."""
+        # a test's own client never waits forever on a stalled or vanished server
+        options.setdefault("socket_timeout", 30)
         r = aioredis.from_url(self.url, **options)
         try:
             yield r
