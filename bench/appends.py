@@ -32,12 +32,13 @@ async def _pipeline(appender: AudioAppender, r: aioredis.Redis,
     return list(await pipe.execute(raise_on_error=False))
 
 
-async def appender_for(r: aioredis.Redis, sids: list[str]) -> AudioAppender:
+async def appender_for(r: aioredis.Redis, sids: list[str],
+                       replica_acks: int = 0) -> AudioAppender:
     """An appender with its script loaded, and a record (attach generation 1) for each of
     ``sids``, as a gateway's sessions have."""
     for sid in sids:
         await r.hset(keys.meta(sid), mapping={"attach": 1})
-    appender = AudioAppender(r)
+    appender = AudioAppender(r, replica_acks=replica_acks)
     await r.script_load(appender._script.script)
     return appender
 

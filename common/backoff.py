@@ -27,6 +27,7 @@ from redis.exceptions import (
     ClusterDownError,
     OutOfMemoryError,
     ReadOnlyError,
+    RedisError,
     SlotNotCoveredError,
     TryAgainError,
 )
@@ -42,9 +43,18 @@ T = TypeVar("T")
 #: Redis refusing writes for lack of memory (``maxmemory`` reached with ``noeviction``) is
 #: waited out the same way, and answered to clients as ``storage_full``.
 REDIS_FULL = (OutOfMemoryError,)
+
+
+class NotReplicated(RedisError):
+    """A write that fewer replicas than ``REDIS_REPLICA_ACKS`` acknowledged in time (Redis
+    ``WAIT``): not yet safe from a failover, so it is sent again (common/replication.py)."""
+
+
 #: A cluster (or a primary/replica pair) in the middle of a failover answers these until a
-#: replica has taken over: waited out too.
-REDIS_FAILING_OVER = (ClusterDownError, TryAgainError, SlotNotCoveredError, ReadOnlyError)
+#: replica has taken over, and a write its replicas have not acknowledged waits for them:
+#: waited out too.
+REDIS_FAILING_OVER = (ClusterDownError, TryAgainError, SlotNotCoveredError, ReadOnlyError,
+                      NotReplicated)
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError, *REDIS_FULL,
               *REDIS_FAILING_OVER)
 

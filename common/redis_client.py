@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.cluster import LoadBalancingStrategy
 from redis.crc import key_slot
 from redis.exceptions import ClusterDownError, RedisClusterException, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -44,6 +45,8 @@ _CLUSTER: dict[str, bool] = {}
 def uses_cluster(settings: RedisSettings) -> bool:
     """``REDIS_CLUSTER``: 1/0 as set; ``auto``: ask the node the URL names (once)."""
     mode = settings.redis_cluster.strip().lower()
+    if settings.redis_sentinels.strip():
+        return False  # Sentinel manages a primary/replica set, never a cluster
     if mode in ("1", "true", "yes", "on"):
         return True
     if mode in ("0", "false", "no", "off"):
@@ -157,13 +160,16 @@ def _safe(url: str) -> str:
 def make_redis(settings: RedisSettings, *, blocking: bool = False,
                max_connections: int | None = None, probe: bool = False,
                block_ms: int = 0, read_timeout: bool = True,
-               retries: bool = True) -> aioredis.Redis:
+               retries: bool = True, replica_reads: bool = False) -> aioredis.Redis:
     """``retries=False``: for a caller that waits out outages itself (``common.backoff``);
     the client then only reconnects a stale pooled connection, once, at once.
     ``blocking``: for XREAD BLOCK (of ``redis_block_ms``, or ``block_ms`` if longer);
     ``probe``: health checks that must fail fast, no retry; ``read_timeout=False``: no
     timeout per reply, for a caller that bounds each whole round trip itself (redis-py
     arms a timer per reply: 7 us of 27 per script call in a pipeline of 256, measured).
+    ``replica_reads``: on a cluster, reads go to the replicas of each slot (READONLY; the
+    primary where a slot has none), so what is read has been replicated
+    (``REDIS_REPLICA_ACKS``, common/replication.py); a plain Redis is read as it is.
 
     On a cluster (``uses_cluster``) the client is redis-py's ``RedisCluster``, typed here as
     ``Redis``: the commands the services use are the same (``max_connections`` is then per
@@ -175,6 +181,8 @@ def make_redis(settings: RedisSettings, *, blocking: bool = False,
     if probe:
         options: dict[str, Any] = dict(socket_timeout=2.0, socket_connect_timeout=2.0,
                                        max_connections=2)
+        if settings.redis_sentinels.strip():
+            return _sentinel_client(settings, False, retry=Retry(NoBackoff(), 0), **options)
         if cluster:
             return cast(aioredis.Redis, _Cluster.from_url(
                 settings.redis_url, retry=Retry(NoBackoff(), 0),
@@ -191,7 +199,40 @@ def make_redis(settings: RedisSettings, *, blocking: bool = False,
         max_connections=max_connections or settings.redis_max_connections,
         decode_responses=False,
     )
+    if settings.redis_sentinels.strip():
+        return _sentinel_client(settings, replica_reads, **options)
     if cluster:
+        if replica_reads:
+            options["load_balancing_strategy"] = LoadBalancingStrategy.ROUND_ROBIN_REPLICAS
         return cast(aioredis.Redis, _Cluster.from_url(
             settings.redis_url, startup_nodes=_startup_nodes(settings.redis_url), **options))
     return aioredis.Redis.from_url(settings.redis_url, **options)
+
+
+def sentinel_addresses(value: str) -> list[tuple[str, int]]:
+    """``REDIS_SENTINELS`` ("host:port,host:port") as (host, port) pairs."""
+    out = []
+    for item in value.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"REDIS_SENTINELS: {item.strip()!r} is not host:port")
+        out.append((host, int(port)))
+    return out
+
+
+def _sentinel_client(settings: RedisSettings, replica_reads: bool,
+                     **options: Any) -> aioredis.Redis:
+    """A client of the primary the Sentinels name (``replica_reads``: of its replicas, the
+    primary when it has none), re-asked after a failover; REDIS_URL's user, password,
+    database and TLS apply to the data nodes, the socket options to the Sentinels too."""
+    from redis.asyncio.connection import parse_url
+    from redis.asyncio.sentinel import Sentinel
+
+    node = {k: v for k, v in parse_url(settings.redis_url).items() if k not in ("host", "port")}
+    sentinel_options = {k: v for k, v in options.items() if k.startswith("socket_")}
+    sentinel = Sentinel(sentinel_addresses(settings.redis_sentinels),
+                        sentinel_kwargs=sentinel_options)
+    service = settings.redis_sentinel_master
+    if replica_reads:
+        return sentinel.slave_for(service, **node, **options)
+    return sentinel.master_for(service, **node, **options)

@@ -171,7 +171,11 @@ return 0
 # ARGV: epoch, body, commit_sample, next_utterance, prompt, resume_id, utterance, timing
 COMMIT = """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return -1 end
-if tonumber(redis.call('HGET', KEYS[1], 'next_utterance') or '0') > tonumber(ARGV[7]) then
+local done = redis.call('HGET', KEYS[1], 'next_utterance') or '0'
+if tonumber(done) > tonumber(ARGV[7]) then
+  -- stored already (a retry): write the same value back, so that this connection's WAIT
+  -- covers the first attempt's writes too (common/replication.py)
+  redis.call('HSET', KEYS[1], 'next_utterance', done)
   return 0
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
@@ -198,7 +202,10 @@ return now - math.floor(tonumber(beat) * 1000)
 # time or audio came after the entry read: the decision is re-checked where it takes effect.
 CLOSE = NOW_MS + """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return -1 end
-if redis.call('HGET', KEYS[1], 'state') == 'closed' then return 0 end
+if redis.call('HGET', KEYS[1], 'state') == 'closed' then
+  redis.call('HSET', KEYS[1], 'state', 'closed')  -- a retry: see COMMIT
+  return 0
+end
 local idle = tonumber(ARGV[5] or '0')
 if idle > 0 then
   local beat = tonumber(redis.call('HGET', KEYS[1], 'heartbeat') or '0')

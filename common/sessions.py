@@ -161,9 +161,11 @@ class SessionAccess:
 class Sessions:
     """Every session operation of the gateway and the sessions API, over one Redis."""
 
-    def __init__(self, redis: aioredis.Redis, append_batch: int = 256) -> None:
+    def __init__(self, redis: aioredis.Redis, append_batch: int = 256,
+                 replica_acks: int = 0, ack_timeout_ms: int = 1000) -> None:
         self.redis = redis
-        self.appender = AudioAppender(redis, append_batch)
+        self.appender = AudioAppender(redis, append_batch, replica_acks=replica_acks,
+                                      ack_timeout_ms=ack_timeout_ms)
         self._notice = redis.register_script(NOTICE)
         self._heartbeat = redis.register_script(HEARTBEAT)
         self._delete = redis.register_script(DELETE_SESSION)

@@ -185,6 +185,22 @@ class RedisSettings:
         10000, "connections one Redis client (connection pool) may open at once; a command "
         "that needs one more fails. A gateway holds one per live session while it waits for "
         "that session's results, so this bounds its sessions")
+    redis_sentinels: str = setting(
+        "", "comma-separated host:port of Redis Sentinels watching a primary/replica set; when "
+        "set, the primary is asked of them (and followed through a failover), and redis_url "
+        "gives only the user, password and database of the data nodes")
+    redis_sentinel_master: str = setting(
+        "mymaster", "the name the Sentinels monitor the primary under (sentinel monitor NAME "
+        "...)")
+    redis_replica_acks: int = setting(
+        0, "replicas that must hold a write before it counts as done (Redis WAIT): a "
+        "transcriber's final and close, and the gateway's audio before it leaves the gateway's "
+        "buffer; clients are sent results read from a replica, so nothing they saw can be lost "
+        "to a failover (docs/storage.md#failover). 0 = asynchronous replication, as Redis "
+        "does by default")
+    redis_replica_ack_timeout_ms: int = setting(
+        1000, "milliseconds a write waits for redis_replica_acks replicas; one that is not "
+        "acknowledged in time is sent again (the scripts make that safe) until it is")
 
 
 @group("Logging")

@@ -25,6 +25,7 @@ from common import keys
 from common.backoff import REDIS_DOWN, Backoff, reraise_cancel
 from common.messages import AudioEntry, Closed, Result, pack_audio_entry, unpack_result
 from common.redis_client import is_cluster
+from common.replication import add_wait, check_acks, node_name
 from common.scripts import APPEND_AUDIO, APPEND_CLOSED, APPEND_GONE
 
 log = logging.getLogger(__name__)
@@ -54,10 +55,15 @@ class AudioAppender:
     """
 
     def __init__(self, redis: aioredis.Redis, max_batch: int = 256,
-                 timeout_s: float | None = None) -> None:
-        """``timeout_s``: a bound on each round trip, for a client without read timeouts."""
+                 timeout_s: float | None = None, replica_acks: int = 0,
+                 ack_timeout_ms: int = 1000) -> None:
+        """``timeout_s``: a bound on each round trip, for a client without read timeouts;
+        ``replica_acks``: a round trip succeeds only once that many replicas hold its
+        appends (``WAIT`` after them on the same connection; common/replication.py)."""
         self._redis = redis
         self.timeout_s = timeout_s
+        self.replica_acks = replica_acks
+        self.ack_timeout_ms = ack_timeout_ms
         self._script = redis.register_script(APPEND_AUDIO)
         self.max_batch = max(1, max_batch)
         self._waiting: list[tuple[Append, asyncio.Future[Any]]] = []
@@ -105,20 +111,27 @@ class AudioAppender:
         if is_cluster(self._redis):
             return await self._run_cluster(appends)
         sha = self._script.sha
-        packed = b"".join([hiredis.pack_command((b"EVALSHA", sha, 2, *_script_keys(sid),
-                                                 *_script_args(generation, entries)))
-                           for sid, generation, entries in appends])
+        commands = [hiredis.pack_command((b"EVALSHA", sha, 2, *_script_keys(sid),
+                                          *_script_args(generation, entries)))
+                    for sid, generation, entries in appends]
+        if self.replica_acks:
+            wait = (b"WAIT", self.replica_acks, self.ack_timeout_ms)
+            commands.append(hiredis.pack_command(wait))  # type: ignore[arg-type]  # stub: 1-tuple
+            commands.append(hiredis.pack_command((b"ROLE",)))
         pool = self._redis.connection_pool
         conn = await pool.get_connection()
         try:
-            async with asyncio.timeout(self.timeout_s):
-                await conn.send_packed_command(packed)
+            async with asyncio.timeout(self._round_trip_s()):
+                await conn.send_packed_command(b"".join(commands))
                 replies: list[Any] = []
-                for _ in appends:
+                for _ in commands:
                     try:
                         replies.append(await conn.read_response())
                     except ResponseError as exc:  # this call's error: the others stand
                         replies.append(exc)
+            if self.replica_acks:
+                role = replies.pop()
+                check_acks(replies.pop(), role, self.replica_acks, "audio appends")
             return replies
         except BaseException:
             # replies may still be on their way: this connection is out of step
@@ -136,8 +149,28 @@ class AudioAppender:
             # routes the command by its keys (one session's slot) like any other
             pipe.execute_command("EVALSHA", self._script.sha, 2, *_script_keys(sid),
                                  *_script_args(generation, entries))
-        async with asyncio.timeout(self.timeout_s):
-            return list(await pipe.execute(raise_on_error=False))
+        waits = 0
+        if self.replica_acks:
+            # one WAIT per node, after that node's appends (a pipeline sends each node's
+            # commands in order on one connection)
+            by_node: dict[str, str] = {}
+            for sid, _generation, _entries in appends:
+                by_node.setdefault(await node_name(self._redis, keys.meta(sid)), keys.meta(sid))
+            for key in by_node.values():
+                await add_wait(pipe, self._redis, key, self.replica_acks, self.ack_timeout_ms)
+            waits = 2 * len(by_node)  # WAIT and ROLE
+        async with asyncio.timeout(self._round_trip_s()):
+            replies = list(await pipe.execute(raise_on_error=False))
+        tail = replies[len(replies) - waits:]
+        for waited, role in zip(tail[::2], tail[1::2], strict=True):
+            check_acks(waited, role, self.replica_acks, "audio appends")
+        return replies[:len(replies) - waits]
+
+    def _round_trip_s(self) -> float | None:
+        """The bound on one round trip: with acknowledgements, WAIT's own time on top."""
+        if self.timeout_s is None:
+            return None
+        return self.timeout_s + (self.ack_timeout_ms / 1000.0 if self.replica_acks else 0.0)
 
     async def _flush(self) -> None:
         await asyncio.sleep(0)  # the other sessions' appends of this loop turn join in

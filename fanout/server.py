@@ -30,7 +30,9 @@ class FanoutServer:
     def __init__(self, settings: FanoutSettings) -> None:
         self.settings = settings
         self.redis = make_redis(settings)
-        self.blocking = make_redis(settings, blocking=True, retries=False)  # read_stream retries
+        # read_stream retries; from replicas when writes wait for them (common/replication.py)
+        self.blocking = make_redis(settings, blocking=True, retries=False,
+                                   replica_reads=settings.redis_replica_acks > 0)
         self.api = SessionsApi(settings, self.redis, self.blocking)
         self.probe = make_redis(settings, probe=True)
         self.registry = CollectorRegistry()

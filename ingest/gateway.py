@@ -97,14 +97,17 @@ class Gateway:
         self.settings = settings
         self.redis = make_redis(settings)
         # results and hub reads wait out outages themselves (read_stream): no client retries
+        # (from replicas when writes wait for them: a client sees only what a failover keeps)
         self.blocking = make_redis(settings, blocking=True, block_ms=settings.results_block_ms,
-                                   retries=False)
-        self.store = Sessions(self.redis, settings.append_batch)
+                                   retries=False,
+                                   replica_reads=settings.redis_replica_acks > 0)
+        acks = (settings.redis_replica_acks, settings.redis_replica_ack_timeout_ms)
+        self.store = Sessions(self.redis, settings.append_batch, *acks)
         # client audio: a client with no per-reply timer; each round trip is bounded instead,
         # and the flusher retries a failed one itself
         self.appends = make_redis(settings, read_timeout=False, retries=False)
         self.flusher = AudioFlusher(AudioAppender(self.appends, settings.append_batch,
-                                                  settings.redis_socket_timeout_s),
+                                                  settings.redis_socket_timeout_s, *acks),
                                     settings.append_batch)
         self.probe = make_redis(settings, probe=True)
         self.metrics = gateway_metrics()

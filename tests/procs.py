@@ -74,10 +74,15 @@ def wait_port(port: int, timeout: float = 30.0) -> None:
 class RedisServer:
     """A redis-server the test owns: it can be stopped, killed and restarted on the same port."""
 
-    def __init__(self, persistence: bool = False) -> None:
+    def __init__(self, persistence: bool = False, replica_of: RedisServer | None = None,
+                 via_port: int | None = None) -> None:
+        """``replica_of``: a replica of that server (through ``via_port``, a relay, if
+        given)."""
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="stt-redis-")
         self.persistence = persistence
+        self.replica_of = replica_of
+        self.via_port = via_port
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -86,9 +91,12 @@ class RedisServer:
 
     def start(self) -> None:
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                "--dir", self.dir, "--save", "", "--protected-mode", "no"]
+                "--dir", self.dir, "--save", "", "--protected-mode", "no",
+                "--repl-diskless-sync-delay", "0"]  # a replica syncs at once
         args += ["--appendonly", "yes", "--appendfsync", "always"] if self.persistence \
             else ["--appendonly", "no"]
+        if self.replica_of is not None:
+            args += ["--replicaof", "127.0.0.1", str(self.via_port or self.replica_of.port)]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while True:
@@ -109,8 +117,23 @@ class RedisServer:
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a paused one too
             self.proc.terminate()
             self.proc.wait(10)
+
+    def pause(self) -> None:
+        """SIGSTOP: it answers nothing and replicates nothing until ``resume``."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def in_sync(self) -> bool:
+        """For a replica: its link to the primary is up."""
+        info = redis.Redis(port=self.port, socket_timeout=2).info("replication")
+        return info.get("master_link_status") == "up"
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=10)
@@ -125,6 +148,132 @@ class RedisServer:
             yield r
         finally:
             await r.aclose()
+
+
+class ReplicationLink:
+    """A TCP relay in front of a primary: the replica's ``replicaof`` and the Sentinels'
+    ``monitor`` name ``port`` (the same address for both, as Sentinel expects). ``hold()``:
+    what the primary sends on a *replication* connection (one that sent PSYNC) from then on
+    is thrown away while the connection stays open, so the primary still counts its
+    replica as connected but the replica never gets those writes: what a replica misses
+    when its primary dies with writes in flight. Other connections pass untouched.
+    ``cut()`` closes everything."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.holding = False
+        self._socks: list[socket.socket] = []
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def hold(self) -> None:
+        self.holding = True
+
+    def cut(self) -> None:
+        self._closed = True
+        for s in [self._listener, *self._socks]:
+            # shutdown first: a close alone does not end a connection that another thread
+            # is blocked reading (no FIN would be sent, the peer would hang)
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+                primary = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                continue
+            self._socks += [client, primary]
+            replication = threading.Event()
+            threading.Thread(target=self._pump, args=(client, primary, replication, False),
+                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(primary, client, replication, True),
+                             daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, replication: threading.Event,
+              from_primary: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if not from_primary and (b"PSYNC" in data or b"psync" in data):
+                    replication.set()
+                if not (from_primary and self.holding and replication.is_set()):
+                    dst.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            dst.close()
+
+
+class RedisSentinels:
+    """A primary, its replica and ``count`` Redis Sentinels watching them as ``master``
+    (``redis-server --sentinel``): SIGKILL the primary and the Sentinels promote the
+    replica after ``down_after_ms``."""
+
+    def __init__(self, count: int = 3, master: str = "mymaster",
+                 down_after_ms: int = 1000) -> None:
+        self.primary = RedisServer()
+        #: the primary's address for the replica, the Sentinels and the services
+        self.link = ReplicationLink(self.primary.port)
+        self.replica = RedisServer(replica_of=self.primary, via_port=self.link.port)
+        self.master = master
+        self.down_after_ms = down_after_ms
+        self.ports = [free_port() for _ in range(count)]
+        self.dir = tempfile.mkdtemp(prefix="stt-sentinel-")
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def addresses(self) -> str:
+        """``REDIS_SENTINELS``."""
+        return ",".join(f"127.0.0.1:{p}" for p in self.ports)
+
+    def start(self) -> None:
+        self.primary.start()
+        self.replica.start()
+        wait_until("the replica in sync", self.replica.in_sync, 15)
+        quorum = len(self.ports) // 2 + 1
+        for port in self.ports:
+            conf = Path(self.dir) / f"sentinel-{port}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                f"sentinel monitor {self.master} 127.0.0.1 {self.link.port} {quorum}\n"
+                f"sentinel down-after-milliseconds {self.master} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.master} 10000\n")
+            self.procs.append(subprocess.Popen(
+                ["redis-server", str(conf), "--sentinel"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+        wait_until("every Sentinel sees the replica", self._ready, 20, 0.2)
+
+    def _ready(self) -> bool:
+        for port in self.ports:
+            try:
+                s = redis.Redis(port=port, socket_timeout=1)
+                if not s.sentinel_slaves(self.master) or len(
+                        s.sentinel_sentinels(self.master)) < len(self.ports) - 1:
+                    return False
+            except redis.RedisError:
+                return False
+        return True
+
+    def primary_port(self) -> int:
+        """The primary's port as the Sentinels say now."""
+        s = redis.Redis(port=self.ports[0], socket_timeout=2)
+        return int(s.sentinel_get_master_addr_by_name(self.master)[1])
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+        self.replica.stop()
+        self.primary.stop()
+        self.link.cut()
 
 
 class RedisClusterServers:
@@ -154,6 +303,8 @@ class RedisClusterServers:
              "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
              "--cluster-node-timeout", str(self.node_timeout_ms), "--dir", str(node_dir),
              "--save", "", "--appendonly", "no", "--protected-mode", "no",
+             # a replica that lagged (a test pauses one) may still be promoted
+             "--cluster-replica-validity-factor", "0",
              "--logfile", str(node_dir / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
@@ -195,10 +346,26 @@ class RedisClusterServers:
         finally:
             c.close()
 
+    def replica_of(self, port: int) -> int:
+        """The port of the replica of the primary on ``port``."""
+        node = redis.Redis(port=port, socket_timeout=2)
+        try:
+            replicas = node.info("replication")
+        finally:
+            node.close()
+        return int(replicas["slave0"]["port"])
+
     def kill(self, port: int) -> None:
         proc = self.procs[port]
         proc.kill()
         proc.wait(10)
+
+    def pause(self, port: int) -> None:
+        """SIGSTOP the node: it answers nothing and replicates nothing until ``resume``."""
+        self.procs[port].send_signal(signal.SIGSTOP)
+
+    def resume(self, port: int) -> None:
+        self.procs[port].send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
         for proc in self.procs.values():

@@ -6,7 +6,10 @@ gateways whose ``REDIS_URL`` names one node (cluster mode detected).
   exports and a replay;
 * a worker SIGKILLed mid-session and the gateway stopped under the client: the session
   fails over to the other worker and resumes on the other gateway, nothing lost or repeated;
-* deletion removes every key of the session from the node that holds it.
+* deletion removes every key of the session from the node that holds it;
+* the primary of a live session's slot killed while its replica lagged behind (paused):
+  with ``REDIS_REPLICA_ACKS=1`` (on for this whole module) nothing the client saw is lost
+  and no final is lost, repeated or renumbered.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from tests.test_resilience import SessionWatch
 pytestmark = pytest.mark.integration
 
 LEASE_MS = 3000
+#: Writes wait for a replica, and clients are sent what replicas hold (common/replication.py).
+ACKS = {"REDIS_REPLICA_ACKS": "1", "REDIS_REPLICA_ACK_TIMEOUT_MS": "500"}
 JFK = with_tail(load_pcm16("fw_jfk"))
 
 
@@ -40,9 +45,9 @@ class Deployment:
         self.redis = RedisClusterServers(masters=3, replicas=1)
         self.redis.start()
         self.workers = {name: start_transcriber(self.redis.url, "--consumer", name,
-                                                "--lease-ms", str(LEASE_MS))
+                                                "--lease-ms", str(LEASE_MS), **ACKS)
                         for name in ("w1", "w2")}
-        self.gateways: list[tuple[Service, int]] = [start_gateway(self.redis.url)
+        self.gateways: list[tuple[Service, int]] = [start_gateway(self.redis.url, **ACKS)
                                                      for _ in range(2)]
 
     def url(self, i: int, scheme: str = "ws") -> str:
@@ -173,8 +178,9 @@ def test_worker_sigkill_and_a_gateway_stop_mid_session_lose_and_repeat_nothing(
         killed = events.get("killed")
         if killed is not None:  # the module's later tests have two workers again
             deployment.workers[killed] = start_transcriber(
-                deployment.redis.url, "--consumer", killed + "b", "--lease-ms", str(LEASE_MS))
-        deployment.gateways[0] = start_gateway(deployment.redis.url)
+                deployment.redis.url, "--consumer", killed + "b", "--lease-ms", str(LEASE_MS),
+                **ACKS)
+        deployment.gateways[0] = start_gateway(deployment.redis.url, **ACKS)
 
 
 def test_deletion_removes_every_key_of_the_session_from_its_node(
@@ -196,24 +202,35 @@ def test_deletion_removes_every_key_of_the_session_from_its_node(
 
 def test_killing_the_primary_of_a_live_sessions_slot_loses_and_repeats_no_final(
         deployment: Deployment) -> None:
-    """SIGKILL of the primary that holds the session's slot, mid-utterance: its replica is
-    promoted (cluster-node-timeout 2 s) and the session goes on: every final once, in order,
-    seq strictly increasing, the transcript as good as undisturbed."""
+    """The replica of the primary that holds the session's slot is paused (SIGSTOP) at 5 s,
+    so the primary's writes of the next 2.5 s (the final of "ask not what your country can do
+    for you" among them) are not replicated; then that primary is SIGKILLed and the replica,
+    resumed, is promoted without them (cluster-node-timeout 2 s). With writes waiting for a
+    replica (REDIS_REPLICA_ACKS=1) the client was sent nothing the replica lacked, the worker
+    writes again what was not acknowledged, and the session goes on: every final once, in
+    order, seq strictly increasing, the store equal to what the client got."""
     watch = SessionWatch()
     events: dict[str, Any] = {}
+    got_at: list[tuple[float, dict[str, Any]]] = []
 
     async def run() -> StreamResult:
         def on_message(m: dict[str, Any]) -> None:
             watch(m)
+            got_at.append((time.monotonic(), m))
             if "killed_at" in events and m["type"] in ("partial", "final"):
                 events.setdefault("next_result_at", time.monotonic())
 
         async def fault() -> None:
             await watch.known.wait()
             await asyncio.sleep(5.0)  # inside "ask not what your country can do for you"
-            port = deployment.redis.master_of(f"stt:{{{watch.sid}}}:meta")
+            primary = deployment.redis.master_of(f"stt:{{{watch.sid}}}:meta")
+            replica = deployment.redis.replica_of(primary)
+            deployment.redis.pause(replica)
+            events["paused_at"] = time.monotonic()
+            await asyncio.sleep(2.5)
             events["killed_at"] = time.monotonic()
-            deployment.redis.kill(port)
+            deployment.redis.kill(primary)
+            deployment.redis.resume(replica)
 
         res, _ = await asyncio.wait_for(asyncio.gather(
             stream(listen_url(deployment.url(0)), frames(JFK), pace=1.0, on_message=on_message,
@@ -223,13 +240,19 @@ def test_killing_the_primary_of_a_live_sessions_slot_loses_and_repeats_no_final(
 
     try:
         res = asyncio.run(run())
-        check_protocol(res)
+        check_protocol(res)  # seq strictly increasing, one closed, ...
     except BaseException:
         print(deployment.logs())  # the services' own account, for diagnosis
         raise
-    print(f"\nprimary killed: next result {events['next_result_at'] - events['killed_at']:.2f} s "
-          "later (cluster-node-timeout 2 s)")
+    print(f"\nreplica paused, primary killed: next result "
+          f"{events['next_result_at'] - events['killed_at']:.2f} s later "
+          "(cluster-node-timeout 2 s)")
     assert wer(reference("fw_jfk"), res.text) <= 0.10, res.text
+    # while the replica was paused the client got nothing new (a short grace for results
+    # read from the replica just before it stopped)
+    quiet = [m for t, m in got_at if events["paused_at"] + 0.3 < t < events["killed_at"]
+             and m["type"] in ("partial", "final")]
+    assert quiet == [], quiet
     # what the promoted replica stores is what the client got: no final lost to the
     # asynchronous replication, none twice, seq strictly increasing
     status, body = get(f"{deployment.url(1, 'http')}/v1/sessions/{watch.sid}/transcript.json")

@@ -13,10 +13,12 @@ from typing import Any
 
 import msgpack
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 
 from common import keys
 from common.errors import StaleLease
 from common.messages import Closed, Final, Partial, Result, Word, pack_result
+from common.replication import run_acked
 from common.scripts import (
     CLIENT_SILENCE,
     CLOSE,
@@ -57,10 +59,15 @@ def unpack_stable(raw: bytes | None, utterance: int) -> list[Word]:
 class SessionWriter:
     """All writes one worker makes to one session, fenced by the epoch it acquired."""
 
-    def __init__(self, redis: aioredis.Redis, sid: str, epoch: int) -> None:
+    def __init__(self, redis: aioredis.Redis, sid: str, epoch: int, replica_acks: int = 0,
+                 ack_timeout_ms: int = 1000) -> None:
+        """``replica_acks``: replicas that must hold a final or the close before it counts as
+        written (``REDIS_REPLICA_ACKS``, common/replication.py)."""
         self.redis = redis
         self.sid = sid
         self.epoch = epoch
+        self.replica_acks = replica_acks
+        self.ack_timeout_ms = ack_timeout_ms
         self._publish = redis.register_script(PUBLISH)
         self._commit = redis.register_script(COMMIT)
         self._close = redis.register_script(CLOSE)
@@ -99,12 +106,21 @@ class SessionWriter:
     async def commit(self, final: Final, commit_sample: int, next_utterance: int,
                      prompt: str, resume_id: str, timing: dict[str, float] | None = None) -> int:
         """A final with its commit point; ``timing`` (wall clock) is kept for benchmarks."""
-        seq = await self._commit(
-            keys=[keys.meta(self.sid), keys.results(self.sid)],
-            args=[self.epoch, pack_result(final), commit_sample, next_utterance, prompt,
-                  resume_id, final.utterance, msgpack.packb(timing or {})],
-        )
+        seq = await self._durable(
+            self._commit, [keys.meta(self.sid), keys.results(self.sid)],
+            [self.epoch, pack_result(final), commit_sample, next_utterance, prompt,
+             resume_id, final.utterance, msgpack.packb(timing or {})], "commit")
         return self._check(seq)
+
+    async def _durable(self, script: AsyncScript, keys_: list[str], args: list[Any],
+                       what: str) -> Any:
+        """A write that must outlive a failover: with ``replica_acks``, done only once that
+        many replicas hold it (``NotReplicated`` otherwise: the caller sends it again, and
+        the script makes that safe)."""
+        if not self.replica_acks:
+            return await script(keys=keys_, args=args)
+        return await run_acked(self.redis, script, keys_, args, self.replica_acks,
+                               self.ack_timeout_ms, f"session {self.sid}: {what}")
 
     async def progress(self, processed_sample: int) -> None:
         self._check(await self._progress(keys=[keys.meta(self.sid)],
@@ -122,11 +138,10 @@ class SessionWriter:
                     last_read: str = "") -> int:
         """The closing message; with ``idle_ms`` an idle close, ``CLIENT_BACK`` when the
         client's heartbeat or new audio shows it is not idle after all."""
-        seq = int(await self._close(
-            keys=[keys.meta(self.sid), keys.results(self.sid), keys.audio(self.sid)],
-            args=[self.epoch, pack_result(closed), retention_s, closed.duration, idle_ms,
-                  last_read],
-        ))
+        seq = int(await self._durable(
+            self._close, [keys.meta(self.sid), keys.results(self.sid), keys.audio(self.sid)],
+            [self.epoch, pack_result(closed), retention_s, closed.duration, idle_ms,
+             last_read], "close"))
         return seq if seq == CLIENT_BACK else self._check(seq)
 
     async def client_silence_ms(self) -> int | None:

@@ -377,7 +377,9 @@ class Worker:
         if meta.closed:
             await self._finish(lease)
             return
-        lease.writer = writer = SessionWriter(self.redis, sid, epoch)
+        lease.writer = writer = SessionWriter(self.redis, sid, epoch,
+                                              self.settings.redis_replica_acks,
+                                              self.settings.redis_replica_ack_timeout_ms)
         lease.share = share_of(meta)
         if self.shares.over(self.leases.held(lease.share)) and await self._once(
                 self._others_waiting, "looking at the work queue"):
