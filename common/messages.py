@@ -57,6 +57,15 @@ class Final:
     end: float
     words: tuple[Word, ...] = ()
     seq: int = 0
+    #: what ended the utterance: ``pause`` (the speaker paused: the endpoint), ``finalize``
+    #: (the client asked), ``max_length`` (cut at the utterance length cap; the speech goes
+    #: on in the next one), ``end`` (the stream closed); None for finals stored before it
+    #: was recorded (left out of JSON then)
+    ended_by: str | None = None
+
+
+#: ``Final.ended_by`` values.
+ENDED_BY = ("pause", "finalize", "max_length", "end")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +95,9 @@ _RESULT_TYPES: dict[str, type[Any]] = {c.TYPE: c for c in (Partial, Final, Close
 
 
 def result_to_dict(result: Result) -> dict[str, Any]:
+    """The result as JSON-ready fields; optional fields that are None are left out."""
     out: dict[str, Any] = {"type": result.TYPE}
-    out.update(dataclasses.asdict(result))
+    out.update((k, v) for k, v in dataclasses.asdict(result).items() if v is not None)
     return out
 
 
@@ -181,8 +191,11 @@ ServerMessage = Result | SessionStarted | ReplayStarted | ViewerStarted | ErrorM
 
 
 def to_json(message: ServerMessage) -> str:
-    out: dict[str, Any] = {"type": message.TYPE}
-    out.update(dataclasses.asdict(message))
+    if isinstance(message, (Partial, Final, Closed, Warning)):
+        out = result_to_dict(message)
+    else:
+        out = {"type": message.TYPE}
+        out.update(dataclasses.asdict(message))
     return json.dumps(out, separators=(",", ":"), ensure_ascii=False)
 
 

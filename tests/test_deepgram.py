@@ -204,6 +204,21 @@ def test_finals_say_whether_a_finalize_or_a_pause_ended_them() -> None:
     assert later[-2]["from_finalize"] is False and later[-2]["speech_final"] is True
 
 
+def test_finals_that_say_what_ended_them_are_flagged_exactly() -> None:
+    """With the final's ``ended_by`` nothing is inferred from timing: a Finalize whose final
+    ended long before it is still from_finalize, a length cut is neither speech_final nor
+    from_finalize, a pause and the stream's end are speech_final."""
+    w = wire()
+    w.received('{"type": "Finalize"}', Received([AudioMarker("finalize", 9, 20 * 16000)]))
+    got = []
+    for u, ended_by in enumerate(["finalize", "max_length", "pause", "end"]):
+        got += [sdk_valid(m) for m in decoded(w.results(
+            Final(SID, u, "Ask not,", 5.4 + u, 6.5 + u, WORDS, ended_by=ended_by)))
+            if m["type"] == "Results"]
+    assert [(r["is_final"], r["speech_final"], r["from_finalize"]) for r in got] == \
+        [(True, False, True), (True, False, False), (True, True, False), (True, True, False)]
+
+
 def test_the_end_is_metadata_and_warnings_are_not_sent() -> None:
     w = wire()
     audio = [b"\x01\x02" * 800, b"\x03" * 999]

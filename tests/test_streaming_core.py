@@ -163,6 +163,24 @@ def test_finalize_ends_the_utterance_now() -> None:
     assert finals[0].final.utterance == 1
 
 
+def test_each_final_says_what_ended_it() -> None:
+    """``ended_by``: a pause, the length cap (the speech went on), the client's finalize,
+    the stream's end; the Deepgram dialect's speech_final and from_finalize come from it."""
+    ids = [10 + i % 80 for i in range(20)]  # 8 s of continuous speech, 5 s cap
+    audio = np.concatenate([utterance([11, 12]), silence(1.0), utterance(ids), silence(1.0)])
+    _, finals, _ = run(audio)
+    ended = [f.final.ended_by for f in finals]
+    assert ended[0] == "pause" and ended[-1] == "pause"
+    assert "max_length" in ended[1:-1], ended
+
+    core = StreamingTranscriber("s", BurstDecoder(), fake_vad, CFG)
+    events = core.feed(utterance([30, 31])) + core.finalize()
+    events += core.feed(utterance([32])) + core.finish()
+    finals = [e for e in events if isinstance(e, Committed)]
+    assert [(f.final.text, f.final.ended_by) for f in finals] == \
+        [("w30 w31", "finalize"), ("w32", "end")]
+
+
 def test_frame_size_does_not_change_the_finals() -> None:
     audio = np.concatenate([utterance([40, 41, 42]), silence(0.8), utterance([43] * 3),
                             silence(1.0)])

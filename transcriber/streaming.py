@@ -226,7 +226,7 @@ class StreamingTranscriber:
                         self._inherit()
                     else:
                         end = min(ev.sample + self.config.pad_samples, self._vad_pos)
-                        events += self._close_utterance(end, ev.sample, ev.voiced)
+                        events += self._close_utterance(end, ev.sample, ev.voiced, "pause")
                 if self._utt_start is not None:
                     events += self._speculate() if speculate else []
                 if self._utt_start is not None and self._vad_pos >= self._cut_after and \
@@ -255,18 +255,18 @@ class StreamingTranscriber:
             return None
         return self._apply_partial(words, job.position)
 
-    def finalize(self) -> list[Event]:
-        """End the open utterance now (client ``finalize`` or end of stream)."""
+    def finalize(self, ended_by: str = "finalize") -> list[Event]:
+        """End the open utterance now (client ``finalize``, or ``end`` of the stream)."""
         events: list[Event] = []
         if self._utt_start is not None:
             events = self._close_utterance(self.position, self.position,
-                                           self._endpointer.voiced)
+                                           self._endpointer.voiced, ended_by)
         self._endpointer.force_end()
         self._trim()
         return events
 
     def finish(self) -> list[Event]:
-        return self.finalize()
+        return self.finalize("end")
 
     @property
     def prompt(self) -> str:
@@ -317,7 +317,8 @@ class StreamingTranscriber:
             self._endpointer.force_end()
             # The commit point stops where the VAD has listened (the pad may reach past it):
             # speech resuming there belongs to the next utterance.
-            return self._close_utterance(min(self._spec.end, self._vad_pos), sil, voiced)
+            return self._close_utterance(min(self._spec.end, self._vad_pos), sil, voiced,
+                                         "pause")
         return []
 
     def _final_words(self, start: int, end: int, speech_end: int,
@@ -368,7 +369,8 @@ class StreamingTranscriber:
             end=position / RATE,
         )
 
-    def _close_utterance(self, end: int, speech_end: int, voiced: int) -> list[Event]:
+    def _close_utterance(self, end: int, speech_end: int, voiced: int,
+                         ended_by: str) -> list[Event]:
         assert self._utt_start is not None
         start = self._utt_start
         self._utt_start = None
@@ -383,7 +385,8 @@ class StreamingTranscriber:
         else:
             words = merge_stable(self._stable, self._final_words(start, end, speech_end))
         decode_s = time.perf_counter() - began
-        return self._emit_final(words, start, end, commit=end, decode_s=decode_s)
+        return self._emit_final(words, start, end, commit=end, decode_s=decode_s,
+                                ended_by=ended_by)
 
     def _cut_utterance(self) -> list[Event]:
         """The utterance hit the length cap: emit a final up to a word boundary, keep the rest."""
@@ -412,13 +415,13 @@ class StreamingTranscriber:
             cut = round(words[keep - 1].end * RATE)
         cut = min(max(cut, start), end)
         events = self._emit_final(words[:keep], start, cut, commit=cut,
-                                  decode_s=time.perf_counter() - began)
+                                  decode_s=time.perf_counter() - began, ended_by="max_length")
         self._utt_start = cut
         self._endpointer.restart_at(cut)
         return events
 
     def _emit_final(self, words: list[Word], start: int, end: int, commit: int,
-                    decode_s: float = 0.0) -> list[Event]:
+                    decode_s: float = 0.0, ended_by: str | None = None) -> list[Event]:
         partial_sent = self._partial_sent
         self._cut_after = 0
         self._agreement.reset()
@@ -439,6 +442,7 @@ class StreamingTranscriber:
             start=words[0].start if words else start / RATE,
             end=words[-1].end if words else end / RATE,
             words=tuple(words),
+            ended_by=ended_by,
         )
         self.utterance += 1
         if text:

@@ -15,7 +15,8 @@ spells it Deepgram's way:
   ignored.
 * server messages: a partial is ``Results`` with ``is_final`` false; a final is ``Results``
   with ``is_final`` true, ``from_finalize`` true when a ``Finalize`` ended it and
-  ``speech_final`` true otherwise (the utterance ended in a pause, or at the stream's end);
+  ``speech_final`` true when a pause or the stream's end did (the final's ``ended_by``); a
+  final cut at the utterance length cap has neither;
   ``SpeechStarted`` before an utterance's first result (``vad_events``); ``UtteranceEnd``
   after a final with words (``utterance_end_ms``); ``Metadata`` at the end.
 * errors: an ``Error`` message (``variant`` is the native error code) and the native close
@@ -220,9 +221,15 @@ class DeepgramWire:
         elif isinstance(result, Final):
             if result.text:
                 self._speech_started(result.utterance, result.start, out)
-            from_finalize = self._from_finalize(result.start, result.end)
+            inferred = self._from_finalize(result.start, result.end)
+            if result.ended_by is None:  # a final stored before finals said what ended them
+                from_finalize, speech_final = inferred, not inferred
+            else:
+                from_finalize = result.ended_by == "finalize"
+                # the speaker paused, or the stream ended; not a Finalize, not a length cut
+                speech_final = result.ended_by in ("pause", "end")
             out.append(self._results(result.text, result.words, result.start, result.end,
-                                     is_final=True, speech_final=not from_finalize,
+                                     is_final=True, speech_final=speech_final,
                                      from_finalize=from_finalize))
             if self.options.utterance_end_ms is not None and result.words:
                 out.append({"type": "UtteranceEnd", "channel": self._channel(),
