@@ -147,13 +147,18 @@ return 1
 
 
 # KEYS: meta, results. ARGV: epoch, body, and for a partial its promised (stable) words,
-# packed (kept in 'stable' so that a worker taking over the open utterance keeps them).
+# packed (kept in 'stable' so that a worker taking over the open utterance keeps them), and
+# for a channel of a multichannel session that channel (kept in 'stable.N').
 # Returns seq, or -1 when the epoch is stale.
 PUBLISH = """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return -1 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('XADD', KEYS[2], '*', 'seq', seq, 'm', ARGV[2], 'epoch', ARGV[1])
-if ARGV[3] then redis.call('HSET', KEYS[1], 'stable', ARGV[3]) end
+if ARGV[3] then
+  local field = 'stable'
+  if ARGV[4] then field = 'stable.' .. ARGV[4] end
+  redis.call('HSET', KEYS[1], field, ARGV[3])
+end
 return seq
 """
 
@@ -168,17 +173,27 @@ return 0
 
 # A final and its commit point in one step. Idempotent: a final whose utterance
 # is already committed (a retried write whose reply was lost) returns 0.
-# ARGV: epoch, body, commit_sample, next_utterance, prompt, resume_id, utterance, timing
+# ARGV: epoch, body, commit_sample, next_utterance, prompt, resume_id, utterance, timing,
+# and for a channel of a multichannel session: the channel and the session's commit sample
+# (the earliest of its channels'). A channel's point is kept in 'commit_sample.N',
+# 'next_utterance.N', 'prompt.N' (its stable words in 'stable.N'); 'next_utterance' then
+# counts the finals of all channels, 'commit_sample' is the session's.
 COMMIT = """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return -1 end
-if tonumber(redis.call('HGET', KEYS[1], 'next_utterance') or '0') > tonumber(ARGV[7]) then
+local sfx = ''
+if ARGV[9] then sfx = '.' .. ARGV[9] end
+if tonumber(redis.call('HGET', KEYS[1], 'next_utterance' .. sfx) or '0') > tonumber(ARGV[7]) then
   return 0
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('XADD', KEYS[2], '*', 'seq', seq, 'm', ARGV[2], 'epoch', ARGV[1], 't', ARGV[8])
-redis.call('HSET', KEYS[1], 'commit_sample', ARGV[3], 'next_utterance', ARGV[4],
-           'prompt', ARGV[5], 'resume_id', ARGV[6])
-redis.call('HDEL', KEYS[1], 'stable')
+redis.call('HSET', KEYS[1], 'commit_sample' .. sfx, ARGV[3], 'next_utterance' .. sfx, ARGV[4],
+           'prompt' .. sfx, ARGV[5], 'resume_id', ARGV[6])
+if ARGV[9] then
+  redis.call('HINCRBY', KEYS[1], 'next_utterance', 1)
+  redis.call('HSET', KEYS[1], 'commit_sample', ARGV[10])
+end
+redis.call('HDEL', KEYS[1], 'stable' .. sfx)
 return seq
 """
 

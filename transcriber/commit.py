@@ -88,22 +88,30 @@ class SessionWriter:
         return int(seq)
 
     async def publish(self, result: Result, stable: Sequence[Word] | None = None) -> int:
-        """A result; for a partial, ``stable`` (its promised words) is kept for a takeover."""
+        """A result; for a partial, ``stable`` (its promised words) is kept for a takeover
+        (per channel on a multichannel session)."""
         args: list[Any] = [self.epoch, pack_result(result)]
         if stable is not None and isinstance(result, Partial):
             args.append(pack_stable(result.utterance, stable))
+            if result.channel is not None:
+                args.append(result.channel)
         seq = await self._publish(keys=[keys.meta(self.sid), keys.results(self.sid)],
                                   args=args)
         return self._check(seq)
 
     async def commit(self, final: Final, commit_sample: int, next_utterance: int,
-                     prompt: str, resume_id: str, timing: dict[str, float] | None = None) -> int:
-        """A final with its commit point; ``timing`` (wall clock) is kept for benchmarks."""
-        seq = await self._commit(
-            keys=[keys.meta(self.sid), keys.results(self.sid)],
-            args=[self.epoch, pack_result(final), commit_sample, next_utterance, prompt,
-                  resume_id, final.utterance, msgpack.packb(timing or {})],
-        )
+                     prompt: str, resume_id: str, timing: dict[str, float] | None = None,
+                     session_commit: int | None = None) -> int:
+        """A final with its commit point; ``timing`` (wall clock) is kept for benchmarks.
+        A final of a multichannel session's channel (``final.channel``) commits that
+        channel's point, and ``session_commit``, where all its channels have committed."""
+        args: list[Any] = [self.epoch, pack_result(final), commit_sample, next_utterance,
+                           prompt, resume_id, final.utterance, msgpack.packb(timing or {})]
+        if final.channel is not None:
+            args += [final.channel, commit_sample if session_commit is None
+                     else session_commit]
+        seq = await self._commit(keys=[keys.meta(self.sid), keys.results(self.sid)],
+                                 args=args)
         return self._check(seq)
 
     async def progress(self, processed_sample: int) -> None:

@@ -1,0 +1,122 @@
+"""A multichannel session's cores: one ``StreamingTranscriber`` per channel. No I/O.
+
+The session's audio stream holds the channels interleaved (``AudioFrame.channels``), on one
+timeline. ``ChannelCores`` splits what arrives into each channel's samples (a channel that
+resumed further on skips what it has heard), and merges what the channels emit into one
+list in time order, so the session's one ``seq`` interleaves the channels as they spoke.
+Each channel keeps its own VAD, endpointing, partials, finals, utterance numbers, prompt
+and commit point (``ChannelPoint`` in the session record): a takeover continues every
+channel from its own point, and re-reads the audio from the earliest of them.
+
+The pump (``session.py``) runs the channels' calls on separate inference threads at once,
+so their decodes meet at the decode gate and, with batching on, in one model call
+(``transcriber/batching.py``); ``feed`` here runs them one after another (the same split
+and merge: for tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from common.messages import Partial, Word
+from transcriber.streaming import RATE, Committed, Event, PartialJob, StreamingTranscriber
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelPartials:
+    """The partial decodes due on several channels at once, as one detached job (the pump
+    runs one detached partial at a time); ``run_each`` decodes them on parallel threads."""
+
+    jobs: tuple[PartialJob, ...]
+
+    def run(self) -> list[list[Word]]:
+        return [job.run() for job in self.jobs]
+
+
+def _when(ev: Event) -> float:
+    """Where on the timeline an event was decided: a final at its commit point, a partial
+    at the audio it had heard."""
+    if isinstance(ev, Committed):
+        return ev.commit_sample / RATE
+    if isinstance(ev, Partial):
+        return ev.end
+    return ev.position / RATE
+
+
+class ChannelCores:
+    """The cores of one multichannel session, with the interface the pump uses."""
+
+    def __init__(self, cores: Sequence[StreamingTranscriber]) -> None:
+        self.cores = list(cores)
+        self.width = len(self.cores)
+        #: samples (per channel) of the session's timeline received: from the earliest
+        #: channel's commit point on
+        self.position = min(core.position for core in self.cores)
+
+    # ------------------------------------------------------------------ what the pump reads
+
+    @property
+    def utterance(self) -> int:
+        """Utterances finalised, all channels together."""
+        return sum(core.utterance for core in self.cores)
+
+    @property
+    def open_utterance_start(self) -> int | None:
+        starts = [s for core in self.cores if (s := core.open_utterance_start) is not None]
+        return min(starts) if starts else None
+
+    @property
+    def commit_sample(self) -> int:
+        """Where every channel has committed: the audio before it is done for all of them."""
+        return min(core.commit_sample for core in self.cores)
+
+    def channel(self, index: int | None) -> StreamingTranscriber:
+        return self.cores[index or 0]
+
+    # ------------------------------------------------------------------ audio in
+
+    def split(self, pcm: np.ndarray) -> list[np.ndarray]:
+        """Interleaved samples (int16, ``width`` channels) from ``position`` on → each
+        channel's samples it has not heard yet."""
+        frames = pcm.reshape(-1, self.width)
+        out = []
+        for c, core in enumerate(self.cores):
+            skip = max(0, core.position - self.position)
+            out.append(np.ascontiguousarray(frames[skip:, c]))
+        self.position += len(frames)
+        return out
+
+    def merge(self, emitted: Sequence[list[Event]]) -> list[Event]:
+        """The channels' events in time order (each channel's own order kept); their
+        detached partial decodes as one ``ChannelPartials`` at the end."""
+        jobs = [ev for events in emitted for ev in events if isinstance(ev, PartialJob)]
+        streams = [[ev for ev in events if not isinstance(ev, PartialJob)]
+                   for events in emitted]
+        merged: list[Any] = list(heapq.merge(*streams, key=_when))
+        if jobs:
+            merged.append(ChannelPartials(tuple(jobs)))
+        return merged
+
+    def feed(self, pcm: np.ndarray, **kwargs: bool) -> list[Event]:
+        parts = self.split(pcm)
+        return self.merge([core.feed(part, **kwargs) if len(part) else []
+                           for core, part in zip(self.cores, parts, strict=True)])
+
+    def finalize(self) -> list[Event]:
+        return self.merge([core.finalize() for core in self.cores])
+
+    def finish(self) -> list[Event]:
+        return self.merge([core.finish() for core in self.cores])
+
+    def partial_done(self, job: ChannelPartials, words: Sequence[list[Word]]) -> list[Partial]:
+        out = []
+        for one, heard in zip(job.jobs, words, strict=True):
+            partial = self.channel(one.channel).partial_done(one, heard)
+            if partial is not None:
+                out.append(partial)
+        return out
