@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import json
 import signal
 import threading
@@ -83,7 +84,7 @@ def check_channels(res: StreamResult, channels: int = 2) -> None:
     for channel in range(channels):
         finals = [f for f in res.finals if f["channel"] == channel]
         assert [f["utterance"] for f in finals] == list(range(len(finals))), channel
-        for a, b in zip(finals, finals[1:], strict=False):
+        for a, b in itertools.pairwise(finals):
             assert b["start"] >= a["end"] - 0.3, ("a repeated final?", a, b)
         done = {f["utterance"]: f["seq"] for f in finals}
         for p in res.partials:
@@ -127,7 +128,7 @@ def test_each_channel_of_a_stereo_call_is_transcribed_as_well_as_alone(
 def test_finals_of_both_channels_interleave_in_time_order(call_run: dict[str, Any]) -> None:
     finals = call_run["call"].finals  # in seq order
     assert {f["channel"] for f in finals} == {0, 1}
-    for a, b in zip(finals, finals[1:], strict=False):
+    for a, b in itertools.pairwise(finals):
         assert b["end"] >= a["end"] - ORDER_SLACK_S, (a, b)
     # channel 1 speaks while channel 0 still does: its first final is not held back
     # until channel 0 is done
