@@ -651,6 +651,10 @@ class EndpointingSettings:
     max_utterance_s: float = setting(
         25.0, "seconds after which an utterance is cut at a word boundary (Whisper's window "
         "is 30 s)")
+    crosstalk_db: float = setting(
+        20.0, "multichannel sessions: where a channel is this many dB quieter than the "
+        "loudest one (energy over ~0.1 s), it is taken as that one's bleed (crosstalk) and "
+        "heard as silence, so it is not transcribed twice; 0 = off")
 
 
 @group("Partials and prompts")

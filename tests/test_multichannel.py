@@ -172,6 +172,24 @@ def test_exports_and_viewers_carry_the_channels(stack: Stack, call_run: dict[str
         [(f["channel"], f["utterance"], f["text"]) for f in res.finals]
 
 
+def test_a_replay_transcribes_the_same_channels_apart(stack: Stack,
+                                                      call_run: dict[str, Any]) -> None:
+    sid = call_run["call"].messages[0].message["session_id"]
+
+    async def replay() -> list[dict[str, Any]]:
+        async with connect(f"{stack.ws_url}/v1/sessions/{sid}/replay?speed=max") as ws:
+            return [json.loads(m) async for m in ws]
+
+    replayed = asyncio.run(replay())
+    assert replayed[0]["channels"] == 2 and replayed[-1]["type"] == "closed"
+    finals = [m for m in replayed if m["type"] == "final"]
+    assert {f["channel"] for f in finals} == {0, 1}
+    for channel, clip in enumerate(CLIPS):
+        live = wer(reference(clip), channel_text(call_run["call"].finals, channel))
+        again = wer(reference(clip), channel_text(finals, channel))
+        assert again <= live + 0.05, (channel, channel_text(finals, channel))
+
+
 def test_a_worker_killed_mid_call_loses_and_repeats_no_final_on_any_channel(
         cluster_factory: Any, call_run: dict[str, Any]) -> None:  # noqa: F811
     """SIGKILL of the owner 8 s in (both channels speaking): the survivor takes over after

@@ -5,6 +5,7 @@ aligned by timestamp, and the exports mark each channel."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import wave
 
@@ -28,7 +29,7 @@ from fanout import formats
 from ingest.dialects.twilio import MULAW_SILENCE, TrackAligner
 from tests.audio_refs import wav_bytes
 from tests.test_streaming_core import CFG, BurstDecoder, fake_vad, utterance
-from transcriber.channels import ChannelCores, ChannelPartials
+from transcriber.channels import ChannelCores, ChannelPartials, CrosstalkGate
 from transcriber.streaming import RATE, Committed, StreamingTranscriber
 
 
@@ -231,3 +232,31 @@ def test_a_stereo_wav_header() -> None:
     header = formats.wav_header(16000, channels=2)
     with wave.open(io.BytesIO(header + bytes(64000))) as w:
         assert (w.getnchannels(), w.getframerate(), w.getnframes()) == (2, 16000, 16000)
+
+
+# --------------------------------------------------------------------------- crosstalk
+
+def test_bleed_of_the_other_channel_is_silenced_and_speech_of_both_is_kept() -> None:
+    """Channel 1 carries channel 0's speech at -30 dB (a headset's bleed) for 1 s, then
+    both talk at comparable levels: the bleed becomes silence, both talkers stay."""
+    rng = np.random.default_rng(1)
+    talk0, talk1 = rng.normal(0, 3000, 32000), rng.normal(0, 2000, 32000)
+    left = talk0
+    right = np.concatenate([0.03 * talk0[:16000], talk1[16000:]])
+    frames = np.stack([left, right], axis=1).round().astype(np.int16)
+    gated = CrosstalkGate(2, 20.0)(frames)
+    assert np.array_equal(gated[:, 0], frames[:, 0])
+    assert not gated[800:16000, 1].any()  # after the envelope has settled
+    kept = gated[17600:, 1] != 0
+    assert kept.mean() > 0.99
+
+
+def test_the_gate_does_not_depend_on_how_the_audio_is_chunked() -> None:
+    rng = np.random.default_rng(2)
+    frames = (rng.normal(0, 1, (16000, 2)) * np.array([3000, 60])
+              * np.sin(np.linspace(0, 20, 16000))[:, None]).round().astype(np.int16)
+    whole = CrosstalkGate(2, 20.0)(frames)
+    gate = CrosstalkGate(2, 20.0)
+    edges = [0, 1, 1000, 1037, 5000, 5001, 12000, 16000]  # any cuts
+    cut = np.concatenate([gate(frames[a:b]) for a, b in itertools.pairwise(edges)])
+    assert np.array_equal(whole, cut)

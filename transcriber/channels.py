@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from scipy.signal import lfilter
 
 from common.messages import Partial, Word
 from transcriber.streaming import RATE, Committed, Event, PartialJob, StreamingTranscriber
@@ -48,15 +50,40 @@ def _when(ev: Event) -> float:
     return ev.position / RATE
 
 
-class ChannelCores:
-    """The cores of one multichannel session, with the interface the pump uses."""
+class CrosstalkGate:
+    """Silences a channel where it only carries another channel's bleed: where its energy
+    (a running mean of the squared samples, time constant ``ENVELOPE_S``) is ``db`` or
+    more below the loudest channel's. Each sample's decision depends only on the samples
+    before it, never on how the audio was chunked (the filter's state carries over)."""
 
-    def __init__(self, cores: Sequence[StreamingTranscriber]) -> None:
+    ENVELOPE_S = 0.1
+
+    def __init__(self, channels: int, db: float) -> None:
+        self.ratio = 10.0 ** (-db / 10.0)
+        self.decay = math.exp(-1.0 / (self.ENVELOPE_S * RATE))
+        self._state = np.zeros((1, channels))
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        """(frames, channels) int16 → the same, bleed set to zero."""
+        x = frames.astype(np.float64) / 32768.0
+        env, self._state = lfilter([1.0 - self.decay], [1.0, -self.decay], x * x, axis=0,
+                                   zi=self._state)
+        bleed = env < env.max(axis=1, keepdims=True) * self.ratio
+        return np.where(bleed, 0, frames).astype(np.int16)
+
+
+class ChannelCores:
+    """The cores of one multichannel session, with the interface the pump uses;
+    ``crosstalk_db`` (0: off) silences a channel's bleed of the others (``CrosstalkGate``)."""
+
+    def __init__(self, cores: Sequence[StreamingTranscriber], crosstalk_db: float = 0.0
+                 ) -> None:
         self.cores = list(cores)
         self.width = len(self.cores)
         #: samples (per channel) of the session's timeline received: from the earliest
         #: channel's commit point on
         self.position = min(core.position for core in self.cores)
+        self.gate = CrosstalkGate(self.width, crosstalk_db) if crosstalk_db > 0 else None
 
     # ------------------------------------------------------------------ what the pump reads
 
@@ -84,6 +111,8 @@ class ChannelCores:
         """Interleaved samples (int16, ``width`` channels) from ``position`` on → each
         channel's samples it has not heard yet."""
         frames = pcm.reshape(-1, self.width)
+        if self.gate is not None:
+            frames = self.gate(frames)
         out = []
         for c, core in enumerate(self.cores):
             skip = max(0, core.position - self.position)

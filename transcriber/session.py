@@ -89,7 +89,8 @@ def channel_cores(sid: str, meta: SessionMeta, points: list[ChannelPoint],
                              stable=unpack_stable(point.stable, point.next_utterance),
                              channel=channel)
         for channel, (point, decoder, vad) in enumerate(zip(points, decoders, vads,
-                                                            strict=True))])
+                                                            strict=True))],
+        settings.crosstalk_db)
 
 
 class Host(Protocol):
