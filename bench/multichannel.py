@@ -10,7 +10,8 @@ after another, on one worker (tiny.en int8 on this machine's CPUs):
   worth of decodes, as the call has);
 * ``downmixed``: the call as plain stereo (``channels=2``, mixed to one) — what the
   gateway did before ``multichannel``;
-* ``multichannel``: the call with ``multichannel=true``.
+* ``multichannel``: the call with ``multichannel=true``;
+* ``multichannel, no crosstalk gate``: the same on a worker with ``CROSSTALK_DB=0``.
 
 CPU: the worker process's user+system seconds over each run (``/proc/PID/stat``), per second
 of audio on the call's timeline.
@@ -102,6 +103,19 @@ async def main_async(offset_s: float, bleed: float) -> dict[str, Any]:
             report["runs"]["multichannel"][f"channel_{channel}"] = {
                 "wer": round(wer(reference(clip), text), 3), "text": text}
         report["runs"]["multichannel"]["ttf_median_s"] = median_ttf(multi)
+    finally:
+        cluster.close()
+    # the same call without the crosstalk gate (a worker with CROSSTALK_DB=0)
+    cluster = Cluster(workers=1, worker_args=["--crosstalk-db", "0"])
+    try:
+        [ungated] = await asyncio.gather(
+            stream(listen_url(cluster.ws_url, multichannel=True, channels=2),
+                   stereo_frames(call), pace=1.0))
+        row = report["runs"]["multichannel, no crosstalk gate"] = {}
+        for channel, clip in enumerate(CLIPS):
+            text = " ".join(f["text"] for f in ungated.finals if f["channel"] == channel)
+            row[f"channel_{channel}"] = {"wer": round(wer(reference(clip), text), 3),
+                                         "text": text}
     finally:
         cluster.close()
     return report

@@ -653,8 +653,9 @@ class EndpointingSettings:
         "is 30 s)")
     crosstalk_db: float = setting(
         20.0, "multichannel sessions: where a channel is this many dB quieter than the "
-        "loudest one (energy over ~0.1 s), it is taken as that one's bleed (crosstalk) and "
-        "heard as silence, so it is not transcribed twice; 0 = off")
+        "loudest one (energy over ~10 ms), and has been for 0.15 s, it is taken as that "
+        "one's bleed (crosstalk) and heard as silence, so it is not transcribed twice; "
+        "0 = off")
 
 
 @group("Partials and prompts")

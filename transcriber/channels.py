@@ -53,23 +53,39 @@ def _when(ev: Event) -> float:
 class CrosstalkGate:
     """Silences a channel where it only carries another channel's bleed: where its energy
     (a running mean of the squared samples, time constant ``ENVELOPE_S``) is ``db`` or
-    more below the loudest channel's. Each sample's decision depends only on the samples
-    before it, never on how the audio was chunked (the filter's state carries over)."""
+    more below the loudest channel's, and has been for ``HOLD_S`` (a channel stays open
+    that long after it was last loud enough, so the quiet ends and onsets of its own words
+    are kept). Bleed is a scaled copy: its energy stays ``db`` below at any time constant,
+    so a short one reacts to a word's onset without letting bleed through. Each sample's
+    decision depends only on the samples before it, never on how the audio was chunked
+    (the filter's state and the last open sample carry over)."""
 
-    ENVELOPE_S = 0.1
+    ENVELOPE_S = 0.01
+    HOLD_S = 0.15
 
     def __init__(self, channels: int, db: float) -> None:
         self.ratio = 10.0 ** (-db / 10.0)
         self.decay = math.exp(-1.0 / (self.ENVELOPE_S * RATE))
+        self.hold = int(self.HOLD_S * RATE)
         self._state = np.zeros((1, channels))
+        self._at = 0  # samples seen
+        self._last = np.full(channels, -(1 << 40), dtype=np.int64)  # last loud-enough sample
 
     def __call__(self, frames: np.ndarray) -> np.ndarray:
         """(frames, channels) int16 → the same, bleed set to zero."""
+        n = len(frames)
+        if n == 0:
+            return frames
         x = frames.astype(np.float64) / 32768.0
         env, self._state = lfilter([1.0 - self.decay], [1.0, -self.decay], x * x, axis=0,
                                    zi=self._state)
-        bleed = env < env.max(axis=1, keepdims=True) * self.ratio
-        return np.where(bleed, 0, frames).astype(np.int16)
+        loud = env >= env.max(axis=1, keepdims=True) * self.ratio
+        at = np.arange(self._at, self._at + n, dtype=np.int64)[:, None]
+        last = np.maximum.accumulate(
+            np.vstack([self._last[None, :], np.where(loud, at, -(1 << 40))]), axis=0)[1:]
+        self._last = last[-1]
+        self._at += n
+        return np.where(at - last <= self.hold, frames, 0).astype(np.int16)
 
 
 class ChannelCores:
