@@ -281,3 +281,32 @@ def test_the_deepgram_sdk_gets_results_by_channel_index(stack: Stack) -> None:
         text = " ".join(m.channel.alternatives[0].transcript for m in finals
                         if m.channel_index[0] == channel)
         assert wer(reference(clip), text) <= 0.15, (channel, text)
+
+
+def test_a_dropped_call_resumes_with_its_channels_and_only_with_them(stack: Stack) -> None:
+    """A resume must name the same channels (else ``unsupported_audio``, 1003, and the
+    session is untouched); with them, the call continues where the server's audio ends."""
+    pcm = stereo_call()[:6 * 16000]
+    url = listen_url(stack.ws_url, multichannel=True, channels=2)
+    messages = stereo_frames(pcm)
+
+    async def drop_after(seconds: float) -> str:
+        async with connect(url) as ws:
+            sid = json.loads(await ws.recv())["session_id"]
+            for chunk, _ in messages[:int(seconds * 10)]:
+                await ws.send(chunk)
+            await asyncio.sleep(0.5)  # stored, then the socket drops without 'close'
+        return str(sid)
+
+    sid = asyncio.run(drop_after(3.0))
+    for wrong in ({}, {"channels": 2}, {"multichannel": True, "channels": 3}):
+        got, code = asyncio.run(raw(listen_url(stack.ws_url, session=sid, after=0, **wrong),
+                                    []))
+        assert (code, got[-1]["code"]) == (1003, "unsupported_audio"), (wrong, got)
+    again = listen_url(stack.ws_url, multichannel=True, channels=2, session=sid, after=0)
+    res = asyncio.run(stream(again, messages[30:], pace=None))
+    assert res.messages[0].message["resumed"] is True
+    assert res.messages[0].message["stored_samples"] == 3 * 16000
+    check_channels(res)
+    assert wer("And so my fellow Americans, ask not",
+               channel_text(res.finals, 0)) <= 0.15, res.finals
