@@ -308,5 +308,5 @@ def test_a_dropped_call_resumes_with_its_channels_and_only_with_them(stack: Stac
     assert res.messages[0].message["resumed"] is True
     assert res.messages[0].message["stored_samples"] == 3 * 16000
     check_channels(res)
-    assert wer("And so my fellow Americans, ask not",
-               channel_text(res.finals, 0)) <= 0.15, res.finals
+    heard = channel_text(res.finals, 0).lower()  # 6 s of fw_jfk: before and after the drop
+    assert "so my fellow americans" in heard and "ask not" in heard, heard
