@@ -10,7 +10,9 @@ import json
 import wave
 
 import numpy as np
+import pysrt
 import pytest
+import webvtt
 
 from common.audio import AudioNormalizer, StreamFormat, parse_stream_format
 from common.errors import InvalidAudio, UnsupportedAudio
@@ -218,10 +220,13 @@ def finals() -> list[Final]:
 def test_exports_mark_each_channel() -> None:
     text = formats.to_text(finals())
     assert text == "[channel 0] Hello there.\n[channel 1] Hi.\n"
-    vtt = formats.to_vtt(finals())
-    assert vtt.index("<v Channel 1>Hi.") < vtt.index("<v Channel 0>Hello there.")  # by start
-    srt = formats.to_srt(finals())
-    assert "[channel 1] Hi." in srt and srt.startswith("1\n00:00:00,200")
+    # parsed by maintained libraries: cues by start time, the channel as the voice
+    vtt = webvtt.from_buffer(io.StringIO(formats.to_vtt(finals())))
+    assert [(c.start, c.voice, c.text) for c in vtt] == [
+        ("00:00:00.200", "Channel 1", "Hi."), ("00:00:00.500", "Channel 0", "Hello there.")]
+    srt = pysrt.from_string(formats.to_srt(finals()))
+    assert [(str(c.start), c.text) for c in srt] == [
+        ("00:00:00,200", "[channel 1] Hi."), ("00:00:00,500", "[channel 0] Hello there.")]
     body = json.loads(formats.to_json(finals(), {"state": "closed"}))
     assert [u["channel"] for u in body["utterances"]] == [0, 1]
     mono = [Final("s", 0, " Hello.", 0.0, 1.0)]
