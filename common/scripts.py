@@ -10,7 +10,8 @@ from the machine that runs the script.
 Who runs what: the gateway CREATE_SESSION, HEARTBEAT, APPEND_AUDIO, NOTICE, CAP_ACQUIRE,
 DELETE_SESSION (the gateway's sessions API);
 replays CREATE_SESSION, HEARTBEAT, APPEND_AUDIO; the transcriber the LEASE_* scripts,
-PUBLISH, PROGRESS, COMMIT, CLIENT_SILENCE and CLOSE (transcriber/commit.py),
+PUBLISH, PROGRESS, COMMIT, ADVANCE_CHANNEL, CLIENT_SILENCE and CLOSE
+(transcriber/commit.py),
 ANNOUNCE_WORKER (the worker registry, common/models.py), and COMPACT_AUDIO after a close
 (``Sessions.compact``).
 """
@@ -198,6 +199,20 @@ return seq
 """
 
 
+# A multichannel session's silent channel moves its commit point on without a final (so a
+# takeover does not re-read all the audio since that channel last spoke). KEYS: meta.
+# ARGV: epoch, channel, its commit sample, resume_id, the session's commit sample. Only
+# forward. Returns 1, 0 when the point was not ahead, -1 when the epoch is stale.
+ADVANCE_CHANNEL = """
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return -1 end
+local field = 'commit_sample.' .. ARGV[2]
+if tonumber(redis.call('HGET', KEYS[1], field) or '0') >= tonumber(ARGV[3]) then return 0 end
+redis.call('HSET', KEYS[1], field, ARGV[3])
+redis.call('HSET', KEYS[1], 'resume_id', ARGV[4], 'commit_sample', ARGV[5])
+return 1
+"""
+
+
 # Milliseconds since the client's heartbeat, on Redis time (-1: none). KEYS: meta.
 CLIENT_SILENCE = NOW_MS + """
 local beat = redis.call('HGET', KEYS[1], 'heartbeat')
@@ -273,7 +288,8 @@ LEASE_GONE = -1
 LEASE_DUPLICATE = -2
 #: LEASE_ACQUIRE: the session asked for another model than the worker's.
 LEASE_OTHER_MODEL = -3
-#: PUBLISH, COMMIT, PROGRESS, CLOSE: the writer's epoch is no longer the session's.
+#: PUBLISH, COMMIT, PROGRESS, ADVANCE_CHANNEL, CLOSE: the writer's epoch is no longer the
+#: session's.
 STALE_EPOCH = -1
 #: CLOSE: an idle close found the client back (fresh heartbeat, or audio after the last read).
 CLOSE_CLIENT_BACK = -3

@@ -310,3 +310,22 @@ def test_a_dropped_call_resumes_with_its_channels_and_only_with_them(stack: Stac
     check_channels(res)
     heard = channel_text(res.finals, 0).lower()  # 6 s of fw_jfk: before and after the drop
     assert "so my fellow americans" in heard and "ask not" in heard, heard
+
+
+def test_a_channel_silent_for_long_moves_its_commit_point_on(stack: Stack) -> None:
+    """Channel 1 says nothing while channel 0 speaks for 24 s: its stored commit point
+    moves on anyway (every 10 s of silence), so a takeover re-reads from near the end, not
+    from where channel 1 last spoke (the start)."""
+    speech = np.concatenate([alone("fw_jfk"), alone("fw_jfk")])
+    pcm = np.stack([speech, np.zeros_like(speech)], axis=1)
+    res = asyncio.run(stream(listen_url(stack.ws_url, multichannel=True, channels=2),
+                             stereo_frames(pcm), pace=None))
+    check_channels(res)
+    assert {f["channel"] for f in res.finals} == {0}
+    sid = res.messages[0].message["session_id"]
+    meta = {k.decode(): v.decode() for k, v in
+            stack.redis.client().hgetall(f"stt:{{{sid}}}:meta").items()}
+    assert int(meta["commit_sample.1"]) >= 20 * 16000, meta
+    assert meta.get("next_utterance.1", "0") == "0"
+    assert int(meta["commit_sample"]) == min(int(meta["commit_sample.0"]),
+                                             int(meta["commit_sample.1"]))

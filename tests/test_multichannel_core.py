@@ -32,6 +32,7 @@ from ingest.dialects.twilio import MULAW_SILENCE, TrackAligner
 from tests.audio_refs import wav_bytes
 from tests.test_streaming_core import CFG, BurstDecoder, fake_vad, utterance
 from transcriber.channels import ChannelCores, ChannelPartials, CrosstalkGate
+from transcriber.endpointing import WINDOW
 from transcriber.streaming import RATE, Committed, StreamingTranscriber
 
 
@@ -265,3 +266,12 @@ def test_the_gate_does_not_depend_on_how_the_audio_is_chunked() -> None:
     edges = [0, 1, 1000, 1037, 5000, 5001, 12000, 16000]  # any cuts
     cut = np.concatenate([gate(frames[a:b]) for a, b in itertools.pairwise(edges)])
     assert np.array_equal(whole, cut)
+
+
+def test_a_silent_channel_could_start_over_where_its_vad_has_heard_silence() -> None:
+    core = cores().cores[1]
+    core.feed(pcm16(np.zeros(3 * RATE, np.float32)))
+    heard = 3 * RATE // WINDOW * WINDOW  # the VAD's whole windows
+    assert core.idle_point == heard - CFG.pad_samples  # the pad before speech is kept
+    core.feed(pcm16(utterance([21, 22])[:int(0.5 * RATE)]))
+    assert core.idle_point is None  # an utterance is open

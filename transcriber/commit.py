@@ -18,6 +18,7 @@ from common import keys
 from common.errors import StaleLease
 from common.messages import Closed, Final, Partial, Result, Word, pack_result
 from common.scripts import (
+    ADVANCE_CHANNEL,
     CLIENT_SILENCE,
     CLOSE,
     CLOSE_CLIENT_BACK,
@@ -68,6 +69,7 @@ class SessionWriter:
         self._renew = redis.register_script(LEASE_RENEW)
         self._release = redis.register_script(LEASE_RELEASE)
         self._silence = redis.register_script(CLIENT_SILENCE)
+        self._advance = redis.register_script(ADVANCE_CHANNEL)
 
     @staticmethod
     async def acquire(redis: aioredis.Redis, sid: str, owner: str, entry_id: bytes,
@@ -113,6 +115,12 @@ class SessionWriter:
         seq = await self._commit(keys=[keys.meta(self.sid), keys.results(self.sid)],
                                  args=args)
         return self._check(seq)
+
+    async def advance(self, channel: int, commit_sample: int, resume_id: str,
+                      session_commit: int) -> None:
+        """A silent channel's commit point moved on (no final: nothing was said)."""
+        self._check(await self._advance(keys=[keys.meta(self.sid)], args=[
+            self.epoch, channel, commit_sample, resume_id, session_commit]))
 
     async def progress(self, processed_sample: int) -> None:
         self._check(await self._progress(keys=[keys.meta(self.sid)],

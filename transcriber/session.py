@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 #: Recent audio entries remembered for resume points and time-to-final (bounded through
 #: long silences).
 READ_LOG_ENTRIES = 4096
+#: A multichannel session's silent channel moves its stored commit point on once it is this
+#: far behind where the channel could start over (``StreamingTranscriber.idle_point``): the
+#: session's audio is re-read after a takeover from the earliest channel's point.
+IDLE_ADVANCE_SAMPLES = 10 * 16000
 
 
 class HandBack(Exception):
@@ -311,6 +315,7 @@ class SessionPump:
         async with self._core_lock:
             if self.channels is not None:
                 await self._publish(await self._call_channels(fn.__name__, *args, **kwargs))
+                await self._advance_idle()
             else:
                 await self._publish(await self.host.inference.run(fn, *args, **kwargs))
 
@@ -327,6 +332,18 @@ class SessionPump:
         else:
             calls = [run(getattr(core, name)) for core in self.channels.cores]
         return self.channels.merge(list(await asyncio.gather(*calls)))
+
+    async def _advance_idle(self) -> None:
+        """Move a silent channel's stored commit point on (``IDLE_ADVANCE_SAMPLES``), so a
+        channel that says nothing for long does not hold the session's resume point back."""
+        for channel, core in enumerate(self._cores()):
+            point = core.idle_point
+            if point is None or point - self._committed[channel] < IDLE_ADVANCE_SAMPLES:
+                continue
+            self._committed[channel] = point
+            done = min(self._committed.values())
+            await with_retry(self.sid, "advance", functools.partial(
+                self.writer.advance, channel, point, self.log.resume_point(done), done))
 
     async def _run_channel_partials(self, job: ChannelPartials) -> None:
         """Detached partial decodes of several channels, at once."""

@@ -202,6 +202,16 @@ class StreamingTranscriber:
     def open_utterance_start(self) -> int | None:
         return self._utt_start
 
+    @property
+    def idle_point(self) -> int | None:
+        """Where a core could start over with nothing lost while no utterance is open (the
+        audio before it is silence the VAD has heard: the next utterance starts after it);
+        None while one is open or a takeover's promised words wait for theirs."""
+        if self._utt_start is not None or self._inherited:
+            return None
+        return max(self.commit_sample, min(self._vad_pos, self.position) -
+                   self.config.pad_samples)
+
     def feed(self, pcm: np.ndarray, *, partials: bool = True,
              speculate: bool = True, detach: bool = False) -> list[Event]:
         """Append audio (int16 or float32, 16 kHz mono) and return what it completes.
