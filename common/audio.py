@@ -70,32 +70,52 @@ class StreamFormat:
     encoding: str = "pcm_s16le"
     sample_rate: int = TARGET_RATE
     channels: int = 1
+    #: each channel is kept (interleaved) and transcribed apart, instead of downmixed
+    multichannel: bool = False
+
+    @property
+    def width(self) -> int:
+        """Channels in the normalised audio: ``channels`` when multichannel, else 1."""
+        return self.channels if self.multichannel else 1
 
 
-def _check_rate_channels(sample_rate: int, channels: int) -> None:
+#: The most channels a multichannel stream may declare at all (``max_channels``, a setting,
+#: bounds it further): a WAV or query asking for more is refused before anything is built.
+CHANNELS_CAP = 32
+#: Encodings whose channels the gateway can keep apart (the containers' decoder downmixes).
+MULTICHANNEL_ENCODINGS = ("pcm_s16le", "pcm_f32le", "wav", *G711)
+
+
+def _check_rate_channels(sample_rate: int, channels: int, multichannel: bool = False) -> None:
     if not MIN_RATE <= sample_rate <= MAX_RATE:
         raise UnsupportedAudio(f"sample_rate must be between {MIN_RATE} and {MAX_RATE} Hz")
-    if channels not in (1, 2):
-        raise UnsupportedAudio("channels must be 1 or 2")
+    if multichannel:
+        if not 2 <= channels <= CHANNELS_CAP:
+            raise UnsupportedAudio("multichannel=true needs channels=2 or more")
+    elif channels not in (1, 2):
+        raise UnsupportedAudio("channels must be 1 or 2 (more with multichannel=true)")
 
 
 def parse_stream_format(encoding: str | None, sample_rate: str | None,
-                        channels: str | None) -> StreamFormat:
+                        channels: str | None, multichannel: bool = False) -> StreamFormat:
     """Validate the query parameters that describe the audio."""
     enc = encoding if encoding is not None else "pcm_s16le"
     if enc not in ENCODINGS:
         raise UnsupportedAudio(f"encoding must be one of {', '.join(ENCODINGS)}")
+    if multichannel and enc not in MULTICHANNEL_ENCODINGS:
+        raise UnsupportedAudio("multichannel=true needs encoding "
+                               f"{', '.join(MULTICHANNEL_ENCODINGS)}")
     try:
         rate = int(sample_rate) if sample_rate is not None else \
             G711_RATE if enc in G711 else TARGET_RATE
         chans = int(channels) if channels is not None else 1
     except ValueError:
         raise UnsupportedAudio("sample_rate and channels must be integers") from None
-    _check_rate_channels(rate, chans)
-    return StreamFormat(enc, rate, chans)
+    _check_rate_channels(rate, chans, multichannel)
+    return StreamFormat(enc, rate, chans, multichannel)
 
 
-def parse_wav_header(data: bytes) -> tuple[SampleFormat, int, int]:
+def parse_wav_header(data: bytes, multichannel: bool = False) -> tuple[SampleFormat, int, int]:
     """Walk the RIFF chunks of a WAV message: (format, data offset, data length in this message)."""
     if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         raise InvalidAudio("not a RIFF/WAVE header")
@@ -119,7 +139,7 @@ def parse_wav_header(data: bytes) -> tuple[SampleFormat, int, int]:
                 kind = "float"
             else:
                 raise UnsupportedAudio("WAV must be PCM (8/16/24/32-bit) or IEEE float (32/64-bit)")
-            _check_rate_channels(rate, chans)
+            _check_rate_channels(rate, chans, multichannel and chans > 1)
             fmt = SampleFormat(kind, bits // 8, rate, chans)
         elif chunk_id == b"data":
             if fmt is None:
@@ -161,7 +181,8 @@ def float_to_int16(samples: np.ndarray) -> np.ndarray:
 
 
 class AudioNormalizer:
-    """Stateful converter from one client's audio messages to 16 kHz mono int16.
+    """Stateful converter from one client's audio messages to 16 kHz mono int16 (or, for a
+    multichannel stream, 16 kHz int16 with its channels interleaved: ``stream.width``).
 
     A compressed stream holds a decoder (a thread, for containers): ``close`` it when the
     session ends without ``flush``."""
@@ -180,7 +201,8 @@ class AudioNormalizer:
         elif stream.encoding == "pcm_f32le":
             self._fmt = SampleFormat("float", 4, stream.sample_rate, stream.channels)
         elif stream.encoding in G711:
-            self._codec = G711Decoder(stream.encoding, stream.sample_rate, stream.channels)
+            self._codec = G711Decoder(stream.encoding, stream.sample_rate, stream.channels,
+                                      keep_channels=stream.multichannel)
         elif stream.encoding in CONTAINER_ENCODINGS:
             self._codec = ContainerDecoder(stream.encoding, self.codec_limits,
                                            slots=decoders)
@@ -212,7 +234,10 @@ class AudioNormalizer:
         if self._codec is not None:
             return self._from_chunks(self._codec.feed(data))
         if self._encoding == "wav" and data[:4] == b"RIFF":
-            fmt, offset, length = parse_wav_header(data)
+            fmt, offset, length = parse_wav_header(data, self.stream.multichannel)
+            if self.stream.multichannel and fmt.channels != self.stream.channels:
+                raise InvalidAudio(f"the WAV header has {fmt.channels} channels; the "
+                                   f"stream declared channels={self.stream.channels}")
             if self._fmt is not None and fmt.sample_rate != self._fmt.sample_rate:
                 self._reset_resampler()
             self._fmt = fmt
@@ -228,10 +253,12 @@ class AudioNormalizer:
         if whole == 0:
             return np.zeros(0, dtype=np.int16)
         raw = data[:whole]
-        if fmt.kind == "int" and fmt.width == 2 and fmt.channels == 1 \
-                and fmt.sample_rate == TARGET_RATE:
+        if fmt.kind == "int" and fmt.width == 2 and fmt.sample_rate == TARGET_RATE \
+                and (fmt.channels == 1 or self.stream.multichannel):
             return np.frombuffer(raw, dtype="<i2").astype(np.int16)
         frames = _decode_samples(raw, fmt)
+        if self.stream.multichannel:
+            return float_to_int16(self._resample(frames, fmt.sample_rate)).reshape(-1)
         mono = frames[:, 0] if fmt.channels == 1 else frames.mean(axis=1, dtype=np.float32)
         return float_to_int16(self._resample(np.ascontiguousarray(mono), fmt.sample_rate))
 
@@ -248,10 +275,11 @@ class AudioNormalizer:
                 self._codec.close()
         if self._resampler is None:
             return decoded
-        tail = self._resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+        width = self.stream.width
+        empty = np.zeros((0, width) if width > 1 else 0, dtype=np.float32)
+        tail = float_to_int16(self._resampler.resample_chunk(empty, last=True)).reshape(-1)
         self._resampler = None
-        return np.concatenate([decoded, float_to_int16(tail)]) if len(decoded) \
-            else float_to_int16(tail)
+        return np.concatenate([decoded, tail]) if len(decoded) else tail
 
     def close(self) -> None:
         """Stop a decoder's thread (the session ended without ``flush``)."""
@@ -281,22 +309,27 @@ class AudioNormalizer:
         return True
 
     def _from_chunks(self, chunks: list[Chunk]) -> np.ndarray:
-        """Decoded float chunks (any rate) → 16 kHz int16."""
+        """Decoded float chunks (any rate; (frames, channels) for a multichannel stream) →
+        16 kHz int16 (interleaved)."""
         if not chunks:
             return np.zeros(0, dtype=np.int16)
-        parts = [float_to_int16(self._resample(samples, rate)) for samples, rate in chunks]
+        parts = [float_to_int16(self._resample(samples, rate)).reshape(-1)
+                 for samples, rate in chunks]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _reset_resampler(self) -> None:
         self._resampler = None
 
-    def _resample(self, mono: np.ndarray, rate: int) -> np.ndarray:
+    def _resample(self, samples: np.ndarray, rate: int) -> np.ndarray:
+        """Mono samples, or (frames, channels) of a multichannel stream, at 16 kHz."""
         if rate == TARGET_RATE:
-            return mono
+            return samples
         if self._resampler is None or self._resampler_rate != rate:
-            self._resampler = soxr.ResampleStream(rate, TARGET_RATE, 1, dtype="float32")
+            channels = samples.shape[1] if samples.ndim == 2 else 1
+            self._resampler = soxr.ResampleStream(rate, TARGET_RATE, channels,
+                                                  dtype="float32")
             self._resampler_rate = rate
-        out: np.ndarray = self._resampler.resample_chunk(mono)
+        out: np.ndarray = self._resampler.resample_chunk(samples)
         return out
 
 

@@ -102,12 +102,15 @@ def g711_table(law: str) -> np.ndarray:
 
 
 class G711Decoder:
-    """μ-law or A-law bytes (one byte per sample, channels interleaved) → float32 mono."""
+    """μ-law or A-law bytes (one byte per sample, channels interleaved) → float32 mono, or
+    with ``keep_channels`` (frames, channels) (a multichannel stream)."""
 
-    def __init__(self, law: str, sample_rate: int, channels: int) -> None:
+    def __init__(self, law: str, sample_rate: int, channels: int,
+                 keep_channels: bool = False) -> None:
         self.table = g711_table(law)
         self.rate = sample_rate
         self.channels = channels
+        self.keep_channels = keep_channels
         self._remainder = b""
 
     def feed(self, data: bytes) -> list[Chunk]:
@@ -118,7 +121,9 @@ class G711Decoder:
         if not whole:
             return []
         samples = self.table[np.frombuffer(data, dtype=np.uint8, count=whole)]
-        if self.channels > 1:
+        if self.keep_channels:
+            samples = samples.reshape(-1, self.channels)
+        elif self.channels > 1:
             samples = samples.reshape(-1, self.channels).mean(axis=1, dtype=np.float32)
         return [(samples, self.rate)]
 

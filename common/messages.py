@@ -43,6 +43,8 @@ class Partial:
     start: float
     end: float
     seq: int = 0
+    #: which channel of a ``multichannel`` session (0-based); None (omitted) otherwise
+    channel: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,8 @@ class Final:
     end: float
     words: tuple[Word, ...] = ()
     seq: int = 0
+    #: which channel of a ``multichannel`` session (0-based); None (omitted) otherwise
+    channel: int | None = None
     #: what ended the utterance: ``pause`` (the speaker paused: the endpoint), ``finalize``
     #: (the client asked), ``max_length`` (cut at the utterance length cap; the speech goes
     #: on in the next one), ``end`` (the stream closed); None for finals stored before it
@@ -93,12 +97,23 @@ class Warning:
 Result = Partial | Final | Closed | Warning
 _RESULT_TYPES: dict[str, type[Any]] = {c.TYPE: c for c in (Partial, Final, Closed, Warning)}
 
+#: Optional fields left out of JSON and msgpack when None (a session without them reads as
+#: before they existed).
+OPTIONAL_FIELDS: tuple[str, ...] = ("channel", "multichannel", "ended_by")
+
+
+def _drop_unset(out: dict[str, Any]) -> dict[str, Any]:
+    for name in OPTIONAL_FIELDS:
+        if name in out and out[name] is None:
+            del out[name]
+    return out
+
 
 def result_to_dict(result: Result) -> dict[str, Any]:
-    """The result as JSON-ready fields; optional fields that are None are left out."""
+    """The result as JSON-ready fields; ``OPTIONAL_FIELDS`` that are None are left out."""
     out: dict[str, Any] = {"type": result.TYPE}
-    out.update((k, v) for k, v in dataclasses.asdict(result).items() if v is not None)
-    return out
+    out.update(dataclasses.asdict(result))
+    return _drop_unset(out)
 
 
 def result_from_dict(obj: dict[str, Any]) -> Result:
@@ -145,6 +160,8 @@ class SessionStarted:
     #: 16 kHz samples of audio the server has stored for this session: a resumed client sends
     #: its audio again from there (what a dropped socket or a dead gateway lost)
     stored_samples: int = 0
+    #: True when each of ``channels`` is transcribed apart (``multichannel=true``)
+    multichannel: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,12 +208,9 @@ ServerMessage = Result | SessionStarted | ReplayStarted | ViewerStarted | ErrorM
 
 
 def to_json(message: ServerMessage) -> str:
-    if isinstance(message, (Partial, Final, Closed, Warning)):
-        out = result_to_dict(message)
-    else:
-        out = {"type": message.TYPE}
-        out.update(dataclasses.asdict(message))
-    return json.dumps(out, separators=(",", ":"), ensure_ascii=False)
+    out: dict[str, Any] = {"type": message.TYPE}
+    out.update(dataclasses.asdict(message))
+    return json.dumps(_drop_unset(out), separators=(",", ":"), ensure_ascii=False)
 
 
 # --------------------------------------------------------------------------- client → server
@@ -234,15 +248,19 @@ def parse_control(text: str, max_bytes: int = 0) -> Control:
 
 @dataclasses.dataclass(frozen=True)
 class AudioFrame:
-    """Normalised audio: 16 kHz mono int16 little-endian; ``offset`` is its first sample."""
+    """Normalised audio: 16 kHz int16 little-endian, mono, or ``channels`` interleaved for a
+    ``multichannel`` session; ``offset`` is its first sample (per channel: a position on the
+    session's timeline)."""
 
     seq: int
     offset: int
     pcm: bytes
+    channels: int = 1
 
     @property
     def samples(self) -> int:
-        return len(self.pcm) // 2
+        """Samples per channel (the frame's length on the timeline)."""
+        return len(self.pcm) // (2 * self.channels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,6 +281,8 @@ AudioEntry = AudioFrame | AudioMarker
 def pack_audio_entry(entry: AudioEntry) -> dict[str, bytes]:
     if isinstance(entry, AudioFrame):
         body = {"k": "audio", "seq": entry.seq, "off": entry.offset, "pcm": entry.pcm}
+        if entry.channels != 1:
+            body["ch"] = entry.channels
     else:
         body = {"k": entry.kind, "seq": entry.seq, "off": entry.offset}
     return {"m": msgpack.packb(body, use_bin_type=True)}
@@ -272,7 +292,8 @@ def unpack_audio_entry(fields: dict[bytes, bytes]) -> AudioEntry:
     body = msgpack.unpackb(fields[b"m"], raw=False)
     kind = body["k"]
     if kind == "audio":
-        return AudioFrame(int(body["seq"]), int(body["off"]), bytes(body["pcm"]))
+        return AudioFrame(int(body["seq"]), int(body["off"]), bytes(body["pcm"]),
+                          int(body.get("ch", 1)))
     if kind in ("finalize", "close"):
         return AudioMarker(kind, int(body["seq"]), int(body["off"]))
     raise ValueError(f"unknown audio entry kind {kind!r}")

@@ -10,7 +10,8 @@ from the machine that runs the script.
 Who runs what: the gateway CREATE_SESSION, HEARTBEAT, APPEND_AUDIO, NOTICE, CAP_ACQUIRE,
 DELETE_SESSION (the gateway's sessions API);
 replays CREATE_SESSION, HEARTBEAT, APPEND_AUDIO; the transcriber the LEASE_* scripts,
-PUBLISH, PROGRESS, COMMIT, CLIENT_SILENCE and CLOSE (transcriber/commit.py),
+PUBLISH, PROGRESS, COMMIT, ADVANCE_CHANNEL, CLIENT_SILENCE and CLOSE
+(transcriber/commit.py),
 ANNOUNCE_WORKER (the worker registry, common/models.py), and COMPACT_AUDIO after a close
 (``Sessions.compact``).
 """
@@ -147,13 +148,18 @@ return 1
 
 
 # KEYS: meta, results. ARGV: epoch, body, and for a partial its promised (stable) words,
-# packed (kept in 'stable' so that a worker taking over the open utterance keeps them).
+# packed (kept in 'stable' so that a worker taking over the open utterance keeps them), and
+# for a channel of a multichannel session that channel (kept in 'stable.N').
 # Returns seq, or -1 when the epoch is stale.
 PUBLISH = """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return -1 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('XADD', KEYS[2], '*', 'seq', seq, 'm', ARGV[2], 'epoch', ARGV[1])
-if ARGV[3] then redis.call('HSET', KEYS[1], 'stable', ARGV[3]) end
+if ARGV[3] then
+  local field = 'stable'
+  if ARGV[4] then field = 'stable.' .. ARGV[4] end
+  redis.call('HSET', KEYS[1], field, ARGV[3])
+end
 return seq
 """
 
@@ -168,22 +174,46 @@ return 0
 
 # A final and its commit point in one step. Idempotent: a final whose utterance
 # is already committed (a retried write whose reply was lost) returns 0.
-# ARGV: epoch, body, commit_sample, next_utterance, prompt, resume_id, utterance, timing
+# ARGV: epoch, body, commit_sample, next_utterance, prompt, resume_id, utterance, timing,
+# and for a channel of a multichannel session: the channel and the session's commit sample
+# (the earliest of its channels'). A channel's point is kept in 'commit_sample.N',
+# 'next_utterance.N', 'prompt.N' (its stable words in 'stable.N'); 'next_utterance' then
+# counts the finals of all channels, 'commit_sample' is the session's.
 COMMIT = """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return -1 end
-local done = redis.call('HGET', KEYS[1], 'next_utterance') or '0'
+local sfx = ''
+if ARGV[9] then sfx = '.' .. ARGV[9] end
+local done = redis.call('HGET', KEYS[1], 'next_utterance' .. sfx) or '0'
 if tonumber(done) > tonumber(ARGV[7]) then
   -- stored already (a retry): write the same value back, so that this connection's WAIT
   -- covers the first attempt's writes too (common/replication.py)
-  redis.call('HSET', KEYS[1], 'next_utterance', done)
+  redis.call('HSET', KEYS[1], 'next_utterance' .. sfx, done)
   return 0
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('XADD', KEYS[2], '*', 'seq', seq, 'm', ARGV[2], 'epoch', ARGV[1], 't', ARGV[8])
-redis.call('HSET', KEYS[1], 'commit_sample', ARGV[3], 'next_utterance', ARGV[4],
-           'prompt', ARGV[5], 'resume_id', ARGV[6])
-redis.call('HDEL', KEYS[1], 'stable')
+redis.call('HSET', KEYS[1], 'commit_sample' .. sfx, ARGV[3], 'next_utterance' .. sfx, ARGV[4],
+           'prompt' .. sfx, ARGV[5], 'resume_id', ARGV[6])
+if ARGV[9] then
+  redis.call('HINCRBY', KEYS[1], 'next_utterance', 1)
+  redis.call('HSET', KEYS[1], 'commit_sample', ARGV[10])
+end
+redis.call('HDEL', KEYS[1], 'stable' .. sfx)
 return seq
+"""
+
+
+# A multichannel session's silent channel moves its commit point on without a final (so a
+# takeover does not re-read all the audio since that channel last spoke). KEYS: meta.
+# ARGV: epoch, channel, its commit sample, resume_id, the session's commit sample. Only
+# forward. Returns 1, 0 when the point was not ahead, -1 when the epoch is stale.
+ADVANCE_CHANNEL = """
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return -1 end
+local field = 'commit_sample.' .. ARGV[2]
+if tonumber(redis.call('HGET', KEYS[1], field) or '0') >= tonumber(ARGV[3]) then return 0 end
+redis.call('HSET', KEYS[1], field, ARGV[3])
+redis.call('HSET', KEYS[1], 'resume_id', ARGV[4], 'commit_sample', ARGV[5])
+return 1
 """
 
 
@@ -265,7 +295,8 @@ LEASE_GONE = -1
 LEASE_DUPLICATE = -2
 #: LEASE_ACQUIRE: the session asked for another model than the worker's.
 LEASE_OTHER_MODEL = -3
-#: PUBLISH, COMMIT, PROGRESS, CLOSE: the writer's epoch is no longer the session's.
+#: PUBLISH, COMMIT, PROGRESS, ADVANCE_CHANNEL, CLOSE: the writer's epoch is no longer the
+#: session's.
 STALE_EPOCH = -1
 #: CLOSE: an idle close found the client back (fresh heartbeat, or audio after the last read).
 CLOSE_CLIENT_BACK = -3

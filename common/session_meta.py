@@ -27,6 +27,7 @@ class SessionMeta:
     encoding: str = ""
     sample_rate: int = 0
     channels: int = 1
+    multichannel: bool = False  # each channel transcribed apart (the audio is interleaved)
     language: str = ""
     interim: bool = True
     model: str = ""
@@ -87,3 +88,28 @@ def _convert(kind: type, value: bytes | str) -> Any:
 
 _KINDS: dict[str, type] = get_type_hints(SessionMeta)
 FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(SessionMeta))
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelPoint:
+    """Where one channel of a multichannel session stands (its record's ``*.N`` fields,
+    written by the COMMIT and PUBLISH scripts): its commit point, next utterance, prompt
+    and the open utterance's promised words."""
+
+    commit_sample: int = 0
+    next_utterance: int = 0
+    prompt: str = ""
+    stable: bytes = b""
+
+
+def channel_points(raw: Mapping[bytes, bytes | None] | Mapping[str, Any],
+                   channels: int) -> list[ChannelPoint]:
+    """Each channel's point from the record (``HGETALL``); defaults before its first final."""
+    text = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
+    kinds = get_type_hints(ChannelPoint)
+    out = []
+    for channel in range(channels):
+        values = {name: _convert(kinds[name], value) for name in kinds
+                  if (value := text.get(f"{name}.{channel}")) is not None}
+        out.append(ChannelPoint(**values))
+    return out

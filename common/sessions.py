@@ -438,6 +438,8 @@ class Sessions:
                 raw += sum(len(k) + len(v) for k, v in fields.items()) + STREAM_ENTRY_BYTES
                 entry = unpack_audio_entry(fields)
                 if isinstance(entry, AudioFrame):
+                    if entry.channels != 1:  # multichannel audio stays raw (mono codecs)
+                        return None
                     pcm.append(np.frombuffer(entry.pcm, dtype="<i2"))
                 else:
                     markers.append((entry.kind, entry.offset))

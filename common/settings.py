@@ -477,6 +477,9 @@ class AudioLimitSettings:
     codec_max_streams: int = setting(
         256, "compressed streams (opus, flac; a decoder thread each) one gateway decodes at "
         "once; a session starting another gets overloaded (close 1013); 0 = no limit")
+    max_channels: int = setting(
+        4, "channels a multichannel=true session may have (each is transcribed apart: N "
+        "channels cost N decodes); more are refused with unsupported_audio (close 1003)")
     upload_max_bytes: int = setting(
         26_214_400, "bytes of the audio file one POST /v1/audio/transcriptions may upload "
         "(OpenAI's own limit: 25 MB); a larger one is refused with message_too_big (413)")
@@ -664,6 +667,11 @@ class EndpointingSettings:
     max_utterance_s: float = setting(
         25.0, "seconds after which an utterance is cut at a word boundary (Whisper's window "
         "is 30 s)")
+    crosstalk_db: float = setting(
+        20.0, "multichannel sessions: where a channel is this many dB quieter than the "
+        "loudest one (energy over ~10 ms), and has been for 0.15 s, it is taken as that "
+        "one's bleed (crosstalk) and heard as silence, so it is not transcribed twice; "
+        "0 = off")
 
 
 @group("Partials and prompts")

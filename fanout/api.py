@@ -300,7 +300,8 @@ class SessionsApi:
         its entries were lost) are silence. A session that is gone by the end of the read
         (it expired meanwhile) has its response cut short, so the client sees an error.
         """
-        await self.records.info(sid)  # 404 when it does not exist
+        meta = await self.records.meta(sid)  # 404 when it does not exist
+        width = meta.channels if meta.multichannel else 1  # a multichannel one keeps them
         total = await self.records.audio_samples(sid)
         start_s = float_param(query, "start", 0.0, 0.0, 1e7) or 0.0
         end_s = float_param(query, "end", None, 0.0, 1e7)
@@ -310,7 +311,7 @@ class SessionsApi:
             "Content-Type": "audio/wav",
             "Content-Disposition": f'attachment; filename="{sid}.wav"',
             "Cache-Control": "no-store"})
-        response.content_length = 44 + 2 * (hi - lo)
+        response.content_length = 44 + 2 * width * (hi - lo)
         if request.method == "HEAD":
             return response
         if self._exports.locked():
@@ -318,7 +319,7 @@ class SessionsApi:
         async with self._exports:
             await response.prepare(request)
             try:
-                complete = await self._write_audio(response, sid, lo, hi)
+                complete = await self._write_audio(response, sid, lo, hi, width)
             except ConnectionError:  # the client went away
                 complete = False
             except Exception as exc:  # Redis down for good: the response cannot finish
@@ -332,24 +333,26 @@ class SessionsApi:
         return response
 
     async def _write_audio(self, response: web.StreamResponse, sid: str, lo: int,
-                           hi: int) -> bool:
-        """Write samples ``lo``..``hi`` as a WAV body; False when the session was gone by
-        the end of the read (the last chunk is not written then)."""
+                           hi: int, width: int = 1) -> bool:
+        """Write samples ``lo``..``hi`` (of ``width`` channels, interleaved) as a WAV body;
+        False when the session was gone by the end of the read (the last chunk is not
+        written then)."""
         out = _Chunks(response)
-        await out.write(formats.wav_header(hi - lo))
+        frame = 2 * width
+        await out.write(formats.wav_header(hi - lo, channels=width))
         at = lo  # the next sample the body needs
         async for entry in self.records.audio(sid):
             if not isinstance(entry, AudioFrame):
                 continue
             a, b = max(entry.offset, at), min(audio_end(entry), hi)
             if a < b:
-                await out.silence(2 * (a - at))
-                src = (a - entry.offset) * 2
-                await out.write(entry.pcm[src:src + (b - a) * 2])
+                await out.silence(frame * (a - at))
+                src = (a - entry.offset) * frame
+                await out.write(entry.pcm[src:src + (b - a) * frame])
                 at = b
             if entry.offset >= hi:
                 break
-        await out.silence(2 * (hi - at))
+        await out.silence(frame * (hi - at))
         if not await self.records.exists(sid):
             log.info("session %s: expired during its audio export; cut short", sid)
             return False

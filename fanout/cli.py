@@ -135,8 +135,9 @@ class Printer:
             self.out.write(json.dumps(msg, ensure_ascii=False) + "\n")
             self.out.flush()
             return
+        who = f"[channel {msg['channel']}] " if msg.get("channel") is not None else ""
         if kind == "partial":
-            text = f"… {msg['text']}"
+            text = f"… {who}{msg['text']}"
             if self.tty:
                 width = shutil.get_terminal_size().columns - 1
                 self.out.write("\r\033[K" + text[-width:])
@@ -147,7 +148,7 @@ class Printer:
             self._clear_partial()
             if msg.get("text"):
                 self.out.write(f"[{_clock(msg['start'])} - {_clock(msg['end'])}] "
-                               f"{msg['text']}\n")
+                               f"{who}{msg['text']}\n")
         elif kind == "session":
             line = f"session {msg['session_id']}"
             if msg.get("replay_of"):
@@ -300,9 +301,11 @@ def read_audio(path: str) -> tuple[np.ndarray, int]:
         raise CliError(f"cannot read {path}: {exc}") from None
 
 
-def audio_messages(pcm: np.ndarray, rate: int) -> tuple[list[tuple[bytes, float]], int, int]:
-    """int16 frames x channels → (payload, seconds) messages, the rate and channels to declare."""
-    if pcm.shape[1] > 2:
+def audio_messages(pcm: np.ndarray, rate: int, keep_channels: bool = False,
+                   ) -> tuple[list[tuple[bytes, float]], int, int]:
+    """int16 frames x channels → (payload, seconds) messages, the rate and channels to declare
+    (more than two are mixed to one unless ``keep_channels``: multichannel)."""
+    if pcm.shape[1] > 2 and not keep_channels:
         pcm = pcm.mean(axis=1, dtype=np.float32).round().astype(np.int16)[:, None]
     if not 8000 <= rate <= 48000:
         import soxr
@@ -323,10 +326,12 @@ def cmd_stream(args: argparse.Namespace) -> None:
     if not args.file:
         raise CliError("name an audio FILE, or use --mic")
     pcm, rate = read_audio(args.file)
-    msgs, rate, channels = audio_messages(pcm, rate)
+    msgs, rate, channels = audio_messages(pcm, rate, args.multichannel)
+    if args.multichannel and channels < 2:
+        raise CliError(f"--multichannel needs a file of 2 or more channels; {args.file} has 1")
     url = listen_url(ws_base(args.url), sample_rate=rate, channels=channels,
                      language=args.language, interim_results=not args.no_partials,
-                     model=args.model)
+                     model=args.model, multichannel=True if args.multichannel else None)
     printer = Printer(args.json)
     try:
         res = asyncio.run(stream(url, msgs, pace=file_pace(args, msgs),
@@ -491,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="a model the workers serve (stt models; default: the server's)")
     p.add_argument("--no-partials", action="store_true", help="finals only")
+    p.add_argument("--multichannel", action="store_true",
+                   help="a file of several channels: each transcribed apart (results "
+                        "marked [channel N]), instead of mixed to one")
     p.add_argument("--json", action="store_true", help="print raw JSON messages")
     p.add_argument("--reconnects", type=int, default=8,
                    help="a file: resume a dropped session this many times, sending again the "

@@ -32,11 +32,12 @@ CONTENT_TYPES = {
 }
 
 
-def wav_header(samples: int, rate: int = TARGET_RATE) -> bytes:
-    """A 44-byte RIFF header for ``samples`` of 16-bit mono PCM."""
-    data = samples * 2
+def wav_header(samples: int, rate: int = TARGET_RATE, channels: int = 1) -> bytes:
+    """A 44-byte RIFF header for ``samples`` (per channel) of 16-bit PCM."""
+    frame = 2 * channels
+    data = samples * frame
     return (b"RIFF" + struct.pack("<I", 36 + data) + b"WAVE"
-            + b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
+            + b"fmt " + struct.pack("<IHHIIHH", 16, 1, channels, rate, rate * frame, frame, 16)
             + b"data" + struct.pack("<I", data))
 
 
@@ -45,10 +46,16 @@ class Cue:
     start: float
     end: float
     words: tuple[Word, ...]
+    channel: int | None = None  # of a multichannel session
 
     @property
     def text(self) -> str:
         return " ".join("".join(w.word for w in self.words).split())
+
+
+def channel_label(channel: int | None) -> str:
+    """How text and SRT mark a multichannel session's channel (its ``channel`` number)."""
+    return "" if channel is None else f"[channel {channel}] "
 
 
 def _spoken(finals: Sequence[Final]) -> list[Final]:
@@ -66,7 +73,7 @@ def cues(finals: Sequence[Final]) -> list[Cue]:
         words = [w for w in final.words if w.word.strip()]
         if not words:  # no word timings: one cue for the whole utterance
             out.append(Cue(final.start, max(final.end, final.start),
-                           (Word(final.text, final.start, final.end, 1.0),)))
+                           (Word(final.text, final.start, final.end, 1.0),), final.channel))
             continue
         group: list[Word] = []
         for word in words:
@@ -75,16 +82,18 @@ def cues(finals: Sequence[Final]) -> list[Cue]:
                 too_long = len(" ".join(text.split())) > CUE_CHARS
                 too_slow = word.end - group[0].start > CUE_SECONDS
                 if too_long or too_slow:
-                    out.append(_cue(group))
+                    out.append(_cue(group, final.channel))
                     group = []
             group.append(word)
-        out.append(_cue(group))
+        out.append(_cue(group, final.channel))
+    if any(cue.channel is not None for cue in out):  # channels overlap: cues by start time
+        out.sort(key=lambda cue: cue.start)
     return out
 
 
-def _cue(words: list[Word]) -> Cue:
+def _cue(words: list[Word], channel: int | None = None) -> Cue:
     start = words[0].start
-    return Cue(start, max(words[-1].end, start), tuple(words))
+    return Cue(start, max(words[-1].end, start), tuple(words), channel)
 
 
 def wrap(text: str, width: int = LINE_CHARS) -> list[str]:
@@ -110,7 +119,7 @@ def _timestamp(seconds: float, sep: str) -> str:
 def to_srt(finals: Sequence[Final]) -> str:
     blocks = []
     for i, cue in enumerate(cues(finals), 1):
-        text = "\n".join(wrap(cue.text.replace("-->", "->")))
+        text = "\n".join(wrap(channel_label(cue.channel) + cue.text.replace("-->", "->")))
         blocks.append(f"{i}\n{_timestamp(cue.start, ',')} --> {_timestamp(cue.end, ',')}\n"
                       f"{text}\n")
     return "\n".join(blocks)
@@ -124,13 +133,15 @@ def to_vtt(finals: Sequence[Final]) -> str:
     blocks = ["WEBVTT\n"]
     for cue in cues(finals):
         text = "\n".join(_vtt_escape(line) for line in wrap(cue.text))
+        if cue.channel is not None:  # a voice span names the channel
+            text = f"<v Channel {cue.channel}>{text}"
         blocks.append(f"{_timestamp(cue.start, '.')} --> {_timestamp(cue.end, '.')}\n{text}\n")
     return "\n".join(blocks)
 
 
 def to_text(finals: Sequence[Final]) -> str:
     """One line per utterance."""
-    return "".join(f"{f.text.strip()}\n" for f in _spoken(finals))
+    return "".join(f"{channel_label(f.channel)}{f.text.strip()}\n" for f in _spoken(finals))
 
 
 def to_json(finals: Sequence[Final], info: dict[str, Any]) -> str:
@@ -143,7 +154,8 @@ def to_json(finals: Sequence[Final], info: dict[str, Any]) -> str:
         "utterances": [
             {"utterance": f.utterance, "seq": f.seq, "start": f.start, "end": f.end,
              "text": f.text.strip(),
-             "words": [dataclasses.asdict(w) for w in f.words]}
+             "words": [dataclasses.asdict(w) for w in f.words],
+             **({"channel": f.channel} if f.channel is not None else {})}
             for f in spoken
         ],
     }

@@ -195,14 +195,18 @@ class Replay:
         interim = p.interim_results if p.interim_results is not None else meta.interim
         info = await self.records.info(self.original)
         await self.records.create_replay(self.sid, self.original, {
-            "encoding": "pcm_s16le", "sample_rate": TARGET_RATE, "channels": 1,
+            "encoding": "pcm_s16le", "sample_rate": TARGET_RATE,
+            # a multichannel session's replay transcribes the same channels apart
+            "channels": meta.channels if meta.multichannel else 1,
+            "multichannel": "1" if meta.multichannel else "0",
             "language": language, "interim": "1" if interim else "0", "model": model,
             "replay_speed": p.speed,
             "principal": self.principal.owner, "account": self.principal.account,
         })
         return ReplayStarted(session_id=self.sid, replay_of=self.original, model=model,
                              language=language or "en", interim_results=interim,
-                             speed=p.speed, duration=info.duration)
+                             speed=p.speed, duration=info.duration,
+                             channels=meta.channels if meta.multichannel else 1)
 
     async def _deliver(self) -> None:
         async for _id, result in follow_results(

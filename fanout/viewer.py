@@ -161,33 +161,34 @@ class Viewer:
         """Stored results after the sender's position; True when ``closed`` was among them.
 
         Of the stored partials only the newest one of a still-open utterance is
-        worth showing: the others were superseded before this viewer came. While
-        a partial is held back, what follows it (warnings) waits too, to keep
-        seq order.
+        worth showing: the others were superseded before this viewer came (on each channel
+        of a multichannel session). While a partial is held back, what follows it
+        (warnings, other channels' results) waits too, to keep seq order.
         """
-        held: Partial | None = None
-        waiting: list[Result] = []  # stored after ``held``
+        held: dict[int | None, Partial] = {}  # by channel
+        pending: list[Result] = []  # in seq order, from the first held partial on
         async for _id, result in self.records.results(self.sid):
             if result.seq <= self.sender.last:
                 continue
             if isinstance(result, Partial | Final):
-                held = None  # superseded: a newer partial, or the utterance's final
-                for r in waiting:
-                    await self.sender.send(r)
-                waiting.clear()
+                # superseded: a newer partial, or the utterance's final, of its channel
+                old = held.pop(result.channel, None)
+                if old is not None:
+                    pending.remove(old)
                 if isinstance(result, Partial):
-                    held = result if self.params.partials else None
-                    continue
-            elif held is not None:
-                waiting.append(result)
-                if not isinstance(result, Closed):
-                    continue
-                for r in (held, *waiting):
+                    if not self.params.partials:
+                        continue
+                    held[result.channel] = result
+            pending.append(result)
+            if isinstance(result, Closed):
+                for r in pending:
                     await self.sender.send(r)
                 return True
-            if await self.sender.send(result):
-                return True
-        for r in (held, *waiting) if held is not None else waiting:
+            while pending and not (isinstance(pending[0], Partial)
+                                   and held.get(pending[0].channel) is pending[0]):
+                if await self.sender.send(pending.pop(0)):
+                    return True
+        for r in pending:
             await self.sender.send(r)
         return False
 

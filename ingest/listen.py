@@ -73,10 +73,10 @@ class Wire(Protocol):
     """How one client protocol spells a listen session's messages. One per connection (a
     dialect may keep state: which utterance a ``Finalize`` ended, a hash of the audio)."""
 
-    def inbound(self, message: str | bytes) -> str | bytes | None:
+    def inbound(self, message: str | bytes) -> str | bytes | list[str | bytes] | None:
         """A client message as the native one the core reads (a dialect that wraps audio
-        in JSON, Twilio's, unwraps it here); None: a message of the dialect's that this
-        service has no use for (the wire bounds how many of those come)."""
+        in JSON, Twilio's, unwraps it here), or several; None: a message of the dialect's
+        that this service has no use for (the wire bounds how many of those come)."""
 
     def control(self, text: str, max_bytes: int) -> Control | None:
         """A client text message as a control, or None when it is audio (base64)."""
@@ -412,8 +412,17 @@ class ListenSession:
         await self.writer.close()
         return stored
 
+    def _check_channels(self) -> None:
+        """A multichannel stream within ``max_channels``."""
+        fmt = self.params.format
+        if fmt.multichannel and fmt.channels > self.settings.max_channels:
+            raise errors.UnsupportedAudio(
+                f"multichannel=true takes 2 to {self.settings.max_channels} channels "
+                f"(MAX_CHANNELS); this stream has {fmt.channels}")
+
     async def _open(self) -> bool:
         """Create the session, or attach to the one named in ``session``."""
+        self._check_channels()
         if self.params.session is None:
             if await self.store.backlog(self.model) >= self.settings.max_backlog:
                 raise errors.Overloaded("all transcribers are busy; try again later")
@@ -426,6 +435,7 @@ class ListenSession:
                 "encoding": self.params.format.encoding,
                 "sample_rate": self.params.format.sample_rate,
                 "channels": self.params.format.channels,
+                "multichannel": "1" if self.params.format.multichannel else "0",
                 "language": self.params.language,
                 "interim": "1" if self.params.interim_results else "0",
                 "model": self.model,
@@ -442,6 +452,12 @@ class ListenSession:
                 raise Forbidden("this session belongs to someone else")
             deadline = access.deadline if access.deadline is not None \
                 else access.created + self.settings.max_session_s
+            fmt, stored = self.params.format, await self.store.meta(self.sid)
+            if stored.multichannel != fmt.multichannel or (
+                    fmt.multichannel and stored.channels != fmt.channels):
+                raise errors.UnsupportedAudio(
+                    "a resumed session keeps its channels: send multichannel and channels "
+                    "as when it was opened")
             attached = await self.store.attach(self.sid)
             self.generation = attached.generation
             self.model = attached.meta.model or self.model
@@ -486,11 +502,12 @@ class ListenSession:
                     await self._replies()
                     if native is None:
                         continue
-                    received = self.core.receive(native, time.monotonic())
-                    self.wire.received(message, received)
-                    await self._put(received.entries, received.seconds)
-                    if received.closed:
-                        return True
+                    for one in native if isinstance(native, list) else (native,):
+                        received = self.core.receive(one, time.monotonic())
+                        self.wire.received(message, received)
+                        await self._put(received.entries, received.seconds)
+                        if received.closed:
+                            return True
         except TimeoutError:
             raise self.core.expired(time.monotonic()) from None
 

@@ -67,7 +67,8 @@ class ListenParams:
 
     def __init__(self, query: dict[str, list[str]]) -> None:
         self.format: StreamFormat = parse_stream_format(
-            one(query, "encoding"), one(query, "sample_rate"), one(query, "channels"))
+            one(query, "encoding"), one(query, "sample_rate"), one(query, "channels"),
+            bool_param(query, "multichannel", False))
         self.language = language_param(query) or ""
         self.interim_results = bool_param(query, "interim_results", True)
         model = one(query, "model")
@@ -146,6 +147,8 @@ class ListenCore:
         #: after its finals instead of a normal close.
         self.end_error: SttError | None = None
         self._max_samples = int(limits.max_frame_seconds * TARGET_RATE)
+        #: channels interleaved in the normalised audio (1 unless multichannel)
+        self._width = params.format.width
         self._arrivals: collections.deque[tuple[int, float]] = collections.deque(
             maxlen=ARRIVALS_KEPT)
         self.rate = AudioRate(limits.max_audio_speed, limits.audio_burst_s, now)
@@ -174,6 +177,7 @@ class ListenCore:
             language=self.params.language or "en",
             interim_results=self.params.interim_results, resumed=resumed,
             stored_samples=self.samples_sent,  # the client resends from here what never arrived
+            multichannel=True if fmt.multichannel else None,
         )
 
     # ------------------------------------------------------------------ audio in
@@ -220,13 +224,13 @@ class ListenCore:
 
     def _audio(self, pcm: Any, now: float, out: Received) -> None:
         self._check_size(pcm)
-        self.rate.take(len(pcm) / TARGET_RATE, now)
+        self.rate.take(len(pcm) / self._width / TARGET_RATE, now)
         frame = self._frame(pcm, now)
         if frame is not None:
             out.entries.append(frame)
 
     def _check_size(self, pcm: Any) -> None:
-        if len(pcm) > self._max_samples:
+        if len(pcm) > self._max_samples * self._width:
             raise MessageTooBig(f"one message may carry at most "
                                 f"{self.limits.max_frame_seconds:g} s of audio")
 
@@ -235,8 +239,8 @@ class ListenCore:
             return None
         self._check_size(pcm)
         self.entry_seq += 1
-        frame = AudioFrame(self.entry_seq, self.samples_sent, pcm.tobytes())
-        self.samples_sent += len(pcm)
+        frame = AudioFrame(self.entry_seq, self.samples_sent, pcm.tobytes(), self._width)
+        self.samples_sent += frame.samples
         self._arrivals.append((self.samples_sent, now))
         return frame
 

@@ -116,7 +116,9 @@ def test_encodings_map_to_native_ones(text: str, encoding: str, rate: int) -> No
 @pytest.mark.parametrize("text, error", [
     ("encoding=speex", UnsupportedAudio),
     ("encoding=linear16&sample_rate=4000", UnsupportedAudio),
-    ("multichannel=true&channels=2", UnsupportedAudio),
+    ("multichannel=true&channels=2", UnsupportedAudio),  # needs a raw encoding
+    ("multichannel=true&encoding=linear16&channels=1", UnsupportedAudio),
+    ("multichannel=true&encoding=opus&channels=2", UnsupportedAudio),
     ("interim_results=maybe", SttError),
     ("utterance_end_ms=soon", SttError),
 ])
@@ -217,6 +219,26 @@ def test_finals_that_say_what_ended_them_are_flagged_exactly() -> None:
             if m["type"] == "Results"]
     assert [(r["is_final"], r["speech_final"], r["from_finalize"]) for r in got] == \
         [(True, False, True), (True, False, False), (True, True, False), (True, True, False)]
+
+
+def test_multichannel_results_name_their_channel_as_deepgram_s_do() -> None:
+    params, options = deepgram_params(query(
+        "encoding=linear16&sample_rate=16000&channels=3&multichannel=true&vad_events=true"
+        "&utterance_end_ms=1000"))
+    assert (params.format.channels, params.format.multichannel, options.multichannel) == \
+        (3, True, True)
+    w = DeepgramWire(options, MODEL)
+    w.opening(SessionStarted(SID, MODEL, 16000, "pcm_s16le", 3, "en", True))
+    words = (Word(" Hi.", 0.5, 0.9, 0.9),)
+    out = decoded(w.results(Final(SID, 0, " Hi.", 0.5, 0.9, words, seq=4, channel=2)))
+    assert [m["type"] for m in out] == ["SpeechStarted", "Results", "UtteranceEnd"]
+    assert [m["channel"] if m["type"] != "Results" else m["channel_index"] for m in out] == \
+        [[2, 3]] * 3
+    sdk_valid(out[1])
+    # channel 0's utterance 0 is another utterance: its own SpeechStarted
+    out = decoded(w.results(Partial(SID, 0, "Yes", "", 1.0, 1.5, seq=5, channel=0)))
+    assert out[0] == {"type": "SpeechStarted", "channel": [0, 3], "timestamp": 1.0}
+    assert decoded(w.results(Closed(SID, 2, 3.0, seq=9)))[0]["channels"] == 3
 
 
 def test_the_end_is_metadata_and_warnings_are_not_sent() -> None:

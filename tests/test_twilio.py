@@ -47,10 +47,11 @@ ACCOUNT, CALL = "AC" + "0" * 32, "CA" + "1" * 32
 KEY = new_key()
 
 
-def start_event(stream_sid: str, **custom: str) -> dict[str, Any]:
+def start_event(stream_sid: str, tracks: tuple[str, ...] = ("inbound", "outbound"),
+                **custom: str) -> dict[str, Any]:
     return {"event": "start", "sequenceNumber": "1", "streamSid": stream_sid, "start": {
         "accountSid": ACCOUNT, "streamSid": stream_sid, "callSid": CALL,
-        "tracks": ["inbound", "outbound"], "customParameters": custom,
+        "tracks": list(tracks), "customParameters": custom,
         "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}
 
 
@@ -63,12 +64,14 @@ def media(stream_sid: str, seq: int, track: str, chunk: bytes, at_ms: int) -> st
 async def call(url: str, stream_sid: str, inbound: bytes, outbound: bytes = b"",
                pace: float = 1.0, **custom: str) -> tuple[int | None, str]:
     """One Twilio stream, as Twilio sends it: 20 ms of μ-law per media event, at ``pace``
-    × real time; both tracks when ``outbound``. (close code, reason)."""
+    × real time; both tracks when ``outbound`` (each event stamped with its track's
+    ``timestamp``). (close code, reason)."""
     seq = 0
+    tracks = ("inbound", "outbound") if outbound else ("inbound",)
     async with websockets.connect(url) as ws:
         await ws.send(json.dumps({"event": "connected", "protocol": "Call",
                                   "version": "1.0.0"}))
-        await ws.send(json.dumps(start_event(stream_sid, **custom)))
+        await ws.send(json.dumps(start_event(stream_sid, tracks, **custom)))
         loop = asyncio.get_running_loop()
         began = loop.time()
         try:
@@ -110,8 +113,11 @@ def test_start_names_the_stream_and_its_session() -> None:
     assert len(start.session_id) == 32 and start.session_id != session_for("MZ" + "b" * 32)
     params = twilio_params(start)
     fmt = params.format
-    assert (fmt.encoding, fmt.sample_rate, fmt.channels, params.language) == \
-        ("mulaw", 8000, 1, "en")
+    # both tracks: two channels, each transcribed apart (inbound 0, outbound 1)
+    assert (fmt.encoding, fmt.sample_rate, fmt.channels, fmt.multichannel,
+            params.language) == ("mulaw", 8000, 2, True, "en")
+    one = twilio_params(parse_start(start_event("MZ" + "a" * 32, ("inbound",)))).format
+    assert (one.channels, one.multichannel) == (1, False)
 
 
 @pytest.mark.parametrize("change, error", [
@@ -129,9 +135,16 @@ def test_a_bad_start_is_refused(change: dict[str, Any], error: type[Exception]) 
 
 
 def test_events_unwrap_to_what_the_session_reads() -> None:
-    wire = TwilioWire(parse_start(start_event("MZ1")))
+    wire = TwilioWire(parse_start(start_event("MZ1", ("inbound",))))
     assert wire.inbound(media("MZ1", 2, "inbound", b"\xff\x7f", 0)) == b"\xff\x7f"
     assert wire.inbound(media("MZ1", 3, "outbound", b"\xff\x7f", 0)) is None  # dropped
+    both = TwilioWire(parse_start(start_event("MZ2")))
+    assert both.inbound(media("MZ2", 2, "inbound", b"\x01\x02", 0)) is None  # waits
+    assert both.inbound(media("MZ2", 3, "outbound", b"\x03\x04", 0)) == b"\x01\x03\x02\x04"
+    assert both.inbound(media("MZ2", 4, "inbound", b"\x05", 1)) is None  # 1 ms = 8 samples
+    # the end: the outbound track is filled with silence up to the inbound one's end
+    assert both.inbound('{"event": "stop", "stop": {}}') == [
+        b"\xff\xff" * 6 + b"\x05\xff", CLOSE]
     assert wire.inbound('{"event": "mark", "mark": {"name": "x"}}') == KEEPALIVE
     assert wire.inbound('{"event": "dtmf", "dtmf": {"digit": "1"}}') == KEEPALIVE
     assert wire.inbound('{"event": "stop", "stop": {}}') == CLOSE
@@ -145,18 +158,27 @@ def test_events_unwrap_to_what_the_session_reads() -> None:
 # --------------------------------------------------------------------------- the service
 
 
-def test_a_call_replayed_at_real_time_is_transcribed_from_its_inbound_track(
-        stack: Stack) -> None:
-    """The caller's speech on the inbound track, other speech on the outbound track (what
-    the caller hears): only the inbound track is transcribed."""
-    tail = np.zeros(8000, np.int16)
-    inbound = mulaw(np.concatenate([load_pcm16(CLIP), tail]))
-    outbound = mulaw(load_pcm16(OTHER))[:len(inbound)]
+def test_a_call_replayed_at_real_time_is_transcribed_track_by_track(stack: Stack) -> None:
+    """The caller's speech on the inbound track, the agent's (what the caller hears) on the
+    outbound track, starting 3 s in, while the caller still speaks: each track is a channel
+    of the session (inbound 0, outbound 1), transcribed apart."""
+    caller, agent = load_pcm16(CLIP), load_pcm16(OTHER)
+    length = 3 * 16000 + len(agent) + 16000
+    inbound, outbound = np.zeros(length, np.int16), np.zeros(length, np.int16)
+    inbound[:len(caller)] = caller
+    outbound[3 * 16000:3 * 16000 + len(agent)] = agent
     stream_sid = "MZ" + "c" * 32
-    code, _ = asyncio.run(call(f"{stack.ws_url}/v1/twilio", stream_sid, inbound, outbound))
+    code, _ = asyncio.run(call(f"{stack.ws_url}/v1/twilio", stream_sid, mulaw(inbound),
+                               mulaw(outbound)))
     assert code == 1000
-    text = transcript(stack.http_url, session_for(stream_sid))
-    assert wer(reference(CLIP), text) <= 0.25, text
+    sid = session_for(stream_sid)
+    with urllib.request.urlopen(f"{stack.http_url}/v1/sessions/{sid}/transcript.json") as r:
+        said = json.loads(r.read())["utterances"]
+    assert said and all(u["channel"] in (0, 1) for u in said)
+    for channel, clip in ((0, CLIP), (1, OTHER)):
+        text = " ".join(u["text"] for u in said if u["channel"] == channel)
+        assert wer(reference(clip), text) <= 0.25, (channel, text)
+    assert transcript(stack.http_url, sid).startswith("[channel 0] ")
 
 
 @pytest.mark.parametrize("first, code", [
@@ -202,9 +224,15 @@ def test_the_credential_may_come_in_custom_parameters_or_the_url(
 
 
 def test_the_dropped_track_is_counted_apart_and_bounded() -> None:
-    """Both tracks double Twilio's message rate (100 a second): the outbound one is read and
-    dropped, counted against a bucket of its own, so a call stays within the session's
-    message rate and a flood of ignored events still ends the connection."""
+    """A track the stream did not ask for (Twilio sends only those it named) is read and
+    dropped, counted against a bucket of its own, as are the events a both-tracks stream
+    holds until the other track reaches them, so a call stays within the session's message
+    rate and a flood of ignored events still ends the connection."""
+    wire = TwilioWire(parse_start(start_event("MZ1", ("inbound",))),
+                      MessageLimits(0, 100.0, 10, 0.0))
+    with pytest.raises(TooManyMessages):
+        for seq in range(20):
+            wire.inbound(media("MZ1", seq, "outbound", b"\xff" * 160, 20 * seq))
     wire = TwilioWire(parse_start(start_event("MZ1")), MessageLimits(0, 100.0, 10, 0.0))
     with pytest.raises(TooManyMessages):
         for seq in range(20):
@@ -231,7 +259,8 @@ def test_any_message_unwraps_or_is_its_client_error(message: str | bytes) -> Non
         native = wire.inbound(message)
     except (InvalidMessage, InvalidAudio):
         return
-    assert native is None or isinstance(native, bytes) or native in (KEEPALIVE, CLOSE)
+    assert native is None or isinstance(native, bytes) or native in (KEEPALIVE, CLOSE) or \
+        (isinstance(native, list) and native[-1] == CLOSE)
 
 
 @FUZZ

@@ -20,6 +20,7 @@ from common.errors import StaleLease
 from common.messages import Closed, Final, Partial, Result, Word, pack_result
 from common.replication import run_acked
 from common.scripts import (
+    ADVANCE_CHANNEL,
     CLIENT_SILENCE,
     CLOSE,
     CLOSE_CLIENT_BACK,
@@ -75,6 +76,7 @@ class SessionWriter:
         self._renew = redis.register_script(LEASE_RENEW)
         self._release = redis.register_script(LEASE_RELEASE)
         self._silence = redis.register_script(CLIENT_SILENCE)
+        self._advance = redis.register_script(ADVANCE_CHANNEL)
 
     @staticmethod
     async def acquire(redis: aioredis.Redis, sid: str, owner: str, entry_id: bytes,
@@ -95,21 +97,30 @@ class SessionWriter:
         return int(seq)
 
     async def publish(self, result: Result, stable: Sequence[Word] | None = None) -> int:
-        """A result; for a partial, ``stable`` (its promised words) is kept for a takeover."""
+        """A result; for a partial, ``stable`` (its promised words) is kept for a takeover
+        (per channel on a multichannel session)."""
         args: list[Any] = [self.epoch, pack_result(result)]
         if stable is not None and isinstance(result, Partial):
             args.append(pack_stable(result.utterance, stable))
+            if result.channel is not None:
+                args.append(result.channel)
         seq = await self._publish(keys=[keys.meta(self.sid), keys.results(self.sid)],
                                   args=args)
         return self._check(seq)
 
     async def commit(self, final: Final, commit_sample: int, next_utterance: int,
-                     prompt: str, resume_id: str, timing: dict[str, float] | None = None) -> int:
-        """A final with its commit point; ``timing`` (wall clock) is kept for benchmarks."""
-        seq = await self._durable(
-            self._commit, [keys.meta(self.sid), keys.results(self.sid)],
-            [self.epoch, pack_result(final), commit_sample, next_utterance, prompt,
-             resume_id, final.utterance, msgpack.packb(timing or {})], "commit")
+                     prompt: str, resume_id: str, timing: dict[str, float] | None = None,
+                     session_commit: int | None = None) -> int:
+        """A final with its commit point; ``timing`` (wall clock) is kept for benchmarks.
+        A final of a multichannel session's channel (``final.channel``) commits that
+        channel's point, and ``session_commit``, where all its channels have committed."""
+        args: list[Any] = [self.epoch, pack_result(final), commit_sample, next_utterance,
+                           prompt, resume_id, final.utterance, msgpack.packb(timing or {})]
+        if final.channel is not None:
+            args += [final.channel, commit_sample if session_commit is None
+                     else session_commit]
+        seq = await self._durable(self._commit, [keys.meta(self.sid), keys.results(self.sid)],
+                                  args, "commit")
         return self._check(seq)
 
     async def _durable(self, script: AsyncScript, keys_: list[str], args: list[Any],
@@ -121,6 +132,12 @@ class SessionWriter:
             return await script(keys=keys_, args=args)
         return await run_acked(self.redis, script, keys_, args, self.replica_acks,
                                self.ack_timeout_ms, f"session {self.sid}: {what}")
+
+    async def advance(self, channel: int, commit_sample: int, resume_id: str,
+                      session_commit: int) -> None:
+        """A silent channel's commit point moved on (no final: nothing was said)."""
+        self._check(await self._advance(keys=[keys.meta(self.sid)], args=[
+            self.epoch, channel, commit_sample, resume_id, session_commit]))
 
     async def progress(self, processed_sample: int) -> None:
         self._check(await self._progress(keys=[keys.meta(self.sid)],

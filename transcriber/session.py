@@ -24,9 +24,10 @@ from common import keys
 from common.backoff import until_up
 from common.messages import AudioFrame, AudioMarker, Closed, Partial, unpack_audio_entry
 from common.metrics import WorkerMetrics
-from common.session_meta import SessionMeta
+from common.session_meta import ChannelPoint, SessionMeta
 from common.settings import TranscriberSettings
 from common.streams import Entry, read_stream
+from transcriber.channels import ChannelCores, ChannelPartials
 from transcriber.commit import CLIENT_BACK, SessionWriter, unpack_stable
 from transcriber.config import stream_config
 from transcriber.inference import Inference, TimedDecoder
@@ -46,6 +47,10 @@ log = logging.getLogger(__name__)
 #: Recent audio entries remembered for resume points and time-to-final (bounded through
 #: long silences).
 READ_LOG_ENTRIES = 4096
+#: A multichannel session's silent channel moves its stored commit point on once it is this
+#: far behind where the channel could start over (``StreamingTranscriber.idle_point``): the
+#: session's audio is re-read after a takeover from the earliest channel's point.
+IDLE_ADVANCE_SAMPLES = 10 * 16000
 
 
 class HandBack(Exception):
@@ -75,6 +80,21 @@ def session_core(sid: str, meta: SessionMeta, decoder: TimedDecoder, vad: Speech
         prompt=meta.prompt,
         stable=unpack_stable(meta.stable, meta.next_utterance),
     )
+
+
+def channel_cores(sid: str, meta: SessionMeta, points: list[ChannelPoint],
+                  decoders: list[TimedDecoder], vads: list[SpeechProbs],
+                  settings: TranscriberSettings) -> ChannelCores:
+    """A multichannel session's cores, each resumed from its channel's commit point."""
+    config = stream_config(settings, meta.interim)
+    return ChannelCores([
+        StreamingTranscriber(sid, decoder, vad, config, start_sample=point.commit_sample,
+                             next_utterance=point.next_utterance, prompt=point.prompt,
+                             stable=unpack_stable(point.stable, point.next_utterance),
+                             channel=channel)
+        for channel, (point, decoder, vad) in enumerate(zip(points, decoders, vads,
+                                                            strict=True))],
+        settings.crosstalk_db)
 
 
 class Host(Protocol):
@@ -130,7 +150,7 @@ class ReadLog:
 class SessionPump:
     """Reads one session's audio stream from its cursor and publishes what the core emits."""
 
-    def __init__(self, host: Host, lease: Lease, core: StreamingTranscriber,
+    def __init__(self, host: Host, lease: Lease, core: StreamingTranscriber | ChannelCores,
                  writer: SessionWriter, cursor: str) -> None:
         self.host = host
         self.settings = host.settings
@@ -138,6 +158,12 @@ class SessionPump:
         self.lease = lease
         self.sid = lease.sid
         self.core = core
+        #: a multichannel session's cores (its audio interleaves ``width`` channels)
+        self.channels = core if isinstance(core, ChannelCores) else None
+        self.width = core.width if isinstance(core, ChannelCores) else 1
+        #: each channel's commit point as published: the session resumes from the earliest
+        self._committed = {getattr(c, "channel", None) or 0: getattr(c, "commit_sample", 0)
+                           for c in self._cores()}
         self.writer = writer
         self.cursor = cursor
         self.log = ReadLog(cursor)
@@ -147,6 +173,10 @@ class SessionPump:
         self._xadd_ms = 0  # when the gateway appended the newest entry read
         self._core_lock = asyncio.Lock()
         self._partial_task: asyncio.Task[None] | None = None  # a detached partial decode
+
+    def _cores(self) -> list[StreamingTranscriber]:
+        return self.channels.cores if self.channels is not None \
+            else [self.core]  # type: ignore[list-item]
 
     async def run(self) -> None:
         try:
@@ -240,7 +270,7 @@ class SessionPump:
         """Samples of a frame the core has not seen (a resumed session re-reads some)."""
         pcm = np.frombuffer(frame.pcm, dtype="<i2")
         skip = self.core.position - frame.offset
-        return pcm[skip:] if skip > 0 else pcm
+        return pcm[skip * self.width:] if skip > 0 else pcm
 
     async def _feed(self, parts: list[np.ndarray]) -> None:
         parts = [p for p in parts if len(p)]
@@ -264,9 +294,10 @@ class SessionPump:
         self._set_short_finals(self.host.policy.short_finals(self.host.inference.busy))
 
     def _set_short_finals(self, short: bool) -> None:
-        timed = self.core.decoder
-        if isinstance(timed, TimedDecoder):
-            timed.decoder.short_finals = short
+        for core in self._cores():
+            timed = core.decoder
+            if isinstance(timed, TimedDecoder):
+                timed.decoder.short_finals = short
 
     def _observe_time_to_final(self, ev: Committed) -> None:
         """Commit time minus when the audio of the final's last word reached Redis."""
@@ -282,14 +313,59 @@ class SessionPump:
         """One core call on an inference thread, and what it emits published, in order with
         the detached partials' (the lock keeps the core to one caller at a time)."""
         async with self._core_lock:
-            await self._publish(await self.host.inference.run(fn, *args, **kwargs))
+            if self.channels is not None:
+                await self._publish(await self._call_channels(fn.__name__, *args, **kwargs))
+                await self._advance_idle()
+            else:
+                await self._publish(await self.host.inference.run(fn, *args, **kwargs))
+
+    async def _call_channels(self, name: str, *args: Any, **kwargs: Any) -> list[Event]:
+        """A multichannel session's core call: each channel's on its own inference thread,
+        at once (their decodes meet at the decode gate, and in one batch with batching on);
+        what they emit merged in time order."""
+        assert self.channels is not None
+        run = self.host.inference.run
+        if name == "feed":
+            parts = self.channels.split(args[0])
+            calls = [run(core.feed, part, **kwargs) for core, part
+                     in zip(self.channels.cores, parts, strict=True) if len(part)]
+        else:
+            calls = [run(getattr(core, name)) for core in self.channels.cores]
+        return self.channels.merge(list(await asyncio.gather(*calls)))
+
+    async def _advance_idle(self) -> None:
+        """Move a silent channel's stored commit point on (``IDLE_ADVANCE_SAMPLES``), so a
+        channel that says nothing for long does not hold the session's resume point back."""
+        for channel, core in enumerate(self._cores()):
+            point = core.idle_point
+            if point is None or point - self._committed[channel] < IDLE_ADVANCE_SAMPLES:
+                continue
+            self._committed[channel] = point
+            done = min(self._committed.values())
+            await with_retry(self.sid, "advance", functools.partial(
+                self.writer.advance, channel, point, self.log.resume_point(done), done))
+
+    async def _run_channel_partials(self, job: ChannelPartials) -> None:
+        """Detached partial decodes of several channels, at once."""
+        try:
+            words = await asyncio.gather(*(self.host.inference.run(one.run)
+                                           for one in job.jobs))
+            async with self._core_lock:
+                assert self.channels is not None
+                partials = self.channels.partial_done(job, list(words))
+                if partials:
+                    await self._publish(list(partials))
+        finally:
+            self._partial_task = None
 
     async def _run_partial(self, job: PartialJob) -> None:
         """A detached partial decode; the session goes on reading audio meanwhile."""
         try:
             words = await self.host.inference.run(job.run)
             async with self._core_lock:
-                partial = self.core.partial_done(job, words)
+                core = self.core
+                assert isinstance(core, StreamingTranscriber)  # a multichannel one: below
+                partial = core.partial_done(job, words)
                 if partial is not None:
                     await self._publish([partial])
         finally:
@@ -302,21 +378,26 @@ class SessionPump:
         if task is not None and task.done() and not task.cancelled() and task.exception():
             raise task.exception()  # type: ignore[misc]
 
-    async def _publish(self, events: list[Event]) -> None:
+    async def _publish(self, events: list[Event] | list[Partial]) -> None:
         for ev in events:
-            if isinstance(ev, PartialJob):
+            if isinstance(ev, ChannelPartials):
+                self._partial_task = asyncio.create_task(self._run_channel_partials(ev))
+            elif isinstance(ev, PartialJob):
                 self._partial_task = asyncio.create_task(self._run_partial(ev))
             elif isinstance(ev, Partial):
+                core = self._cores()[ev.channel or 0]
                 await with_retry(self.sid, "partial", functools.partial(
-                    self.writer.publish, ev, self.core.stable_words))
+                    self.writer.publish, ev, core.stable_words))
             elif isinstance(ev, Committed):
                 self._observe_time_to_final(ev)
                 timing = {"xadd": self._xadd_ms / 1000.0, "read": self._read_at,
                           "fed": self._fed_at, "done": self.host.redis_now(),
                           "decode": round(ev.decode_s, 4)}
+                self._committed[ev.final.channel or 0] = ev.commit_sample
+                done = min(self._committed.values())  # audio every channel has committed
                 await with_retry(self.sid, "commit", functools.partial(
                     self.writer.commit, ev.final, ev.commit_sample, ev.next_utterance,
-                    self.core.prompt, self.log.resume_point(ev.commit_sample), timing))
+                    ev.prompt, self.log.resume_point(done), timing, done))
 
     async def _close(self, marker: AudioMarker, idle: bool = False) -> None:
         closed = Closed(session_id=self.sid, utterances=self.core.utterance,

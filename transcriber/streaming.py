@@ -73,6 +73,7 @@ class Committed:
     commit_sample: int
     next_utterance: int
     decode_s: float = 0.0  # time spent decoding this final (for latency breakdowns)
+    prompt: str = ""  # the prompt after this final (the next utterance's context)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +90,7 @@ class PartialJob:
     audio: np.ndarray
     prompt: str
     decoder: Decoder
+    channel: int | None = None
 
     def run(self) -> list[Word]:
         offset = self.start / RATE
@@ -150,11 +152,14 @@ class StreamingTranscriber:
         next_utterance: int = 0,
         prompt: str = "",
         stable: Sequence[Word] = (),
+        channel: int | None = None,
     ) -> None:
         """``start_sample``, ``next_utterance``, ``prompt`` and ``stable`` continue a session
         another worker began: its commit point, and the words it promised (``stable_text``)
-        of the utterance it left open, which the final of that utterance keeps."""
+        of the utterance it left open, which the final of that utterance keeps. ``channel``:
+        the channel of a multichannel session this core hears (set on its results)."""
         self.session_id = session_id
+        self.channel = channel
         self.decoder = decoder
         self.vad = vad
         self.config = config
@@ -196,6 +201,16 @@ class StreamingTranscriber:
     @property
     def open_utterance_start(self) -> int | None:
         return self._utt_start
+
+    @property
+    def idle_point(self) -> int | None:
+        """Where a core could start over with nothing lost while no utterance is open (the
+        audio before it is silence the VAD has heard: the next utterance starts after it);
+        None while one is open or a takeover's promised words wait for theirs."""
+        if self._utt_start is not None or self._inherited:
+            return None
+        return max(self.commit_sample, min(self._vad_pos, self.position) -
+                   self.config.pad_samples)
 
     def feed(self, pcm: np.ndarray, *, partials: bool = True,
              speculate: bool = True, detach: bool = False) -> list[Event]:
@@ -339,7 +354,7 @@ class StreamingTranscriber:
         lo = self._utt_start - self._audio_start
         return PartialJob(self.utterance, self._utt_start, self.position,
                           self._audio[lo:self.position - self._audio_start].copy(),
-                          self._prompt, self.decoder)
+                          self._prompt, self.decoder, self.channel)
 
     def _apply_partial(self, hypothesis: list[Word], position: int) -> Partial | None:
         words = merge_stable(self._stable, hypothesis)
@@ -367,6 +382,7 @@ class StreamingTranscriber:
             stable_text=join_words(self._stable),
             start=words[0].start,
             end=position / RATE,
+            channel=self.channel,
         )
 
     def _close_utterance(self, end: int, speech_end: int, voiced: int,
@@ -443,11 +459,12 @@ class StreamingTranscriber:
             end=words[-1].end if words else end / RATE,
             words=tuple(words),
             ended_by=ended_by,
+            channel=self.channel,
         )
         self.utterance += 1
         if text:
             self._prompt = (self._prompt + " " + text).strip()[-self.config.prompt_chars:]
-        return [Committed(final, commit, self.utterance, decode_s)]
+        return [Committed(final, commit, self.utterance, decode_s, self._prompt)]
 
     def _trim(self) -> None:
         """Drop audio nothing will decode again; keeps the buffer bounded."""

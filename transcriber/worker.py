@@ -31,16 +31,18 @@ from common.errors import StaleLease
 from common.metrics import WorkerMetrics, serve_health, worker_metrics
 from common.models import ANNOUNCE_TTL_INTERVALS, WorkerInfo, announce, model_name_ok, withdraw
 from common.redis_client import make_redis
-from common.session_meta import SessionMeta
+from common.session_meta import SessionMeta, channel_points
 from common.sessions import Sessions
 from common.settings import TranscriberSettings
 from common.work_queue import WorkQueue
+from transcriber.channels import ChannelCores
 from transcriber.commit import DUPLICATE, OTHER_MODEL, SessionWriter
 from transcriber.config import WorkerConfig
 from transcriber.inference import Inference
 from transcriber.leases import Lease, Leases
 from transcriber.policy import SharePolicy, share_of
-from transcriber.session import HandBack, SessionPump, session_core
+from transcriber.session import HandBack, SessionPump, channel_cores, session_core
+from transcriber.streaming import StreamingTranscriber
 from transcriber.vad import SileroVad
 
 log = logging.getLogger(__name__)
@@ -372,8 +374,9 @@ class Worker:
                         "work entry", sid)
             await self._finish(lease)
             return
-        meta = SessionMeta.decode(await self._once(
-            lambda: self.redis.hgetall(keys.meta(sid)), f"session {sid}: reading its record"))
+        record = await self._once(lambda: self.redis.hgetall(keys.meta(sid)),
+                                  f"session {sid}: reading its record")
+        meta = SessionMeta.decode(record)
         if meta.closed:
             await self._finish(lease)
             return
@@ -387,15 +390,27 @@ class Worker:
             return
         model = self.inference.model
         assert self.inference.vad is not None
-        decoder = self.inference.decoder(model, meta.language or self.settings.language,
-                                         meta.account or meta.principal or sid)
-        core = session_core(sid, meta, decoder, self.inference.vad.stream(), self.settings)
-        log.info("session %s: started (epoch %d, from sample %d)", sid, epoch, core.position)
+        language, share = meta.language or self.settings.language, \
+            meta.account or meta.principal or sid
+        core: StreamingTranscriber | ChannelCores
+        if meta.multichannel:  # a core per channel: own VAD, decoder state, commit point
+            n = meta.channels
+            core = channel_cores(sid, meta, channel_points(record, n),
+                                 [self.inference.decoder(model, language, share)
+                                  for _ in range(n)],
+                                 [self.inference.vad.stream() for _ in range(n)],
+                                 self.settings)
+        else:
+            core = session_core(sid, meta, self.inference.decoder(model, language, share),
+                                self.inference.vad.stream(), self.settings)
+        log.info("session %s: started (epoch %d, from sample %d%s)", sid, epoch,
+                 core.position, f", {meta.channels} channels" if meta.multichannel else "")
         try:
             await SessionPump(self, lease, core, writer, meta.resume_id or "0-0").run()
             await self._finish(lease)
             log.info("session %s: closed", sid)
-            self._compact_later(sid)
+            if not meta.multichannel:  # the codecs compact mono audio
+                self._compact_later(sid)
         except HandBack as exc:
             log.info("session %s: %s; handing it on from its commit point", sid, exc)
             await self._hand_back(lease)

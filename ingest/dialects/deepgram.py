@@ -9,7 +9,9 @@ spells it Deepgram's way:
   audio (no ``encoding``: containerised audio, told apart by its first bytes), ``language``,
   ``interim_results`` (default false, as Deepgram's), ``vad_events``, ``utterance_end_ms``;
   ``model``, ``endpointing``, ``punctuate``, ``smart_format``, ``keyterm`` and Deepgram's
-  other options are accepted and ignored; ``multichannel=true`` is refused (not built yet).
+  other options are accepted and ignored; ``multichannel=true`` (with an ``encoding`` and
+  ``channels``) transcribes each channel apart, its results carrying ``channel_index``
+  ``[i, channels]`` as Deepgram's do.
 * client text: ``KeepAlive``, ``Finalize`` (ends the utterance now; the stream goes on),
   ``CloseStream`` (finish, then ``Metadata`` and close 1000); ``Configure`` is accepted and
   ignored.
@@ -98,6 +100,7 @@ class DeepgramOptions:
     vad_events: bool = False
     utterance_end_ms: int | None = None
     channels: int = 1
+    multichannel: bool = False  # each channel transcribed apart: ``channel_index`` [i, N]
 
 
 def _int(query: Mapping[str, list[str]], name: str, low: int, high: int) -> int | None:
@@ -109,15 +112,16 @@ def _int(query: Mapping[str, list[str]], name: str, low: int, high: int) -> int 
 
 def deepgram_params(query: Mapping[str, list[str]]) -> tuple[ListenParams, DeepgramOptions]:
     """Deepgram's query string → the session's ``ListenParams`` and the wire's options."""
-    if bool_param(query, "multichannel", False):
-        raise UnsupportedAudio("multichannel=true is not supported yet: send one channel, "
-                               "or two to be mixed")
+    multichannel = bool_param(query, "multichannel", False)
     encoding = one(query, "encoding") or None
+    if encoding is None and multichannel:
+        raise UnsupportedAudio("multichannel=true needs encoding (linear16, mulaw or alaw), "
+                               "sample_rate and channels")
     if encoding is None:
         fmt = StreamFormat(AUTO, 16000, 1)  # the container's header says
     elif encoding in ENCODINGS:
         fmt = parse_stream_format(ENCODINGS[encoding], one(query, "sample_rate"),
-                                  one(query, "channels"))
+                                  one(query, "channels"), multichannel)
     else:
         raise UnsupportedAudio(f"encoding must be one of {', '.join(ENCODINGS)}, or absent "
                                "for containerised audio (WAV, Ogg, WebM, FLAC)")
@@ -141,7 +145,8 @@ def deepgram_params(query: Mapping[str, list[str]]) -> tuple[ListenParams, Deepg
         native["language"] = [language]
     params = ListenParams(native)
     params.format = fmt
-    return params, DeepgramOptions(interim, vad_events, utterance_end_ms, fmt.channels)
+    return params, DeepgramOptions(interim, vad_events, utterance_end_ms, fmt.channels,
+                                   fmt.multichannel)
 
 
 def http_error(exc: BaseException) -> web.Response:
@@ -173,8 +178,10 @@ class DeepgramWire:
         self.created = datetime.datetime.now(datetime.UTC).isoformat(
             timespec="milliseconds").replace("+00:00", "Z")
         self._sha = hashlib.sha256()
-        self._finalizes: list[float] = []  # seconds of audio before each Finalize
-        self._speaking: int | None = None  # the utterance SpeechStarted was sent for
+        #: seconds of audio before each Finalize, per channel
+        self._finalizes: dict[int, list[float]] = {}
+        #: the utterance SpeechStarted was sent for, on each channel
+        self._speaking: dict[int, int] = {}
 
     # ------------------------------------------------------------------ client → server
 
@@ -201,8 +208,11 @@ class DeepgramWire:
             self._sha.update(message)
         for entry in received.entries:
             if getattr(entry, "kind", None) == "finalize":
-                self._finalizes.append(entry.offset / 16000)
-                del self._finalizes[:-FINALIZES_KEPT]
+                for channel in range(self.options.channels if self.options.multichannel
+                                     else 1):
+                    finalizes = self._finalizes.setdefault(channel, [])
+                    finalizes.append(entry.offset / 16000)
+                    del finalizes[:-FINALIZES_KEPT]
 
     # ------------------------------------------------------------------ server → client
 
@@ -214,14 +224,14 @@ class DeepgramWire:
     def results(self, result: Result) -> list[str | bytes]:
         out: list[dict[str, Any]] = []
         if isinstance(result, Partial):
-            self._speech_started(result.utterance, result.start, out)
+            self._speech_started(result.channel, result.utterance, result.start, out)
             if self.options.interim_results:
                 out.append(self._results(result.text, (), result.start, result.end,
-                                         is_final=False))
+                                         is_final=False, channel=result.channel))
         elif isinstance(result, Final):
             if result.text:
-                self._speech_started(result.utterance, result.start, out)
-            inferred = self._from_finalize(result.start, result.end)
+                self._speech_started(result.channel, result.utterance, result.start, out)
+            inferred = self._from_finalize(result.channel or 0, result.start, result.end)
             if result.ended_by is None:  # a final stored before finals said what ended them
                 from_finalize, speech_final = inferred, not inferred
             else:
@@ -230,9 +240,9 @@ class DeepgramWire:
                 speech_final = result.ended_by in ("pause", "end")
             out.append(self._results(result.text, result.words, result.start, result.end,
                                      is_final=True, speech_final=speech_final,
-                                     from_finalize=from_finalize))
+                                     from_finalize=from_finalize, channel=result.channel))
             if self.options.utterance_end_ms is not None and result.words:
-                out.append({"type": "UtteranceEnd", "channel": self._channel(),
+                out.append({"type": "UtteranceEnd", "channel": self._channel(result.channel),
                             "last_word_end": _round(result.words[-1].end)})
         elif isinstance(result, Closed):
             out.append(self._metadata(result.duration))
@@ -247,40 +257,48 @@ class DeepgramWire:
 
     # ------------------------------------------------------------------ pieces
 
-    def _channel(self) -> list[int]:
-        return [0, 1]  # channel 0 of 1: the (mixed) stream
+    def _channel(self, channel: int | None = None) -> list[int]:
+        """Deepgram's ``channel_index``: [channel, channels] of a multichannel stream;
+        channel 0 of 1 otherwise (the mixed stream)."""
+        if channel is None or not self.options.multichannel:
+            return [0, 1]
+        return [channel, self.options.channels]
 
-    def _speech_started(self, utterance: int, start: float, out: list[dict[str, Any]]) -> None:
-        if not self.options.vad_events or self._speaking == utterance:
+    def _speech_started(self, channel: int | None, utterance: int, start: float,
+                        out: list[dict[str, Any]]) -> None:
+        key = channel or 0
+        if not self.options.vad_events or self._speaking.get(key) == utterance:
             return
-        self._speaking = utterance
-        out.append({"type": "SpeechStarted", "channel": self._channel(),
+        self._speaking[key] = utterance
+        out.append({"type": "SpeechStarted", "channel": self._channel(channel),
                     "timestamp": _round(start)})
 
-    def _from_finalize(self, start: float, end: float) -> bool:
+    def _from_finalize(self, channel: int, start: float, end: float) -> bool:
         """Whether a ``Finalize`` ended the utterance from ``start`` to ``end`` (its last
         word): it began before the oldest pending Finalize and ended just before it. A final
         of an utterance that began after a Finalize retires it (that Finalize found nothing
-        open, or its final has gone by)."""
-        while self._finalizes:
-            at = self._finalizes[0]
+        open, or its final has gone by). A Finalize ends every channel's open utterance:
+        each channel keeps its own list."""
+        finalizes = self._finalizes.get(channel, [])
+        while finalizes:
+            at = finalizes[0]
             if start >= at - 0.001:
-                self._finalizes.pop(0)
+                finalizes.pop(0)
                 continue
             if at - end <= FINALIZE_WINDOW_S:
-                self._finalizes.pop(0)
+                finalizes.pop(0)
                 return True
             return False  # an earlier utterance a pause ended: the Finalize's is to come
         return False
 
     def _results(self, text: str, words: tuple[Word, ...], start: float, end: float, *,
                  is_final: bool, speech_final: bool = False,
-                 from_finalize: bool = False) -> dict[str, Any]:
+                 from_finalize: bool = False, channel: int | None = None) -> dict[str, Any]:
         confidence = sum(w.probability for w in words) / len(words) if words else \
             (1.0 if text and is_final else 0.0)
         return {
             "type": "Results",
-            "channel_index": self._channel(),
+            "channel_index": self._channel(channel),
             "duration": _round(max(0.0, end - start)),
             "start": _round(start),
             "is_final": is_final,
