@@ -34,6 +34,7 @@ from redis.exceptions import NoScriptError
 
 from common import compaction, keys
 from common.audio import TARGET_RATE
+from common.auth import DEFAULT_TENANT
 from common.errors import SessionNotFound
 from common.messages import (
     AudioEntry,
@@ -71,7 +72,7 @@ STREAM_ENTRY_BYTES = 24
 
 #: The fields a listing shows.
 _INFO_FIELDS = ("state", "created", "model", "language", "interim", "duration",
-                "next_utterance", "seq", "replay_of", "processed_sample")
+                "next_utterance", "seq", "replay_of", "processed_sample", "tenant")
 
 
 def check_session_id(sid: str) -> str:
@@ -96,6 +97,7 @@ class SessionInfo:
     results: int  # every result published: partials, finals, warnings, closed
     replay_of: str | None
     expires_in: int | None  # seconds until the retention TTL removes it; None while active
+    tenant: str = DEFAULT_TENANT  # whose session it is
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -118,6 +120,7 @@ def _info(sid: str, values: list[bytes | None], ttl: int, audio_end: int | None)
         results=m.seq,
         replay_of=m.replay_of or None,
         expires_in=ttl if ttl >= 0 else None,
+        tenant=m.tenant or DEFAULT_TENANT,
     )
 
 
@@ -154,6 +157,7 @@ class SessionAccess:
     deadline: float | None  # unix time the session must end by
     created: float
     state: str  # "active" or "closed"
+    tenant: str = DEFAULT_TENANT
 
 
 
@@ -233,13 +237,14 @@ class Sessions:
 
     async def access(self, sid: str) -> SessionAccess:
         """Who created the session and until when it may run, read before a resume."""
-        names = ["state", "principal", "account", "deadline", "created"]
+        names = ["state", "principal", "account", "deadline", "created", "tenant"]
         values = await self.redis.hmget(keys.meta(sid), names)
         if values[0] is None:
             raise SessionNotFound()
         meta = SessionMeta.decode(dict(zip(names, values, strict=True)))
         return SessionAccess(meta.principal, meta.account, meta.deadline or None,
-                             meta.created or time.time(), meta.state)
+                             meta.created or time.time(), meta.state,
+                             meta.tenant or DEFAULT_TENANT)
 
     async def attach(self, sid: str) -> Attached:
         """Take over the writing side of an existing session after a reconnect."""
@@ -318,15 +323,17 @@ class Sessions:
             raise SessionNotFound()
         return SessionMeta.decode(raw)
 
-    async def owner(self, sid: str) -> tuple[str, str]:
-        """(owner, account) the session was created by ('' when auth was off)."""
+    async def owner(self, sid: str) -> tuple[str, str, str]:
+        """(owner, account, tenant) the session was created by (owner and account are ''
+        when auth was off; the tenant is the default one for a session older than
+        tenants)."""
         check_session_id(sid)
-        values = await self.redis.hmget(keys.meta(sid), ["state", "principal", "account"])
+        names = ("state", "principal", "account", "tenant")
+        values = await self.redis.hmget(keys.meta(sid), list(names))
         if values[0] is None:
             raise SessionNotFound()
-        meta = SessionMeta.decode(dict(zip(("state", "principal", "account"), values,
-                                           strict=True)))
-        return meta.principal, meta.account
+        meta = SessionMeta.decode(dict(zip(names, values, strict=True)))
+        return meta.principal, meta.account, meta.tenant or DEFAULT_TENANT
 
     async def closed(self, sid: str) -> bool:
         """Whether the session exists and has ended."""
@@ -471,8 +478,11 @@ class Sessions:
 
     async def list_sessions(self, limit: int, before: float | None = None,
                             state: str | None = None, max_scan: int = 1000,
+                            tenant: str | None = None,
                             ) -> tuple[list[SessionInfo], float | None]:
         """Newest first, from the index; expired members are dropped from the index on the way.
+        With ``tenant``, only that tenant's sessions (the others are skipped like those of
+        another ``state``).
 
         Examines at most ``max_scan`` index entries per call (a ``state`` filter that
         matches few sessions would otherwise read the whole index in one request), so a
@@ -498,7 +508,8 @@ class Sessions:
             if gone:
                 await self.redis.zrem(keys.INDEX, *gone)
             for (_m, score), info in zip(members, infos, strict=True):
-                if info is not None and (state is None or info.state == state):
+                if info is not None and (state is None or info.state == state) and (
+                        tenant is None or info.tenant == tenant):
                     out.append(info)
                     if len(out) == limit:
                         return out, score
@@ -521,6 +532,8 @@ async def create_session(redis: aioredis.Redis, sid: str,
         args += [name, value]
     created = float(await redis.register_script(CREATE_SESSION)(keys=[keys.meta(sid)], args=args))
     await redis.zadd(keys.INDEX, {sid: created}, nx=True)  # for GET /v1/sessions
+    if fields.get("tenant"):  # for an admin's GET /v1/usage
+        await redis.sadd(keys.TENANTS, str(fields["tenant"]))
     await enqueue(redis, sid, str(fields.get("model", "")))  # the model's own queue
     return created
 

@@ -199,6 +199,7 @@ class Replay:
             "language": language, "interim": "1" if interim else "0", "model": model,
             "replay_speed": p.speed,
             "principal": self.principal.owner, "account": self.principal.account,
+            "tenant": self.principal.tenant,
         })
         return ReplayStarted(session_id=self.sid, replay_of=self.original, model=model,
                              language=language or "en", interim_results=interim,

@@ -390,7 +390,8 @@ class Worker:
         core = session_core(sid, meta, decoder, self.inference.vad.stream(), self.settings)
         log.info("session %s: started (epoch %d, from sample %d)", sid, epoch, core.position)
         try:
-            await SessionPump(self, lease, core, writer, meta.resume_id or "0-0").run()
+            await SessionPump(self, lease, core, writer, meta.resume_id or "0-0",
+                              tenant=meta.tenant, model=meta.model or self.model_name).run()
             await self._finish(lease)
             log.info("session %s: closed", sid)
             self._compact_later(sid)
