@@ -33,7 +33,15 @@ from common.auth import TokenSigner, hash_key, new_key
 from common.client import listen_url, stream
 from common.tenants import KeyStore, day_of, seconds_to_midnight
 from tests.audio_refs import frames, load_pcm16, reference, wer
-from tests.procs import RedisServer, Service, start_gateway, start_transcriber, until
+from tests.procs import (
+    RedisServer,
+    Service,
+    free_port,
+    start_gateway,
+    start_transcriber,
+    until,
+    wait_port,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -389,6 +397,34 @@ def test_delete_and_the_audit_trail(world: World) -> None:
     assert all(abs(e["at"] - time.time()) < 600 for e in entries)
     status, body, _ = world.http("GET", "/v1/audit?tenant=beta", world.auth("admin"))
     assert {e["tenant"] for e in body["entries"]} == {"beta"}
+
+
+def test_fanout_isolates_tenants_the_same_way(world: World) -> None:
+    """``python -m fanout`` (the read side) runs the same checks: show, exports, listing,
+    viewer and usage for each kind of credential."""
+    port = free_port()
+    fanout = Service("fanout", ["--host", "127.0.0.1", "--port", str(port)],
+                     {"REDIS_URL": world.redis.url, **ENV}, "fanout listening")
+    try:
+        fanout.wait_ready()
+        wait_port(port)
+        for path, row in READS.items():
+            got = {cred: outcome(*world.http("GET", path.format(sid=world.target),
+                                             world.auth(cred), port)[:2]) for cred in CREDS}
+            assert got == dict(zip(CREDS, row, strict=True)), (path, got)
+        status, body, _ = world.http("GET", "/v1/sessions?limit=100", world.auth("other_key"),
+                                     port)
+        assert status == 200 and world.target not in json.dumps(body)
+        status, body, _ = world.http("GET", "/v1/usage", world.auth("other_key"), port)
+        assert status == 200 and {r["tenant"] for r in body["usage"]} == {"beta"}
+        got = {cred: asyncio.run(ws_outcome(
+            f"ws://127.0.0.1:{port}/v1/sessions/{world.target}/results", world.auth(cred),
+            first=False))[0] for cred in CREDS}
+        assert got == dict(zip(CREDS, [
+            "101 1000", "101 1000", "101 session_not_found 1008",
+            "101 session_not_found 1008", "101 1000", "401 unauthorized"], strict=True)), got
+    finally:
+        fanout.stop()
 
 
 def test_keys_kept_in_redis_work_until_revoked(world: World) -> None:
