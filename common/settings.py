@@ -305,6 +305,10 @@ class TenantSettings:
     audit_retention_s: float = setting(
         90 * 86400.0, "seconds the audit trail (stt:audit) keeps an entry; older ones are "
         "trimmed (XADD MINID) as new ones are written")
+    audit_page_max: int = setting(
+        1000, "the most audit entries one GET /v1/audit returns (limit=, default 100)")
+    usage_max_days: int = setting(
+        400, "the most days one GET /v1/usage covers (from= .. to=)")
 
 
 @group("Usage")

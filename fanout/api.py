@@ -81,10 +81,6 @@ PREFIX = "/v1/sessions"
 MODELS_PATH = "/v1/models"
 USAGE_PATH = "/v1/usage"
 AUDIT_PATH = "/v1/audit"
-#: The most days one GET /v1/usage covers.
-USAGE_MAX_DAYS = 400
-#: The most audit entries one GET /v1/audit returns.
-AUDIT_PAGE_MAX = 1000
 _ROUTE = re.compile(r"/v1/sessions(?:/(?P<sid>[^/]+)(?:/(?P<leaf>[^/]+))?)?/?")
 #: Bytes of audio one export writes at a time.
 EXPORT_CHUNK = 1 << 16
@@ -257,11 +253,13 @@ class SessionsApi:
                 sid = check_session_id(route.sid)
                 replay_params = ReplayParams.parse(query, self.replay.allowed_models)
                 tenant = await self.authorize(principal, sid)
-                replay = Replay(self.records, self.blocking, self.replay, ws, sid,
-                                replay_params, principal, self.inbound())
-                await self.audit(principal, "session_replayed", tenant, sid,
-                                 replay=replay.sid)
-                await replay.run()
+
+                async def started(replay: str) -> None:
+                    await self.audit(principal, "session_replayed", tenant, sid,
+                                     replay=replay)
+
+                await Replay(self.records, self.blocking, self.replay, ws, sid,
+                             replay_params, principal, self.inbound(), started).run()
             else:
                 raise NotFound()
         except (SttError, *REDIS_DOWN) as exc:
@@ -327,7 +325,7 @@ class SessionsApi:
         try:
             days = tenants.day_range(one(query, "from") or today,
                                      one(query, "to") or one(query, "from") or today,
-                                     USAGE_MAX_DAYS)
+                                     self.settings.usage_max_days)
         except ValueError as exc:
             raise BadRequest(f"from and to are days (YYYY-MM-DD): {exc}") from None
         asked = one(query, "tenant")
@@ -353,7 +351,8 @@ class SessionsApi:
         after = one(query, "after") or "0-0"
         if not re.fullmatch(r"\d{1,20}-\d{1,20}", after):
             raise BadRequest("after is an entry id (ms-seq)")
-        limit = int_param(query, "limit", 100, 1, AUDIT_PAGE_MAX)
+        limit = int_param(query, "limit", min(100, self.settings.audit_page_max), 1,
+                          self.settings.audit_page_max)
         entries, last = await tenants.read_audit(self.records.redis, after, limit,
                                                  one(query, "tenant") or None)
         return json_response(http.HTTPStatus.OK, {"entries": entries, "next_after": last})

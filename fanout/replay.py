@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import redis.asyncio as aioredis
 
@@ -135,8 +135,12 @@ class Replay:
 
     def __init__(self, records: Sessions, blocking: aioredis.Redis, config: ReplayConfig,
                  ws: Socket, original: str, params: ReplayParams,
-                 principal: Principal = ANONYMOUS, inbound: MessageLimits | None = None) -> None:
+                 principal: Principal = ANONYMOUS, inbound: MessageLimits | None = None,
+                 on_started: Callable[[str], Awaitable[None]] | None = None) -> None:
+        """``on_started``: called with the new session's id once it exists (the audit
+        trail)."""
         self.records = records
+        self.on_started = on_started
         self.blocking = blocking
         self.config = config
         self.ws = ws
@@ -155,6 +159,8 @@ class Replay:
             return
         log.info("session %s: replay of %s (%s, model %r)", self.sid, self.original,
                  self.params.speed, started.model)
+        if self.on_started is not None:
+            await self.on_started(self.sid)
         copy = asyncio.create_task(self._copy(), name=f"replay-copy-{self.sid}")
         deliver = asyncio.create_task(self._deliver(), name=f"replay-deliver-{self.sid}")
         incoming = asyncio.create_task(read_controls(self.ws, self.stop, self.inbound))

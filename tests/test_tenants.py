@@ -393,7 +393,9 @@ def test_delete_and_the_audit_trail(world: World) -> None:
     assert {e["detail"]["format"] for e in exported} >= {"wav", "txt", "json"}
     assert all(e["target"] == world.target and e["tenant"] == "acme" for e in exported)
     replayed = [e for e in entries if e["action"] == "session_replayed"]
-    assert {e["actor"] for e in replayed} >= {"key:a1", "key:root"}
+    assert {e["actor"] for e in replayed} == {"key:a1", "key:root"}  # the refused: none
+    assert all(e["target"] == world.target and len(e["detail"]["replay"]) == 32
+               for e in replayed)
     assert all(abs(e["at"] - time.time()) < 600 for e in entries)
     status, body, _ = world.http("GET", "/v1/audit?tenant=beta", world.auth("admin"))
     assert {e["tenant"] for e in body["entries"]} == {"beta"}
