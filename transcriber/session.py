@@ -28,7 +28,7 @@ from common.metrics import WorkerMetrics
 from common.session_meta import SessionMeta
 from common.settings import TranscriberSettings
 from common.streams import Entry, read_stream
-from common.tenants import TRANSCRIBED, Usage
+from common.tenants import RECEIVED, TRANSCRIBED, Usage
 from transcriber.commit import CLIENT_BACK, SessionWriter, unpack_stable
 from transcriber.config import stream_config
 from transcriber.inference import Inference, TimedDecoder
@@ -134,11 +134,13 @@ class SessionPump:
 
     def __init__(self, host: Host, lease: Lease, core: StreamingTranscriber,
                  writer: SessionWriter, cursor: str, tenant: str = "",
-                 model: str = keys.DEFAULT_MODEL) -> None:
+                 model: str = keys.DEFAULT_MODEL, replay: bool = False) -> None:
         self.host = host
-        #: whose usage its audio counts in, under which model
+        #: whose usage its audio counts in, under which model; a replay's audio was not
+        #: received from a client
         self.tenant = tenant or DEFAULT_TENANT
         self.model = model
+        self.replay = replay
         self.usage = Usage(writer.redis, host.settings.usage_retention_days) \
             if writer is not None else None
         self._usage_at = 0.0  # monotonic time of the last usage report
@@ -272,19 +274,18 @@ class SessionPump:
             self._usage_at = now
             await self._report_usage(self.core.position)
 
-    async def _report_usage(self, position: int) -> None:
-        """The session's audio transcribed up to ``position`` (samples), counted by position
-        in its tenant's usage, after the fenced write that says this epoch still owns it
-        (progress, close): a position counted before, by this worker or a failed one, adds
-        nothing."""
+    async def _report_usage(self, position: int, kind: str = TRANSCRIBED) -> None:
+        """The session's audio transcribed (or ``kind``) up to ``position`` (samples),
+        counted by position in its tenant's usage, after the fenced write that says this
+        epoch still owns it (progress, close): a position counted before, by this worker,
+        a failed one or the gateway, adds nothing."""
         usage = self.usage
         if usage is None:
             return
         added = await with_retry(self.sid, "usage", lambda: usage.report(
-            self.tenant, self.sid, TRANSCRIBED, self.model, position))
+            self.tenant, self.sid, kind, self.model, position))
         if added:
-            self.metrics.usage_seconds.labels(self.tenant, self.model, TRANSCRIBED).inc(
-                added / RATE)
+            self.metrics.usage_seconds.labels(self.tenant, self.model, kind).inc(added / RATE)
 
     def _short_finals(self) -> None:
         """Before a final: short-context while other sessions' decodes wait."""
@@ -354,3 +355,5 @@ class SessionPump:
         if seq == CLIENT_BACK:
             raise HandBack("the client came back while it was closed as idle")
         await self._report_usage(marker.offset)
+        if not self.replay:  # the whole stream was received: exact even when the gateway
+            await self._report_usage(marker.offset, RECEIVED)  # died before its last report

@@ -391,7 +391,8 @@ class Worker:
         log.info("session %s: started (epoch %d, from sample %d)", sid, epoch, core.position)
         try:
             await SessionPump(self, lease, core, writer, meta.resume_id or "0-0",
-                              tenant=meta.tenant, model=meta.model or self.model_name).run()
+                              tenant=meta.tenant, model=meta.model or self.model_name,
+                              replay=bool(meta.replay_of)).run()
             await self._finish(lease)
             log.info("session %s: closed", sid)
             self._compact_later(sid)
