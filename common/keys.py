@@ -29,6 +29,13 @@ WORKERS = "stt:workers"
 INDEX = "stt:index"
 
 
+def tenant_index(tenant: str) -> str:
+    """A named tenant's own listing index (as ``INDEX``, its sessions only), so a key of a
+    small tenant lists without scanning everyone's. The default tenant lists from ``INDEX``
+    (filtered), which also holds the sessions made before tenants. Same upkeep as INDEX."""
+    return f"stt:index:{tenant}"
+
+
 def work_queue(model: str) -> str:
     """The work queue (a stream, group ``GROUP``) of sessions asking for ``model``: the
     default model's is ``SESSIONS``, every other name's ``stt:sessions:<name>`` (a name is

@@ -202,9 +202,12 @@ class Sessions:
         their hub's existence check. Its work-queue entry, if still waiting, is dropped by
         the transcriber that takes it (no record)."""
         check_session_id(sid)
+        tenant = await self.redis.hget(keys.meta(sid), "tenant")
         existed = int(await self._delete(keys=[keys.meta(sid), keys.audio(sid),
                                                keys.results(sid), keys.audio_z(sid)]))
         await self.redis.zrem(keys.INDEX, sid)
+        if tenant and tenant.decode() != DEFAULT_TENANT:
+            await self.redis.zrem(keys.tenant_index(tenant.decode()), sid)
         if not existed:
             raise SessionNotFound()
 
@@ -473,22 +476,22 @@ class Sessions:
 
     # ------------------------------------------------------------------ listing
 
-    async def index(self, sid: str, created: float) -> None:
-        await self.redis.zadd(keys.INDEX, {sid: created}, nx=True)
-
     async def list_sessions(self, limit: int, before: float | None = None,
                             state: str | None = None, max_scan: int = 1000,
                             tenant: str | None = None,
                             ) -> tuple[list[SessionInfo], float | None]:
         """Newest first, from the index; expired members are dropped from the index on the way.
-        With ``tenant``, only that tenant's sessions (the others are skipped like those of
-        another ``state``).
+        With ``tenant``, only that tenant's sessions: a named tenant's from its own index,
+        the default tenant's from ``INDEX`` (the others skipped like those of another
+        ``state``).
 
         Examines at most ``max_scan`` index entries per call (a ``state`` filter that
         matches few sessions would otherwise read the whole index in one request), so a
         page may hold fewer than ``limit`` sessions. Returns the page and the ``before``
         value of the next page (None at the end of the index).
         """
+        index = keys.tenant_index(tenant) if tenant and tenant != DEFAULT_TENANT \
+            else keys.INDEX
         out: list[SessionInfo] = []
         high: float | str = f"({before}" if before is not None else "+inf"
         scanned = 0
@@ -498,7 +501,7 @@ class Sessions:
                 return out, float(high[1:]) if isinstance(high, str) and high[0] == "(" \
                     else None
             members = await self.redis.zrevrangebyscore(
-                keys.INDEX, high, "-inf", start=0, num=want, withscores=True)
+                index, high, "-inf", start=0, num=want, withscores=True)
             if not members:
                 return out, None
             scanned += len(members)
@@ -506,7 +509,7 @@ class Sessions:
             infos = await self._infos(sids)
             gone = [sid for sid, info in zip(sids, infos, strict=True) if info is None]
             if gone:
-                await self.redis.zrem(keys.INDEX, *gone)
+                await self.redis.zrem(index, *gone)
             for (_m, score), info in zip(members, infos, strict=True):
                 if info is not None and (state is None or info.state == state) and (
                         tenant is None or info.tenant == tenant):
@@ -532,8 +535,11 @@ async def create_session(redis: aioredis.Redis, sid: str,
         args += [name, value]
     created = float(await redis.register_script(CREATE_SESSION)(keys=[keys.meta(sid)], args=args))
     await redis.zadd(keys.INDEX, {sid: created}, nx=True)  # for GET /v1/sessions
-    if fields.get("tenant"):  # for an admin's GET /v1/usage
-        await redis.sadd(keys.TENANTS, str(fields["tenant"]))
+    tenant = str(fields.get("tenant") or "")
+    if tenant:  # for an admin's GET /v1/usage
+        await redis.sadd(keys.TENANTS, tenant)
+    if tenant and tenant != DEFAULT_TENANT:  # its own listing
+        await redis.zadd(keys.tenant_index(tenant), {sid: created}, nx=True)
     await enqueue(redis, sid, str(fields.get("model", "")))  # the model's own queue
     return created
 

@@ -16,6 +16,7 @@ import pytest
 
 from common import keys
 from common.auth import DEFAULT_TENANT, KeyRecord
+from common.sessions import Sessions, create_session
 from common.tenants import (
     DAY_S,
     RECEIVED,
@@ -160,3 +161,28 @@ async def test_the_audit_trail_is_trimmed_by_age(module_redis: RedisServer) -> N
         await audit(r, 1.0, "key_revoked", "cli:op", "", "acme", "web")
         entries, _ = await read_audit(r, "0-0", 10)
         assert [e["action"] for e in entries] == ["key_revoked"]  # the older two trimmed
+
+
+async def test_a_small_tenant_lists_its_sessions_without_scanning_everyones(
+        module_redis: RedisServer) -> None:
+    """One acme session under 1200 newer sessions of the default tenant: acme's first page
+    holds it (its own index), though one listing scans at most 1000 index entries; the
+    default tenant's listing (the global index, filtered) leaves it out; deletion removes
+    it from both indexes."""
+    async with module_redis.aclient() as r:
+        await r.flushall()
+        records = Sessions(r)
+        await create_session(r, "a" * 32, {"tenant": "acme", "model": "tiny.en"})
+        pipe_size = 100
+        for start in range(0, 1200, pipe_size):
+            await asyncio.gather(*(create_session(r, f"{i:032x}", {"model": "tiny.en"})
+                                   for i in range(start, start + pipe_size)))
+        page, _ = await records.list_sessions(10, max_scan=1000, tenant="acme")
+        assert [s.session_id for s in page] == ["a" * 32] and page[0].tenant == "acme"
+        page, _ = await records.list_sessions(2000, max_scan=5000, tenant=DEFAULT_TENANT)
+        assert len(page) == 1200 and {s.tenant for s in page} == {DEFAULT_TENANT}
+        page, _ = await records.list_sessions(2000, max_scan=5000)  # an admin: everyone's
+        assert len(page) == 1201
+        await records.delete("a" * 32)
+        assert await r.zcard(keys.tenant_index("acme")) == 0
+        assert await r.zscore(keys.INDEX, "a" * 32) is None
