@@ -18,7 +18,10 @@ import contextlib
 import dataclasses
 import http.client
 import json
+import os
 import secrets
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -336,6 +339,24 @@ def test_usage(world: World) -> None:
     status, body, _ = world.http("GET", "/v1/usage?from=2026-13-01", world.auth("own_key"))
     assert outcome(status, body) == "400 bad_request"
     no_leak(world, bodies)
+
+
+def test_the_cli_shows_a_keys_usage(world: World) -> None:
+    def stt(*args: str, key: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "STT_API_KEY": KEYS[key]}
+        return subprocess.run([sys.executable, "-m", "fanout.cli", "--url",
+                               f"http://127.0.0.1:{world.port}", "usage", *args], env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    own = stt(key="a1")
+    assert own.returncode == 0, own.stderr
+    lines = own.stdout.splitlines()
+    assert lines[0].split() == ["DAY", "TENANT", "MODEL", "RECEIVED", "TRANSCRIBED"]
+    assert {line.split()[1] for line in lines[1:]} == {"acme"}
+    other = stt("--tenant", "acme", key="b1")
+    assert other.returncode == 1 and "(forbidden)" in other.stderr
+    everyone = stt("--json", key="root")
+    assert {"acme", "beta"} <= {u["tenant"] for u in json.loads(everyone.stdout)["usage"]}
 
 
 def test_token_mint(world: World) -> None:
