@@ -49,7 +49,7 @@ from tests.procs import (
 pytestmark = pytest.mark.integration
 
 SECRET = secrets.token_urlsafe(40)
-KEYS = {name: new_key() for name in ("a1", "b1", "root", "g1", "d1")}
+KEYS = {name: new_key() for name in ("a1", "b1", "root", "g1", "d1", "e1")}
 QUOTA_RETRY_S = 7
 ENV = {
     "AUTH": "required",
@@ -58,7 +58,8 @@ ENV = {
         f"b1={hash_key(KEYS['b1'])};tenant=beta",
         f"root={hash_key(KEYS['root'])};tenant=ops;scopes=admin",
         f"g1={hash_key(KEYS['g1'])};tenant=gamma",
-        f"d1={hash_key(KEYS['d1'])};tenant=delta"]),
+        f"d1={hash_key(KEYS['d1'])};tenant=delta",
+        f"e1={hash_key(KEYS['e1'])};tenant=epsilon"]),
     "TOKEN_SECRET": SECRET,
     # every request comes from 127.0.0.1: no per-address limits in the way
     "RATE_LIMIT_IP_PER_S": "0", "RATE_LIMIT_KEY_PER_S": "0", "AUTH_FAILURES_PER_MIN": "0",
@@ -558,3 +559,23 @@ def test_a_session_reaching_its_audio_quota_gets_its_finals_then_the_error(
 
     asyncio.run(until("delta's usage", lambda: usage() == 41 * 1600, 10))
     assert world.http("GET", f"/v1/sessions/{sid}", headers)[0] == 200
+
+
+def test_replays_count_in_the_audio_quota(world: World) -> None:
+    """Tenant epsilon records 1 s, then gets a quota of 1.5 s a day: one replay of it fits,
+    the second does not (quota_exceeded, close 1008, nothing replayed), and what it could
+    have taken of the quota is given back."""
+    headers = {"Authorization": f"Bearer {KEYS['e1']}"}
+    res = asyncio.run(stream(listen_url(world.ws), frames(JFK[:16000]), pace=None,
+                             headers=headers))
+    assert res.close_code == 1000
+    sid = res.of_type("session")[0]["session_id"]
+    world.redis.client().hset(keys.tenant_quota("epsilon"), "audio_hours_per_day", 1.5 / 3600)
+    url = f"{world.ws}/v1/sessions/{sid}/replay"
+    first, _ = asyncio.run(ws_outcome(url, headers))
+    assert first == "101 session"
+    second, came = asyncio.run(ws_outcome(url, headers))
+    assert second == "101 quota_exceeded 1008", came
+    assert world.redis.client().get(keys.audio_allowance("epsilon", day_of(time.time()))) \
+        == b"16000"
+    assert [m["type"] for m in came] == ["error"]  # no session message: none was made
