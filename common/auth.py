@@ -300,25 +300,35 @@ def main(argv: list[str] | None = None) -> None:
     make.add_argument("--name", default="", help="name for the key (logs, per-key limits)")
     hashed = sub.add_parser("hash-key", help="the API_KEYS entry of a key read from stdin")
     hashed.add_argument("--name", default="", help="name for the key")
+    for p in (make, hashed):
+        p.add_argument("--tenant", default="", help="the key's tenant (default: default)")
+        p.add_argument("--scopes", default="", help=f"e.g. {ADMIN}")
     sub.add_parser("new-secret", help="a random TOKEN_SECRET")
     args = parser.parse_args(argv)
     if args.command == "new-secret":
         print(secrets.token_urlsafe(48))
         return
-    if args.name and not _NAME.fullmatch(args.name):
+    if (args.name and not _NAME.fullmatch(args.name)) or (
+            args.tenant and not tenant_ok(args.tenant)):
         parser.error("names are 1-64 letters, digits, '_', '.', '-'")
+    try:
+        scopes = parse_scopes(args.scopes)
+    except ValueError as exc:
+        parser.error(str(exc))
+    options = (f";tenant={args.tenant}" if args.tenant else "") + (
+        f";scopes={'+'.join(scopes)}" if scopes else "")
     if args.command == "new-key":
         key = new_key()
         digest = hash_key(key)
         name = args.name or digest.removeprefix("sha256:")[:8]
         print(f"key (give it to the client; it is not stored anywhere): {key}")
-        print(f"API_KEYS entry: {name}={digest}")
+        print(f"API_KEYS entry: {name}={digest}{options}")
         return
     key = sys.stdin.readline().strip()
     if not key:
         parser.error("no key on stdin")
     digest = hash_key(key)
-    print(f"{args.name or digest.removeprefix('sha256:')[:8]}={digest}")
+    print(f"{args.name or digest.removeprefix('sha256:')[:8]}={digest}{options}")
 
 
 if __name__ == "__main__":

@@ -148,3 +148,13 @@ def test_tokens_carry_their_minting_keys_tenant() -> None:
     plain, _ = signer.mint("bob", 60, 300)  # the default tenant: claims as before tenants
     assert "t" not in json.loads(base64.urlsafe_b64decode(plain.split(".")[1] + "=="))
     assert signer.verify(plain).tenant == DEFAULT_TENANT
+
+
+def test_new_key_command_names_a_tenant_and_scopes() -> None:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        main(["new-key", "--name", "ops", "--tenant", "root", "--scopes", "admin"])
+    lines = out.getvalue().splitlines()
+    key, entry = lines[0].rsplit(" ", 1)[1], lines[1].rsplit(" ", 1)[1]
+    assert entry.endswith(";tenant=root;scopes=admin")
+    assert ApiKeys(entry).lookup(key) == KeyRecord("ops", "root", ("admin",))
