@@ -25,6 +25,7 @@ import datetime
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -43,6 +44,8 @@ from common.auth import (
     parse_scopes,
     tenant_ok,
 )
+from common.redis_client import make_redis
+from common.settings import GatewaySettings, from_sources
 
 DAY_S = 86400
 
@@ -351,11 +354,6 @@ async def read_audit(redis: aioredis.Redis, after: str, limit: int,
 
 
 async def _run(args: argparse.Namespace) -> int:
-    import os
-
-    from common.redis_client import make_redis
-    from common.settings import GatewaySettings, from_sources
-
     settings = from_sources(GatewaySettings, {"redis_url": args.redis_url}, os.environ)
     redis = make_redis(settings)
     store = KeyStore(redis)
