@@ -209,7 +209,7 @@ async def tenant_quotas(redis: aioredis.Redis, tenant: str, defaults: Quotas) ->
 
 class AudioQuota:
     """One session's share of its tenant's audio per day, taken in grants (QUOTA_TAKE):
-    ``allow`` says whether the next samples fit; ``give_back`` returns what is unused."""
+    ``take`` says whether the next samples fit; ``give_back`` returns what is unused."""
 
     def __init__(self, redis: aioredis.Redis, tenant: str, limit_samples: int,
                  grant_samples: int) -> None:
