@@ -29,6 +29,7 @@ import redis.asyncio as aioredis
 from multidict import CIMultiDictProxy
 
 from common import keys
+from common.audio import TARGET_RATE
 from common.auth import (
     ANONYMOUS,
     ApiKeys,
@@ -36,13 +37,16 @@ from common.auth import (
     TokenClaims,
     TokenSigner,
     key_principal,
+    looks_like_key,
     looks_like_token,
 )
 from common.errors import (
     BadRequest,
     MethodNotAllowed,
     OriginNotAllowed,
+    QuotaExceeded,
     RateLimited,
+    SttError,
     TooManySessions,
     TooManyViewers,
     Unauthorized,
@@ -51,6 +55,13 @@ from common.ratelimit import BucketMap
 from common.redis_client import REDIS_DOWN
 from common.scripts import CAP_ACQUIRE
 from common.settings import AccessSettings
+from common.tenants import (
+    KeyStore,
+    Quotas,
+    audio_quota_left,
+    seconds_to_midnight,
+    tenant_quotas,
+)
 
 if TYPE_CHECKING:
     from aiohttp.web import BaseRequest
@@ -307,6 +318,12 @@ class AccessGuard:
             raise ValueError("AUTH must be 'required' or 'off'")
         self.required = settings.auth == "required"
         self.keys = ApiKeys(settings.api_keys)
+        if settings.api_key_store not in ("on", "off"):
+            raise ValueError("API_KEY_STORE must be 'on' or 'off'")
+        #: keys made with ``python -m common.tenants``, looked up in Redis
+        self.key_store = KeyStore(redis) if settings.api_key_store == "on" else None
+        self.quota_defaults = Quotas(settings.tenant_max_sessions,
+                                     settings.tenant_audio_hours_per_day)
         self.tokens = TokenSigner(settings.token_secret)
         self.origins = {normalize_origin(o) for o in settings.allowed_origins.split(",")
                         if o.strip()}
@@ -337,10 +354,11 @@ class AccessGuard:
     def describe(self) -> str:
         if not self.required:
             return "AUTHENTICATION IS OFF: anyone who can reach this port may use it"
-        if not len(self.keys) and not self.tokens.enabled:
+        if not len(self.keys) and not self.tokens.enabled and self.key_store is None:
             return ("AUTH=required but no API_KEYS and no TOKEN_SECRET: every /v1 request "
                     "will be refused (python -m common.auth new-key, or AUTH=off locally)")
-        return (f"authentication required: {len(self.keys)} API key(s), session tokens "
+        return (f"authentication required: {len(self.keys)} API key(s) configured, keys in "
+                f"Redis {'on' if self.key_store is not None else 'off'}, session tokens "
                 f"{'on' if self.tokens.enabled else 'off'}")
 
     # ------------------------------------------------------------------ request checks
@@ -410,12 +428,14 @@ class AccessGuard:
         values = parse_qs(urlsplit(request.raw_path).query, max_num_fields=64).get("token")
         return values[-1] if values else None
 
-    def authenticate(self, request: BaseRequest, *, opens_session: bool,
-                     allow_tokens: bool = True, credential: str | None = None) -> Principal:
+    async def authenticate(self, request: BaseRequest, *, opens_session: bool,
+                           allow_tokens: bool = True, credential: str | None = None,
+                           ) -> Principal:
         """The principal, or Unauthorized. A token opening a session must still be inside
         its first-use window; it is consumed separately (``consume``), after the caps.
         ``credential``: one the protocol carried after the upgrade (Twilio's
-        ``customParameters``), instead of the request's."""
+        ``customParameters``), instead of the request's. An API key is looked up in
+        ``API_KEYS``, then in Redis (``common/tenants.py``)."""
         if not self.required:
             return ANONYMOUS
         try:
@@ -434,10 +454,12 @@ class AccessGuard:
             if now > (claims.exp if opens_session else claims.usable_until):
                 raise Unauthorized("token expired")
             return claims.principal()
-        name = self.keys.lookup(credential)
-        if name is None:
+        record = self.keys.lookup(credential)
+        if record is None and self.key_store is not None and looks_like_key(credential):
+            record = await self.key_store.lookup(credential)
+        if record is None:
             raise Unauthorized("invalid API key")
-        return key_principal(name)
+        return key_principal(record)
 
     async def consume(self, principal: Principal, *, dry_run: bool = False) -> None:
         """A token's first use: opens its one session (SET NX). ``dry_run`` only reports a
@@ -494,8 +516,9 @@ class AccessGuard:
         upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
         self.check_origin(request.headers)
         try:
-            principal = self.authenticate(request, opens_session=opens_session,
-                                          allow_tokens=allow_tokens, credential=credential)
+            principal = await self.authenticate(request, opens_session=opens_session,
+                                                allow_tokens=allow_tokens,
+                                                credential=credential)
         except Unauthorized:
             self.auth_failed(ip, now)
             raise
@@ -535,26 +558,39 @@ class AccessGuard:
 
     async def acquire(self, ip: str, principal: Principal, ip_cap: int, key_cap: int,
                       member: str | None = None) -> str:
-        """Count a session (``member``: its id; a fresh id when None) against its address and
-        its API key; a local handle to settle later (``release``, ``forget``).
-        TooManySessions when either is at its cap. A member already counted (a session
-        resumed within its resume grace) is refreshed, not counted again."""
+        """Count a session (``member``: its id; a fresh id when None) against its address, its
+        API key and its tenant; a local handle to settle later (``release``, ``forget``).
+        TooManySessions when the address or the key is at its cap, QuotaExceeded when the
+        tenant is at its quota (``tenant_max_sessions``, or its own). A member already
+        counted (a session resumed within its resume grace) is refreshed, not counted
+        again."""
         member = member or uuid.uuid4().hex
         handle = uuid.uuid4().hex
         now = time.time()
         hold = CapHold(member, [], [])
-        wanted = [(keys.connections("ip", address_bucket(ip)), ip_cap,
-                   "too many sessions from this address")]
+        wanted: list[tuple[str, int, SttError]] = [
+            (keys.connections("ip", address_bucket(ip)), ip_cap,
+             TooManySessions("too many sessions from this address"))]
         if principal.account:
             wanted.append((keys.connections("key", principal.account), key_cap,
-                           "too many sessions for this API key"))
+                           TooManySessions("too many sessions for this API key")))
+        quotas = await tenant_quotas(self.redis, principal.tenant, self.quota_defaults)
+        if not await audio_quota_left(self.redis, principal.tenant,
+                                      round(quotas.audio_hours_per_day * 3600 * TARGET_RATE)):
+            raise QuotaExceeded("this tenant's audio for the day is spent",
+                                seconds_to_midnight(time.time()))
+        if quotas.max_sessions > 0:
+            wanted.append((keys.connections("tenant", principal.tenant), quotas.max_sessions,
+                           QuotaExceeded(f"this tenant has its {quotas.max_sessions} "
+                                         "concurrent sessions open",
+                                         self.settings.quota_retry_after_s)))
         try:
-            for key, cap, message in wanted:
+            for key, cap, refusal in wanted:
                 got = int(await self._acquire(keys=[key], args=[
                     f"{now:.3f}", f"{now + self.lease_s:.3f}", member, cap,
                     math.ceil(self.lease_s * 2)]))
                 if not got:
-                    raise TooManySessions(message)
+                    raise refusal
                 hold.keys.append(key)
                 if got == 1:
                     hold.added.append(key)

@@ -208,6 +208,21 @@ class TooManySessions(SttError):
     http_status = 429
 
 
+class QuotaExceeded(SttError):
+    """The tenant has reached one of its quotas (concurrent sessions, audio per day): a new
+    session gets HTTP 429 with ``Retry-After``; a live session that reaches its audio quota
+    gets its finals, then this error and close 1008."""
+
+    code = "quota_exceeded"
+    close_code = POLICY_VIOLATION
+    http_status = 429
+    drain = True
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class TooManyViewers(SttError):
     """A client address or an API key already holds its maximum of viewer sockets in this
     process."""

@@ -29,6 +29,13 @@ WORKERS = "stt:workers"
 INDEX = "stt:index"
 
 
+def tenant_index(tenant: str) -> str:
+    """A named tenant's own listing index (as ``INDEX``, its sessions only), so a key of a
+    small tenant lists without scanning everyone's. The default tenant lists from ``INDEX``
+    (filtered), which also holds the sessions made before tenants. Same upkeep as INDEX."""
+    return f"stt:index:{tenant}"
+
+
 def work_queue(model: str) -> str:
     """The work queue (a stream, group ``GROUP``) of sessions asking for ``model``: the
     default model's is ``SESSIONS``, every other name's ``stt:sessions:<name>`` (a name is
@@ -73,7 +80,8 @@ def token_nonce(nonce: str) -> str:
 
 
 def connections(kind: str, who: str) -> str:
-    """Sorted set of one client address's or one API key's open sessions (``kind`` ip|key).
+    """Sorted set of one client address's, one API key's or one tenant's open sessions
+    (``kind`` ip|key|tenant).
 
     Members are session ids (a replay socket's: a connection id) scored by a lease expiry
     (unix seconds) that their gateway renews. A session's member stays until its audio
@@ -82,3 +90,44 @@ def connections(kind: str, who: str) -> str:
     died drop out when their lease expires. The key's TTL is renewed with them.
     """
     return f"stt:conns:{kind}:{who}"
+
+
+# API keys kept in Redis (``common/tenants.py``, managed with ``python -m common.tenants``):
+# two hashes on one slot. HASHES: the key's SHA-256 (hex) -> its record (JSON: name, tenant,
+# scopes, created); KEY_NAMES: name -> that SHA-256. No TTL: a key lives until revoked.
+API_KEY_HASHES = "stt:{apikeys}:hashes"
+API_KEY_NAMES = "stt:{apikeys}:names"
+
+# The audit trail: a stream of administrative actions (key created, revoked, rotated; session
+# deleted, exported, replayed; quota set), trimmed by age (MINID) as it is written.
+AUDIT = "stt:audit"
+
+
+def tenant_quota(tenant: str) -> str:
+    """A tenant's own quotas (hash: max_sessions, audio_hours_per_day), overriding the
+    settings' defaults; set with ``python -m common.tenants quota``. No TTL."""
+    return f"stt:tenant:{tenant}"
+
+
+def audio_allowance(tenant: str, day: str) -> str:
+    """Audio samples a tenant's sessions have taken of their daily quota on ``day``
+    (YYYY-MM-DD, UTC) as grants of ``quota_grant_s`` (unused grants given back). TTL: 2 days."""
+    return f"stt:quota:{{{tenant}}}:{day}"
+
+
+def usage(tenant: str, day: str) -> str:
+    """A tenant's usage on ``day`` (hash: ``received:<model>`` and ``transcribed:<model>``,
+    audio samples at 16 kHz). Written only by the USAGE_ADD script, by sample positions:
+    exact across retries and failovers. TTL: ``usage_retention_days``."""
+    return f"stt:usage:{{{tenant}}}:{day}"
+
+
+def usage_positions(tenant: str, day: str) -> str:
+    """The position (samples) up to which each session's audio is counted in ``usage``, by
+    field ``<sid>:received`` / ``<sid>:transcribed``, one hash per day (a session is
+    looked up in today's and yesterday's). TTL: 2 days."""
+    return f"stt:usage:{{{tenant}}}:pos:{day}"
+
+# Every tenant that has had a key in Redis or a session (set of names; no TTL): what an
+# admin's GET /v1/usage covers.
+TENANTS = "stt:tenants"

@@ -50,11 +50,21 @@ class WorkerMetrics:
     batch_rows: Histogram
     compactions: Counter
     compacted_bytes: Counter
+    usage_seconds: Counter
+
+
+def usage_counter(r: CollectorRegistry) -> Counter:
+    """Audio seconds counted in a tenant's usage by this process (``common/tenants.py``):
+    each sample once across every process, so the sum over processes is the bill."""
+    return Counter("stt_usage_audio_seconds", "audio seconds counted in tenants' usage, by "
+                   "tenant, model and kind (received: gateways; transcribed: workers)",
+                   ["tenant", "model", "kind"], registry=r)
 
 
 def worker_metrics() -> WorkerMetrics:
     r = CollectorRegistry()
     return WorkerMetrics(
+        usage_seconds=usage_counter(r),
         registry=r,
         sessions_active=Gauge("stt_worker_sessions_active", "sessions this worker owns",
                               registry=r),
@@ -128,6 +138,7 @@ class GatewayMetrics:
     sessions_waiting: Gauge
     queue_oldest_wait: Gauge
     workers: Gauge
+    usage_seconds: Counter
     worker_capacity: Gauge
     worker_free_slots: Gauge
 
@@ -135,6 +146,7 @@ class GatewayMetrics:
 def gateway_metrics() -> GatewayMetrics:
     r = CollectorRegistry()
     return GatewayMetrics(
+        usage_seconds=usage_counter(r),
         registry=r,
         sessions_active=Gauge("stt_gateway_sessions_active", "open /v1/listen sockets",
                               registry=r),

@@ -36,6 +36,7 @@ class SessionMeta:
     # who created it
     principal: str = ""  # "key:NAME", "token:NONCE", "" without authentication
     account: str = ""  # the API key's name (a token's minting key)
+    tenant: str = ""  # the key's tenant ("" before tenants: the default tenant)
     address: str = ""  # the client's address bucket
     # the writing connection
     attach: int = 0  # its generation; appends are fenced by it

@@ -34,6 +34,7 @@ from redis.exceptions import NoScriptError
 
 from common import compaction, keys
 from common.audio import TARGET_RATE
+from common.auth import DEFAULT_TENANT
 from common.errors import SessionNotFound
 from common.messages import (
     AudioEntry,
@@ -71,7 +72,7 @@ STREAM_ENTRY_BYTES = 24
 
 #: The fields a listing shows.
 _INFO_FIELDS = ("state", "created", "model", "language", "interim", "duration",
-                "next_utterance", "seq", "replay_of", "processed_sample")
+                "next_utterance", "seq", "replay_of", "processed_sample", "tenant")
 
 
 def check_session_id(sid: str) -> str:
@@ -96,6 +97,7 @@ class SessionInfo:
     results: int  # every result published: partials, finals, warnings, closed
     replay_of: str | None
     expires_in: int | None  # seconds until the retention TTL removes it; None while active
+    tenant: str = DEFAULT_TENANT  # whose session it is
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -118,6 +120,7 @@ def _info(sid: str, values: list[bytes | None], ttl: int, audio_end: int | None)
         results=m.seq,
         replay_of=m.replay_of or None,
         expires_in=ttl if ttl >= 0 else None,
+        tenant=m.tenant or DEFAULT_TENANT,
     )
 
 
@@ -154,6 +157,7 @@ class SessionAccess:
     deadline: float | None  # unix time the session must end by
     created: float
     state: str  # "active" or "closed"
+    tenant: str = DEFAULT_TENANT
 
 
 
@@ -200,9 +204,12 @@ class Sessions:
         their hub's existence check. Its work-queue entry, if still waiting, is dropped by
         the transcriber that takes it (no record)."""
         check_session_id(sid)
+        tenant = await self.redis.hget(keys.meta(sid), "tenant")
         existed = int(await self._delete(keys=[keys.meta(sid), keys.audio(sid),
                                                keys.results(sid), keys.audio_z(sid)]))
         await self.redis.zrem(keys.INDEX, sid)
+        if tenant and tenant.decode() != DEFAULT_TENANT:
+            await self.redis.zrem(keys.tenant_index(tenant.decode()), sid)
         if not existed:
             raise SessionNotFound()
 
@@ -235,13 +242,14 @@ class Sessions:
 
     async def access(self, sid: str) -> SessionAccess:
         """Who created the session and until when it may run, read before a resume."""
-        names = ["state", "principal", "account", "deadline", "created"]
+        names = ["state", "principal", "account", "deadline", "created", "tenant"]
         values = await self.redis.hmget(keys.meta(sid), names)
         if values[0] is None:
             raise SessionNotFound()
         meta = SessionMeta.decode(dict(zip(names, values, strict=True)))
         return SessionAccess(meta.principal, meta.account, meta.deadline or None,
-                             meta.created or time.time(), meta.state)
+                             meta.created or time.time(), meta.state,
+                             meta.tenant or DEFAULT_TENANT)
 
     async def attach(self, sid: str) -> Attached:
         """Take over the writing side of an existing session after a reconnect."""
@@ -320,15 +328,17 @@ class Sessions:
             raise SessionNotFound()
         return SessionMeta.decode(raw)
 
-    async def owner(self, sid: str) -> tuple[str, str]:
-        """(owner, account) the session was created by ('' when auth was off)."""
+    async def owner(self, sid: str) -> tuple[str, str, str]:
+        """(owner, account, tenant) the session was created by (owner and account are ''
+        when auth was off; the tenant is the default one for a session older than
+        tenants)."""
         check_session_id(sid)
-        values = await self.redis.hmget(keys.meta(sid), ["state", "principal", "account"])
+        names = ("state", "principal", "account", "tenant")
+        values = await self.redis.hmget(keys.meta(sid), list(names))
         if values[0] is None:
             raise SessionNotFound()
-        meta = SessionMeta.decode(dict(zip(("state", "principal", "account"), values,
-                                           strict=True)))
-        return meta.principal, meta.account
+        meta = SessionMeta.decode(dict(zip(names, values, strict=True)))
+        return meta.principal, meta.account, meta.tenant or DEFAULT_TENANT
 
     async def closed(self, sid: str) -> bool:
         """Whether the session exists and has ended."""
@@ -470,19 +480,22 @@ class Sessions:
 
     # ------------------------------------------------------------------ listing
 
-    async def index(self, sid: str, created: float) -> None:
-        await self.redis.zadd(keys.INDEX, {sid: created}, nx=True)
-
     async def list_sessions(self, limit: int, before: float | None = None,
                             state: str | None = None, max_scan: int = 1000,
+                            tenant: str | None = None,
                             ) -> tuple[list[SessionInfo], float | None]:
         """Newest first, from the index; expired members are dropped from the index on the way.
+        With ``tenant``, only that tenant's sessions: a named tenant's from its own index,
+        the default tenant's from ``INDEX`` (the others skipped like those of another
+        ``state``).
 
         Examines at most ``max_scan`` index entries per call (a ``state`` filter that
         matches few sessions would otherwise read the whole index in one request), so a
         page may hold fewer than ``limit`` sessions. Returns the page and the ``before``
         value of the next page (None at the end of the index).
         """
+        index = keys.tenant_index(tenant) if tenant and tenant != DEFAULT_TENANT \
+            else keys.INDEX
         out: list[SessionInfo] = []
         high: float | str = f"({before}" if before is not None else "+inf"
         scanned = 0
@@ -492,7 +505,7 @@ class Sessions:
                 return out, float(high[1:]) if isinstance(high, str) and high[0] == "(" \
                     else None
             members = await self.redis.zrevrangebyscore(
-                keys.INDEX, high, "-inf", start=0, num=want, withscores=True)
+                index, high, "-inf", start=0, num=want, withscores=True)
             if not members:
                 return out, None
             scanned += len(members)
@@ -500,9 +513,10 @@ class Sessions:
             infos = await self._infos(sids)
             gone = [sid for sid, info in zip(sids, infos, strict=True) if info is None]
             if gone:
-                await self.redis.zrem(keys.INDEX, *gone)
+                await self.redis.zrem(index, *gone)
             for (_m, score), info in zip(members, infos, strict=True):
-                if info is not None and (state is None or info.state == state):
+                if info is not None and (state is None or info.state == state) and (
+                        tenant is None or info.tenant == tenant):
                     out.append(info)
                     if len(out) == limit:
                         return out, score
@@ -525,6 +539,11 @@ async def create_session(redis: aioredis.Redis, sid: str,
         args += [name, value]
     created = float(await redis.register_script(CREATE_SESSION)(keys=[keys.meta(sid)], args=args))
     await redis.zadd(keys.INDEX, {sid: created}, nx=True)  # for GET /v1/sessions
+    tenant = str(fields.get("tenant") or "")
+    if tenant:  # for an admin's GET /v1/usage
+        await redis.sadd(keys.TENANTS, tenant)
+    if tenant and tenant != DEFAULT_TENANT:  # its own listing
+        await redis.zadd(keys.tenant_index(tenant), {sid: created}, nx=True)
     await enqueue(redis, sid, str(fields.get("model", "")))  # the model's own queue
     return created
 

@@ -294,8 +294,54 @@ class ClientLimitSettings:
         "those bounds")
 
 
+@group("Tenants and quotas")
 @dataclasses.dataclass(frozen=True)
-class AccessSettings(AuthSettings, ClientLimitSettings):
+class TenantSettings:
+    """Tenants: keys kept in Redis, each tenant's quotas, the audit trail (docs/security.md).
+    A tenant's own quotas (``python -m common.tenants quota``) override these defaults."""
+
+    api_key_store: str = setting(
+        "on", "on: API keys made with python -m common.tenants (kept hashed in Redis) are "
+        "accepted besides API_KEYS (one HGET per request whose key API_KEYS lacks; a revoked "
+        "key is refused at once); off: API_KEYS only")
+    tenant_max_sessions: int = setting(
+        0, "concurrent sessions one tenant may have across every gateway (beyond: HTTP 429 "
+        "quota_exceeded with Retry-After); 0 = no limit")
+    tenant_audio_hours_per_day: float = setting(
+        0.0, "hours of audio one tenant's sessions may send per UTC day across every gateway; "
+        "a new session beyond it gets HTTP 429 quota_exceeded (Retry-After: until midnight "
+        "UTC), a live one that reaches it gets its finals, then quota_exceeded and close "
+        "1008; 0 = no limit")
+    quota_grant_s: float = setting(
+        10.0, "seconds of a tenant's daily audio a session takes from Redis at a time (one "
+        "atomic script per grant; what a session leaves unused is given back when it ends; "
+        "a gateway that dies keeps its sessions' unused grants counted until midnight)")
+    quota_retry_after_s: float = setting(
+        30.0, "Retry-After seconds sent when a tenant is at its concurrent-session quota")
+    audit_retention_s: float = setting(
+        90 * 86400.0, "seconds the audit trail (stt:audit) keeps an entry; older ones are "
+        "trimmed (XADD MINID) as new ones are written")
+    audit_page_max: int = setting(
+        1000, "the most audit entries one GET /v1/audit returns (limit=, default 100)")
+    usage_max_days: int = setting(
+        400, "the most days one GET /v1/usage covers (from= .. to=)")
+
+
+@group("Usage")
+@dataclasses.dataclass(frozen=True)
+class UsageSettings:
+    """Audio seconds received and transcribed, by tenant, model and day (GET /v1/usage)."""
+
+    usage_report_s: float = setting(
+        5.0, "seconds between a session's usage reports (gateway: audio received; "
+        "transcriber: audio transcribed); each is counted once, by sample position, and a "
+        "session's last report is made as it ends")
+    usage_retention_days: int = setting(
+        400, "days a tenant's daily usage totals are kept in Redis")
+
+
+@dataclasses.dataclass(frozen=True)
+class AccessSettings(AuthSettings, ClientLimitSettings, TenantSettings):
     """Who may connect, and how much one client may ask: what ``common.access`` reads."""
 
 
@@ -782,7 +828,7 @@ class MetricsSettings:
 @dataclasses.dataclass(frozen=True)
 class GatewaySettings(LoggingSettings, ListenSettings, GatewayIoSettings, SessionLimitSettings,
                       AudioLimitSettings, ResilienceSettings, StorageSettings, TokenSettings,
-                      ModelNameSettings, GcSettings, SessionsApiSettings):
+                      ModelNameSettings, GcSettings, UsageSettings, SessionsApiSettings):
     """WebSocket gateway: /v1/listen, result fanout to the originating socket, the page."""
 
 
@@ -800,7 +846,7 @@ class FanoutSettings(LoggingSettings, ListenSettings, GcSettings, SessionsApiSet
 class TranscriberSettings(LoggingSettings, ModelSettings, InferenceSettings,
                           ShortContextSettings, EndpointingSettings, TranscriptSettings,
                           LoadSheddingSettings, WorkQueueSettings, CompactionSettings,
-                          MetricsSettings,
+                          MetricsSettings, UsageSettings,
                           RedisSettings):
     """Transcriber worker: takes sessions from the queue, runs VAD and Whisper."""
 

@@ -28,6 +28,7 @@ from common.backoff import REDIS_DOWN, REDIS_FULL
 from common.errors import (
     BadRequest,
     MethodNotAllowed,
+    QuotaExceeded,
     RateLimited,
     StorageFull,
     StorageUnavailable,
@@ -67,7 +68,7 @@ def error_response(exc: BaseException) -> web.Response:
                              {"type": "error", "code": err.code, "message": err.message})
     if err.http_status == http.HTTPStatus.UNAUTHORIZED:
         response.headers["WWW-Authenticate"] = 'Bearer realm="stt"'
-    if isinstance(err, RateLimited | StorageFull):
+    if isinstance(err, RateLimited | StorageFull | QuotaExceeded):
         response.headers["Retry-After"] = str(max(1, math.ceil(err.retry_after_s)))
     if isinstance(err, MethodNotAllowed) and err.allow:
         response.headers["Allow"] = ", ".join(err.allow)

@@ -9,6 +9,9 @@ HTTP (``GET``, or ``HEAD`` for the headers alone; any other method is a 405):
 * ``/v1/sessions/{id}/transcript.{txt,json,srt,vtt}``
 * ``/v1/models`` — the models workers serve now (``common/models.py``): ``{"models":
   [{"name", "workers", "capacity", "free_slots", "devices"}], "default"}``
+* ``/v1/usage`` — audio seconds received and transcribed by tenant, model and day
+  (``?from=&to=`` days, ``?tenant=`` for an admin): the caller's tenant's only
+* ``/v1/audit`` — the audit trail (admins only): ``{"entries": [...], "next_after"}``
 
 WebSocket: ``/v1/sessions/{id}/results`` (viewer) and, where a replay
 config is given (the gateway), ``/v1/sessions/{id}/replay``.
@@ -17,7 +20,9 @@ Errors are JSON ``{"type": "error", "code", "message"}`` with a matching
 HTTP status; on WebSockets an error message and the error's close code.
 
 The server authenticates each request first (``common/access.py``) and passes the
-principal in: an API key reads any session, a session token only its own.
+principal in: an API key reads its tenant's sessions, a session token only its own, an
+``admin`` key every tenant's. Another tenant's session answers exactly as one that does not
+exist (404 ``session_not_found``), so its id cannot be probed.
 """
 
 from __future__ import annotations
@@ -33,14 +38,17 @@ from contextlib import AbstractAsyncContextManager
 
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis.exceptions import ResponseError
 
+from common import keys, tenants
 from common.audio import TARGET_RATE
-from common.auth import Principal
+from common.auth import DEFAULT_TENANT, Principal
 from common.errors import (
     BadRequest,
     Forbidden,
     NotFound,
     Overloaded,
+    SessionNotFound,
     SttError,
     WebSocketRequired,
 )
@@ -71,6 +79,8 @@ log = logging.getLogger(__name__)
 
 PREFIX = "/v1/sessions"
 MODELS_PATH = "/v1/models"
+USAGE_PATH = "/v1/usage"
+AUDIT_PATH = "/v1/audit"
 _ROUTE = re.compile(r"/v1/sessions(?:/(?P<sid>[^/]+)(?:/(?P<leaf>[^/]+))?)?/?")
 #: Bytes of audio one export writes at a time.
 EXPORT_CHUNK = 1 << 16
@@ -83,7 +93,7 @@ Track = Callable[[Socket], AbstractAsyncContextManager[Socket]]
 
 @dataclasses.dataclass(frozen=True)
 class Route:
-    kind: str  # list | info | audio | transcript | results | replay | models
+    kind: str  # list | info | audio | transcript | results | replay | models | usage | audit
     sid: str = ""
     fmt: str = ""
     deletable: bool = False  # DELETE is served (on the gateway's info route)
@@ -146,7 +156,8 @@ class SessionsApi:
 
     @staticmethod
     def handles(path: str) -> bool:
-        return path == PREFIX or path.startswith(PREFIX + "/") or path == MODELS_PATH
+        return path == PREFIX or path.startswith(PREFIX + "/") or path in (
+            MODELS_PATH, USAGE_PATH, AUDIT_PATH)
 
     def route(self, path: str) -> Route:
         """The one parse of a ``/v1/sessions...`` path: admission (caps, tokens) and dispatch
@@ -154,6 +165,10 @@ class SessionsApi:
         too); one trailing slash is the same route."""
         if path == MODELS_PATH:
             return Route("models")
+        if path == USAGE_PATH:
+            return Route("usage")
+        if path == AUDIT_PATH:
+            return Route("audit")
         m = _ROUTE.fullmatch(path)
         if m is None:
             raise NotFound()
@@ -203,12 +218,26 @@ class SessionsApi:
             await self.websocket(ws, principal, route, query)
         return ws.ws
 
-    async def authorize(self, principal: Principal, sid: str) -> None:
-        """Forbidden unless the principal may read this session (tokens: their own)."""
-        if principal.kind == "token":
-            owner, _ = await self.records.owner(sid)
-            if not principal.may_read(owner):
-                raise token_forbidden()
+    async def authorize(self, principal: Principal, sid: str) -> str:
+        """The session's tenant, when the principal may read the session: SessionNotFound
+        when it does not exist or is another tenant's (the same answer), Forbidden for a
+        token and a session of its tenant it did not open."""
+        owner, _, tenant = await self.records.owner(sid)
+        if not principal.sees(tenant):
+            raise SessionNotFound()
+        if not principal.may_read(owner):
+            raise token_forbidden()
+        return tenant
+
+    async def audit(self, principal: Principal, action: str, tenant: str, target: str,
+                    **detail: object) -> None:
+        """An administrative action in the audit trail (``common/tenants.py``); a Redis
+        that cannot take it is logged, not the caller's failure."""
+        try:
+            await tenants.audit(self.records.redis, self.settings.audit_retention_s, action,
+                                principal.owner, principal.tenant, tenant, target, **detail)
+        except (*REDIS_DOWN, ResponseError) as exc:  # down, or a user without XADD
+            log.warning("audit: %s of %s not recorded: %r", action, target, exc)
 
     async def websocket(self, ws: Socket, principal: Principal, route: Route,
                         query: dict[str, list[str]]) -> None:
@@ -223,9 +252,14 @@ class SessionsApi:
             elif route.kind == "replay" and self.replay is not None:
                 sid = check_session_id(route.sid)
                 replay_params = ReplayParams.parse(query, self.replay.allowed_models)
-                await self.authorize(principal, sid)
+                tenant = await self.authorize(principal, sid)
+
+                async def started(replay: str) -> None:
+                    await self.audit(principal, "session_replayed", tenant, sid,
+                                     replay=replay)
+
                 await Replay(self.records, self.blocking, self.replay, ws, sid,
-                             replay_params, principal, self.inbound()).run()
+                             replay_params, principal, self.inbound(), started).run()
             else:
                 raise NotFound()
         except (SttError, *REDIS_DOWN) as exc:
@@ -250,14 +284,19 @@ class SessionsApi:
         if route.kind == "list":
             if principal.kind == "token":
                 raise token_forbidden()
-            return await self._list(query)
+            return await self._list(query, principal)
         if route.kind == "models":
             return json_response(http.HTTPStatus.OK, await self.models.listing())
+        if route.kind == "usage":
+            return await self._usage(query, principal)
+        if route.kind == "audit":
+            return await self._audit(query, principal)
         sid = check_session_id(route.sid)
-        await self.authorize(principal, sid)
+        tenant = await self.authorize(principal, sid)
         if route.deletable and request.method == "DELETE":
             await self.records.delete(sid)
             log.info("session %s: deleted (by %s)", sid, principal.kind)
+            await self.audit(principal, "session_deleted", tenant, sid)
             return web.Response(status=http.HTTPStatus.NO_CONTENT,
                                 headers={"Cache-Control": "no-store"})
         if route.kind == "info":
@@ -265,12 +304,60 @@ class SessionsApi:
             info["counts"] = await self.records.result_counts(sid)
             return json_response(http.HTTPStatus.OK, info)
         if route.kind == "transcript":
-            return await self._transcript(sid, route.fmt)
+            response = await self._transcript(sid, route.fmt)
+            if request.method == "GET":
+                await self.audit(principal, "session_exported", tenant, sid,
+                                 format=route.fmt)
+            return response
         if route.kind == "audio":
-            return await self._audio(request, sid, query)
+            streamed = await self._audio(request, sid, query)
+            if request.method == "GET":
+                await self.audit(principal, "session_exported", tenant, sid, format="wav")
+            return streamed
         raise NotFound()
 
-    async def _list(self, query: dict[str, list[str]]) -> web.Response:
+    async def _usage(self, query: dict[str, list[str]], principal: Principal) -> web.Response:
+        """``GET /v1/usage?from=YYYY-MM-DD&to=YYYY-MM-DD`` (UTC days, both default to today):
+        the caller's tenant's usage; an admin's: every tenant's, or ``tenant=``'s."""
+        if principal.kind == "token":
+            raise Forbidden("usage needs an API key")
+        today = tenants.day_of(time.time())
+        try:
+            days = tenants.day_range(one(query, "from") or today,
+                                     one(query, "to") or one(query, "from") or today,
+                                     self.settings.usage_max_days)
+        except ValueError as exc:
+            raise BadRequest(f"from and to are days (YYYY-MM-DD): {exc}") from None
+        asked = one(query, "tenant")
+        if principal.admin or principal.kind == "anonymous":
+            if asked:
+                names = [asked]
+            else:
+                names = sorted({t.decode() for t in
+                                await self.records.redis.smembers(keys.TENANTS)}
+                               | {DEFAULT_TENANT})
+        elif asked and asked != principal.tenant:
+            raise Forbidden("a key reads its own tenant's usage")
+        else:
+            names = [principal.tenant]
+        rows = await tenants.read_usage(self.records.redis, names, days, TARGET_RATE)
+        return json_response(http.HTTPStatus.OK, {"usage": rows, "from": days[0],
+                                                  "to": days[-1]})
+
+    async def _audit(self, query: dict[str, list[str]], principal: Principal) -> web.Response:
+        """``GET /v1/audit?after=<id>&limit=N&tenant=T``: admins only."""
+        if not (principal.admin or principal.kind == "anonymous"):
+            raise Forbidden("the audit trail is for admin keys")
+        after = one(query, "after") or "0-0"
+        if not re.fullmatch(r"\d{1,20}-\d{1,20}", after):
+            raise BadRequest("after is an entry id (ms-seq)")
+        limit = int_param(query, "limit", min(100, self.settings.audit_page_max), 1,
+                          self.settings.audit_page_max)
+        entries, last = await tenants.read_audit(self.records.redis, after, limit,
+                                                 one(query, "tenant") or None)
+        return json_response(http.HTTPStatus.OK, {"entries": entries, "next_after": last})
+
+    async def _list(self, query: dict[str, list[str]], principal: Principal) -> web.Response:
         limit = int_param(query, "limit", min(50, self.settings.list_max), 1,
                           self.settings.list_max)
         before = float_param(query, "before", None, 0.0, 1e12)
@@ -278,7 +365,9 @@ class SessionsApi:
         if state not in (None, "active", "closed"):
             raise BadRequest("state must be active or closed")
         sessions, next_before = await self.records.list_sessions(
-            limit, before, state, self.settings.list_max_scan)
+            limit, before, state, self.settings.list_max_scan,
+            tenant=None if principal.admin or principal.kind == "anonymous"
+            else principal.tenant)
         return json_response(http.HTTPStatus.OK, {
             "sessions": [s.to_dict() for s in sessions], "next_before": next_before})
 

@@ -239,6 +239,23 @@ def cmd_models(args: argparse.Namespace) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
+def cmd_usage(args: argparse.Namespace) -> None:
+    """Audio seconds received and transcribed by tenant, model and day (``GET /v1/usage``:
+    the key's tenant; an admin key's, every tenant's or ``--tenant``'s)."""
+    body = get_json(f"{http_base(args.url)}/v1/usage" + _query(
+        {"from": args.start, "to": args.end, "tenant": args.tenant}), auth_headers(args))
+    if args.json:
+        print(json.dumps(body, indent=1))
+        return
+    rows = [("DAY", "TENANT", "MODEL", "RECEIVED", "TRANSCRIBED")]
+    for u in body["usage"]:
+        rows.append((u["day"], u["tenant"], u["model"], f"{u['received_s']:.1f}s",
+                     f"{u['transcribed_s']:.1f}s"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
 def cmd_delete(args: argparse.Namespace) -> None:
     """Remove a session: its audio, results, record and listing entry (a live one ends)."""
     with http_get(session_url(http_base(args.url), args.id), headers=auth_headers(args),
@@ -445,6 +462,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", parents=[common], help="the models workers serve now")
     p.add_argument("--json", action="store_true", help="print the server's JSON")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("usage", parents=[common],
+                       help="audio received and transcribed by tenant, model and day")
+    p.add_argument("--from", dest="start", default=None, help="first day, YYYY-MM-DD (today)")
+    p.add_argument("--to", dest="end", default=None, help="last day, YYYY-MM-DD (--from)")
+    p.add_argument("--tenant", default=None, help="one tenant's (admin keys)")
+    p.add_argument("--json", action="store_true", help="print the server's JSON")
+    p.set_defaults(func=cmd_usage)
 
     p = sub.add_parser("delete", parents=[common],
                        help="delete a session: its audio, results and record")

@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import redis.asyncio as aioredis
 
@@ -28,7 +28,14 @@ from common import errors
 from common.audio import TARGET_RATE
 from common.auth import ANONYMOUS, Principal
 from common.backoff import until_up
-from common.errors import BadRequest, Overloaded, SessionActive, StorageUnavailable, SttError
+from common.errors import (
+    BadRequest,
+    Overloaded,
+    QuotaExceeded,
+    SessionActive,
+    StorageUnavailable,
+    SttError,
+)
 from common.messages import AudioEntry, AudioFrame, AudioMarker, Closed, ReplayStarted, to_json
 from common.ratelimit import MessageLimits
 from common.redis_client import REDIS_DOWN
@@ -36,6 +43,7 @@ from common.sessions import Sessions, audio_end
 from common.settings import GatewaySettings
 from common.streams import follow_results
 from common.tasks import stop_tasks
+from common.tenants import AudioQuota, Quotas, seconds_to_midnight, tenant_quotas
 from common.web import (
     Socket,
     SocketClosed,
@@ -109,12 +117,17 @@ class ReplayConfig:
     block_ms: int
     #: The model names a replay's ``?model=`` may pick (comma-separated); None: any name.
     allowed_models: str | None = None
+    #: tenants' quotas where a tenant has none of its own: a replay's audio counts in the
+    #: audio its tenant may have transcribed a day
+    quotas: Quotas = dataclasses.field(default_factory=Quotas)
 
     @classmethod
     def for_gateway(cls, settings: GatewaySettings) -> ReplayConfig:
         return cls(max_backlog=settings.max_backlog, heartbeat_s=settings.heartbeat_s,
                    block_ms=settings.redis_block_ms,
-                   allowed_models=replay_allowlist(settings))
+                   allowed_models=replay_allowlist(settings),
+                   quotas=Quotas(settings.tenant_max_sessions,
+                                 settings.tenant_audio_hours_per_day))
 
 
 def replay_allowlist(settings: GatewaySettings) -> str:
@@ -135,8 +148,12 @@ class Replay:
 
     def __init__(self, records: Sessions, blocking: aioredis.Redis, config: ReplayConfig,
                  ws: Socket, original: str, params: ReplayParams,
-                 principal: Principal = ANONYMOUS, inbound: MessageLimits | None = None) -> None:
+                 principal: Principal = ANONYMOUS, inbound: MessageLimits | None = None,
+                 on_started: Callable[[str], Awaitable[None]] | None = None) -> None:
+        """``on_started``: called with the new session's id once it exists (the audit
+        trail)."""
         self.records = records
+        self.on_started = on_started
         self.blocking = blocking
         self.config = config
         self.ws = ws
@@ -155,6 +172,8 @@ class Replay:
             return
         log.info("session %s: replay of %s (%s, model %r)", self.sid, self.original,
                  self.params.speed, started.model)
+        if self.on_started is not None:
+            await self.on_started(self.sid)
         copy = asyncio.create_task(self._copy(), name=f"replay-copy-{self.sid}")
         deliver = asyncio.create_task(self._deliver(), name=f"replay-deliver-{self.sid}")
         incoming = asyncio.create_task(read_controls(self.ws, self.stop, self.inbound))
@@ -194,6 +213,7 @@ class Replay:
         language = p.language if p.language is not None else meta.language
         interim = p.interim_results if p.interim_results is not None else meta.interim
         info = await self.records.info(self.original)
+        await self._take_quota(await self.records.audio_samples(self.original))
         await self.records.create_replay(self.sid, self.original, {
             "encoding": "pcm_s16le", "sample_rate": TARGET_RATE,
             # a multichannel session's replay transcribes the same channels apart
@@ -202,11 +222,26 @@ class Replay:
             "language": language, "interim": "1" if interim else "0", "model": model,
             "replay_speed": p.speed,
             "principal": self.principal.owner, "account": self.principal.account,
+            "tenant": self.principal.tenant,
         })
         return ReplayStarted(session_id=self.sid, replay_of=self.original, model=model,
                              language=language or "en", interim_results=interim,
                              speed=p.speed, duration=info.duration,
                              channels=meta.channels if meta.multichannel else 1)
+
+    async def _take_quota(self, samples: int) -> None:
+        """A replay takes the recording's whole length from its tenant's audio for the day
+        at once: QuotaExceeded (nothing replayed) when it does not fit."""
+        redis = self.records.redis
+        quotas = await tenant_quotas(redis, self.principal.tenant, self.config.quotas)
+        if quotas.audio_hours_per_day <= 0 or samples <= 0:
+            return
+        quota = AudioQuota(redis, self.principal.tenant,
+                           round(quotas.audio_hours_per_day * 3600 * TARGET_RATE), samples)
+        if not await quota.take(samples):
+            await quota.give_back()
+            raise QuotaExceeded("this recording does not fit in this tenant's audio for the "
+                                "day", seconds_to_midnight(time.time()))
 
     async def _deliver(self) -> None:
         async for _id, result in follow_results(

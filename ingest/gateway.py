@@ -64,7 +64,7 @@ from common.web import (
     target,
     wants_websocket,
 )
-from fanout.api import MODELS_PATH, PREFIX, SessionsApi
+from fanout.api import AUDIT_PATH, MODELS_PATH, PREFIX, USAGE_PATH, SessionsApi
 from ingest.dialects import openai, twilio
 from ingest.dialects.deepgram import DeepgramDialect
 from ingest.listen import Dialect, ListenDeps, ListenSession, NativeDialect, send_wire_error
@@ -155,6 +155,8 @@ class Gateway:
             web.route("*", REVOKE_PATH, self._token),
             web.route("*", PREFIX + "{tail:(?:/.*)?}", self._sessions),
             web.route("*", MODELS_PATH, self._sessions),
+            web.route("*", USAGE_PATH, self._sessions),
+            web.route("*", AUDIT_PATH, self._sessions),
             *health_routes(self.metrics.registry, redis_ready(self.probe),
                            self._refresh_queued),
             web.get("/{path:.*}", self._static),
@@ -381,9 +383,9 @@ class Gateway:
                                   s.max_session_s)
         assert expires_in is not None and max_session is not None
         token, claims = self.guard.tokens.mint(principal.account or "anonymous", expires_in,
-                                               max_session)
-        log.info("minted a session token for key %s (expires in %.0f s, sessions up to %.0f s)",
-                 claims.sub, expires_in, max_session)
+                                               max_session, tenant=principal.tenant)
+        log.info("minted a session token for key %s of tenant %s (expires in %.0f s, sessions "
+                 "up to %.0f s)", claims.sub, claims.tenant, expires_in, max_session)
         return json_response(http.HTTPStatus.OK, {
             "token": token, "expires_at": claims.exp, "max_session_s": claims.max_session_s})
 

@@ -37,6 +37,7 @@ from common.codecs import DecoderSlots
 from common.delivery import ResultQueue
 from common.errors import (
     Forbidden,
+    QuotaExceeded,
     SessionClosed,
     SessionNotFound,
     SessionTaken,
@@ -59,6 +60,7 @@ from common.sessions import Sessions
 from common.settings import GatewaySettings
 from common.streams import follow_results
 from common.tasks import stop_task
+from common.tenants import RECEIVED, AudioQuota, Quotas, Usage, seconds_to_midnight, tenant_quotas
 from common.web import Socket, SocketClosed, client_error, error_response
 from ingest.limits import SessionClock
 from ingest.listen_core import ListenCore, ListenLimits, ListenParams, Received, native_control
@@ -241,6 +243,11 @@ class ListenSession:
         #: the model that transcribes it: the one asked for (model=, or the default), or a
         #: resumed session's own (only workers serving that name take it)
         self.model = params.model or deps.settings.model_name
+        #: whose usage and quota its audio counts in (a resumed session's own)
+        self.tenant = principal.tenant
+        self.quota: AudioQuota | None = None  # the tenant's audio per day, when it has one
+        self.usage = Usage(deps.store.redis, self.settings.usage_retention_days)
+        self._usage_at = 0.0  # monotonic time of the last usage report
 
     @property
     def samples_sent(self) -> int:
@@ -308,6 +315,11 @@ class ListenSession:
                 self.deps.monitor.unwatch(self)
                 await stop_task(delivery)
             await self._settle(clean, known=announced or resumed)
+            with contextlib.suppress(Exception):
+                await self._report_usage(last=True)
+            if self.quota is not None:
+                with contextlib.suppress(Exception):
+                    await self.quota.give_back()
             log.info("session %s: socket done (%d samples)", self.sid, self.samples_sent)
 
     def taken(self) -> None:
@@ -441,6 +453,7 @@ class ListenSession:
                 "model": self.model,
                 "principal": self.principal.owner,
                 "account": self.principal.account,
+                "tenant": self.principal.tenant,
                 # whose share of transcriber slots it counts in when it has no API key
                 "address": address_bucket(self.deps.guard.request_ip(self.ws.request)),
                 "deadline": f"{deadline:.3f}",
@@ -448,6 +461,8 @@ class ListenSession:
             resumed = False
         else:
             access = await self.store.access(self.sid)
+            if not self.principal.sees(access.tenant):  # as if it did not exist
+                raise SessionNotFound()
             if not self.principal.may_write(access.owner, access.account):
                 raise Forbidden("this session belongs to someone else")
             deadline = access.deadline if access.deadline is not None \
@@ -459,11 +474,18 @@ class ListenSession:
                     "a resumed session keeps its channels: send multichannel and channels "
                     "as when it was opened")
             attached = await self.store.attach(self.sid)
+            self.tenant = access.tenant
             self.generation = attached.generation
             self.model = attached.meta.model or self.model
             self.core.resume(attached.samples, attached.entry_seq, attached.ended)
             resumed = True
         self.core.set_deadline(time.monotonic() + (deadline - time.time()))
+        quotas = await tenant_quotas(self.store.redis, self.tenant, Quotas(
+            self.settings.tenant_max_sessions, self.settings.tenant_audio_hours_per_day))
+        if quotas.audio_hours_per_day > 0:
+            self.quota = AudioQuota(self.store.redis, self.tenant,
+                                    round(quotas.audio_hours_per_day * 3600 * TARGET_RATE),
+                                    round(self.settings.quota_grant_s * TARGET_RATE))
         self.writer = AudioWriter(self.deps.flusher, self.sid, self.generation,
                                   int(self.settings.outage_buffer_s * TARGET_RATE),
                                   self.settings.storage_full_grace_s)
@@ -505,11 +527,41 @@ class ListenSession:
                     for one in native if isinstance(native, list) else (native,):
                         received = self.core.receive(one, time.monotonic())
                         self.wire.received(message, received)
+                        fits = await self._take_quota(received.seconds)
                         await self._put(received.entries, received.seconds)
+                        await self._report_usage()
+                        if not fits:  # this message is stored: a session ends within one
+                            raise QuotaExceeded("this tenant's audio for the day is spent",
+                                                seconds_to_midnight(time.time()))
                         if received.closed:
                             return True
         except TimeoutError:
             raise self.core.expired(time.monotonic()) from None
+
+    async def _take_quota(self, seconds: float) -> bool:
+        """Whether this much audio fits in its tenant's audio for the day. The message that
+        does not fit is still stored (its entries are numbered already), then the session
+        ends with QuotaExceeded, which drains it: its finals, then the error."""
+        if self.quota is None or seconds <= 0:
+            return True
+        return await self.quota.take(round(seconds * TARGET_RATE))
+
+    async def _report_usage(self, last: bool = False) -> None:
+        """The session's audio received so far, counted in its tenant's usage by position
+        (every ``usage_report_s``, and ``last`` as its socket ends)."""
+        now = time.monotonic()
+        if not last and now - self._usage_at < self.settings.usage_report_s:
+            return
+        self._usage_at = now
+        try:
+            added = await self.usage.report(self.tenant, self.sid, RECEIVED, self.model,
+                                            self.core.samples_sent)
+        except REDIS_DOWN as exc:  # the next report counts it
+            log.warning("session %s: usage report failed: %r", self.sid, exc)
+            return
+        if added:
+            self.deps.metrics.usage_seconds.labels(self.tenant, self.model, RECEIVED).inc(
+                added / TARGET_RATE)
 
     async def _replies(self) -> None:
         """What the wire answers the client's last message with, if it answers any (a

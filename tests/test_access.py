@@ -61,6 +61,7 @@ def request(path: str, ip: str, headers: list[tuple[str, str]] | None = None,
 def guard(**limits: float) -> AccessGuard:
     settings = AccessSettings(auth="required",
                               api_keys=f"app={hash_key(KEY)},other={hash_key(OTHER)}",
+                              api_key_store="off",  # keys kept in Redis: test_tenants.py
                               **limits)  # type: ignore[arg-type]
     return AccessGuard(settings, aioredis.Redis())  # never connects: no caps, no tokens
 

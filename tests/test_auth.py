@@ -14,7 +14,16 @@ from contextlib import redirect_stdout
 
 import pytest
 
-from common.auth import ApiKeys, TokenSigner, hash_key, key_principal, main, new_key
+from common.auth import (
+    DEFAULT_TENANT,
+    ApiKeys,
+    KeyRecord,
+    TokenSigner,
+    hash_key,
+    key_principal,
+    main,
+    new_key,
+)
 from common.errors import Unauthorized
 
 SECRET = "s" * 40
@@ -23,8 +32,8 @@ SECRET = "s" * 40
 def test_api_keys_are_matched_by_hash_and_named() -> None:
     a, b = new_key(), new_key()
     keys = ApiKeys(f"alice={hash_key(a)}, {hash_key(b)}")
-    assert keys.lookup(a) == "alice"
-    assert keys.lookup(b) == hash_key(b).removeprefix("sha256:")[:8]
+    assert keys.lookup(a) == KeyRecord("alice", DEFAULT_TENANT, ())
+    assert keys.lookup(b).name == hash_key(b).removeprefix("sha256:")[:8]
     assert keys.lookup(a + "x") is None
     assert keys.lookup("") is None
     assert keys.lookup("x" * 10_000) is None
@@ -32,6 +41,8 @@ def test_api_keys_are_matched_by_hash_and_named() -> None:
 
 @pytest.mark.parametrize("config", [
     "alice=md5:abcd", "alice=sha256:xyz", "bad name=sha256:" + "0" * 64,
+    f"a=sha256:{'0' * 64};tenant=bad name", f"a=sha256:{'0' * 64};scopes=root",
+    f"a=sha256:{'0' * 64};owner=x",
     f"a=sha256:{'0' * 64},a=sha256:{'1' * 64}", "stt_plaintextkeyinsteadofahash",
 ])
 def test_bad_api_key_config_is_refused_at_startup(config: str) -> None:
@@ -110,4 +121,40 @@ def test_new_key_command_prints_a_key_and_its_entry() -> None:
     lines = out.getvalue().splitlines()
     key = lines[0].rsplit(" ", 1)[1]
     entry = lines[1].rsplit(" ", 1)[1]
-    assert ApiKeys(entry).lookup(key) == "web"
+    assert ApiKeys(entry).lookup(key).name == "web"
+
+
+def test_api_keys_carry_their_tenant_and_scopes() -> None:
+    a, b, c = new_key(), new_key(), new_key()
+    keys = ApiKeys(f"alice={hash_key(a)};tenant=acme, ops={hash_key(b)};scopes=admin;"
+                   f"tenant=root, old={hash_key(c)}")
+    assert keys.lookup(a) == KeyRecord("alice", "acme", ())
+    assert keys.lookup(b) == KeyRecord("ops", "root", ("admin",))
+    assert keys.lookup(c) == KeyRecord("old", DEFAULT_TENANT, ())  # as before tenants
+    alice, ops = key_principal(keys.lookup(a)), key_principal(keys.lookup(b))
+    assert alice.tenant == "acme" and not alice.admin
+    assert ops.admin and ops.sees("acme") and ops.sees("anyone")
+    assert alice.sees("acme") and not alice.sees("beta") and not alice.sees("")
+    assert key_principal(keys.lookup(c)).sees("")  # a session older than tenants
+
+
+def test_tokens_carry_their_minting_keys_tenant() -> None:
+    signer = TokenSigner(SECRET)
+    token, _ = signer.mint("alice", 60, 300, tenant="acme")
+    assert signer.verify(token).tenant == "acme"
+    principal = signer.verify(token).principal()
+    assert principal.tenant == "acme" and not principal.admin
+    assert principal.sees("acme") and not principal.sees("beta")
+    plain, _ = signer.mint("bob", 60, 300)  # the default tenant: claims as before tenants
+    assert "t" not in json.loads(base64.urlsafe_b64decode(plain.split(".")[1] + "=="))
+    assert signer.verify(plain).tenant == DEFAULT_TENANT
+
+
+def test_new_key_command_names_a_tenant_and_scopes() -> None:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        main(["new-key", "--name", "ops", "--tenant", "root", "--scopes", "admin"])
+    lines = out.getvalue().splitlines()
+    key, entry = lines[0].rsplit(" ", 1)[1], lines[1].rsplit(" ", 1)[1]
+    assert entry.endswith(";tenant=root;scopes=admin")
+    assert ApiKeys(entry).lookup(key) == KeyRecord("ops", "root", ("admin",))

@@ -21,12 +21,14 @@ import numpy as np
 import redis.asyncio as aioredis
 
 from common import keys
+from common.auth import DEFAULT_TENANT
 from common.backoff import until_up
 from common.messages import AudioFrame, AudioMarker, Closed, Partial, unpack_audio_entry
 from common.metrics import WorkerMetrics
 from common.session_meta import ChannelPoint, SessionMeta
 from common.settings import TranscriberSettings
 from common.streams import Entry, read_stream
+from common.tenants import RECEIVED, TRANSCRIBED, Usage
 from transcriber.channels import ChannelCores, ChannelPartials
 from transcriber.commit import CLIENT_BACK, SessionWriter, unpack_stable
 from transcriber.config import stream_config
@@ -151,8 +153,17 @@ class SessionPump:
     """Reads one session's audio stream from its cursor and publishes what the core emits."""
 
     def __init__(self, host: Host, lease: Lease, core: StreamingTranscriber | ChannelCores,
-                 writer: SessionWriter, cursor: str) -> None:
+                 writer: SessionWriter, cursor: str, tenant: str = "",
+                 model: str = keys.DEFAULT_MODEL, replay: bool = False) -> None:
         self.host = host
+        #: whose usage its audio counts in, under which model; a replay's audio was not
+        #: received from a client
+        self.tenant = tenant or DEFAULT_TENANT
+        self.model = model
+        self.replay = replay
+        self.usage = Usage(writer.redis, host.settings.usage_retention_days) \
+            if writer is not None else None
+        self._usage_at = 0.0  # monotonic time of the last usage report
         self.settings = host.settings
         self.metrics = host.metrics
         self.lease = lease
@@ -288,6 +299,23 @@ class SessionPump:
                          detach=True)
         self.metrics.audio_seconds.inc(len(pcm) / RATE)
         await with_retry(self.sid, "progress", lambda: self.writer.progress(self.core.position))
+        now = time.monotonic()
+        if now - self._usage_at >= self.settings.usage_report_s:
+            self._usage_at = now
+            await self._report_usage(self.core.position)
+
+    async def _report_usage(self, position: int, kind: str = TRANSCRIBED) -> None:
+        """The session's audio transcribed (or ``kind``) up to ``position`` (samples),
+        counted by position in its tenant's usage, after the fenced write that says this
+        epoch still owns it (progress, close): a position counted before, by this worker,
+        a failed one or the gateway, adds nothing."""
+        usage = self.usage
+        if usage is None:
+            return
+        added = await with_retry(self.sid, "usage", lambda: usage.report(
+            self.tenant, self.sid, kind, self.model, position))
+        if added:
+            self.metrics.usage_seconds.labels(self.tenant, self.model, kind).inc(added / RATE)
 
     def _short_finals(self) -> None:
         """Before a final: short-context while other sessions' decodes wait."""
@@ -407,3 +435,6 @@ class SessionPump:
             closed, self.settings.retention_s, idle_ms, self.cursor))
         if seq == CLIENT_BACK:
             raise HandBack("the client came back while it was closed as idle")
+        await self._report_usage(marker.offset)
+        if not self.replay:  # the whole stream was received: exact even when the gateway
+            await self._report_usage(marker.offset, RECEIVED)  # died before its last report

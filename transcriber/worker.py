@@ -406,7 +406,9 @@ class Worker:
         log.info("session %s: started (epoch %d, from sample %d%s)", sid, epoch,
                  core.position, f", {meta.channels} channels" if meta.multichannel else "")
         try:
-            await SessionPump(self, lease, core, writer, meta.resume_id or "0-0").run()
+            await SessionPump(self, lease, core, writer, meta.resume_id or "0-0",
+                              tenant=meta.tenant, model=meta.model or self.model_name,
+                              replay=bool(meta.replay_of)).run()
             await self._finish(lease)
             log.info("session %s: closed", sid)
             if not meta.multichannel:  # the codecs compact mono audio

@@ -47,6 +47,7 @@ from common.errors import (
     InvalidMessage,
     MessageTooBig,
     Overloaded,
+    QuotaExceeded,
     SttError,
     UnsupportedAudio,
 )
@@ -60,6 +61,14 @@ from common.messages import (
     Partial,
     Result,
     SessionStarted,
+)
+from common.tenants import (
+    RECEIVED,
+    AudioQuota,
+    Quotas,
+    Usage,
+    seconds_to_midnight,
+    tenant_quotas,
 )
 from common.web import Socket, SocketClosed, client_error, error_response, language_param, one
 from fanout.formats import to_srt, to_vtt
@@ -640,6 +649,22 @@ def upload_entries(pcm: np.ndarray) -> list[AudioEntry]:
     return entries
 
 
+async def take_upload_quota(deps: ListenDeps, tenant: str, samples: int) -> None:
+    """An upload takes its whole length from its tenant's audio for the day at once
+    (QuotaExceeded, 429, when that does not fit: nothing is transcribed)."""
+    s = deps.settings
+    quotas = await tenant_quotas(deps.store.redis, tenant, Quotas(
+        s.tenant_max_sessions, s.tenant_audio_hours_per_day))
+    if quotas.audio_hours_per_day <= 0:
+        return
+    quota = AudioQuota(deps.store.redis, tenant,
+                       round(quotas.audio_hours_per_day * 3600 * TARGET_RATE), samples)
+    if not await quota.take(samples):
+        await quota.give_back()  # what it could take of a file that does not fit
+        raise QuotaExceeded("this upload does not fit in this tenant's audio for the day",
+                            seconds_to_midnight(time.time()))
+
+
 async def transcribe_upload(deps: ListenDeps, upload: Upload, principal: Any, sid: str,
                             address: str) -> tuple[list[Final], float]:
     """Decode ``upload``, write it as session ``sid``'s whole audio stream, and wait for the
@@ -653,16 +678,23 @@ async def transcribe_upload(deps: ListenDeps, upload: Upload, principal: Any, si
     duration = len(pcm) / TARGET_RATE
     if await deps.store.backlog(s.model_name) >= s.max_backlog:
         raise Overloaded("all transcribers are busy; try again later")
+    await take_upload_quota(deps, principal.tenant, len(pcm))
     await deps.store.create(sid, {
         "encoding": "pcm_s16le", "sample_rate": TARGET_RATE, "channels": 1,
         "language": upload.language or "", "interim": "0", "model": s.model_name,
         "principal": principal.owner, "account": principal.account, "address": address,
+        "tenant": principal.tenant,
         "deadline": f"{time.time() + longest:.3f}",
     })
     entries = upload_entries(pcm)
     for i in range(0, len(entries), UPLOAD_BATCH):
         await deps.store.append(sid, 1, entries[i:i + UPLOAD_BATCH])
     deps.metrics.audio_seconds.inc(duration)
+    added = await Usage(deps.store.redis, s.usage_retention_days).report(
+        principal.tenant, sid, RECEIVED, s.model_name, len(pcm))
+    if added:
+        deps.metrics.usage_seconds.labels(principal.tenant, s.model_name, RECEIVED).inc(
+            added / TARGET_RATE)
     finals: list[Final] = []
     async with asyncio.timeout(s.close_drain_timeout_s + duration):
         async for _id, result in follow_results(deps.blocking, sid, "0-0",
