@@ -82,7 +82,9 @@ class StreamResult:
 def listen_url(base: str, **params: Any) -> str:
     query = {k: (str(v).lower() if isinstance(v, bool) else v)
              for k, v in params.items() if v is not None}
-    return f"{base.rstrip('/')}/v1/listen" + (f"?{urlencode(query)}" if query else "")
+    # a list is a repeated parameter (keyterm=a&keyterm=b)
+    return f"{base.rstrip('/')}/v1/listen" + \
+        (f"?{urlencode(query, doseq=True)}" if query else "")
 
 
 #: Close codes after which a dropped session is resumed (``reconnects``): the socket was

@@ -9,6 +9,7 @@ picking fields out of a dict of bytes.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from typing import Any, get_type_hints
 
@@ -31,6 +32,8 @@ class SessionMeta:
     language: str = ""
     interim: bool = True
     model: str = ""
+    keyterms: str = ""  # JSON list: words decoding should expect (keyterm=)
+    user_prompt: str = ""  # the client's context for decoding (prompt=)
     deadline: float = 0.0  # unix time (gateway clock) the session must end by; 0 = none
     replay_of: str = ""
     # who created it
@@ -59,6 +62,14 @@ class SessionMeta:
     @property
     def closed(self) -> bool:
         return self.state == CLOSED
+
+    @property
+    def keyterm_list(self) -> list[str]:
+        try:
+            terms = json.loads(self.keyterms) if self.keyterms else []
+        except ValueError:
+            return []
+        return [str(t) for t in terms] if isinstance(terms, list) else []
 
     @classmethod
     def decode(cls, raw: Mapping[bytes, bytes | None] | Mapping[str, Any]) -> SessionMeta:

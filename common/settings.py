@@ -659,6 +659,9 @@ class InferenceSettings:
     prompt_tokens: int = setting(
         32, "the prompt's last this many tokens are given to Whisper (a fixed count lets "
         "sessions share batches); 0 = no prompt")
+    keyterm_tokens: int = setting(
+        96, "most tokens of a session's keyterm= words and prompt= text put before the "
+        "previous text in Whisper's prompt (keyterms first); 0 = they are ignored")
 
 
 @group("Short-context encoding")

@@ -287,6 +287,30 @@ def language_param(query: Mapping[str, list[str]]) -> str | None:
     return language
 
 
+#: Bounds on what a client may ask decoding to lean toward (``keyterm=``, ``prompt=``): the
+#: decoder keeps at most ``KEYTERM_TOKENS`` tokens of them (transcriber setting) anyway.
+KEYTERMS_MAX = 100
+KEYTERM_MAX_CHARS = 100
+PROMPT_MAX_CHARS = 2000
+
+
+def bias_params(query: Mapping[str, list[str]]) -> tuple[tuple[str, ...], str]:
+    """``keyterm`` (repeatable: names, product words the decoder should expect) and
+    ``prompt`` (free text that sets the context, such as a meeting's topic)."""
+    terms = tuple(t.strip() for t in query.get("keyterm", ()) if t.strip())
+    if len(terms) > KEYTERMS_MAX:
+        raise BadRequest(f"at most {KEYTERMS_MAX} keyterm parameters")
+    for term in terms:
+        if len(term) > KEYTERM_MAX_CHARS or not term.isprintable():
+            raise BadRequest(f"a keyterm must be printable text of at most "
+                             f"{KEYTERM_MAX_CHARS} characters")
+    prompt = (one(query, "prompt") or "").strip()
+    if len(prompt) > PROMPT_MAX_CHARS or not prompt.replace("\n", " ").isprintable():
+        raise BadRequest(f"prompt must be printable text of at most {PROMPT_MAX_CHARS} "
+                         "characters")
+    return terms, prompt
+
+
 def bool_param(query: Mapping[str, list[str]], name: str, default: bool) -> bool:
     value = one(query, name)
     if value is None or value == "":

@@ -348,7 +348,8 @@ def cmd_stream(args: argparse.Namespace) -> None:
         raise CliError(f"--multichannel needs a file of 2 or more channels; {args.file} has 1")
     url = listen_url(ws_base(args.url), sample_rate=rate, channels=channels,
                      language=args.language, interim_results=not args.no_partials,
-                     model=args.model, multichannel=True if args.multichannel else None)
+                     model=args.model, multichannel=True if args.multichannel else None,
+                     keyterm=args.keyterm or None, prompt=args.prompt)
     printer = Printer(args.json)
     try:
         res = asyncio.run(stream(url, msgs, pace=file_pace(args, msgs),
@@ -402,7 +403,8 @@ async def stream_mic(args: argparse.Namespace) -> None:
             loop.add_signal_handler(sig, stop.set)
     printer = Printer(args.json)
     url = listen_url(ws_base(args.url), sample_rate=rate, channels=1, language=args.language,
-                     interim_results=not args.no_partials, model=args.model)
+                     interim_results=not args.no_partials, model=args.model,
+                     keyterm=args.keyterm or None, prompt=args.prompt)
 
     async def send_audio(ws: Any) -> None:
         with sd.RawInputStream(samplerate=rate, channels=1, dtype="int16", device=args.device,
@@ -521,6 +523,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="a model the workers serve (stt models; default: the server's)")
     p.add_argument("--no-partials", action="store_true", help="finals only")
+    p.add_argument("--keyterm", action="append", default=[],
+                   help="a name or word decoding should expect (repeatable)")
+    p.add_argument("--prompt", default=None,
+                   help="context for decoding (a topic, a list of attendees)")
     p.add_argument("--multichannel", action="store_true",
                    help="a file of several channels: each transcribed apart (results "
                         "marked [channel N]), instead of mixed to one")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import time
 import uuid
@@ -47,6 +48,7 @@ from common.tenants import AudioQuota, Quotas, seconds_to_midnight, tenant_quota
 from common.web import (
     Socket,
     SocketClosed,
+    bias_params,
     bool_param,
     language_param,
     one,
@@ -82,6 +84,9 @@ class ReplayParams:
     model: str | None = None  # None: the original session's
     language: str | None = None
     interim_results: bool | None = None
+    #: ``keyterm=``/``prompt=`` for the re-transcription; None: the original session's
+    keyterms: tuple[str, ...] | None = None
+    prompt: str | None = None
 
     @classmethod
     def parse(cls, query: Mapping[str, list[str]],
@@ -105,7 +110,10 @@ class ReplayParams:
         interim = None
         if one(query, "interim_results"):
             interim = bool_param(query, "interim_results", True)
-        return cls(speed, model, language, interim)
+        terms, prompt = bias_params(query)
+        return cls(speed, model, language, interim,
+                   terms if "keyterm" in query else None,
+                   prompt if "prompt" in query else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +228,8 @@ class Replay:
             "channels": meta.channels if meta.multichannel else 1,
             "multichannel": "1" if meta.multichannel else "0",
             "language": language, "interim": "1" if interim else "0", "model": model,
+            "keyterms": meta.keyterms if p.keyterms is None else json.dumps(list(p.keyterms)),
+            "user_prompt": meta.user_prompt if p.prompt is None else p.prompt,
             "replay_speed": p.speed,
             "principal": self.principal.owner, "account": self.principal.account,
             "tenant": self.principal.tenant,

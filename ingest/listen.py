@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import time
 import uuid
@@ -450,6 +451,8 @@ class ListenSession:
                 "multichannel": "1" if self.params.format.multichannel else "0",
                 "language": self.params.language,
                 "interim": "1" if self.params.interim_results else "0",
+                "keyterms": json.dumps(list(self.params.keyterms)),
+                "user_prompt": self.params.prompt,
                 "model": self.model,
                 "principal": self.principal.owner,
                 "account": self.principal.account,

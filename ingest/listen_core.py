@@ -32,7 +32,7 @@ from common.messages import (
 )
 from common.models import check_model_name
 from common.ratelimit import MessageLimits
-from common.web import bool_param, language_param, one
+from common.web import bias_params, bool_param, language_param, one
 from ingest.limits import AudioRate, SessionClock
 
 #: Audio arrival times kept for the time-to-final metric (the newest ones).
@@ -71,6 +71,8 @@ class ListenParams:
             bool_param(query, "multichannel", False))
         self.language = language_param(query) or ""
         self.interim_results = bool_param(query, "interim_results", True)
+        #: words decoding should expect (``keyterm=``, repeatable) and context (``prompt=``)
+        self.keyterms, self.prompt = bias_params(query)
         model = one(query, "model")
         #: the model asked for (None: the default); a resumed session keeps its own
         self.model = check_model_name(model) if model else None

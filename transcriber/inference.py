@@ -110,15 +110,17 @@ class Inference:
                             num_workers=1 if batch > 1 else self.config.lanes,
                             device_index=s.device_index)
 
-    def decoder(self, model: Any, language: str, share: str) -> TimedDecoder:
-        """A session's decoder for ``model``; ``share``: whose decodes (the gate's fairness)."""
+    def decoder(self, model: Any, language: str, share: str,
+                keyterms: Sequence[str] = (), context: str = "") -> TimedDecoder:
+        """A session's decoder for ``model``; ``share``: whose decodes (the gate's fairness);
+        ``keyterms``/``context``: the session's keyterm= and prompt= (``set_bias``)."""
         s = self.settings
-        return TimedDecoder(
-            WhisperDecoder(model, language, s.beam_size, s.partial_beam_size, s.prompt_tokens,
-                           s.encoder_min_frames,
-                           self.config.final_tail_frames,
-                           s.final_retry_probability),
-            self.metrics, self.gate, share)
+        whisper = WhisperDecoder(model, language, s.beam_size, s.partial_beam_size,
+                                 s.prompt_tokens, s.encoder_min_frames,
+                                 self.config.final_tail_frames, s.final_retry_probability)
+        if keyterms or context:
+            whisper.set_bias(keyterms, context, s.keyterm_tokens)
+        return TimedDecoder(whisper, self.metrics, self.gate, share)
 
     @property
     def busy(self) -> int:

@@ -277,6 +277,9 @@ class WhisperDecoder:
         #: different sessions share a batch (CTranslate2 needs equal prompt layouts)
         self.prompt_tokens = prompt_tokens
         self.language = None if language in (None, "", "auto") else language
+        #: the session's keyterm= words and prompt= text as prompt tokens (``set_bias``):
+        #: put before the previous text in every decode but the last-resort one
+        self.bias: list[int] = []
         self.beam_size = beam_size
         self.partial_beam_size = partial_beam_size
         self.temperatures: list[float] = [0.0]
@@ -312,11 +315,12 @@ class WhisperDecoder:
                 self.redos[reason] += 1
                 with encoder_tail(FULL_WINDOW):
                     words = self._decode(audio, prompt, final)
-            if prompt and looks_degenerate(words, len(audio) / 16000):
+            if (prompt or self.bias) and looks_degenerate(words, len(audio) / 16000):
                 # Still looping: the previous text often primes it (after "1. 2." a lone
-                # "three" became "3. 3. 3. 3. 3. 3. 3."); decode once more without it.
+                # "three" became "3. 3. 3. 3. 3. 3. 3."); decode once more without it (and
+                # without the session's keyterms).
                 with encoder_tail(FULL_WINDOW):
-                    words = self._decode(audio, "", final)
+                    words = self._decode(audio, "", final, bias=False)
             elif final and prompt and not words:
                 # The previous text can also make Whisper end at once: after "Montreal
                 # forced a liner." it heard nothing in 3 s of "word, another word, ...",
@@ -355,12 +359,27 @@ class WhisperDecoder:
             return "low_confidence"
         return ""
 
-    def _prompt(self, prompt: str) -> list[int] | None:
-        if not prompt.strip() or self.prompt_tokens <= 0:
-            return None
-        ids: list[int] = self.model.hf_tokenizer.encode(
-            " " + prompt.strip(), add_special_tokens=False).ids
-        return ids[-self.prompt_tokens:]
+    def set_bias(self, keyterms: Sequence[str], context: str, budget: int) -> None:
+        """Lean decoding toward ``keyterms`` (names, product words) and ``context`` (a
+        topic): at most ``budget`` tokens, the keyterms first, then the context's end."""
+        self.bias = []
+        if budget <= 0:
+            return
+        encode = self.model.hf_tokenizer.encode
+        if keyterms:
+            self.bias = encode(" " + ", ".join(keyterms) + ".",
+                               add_special_tokens=False).ids[:budget]
+        room = budget - len(self.bias)
+        if context.strip() and room > 0:
+            self.bias += encode(" " + context.strip(), add_special_tokens=False).ids[-room:]
+
+    def _prompt(self, prompt: str, bias: bool = True) -> list[int] | None:
+        ids: list[int] = []
+        if prompt.strip() and self.prompt_tokens > 0:
+            ids = self.model.hf_tokenizer.encode(
+                " " + prompt.strip(), add_special_tokens=False).ids[-self.prompt_tokens:]
+        ids = (self.bias if bias else []) + ids
+        return ids or None
 
     def _token_budget(self, seconds: float, prompt: list[int] | None) -> int:
         """Tokens one 30 s window may generate: enough for fast speech, far fewer than a
@@ -368,8 +387,9 @@ class WhisperDecoder:
         room = getattr(self.model, "max_length", 448) - len(prompt or ()) - 8
         return max(1, min(int(MAX_TOKENS_PER_S * min(seconds, 30.0)) + 16, room))
 
-    def _decode(self, audio: np.ndarray, prompt: str, final: bool) -> list[Word]:
-        initial_prompt = self._prompt(prompt)
+    def _decode(self, audio: np.ndarray, prompt: str, final: bool,
+                bias: bool = True) -> list[Word]:
+        initial_prompt = self._prompt(prompt, bias)
         segments, _info = self.model.transcribe(
             audio,
             language=self.language,

@@ -392,16 +392,18 @@ class Worker:
         assert self.inference.vad is not None
         language, share = meta.language or self.settings.language, \
             meta.account or meta.principal or sid
+        bias = (meta.keyterm_list, meta.user_prompt)  # keyterm= and prompt=
         core: StreamingTranscriber | ChannelCores
         if meta.multichannel:  # a core per channel: own VAD, decoder state, commit point
             n = meta.channels
             core = channel_cores(sid, meta, channel_points(record, n),
-                                 [self.inference.decoder(model, language, share)
+                                 [self.inference.decoder(model, language, share, *bias)
                                   for _ in range(n)],
                                  [self.inference.vad.stream() for _ in range(n)],
                                  self.settings)
         else:
-            core = session_core(sid, meta, self.inference.decoder(model, language, share),
+            core = session_core(sid, meta,
+                                self.inference.decoder(model, language, share, *bias),
                                 self.inference.vad.stream(), self.settings)
         log.info("session %s: started (epoch %d, from sample %d%s)", sid, epoch,
                  core.position, f", {meta.channels} channels" if meta.multichannel else "")

@@ -8,8 +8,9 @@ spells it Deepgram's way:
 * the query string (``deepgram_params``): ``encoding``/``sample_rate``/``channels`` name the
   audio (no ``encoding``: containerised audio, told apart by its first bytes), ``language``,
   ``interim_results`` (default false, as Deepgram's), ``vad_events``, ``utterance_end_ms``;
-  ``model``, ``endpointing``, ``punctuate``, ``smart_format``, ``keyterm`` and Deepgram's
-  other options are accepted and ignored; ``multichannel=true`` (with an ``encoding`` and
+  ``keyterm`` (repeatable) leans decoding toward those words as the native ``keyterm=``;
+  ``model``, ``endpointing``, ``punctuate``, ``smart_format`` and Deepgram's other options
+  are accepted and ignored; ``multichannel=true`` (with an ``encoding`` and
   ``channels``) transcribes each channel apart, its results carrying ``channel_index``
   ``[i, channels]`` as Deepgram's do.
 * client text: ``KeepAlive``, ``Finalize`` (ends the utterance now; the stream goes on),
@@ -143,6 +144,8 @@ def deepgram_params(query: Mapping[str, list[str]]) -> tuple[ListenParams, Deepg
     }
     if language:
         native["language"] = [language]
+    if query.get("keyterm"):  # Deepgram's keyterm prompting: the native keyterm=
+        native["keyterm"] = list(query["keyterm"])
     params = ListenParams(native)
     params.format = fmt
     return params, DeepgramOptions(interim, vad_events, utterance_end_ms, fmt.channels,

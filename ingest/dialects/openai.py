@@ -70,7 +70,15 @@ from common.tenants import (
     seconds_to_midnight,
     tenant_quotas,
 )
-from common.web import Socket, SocketClosed, client_error, error_response, language_param, one
+from common.web import (
+    PROMPT_MAX_CHARS,
+    Socket,
+    SocketClosed,
+    client_error,
+    error_response,
+    language_param,
+    one,
+)
 from fanout.formats import to_srt, to_vtt
 from ingest.listen import ListenDeps, ListenSession, send_wire_error
 from ingest.listen_core import ListenParams, Received, native_control
@@ -169,6 +177,8 @@ class RealtimeConfig:
         query: dict[str, list[str]] = {"interim_results": ["true"]}
         if self.language:
             query["language"] = [self.language]
+        if self.prompt:  # the transcription prompt: the native prompt=
+            query["prompt"] = [self.prompt[:PROMPT_MAX_CHARS]]
         params = ListenParams(query)
         params.format = self.stream_format()
         return params
@@ -682,6 +692,7 @@ async def transcribe_upload(deps: ListenDeps, upload: Upload, principal: Any, si
     await deps.store.create(sid, {
         "encoding": "pcm_s16le", "sample_rate": TARGET_RATE, "channels": 1,
         "language": upload.language or "", "interim": "0", "model": s.model_name,
+        "user_prompt": upload.prompt[:PROMPT_MAX_CHARS],
         "principal": principal.owner, "account": principal.account, "address": address,
         "tenant": principal.tenant,
         "deadline": f"{time.time() + longest:.3f}",

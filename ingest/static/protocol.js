@@ -53,6 +53,7 @@ export const ERROR_TEXT = Object.freeze({
   overloaded: "All transcribers are busy right now. Please try again in a little while.",
   storage_unavailable: "The server's storage is unavailable. Please try again in a little while.",
   storage_full: "The server's storage is full. Please try again in a little while.",
+  quota_exceeded: "This account has used its transcription allowance for now. Please try again later.",
   model_unavailable: "The requested speech model is not available on this server.",
   too_slow: "This page fell behind reading results.",
   too_many_messages: "The page sent messages faster than the server allows.",
