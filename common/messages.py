@@ -24,11 +24,14 @@ class Word:
     start: float
     end: float
     probability: float
+    #: who said it (``diarize=true``): a session-stable speaker number; None: not diarized
+    speaker: int | None = None
 
     @classmethod
     def from_obj(cls, obj: Any) -> Word:
+        speaker = obj.get("speaker")
         return cls(str(obj["word"]), float(obj["start"]), float(obj["end"]),
-                   float(obj["probability"]))
+                   float(obj["probability"]), None if speaker is None else int(speaker))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +46,8 @@ class Partial:
     start: float
     end: float
     seq: int = 0
+    #: ``diarize=true``: who seems to speak at the partial's end (provisional)
+    speaker: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +62,8 @@ class Final:
     end: float
     words: tuple[Word, ...] = ()
     seq: int = 0
+    #: ``diarize=true``: who said most of it (each word has its own ``speaker``)
+    speaker: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,10 +92,26 @@ Result = Partial | Final | Closed | Warning
 _RESULT_TYPES: dict[str, type[Any]] = {c.TYPE: c for c in (Partial, Final, Closed, Warning)}
 
 
+#: Optional fields a message carries only when they are set: left out while None.
+UNSET_OMITTED: frozenset[str] = frozenset({"speaker"})
+
+
+def _omit_unset(out: dict[str, Any]) -> dict[str, Any]:
+    """Drop the optional fields (``UNSET_OMITTED``) that are None, in words too."""
+    for name in UNSET_OMITTED:
+        if name in out and out[name] is None:
+            del out[name]
+    for word in out.get("words", ()):
+        for name in UNSET_OMITTED:
+            if name in word and word[name] is None:
+                del word[name]
+    return out
+
+
 def result_to_dict(result: Result) -> dict[str, Any]:
     out: dict[str, Any] = {"type": result.TYPE}
     out.update(dataclasses.asdict(result))
-    return out
+    return _omit_unset(out)
 
 
 def result_from_dict(obj: dict[str, Any]) -> Result:
@@ -183,6 +206,7 @@ ServerMessage = Result | SessionStarted | ReplayStarted | ViewerStarted | ErrorM
 def to_json(message: ServerMessage) -> str:
     out: dict[str, Any] = {"type": message.TYPE}
     out.update(dataclasses.asdict(message))
+    _omit_unset(out)
     return json.dumps(out, separators=(",", ":"), ensure_ascii=False)
 
 

@@ -3,9 +3,9 @@
 Each script touches one session's hash-tagged keys (``stt:{sid}:...``) or one global key,
 never both, so every one is legal on Redis Cluster. Field names are those of the session's
 meta hash (``stt:{sid}:meta``): state, epoch, owner, lease_entry, lease_at, attach,
-audio_seq, seq, commit_sample, next_utterance, prompt, resume_id, stable, processed_sample,
-heartbeat, created, duration. Times come from the Redis server's clock (``TIME``), never
-from the machine that runs the script.
+audio_seq, seq, commit_sample, next_utterance, prompt, resume_id, stable, speakers,
+processed_sample, heartbeat, created, duration. Times come from the Redis server's clock
+(``TIME``), never from the machine that runs the script.
 
 Who runs what: the gateway CREATE_SESSION, HEARTBEAT, APPEND_AUDIO, NOTICE, CAP_ACQUIRE,
 DELETE_SESSION (the gateway's sessions API);
@@ -168,7 +168,9 @@ return 0
 
 # A final and its commit point in one step. Idempotent: a final whose utterance
 # is already committed (a retried write whose reply was lost) returns 0.
-# ARGV: epoch, body, commit_sample, next_utterance, prompt, resume_id, utterance, timing
+# ARGV: epoch, body, commit_sample, next_utterance, prompt, resume_id, utterance, timing,
+# and for a session with speaker labels its speakers after this final (packed), so a new
+# owner labels with the same speakers.
 COMMIT = """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return -1 end
 if tonumber(redis.call('HGET', KEYS[1], 'next_utterance') or '0') > tonumber(ARGV[7]) then
@@ -178,6 +180,7 @@ local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('XADD', KEYS[2], '*', 'seq', seq, 'm', ARGV[2], 'epoch', ARGV[1], 't', ARGV[8])
 redis.call('HSET', KEYS[1], 'commit_sample', ARGV[3], 'next_utterance', ARGV[4],
            'prompt', ARGV[5], 'resume_id', ARGV[6])
+if ARGV[9] then redis.call('HSET', KEYS[1], 'speakers', ARGV[9]) end
 redis.call('HDEL', KEYS[1], 'stable')
 return seq
 """

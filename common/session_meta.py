@@ -29,6 +29,7 @@ class SessionMeta:
     channels: int = 1
     language: str = ""
     interim: bool = True
+    diarize: bool = False  # speaker labels on finals and words
     model: str = ""
     deadline: float = 0.0  # unix time (gateway clock) the session must end by; 0 = none
     replay_of: str = ""
@@ -51,6 +52,7 @@ class SessionMeta:
     prompt: str = ""
     resume_id: str = ""
     stable: bytes = b""  # the open utterance's promised words (msgpack)
+    speakers: bytes = b""  # with diarize: the session's speakers (msgpack centroids)
     processed_sample: int = 0
     duration: float = 0.0  # audio seconds, once closed
 

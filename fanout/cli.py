@@ -35,6 +35,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from common.client import listen_url, stream
+from common.messages import Final, Word
+from fanout.formats import speaker_name, turns
 
 DEFAULT_URL = "http://localhost:8765"
 FRAME_S = 0.1  # audio per message when streaming a file or the microphone
@@ -137,6 +139,8 @@ class Printer:
             return
         if kind == "partial":
             text = f"… {msg['text']}"
+            if msg.get("speaker") is not None:  # provisional
+                text = f"{speaker_name(msg['speaker'])}? {text}"
             if self.tty:
                 width = shutil.get_terminal_size().columns - 1
                 self.out.write("\r\033[K" + text[-width:])
@@ -147,7 +151,7 @@ class Printer:
             self._clear_partial()
             if msg.get("text"):
                 self.out.write(f"[{_clock(msg['start'])} - {_clock(msg['end'])}] "
-                               f"{msg['text']}\n")
+                               f"{said(msg)}\n")
         elif kind == "session":
             line = f"session {msg['session_id']}"
             if msg.get("replay_of"):
@@ -167,6 +171,17 @@ class Printer:
         elif kind == "error":
             self._clear_partial()
         self.out.flush()
+
+
+def said(final: dict[str, Any]) -> str:
+    """A final's text; with speaker labels, each speaker's run of words after its name."""
+    if final.get("speaker") is None:
+        return str(final["text"])
+    runs = turns(Final(final.get("session_id", ""), final.get("utterance", 0), final["text"],
+                       final.get("start", 0.0), final.get("end", 0.0),
+                       tuple(Word.from_obj(w) for w in final.get("words", ())),
+                       speaker=final["speaker"]))
+    return " ".join(f"{speaker_name(s)}: {t}" if s is not None else t for s, t in runs)
 
 
 async def watch(url: str, printer: Printer, on_open: Callable[[Any], Any] | None = None,
@@ -326,7 +341,7 @@ def cmd_stream(args: argparse.Namespace) -> None:
     msgs, rate, channels = audio_messages(pcm, rate)
     url = listen_url(ws_base(args.url), sample_rate=rate, channels=channels,
                      language=args.language, interim_results=not args.no_partials,
-                     model=args.model)
+                     model=args.model, diarize=args.diarize or None)
     printer = Printer(args.json)
     try:
         res = asyncio.run(stream(url, msgs, pace=file_pace(args, msgs),
@@ -380,7 +395,8 @@ async def stream_mic(args: argparse.Namespace) -> None:
             loop.add_signal_handler(sig, stop.set)
     printer = Printer(args.json)
     url = listen_url(ws_base(args.url), sample_rate=rate, channels=1, language=args.language,
-                     interim_results=not args.no_partials, model=args.model)
+                     interim_results=not args.no_partials, model=args.model,
+                     diarize=args.diarize or None)
 
     async def send_audio(ws: Any) -> None:
         with sd.RawInputStream(samplerate=rate, channels=1, dtype="int16", device=args.device,
@@ -491,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="a model the workers serve (stt models; default: the server's)")
     p.add_argument("--no-partials", action="store_true", help="finals only")
+    p.add_argument("--diarize", action="store_true",
+                   help="label speakers (diarize=true): each line says who spoke")
     p.add_argument("--json", action="store_true", help="print raw JSON messages")
     p.add_argument("--reconnects", type=int, default=8,
                    help="a file: resume a dropped session this many times, sending again the "

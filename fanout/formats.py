@@ -45,10 +45,34 @@ class Cue:
     start: float
     end: float
     words: tuple[Word, ...]
+    speaker: int | None = None  # with speaker labels: one speaker's words per cue
 
     @property
     def text(self) -> str:
         return " ".join("".join(w.word for w in self.words).split())
+
+
+def speaker_name(speaker: int) -> str:
+    """How exports name a speaker: ``speaker`` 0 is "Speaker 1"."""
+    return f"Speaker {speaker + 1}"
+
+
+def _said_by(speaker: int | None, text: str) -> str:
+    return text if speaker is None else f"{speaker_name(speaker)}: {text}"
+
+
+def turns(final: Final) -> list[tuple[int | None, str]]:
+    """A final's text as (speaker, text) runs: one run unless its words change speaker."""
+    words = [w for w in final.words if w.word.strip()]
+    if not words or all(w.speaker == words[0].speaker for w in words):
+        return [(final.speaker if not words else words[0].speaker, final.text.strip())]
+    out: list[tuple[int | None, list[Word]]] = []
+    for w in words:
+        if out and out[-1][0] == w.speaker:
+            out[-1][1].append(w)
+        else:
+            out.append((w.speaker, [w]))
+    return [(speaker, "".join(w.word for w in run).strip()) for speaker, run in out]
 
 
 def _spoken(finals: Sequence[Final]) -> list[Final]:
@@ -66,7 +90,7 @@ def cues(finals: Sequence[Final]) -> list[Cue]:
         words = [w for w in final.words if w.word.strip()]
         if not words:  # no word timings: one cue for the whole utterance
             out.append(Cue(final.start, max(final.end, final.start),
-                           (Word(final.text, final.start, final.end, 1.0),)))
+                           (Word(final.text, final.start, final.end, 1.0),), final.speaker))
             continue
         group: list[Word] = []
         for word in words:
@@ -74,7 +98,8 @@ def cues(finals: Sequence[Final]) -> list[Cue]:
                 text = "".join(w.word for w in [*group, word]).strip()
                 too_long = len(" ".join(text.split())) > CUE_CHARS
                 too_slow = word.end - group[0].start > CUE_SECONDS
-                if too_long or too_slow:
+                other_speaker = word.speaker != group[0].speaker
+                if too_long or too_slow or other_speaker:
                     out.append(_cue(group))
                     group = []
             group.append(word)
@@ -84,7 +109,7 @@ def cues(finals: Sequence[Final]) -> list[Cue]:
 
 def _cue(words: list[Word]) -> Cue:
     start = words[0].start
-    return Cue(start, max(words[-1].end, start), tuple(words))
+    return Cue(start, max(words[-1].end, start), tuple(words), words[0].speaker)
 
 
 def wrap(text: str, width: int = LINE_CHARS) -> list[str]:
@@ -110,7 +135,7 @@ def _timestamp(seconds: float, sep: str) -> str:
 def to_srt(finals: Sequence[Final]) -> str:
     blocks = []
     for i, cue in enumerate(cues(finals), 1):
-        text = "\n".join(wrap(cue.text.replace("-->", "->")))
+        text = "\n".join(wrap(_said_by(cue.speaker, cue.text.replace("-->", "->"))))
         blocks.append(f"{i}\n{_timestamp(cue.start, ',')} --> {_timestamp(cue.end, ',')}\n"
                       f"{text}\n")
     return "\n".join(blocks)
@@ -124,13 +149,23 @@ def to_vtt(finals: Sequence[Final]) -> str:
     blocks = ["WEBVTT\n"]
     for cue in cues(finals):
         text = "\n".join(_vtt_escape(line) for line in wrap(cue.text))
+        if cue.speaker is not None:  # a voice span: <v Speaker 1>text
+            text = f"<v {speaker_name(cue.speaker)}>{text}"
         blocks.append(f"{_timestamp(cue.start, '.')} --> {_timestamp(cue.end, '.')}\n{text}\n")
     return "\n".join(blocks)
 
 
 def to_text(finals: Sequence[Final]) -> str:
-    """One line per utterance."""
-    return "".join(f"{f.text.strip()}\n" for f in _spoken(finals))
+    """One line per utterance (with speaker labels: per speaker's run, prefixed with it)."""
+    return "".join(f"{_said_by(speaker, text)}\n"
+                   for f in _spoken(finals) for speaker, text in turns(f))
+
+
+def _word_dict(w: Word) -> dict[str, Any]:
+    out = dataclasses.asdict(w)
+    if out.get("speaker") is None:
+        out.pop("speaker", None)
+    return out
 
 
 def to_json(finals: Sequence[Final], info: dict[str, Any]) -> str:
@@ -143,7 +178,8 @@ def to_json(finals: Sequence[Final], info: dict[str, Any]) -> str:
         "utterances": [
             {"utterance": f.utterance, "seq": f.seq, "start": f.start, "end": f.end,
              "text": f.text.strip(),
-             "words": [dataclasses.asdict(w) for w in f.words]}
+             **({"speaker": f.speaker} if f.speaker is not None else {}),
+             "words": [_word_dict(w) for w in f.words]}
             for f in spoken
         ],
     }

@@ -74,6 +74,7 @@ class ReplayParams:
     model: str | None = None  # None: the original session's
     language: str | None = None
     interim_results: bool | None = None
+    diarize: bool | None = None  # None: as the original session asked
 
     @classmethod
     def parse(cls, query: Mapping[str, list[str]],
@@ -97,7 +98,8 @@ class ReplayParams:
         interim = None
         if one(query, "interim_results"):
             interim = bool_param(query, "interim_results", True)
-        return cls(speed, model, language, interim)
+        diarize = bool_param(query, "diarize", False) if one(query, "diarize") else None
+        return cls(speed, model, language, interim, diarize)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +199,7 @@ class Replay:
         await self.records.create_replay(self.sid, self.original, {
             "encoding": "pcm_s16le", "sample_rate": TARGET_RATE, "channels": 1,
             "language": language, "interim": "1" if interim else "0", "model": model,
+            "diarize": "1" if (meta.diarize if p.diarize is None else p.diarize) else "0",
             "replay_speed": p.speed,
             "principal": self.principal.owner, "account": self.principal.account,
         })

@@ -428,6 +428,7 @@ class ListenSession:
                 "channels": self.params.format.channels,
                 "language": self.params.language,
                 "interim": "1" if self.params.interim_results else "0",
+                "diarize": "1" if self.params.diarize else "0",
                 "model": self.model,
                 "principal": self.principal.owner,
                 "account": self.principal.account,

@@ -70,6 +70,8 @@ class ListenParams:
             one(query, "encoding"), one(query, "sample_rate"), one(query, "channels"))
         self.language = language_param(query) or ""
         self.interim_results = bool_param(query, "interim_results", True)
+        #: speaker labels on finals and words (``speaker``); a resumed session keeps its own
+        self.diarize = bool_param(query, "diarize", False)
         model = one(query, "model")
         #: the model asked for (None: the default); a resumed session keeps its own
         self.model = check_model_name(model) if model else None

@@ -7,7 +7,6 @@ them, atomically, so it is strictly increasing per session whichever worker writ
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,7 +40,8 @@ OTHER_MODEL = LEASE_OTHER_MODEL
 
 
 def pack_stable(utterance: int, words: Sequence[Word]) -> bytes:
-    return msgpack.packb({"u": utterance, "w": [dataclasses.astuple(w) for w in words]})
+    return msgpack.packb({"u": utterance,
+                          "w": [(w.word, w.start, w.end, w.probability) for w in words]})
 
 
 def unpack_stable(raw: bytes | None, utterance: int) -> list[Word]:
@@ -97,13 +97,16 @@ class SessionWriter:
         return self._check(seq)
 
     async def commit(self, final: Final, commit_sample: int, next_utterance: int,
-                     prompt: str, resume_id: str, timing: dict[str, float] | None = None) -> int:
-        """A final with its commit point; ``timing`` (wall clock) is kept for benchmarks."""
-        seq = await self._commit(
-            keys=[keys.meta(self.sid), keys.results(self.sid)],
-            args=[self.epoch, pack_result(final), commit_sample, next_utterance, prompt,
-                  resume_id, final.utterance, msgpack.packb(timing or {})],
-        )
+                     prompt: str, resume_id: str, timing: dict[str, float] | None = None,
+                     speakers: bytes | None = None) -> int:
+        """A final with its commit point; ``timing`` (wall clock) is kept for benchmarks;
+        ``speakers``: the session's speakers after it (``diarize``), kept with it."""
+        args: list[Any] = [self.epoch, pack_result(final), commit_sample, next_utterance,
+                           prompt, resume_id, final.utterance, msgpack.packb(timing or {})]
+        if speakers is not None:
+            args.append(speakers)
+        seq = await self._commit(keys=[keys.meta(self.sid), keys.results(self.sid)],
+                                 args=args)
         return self._check(seq)
 
     async def progress(self, processed_sample: int) -> None:

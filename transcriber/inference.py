@@ -28,6 +28,7 @@ from common.settings import TranscriberSettings
 from transcriber.config import WorkerConfig
 from transcriber.gate import DecodeGate
 from transcriber.model import WhisperDecoder, load_whisper, served_name
+from transcriber.speakers import Embedder, load_embedder
 from transcriber.vad import SileroVad
 
 T = TypeVar("T")
@@ -90,6 +91,11 @@ class Inference:
         # loading the model): only decodes queue, at the gate
         self.executor = ThreadPoolExecutor(max_workers=2 * settings.capacity + config.lanes,
                                            thread_name_prefix="inference")
+
+    def embedder(self) -> Embedder:
+        """The speaker encoder (``diarize``), loaded on first use: a worker whose sessions
+        never ask for speakers never imports torch for it."""
+        return load_embedder(self.device)
 
     def load(self) -> None:
         if self.model is None:

@@ -18,6 +18,7 @@ import numpy as np
 from common.messages import Final, Partial, Word
 from transcriber.agreement import LocalAgreement, common_prefix, norm_word
 from transcriber.endpointing import WINDOW, EndpointConfig, Endpointer
+from transcriber.speakers import SpeakerLabeler, SpeakerTracker
 
 RATE = 16000
 
@@ -73,6 +74,8 @@ class Committed:
     commit_sample: int
     next_utterance: int
     decode_s: float = 0.0  # time spent decoding this final (for latency breakdowns)
+    #: with speaker labels: the session's speakers after this final, committed with it
+    speakers: bytes | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +92,17 @@ class PartialJob:
     audio: np.ndarray
     prompt: str
     decoder: Decoder
+    #: with speaker labels: the labeller and a snapshot of the session's speakers, for the
+    #: partial's provisional speaker
+    speakers: tuple[SpeakerLabeler, SpeakerTracker] | None = None
 
     def run(self) -> list[Word]:
+        """The partial's words; with speaker labels each carries the provisional speaker."""
         offset = self.start / RATE
-        return [Word(w.word, round(w.start + offset, 3), round(w.end + offset, 3), w.probability)
+        speaker = self.speakers[0].provisional(self.audio, self.speakers[1]) \
+            if self.speakers is not None else None
+        return [Word(w.word, round(w.start + offset, 3), round(w.end + offset, 3), w.probability,
+                     speaker)
                 for w in self.decoder.decode(self.audio, self.prompt, False)]
 
 
@@ -150,11 +160,14 @@ class StreamingTranscriber:
         next_utterance: int = 0,
         prompt: str = "",
         stable: Sequence[Word] = (),
+        speakers: SpeakerLabeler | None = None,
     ) -> None:
         """``start_sample``, ``next_utterance``, ``prompt`` and ``stable`` continue a session
         another worker began: its commit point, and the words it promised (``stable_text``)
-        of the utterance it left open, which the final of that utterance keeps."""
+        of the utterance it left open, which the final of that utterance keeps. ``speakers``
+        (``diarize=true``) labels each final's words with session-stable speakers."""
         self.session_id = session_id
+        self.speakers = speakers
         self.decoder = decoder
         self.vad = vad
         self.config = config
@@ -329,8 +342,13 @@ class StreamingTranscriber:
     def _partial(self) -> Partial | None:
         assert self._utt_start is not None
         self._last_partial_at = self.position
-        return self._apply_partial(self._decode(self._utt_start, self.position, False),
-                                   self.position)
+        words = self._decode(self._utt_start, self.position, False)
+        if self.speakers is not None:
+            audio = self._audio[self._utt_start - self._audio_start:
+                                self.position - self._audio_start]
+            speaker = self.speakers.provisional(audio, self.speakers.tracker)
+            words = [dataclasses.replace(w, speaker=speaker) for w in words]
+        return self._apply_partial(words, self.position)
 
     def _partial_job(self) -> PartialJob:
         assert self._utt_start is not None
@@ -338,7 +356,9 @@ class StreamingTranscriber:
         lo = self._utt_start - self._audio_start
         return PartialJob(self.utterance, self._utt_start, self.position,
                           self._audio[lo:self.position - self._audio_start].copy(),
-                          self._prompt, self.decoder)
+                          self._prompt, self.decoder,
+                          None if self.speakers is None else
+                          (self.speakers, self.speakers.tracker.copy()))
 
     def _apply_partial(self, hypothesis: list[Word], position: int) -> Partial | None:
         words = merge_stable(self._stable, hypothesis)
@@ -366,6 +386,7 @@ class StreamingTranscriber:
             stable_text=join_words(self._stable),
             start=words[0].start,
             end=position / RATE,
+            speaker=hypothesis[-1].speaker if hypothesis else None,
         )
 
     def _close_utterance(self, end: int, speech_end: int, voiced: int) -> list[Event]:
@@ -431,6 +452,12 @@ class StreamingTranscriber:
         self.commit_sample = commit
         if not words and not partial_sent:
             return []  # nothing was said and nothing was promised: no utterance index used
+        speaker = None
+        if self.speakers is not None and words:
+            began = time.perf_counter()
+            audio = self._audio[start - self._audio_start:end - self._audio_start]
+            words, speaker = self.speakers.label(audio, start / RATE, words)
+            decode_s += time.perf_counter() - began
         text = join_words(words)
         final = Final(
             session_id=self.session_id,
@@ -439,11 +466,13 @@ class StreamingTranscriber:
             start=words[0].start if words else start / RATE,
             end=words[-1].end if words else end / RATE,
             words=tuple(words),
+            speaker=speaker,
         )
         self.utterance += 1
         if text:
             self._prompt = (self._prompt + " " + text).strip()[-self.config.prompt_chars:]
-        return [Committed(final, commit, self.utterance, decode_s)]
+        return [Committed(final, commit, self.utterance, decode_s,
+                          None if self.speakers is None else self.speakers.pack())]
 
     def _trim(self) -> None:
         """Drop audio nothing will decode again; keeps the buffer bounded."""

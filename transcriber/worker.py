@@ -387,7 +387,10 @@ class Worker:
         assert self.inference.vad is not None
         decoder = self.inference.decoder(model, meta.language or self.settings.language,
                                          meta.account or meta.principal or sid)
-        core = session_core(sid, meta, decoder, self.inference.vad.stream(), self.settings)
+        # the speaker encoder is loaded by the first session that asks for speakers
+        embedder = await self.inference.run(self.inference.embedder) if meta.diarize else None
+        core = session_core(sid, meta, decoder, self.inference.vad.stream(), self.settings,
+                            embedder)
         log.info("session %s: started (epoch %d, from sample %d)", sid, epoch, core.position)
         try:
             await SessionPump(self, lease, core, writer, meta.resume_id or "0-0").run()
