@@ -177,6 +177,22 @@ def change_points(embs: np.ndarray, min_windows: int, threshold: float) -> list[
     return split(0, len(embs))
 
 
+def crossing(embs: np.ndarray, spans: Sequence[tuple[int, int]], a: int, c: int, b: int
+             ) -> float:
+    """Where (in samples) the voice of windows ``a:c`` gives way to that of ``c:b``: the
+    point where a window would be as like one side as the other (a window that straddles
+    the change is a mix of both), interpolated between the centres of the windows either
+    side of it."""
+    left, right = _unit(embs[a:c].mean(0)), _unit(embs[c:b].mean(0))
+    lean = embs[a:b] @ left - embs[a:b] @ right  # > 0: more like the left side
+    centres = [(s + e) / 2 for s, e in spans[a:b]]
+    for i in range(1, len(lean)):
+        if lean[i - 1] > 0 >= lean[i]:
+            share = lean[i - 1] / (lean[i - 1] - lean[i])
+            return float(centres[i - 1] + share * (centres[i] - centres[i - 1]))
+    return (spans[c - 1][0] + spans[c][1]) / 2  # between the two windows either side
+
+
 class SpeakerLabeler:
     """One session's labelling: the embedder (shared by the worker) and its tracker."""
 
@@ -212,10 +228,9 @@ class SpeakerLabeler:
             if len(spans) > 1 else []
         bounds = [0, *cuts, len(spans)]
         start_s = origin_s + lo / RATE
-        # where each change is, in seconds: between the two windows either side of it,
-        # moved to the widest pause between words near there
-        changes = [self._snap(start_s + (spans[c - 1][0] + spans[c][1]) / 2 / RATE, spoken)
-                   for c in cuts]
+        # where each change is, in seconds, moved to the widest pause between words near there
+        changes = [self._snap(start_s + crossing(embs, spans, a, c, b) / RATE, spoken)
+                   for a, c, b in zip(bounds, bounds[1:], bounds[2:], strict=False)]
         speakers = []
         for a, b in itertools.pairwise(bounds):
             seconds = (spans[b - 1][1] - spans[a][0]) / RATE
@@ -232,12 +247,12 @@ class SpeakerLabeler:
 
     @staticmethod
     def _snap(t: float, words: Sequence[Word]) -> float:
-        """The middle of the widest pause between words within ``SNAP_S`` of ``t`` (else
-        the word boundary nearest to it)."""
+        """The middle of the widest pause between words within ``SNAP_S`` of ``t`` (of
+        equally wide ones the nearest; with none there, the word boundary nearest to it)."""
         gaps = [(b.start - a.end, (a.end + b.start) / 2) for a, b in itertools.pairwise(words)]
         near = [g for g in gaps if abs(g[1] - t) <= SNAP_S]
-        if near:
-            return max(near)[1]
+        if near:  # the widest (to 10 ms), then the nearest
+            return max(near, key=lambda g: (round(g[0], 2), -abs(g[1] - t)))[1]
         if gaps:
             return min(gaps, key=lambda g: abs(g[1] - t))[1]
         return t
@@ -272,20 +287,26 @@ class ResemblyzerEmbedder:
     The mel spectrogram is computed once per utterance and cut into the windows."""
 
     FRAME = 160  # samples per mel frame (10 ms)
+    FFT = 400  # 25 ms
     MELS = 40
     HIDDEN = 256
     LAYERS = 3
     TARGET_DBFS = -30.0  # the encoder's training audio was brought up to this level
 
     def __init__(self, device: str = "cpu", threads: int = 1) -> None:
-        import librosa
+        import librosa.filters
         import torch
         from torch import nn
 
         if device == "cpu" and threads > 0:
             torch.set_num_threads(threads)
         self._torch = torch
-        self._librosa = librosa
+        # librosa's mel filters (Slaney), the spectrogram in numpy: librosa.feature's first
+        # call in a process costs seconds (numba), and it is the same arithmetic (the
+        # spectra agree to 1e-7)
+        self._filters = librosa.filters.mel(sr=RATE, n_fft=self.FFT, n_mels=self.MELS
+                                            ).astype(np.float32)
+        self._window = np.hanning(self.FFT + 1)[:-1].astype(np.float32)  # periodic Hann
         self.device = device
         self.lstm = nn.LSTM(self.MELS, self.HIDDEN, self.LAYERS, batch_first=True)
         self.linear = nn.Linear(self.HIDDEN, self.HIDDEN)
@@ -302,10 +323,11 @@ class ResemblyzerEmbedder:
         if rms > 1e-5:  # brought up to the training level, never down
             gain = 10 ** ((self.TARGET_DBFS - 20 * math.log10(rms)) / 20)
             audio = audio * max(1.0, gain)
-        mel = self._librosa.feature.melspectrogram(
-            y=audio.astype(np.float32), sr=RATE, n_fft=400, hop_length=self.FRAME,
-            n_mels=self.MELS)
-        return mel.astype(np.float32).T  # (frames, 40)
+        # librosa.feature.melspectrogram(center=True, pad_mode="constant", power=2)
+        padded = np.pad(audio.astype(np.float32), self.FFT // 2)
+        frames = np.lib.stride_tricks.sliding_window_view(padded, self.FFT)[::self.FRAME]
+        power = np.abs(np.fft.rfft(frames * self._window, axis=1)) ** 2
+        return (power @ self._filters.T).astype(np.float32)  # (frames, 40)
 
     def _forward(self, mels: np.ndarray) -> np.ndarray:
         torch = self._torch
