@@ -698,6 +698,10 @@ class DiarizeSettings:
     diarize_min_new_s: float = setting(
         1.0, "seconds: shorter speech never opens a new speaker (it goes to the most similar "
         "one) unless the session has none yet")
+    diarize_preload: bool = setting(
+        False, "load the speaker encoder when the worker starts; false = when the first "
+        "session that asks for speakers starts (it waits about 3 s for torch and the "
+        "encoder; a worker whose sessions never ask never loads them)")
 
 
 @group("Load shedding")

@@ -102,6 +102,8 @@ class Inference:
             self.model = self._load_whisper(self.settings.model, self.config.tail_frames)
         if self.vad is None:
             self.vad = SileroVad()
+        if self.settings.diarize_preload:
+            self.embedder()
 
     @property
     def loaded(self) -> bool:
