@@ -476,7 +476,7 @@ def service_suite(convs: list[Conversation], streams: int) -> dict[str, Any]:
         # the encoder loaded at the start (DIARIZE_PRELOAD): steady state is measured here;
         # the first diarized session on a worker without it waits for the load (see load_s)
         cluster = Cluster(workers=1, worker_args=["--capacity", str(streams),
-                                                  *(["--diarize-preload"] if diarize else [])],
+                                                  *(["--diarize-preload", "true"] if diarize else [])],
                           gateway_args=["--max-sessions-per-ip", str(streams + 10)])
         try:
             pid = cluster.workers["w1"].proc.pid
