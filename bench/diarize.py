@@ -475,8 +475,8 @@ def service_suite(convs: list[Conversation], streams: int) -> dict[str, Any]:
     for diarize in (False, True):
         # the encoder loaded at the start (DIARIZE_PRELOAD): steady state is measured here;
         # the first diarized session on a worker without it waits for the load (see load_s)
-        cluster = Cluster(workers=1, worker_args=["--capacity", str(streams),
-                                                  *(["--diarize-preload", "true"] if diarize else [])],
+        preload = ["--diarize-preload", "true"] if diarize else []
+        cluster = Cluster(workers=1, worker_args=["--capacity", str(streams), *preload],
                           gateway_args=["--max-sessions-per-ip", str(streams + 10)])
         try:
             pid = cluster.workers["w1"].proc.pid
