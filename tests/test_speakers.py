@@ -185,6 +185,21 @@ def test_the_provisional_speaker_changes_nothing() -> None:
     assert lab.pack() == before
 
 
+def test_embeddings_made_ahead_for_the_same_words_are_used_once() -> None:
+    """At the pause the speculative final's words are embedded ahead (``prepare``); the
+    final with those words only clusters, and labels as without it."""
+    plain, ahead = labeler(), labeler()
+    audio, words = speech([11, 12, 13, 14, 31, 32, 33, 34, 35])
+    ahead.prepare(audio, 0.0, words)
+    calls = ahead.embedder.calls  # type: ignore[attr-defined]
+    assert ahead.label(audio, 0.0, words) == plain.label(audio, 0.0, words)
+    assert ahead.embedder.calls == calls  # type: ignore[attr-defined]
+    ahead.prepare(audio, 0.0, words)
+    calls = ahead.embedder.calls  # type: ignore[attr-defined]
+    ahead.label(audio, 0.0, words[:-1])  # other words: embedded anew
+    assert ahead.embedder.calls == calls + 1  # type: ignore[attr-defined]
+
+
 def test_nothing_said_has_no_speaker() -> None:
     lab = labeler()
     audio = np.zeros(RATE, np.float32)

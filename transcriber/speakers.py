@@ -203,31 +203,57 @@ class SpeakerLabeler:
         self.tracker = tracker or SpeakerTracker.from_config(config)
         self.window = max(1, round(config.window_s * RATE))
         self.hop = max(1, round(config.hop_s * RATE))
+        #: embeddings made ahead (``prepare``) for the words of a speculative final
+        self._ahead: tuple[tuple[tuple[str, float, float], ...],
+                           tuple[float, list[tuple[int, int]], np.ndarray] | None] | None = None
 
     def pack(self) -> bytes:
         return self.tracker.pack()
 
-    def label(self, audio: np.ndarray, origin_s: float,
-              words: Sequence[Word]) -> tuple[list[Word], int | None]:
-        """``words`` with their speakers, and the final's speaker (who spoke longest);
-        ``audio`` (float32) begins at ``origin_s`` seconds and holds the words."""
-        spoken = [w for w in words if w.word.strip()]
-        if not spoken:
-            return list(words), None
+    @staticmethod
+    def _key(words: Sequence[Word]) -> tuple[tuple[str, float, float], ...]:
+        return tuple((w.word, w.start, w.end) for w in words if w.word.strip())
+
+    def _embed(self, audio: np.ndarray, origin_s: float, spoken: Sequence[Word]
+               ) -> tuple[float, list[tuple[int, int]], np.ndarray] | None:
+        """The windows over the words' speech (seconds of the first, their sample spans
+        from there) and their embeddings; None when there is too little speech."""
         lo = max(0, round((spoken[0].start - EDGE_S - origin_s) * RATE))
         hi = min(len(audio), round((spoken[-1].end + EDGE_S - origin_s) * RATE))
         if hi - lo < MIN_EMBED_S * RATE:  # too little: the whole utterance's audio
             lo, hi = 0, len(audio)
         if hi - lo < MIN_EMBED_S * RATE:
-            return list(words), None
+            return None
         speech = audio[lo:hi]
         spans = window_spans(len(speech), self.window, self.hop)
-        embs = self.embedder.embed(speech, spans)
+        return origin_s + lo / RATE, spans, self.embedder.embed(speech, spans)
+
+    def prepare(self, audio: np.ndarray, origin_s: float, words: Sequence[Word]) -> None:
+        """Embed ahead, during the pause that may end the utterance (with its speculative
+        final's words): ``label`` of the same words then only clusters, so the encoder's
+        time is not added to the time to final."""
+        spoken = [w for w in words if w.word.strip()]
+        if spoken:
+            self._ahead = (self._key(spoken), self._embed(audio, origin_s, spoken))
+
+    def label(self, audio: np.ndarray, origin_s: float,
+              words: Sequence[Word]) -> tuple[list[Word], int | None]:
+        """``words`` with their speakers, and the final's speaker (who spoke longest);
+        ``audio`` (float32) begins at ``origin_s`` seconds and holds the words. The
+        embeddings ``prepare`` made for the same words are used instead of new ones."""
+        spoken = [w for w in words if w.word.strip()]
+        ahead, self._ahead = self._ahead, None
+        if not spoken:
+            return list(words), None
+        embedded = ahead[1] if ahead is not None and ahead[0] == self._key(spoken) else \
+            self._embed(audio, origin_s, spoken)
+        if embedded is None:
+            return list(words), None
+        start_s, spans, embs = embedded
         min_windows = max(1, math.ceil(self.config.min_turn_s / self.config.hop_s))
         cuts = change_points(embs, min_windows, self.config.change_threshold) \
             if len(spans) > 1 else []
         bounds = [0, *cuts, len(spans)]
-        start_s = origin_s + lo / RATE
         # where each change is, in seconds, moved to the widest pause between words near there
         changes = [self._snap(start_s + crossing(embs, spans, a, c, b) / RATE, spoken)
                    for a, c, b in zip(bounds, bounds[1:], bounds[2:], strict=False)]

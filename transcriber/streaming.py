@@ -321,9 +321,13 @@ class StreamingTranscriber:
             # the audio was chunked on its way here (a replay at 4x gave other words).
             end = sil + cfg.pad_samples
             began = time.perf_counter()
-            words = self._final_words(self._utt_start, end, sil,
-                                      heard_until=sil + cfg.speculative_samples)
+            heard = sil + cfg.speculative_samples
+            words = self._final_words(self._utt_start, end, sil, heard_until=heard)
             self._spec = _Speculation(sil, end, words, time.perf_counter() - began)
+            if self.speakers is not None:  # its speakers' embeddings too (the same audio)
+                self.speakers.prepare(
+                    self._audio[self._utt_start - self._audio_start:heard - self._audio_start],
+                    self._utt_start / RATE, merge_stable(self._stable, words))
         if cfg.short_silence_samples and silent >= cfg.short_silence_samples and \
                 ends_sentence(self._spec.words):
             voiced = self._endpointer.voiced
