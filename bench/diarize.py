@@ -519,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--suite", choices=("labels", "service", "all"), default="all")
     p.add_argument("--seconds", type=float, default=45.0, help="length of a conversation")
     p.add_argument("--streams", type=int, default=4, help="service: concurrent streams")
-    p.add_argument("--thresholds", default="0.6,0.65,0.7,0.75,0.8")
+    p.add_argument("--thresholds", default="0.65,0.7,0.75,0.8")
     p.add_argument("--out", default=str(OUT / "diarize.json"))
     args = p.parse_args(argv)
     from transcriber.model import WhisperDecoder, load_whisper
