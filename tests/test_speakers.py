@@ -40,9 +40,11 @@ class FakeEmbedder:
         self.noise = noise
         self.rng = np.random.default_rng(seed)
         self.calls = 0
+        self.spans = 0  # windows embedded
 
     def embed(self, audio: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndarray:
         self.calls += 1
+        self.spans += len(spans)
         rows = []
         for start, end in spans:
             part = np.abs(audio[start:end])
@@ -185,19 +187,22 @@ def test_the_provisional_speaker_changes_nothing() -> None:
     assert lab.pack() == before
 
 
-def test_embeddings_made_ahead_for_the_same_words_are_used_once() -> None:
-    """At the pause the speculative final's words are embedded ahead (``prepare``); the
-    final with those words only clusters, and labels as without it."""
+def test_windows_embedded_at_a_pause_are_not_embedded_again() -> None:
+    """At each pause the utterance so far is embedded ahead (``prepare``); the final embeds
+    only the windows no pause reached, and labels as without them."""
     plain, ahead = labeler(), labeler()
     audio, words = speech([11, 12, 13, 14, 31, 32, 33, 34, 35])
+    fake = ahead.embedder
+    assert isinstance(fake, FakeEmbedder)
     ahead.prepare(audio, 0.0, words)
-    calls = ahead.embedder.calls  # type: ignore[attr-defined]
+    embedded = fake.spans
     assert ahead.label(audio, 0.0, words) == plain.label(audio, 0.0, words)
-    assert ahead.embedder.calls == calls  # type: ignore[attr-defined]
-    ahead.prepare(audio, 0.0, words)
-    calls = ahead.embedder.calls  # type: ignore[attr-defined]
-    ahead.label(audio, 0.0, words[:-1])  # other words: embedded anew
-    assert ahead.embedder.calls == calls + 1  # type: ignore[attr-defined]
+    assert fake.spans == embedded  # every window was there
+    ahead.prepare(audio[:int(2.5 * RATE)], 0.0, words[:5])  # a pause after five words
+    embedded = fake.spans
+    ahead.label(audio, 0.0, words)
+    every = len(window_spans(int(4.5 * RATE), ahead.window, ahead.hop))
+    assert 0 < fake.spans - embedded < every
 
 
 def test_nothing_said_has_no_speaker() -> None:

@@ -42,6 +42,9 @@ SNAP_S = 0.6
 MIN_EMBED_S = 0.3
 #: Extra audio kept either side of the words' span when embedding (seconds).
 EDGE_S = 0.1
+#: Window embeddings of the open utterance kept for its final (one 25 s utterance at the
+#: default hop has 60).
+MAX_WINDOWS_KEPT = 512
 
 
 class Embedder(Protocol):
@@ -52,7 +55,7 @@ class Embedder(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class SpeakerConfig:
-    threshold: float = 0.7
+    threshold: float = 0.65
     max_speakers: int = 8
     window_s: float = 1.6
     hop_s: float = 0.4
@@ -203,16 +206,12 @@ class SpeakerLabeler:
         self.tracker = tracker or SpeakerTracker.from_config(config)
         self.window = max(1, round(config.window_s * RATE))
         self.hop = max(1, round(config.hop_s * RATE))
-        #: embeddings made ahead (``prepare``) for the words of a speculative final
-        self._ahead: tuple[tuple[tuple[str, float, float], ...],
-                           tuple[float, list[tuple[int, int]], np.ndarray] | None] | None = None
+        #: the open utterance's window embeddings by absolute sample span: made at each
+        #: pause (``prepare``), so a final embeds only the windows no pause reached
+        self._windows: dict[tuple[int, int], np.ndarray] = {}
 
     def pack(self) -> bytes:
         return self.tracker.pack()
-
-    @staticmethod
-    def _key(words: Sequence[Word]) -> tuple[tuple[str, float, float], ...]:
-        return tuple((w.word, w.start, w.end) for w in words if w.word.strip())
 
     def _embed(self, audio: np.ndarray, origin_s: float, spoken: Sequence[Word]
                ) -> tuple[float, list[tuple[int, int]], np.ndarray] | None:
@@ -226,27 +225,34 @@ class SpeakerLabeler:
             return None
         speech = audio[lo:hi]
         spans = window_spans(len(speech), self.window, self.hop)
-        return origin_s + lo / RATE, spans, self.embedder.embed(speech, spans)
+        at = round(origin_s * RATE) + lo
+        keys = [(at + s, at + e) for s, e in spans]
+        missing = [i for i, k in enumerate(keys) if k not in self._windows]
+        if missing:
+            if len(self._windows) + len(missing) > MAX_WINDOWS_KEPT:
+                self._windows.clear()
+            for i, emb in zip(missing, self.embedder.embed(speech, [spans[i] for i in missing]),
+                              strict=True):
+                self._windows[keys[i]] = emb
+        return origin_s + lo / RATE, spans, np.stack([self._windows[k] for k in keys])
 
     def prepare(self, audio: np.ndarray, origin_s: float, words: Sequence[Word]) -> None:
-        """Embed ahead, during the pause that may end the utterance (with its speculative
-        final's words): ``label`` of the same words then only clusters, so the encoder's
-        time is not added to the time to final."""
+        """Embed ahead, at a pause that may end the utterance (with its speculative final's
+        words): the final then embeds only what came after (its last window), so the
+        encoder's time is hardly added to the time to final, and a long utterance with
+        many pauses embeds each window once."""
         spoken = [w for w in words if w.word.strip()]
         if spoken:
-            self._ahead = (self._key(spoken), self._embed(audio, origin_s, spoken))
+            self._embed(audio, origin_s, spoken)
 
     def label(self, audio: np.ndarray, origin_s: float,
               words: Sequence[Word]) -> tuple[list[Word], int | None]:
         """``words`` with their speakers, and the final's speaker (who spoke longest);
-        ``audio`` (float32) begins at ``origin_s`` seconds and holds the words. The
-        embeddings ``prepare`` made for the same words are used instead of new ones."""
+        ``audio`` (float32) begins at ``origin_s`` seconds and holds the words. Windows
+        ``prepare`` embedded already are not embedded again."""
         spoken = [w for w in words if w.word.strip()]
-        ahead, self._ahead = self._ahead, None
-        if not spoken:
-            return list(words), None
-        embedded = ahead[1] if ahead is not None and ahead[0] == self._key(spoken) else \
-            self._embed(audio, origin_s, spoken)
+        embedded = self._embed(audio, origin_s, spoken) if spoken else None
+        self._windows.clear()  # the utterance is done
         if embedded is None:
             return list(words), None
         start_s, spans, embs = embedded
@@ -344,11 +350,14 @@ class ResemblyzerEmbedder:
         self.lstm.to(device).eval()
         self.linear.to(device).eval()
 
-    def _mel(self, audio: np.ndarray) -> np.ndarray:
+    def _gain(self, audio: np.ndarray) -> float:
+        """The factor that brings ``audio`` up to the training level (never down)."""
         rms = float(np.sqrt(np.mean(np.square(audio)))) if len(audio) else 0.0
-        if rms > 1e-5:  # brought up to the training level, never down
-            gain = 10 ** ((self.TARGET_DBFS - 20 * math.log10(rms)) / 20)
-            audio = audio * max(1.0, gain)
+        if rms <= 1e-5:
+            return 1.0
+        return max(1.0, 10 ** ((self.TARGET_DBFS - 20 * math.log10(rms)) / 20))
+
+    def _mel(self, audio: np.ndarray) -> np.ndarray:
         # librosa.feature.melspectrogram(center=True, pad_mode="constant", power=2)
         padded = np.pad(audio.astype(np.float32), self.FFT // 2)
         frames = np.lib.stride_tricks.sliding_window_view(padded, self.FFT)[::self.FRAME]
@@ -367,13 +376,16 @@ class ResemblyzerEmbedder:
         mel = self._mel(audio.astype(np.float32, copy=False))
         rows: list[np.ndarray | None] = [None] * len(spans)
         by_length: dict[int, list[tuple[int, int]]] = {}
+        gains = []  # each window brought to the training level on its own (mel is power: x²)
         for i, (start, end) in enumerate(spans):
             first = min(start // self.FRAME, len(mel) - 1)
             frames = max(1, min(len(mel), end // self.FRAME) - first)
             by_length.setdefault(frames, []).append((i, first))
+            gains.append(self._gain(audio[start:end]) ** 2)
         with self._torch.inference_mode():
             for frames, items in by_length.items():
-                out = self._forward(np.stack([mel[first:first + frames] for _, first in items]))
+                out = self._forward(np.stack([mel[first:first + frames] * gains[i]
+                                              for i, first in items]).astype(np.float32))
                 for (i, _), row in zip(items, out, strict=True):
                     rows[i] = row
         return np.stack([r for r in rows if r is not None]).astype(np.float32)
