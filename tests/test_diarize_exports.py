@@ -82,3 +82,19 @@ def test_the_cli_shows_who_spoke() -> None:
     lines = out.getvalue().splitlines()
     assert lines[0].endswith("] Speaker 2: morning how are you Speaker 1: fine thanks")
     assert lines[1].endswith("] Speaker 2: shall we begin")
+
+
+def test_the_deepgram_dialect_asks_for_speakers_and_puts_them_on_each_word() -> None:
+    from ingest.dialects.deepgram import DeepgramOptions, DeepgramWire, deepgram_params
+
+    params, _ = deepgram_params({"diarize": ["true"], "encoding": ["linear16"],
+                                 "sample_rate": ["16000"]})
+    assert params.diarize
+    assert not deepgram_params({"encoding": ["linear16"]})[0].diarize
+    wire = DeepgramWire(DeepgramOptions(), "tiny.en")
+    (results,) = [json.loads(m) for m in wire.results(FINALS[1])]
+    words = results["channel"]["alternatives"][0]["words"]
+    assert [w["speaker"] for w in words] == [1, 1, 1, 1, 0, 0]
+    plain = Final("s", 0, "hi", 0.0, 0.5, (Word(" hi", 0.0, 0.5, 0.9),))
+    (results,) = [json.loads(m) for m in wire.results(plain)]
+    assert "speaker" not in results["channel"]["alternatives"][0]["words"][0]
