@@ -680,7 +680,7 @@ class DiarizeSettings:
     embeddings, clustered online against the session's speakers)."""
 
     diarize_threshold: float = setting(
-        0.65, "cosine similarity (0-1) of a stretch of speech to a speaker's centroid at or "
+        0.7, "cosine similarity (0-1) of a stretch of speech to a speaker's centroid at or "
         "above which it is that speaker; below it for every speaker, a new speaker")
     diarize_max_speakers: int = setting(
         8, "speakers one session may have; past it, speech goes to the most similar one")

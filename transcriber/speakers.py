@@ -55,7 +55,7 @@ class Embedder(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class SpeakerConfig:
-    threshold: float = 0.65
+    threshold: float = 0.7
     max_speakers: int = 8
     window_s: float = 1.6
     hop_s: float = 0.4
