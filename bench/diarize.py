@@ -345,9 +345,21 @@ def labels_suite(convs: list[Conversation], model: Any, thresholds: Sequence[flo
     config = SpeakerConfig.from_settings(s)
     rows = []
     finals_of: dict[str, list[Any]] = {}
+    at_final: list[float] = []  # seconds a final's labelling took (what it adds to the ttf)
     for conv in convs:
+        labeler = SpeakerLabeler(embedder, config)
+        label = labeler.label
+
+        def timed(*args: Any, label: Any = label) -> Any:
+            began = time.perf_counter()
+            try:
+                return label(*args)
+            finally:
+                at_final.append(time.perf_counter() - began)
+
+        labeler.label = timed  # type: ignore[method-assign,assignment]
         core = StreamingTranscriber("bench", decoder, vad.stream(), stream_config(s, False),
-                                    speakers=SpeakerLabeler(embedder, config))
+                                    speakers=labeler)
         before = embedder.seconds
         began = time.perf_counter()
         events = []
@@ -374,7 +386,13 @@ def labels_suite(convs: list[Conversation], model: Any, thresholds: Sequence[flo
                            "two": _pool([r for r in rows if r["speakers"] == 2]),
                            "three": _pool([r for r in rows if r["speakers"] == 3]),
                            "embed_ms_per_audio_s": 1000 * sum(r["embed_s"] for r in rows)
-                           / sum(r["seconds"] for r in rows)}
+                           / sum(r["seconds"] for r in rows),
+                           "label_at_final_ms": {"p50": 1000 * float(np.percentile(at_final, 50)),
+                                                 "p95": 1000 * float(np.percentile(at_final, 95)),
+                                                 "finals": len(at_final)}}
+    print(f"[labels] labelling at the final: p50 {out['label_at_final_ms']['p50']:.1f} ms, "
+          f"p95 {out['label_at_final_ms']['p95']:.1f} ms over {len(at_final)} finals",
+          flush=True)
     # the same finals labelled again with other thresholds (the words are the same)
     sweep = {}
     for threshold in thresholds:

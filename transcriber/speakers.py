@@ -152,12 +152,16 @@ class SpeakerTracker:
         return speaker
 
 
-def window_spans(n: int, window: int, hop: int) -> list[tuple[int, int]]:
-    """Windows of ``window`` samples every ``hop`` over ``n`` samples, the last one ending at
-    ``n``; one window of everything when ``n`` is at most ``window``."""
+def window_spans(n: int, window: int, hop: int, offset: int = 0) -> list[tuple[int, int]]:
+    """Windows of ``window`` samples over ``n`` samples: the first at 0, the last ending at
+    ``n``, between them every ``hop`` on a grid of the session's samples (``offset`` is
+    sample 0's place in the session: windows keep their place when the speech's edges
+    move, and are embedded once); one window of everything when ``n`` is at most
+    ``window``."""
     if n <= window:
         return [(0, n)]
-    starts = [*range(0, n - window, hop), n - window]
+    first = -(-offset // hop) * hop - offset  # the first grid point at or after sample 0
+    starts = sorted({0, *range(first, n - window, hop), n - window})
     return [(s, s + window) for s in starts]
 
 
@@ -224,8 +228,8 @@ class SpeakerLabeler:
         if hi - lo < MIN_EMBED_S * RATE:
             return None
         speech = audio[lo:hi]
-        spans = window_spans(len(speech), self.window, self.hop)
         at = round(origin_s * RATE) + lo
+        spans = window_spans(len(speech), self.window, self.hop, at)
         keys = [(at + s, at + e) for s, e in spans]
         missing = [i for i, k in enumerate(keys) if k not in self._windows]
         if missing:
