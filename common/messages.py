@@ -24,11 +24,14 @@ class Word:
     start: float
     end: float
     probability: float
+    #: who said it (``diarize=true``): a session-stable speaker number; None: not diarized
+    speaker: int | None = None
 
     @classmethod
     def from_obj(cls, obj: Any) -> Word:
+        speaker = obj.get("speaker")
         return cls(str(obj["word"]), float(obj["start"]), float(obj["end"]),
-                   float(obj["probability"]))
+                   float(obj["probability"]), None if speaker is None else int(speaker))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +48,8 @@ class Partial:
     seq: int = 0
     #: which channel of a ``multichannel`` session (0-based); None (omitted) otherwise
     channel: int | None = None
+    #: ``diarize=true``: who seems to speak at the partial's end (provisional)
+    speaker: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +71,8 @@ class Final:
     #: on in the next one), ``end`` (the stream closed); None for finals stored before it
     #: was recorded (left out of JSON then)
     ended_by: str | None = None
+    #: ``diarize=true``: who said most of it (each word has its own ``speaker``)
+    speaker: int | None = None
 
 
 #: ``Final.ended_by`` values.
@@ -98,14 +105,17 @@ Result = Partial | Final | Closed | Warning
 _RESULT_TYPES: dict[str, type[Any]] = {c.TYPE: c for c in (Partial, Final, Closed, Warning)}
 
 #: Optional fields left out of JSON and msgpack when None (a session without them reads as
-#: before they existed).
-OPTIONAL_FIELDS: tuple[str, ...] = ("channel", "multichannel", "ended_by")
+#: before they existed), in a result and in its words.
+OPTIONAL_FIELDS: tuple[str, ...] = ("channel", "multichannel", "ended_by", "speaker")
 
 
 def _drop_unset(out: dict[str, Any]) -> dict[str, Any]:
     for name in OPTIONAL_FIELDS:
         if name in out and out[name] is None:
             del out[name]
+    for word in out.get("words", ()):
+        if isinstance(word, dict) and word.get("speaker", 0) is None:
+            del word["speaker"]
     return out
 
 

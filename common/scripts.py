@@ -3,9 +3,9 @@
 Each script touches one session's hash-tagged keys (``stt:{sid}:...``) or one global key,
 never both, so every one is legal on Redis Cluster. Field names are those of the session's
 meta hash (``stt:{sid}:meta``): state, epoch, owner, lease_entry, lease_at, attach,
-audio_seq, seq, commit_sample, next_utterance, prompt, resume_id, stable, processed_sample,
-heartbeat, created, duration. Times come from the Redis server's clock (``TIME``), never
-from the machine that runs the script.
+audio_seq, seq, commit_sample, next_utterance, prompt, resume_id, stable, speakers,
+processed_sample, heartbeat, created, duration. Times come from the Redis server's clock
+(``TIME``), never from the machine that runs the script.
 
 Who runs what: the gateway CREATE_SESSION, HEARTBEAT, APPEND_AUDIO, NOTICE, CAP_ACQUIRE,
 DELETE_SESSION (the gateway's sessions API);
@@ -176,13 +176,15 @@ return 0
 # is already committed (a retried write whose reply was lost) returns 0.
 # ARGV: epoch, body, commit_sample, next_utterance, prompt, resume_id, utterance, timing,
 # and for a channel of a multichannel session: the channel and the session's commit sample
-# (the earliest of its channels'). A channel's point is kept in 'commit_sample.N',
-# 'next_utterance.N', 'prompt.N' (its stable words in 'stable.N'); 'next_utterance' then
-# counts the finals of all channels, 'commit_sample' is the session's.
+# (the earliest of its channels'), '' otherwise; then, for a session with speaker labels, its
+# speakers after this final (packed, '' without), so a new owner labels with the same
+# speakers. A channel's point is kept in 'commit_sample.N', 'next_utterance.N', 'prompt.N'
+# (its stable words in 'stable.N'); 'next_utterance' then counts the finals of all
+# channels, 'commit_sample' is the session's.
 COMMIT = """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return -1 end
 local sfx = ''
-if ARGV[9] then sfx = '.' .. ARGV[9] end
+if ARGV[9] and ARGV[9] ~= '' then sfx = '.' .. ARGV[9] end
 local done = redis.call('HGET', KEYS[1], 'next_utterance' .. sfx) or '0'
 if tonumber(done) > tonumber(ARGV[7]) then
   -- stored already (a retry): write the same value back, so that this connection's WAIT
@@ -194,10 +196,11 @@ local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('XADD', KEYS[2], '*', 'seq', seq, 'm', ARGV[2], 'epoch', ARGV[1], 't', ARGV[8])
 redis.call('HSET', KEYS[1], 'commit_sample' .. sfx, ARGV[3], 'next_utterance' .. sfx, ARGV[4],
            'prompt' .. sfx, ARGV[5], 'resume_id', ARGV[6])
-if ARGV[9] then
+if sfx ~= '' then
   redis.call('HINCRBY', KEYS[1], 'next_utterance', 1)
   redis.call('HSET', KEYS[1], 'commit_sample', ARGV[10])
 end
+if ARGV[11] and ARGV[11] ~= '' then redis.call('HSET', KEYS[1], 'speakers', ARGV[11]) end
 redis.call('HDEL', KEYS[1], 'stable' .. sfx)
 return seq
 """

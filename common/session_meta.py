@@ -31,6 +31,7 @@ class SessionMeta:
     multichannel: bool = False  # each channel transcribed apart (the audio is interleaved)
     language: str = ""
     interim: bool = True
+    diarize: bool = False  # speaker labels on finals and words
     model: str = ""
     keyterms: str = ""  # JSON list: words decoding should expect (keyterm=)
     user_prompt: str = ""  # the client's context for decoding (prompt=)
@@ -56,6 +57,7 @@ class SessionMeta:
     prompt: str = ""
     resume_id: str = ""
     stable: bytes = b""  # the open utterance's promised words (msgpack)
+    speakers: bytes = b""  # with diarize: the session's speakers (msgpack centroids)
     processed_sample: int = 0
     duration: float = 0.0  # audio seconds, once closed
 

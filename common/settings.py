@@ -746,6 +746,37 @@ class TranscriptSettings:
         200, "characters of the session's previous finals kept as Whisper's prompt")
 
 
+@group("Speaker labels")
+@dataclasses.dataclass(frozen=True)
+class DiarizeSettings:
+    """Who said what for sessions that ask for ``diarize=true`` (resemblyzer speaker
+    embeddings, clustered online against the session's speakers)."""
+
+    diarize_threshold: float = setting(
+        0.7, "cosine similarity (0-1) of a stretch of speech to a speaker's centroid at or "
+        "above which it is that speaker; below it for every speaker, a new speaker")
+    diarize_max_speakers: int = setting(
+        8, "speakers one session may have; past it, speech goes to the most similar one")
+    diarize_window_s: float = setting(
+        1.6, "seconds of speech in one speaker embedding (an utterance shorter than this is "
+        "one embedding)")
+    diarize_hop_s: float = setting(
+        0.4, "seconds between the starts of an utterance's embedding windows")
+    diarize_change_threshold: float = setting(
+        0.65, "an utterance is split between two speakers where the similarity of the "
+        "embeddings before and after a point is below this")
+    diarize_min_turn_s: float = setting(
+        1.0, "seconds: a speaker change inside an utterance leaves at least this much speech "
+        "on each side")
+    diarize_min_new_s: float = setting(
+        1.0, "seconds: shorter speech never opens a new speaker (it goes to the most similar "
+        "one) unless the session has none yet")
+    diarize_preload: bool = setting(
+        False, "load the speaker encoder when the worker starts; false = when the first "
+        "session that asks for speakers starts (it waits about 3 s for torch and the "
+        "encoder; a worker whose sessions never ask never loads them)")
+
+
 @group("Load shedding")
 @dataclasses.dataclass(frozen=True)
 class LoadSheddingSettings:
@@ -848,8 +879,8 @@ class FanoutSettings(LoggingSettings, ListenSettings, GcSettings, SessionsApiSet
 @dataclasses.dataclass(frozen=True)
 class TranscriberSettings(LoggingSettings, ModelSettings, InferenceSettings,
                           ShortContextSettings, EndpointingSettings, TranscriptSettings,
-                          LoadSheddingSettings, WorkQueueSettings, CompactionSettings,
-                          MetricsSettings, UsageSettings,
+                          DiarizeSettings, LoadSheddingSettings, WorkQueueSettings,
+                          CompactionSettings, MetricsSettings, UsageSettings,
                           RedisSettings):
     """Transcriber worker: takes sessions from the queue, runs VAD and Whisper."""
 

@@ -35,6 +35,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from common.client import listen_url, stream
+from common.messages import Final, Word
+from fanout.formats import speaker_name, turns
 
 DEFAULT_URL = "http://localhost:8765"
 FRAME_S = 0.1  # audio per message when streaming a file or the microphone
@@ -138,6 +140,8 @@ class Printer:
         who = f"[channel {msg['channel']}] " if msg.get("channel") is not None else ""
         if kind == "partial":
             text = f"… {who}{msg['text']}"
+            if msg.get("speaker") is not None:  # provisional
+                text = f"{speaker_name(msg['speaker'])}? {text}"
             if self.tty:
                 width = shutil.get_terminal_size().columns - 1
                 self.out.write("\r\033[K" + text[-width:])
@@ -148,7 +152,7 @@ class Printer:
             self._clear_partial()
             if msg.get("text"):
                 self.out.write(f"[{_clock(msg['start'])} - {_clock(msg['end'])}] "
-                               f"{who}{msg['text']}\n")
+                               f"{who}{said(msg)}\n")
         elif kind == "session":
             line = f"session {msg['session_id']}"
             if msg.get("replay_of"):
@@ -168,6 +172,17 @@ class Printer:
         elif kind == "error":
             self._clear_partial()
         self.out.flush()
+
+
+def said(final: dict[str, Any]) -> str:
+    """A final's text; with speaker labels, each speaker's run of words after its name."""
+    if final.get("speaker") is None:
+        return str(final["text"])
+    runs = turns(Final(final.get("session_id", ""), final.get("utterance", 0), final["text"],
+                       final.get("start", 0.0), final.get("end", 0.0),
+                       tuple(Word.from_obj(w) for w in final.get("words", ())),
+                       speaker=final["speaker"]))
+    return " ".join(f"{speaker_name(s)}: {t}" if s is not None else t for s, t in runs)
 
 
 async def watch(url: str, printer: Printer, on_open: Callable[[Any], Any] | None = None,
@@ -349,7 +364,8 @@ def cmd_stream(args: argparse.Namespace) -> None:
     url = listen_url(ws_base(args.url), sample_rate=rate, channels=channels,
                      language=args.language, interim_results=not args.no_partials,
                      model=args.model, multichannel=True if args.multichannel else None,
-                     keyterm=args.keyterm or None, prompt=args.prompt)
+                     keyterm=args.keyterm or None, prompt=args.prompt,
+                     diarize=args.diarize or None)
     printer = Printer(args.json)
     try:
         res = asyncio.run(stream(url, msgs, pace=file_pace(args, msgs),
@@ -404,7 +420,8 @@ async def stream_mic(args: argparse.Namespace) -> None:
     printer = Printer(args.json)
     url = listen_url(ws_base(args.url), sample_rate=rate, channels=1, language=args.language,
                      interim_results=not args.no_partials, model=args.model,
-                     keyterm=args.keyterm or None, prompt=args.prompt)
+                     keyterm=args.keyterm or None, prompt=args.prompt,
+                     diarize=args.diarize or None)
 
     async def send_audio(ws: Any) -> None:
         with sd.RawInputStream(samplerate=rate, channels=1, dtype="int16", device=args.device,
@@ -530,6 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multichannel", action="store_true",
                    help="a file of several channels: each transcribed apart (results "
                         "marked [channel N]), instead of mixed to one")
+    p.add_argument("--diarize", action="store_true",
+                   help="label speakers (diarize=true): each line says who spoke")
     p.add_argument("--json", action="store_true", help="print raw JSON messages")
     p.add_argument("--reconnects", type=int, default=8,
                    help="a file: resume a dropped session this many times, sending again the "

@@ -47,6 +47,7 @@ class Cue:
     end: float
     words: tuple[Word, ...]
     channel: int | None = None  # of a multichannel session
+    speaker: int | None = None  # with speaker labels: one speaker's words per cue
 
     @property
     def text(self) -> str:
@@ -56,6 +57,29 @@ class Cue:
 def channel_label(channel: int | None) -> str:
     """How text and SRT mark a multichannel session's channel (its ``channel`` number)."""
     return "" if channel is None else f"[channel {channel}] "
+
+
+def speaker_name(speaker: int) -> str:
+    """How exports name a speaker: ``speaker`` 0 is "Speaker 1"."""
+    return f"Speaker {speaker + 1}"
+
+
+def _said_by(speaker: int | None, text: str) -> str:
+    return text if speaker is None else f"{speaker_name(speaker)}: {text}"
+
+
+def turns(final: Final) -> list[tuple[int | None, str]]:
+    """A final's text as (speaker, text) runs: one run unless its words change speaker."""
+    words = [w for w in final.words if w.word.strip()]
+    if not words or all(w.speaker == words[0].speaker for w in words):
+        return [(final.speaker if not words else words[0].speaker, final.text.strip())]
+    out: list[tuple[int | None, list[Word]]] = []
+    for w in words:
+        if out and out[-1][0] == w.speaker:
+            out[-1][1].append(w)
+        else:
+            out.append((w.speaker, [w]))
+    return [(speaker, "".join(w.word for w in run).strip()) for speaker, run in out]
 
 
 def _spoken(finals: Sequence[Final]) -> list[Final]:
@@ -73,7 +97,8 @@ def cues(finals: Sequence[Final]) -> list[Cue]:
         words = [w for w in final.words if w.word.strip()]
         if not words:  # no word timings: one cue for the whole utterance
             out.append(Cue(final.start, max(final.end, final.start),
-                           (Word(final.text, final.start, final.end, 1.0),), final.channel))
+                           (Word(final.text, final.start, final.end, 1.0),), final.channel,
+                           final.speaker))
             continue
         group: list[Word] = []
         for word in words:
@@ -81,7 +106,8 @@ def cues(finals: Sequence[Final]) -> list[Cue]:
                 text = "".join(w.word for w in [*group, word]).strip()
                 too_long = len(" ".join(text.split())) > CUE_CHARS
                 too_slow = word.end - group[0].start > CUE_SECONDS
-                if too_long or too_slow:
+                other_speaker = word.speaker != group[0].speaker
+                if too_long or too_slow or other_speaker:
                     out.append(_cue(group, final.channel))
                     group = []
             group.append(word)
@@ -93,7 +119,7 @@ def cues(finals: Sequence[Final]) -> list[Cue]:
 
 def _cue(words: list[Word], channel: int | None = None) -> Cue:
     start = words[0].start
-    return Cue(start, max(words[-1].end, start), tuple(words), channel)
+    return Cue(start, max(words[-1].end, start), tuple(words), channel, words[0].speaker)
 
 
 def wrap(text: str, width: int = LINE_CHARS) -> list[str]:
@@ -119,7 +145,8 @@ def _timestamp(seconds: float, sep: str) -> str:
 def to_srt(finals: Sequence[Final]) -> str:
     blocks = []
     for i, cue in enumerate(cues(finals), 1):
-        text = "\n".join(wrap(channel_label(cue.channel) + cue.text.replace("-->", "->")))
+        text = "\n".join(wrap(channel_label(cue.channel) +
+                              _said_by(cue.speaker, cue.text.replace("-->", "->"))))
         blocks.append(f"{i}\n{_timestamp(cue.start, ',')} --> {_timestamp(cue.end, ',')}\n"
                       f"{text}\n")
     return "\n".join(blocks)
@@ -133,15 +160,26 @@ def to_vtt(finals: Sequence[Final]) -> str:
     blocks = ["WEBVTT\n"]
     for cue in cues(finals):
         text = "\n".join(_vtt_escape(line) for line in wrap(cue.text))
-        if cue.channel is not None:  # a voice span names the channel
+        if cue.speaker is not None:  # a voice span: <v Speaker 1>text
+            text = f"<v {speaker_name(cue.speaker)}>{text}"
+        elif cue.channel is not None:  # a voice span names the channel
             text = f"<v Channel {cue.channel}>{text}"
         blocks.append(f"{_timestamp(cue.start, '.')} --> {_timestamp(cue.end, '.')}\n{text}\n")
     return "\n".join(blocks)
 
 
 def to_text(finals: Sequence[Final]) -> str:
-    """One line per utterance."""
-    return "".join(f"{channel_label(f.channel)}{f.text.strip()}\n" for f in _spoken(finals))
+    """One line per utterance (with speaker labels: per speaker's run, prefixed with it;
+    a multichannel session's lines with their channel)."""
+    return "".join(f"{channel_label(f.channel)}{_said_by(speaker, text)}\n"
+                   for f in _spoken(finals) for speaker, text in turns(f))
+
+
+def _word_dict(w: Word) -> dict[str, Any]:
+    out = dataclasses.asdict(w)
+    if out.get("speaker") is None:
+        out.pop("speaker", None)
+    return out
 
 
 def to_json(finals: Sequence[Final], info: dict[str, Any]) -> str:
@@ -154,7 +192,8 @@ def to_json(finals: Sequence[Final], info: dict[str, Any]) -> str:
         "utterances": [
             {"utterance": f.utterance, "seq": f.seq, "start": f.start, "end": f.end,
              "text": f.text.strip(),
-             "words": [dataclasses.asdict(w) for w in f.words],
+             **({"speaker": f.speaker} if f.speaker is not None else {}),
+             "words": [_word_dict(w) for w in f.words],
              **({"channel": f.channel} if f.channel is not None else {})}
             for f in spoken
         ],

@@ -87,6 +87,7 @@ class ReplayParams:
     #: ``keyterm=``/``prompt=`` for the re-transcription; None: the original session's
     keyterms: tuple[str, ...] | None = None
     prompt: str | None = None
+    diarize: bool | None = None  # None: as the original session asked
 
     @classmethod
     def parse(cls, query: Mapping[str, list[str]],
@@ -111,9 +112,10 @@ class ReplayParams:
         if one(query, "interim_results"):
             interim = bool_param(query, "interim_results", True)
         terms, prompt = bias_params(query)
+        diarize = bool_param(query, "diarize", False) if one(query, "diarize") else None
         return cls(speed, model, language, interim,
                    terms if "keyterm" in query else None,
-                   prompt if "prompt" in query else None)
+                   prompt if "prompt" in query else None, diarize)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +232,7 @@ class Replay:
             "language": language, "interim": "1" if interim else "0", "model": model,
             "keyterms": meta.keyterms if p.keyterms is None else json.dumps(list(p.keyterms)),
             "user_prompt": meta.user_prompt if p.prompt is None else p.prompt,
+            "diarize": "1" if (meta.diarize if p.diarize is None else p.diarize) else "0",
             "replay_speed": p.speed,
             "principal": self.principal.owner, "account": self.principal.account,
             "tenant": self.principal.tenant,

@@ -432,6 +432,10 @@ class ListenSession:
             raise errors.UnsupportedAudio(
                 f"multichannel=true takes 2 to {self.settings.max_channels} channels "
                 f"(MAX_CHANNELS); this stream has {fmt.channels}")
+        if fmt.multichannel and self.params.diarize and self.params.session is None:
+            raise errors.BadRequest(
+                "diarize=true and multichannel=true cannot be combined: each channel is "
+                "transcribed apart and its results name it (channel)")
 
     async def _open(self) -> bool:
         """Create the session, or attach to the one named in ``session``."""
@@ -453,6 +457,7 @@ class ListenSession:
                 "interim": "1" if self.params.interim_results else "0",
                 "keyterms": json.dumps(list(self.params.keyterms)),
                 "user_prompt": self.params.prompt,
+                "diarize": "1" if self.params.diarize else "0",
                 "model": self.model,
                 "principal": self.principal.owner,
                 "account": self.principal.account,

@@ -73,6 +73,8 @@ class ListenParams:
         self.interim_results = bool_param(query, "interim_results", True)
         #: words decoding should expect (``keyterm=``, repeatable) and context (``prompt=``)
         self.keyterms, self.prompt = bias_params(query)
+        #: speaker labels on finals and words (``speaker``); a resumed session keeps its own
+        self.diarize = bool_param(query, "diarize", False)
         model = one(query, "model")
         #: the model asked for (None: the default); a resumed session keeps its own
         self.model = check_model_name(model) if model else None

@@ -7,7 +7,6 @@ them, atomically, so it is strictly increasing per session whichever worker writ
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,7 +43,8 @@ OTHER_MODEL = LEASE_OTHER_MODEL
 
 
 def pack_stable(utterance: int, words: Sequence[Word]) -> bytes:
-    return msgpack.packb({"u": utterance, "w": [dataclasses.astuple(w) for w in words]})
+    return msgpack.packb({"u": utterance,
+                          "w": [(w.word, w.start, w.end, w.probability) for w in words]})
 
 
 def unpack_stable(raw: bytes | None, utterance: int) -> list[Word]:
@@ -110,15 +110,21 @@ class SessionWriter:
 
     async def commit(self, final: Final, commit_sample: int, next_utterance: int,
                      prompt: str, resume_id: str, timing: dict[str, float] | None = None,
-                     session_commit: int | None = None) -> int:
+                     session_commit: int | None = None,
+                     speakers: bytes | None = None) -> int:
         """A final with its commit point; ``timing`` (wall clock) is kept for benchmarks.
         A final of a multichannel session's channel (``final.channel``) commits that
-        channel's point, and ``session_commit``, where all its channels have committed."""
+        channel's point, and ``session_commit``, where all its channels have committed;
+        ``speakers``: the session's speakers after it (``diarize``), kept with it."""
         args: list[Any] = [self.epoch, pack_result(final), commit_sample, next_utterance,
                            prompt, resume_id, final.utterance, msgpack.packb(timing or {})]
-        if final.channel is not None:
-            args += [final.channel, commit_sample if session_commit is None
-                     else session_commit]
+        if final.channel is not None or speakers is not None:
+            if final.channel is not None:
+                args += [final.channel, commit_sample if session_commit is None
+                         else session_commit]
+            else:
+                args += ["", ""]
+            args.append(speakers if speakers is not None else "")
         seq = await self._durable(self._commit, [keys.meta(self.sid), keys.results(self.sid)],
                                   args, "commit")
         return self._check(seq)

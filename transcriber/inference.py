@@ -28,6 +28,7 @@ from common.settings import TranscriberSettings
 from transcriber.config import WorkerConfig
 from transcriber.gate import DecodeGate
 from transcriber.model import WhisperDecoder, load_whisper, served_name
+from transcriber.speakers import Embedder, load_embedder
 from transcriber.vad import SileroVad
 
 T = TypeVar("T")
@@ -91,11 +92,18 @@ class Inference:
         self.executor = ThreadPoolExecutor(max_workers=2 * settings.capacity + config.lanes,
                                            thread_name_prefix="inference")
 
+    def embedder(self) -> Embedder:
+        """The speaker encoder (``diarize``), loaded on first use: a worker whose sessions
+        never ask for speakers never imports torch for it."""
+        return load_embedder(self.device)
+
     def load(self) -> None:
         if self.model is None:
             self.model = self._load_whisper(self.settings.model, self.config.tail_frames)
         if self.vad is None:
             self.vad = SileroVad()
+        if self.settings.diarize_preload:
+            self.embedder()
 
     @property
     def loaded(self) -> bool:

@@ -35,6 +35,7 @@ from transcriber.config import stream_config
 from transcriber.inference import Inference, TimedDecoder
 from transcriber.leases import Lease
 from transcriber.policy import FinalizePacer, LoadPolicy, ParkTimer, Slot
+from transcriber.speakers import Embedder, SpeakerConfig, SpeakerLabeler, SpeakerTracker
 from transcriber.streaming import (
     RATE,
     Committed,
@@ -73,14 +74,23 @@ async def with_retry(sid: str, what: str, call: Callable[[], Awaitable[Any]],
 
 
 def session_core(sid: str, meta: SessionMeta, decoder: TimedDecoder, vad: SpeechProbs,
-                 settings: TranscriberSettings) -> StreamingTranscriber:
-    """The streaming core of a session, resumed from the commit point in its record."""
+                 settings: TranscriberSettings,
+                 embedder: Embedder | None = None) -> StreamingTranscriber:
+    """The streaming core of a session, resumed from the commit point in its record; with
+    ``embedder`` (the session asked for ``diarize``) it labels speakers, with the speakers
+    committed in the record."""
+    speakers = None
+    if embedder is not None:
+        config = SpeakerConfig.from_settings(settings)
+        speakers = SpeakerLabeler(embedder, config,
+                                  SpeakerTracker.from_config(config, meta.speakers))
     return StreamingTranscriber(
         sid, decoder, vad, stream_config(settings, meta.interim),
         start_sample=meta.commit_sample,
         next_utterance=meta.next_utterance,
         prompt=meta.prompt,
         stable=unpack_stable(meta.stable, meta.next_utterance),
+        speakers=speakers,
     )
 
 
@@ -425,7 +435,7 @@ class SessionPump:
                 done = min(self._committed.values())  # audio every channel has committed
                 await with_retry(self.sid, "commit", functools.partial(
                     self.writer.commit, ev.final, ev.commit_sample, ev.next_utterance,
-                    ev.prompt, self.log.resume_point(done), timing, done))
+                    ev.prompt, self.log.resume_point(done), timing, done, ev.speakers))
 
     async def _close(self, marker: AudioMarker, idle: bool = False) -> None:
         closed = Closed(session_id=self.sid, utterances=self.core.utterance,

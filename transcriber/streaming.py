@@ -18,6 +18,7 @@ import numpy as np
 from common.messages import Final, Partial, Word
 from transcriber.agreement import LocalAgreement, common_prefix, norm_word
 from transcriber.endpointing import WINDOW, EndpointConfig, Endpointer
+from transcriber.speakers import SpeakerLabeler, SpeakerTracker
 
 RATE = 16000
 
@@ -74,6 +75,8 @@ class Committed:
     next_utterance: int
     decode_s: float = 0.0  # time spent decoding this final (for latency breakdowns)
     prompt: str = ""  # the prompt after this final (the next utterance's context)
+    #: with speaker labels: the session's speakers after this final, committed with it
+    speakers: bytes | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,10 +94,17 @@ class PartialJob:
     prompt: str
     decoder: Decoder
     channel: int | None = None
+    #: with speaker labels: the labeller and a snapshot of the session's speakers, for the
+    #: partial's provisional speaker
+    speakers: tuple[SpeakerLabeler, SpeakerTracker] | None = None
 
     def run(self) -> list[Word]:
+        """The partial's words; with speaker labels each carries the provisional speaker."""
         offset = self.start / RATE
-        return [Word(w.word, round(w.start + offset, 3), round(w.end + offset, 3), w.probability)
+        speaker = self.speakers[0].provisional(self.audio, self.speakers[1]) \
+            if self.speakers is not None else None
+        return [Word(w.word, round(w.start + offset, 3), round(w.end + offset, 3), w.probability,
+                     speaker)
                 for w in self.decoder.decode(self.audio, self.prompt, False)]
 
 
@@ -153,13 +163,17 @@ class StreamingTranscriber:
         prompt: str = "",
         stable: Sequence[Word] = (),
         channel: int | None = None,
+        speakers: SpeakerLabeler | None = None,
     ) -> None:
         """``start_sample``, ``next_utterance``, ``prompt`` and ``stable`` continue a session
         another worker began: its commit point, and the words it promised (``stable_text``)
         of the utterance it left open, which the final of that utterance keeps. ``channel``:
-        the channel of a multichannel session this core hears (set on its results)."""
+        the channel of a multichannel session this core hears (set on its results).
+        ``speakers`` (``diarize=true``) labels each final's words with session-stable
+        speakers."""
         self.session_id = session_id
         self.channel = channel
+        self.speakers = speakers
         self.decoder = decoder
         self.vad = vad
         self.config = config
@@ -323,9 +337,13 @@ class StreamingTranscriber:
             # the audio was chunked on its way here (a replay at 4x gave other words).
             end = sil + cfg.pad_samples
             began = time.perf_counter()
-            words = self._final_words(self._utt_start, end, sil,
-                                      heard_until=sil + cfg.speculative_samples)
+            heard = sil + cfg.speculative_samples
+            words = self._final_words(self._utt_start, end, sil, heard_until=heard)
             self._spec = _Speculation(sil, end, words, time.perf_counter() - began)
+            if self.speakers is not None:  # its speakers' embeddings too (the same audio)
+                self.speakers.prepare(
+                    self._audio[self._utt_start - self._audio_start:heard - self._audio_start],
+                    self._utt_start / RATE, merge_stable(self._stable, words))
         if cfg.short_silence_samples and silent >= cfg.short_silence_samples and \
                 ends_sentence(self._spec.words):
             voiced = self._endpointer.voiced
@@ -345,8 +363,13 @@ class StreamingTranscriber:
     def _partial(self) -> Partial | None:
         assert self._utt_start is not None
         self._last_partial_at = self.position
-        return self._apply_partial(self._decode(self._utt_start, self.position, False),
-                                   self.position)
+        words = self._decode(self._utt_start, self.position, False)
+        if self.speakers is not None:
+            audio = self._audio[self._utt_start - self._audio_start:
+                                self.position - self._audio_start]
+            speaker = self.speakers.provisional(audio, self.speakers.tracker)
+            words = [dataclasses.replace(w, speaker=speaker) for w in words]
+        return self._apply_partial(words, self.position)
 
     def _partial_job(self) -> PartialJob:
         assert self._utt_start is not None
@@ -354,7 +377,9 @@ class StreamingTranscriber:
         lo = self._utt_start - self._audio_start
         return PartialJob(self.utterance, self._utt_start, self.position,
                           self._audio[lo:self.position - self._audio_start].copy(),
-                          self._prompt, self.decoder, self.channel)
+                          self._prompt, self.decoder, self.channel,
+                          None if self.speakers is None else
+                          (self.speakers, self.speakers.tracker.copy()))
 
     def _apply_partial(self, hypothesis: list[Word], position: int) -> Partial | None:
         words = merge_stable(self._stable, hypothesis)
@@ -383,6 +408,7 @@ class StreamingTranscriber:
             start=words[0].start,
             end=position / RATE,
             channel=self.channel,
+            speaker=hypothesis[-1].speaker if hypothesis else None,
         )
 
     def _close_utterance(self, end: int, speech_end: int, voiced: int,
@@ -450,6 +476,12 @@ class StreamingTranscriber:
         self.commit_sample = commit
         if not words and not partial_sent:
             return []  # nothing was said and nothing was promised: no utterance index used
+        speaker = None
+        if self.speakers is not None and words:
+            began = time.perf_counter()
+            audio = self._audio[start - self._audio_start:end - self._audio_start]
+            words, speaker = self.speakers.label(audio, start / RATE, words)
+            decode_s += time.perf_counter() - began
         text = join_words(words)
         final = Final(
             session_id=self.session_id,
@@ -460,11 +492,13 @@ class StreamingTranscriber:
             words=tuple(words),
             ended_by=ended_by,
             channel=self.channel,
+            speaker=speaker,
         )
         self.utterance += 1
         if text:
             self._prompt = (self._prompt + " " + text).strip()[-self.config.prompt_chars:]
-        return [Committed(final, commit, self.utterance, decode_s, self._prompt)]
+        return [Committed(final, commit, self.utterance, decode_s, self._prompt,
+                          None if self.speakers is None else self.speakers.pack())]
 
     def _trim(self) -> None:
         """Drop audio nothing will decode again; keeps the buffer bounded."""

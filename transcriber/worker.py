@@ -402,9 +402,12 @@ class Worker:
                                  [self.inference.vad.stream() for _ in range(n)],
                                  self.settings)
         else:
+            # the speaker encoder is loaded by the first session that asks for speakers
+            embedder = await self.inference.run(self.inference.embedder) \
+                if meta.diarize else None
             core = session_core(sid, meta,
                                 self.inference.decoder(model, language, share, *bias),
-                                self.inference.vad.stream(), self.settings)
+                                self.inference.vad.stream(), self.settings, embedder)
         log.info("session %s: started (epoch %d, from sample %d%s)", sid, epoch,
                  core.position, f", {meta.channels} channels" if meta.multichannel else "")
         try:

@@ -7,7 +7,8 @@ spells it Deepgram's way:
 
 * the query string (``deepgram_params``): ``encoding``/``sample_rate``/``channels`` name the
   audio (no ``encoding``: containerised audio, told apart by its first bytes), ``language``,
-  ``interim_results`` (default false, as Deepgram's), ``vad_events``, ``utterance_end_ms``;
+  ``interim_results`` (default false, as Deepgram's), ``vad_events``, ``utterance_end_ms``,
+  ``diarize`` (``speaker`` on each word, as Deepgram's);
   ``keyterm`` (repeatable) leans decoding toward those words as the native ``keyterm=``;
   ``model``, ``endpointing``, ``punctuate``, ``smart_format`` and Deepgram's other options
   are accepted and ignored; ``multichannel=true`` (with an ``encoding`` and
@@ -133,7 +134,8 @@ def deepgram_params(query: Mapping[str, list[str]]) -> tuple[ListenParams, Deepg
         language = language.split("-")[0].lower()  # en-US → en: the model's language
     interim = bool_param(query, "interim_results", False)
     vad_events = bool_param(query, "vad_events", False)
-    for name in ("punctuate", "smart_format", "numerals", "profanity_filter", "diarize",
+    diarize = bool_param(query, "diarize", False)
+    for name in ("punctuate", "smart_format", "numerals", "profanity_filter",
                  "filler_words", "dictation", "mip_opt_out"):
         bool_param(query, name, False)  # accepted (validated), not applied
     _int(query, "endpointing", 0, 60_000)  # accepted; the transcriber's VAD endpoints
@@ -146,6 +148,8 @@ def deepgram_params(query: Mapping[str, list[str]]) -> tuple[ListenParams, Deepg
         native["language"] = [language]
     if query.get("keyterm"):  # Deepgram's keyterm prompting: the native keyterm=
         native["keyterm"] = list(query["keyterm"])
+    if diarize:
+        native["diarize"] = ["true"]
     params = ListenParams(native)
     params.format = fmt
     return params, DeepgramOptions(interim, vad_events, utterance_end_ms, fmt.channels,
@@ -169,6 +173,16 @@ def _plain(word: str) -> str:
 
 def _round(value: float) -> float:
     return round(value, 3)
+
+
+def _word(w: Word) -> dict[str, Any]:
+    """One word as Deepgram spells it; with ``diarize``, its ``speaker`` (0, 1, ...)."""
+    out: dict[str, Any] = {"word": _plain(w.word), "start": _round(w.start),
+                           "end": _round(w.end), "confidence": _round(w.probability),
+                           "punctuated_word": w.word.strip()}
+    if w.speaker is not None:
+        out["speaker"] = w.speaker
+    return out
 
 
 class DeepgramWire:
@@ -310,9 +324,7 @@ class DeepgramWire:
             "channel": {"alternatives": [{
                 "transcript": text.strip(),
                 "confidence": _round(confidence),
-                "words": [{"word": _plain(w.word), "start": _round(w.start),
-                           "end": _round(w.end), "confidence": _round(w.probability),
-                           "punctuated_word": w.word.strip()} for w in words],
+                "words": [_word(w) for w in words],
             }]},
             "metadata": {"request_id": self.request_id, "model_uuid": self._model_uuid(),
                          "model_info": {"name": self.model, "version": "", "arch": "whisper"}},

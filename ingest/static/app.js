@@ -42,7 +42,7 @@ const transcript = new Transcript();
  * Callbacks of an older recording compare their `run` with `current` and do nothing. */
 class Run {
   constructor(settings) {
-    this.settings = settings; // {echo, noise, agc, interim, opus, language, token}
+    this.settings = settings; // {echo, noise, agc, interim, diarize, opus, language, token}
     this.capture = null;
     this.opusType = null; // the low-bandwidth mode's MediaRecorder type
     this.recorder = null; // its MediaRecorder, while a session takes its blobs
@@ -512,7 +512,7 @@ function onResult(run, seg, msg, live) {
     case "final": {
       const item = transcript.final(seg.index, base, msg);
       if (!item) return; // exactly one final per utterance
-      view.final(item);
+      view.final(item, transcript.turns(item), (n) => transcript.speakerName(n));
       if (live) {
         const t = run.latency.final(endSample, performance.now(), run.rate);
         if (t) view.timeToFinal(t.ms, t.avg);
@@ -542,6 +542,14 @@ const FORMATS = {
   vtt: () => [transcript.asVtt(), "text/vtt"],
 };
 
+/** A person names a speaker: the page and the downloads use the name from now on. */
+function rename(speaker) {
+  const name = window.prompt(`Name for ${transcript.speakerName(speaker)}:`, transcript.speakerName(speaker));
+  if (name === null) return;
+  transcript.rename(speaker, name);
+  view.renameSpeaker(speaker, transcript.speakerName(speaker));
+}
+
 function download(kind) {
   if (!transcript.finals().length) {
     view.announce("The transcript is empty.");
@@ -558,6 +566,7 @@ function download(kind) {
 view.bind({
   start,
   stop,
+  rename,
   copy: () => view.copy(transcript.asText()),
   download,
   clear: () => {

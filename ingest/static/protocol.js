@@ -133,7 +133,7 @@ function wsBase(loc) {
   return `${loc.protocol === "https:" ? "wss:" : "ws:"}//${loc.host}`;
 }
 
-/** The /v1/listen URL for `params` ({interim, language, token, opus}) at capture `rate`;
+/** The /v1/listen URL for `params` ({interim, diarize, language, token, opus}) at capture `rate`;
  * `resume` ({sid, lastSeq}) asks for that session's results after lastSeq. With `opus`
  * (the low-bandwidth mode) the audio is MediaRecorder's Opus, whose header says its rate. */
 export function listenUrl(loc, params, rate, resume = null) {
@@ -143,6 +143,7 @@ export function listenUrl(loc, params, rate, resume = null) {
       : { encoding: "pcm_s16le", sample_rate: String(rate), channels: "1" },
   );
   q.set("interim_results", params.interim ? "true" : "false");
+  if (params.diarize) q.set("diarize", "true");
   if (params.language) q.set("language", params.language);
   if (params.token && !tokenAsSubprotocol(params.token)) q.set("token", params.token);
   if (resume) {

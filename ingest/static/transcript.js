@@ -11,7 +11,42 @@ export function itemKey(seg, utt) {
 
 export class Transcript {
   constructor() {
-    this.items = new Map(); // key → {key, seg, utt, start, end, text, stable, final, words, orphan}
+    this.items = new Map(); // key → {key, seg, utt, base, start, end, text, stable, final, words, speaker, orphan}
+    this.names = new Map(); // speaker number → the name a person gave it (for the page and exports)
+  }
+
+  /** How a speaker is called: the name given with `rename`, else "Speaker 1" for speaker 0. */
+  speakerName(speaker) {
+    return this.names.get(speaker) || `Speaker ${speaker + 1}`;
+  }
+
+  /** Names speaker `speaker` (an empty name goes back to "Speaker N"). */
+  rename(speaker, name) {
+    const clean = (name || "").replace(/\s+/g, " ").trim().slice(0, 40);
+    if (clean) this.names.set(speaker, clean);
+    else this.names.delete(speaker);
+  }
+
+  /** An item's text as runs of one speaker: [{speaker, text, start, end}] (one run, speaker
+   * null, without speaker labels). */
+  turns(item) {
+    const words = (item.words || []).filter((w) => (w.word || "").trim());
+    if (item.speaker === null || item.speaker === undefined || !words.length ||
+        words.every((w) => w.speaker === words[0].speaker)) {
+      const speaker = words.length && Number.isInteger(words[0].speaker) ? words[0].speaker : (item.speaker ?? null);
+      return [{ speaker, text: item.text, start: item.start, end: item.end }];
+    }
+    const runs = [];
+    for (const w of words) {
+      const last = runs[runs.length - 1];
+      if (last && last.speaker === w.speaker) {
+        last.text += w.word;
+        last.end = item.base + w.end;
+      } else {
+        runs.push({ speaker: w.speaker, text: w.word, start: item.base + w.start, end: item.base + w.end });
+      }
+    }
+    return runs.map((r) => ({ ...r, text: r.text.trim() }));
   }
 
   /** The segment index the next recording starts at (after every item shown). */
@@ -43,6 +78,7 @@ export class Transcript {
     item.end = base + (msg.end || 0);
     item.text = msg.text || "";
     item.stable = msg.stable_text || "";
+    item.speaker = Number.isInteger(msg.speaker) ? msg.speaker : null; // provisional
     return item;
   }
 
@@ -56,6 +92,8 @@ export class Transcript {
     item.text = (msg.text || "").trim();
     item.stable = item.text;
     item.words = msg.words || [];
+    item.base = base;
+    item.speaker = Number.isInteger(msg.speaker) ? msg.speaker : null;
     return item;
   }
 
@@ -81,11 +119,20 @@ export class Transcript {
     this.items.clear();
   }
 
-  /** One final a line. */
+  /** One final a line (with speaker labels: one line per speaker's run, after its name). */
   asText() {
-    return this.finals()
-      .map((i) => i.text)
+    return this.runs()
+      .map((r) => this.said(r))
       .join("\n");
+  }
+
+  /** Every final's runs of one speaker, in order. */
+  runs() {
+    return this.finals().flatMap((i) => this.turns(i));
+  }
+
+  said(run) {
+    return run.speaker === null ? run.text : `${this.speakerName(run.speaker)}: ${run.text}`;
   }
 
   asSrt() {
@@ -96,12 +143,22 @@ export class Transcript {
     return `WEBVTT\n\n${this.cues(".").join("\n")}`;
   }
 
+  /** A cue per final (per speaker's run with speaker labels: SRT prefixed "Name: ",
+   * WebVTT a voice span <v Name>). */
   cues(sep) {
-    return this.finals().map((i, n) => {
-      const end = Math.max(i.end, i.start + 0.5);
-      return `${n + 1}\n${fmtStamp(i.start, sep)} --> ${fmtStamp(end, sep)}\n${i.text}\n`;
+    return this.runs().map((r, n) => {
+      const end = Math.max(r.end, r.start + 0.5);
+      let text = r.text;
+      if (r.speaker !== null) {
+        text = sep === "." ? `<v ${vttEscape(this.speakerName(r.speaker))}>${vttEscape(r.text)}` : this.said(r);
+      }
+      return `${n + 1}\n${fmtStamp(r.start, sep)} --> ${fmtStamp(end, sep)}\n${text}\n`;
     });
   }
+}
+
+function vttEscape(text) {
+  return text.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
 }
 
 /** How a partial shows: `stable` in normal type, `rest` as the unstable tail. */

@@ -11,7 +11,7 @@
 
 import { splitPartial } from "./transcript.js";
 
-const SETTINGS = ["opt-echo", "opt-noise", "opt-agc", "opt-interim", "opt-opus", "opt-language"]; // kept in localStorage
+const SETTINGS = ["opt-echo", "opt-noise", "opt-agc", "opt-interim", "opt-diarize", "opt-opus", "opt-language"]; // kept in localStorage
 const MAX_NOTICES = 4;
 const RUNNING = ["starting", "connecting", "live", "reconnecting"];
 
@@ -48,6 +48,7 @@ export class View {
       noise: $("opt-noise"),
       agc: $("opt-agc"),
       interim: $("opt-interim"),
+      diarize: $("opt-diarize"),
       opus: $("opt-opus"),
       language: $("opt-language"),
       token: $("opt-token"),
@@ -97,6 +98,11 @@ export class View {
     ui.dlSrt.addEventListener("click", () => h.download("srt"));
     ui.dlVtt.addEventListener("click", () => h.download("vtt"));
     ui.clear.addEventListener("click", h.clear);
+    // a speaker's name in the transcript: click to rename it (page and downloads)
+    ui.transcript.addEventListener("click", (e) => {
+      const el = e.target.closest && e.target.closest(".speaker");
+      if (el && h.rename) h.rename(Number(el.dataset.speaker));
+    });
   }
 
   /** Checkbox and language choices persist in localStorage (the token never does);
@@ -141,6 +147,7 @@ export class View {
       noise: ui.noise.checked,
       agc: ui.agc.checked,
       interim: ui.interim.checked,
+      diarize: ui.diarize.checked,
       opus: ui.opus.checked,
       language: ui.language.value.trim(),
       token: ui.token.value.trim(),
@@ -155,7 +162,7 @@ export class View {
     const running = RUNNING.includes(phase);
     ui.start.disabled = running || phase === "closing";
     ui.stop.disabled = !running;
-    for (const el of [ui.echo, ui.noise, ui.agc, ui.interim, ui.opus, ui.language, ui.token]) {
+    for (const el of [ui.echo, ui.noise, ui.agc, ui.interim, ui.diarize, ui.opus, ui.language, ui.token]) {
       el.disabled = running || phase === "closing";
     }
   }
@@ -334,15 +341,45 @@ export class View {
 
   /** Shows a final row; it replaces the partial with a new element, so the live region
    * announces it. */
-  final(item) {
+  final(item, runs = null, nameOf = null) {
     const old = this.rows.get(item.key);
     const el = this.row(item, "final");
-    el.querySelector(".text").textContent = item.text;
+    const text = el.querySelector(".text");
+    if (runs && nameOf && runs.some((r) => r.speaker !== null)) {
+      // with speaker labels: each speaker's run after its (coloured, renamable) name
+      const parts = [];
+      for (const r of runs) {
+        if (r.speaker !== null) parts.push(this.speakerTag(r.speaker, nameOf(r.speaker)));
+        parts.push(this.doc.createTextNode(`${r.text} `));
+      }
+      text.replaceChildren(...parts);
+      el.dataset.speaker = String(item.speaker);
+    } else {
+      text.textContent = item.text;
+    }
     if (!item.text) el.classList.add("empty");
     this.rows.set(item.key, el);
     if (old) old.replaceWith(el);
     else this.insert(item, el);
     this.afterRender();
+  }
+
+  speakerTag(speaker, name) {
+    const tag = this.doc.createElement("button");
+    tag.type = "button";
+    tag.className = `speaker s${speaker % 6}`;
+    tag.dataset.speaker = String(speaker);
+    tag.dataset.testid = "speaker";
+    tag.textContent = name;
+    tag.title = "Rename this speaker";
+    return tag;
+  }
+
+  /** Every label of `speaker` now shows `name`. */
+  renameSpeaker(speaker, name) {
+    for (const tag of this.ui.transcript.querySelectorAll(`.speaker[data-speaker="${speaker}"]`)) {
+      tag.textContent = name;
+    }
   }
 
   /** Partials that will get no final stay visible, marked. */

@@ -45,6 +45,7 @@ describe("listen URL", () => {
       encoding: "pcm_s16le", sample_rate: "48000", channels: "1", interim_results: "true",
     });
     assert.equal(query(listenUrl(HTTP, { ...PARAMS, interim: false }, 44100)).interim_results, "false");
+    assert.equal(query(listenUrl(HTTP, { ...PARAMS, diarize: true }, 48000)).diarize, "true");
   });
 
   it("asks for Opus, whose header names its rate, in the low-bandwidth mode", () => {

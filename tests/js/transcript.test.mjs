@@ -81,4 +81,31 @@ describe("partial display", () => {
     assert.equal(fmtStamp(-1, "."), "00:00:00.000");
     assert.equal(fmtStamp(59.9996, "."), "00:01:00.000");
   });
+
+  it("labels speakers, splits a final where its words change speaker, and renames", () => {
+    const t = new Transcript();
+    const w = (word, start, end, speaker) => ({ word, start, end, probability: 0.9, speaker });
+    t.final(0, 10, { type: "final", utterance: 0, text: "Hi there. Hello.", start: 0.5, end: 2.5, speaker: 0,
+      words: [w(" Hi", 0.5, 0.8, 0), w(" there.", 0.9, 1.3, 0), w(" Hello.", 2.0, 2.5, 1)] });
+    t.final(0, 10, { type: "final", utterance: 1, text: "A & B <ok>", start: 3, end: 4, speaker: 1,
+      words: [w(" A", 3, 3.2, 1), w(" &", 3.3, 3.4, 1), w(" B", 3.5, 3.7, 1), w(" <ok>", 3.8, 4, 1)] });
+    const runs = t.turns(t.items.get("0:0"));
+    assert.deepEqual(runs.map((r) => [r.speaker, r.text, r.start, r.end]),
+      [[0, "Hi there.", 10.5, 11.3], [1, "Hello.", 12, 12.5]]);
+    assert.equal(t.asText(), "Speaker 1: Hi there.\nSpeaker 2: Hello.\nSpeaker 2: A & B <ok>");
+    t.rename(1, "  Ann  ");
+    assert.equal(t.speakerName(1), "Ann");
+    assert.match(t.asVtt(), /<v Ann>Hello\.\n/);
+    assert.match(t.asVtt(), /<v Ann>A &amp; B &lt;ok&gt;\n/);
+    assert.match(t.asSrt(), /^1\n00:00:10,500 --> 00:00:11,300\nSpeaker 1: Hi there\.\n/);
+    t.rename(1, "");
+    assert.equal(t.speakerName(1), "Speaker 2");
+  });
+
+  it("has no speaker names without speaker labels", () => {
+    const t = new Transcript();
+    t.final(0, 0, final(0, "Plain text."));
+    assert.equal(t.asText(), "Plain text.");
+    assert.doesNotMatch(t.asVtt(), /<v /);
+  });
 });
