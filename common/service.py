@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import resource
 import signal
@@ -60,6 +61,8 @@ def run_service(settings_cls: type[S], serve: Callable[[S], Awaitable[Any]], pro
                 argv: Sequence[str] | None = None) -> None:
     settings = load(settings_cls, argv, prog=prog)
     setup_logging(settings.log_level, settings.log_format)  # type: ignore[attr-defined]
+    # kill -USR1 PID: every thread's stack to standard error (a stop that does not finish)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     soft, hard = raise_open_files_limit()
     log.info("open files limit: %d (hard limit %s)", soft,
              "unlimited" if hard == resource.RLIM_INFINITY else hard)

@@ -213,15 +213,18 @@ def _script_args(generation: int, entries: Sequence[AudioEntry]) -> list[int | b
 async def read_stream(redis: aioredis.Redis, key: str, cursor: str = "0-0", *,
                       block_ms: int = 1000, batch: int = 100, what: str = "stream",
                       on_error: Callable[[BaseException], None] | None = None,
+                      stopped: Callable[[], bool] | None = None,
                       ) -> AsyncIterator[list[Entry]]:
     """Read ``key`` after ``cursor`` with blocking XREAD, forever: yields each batch (an
     empty one when ``block_ms`` passed with nothing new). Redis outages are waited out
     (``common.backoff``; ``on_error`` sees each failure); nothing is skipped. ``redis``: a
     client made with ``blocking=True`` (its socket timeout is above the block time) and
     ``retries=False``. The worker reads a session's audio with it, the gateway the results
-    for the client's socket and the viewer hub, replays their results."""
+    for the client's socket and the viewer hub, replays their results. ``stopped``: the
+    reading ends once it says so (asked before each read): an owner shutting down does not
+    rely on a cancellation reaching a task inside redis-py, where one can be lost."""
     backoff = Backoff()
-    while True:
+    while stopped is None or not stopped():
         try:
             resp = await redis.xread({key: cursor}, count=batch, block=block_ms)
         except REDIS_DOWN as exc:

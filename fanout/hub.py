@@ -36,6 +36,8 @@ READ_BATCH = 100
 #: Empty blocking reads between checks that the session still exists (a deleted session's
 #: viewers are told within this many blocking reads; one EXISTS per hub, not per viewer).
 EXISTS_EVERY = 10
+#: Seconds ``Hubs.close`` waits for its hubs to end.
+CLOSE_WAIT_S = 5.0
 
 
 #: A viewer's side of the hub (the same bounded queue the client's own socket uses).
@@ -50,7 +52,16 @@ class SessionHub:
         self.sid = sid
         self.viewers: set[ViewerQueue] = set()
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        #: set when its last viewer left or the process closes: it reads no more (a
+        #: cancellation alone can be lost inside redis-py, and the hub would read on)
+        self.stopping = False
         self.task = asyncio.create_task(self._run(), name=f"hub-{sid}")
+        hubs.running.add(self.task)
+        self.task.add_done_callback(hubs.running.discard)
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.task.cancel()
 
     async def _run(self) -> None:
         try:
@@ -71,7 +82,10 @@ class SessionHub:
         idle = 0
         async for entries in read_stream(self.hubs.blocking, key, cursor,
                                          block_ms=self.hubs.block_ms, batch=self.hubs.batch,
-                                         what=f"session {self.sid}: hub"):
+                                         what=f"session {self.sid}: hub",
+                                         stopped=lambda: self.stopping):
+            if self.stopping:
+                return
             if not entries:
                 idle += 1
                 if idle % EXISTS_EVERY == 0 and not await until_up(
@@ -115,6 +129,8 @@ class Hubs:
         # with the event loop in between for its sender: only a stalled viewer overflows.
         self.batch = max(1, min(READ_BATCH, viewer_queue // 4))
         self._hubs: dict[str, SessionHub] = {}
+        #: every hub task not yet finished, those whose last viewer left included
+        self.running: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
         return len(self._hubs)
@@ -144,11 +160,14 @@ class Hubs:
             hub.viewers.discard(viewer)
             if not hub.viewers and self._hubs.get(sid) is hub:
                 del self._hubs[sid]
-                hub.task.cancel()
+                hub.stop()
 
     async def close(self) -> None:
+        """Stop every hub and wait for them (bounded: a hub inside a Redis call finishes
+        that call, at most a blocking read, then sees it is stopping)."""
         hubs = list(self._hubs.values())
         self._hubs.clear()
         for hub in hubs:
-            hub.task.cancel()
-        await asyncio.gather(*(h.task for h in hubs), return_exceptions=True)
+            hub.stop()
+        if self.running:
+            await asyncio.wait(list(self.running), timeout=CLOSE_WAIT_S)

@@ -12,7 +12,6 @@ import asyncio
 import io
 import itertools
 import json
-import signal
 import threading
 import time
 import urllib.request
@@ -204,13 +203,9 @@ def test_a_worker_killed_mid_call_loses_and_repeats_no_final_on_any_channel(
 
     async def scenario() -> StreamResult:
         async def killer() -> None:
-            await watch.known.wait()
-            await asyncio.sleep(8.0)
-            assert watch.sid is not None
-            owner = cluster.owner(watch.sid)
-            assert owner in cluster.workers
-            killed["name"], killed["finals"] = owner, len(watch.finals)
-            cluster.workers[owner].signal(signal.SIGKILL)
+            def before(owner: str) -> None:
+                killed["name"], killed["finals"] = owner, len(watch.finals)
+            await watch.kill_owner(cluster, 8.0, before)
 
         res, _ = await asyncio.gather(
             stream(listen_url(cluster.ws_url, multichannel=True, channels=2),

@@ -11,7 +11,7 @@ import contextlib
 import json
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -40,6 +40,20 @@ class SessionWatch:
             self.known.set()
         elif msg["type"] == "final":
             self.finals.append((time.monotonic(), msg))
+
+    async def kill_owner(self, cluster: Cluster, after_s: float,
+                         before: Callable[[str], None] | None = None) -> str:
+        """``after_s`` seconds into the session, SIGKILL the worker that owns it (``before``
+        sees its name first); the owner's name."""
+        await self.known.wait()
+        await asyncio.sleep(after_s)
+        assert self.sid is not None
+        owner = cluster.owner(self.sid)
+        assert owner in cluster.workers
+        if before is not None:
+            before(owner)
+        cluster.workers[owner].signal(signal.SIGKILL)
+        return owner
 
 
 @pytest.fixture
@@ -80,15 +94,11 @@ def test_sigkill_of_the_owner_mid_utterance_fails_over_with_nothing_lost_or_repe
 
     async def scenario() -> StreamResult:
         async def killer() -> None:
-            await watch.known.wait()
+            def before(owner: str) -> None:
+                killed["name"], killed["at"] = owner, time.monotonic()
+                killed["finals_before"] = len(watch.finals)
             # the point in the clip is the case: inside "what your country can do for you"
-            await asyncio.sleep(6.0)
-            assert watch.sid is not None
-            owner = cluster.owner(watch.sid)
-            assert owner in cluster.workers
-            killed["name"], killed["at"] = owner, time.monotonic()
-            killed["finals_before"] = len(watch.finals)
-            cluster.workers[owner].signal(signal.SIGKILL)
+            await watch.kill_owner(cluster, 6.0, before)
 
         async def lag_sampler() -> None:
             """(time, lag) pairs: audio sent so far minus audio the owner has processed,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -54,15 +53,12 @@ def test_usage_equals_the_audio_sent_after_a_worker_sigkill_failover(cluster: Cl
 
     async def scenario() -> Any:
         async def killer() -> None:
-            await watch.known.wait()
-            await asyncio.sleep(6.0)
-            assert watch.sid is not None
-            owner = cluster.owner(watch.sid)
-            assert owner in cluster.workers
-            at_kill.update(usage(cluster), owner=owner,
-                           processed=int(cluster.meta(watch.sid)["processed_sample"]),
-                           committed=int(cluster.meta(watch.sid)["commit_sample"]))
-            cluster.workers[owner].signal(signal.SIGKILL)
+            def before(owner: str) -> None:
+                assert watch.sid is not None
+                at_kill.update(usage(cluster), owner=owner,
+                               processed=int(cluster.meta(watch.sid)["processed_sample"]),
+                               committed=int(cluster.meta(watch.sid)["commit_sample"]))
+            await watch.kill_owner(cluster, 6.0, before)
 
         res, _ = await asyncio.gather(
             stream(listen_url(cluster.ws_url), frames(JFK), pace=1.0, on_message=watch,
