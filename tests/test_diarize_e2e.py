@@ -124,6 +124,7 @@ def test_without_diarize_nothing_carries_a_speaker(cluster: Cluster) -> None:
     assert "speakers" not in cluster.meta(res.messages[0].message["session_id"])
 
 
+@pytest.mark.long  # 20-25 s: make test-long (STT_LONG_TESTS=1)
 def test_the_speakers_survive_a_worker_killed_mid_conversation(cluster: Cluster) -> None:
     """The owner is SIGKILLed after the third final; the other worker takes the session
     over from its commit point with the speakers committed there, so the labels of the

@@ -193,6 +193,7 @@ def test_a_replay_transcribes_the_same_channels_apart(stack: Stack,
         assert again <= live + 0.05, (channel, channel_text(finals, channel))
 
 
+@pytest.mark.long  # 20-25 s: make test-long (STT_LONG_TESTS=1)
 def test_a_worker_killed_mid_call_loses_and_repeats_no_final_on_any_channel(
         cluster_factory: Any, call_run: dict[str, Any]) -> None:  # noqa: F811
     """SIGKILL of the owner 8 s in (both channels speaking): the survivor takes over after
