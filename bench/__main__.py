@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import platform
-import random
 import shlex
 import time
 from pathlib import Path
@@ -29,11 +28,11 @@ from bench.sessions import (
     mix,
     partial_churn,
     pct,
+    run_streams,
     streaming_wer,
     summary,
 )
-from common.client import StreamResult, listen_url, stream
-from tests.audio_refs import frames, wer
+from tests.audio_refs import wer
 from tests.procs import Cluster
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,51 +63,6 @@ def offline_wer(conv: Conversation) -> float:
     model = load_whisper("", "auto", "auto", 0)
     words = WhisperDecoder(model, "en").decode(conv.pcm.astype(np.float32) / 32768.0, "", True)
     return wer(conv.reference, "".join(w.word for w in words))
-
-
-async def run_streams(cluster: Cluster, convs: list[Conversation], stagger_s: float = 2.0,
-                      ) -> tuple[list[StreamResult], list[float]]:
-    """A concurrent real-time stream per conversation, started ``stagger_s / n`` apart (plus
-    up to 0.2 s at random); samples each session's lag every 0.5 s."""
-    n = len(convs)
-    sids: list[str | None] = [None] * n
-    starts: list[float | None] = [None] * n
-    lags: list[float] = []
-    done = asyncio.Event()
-
-    def watcher(i: int):  # type: ignore[no-untyped-def]
-        def on(msg: dict[str, Any]) -> None:
-            if msg["type"] == "session":
-                sids[i] = msg["session_id"]
-                starts[i] = time.monotonic()
-        return on
-
-    async def one(i: int) -> StreamResult:
-        await asyncio.sleep(i * stagger_s / max(n, 1) + random.random() * 0.2)
-        return await stream(listen_url(cluster.ws_url), frames(convs[i].pcm), pace=1.0,
-                            on_message=watcher(i), read_timeout=600)
-
-    async def sampler() -> None:
-        r = cluster.redis.client()
-        while not done.is_set():
-            await asyncio.sleep(0.5)
-            now = time.monotonic()
-            for sid, started, conv in zip(sids, starts, convs, strict=True):
-                duration = len(conv.pcm) / 16000
-                if sid is None or started is None:
-                    continue
-                sent = min(now - started, duration)
-                if sent < 2.0 or sent >= duration - 0.5:
-                    continue  # steady state only
-                processed = await asyncio.to_thread(
-                    r.hget, f"stt:{{{sid}}}:meta", "processed_sample")
-                lags.append(max(0.0, sent - int(processed or 0) / 16000))
-
-    samp = asyncio.create_task(sampler())
-    results = await asyncio.gather(*(one(i) for i in range(n)))
-    done.set()
-    await samp
-    return list(results), lags
 
 
 def latency_suite(args: argparse.Namespace, conv: Conversation) -> dict[str, Any]:

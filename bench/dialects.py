@@ -18,21 +18,19 @@ import statistics
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import av
 import numpy as np
 import websockets
 
+from bench.sessions import save_report
 from common.messages import Final, Partial, SessionStarted, Word
 from ingest.dialects.deepgram import DeepgramOptions, DeepgramWire
 from ingest.dialects.twilio import TwilioWire, parse_start, session_for
 from ingest.listen_core import Received
 from tests.audio_refs import encode, load_pcm16, mulaw, reference, wer
 from tests.procs import Cluster
-
-OUT = Path(__file__).resolve().parent / "results"
 
 Sent = list[tuple[float, float]]  # (audio seconds sent so far, monotonic time)
 Finals = list[tuple[float, float, str]]  # (received at, last word's end, text)
@@ -236,11 +234,7 @@ def main() -> None:
     parser.add_argument("--message-s", type=float, default=0.1,
                         help="seconds of audio per message (Twilio: always 20 ms)")
     args = parser.parse_args()
-    report = asyncio.run(main_async(args.clip, args.message_s))
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / "dialects.json"
-    path.write_text(json.dumps(report, indent=1, ensure_ascii=False))
-    print("wrote", path)
+    save_report("dialects", asyncio.run(main_async(args.clip, args.message_s)))
 
 
 if __name__ == "__main__":

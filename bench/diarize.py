@@ -419,57 +419,6 @@ def labels_suite(convs: list[Conversation], model: Any, thresholds: Sequence[flo
 # --------------------------------------------------------------------------- service suite
 
 
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-async def _streams(ws_url: str, redis: Any, convs: list[Conversation], diarize: bool,
-                   stagger_s: float = 2.0) -> tuple[list[Any], list[float]]:
-    from common.client import listen_url, stream
-    from tests.audio_refs import frames
-
-    n = len(convs)
-    sids: list[str | None] = [None] * n
-    starts: list[float | None] = [None] * n
-    lags: list[float] = []
-    done = asyncio.Event()
-
-    def watcher(i: int) -> Any:
-        def on(msg: dict[str, Any]) -> None:
-            if msg["type"] == "session":
-                sids[i] = msg["session_id"]
-                starts[i] = time.monotonic()
-        return on
-
-    async def one(i: int) -> Any:
-        await asyncio.sleep(i * stagger_s / max(n, 1))
-        url = listen_url(ws_url, diarize=True if diarize else None)
-        return await stream(url, frames(convs[i].pcm), pace=1.0, on_message=watcher(i),
-                            read_timeout=600)
-
-    async def sampler() -> None:
-        while not done.is_set():
-            await asyncio.sleep(0.5)
-            now = time.monotonic()
-            for sid, started, conv in zip(sids, starts, convs, strict=True):
-                if sid is None or started is None:
-                    continue
-                sent = min(now - started, conv.seconds)
-                if sent < 2.0 or sent >= conv.seconds - 0.5:
-                    continue  # steady state only
-                processed = await asyncio.to_thread(
-                    redis.hget, f"stt:{{{sid}}}:meta", "processed_sample")
-                lags.append(max(0.0, sent - int(processed or 0) / RATE))
-
-    samp = asyncio.create_task(sampler())
-    results = await asyncio.gather(*(one(i) for i in range(n)))
-    done.set()
-    await samp
-    return list(results), lags
-
-
 def _load_seconds() -> float:
     """What the first diarized session on a worker waits for: torch and the encoder loaded
     (in a fresh process)."""
@@ -485,7 +434,7 @@ def _load_seconds() -> float:
 
 
 def service_suite(convs: list[Conversation], streams: int) -> dict[str, Any]:
-    from bench.sessions import pct, summary
+    from bench.sessions import cpu_seconds, pct, run_streams, summary
     from tests.procs import Cluster
 
     out: dict[str, Any] = {"streams": streams, "encoder_load_s": _load_seconds()}
@@ -499,10 +448,10 @@ def service_suite(convs: list[Conversation], streams: int) -> dict[str, Any]:
         try:
             pid = cluster.workers["w1"].proc.pid
             load = os.getloadavg()[0]
-            cpu0 = _cpu_seconds(pid)
-            results, lags = asyncio.run(_streams(cluster.ws_url, cluster.redis.client(),
-                                                 chosen, diarize))
-            cpu = _cpu_seconds(pid) - cpu0
+            cpu0 = cpu_seconds(pid)
+            results, lags = asyncio.run(run_streams(cluster, chosen, jitter_s=0.0,
+                                                    diarize=True if diarize else None))
+            cpu = cpu_seconds(pid) - cpu0
         finally:
             cluster.close()
         audio_s = sum(c.seconds for c in chosen)

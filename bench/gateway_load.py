@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
 import shlex
 import time
 from collections.abc import Callable
@@ -21,17 +20,11 @@ import numpy as np
 from websockets.asyncio.client import connect
 from websockets.frames import Frame, Opcode
 
-from bench.sessions import summary
+from bench.sessions import cpu_seconds, summary
 from common.client import listen_url
 from tests.procs import ROOT, RedisServer, start_gateway
 
 FRAME = 1600  # 100 ms at 16 kHz
-
-
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _load(url: str, sockets: int, seconds: float, settle_s: float,
@@ -171,7 +164,7 @@ def _gateway_rows(socket_counts: list[int], seconds: float, settle_s: float,
             rpid = server.proc.pid
 
             def probe(pids: list[int] = pids, rpid: int = rpid) -> list[float]:
-                return [sum(_cpu_seconds(p) for p in pids), _cpu_seconds(rpid),
+                return [sum(cpu_seconds(p) for p in pids), cpu_seconds(rpid),
                         time.process_time(), time.monotonic()]
 
             idle_mb = _total_rss_mb(pids)

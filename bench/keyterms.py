@@ -16,7 +16,6 @@ core (the real model, Silero VAD, 100 ms chunks, partials and speculative finals
 
 from __future__ import annotations
 
-import json
 import subprocess
 import tempfile
 import time
@@ -28,6 +27,7 @@ import soundfile as sf
 import soxr
 
 from bench.finals import FINALS_CLIPS, _session, _Timed, corpus_wer
+from bench.sessions import save_report
 from common.settings import TranscriberSettings, load
 from tests.audio_refs import load_pcm16, normalize, reference
 from transcriber.config import resolve_tails
@@ -35,7 +35,6 @@ from transcriber.model import WhisperDecoder, load_whisper
 from transcriber.vad import SileroVad
 
 RATE = 16000
-RESULTS = Path(__file__).parent / "results" / "keyterms.json"
 
 #: (clip, its terms) from ../shared/audio.
 REAL = [("mfa_words", ["Montreal Forced Aligner"]), ("mfa_crossword", ["Montreal Forced Aligner"]),
@@ -122,8 +121,7 @@ def main() -> None:
             for way, keyterms in (("without", []), ("with", GLOSSARY[:10]))}
     out["other_clips"] = {"clips": len(others), "wer": cost,
                           "seconds": round(time.monotonic() - began, 1)}
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=1))
+    save_report("keyterms", out)
     print(f"term recall: {recall['without']}/{total} without, {recall['with']}/{total} with "
           f"keyterms; WER of those items {out['termed_wer']}")
     print(f"other clips ({len(others)}), terms absent: WER {cost['without']:.4f} without, "

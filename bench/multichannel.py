@@ -22,42 +22,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench.sessions import cpu_seconds, save_report
 from common.client import StreamResult, listen_url, stream
-from tests.audio_refs import frames, load_pcm16, reference, wer
+from tests.audio_refs import frames, load_pcm16, reference, stereo_call, wer
 from tests.procs import Cluster
 
-OUT = Path(__file__).resolve().parent / "results"
 CLIPS = ("fw_jfk", "ps_librivox_0870")
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def stereo(offset_s: float, bleed: float, tail_s: float = 2.0) -> np.ndarray:
-    a, b = (load_pcm16(clip).astype(np.float32) for clip in CLIPS)
-    off = int(offset_s * 16000)
-    n = max(len(a), off + len(b)) + int(tail_s * 16000)
-    left, right = np.zeros(n, np.float32), np.zeros(n, np.float32)
-    left[:len(a)] = a
-    right[off:off + len(b)] = b
-    mixed = np.stack([left + bleed * right, right + bleed * left], axis=1)
-    return np.clip(np.rint(mixed), -32768, 32767).astype(np.int16)
-
-
-def stereo_frames(pcm: np.ndarray) -> list[tuple[bytes, float]]:
-    return [(pcm[i:i + 1600].astype("<i2").tobytes(), len(pcm[i:i + 1600]) / 16000)
-            for i in range(0, len(pcm), 1600)]
 
 
 def median_ttf(res: StreamResult) -> float | None:
@@ -66,7 +42,7 @@ def median_ttf(res: StreamResult) -> float | None:
 
 
 async def main_async(offset_s: float, bleed: float) -> dict[str, Any]:
-    call = stereo(offset_s, bleed)
+    call = stereo_call(CLIPS, offset_s, bleed)
     seconds = len(call) / 16000
     cluster = Cluster(workers=1)
     pid = next(iter(cluster.workers.values())).proc.pid
@@ -90,14 +66,14 @@ async def main_async(offset_s: float, bleed: float) -> dict[str, Any]:
                 "wer": round(wer(reference(clip), res.text), 3), "ttf_median_s": median_ttf(res),
                 "text": res.text}
         [mixed] = await timed("downmixed", [
-            stream(listen_url(cluster.ws_url, channels=2), stereo_frames(call), pace=1.0)])
+            stream(listen_url(cluster.ws_url, channels=2), frames(call), pace=1.0)])
         report["runs"]["downmixed"].update({
             f"wer_channel_{c}": round(wer(reference(clip), mixed.text), 3)
             for c, clip in enumerate(CLIPS)})
         report["runs"]["downmixed"]["text"] = mixed.text
         [multi] = await timed("multichannel", [
             stream(listen_url(cluster.ws_url, multichannel=True, channels=2),
-                   stereo_frames(call), pace=1.0)])
+                   frames(call), pace=1.0)])
         for channel, clip in enumerate(CLIPS):
             text = " ".join(f["text"] for f in multi.finals if f["channel"] == channel)
             report["runs"]["multichannel"][f"channel_{channel}"] = {
@@ -110,7 +86,7 @@ async def main_async(offset_s: float, bleed: float) -> dict[str, Any]:
     try:
         [ungated] = await asyncio.gather(
             stream(listen_url(cluster.ws_url, multichannel=True, channels=2),
-                   stereo_frames(call), pace=1.0))
+                   frames(call), pace=1.0))
         row = report["runs"]["multichannel, no crosstalk gate"] = {}
         for channel, clip in enumerate(CLIPS):
             text = " ".join(f["text"] for f in ungated.finals if f["channel"] == channel)
@@ -130,10 +106,7 @@ def main() -> None:
     report = asyncio.run(main_async(args.offset_s, args.bleed))
     report["wall_s"] = round(time.monotonic() - began, 1)
     print(json.dumps(report, indent=1, ensure_ascii=False))
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / "multichannel.json"
-    path.write_text(json.dumps(report, indent=1, ensure_ascii=False))
-    print("wrote", path)
+    save_report("multichannel", report)
 
 
 if __name__ == "__main__":

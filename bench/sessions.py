@@ -3,16 +3,25 @@ numbers computed from what a client received (latency, churn, WER)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
+import os
+import random
 import statistics
-from typing import Any
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 import numpy as np
 import redis
 
-from common.client import StreamResult
-from tests.audio_refs import load_pcm16, normalize, reference, wer
+from common.client import StreamResult, listen_url, stream
+from tests.audio_refs import frames, load_pcm16, normalize, reference, wer
+
+if TYPE_CHECKING:
+    from tests.procs import Cluster
 
 # English clips whose references are reliable; joined into one long "conversation".
 CLIPS = [
@@ -122,3 +131,75 @@ def breakdown(res: StreamResult, r: redis.Redis, min_silence_s: float) -> list[d
 
 def streaming_wer(res: StreamResult, conv: Conversation) -> float:
     return wer(conv.reference, res.text)
+
+
+#: Where the suites write their reports.
+RESULTS = Path(__file__).parent / "results"
+
+
+def save_report(name: str, report: dict[str, Any]) -> Path:
+    """``report`` as ``bench/results/NAME.json``; its path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(report, indent=1, ensure_ascii=False, default=float))
+    print("wrote", path)
+    return path
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) process ``pid`` has used."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class HasAudio(Protocol):
+    pcm: np.ndarray
+
+
+async def run_streams(cluster: Cluster, convs: list[Any], stagger_s: float = 2.0,
+                      jitter_s: float = 0.2, **params: Any,
+                      ) -> tuple[list[StreamResult], list[float]]:
+    """A concurrent real-time stream per conversation (anything with ``pcm``, 16 kHz int16),
+    started ``stagger_s / n`` apart (plus up to ``jitter_s`` at random), with ``params`` in
+    the listen URL; samples each session's lag every 0.5 s in its steady state."""
+    n = len(convs)
+    sids: list[str | None] = [None] * n
+    starts: list[float | None] = [None] * n
+    lags: list[float] = []
+    done = asyncio.Event()
+    url = listen_url(cluster.ws_url, **params)
+
+    def watcher(i: int) -> Any:
+        def on(msg: dict[str, Any]) -> None:
+            if msg["type"] == "session":
+                sids[i] = msg["session_id"]
+                starts[i] = time.monotonic()
+        return on
+
+    async def one(i: int) -> StreamResult:
+        await asyncio.sleep(i * stagger_s / max(n, 1) + random.random() * jitter_s)
+        return await stream(url, frames(convs[i].pcm), pace=1.0, on_message=watcher(i),
+                            read_timeout=600)
+
+    async def sampler() -> None:
+        r = cluster.redis.client()
+        while not done.is_set():
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            for sid, started, conv in zip(sids, starts, convs, strict=True):
+                duration = len(conv.pcm) / RATE
+                if sid is None or started is None:
+                    continue
+                sent = min(now - started, duration)
+                if sent < 2.0 or sent >= duration - 0.5:
+                    continue  # steady state only
+                processed = await asyncio.to_thread(
+                    r.hget, f"stt:{{{sid}}}:meta", "processed_sample")
+                lags.append(max(0.0, sent - int(processed or 0) / RATE))
+
+    samp = asyncio.create_task(sampler())
+    results = await asyncio.gather(*(one(i) for i in range(n)))
+    done.set()
+    await samp
+    return list(results), lags

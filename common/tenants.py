@@ -370,21 +370,19 @@ async def _run(args: argparse.Namespace) -> int:
                 scopes = ",".join(obj.get("scopes") or ()) or "-"
                 created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(obj.get("created", 0)))
                 print(f"{obj['tenant']}\t{obj['name']}\t{scopes}\t{created}")
-        elif args.command == "revoke":
-            record = await store.revoke(args.name)
+        elif args.command in ("revoke", "rotate"):
+            if args.command == "revoke":
+                record, key = await store.revoke(args.name), None
+            else:
+                rotated = await store.rotate(args.name)
+                key, record = rotated if rotated is not None else (None, None)
             if record is None:
                 print(f"no key named {args.name!r}", file=sys.stderr)
                 return 1
-            await audit(redis, retention, "key_revoked", actor, "", record.tenant, args.name)
-            print(f"revoked {args.name} (tenant {record.tenant})")
-        elif args.command == "rotate":
-            rotated = await store.rotate(args.name)
-            if rotated is None:
-                print(f"no key named {args.name!r}", file=sys.stderr)
-                return 1
-            key, record = rotated
-            await audit(redis, retention, "key_rotated", actor, "", record.tenant, args.name)
-            print(f"key (the old one is refused from now on): {key}")
+            await audit(redis, retention, f"key_{args.command}d", actor, "", record.tenant,
+                        args.name)
+            print(f"revoked {args.name} (tenant {record.tenant})" if key is None
+                  else f"key (the old one is refused from now on): {key}")
         elif args.command == "quota":
             fields: dict[str, str] = {}
             if args.max_sessions is not None:

@@ -67,8 +67,24 @@ def wav16(pcm: np.ndarray, rate: int = 16000) -> bytes:
     return buf.getvalue()
 
 
+def stereo_call(clips: tuple[str, str] | list[str], offset_s: float, bleed: float,
+                tail_s: float = 2.0) -> np.ndarray:
+    """(frames, 2) int16: the first clip on channel 0 from the start, the second on channel
+    1 from ``offset_s``, each channel carrying the other at ``bleed`` (headset crosstalk),
+    with ``tail_s`` of silence after the later one."""
+    a, b = (load_pcm16(clip).astype(np.float32) for clip in clips)
+    off = int(offset_s * 16000)
+    n = max(len(a), off + len(b)) + int(tail_s * 16000)
+    left, right = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    left[:len(a)] = a
+    right[off:off + len(b)] = b
+    mixed = np.stack([left + bleed * right, right + bleed * left], axis=1)
+    return np.clip(np.rint(mixed), -32768, 32767).astype(np.int16)
+
+
 def frames(pcm16: np.ndarray, frame_s: float = 0.1, rate: int = 16000) -> list[tuple[bytes, float]]:
-    """int16 samples → (bytes, seconds) messages of ``frame_s``."""
+    """int16 samples (or (frames, channels) rows, sent interleaved) → (bytes, seconds)
+    messages of ``frame_s``."""
     step = int(rate * frame_s)
     return [(pcm16[i:i + step].astype("<i2").tobytes(), len(pcm16[i:i + step]) / rate)
             for i in range(0, len(pcm16), step)]

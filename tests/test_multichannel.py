@@ -24,7 +24,7 @@ from deepgram.listen.v1.types import ListenV1Metadata, ListenV1Results
 from websockets.asyncio.client import connect
 
 from common.client import StreamResult, listen_url, stream
-from tests.audio_refs import frames, load_pcm16, reference, wer
+from tests.audio_refs import frames, load_pcm16, reference, stereo_call, wer
 from tests.conftest import Stack
 from tests.procs import raw
 from tests.test_deepgram import sdk_client
@@ -39,24 +39,6 @@ TAIL_S = 2.0
 #: How far a final may end before the final published ahead of it (seq order): each channel
 #: ends its utterances after its own pause, so the order is that of the endpoints.
 ORDER_SLACK_S = 1.5
-
-
-def stereo_call() -> np.ndarray:
-    """(frames, 2) int16."""
-    a, b = (load_pcm16(clip).astype(np.float32) for clip in CLIPS)
-    off = int(OFFSET_S * 16000)
-    n = max(len(a), off + len(b)) + int(TAIL_S * 16000)
-    left, right = np.zeros(n, np.float32), np.zeros(n, np.float32)
-    left[:len(a)] = a
-    right[off:off + len(b)] = b
-    mixed = np.stack([left + BLEED * right, right + BLEED * left], axis=1)
-    return np.clip(np.rint(mixed), -32768, 32767).astype(np.int16)
-
-
-def stereo_frames(pcm: np.ndarray, frame_s: float = 0.1) -> list[tuple[bytes, float]]:
-    step = int(16000 * frame_s)
-    return [(pcm[i:i + step].astype("<i2").tobytes(), len(pcm[i:i + step]) / 16000)
-            for i in range(0, len(pcm), step)]
 
 
 def alone(clip: str) -> np.ndarray:
@@ -104,10 +86,10 @@ def call_run(stack: Stack) -> dict[str, Any]:
             for clip in CLIPS)))
 
     baseline = asyncio.run(alone_runs())
-    pcm = stereo_call()
+    pcm = stereo_call(CLIPS, OFFSET_S, BLEED, TAIL_S)
     began = time.process_time()
     res = asyncio.run(stream(listen_url(stack.ws_url, multichannel=True, channels=2),
-                             stereo_frames(pcm), pace=1.0))
+                             frames(pcm), pace=1.0))
     return {"alone": baseline, "call": res, "pcm": pcm, "client_cpu": time.process_time() - began}
 
 
@@ -202,19 +184,12 @@ def test_a_worker_killed_mid_call_loses_and_repeats_no_final_on_any_channel(
     watch = SessionWatch()
     killed: dict[str, Any] = {}
 
-    async def scenario() -> StreamResult:
-        async def killer() -> None:
-            def before(owner: str) -> None:
-                killed["name"], killed["finals"] = owner, len(watch.finals)
-            await watch.kill_owner(cluster, 8.0, before)
+    def before(owner: str) -> None:
+        killed["name"], killed["finals"] = owner, len(watch.finals)
 
-        res, _ = await asyncio.gather(
-            stream(listen_url(cluster.ws_url, multichannel=True, channels=2),
-                   stereo_frames(call_run["pcm"]), pace=1.0, on_message=watch),
-            killer())
-        return res
-
-    res = asyncio.run(scenario())
+    res = watch.stream_through_owner_kill(
+        cluster, listen_url(cluster.ws_url, multichannel=True, channels=2),
+        frames(call_run["pcm"]), 8.0, before)
     check_channels(res)
     assert watch.sid is not None
     assert cluster.owner(watch.sid) != killed["name"]
@@ -249,7 +224,7 @@ def test_bad_channels_are_refused_with_an_error_and_a_close_code(
 def test_the_deepgram_sdk_gets_results_by_channel_index(stack: Stack) -> None:
     """The official SDK with ``multichannel=True``: each ``Results`` names its channel as
     Deepgram's do (``channel_index`` [i, 2]); each channel's transcript is its speaker's."""
-    pcm = stereo_call()
+    pcm = stereo_call(CLIPS, OFFSET_S, BLEED, TAIL_S)
     got: list[Any] = []
     failure: list[BaseException] = []
     with sdk_client(stack).listen.v1.connect(
@@ -264,7 +239,7 @@ def test_the_deepgram_sdk_gets_results_by_channel_index(stack: Stack) -> None:
 
         reader = threading.Thread(target=read)
         reader.start()
-        for chunk, _seconds in stereo_frames(pcm):
+        for chunk, _seconds in frames(pcm):
             conn.send_media(chunk)
             time.sleep(0.05)  # 2x real time
         conn.send_close_stream()
@@ -282,9 +257,9 @@ def test_the_deepgram_sdk_gets_results_by_channel_index(stack: Stack) -> None:
 def test_a_dropped_call_resumes_with_its_channels_and_only_with_them(stack: Stack) -> None:
     """A resume must name the same channels (else ``unsupported_audio``, 1003, and the
     session is untouched); with them, the call continues where the server's audio ends."""
-    pcm = stereo_call()[:6 * 16000]
+    pcm = stereo_call(CLIPS, OFFSET_S, BLEED, TAIL_S)[:6 * 16000]
     url = listen_url(stack.ws_url, multichannel=True, channels=2)
-    messages = stereo_frames(pcm)
+    messages = frames(pcm)
 
     async def drop_after(seconds: float) -> str:
         async with connect(url) as ws:
@@ -315,7 +290,7 @@ def test_a_channel_silent_for_long_moves_its_commit_point_on(stack: Stack) -> No
     speech = np.concatenate([alone("fw_jfk"), alone("fw_jfk")])
     pcm = np.stack([speech, np.zeros_like(speech)], axis=1)
     res = asyncio.run(stream(listen_url(stack.ws_url, multichannel=True, channels=2),
-                             stereo_frames(pcm), pace=None))
+                             frames(pcm), pace=None))
     check_channels(res)
     assert {f["channel"] for f in res.finals} == {0}
     sid = res.messages[0].message["session_id"]

@@ -42,9 +42,10 @@ class SessionWatch:
             self.finals.append((time.monotonic(), msg))
 
     async def kill_owner(self, cluster: Cluster, after_s: float,
-                         before: Callable[[str], None] | None = None) -> str:
-        """``after_s`` seconds into the session, SIGKILL the worker that owns it (``before``
-        sees its name first); the owner's name."""
+                         before: Callable[[str], None] | None = None,
+                         sig: signal.Signals = signal.SIGKILL) -> str:
+        """``after_s`` seconds into the session, SIGKILL (or ``sig``) the worker that owns it
+        (``before`` sees its name first); the owner's name."""
         await self.known.wait()
         await asyncio.sleep(after_s)
         assert self.sid is not None
@@ -52,8 +53,22 @@ class SessionWatch:
         assert owner in cluster.workers
         if before is not None:
             before(owner)
-        cluster.workers[owner].signal(signal.SIGKILL)
+        cluster.workers[owner].signal(sig)
         return owner
+
+    def stream_through_owner_kill(self, cluster: Cluster, url: str,
+                                  messages: list[tuple[bytes, float]], after_s: float,
+                                  before: Callable[[str], None] | None = None,
+                                  sig: signal.Signals = signal.SIGKILL,
+                                  **options: Any) -> StreamResult:
+        """Stream ``messages`` at real time to ``url`` while ``kill_owner`` runs; the
+        client's account (it resumes as a client does)."""
+        async def scenario() -> StreamResult:
+            res, _ = await asyncio.gather(
+                stream(url, messages, pace=1.0, on_message=self, **options),
+                self.kill_owner(cluster, after_s, before, sig))
+            return res
+        return asyncio.run(scenario())
 
 
 @pytest.fixture
@@ -294,21 +309,11 @@ def test_sigterm_hands_sessions_over_without_waiting_for_the_lease(cluster_facto
     watch = SessionWatch()
     info: dict[str, Any] = {}
 
-    async def scenario() -> StreamResult:
-        async def terminate() -> None:
-            await watch.known.wait()
-            await asyncio.sleep(4.0)  # the case: mid-session
-            assert watch.sid is not None
-            info["owner"] = cluster.owner(watch.sid)
-            info["at"] = time.monotonic()
-            cluster.workers[info["owner"]].signal(signal.SIGTERM)
+    def before(owner: str) -> None:
+        info["owner"], info["at"] = owner, time.monotonic()
 
-        res, _ = await asyncio.gather(
-            stream(listen_url(cluster.ws_url), frames(JFK), pace=1.0, on_message=watch),
-            terminate())
-        return res
-
-    res = asyncio.run(scenario())
+    res = watch.stream_through_owner_kill(cluster, listen_url(cluster.ws_url), frames(JFK),
+                                          4.0, before, signal.SIGTERM)  # mid-session
     check_protocol(res)
     assert watch.sid is not None
     assert cluster.owner(watch.sid) != info["owner"]

@@ -5,7 +5,6 @@ one frame, and nothing counted twice. Real speech, two workers, a gateway with a
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
 import time
@@ -16,7 +15,7 @@ import pytest
 
 from common import keys
 from common.auth import hash_key, new_key
-from common.client import listen_url, stream
+from common.client import listen_url
 from common.tenants import day_of
 from tests.audio_refs import frames, load_pcm16, reference, wer
 from tests.procs import Cluster
@@ -51,22 +50,14 @@ def test_usage_equals_the_audio_sent_after_a_worker_sigkill_failover(cluster: Cl
     watch = SessionWatch()
     at_kill: dict[str, Any] = {}
 
-    async def scenario() -> Any:
-        async def killer() -> None:
-            def before(owner: str) -> None:
-                assert watch.sid is not None
-                at_kill.update(usage(cluster), owner=owner,
-                               processed=int(cluster.meta(watch.sid)["processed_sample"]),
-                               committed=int(cluster.meta(watch.sid)["commit_sample"]))
-            await watch.kill_owner(cluster, 6.0, before)
+    def before(owner: str) -> None:
+        assert watch.sid is not None
+        at_kill.update(usage(cluster), owner=owner,
+                       processed=int(cluster.meta(watch.sid)["processed_sample"]),
+                       committed=int(cluster.meta(watch.sid)["commit_sample"]))
 
-        res, _ = await asyncio.gather(
-            stream(listen_url(cluster.ws_url), frames(JFK), pace=1.0, on_message=watch,
-                   headers={"Authorization": f"Bearer {KEY}"}),
-            killer())
-        return res
-
-    res = asyncio.run(scenario())
+    res = watch.stream_through_owner_kill(cluster, listen_url(cluster.ws_url), frames(JFK), 6.0,
+                                          before, headers={"Authorization": f"Bearer {KEY}"})
     check_protocol(res)
     assert res.close_code == 1000
     assert cluster.owner(watch.sid or "") != at_kill["owner"]  # it failed over
