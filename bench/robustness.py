@@ -24,19 +24,18 @@ every word of a final is an invented one: reported per minute, with the text. It
 streamed with every window called speech (a fooled VAD, or a much lower threshold), so
 the decoder's own guards are measured too.
 
-Variants are worker settings (``--variant 'low=--vad-threshold 0.3'``), plus one
-experiment that is not in the worker: ``--vad-input-agc`` (``LevelledVad``).
+Variants are worker settings (``--variant 'low=--vad-threshold 0.3'``; the levelling of
+the VAD's input is ``--vad-level-max-gain-db``, 0 = off).
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import os
 import re
 import shlex
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jiwer
@@ -47,7 +46,7 @@ from bench.material import RATE, Session
 from common.messages import Final, Partial, Word
 from common.settings import TranscriberSettings, load
 from tests.audio_refs import normalize
-from transcriber.config import resolve_tails, stream_config
+from transcriber.config import resolve_tails, stream_config, vad_level
 from transcriber.model import WhisperDecoder, load_whisper, resolve_model
 from transcriber.streaming import Committed, Event, StreamingTranscriber
 from transcriber.vad import SileroVad
@@ -114,43 +113,17 @@ class StreamRun:
     wall_s: float
 
 
-class LevelledVad:
-    """Experiment (not in the worker): Silero hears each window raised toward ``target_db``
-    dBFS, by the loudest window of the last ``hold_s`` (boost only, at most
-    ``max_gain_db``); the decoder still gets the audio as it came. Variant flag
-    ``--vad-input-agc`` (the suite takes it off before the worker's settings)."""
-
-    def __init__(self, vad: SileroVad, target_db: float = -26.0, max_gain_db: float = 30.0,
-                 hold_s: float = 3.0) -> None:
-        self.vad = vad
-        self.target = 10 ** (target_db / 20)
-        self.max_gain = 10 ** (max_gain_db / 20)
-        self.hold = max(1, int(hold_s * RATE / 512))
-
-    def stream(self) -> Callable[[np.ndarray], np.ndarray]:
-        inner = self.vad.stream()
-        recent: collections.deque[float] = collections.deque(maxlen=self.hold)
-
-        def call(windows: np.ndarray) -> np.ndarray:
-            gains = np.empty(len(windows), np.float32)
-            for i, w in enumerate(windows):
-                recent.append(float(np.sqrt(np.mean(np.square(w, dtype=np.float64)))))
-                gains[i] = min(max(self.target / max(max(recent), 1e-9), 1.0), self.max_gain)
-            return inner((windows * gains[:, None]).astype(np.float32))
-        return call
-
-
 def open_vad(windows: np.ndarray) -> np.ndarray:
     """A VAD fooled by everything: each window is speech (the decoder's own guards alone)."""
     return np.full(len(windows), 0.99, np.float32)
 
 
-def stream(audio: np.ndarray, decoder: WhisperDecoder, vad: SileroVad | LevelledVad | None,
+def stream(audio: np.ndarray, decoder: WhisperDecoder, vad: SileroVad | None,
            settings: TranscriberSettings, interim: bool = True) -> StreamRun:
     """One session through the worker's streaming core, in 100 ms chunks (``vad`` None:
     every window is speech)."""
     probs: list[np.ndarray] = []
-    vad_stream = vad.stream() if vad is not None else open_vad
+    vad_stream = vad.stream(vad_level(settings)) if vad is not None else open_vad
 
     def logged_vad(windows: np.ndarray) -> np.ndarray:
         p = vad_stream(windows)
@@ -300,7 +273,7 @@ def _decoder(model: Any, s: TranscriberSettings) -> WhisperDecoder:
 
 
 def _condition(name: str, sessions: list[Session], off_model: Any, model: Any,
-               vad: SileroVad, variants: list[tuple[str, TranscriberSettings, bool]],
+               vad: SileroVad, variants: list[tuple[str, TranscriberSettings]],
                ) -> dict[str, Any]:
     offs = [offline(off_model, s.audio) for s in sessions]
     off_toks = [tokens(o.words) for o in offs]
@@ -318,7 +291,7 @@ def _condition(name: str, sessions: list[Session], off_model: Any, model: Any,
                     "transcripts": ["".join(w.word for w in o.words).strip() for o in offs]},
         "variants": {},
     }
-    for vname, settings, agc in variants:
+    for vname, settings in variants:
         decoder = _decoder(model, settings)
         total: dict[str, int] = {}
         groups: dict[str, dict[str, dict[str, int]]] = {
@@ -329,7 +302,7 @@ def _condition(name: str, sessions: list[Session], off_model: Any, model: Any,
         clips: list[dict[str, Any]] = []
         runs = []
         for s, ot in zip(sessions, off_toks, strict=True):
-            run = stream(s.audio, decoder, LevelledVad(vad) if agc else vad, settings)
+            run = stream(s.audio, decoder, vad, settings)
             runs.append(run)
             st = tokens(run.words)
             total = add(total, counts(s.reference, [w for w, _ in st]))
@@ -370,16 +343,15 @@ def _condition(name: str, sessions: list[Session], off_model: Any, model: Any,
 
 
 def _nonspeech(kind: str, seconds: float, off_model: Any, model: Any, vad: SileroVad,
-               variants: list[tuple[str, TranscriberSettings, bool]]) -> dict[str, Any]:
+               variants: list[tuple[str, TranscriberSettings]]) -> dict[str, Any]:
     audio = mat.NONSPEECH[kind](seconds, 24)
     off = offline(off_model, audio)
     out: dict[str, Any] = {"seconds": seconds, "dbfs": round(mat.rms_dbfs(audio), 1),
                            "offline_words": len(tokens(off.words)),
                            "offline_text": "".join(w.word for w in off.words).strip(),
                            "variants": {}}
-    for vname, settings, agc in variants:
-        run = stream(audio, _decoder(model, settings), LevelledVad(vad) if agc else vad,
-                     settings)
+    for vname, settings in variants:
+        run = stream(audio, _decoder(model, settings), vad, settings)
         n = len(tokens(run.words))
         v = {"words": n, "per_minute": n / (seconds / 60), "finals": run.finals,
              "partials": len(run.partials), "partial_texts": sorted(set(run.partials))[:20],
@@ -475,10 +447,7 @@ def robustness_suite(variants: list[tuple[str, str]], conditions: Sequence[str] 
     vad = SileroVad()
     settings = []
     for name, args in variants:
-        parts = shlex.split(args)
-        agc = "--vad-input-agc" in parts
-        parts = [p for p in parts if p != "--vad-input-agc"]
-        settings.append((name, load(TranscriberSettings, parts, environ={}), agc))
+        settings.append((name, load(TranscriberSettings, shlex.split(args), environ={})))
     data: dict[str, Any] = {"variants": dict(variants), "conditions": {}, "nonspeech": {},
                             "offline": "faster-whisper transcribe: whole file, beam 5, no VAD, "
                             "language en, word timestamps",

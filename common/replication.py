@@ -24,10 +24,15 @@ has replicas connected, up to ``REDIS_REPLICA_ACKS`` (``ROLE``, sent after the `
 replica that stalls keeps its link (until ``repl-timeout``) and holds writes back, while a
 primary with no replica (one just promoted, until a replica joins it) has nothing a
 failover could promote without the write, and its writes go on (docs/storage.md#failover).
+``WAIT`` itself asks for no more than the replicas the node's last ``ROLE`` showed
+(``ReplicaCounts``; the first write to a node asks it first): a primary without replicas
+answers at once instead of after the timeout; a replica that joined since makes the next
+write fail the check and be sent again, now waiting for it.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,17 +45,61 @@ from common.backoff import NotReplicated
 from common.redis_client import is_cluster
 
 
-def check_acks(waited: Any, role: Any, acks: int, what: str) -> None:
+def check_acks(waited: Any, role: Any, acks: int, what: str,
+               counts: ReplicaCounts | None = None, node: str = "") -> None:
     """Raise ``NotReplicated`` unless ``waited`` (WAIT's answer) reaches ``acks``, or every
     replica the node has (``role``: its ROLE answer, sent after the WAIT) when it has fewer:
     a primary without replicas (the one just promoted, until a replica joins it) has none
-    that a failover could promote without the write."""
+    that a failover could promote without the write. ``counts`` learns the node's
+    replicas."""
+    if counts is not None:
+        counts.seen(node, role)
     for reply in (waited, role):
         if isinstance(reply, BaseException):
             raise reply
     need = min(acks, connected_replicas(role))
     if int(waited) < need:
         raise NotReplicated(f"{what}: {int(waited)} of {need} replicas acknowledged it")
+
+
+class ReplicaCounts:
+    """The replicas each node had connected at its last ``ROLE`` (unknown at first: then
+    ``WAIT`` asks for the setting's count)."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, int] = {}
+
+    def wanted(self, node: str, acks: int) -> int:
+        """The ``numreplicas`` to send ``WAIT`` to ``node`` with."""
+        return min(acks, self._known.get(node, acks))
+
+    def known(self, node: str) -> bool:
+        return node in self._known
+
+    async def learn(self, redis: Any, node: Any = None) -> None:
+        """Ask ``node`` (a cluster node; None off a cluster) for its replicas, the first
+        time (one round trip per node and client)."""
+        name = "" if node is None else str(node.name)
+        if name in self._known:
+            return
+        role = await (redis.execute_command("ROLE") if node is None
+                      else redis.execute_command("ROLE", target_nodes=node))
+        self.seen(name, role)
+
+    def seen(self, node: str, role: Any) -> None:
+        if not isinstance(role, BaseException):
+            self._known[node] = connected_replicas(role)
+
+
+_counts: weakref.WeakKeyDictionary[Any, ReplicaCounts] = weakref.WeakKeyDictionary()
+
+
+def replica_counts(redis: Any) -> ReplicaCounts:
+    """The counts a client has seen (one per client: each talks to its own nodes)."""
+    counts = _counts.get(redis)
+    if counts is None:
+        counts = _counts[redis] = ReplicaCounts()
+    return counts
 
 
 def connected_replicas(role: Any) -> int:
@@ -70,18 +119,23 @@ async def node_name(redis: aioredis.Redis, key: str) -> str:
 
 
 async def add_wait(pipe: Pipeline, redis: aioredis.Redis, key: str, acks: int,
-                   timeout_ms: int) -> None:
+                   timeout_ms: int) -> str:
     """Queue ``WAIT`` and ``ROLE`` (two replies, for ``check_acks``) on ``pipe`` after the
     commands for ``key``: on a cluster, sent to the node that holds ``key``'s slot, so that
-    they run on the connection that carried them."""
+    they run on the connection that carried them. The node's name ("" off a cluster)."""
+    counts = replica_counts(redis)
     if is_cluster(redis):
         await redis.initialize()
         node = redis.get_node_from_key(key)
-        pipe.execute_command("WAIT", acks, timeout_ms, target_nodes=node)
+        await counts.learn(redis, node)
+        pipe.execute_command("WAIT", counts.wanted(node.name, acks), timeout_ms,
+                             target_nodes=node)
         pipe.execute_command("ROLE", target_nodes=node)
-    else:
-        pipe.execute_command("WAIT", acks, timeout_ms)
-        pipe.execute_command("ROLE")
+        return str(node.name)
+    await counts.learn(redis)
+    pipe.execute_command("WAIT", counts.wanted("", acks), timeout_ms)
+    pipe.execute_command("ROLE")
+    return ""
 
 
 async def run_acked(redis: aioredis.Redis, script: AsyncScript, keys: Sequence[str],
@@ -92,7 +146,7 @@ async def run_acked(redis: aioredis.Redis, script: AsyncScript, keys: Sequence[s
         pipe = redis.pipeline(transaction=False)
         # the cluster pipeline refuses .evalsha() but routes the command by its keys
         pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        await add_wait(pipe, redis, keys[0], acks, timeout_ms)
+        node = await add_wait(pipe, redis, keys[0], acks, timeout_ms)
         reply, waited, role = await pipe.execute(raise_on_error=False)
         if isinstance(reply, NoScriptError) and attempt == 1:
             # a restarted or newly promoted node has no script cache: load it, once
@@ -102,6 +156,6 @@ async def run_acked(redis: aioredis.Redis, script: AsyncScript, keys: Sequence[s
             raise reply
         if isinstance(reply, int) and reply < 0:
             return reply  # refused (a lost lease, a client back): nothing was written
-        check_acks(waited, role, acks, what)
+        check_acks(waited, role, acks, what, replica_counts(redis), node)
         return reply
     raise AssertionError("unreachable")

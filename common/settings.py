@@ -702,6 +702,15 @@ class EndpointingSettings:
         0.5, "Silero speech probability (0-1) at or above which speech starts")
     vad_neg_threshold: float = setting(
         0.35, "Silero speech probability (0-1) below which audio counts as silence")
+    vad_level_max_gain_db: float = setting(
+        30.0, "dB at most that Silero's input is raised by (level normalisation of the VAD's "
+        "input only: quiet speech is called speech; the decoder gets the audio as it came); "
+        "0 = off")
+    vad_level_target_db: float = setting(
+        -26.0, "dBFS the loudest window of the last VAD_LEVEL_HOLD_S is raised toward before "
+        "Silero hears it")
+    vad_level_hold_s: float = setting(
+        3.0, "seconds of audio whose loudest window sets the VAD input's gain")
     min_silence_s: float = setting(0.5, "seconds of silence that end an utterance")
     short_silence_s: float = setting(
         0.2, "seconds of silence that end an utterance when its speculative text ends a "

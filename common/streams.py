@@ -25,7 +25,7 @@ from common import keys
 from common.backoff import REDIS_DOWN, Backoff, reraise_cancel
 from common.messages import AudioEntry, Closed, Result, pack_audio_entry, unpack_result
 from common.redis_client import is_cluster
-from common.replication import add_wait, check_acks, node_name
+from common.replication import add_wait, check_acks, node_name, replica_counts
 from common.scripts import APPEND_AUDIO, APPEND_CLOSED, APPEND_GONE
 
 log = logging.getLogger(__name__)
@@ -114,8 +114,10 @@ class AudioAppender:
         commands = [hiredis.pack_command((b"EVALSHA", sha, 2, *_script_keys(sid),
                                           *_script_args(generation, entries)))
                     for sid, generation, entries in appends]
+        counts = replica_counts(self._redis)
         if self.replica_acks:
-            wait = (b"WAIT", self.replica_acks, self.ack_timeout_ms)
+            await counts.learn(self._redis)
+            wait = (b"WAIT", counts.wanted("", self.replica_acks), self.ack_timeout_ms)
             commands.append(hiredis.pack_command(wait))  # type: ignore[arg-type]  # stub: 1-tuple
             commands.append(hiredis.pack_command((b"ROLE",)))
         pool = self._redis.connection_pool
@@ -131,7 +133,7 @@ class AudioAppender:
                         replies.append(exc)
             if self.replica_acks:
                 role = replies.pop()
-                check_acks(replies.pop(), role, self.replica_acks, "audio appends")
+                check_acks(replies.pop(), role, self.replica_acks, "audio appends", counts)
             return replies
         except BaseException:
             # replies may still be on their way: this connection is out of step
@@ -162,8 +164,10 @@ class AudioAppender:
         async with asyncio.timeout(self._round_trip_s()):
             replies = list(await pipe.execute(raise_on_error=False))
         tail = replies[len(replies) - waits:]
-        for waited, role in zip(tail[::2], tail[1::2], strict=True):
-            check_acks(waited, role, self.replica_acks, "audio appends")
+        counts = replica_counts(self._redis)
+        for node, waited, role in zip(by_node if waits else (), tail[::2], tail[1::2],
+                                      strict=True):
+            check_acks(waited, role, self.replica_acks, "audio appends", counts, node)
         return replies[:len(replies) - waits]
 
     def _round_trip_s(self) -> float | None:

@@ -131,9 +131,16 @@ class RedisServer:
         self.proc.send_signal(signal.SIGCONT)
 
     def in_sync(self) -> bool:
-        """For a replica: its link to the primary is up."""
+        """For a replica: its link to the primary is up, and the primary counts it (its
+        ROLE lists it: a replica that has loaded the primary's data is listed only after
+        its first acknowledgement, and WAIT counts only the replicas listed)."""
         info = redis.Redis(port=self.port, socket_timeout=2).info("replication")
-        return info.get("master_link_status") == "up"
+        if info.get("master_link_status") != "up":
+            return False
+        if self.replica_of is None:
+            return True
+        role = redis.Redis(port=self.replica_of.port, socket_timeout=2).execute_command("ROLE")
+        return any(int(port) == self.port for _ip, port, *_ in role[2])
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=10)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from common.messages import Word
-from transcriber.model import looks_degenerate
+from transcriber.model import cut_loop, looks_degenerate
 from transcriber.models import join_parts, package_data, resolve
 
 
@@ -51,6 +51,55 @@ def test_decoding_loops_are_recognised() -> None:
     assert looks_degenerate(ok, 1.0)  # nine words in one second
     late = [W(" hello", 0.1, 0.5), W(" there", 0.6, 3.0)]
     assert looks_degenerate(late, 2.0)
+
+
+def test_a_loop_is_cut_where_it_starts() -> None:
+    def words(text: str, step: float = 0.2) -> list[Word]:
+        return [W(" " + w, i * step, i * step + 0.1) for i, w in enumerate(text.split())]
+
+    def text(ws: list[Word]) -> str:
+        return "".join(w.word for w in ws).strip()
+
+    looped = words("I have a thousand " + "thousand " * 17, 0.1)
+    assert text(cut_loop(looped, 3.0)) == "I have a thousand thousand"
+    phrase = words("ask what you can do ask what you can do ask what")
+    assert text(cut_loop(phrase, 3.0)) == "ask what you can do"
+    late = [W(" hello", 0.1, 0.5), W(" there", 0.6, 1.0), W(" you", 1.0, 3.0)]
+    assert text(cut_loop(late, 2.0)) == "hello there"
+    many = words("one two three four five six seven eight nine ten eleven", 0.05)
+    assert len(cut_loop(many, 1.0)) == 7
+    for case, seconds in ((looped, 3.0), (phrase, 3.0), (late, 2.0), (many, 1.0)):
+        assert not looks_degenerate(cut_loop(case, seconds), seconds)
+    ok = words("no no we said no")
+    assert cut_loop(ok, 2.0) == ok
+
+
+def test_a_decode_that_loops_however_it_is_redone_is_cut_before_the_loop() -> None:
+    """Every decode of this (fake) model loops, with and without the prompt and with the
+    full window: the decoder returns what came before the loop, partial or final."""
+    import numpy as np
+
+    from transcriber.model import WhisperDecoder
+
+    calls: list[str] = []
+
+    class Looping:
+        def _decode(self, audio: np.ndarray, prompt: str, final: bool,
+                    bias: bool = True) -> list[Word]:
+            calls.append(prompt)
+            return [W(" I", 0.0, 0.2), W(" have", 0.2, 0.4), W(" a", 0.4, 0.5)] + [
+                W(" thousand", 0.5 + i * 0.1, 0.6 + i * 0.1) for i in range(20)]
+
+    decoder = WhisperDecoder(object(), "en")
+    fake = Looping()
+    decoder._decode = fake._decode  # type: ignore[method-assign]
+    audio = np.zeros(3 * 16000, np.float32)
+    for final in (False, True):
+        calls.clear()
+        got = decoder.decode(audio, "the previous text", final)
+        assert "".join(w.word for w in got) == " I have a thousand thousand"
+        assert "" in calls  # it was redone without the prompt first
+    assert decoder.loops_cut == 2
 
 
 def test_a_low_confidence_stock_phrase_at_the_end_is_dropped() -> None:

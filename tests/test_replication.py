@@ -146,14 +146,38 @@ async def test_without_acknowledgements_nothing_waits_for_the_replica(
 async def test_a_primary_without_replicas_is_not_held_back(own_redis: RedisServer) -> None:
     """A primary with no replica connected (one just promoted, until a replica joins it) has
     none that a failover could promote without the write: acknowledgements are asked of the
-    replicas it has, so its writes go on."""
+    replicas it has, so its writes go on, without waiting out the acknowledgement timeout
+    (``WAIT`` asks for the replicas its last ``ROLE`` showed). A replica that joins later
+    is waited for again: the first write after it fails the check and is sent again."""
     r = make_redis(RedisSettings(redis_url=own_redis.url), retries=False)
     try:
         sid = await session(r)
-        writer = SessionWriter(r, sid, 1, replica_acks=1, ack_timeout_ms=ACK_TIMEOUT_MS)
-        assert await writer.commit(final(sid, 0), 16000, 1, "", "0-0") == 1
-        appender = AudioAppender(r, 16, replica_acks=1, ack_timeout_ms=ACK_TIMEOUT_MS)
-        assert await appender.append_many(
-            [(sid, 1, [AudioFrame(1, 0, b"\x01\x00" * 160)])]) == [1]
+        writer = SessionWriter(r, sid, 1, replica_acks=1, ack_timeout_ms=PATIENT_MS)
+        appender = AudioAppender(r, 16, replica_acks=1, ack_timeout_ms=PATIENT_MS)
+        began = time.monotonic()
+        for u in range(3):
+            assert await writer.commit(final(sid, u), 16000 * (u + 1), u + 1, "",
+                                       "0-0") == u + 1
+            assert await appender.append_many(
+                [(sid, 1, [AudioFrame(u + 1, u * 160, b"\x01\x00" * 160)])]) == [1]
+        assert time.monotonic() - began < PATIENT_MS / 1000 / 2  # six writes, no timeout
+
+        replica = RedisServer(replica_of=own_redis)
+        replica.start()
+        try:
+            wait_until("the replica in sync", replica.in_sync, 15)
+            replica.pause()  # it is connected: a write now needs it, and it does not answer
+            impatient = SessionWriter(r, sid, 1, replica_acks=1, ack_timeout_ms=ACK_TIMEOUT_MS)
+            with pytest.raises(NotReplicated):
+                await impatient.commit(final(sid, 3), 16000 * 4, 4, "", "0-0")
+            with pytest.raises(NotReplicated):
+                await impatient.commit(final(sid, 3), 16000 * 4, 4, "", "0-0")
+            replica.resume()
+            # the primary had it: not stored twice
+            assert await writer.commit(final(sid, 3), 16000 * 4, 4, "", "0-0") == 0
+            stored = [unpack_result(f) for f in await on_replica(replica, keys.results(sid))]
+            assert [m.utterance for m in stored] == [0, 1, 2, 3]
+        finally:
+            replica.stop()
     finally:
         await r.aclose()

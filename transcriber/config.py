@@ -17,6 +17,7 @@ from transcriber.endpointing import EndpointConfig
 from transcriber.model import FULL_WINDOW, resolve_device
 from transcriber.policy import LoadPolicy
 from transcriber.streaming import RATE, StreamConfig
+from transcriber.vad import VadLevel
 
 
 class Auto(enum.Enum):
@@ -101,6 +102,11 @@ def resolve_tails(s: TranscriberSettings, cuda: bool) -> tuple[int, int]:
     if final is AUTO:  # short context when the partials have it, a little longer
         final = FULL_WINDOW if tail == FULL_WINDOW else max(tail, AUTO_FINAL_TAIL_FRAMES)
     return tail, final
+
+
+def vad_level(s: TranscriberSettings) -> VadLevel:
+    """How a session's VAD input is levelled (``VAD_LEVEL_*``; off at a 0 dB gain)."""
+    return VadLevel(s.vad_level_target_db, s.vad_level_max_gain_db, s.vad_level_hold_s)
 
 
 def stream_config(s: TranscriberSettings, interim: bool) -> StreamConfig:

@@ -233,6 +233,21 @@ def lacks_style(words: list[Word]) -> bool:
         not any(c in ".,?!;:" for c in text)
 
 
+def _repeat_at(keys: list[str]) -> int | None:
+    """Where the first phrase said over and over stops being new: the index after its
+    first occurrence (a phrase of 3 words or more said twice) or its second (a word or two
+    said three times); None when nothing repeats like that."""
+    for size in range(1, 9):
+        for i in range(len(keys) - 2 * size + 1):
+            block = keys[i:i + size]
+            if block == keys[i + size:i + 2 * size]:
+                if size >= 3:
+                    return i + size
+                if block == keys[i + 2 * size:i + 3 * size]:
+                    return i + 2 * size
+    return None
+
+
 def looks_degenerate(words: list[Word], duration: float) -> bool:
     """Signs of a decoding loop: too many words for the audio, a phrase said over and
     over, or words past the end of the audio."""
@@ -242,14 +257,17 @@ def looks_degenerate(words: list[Word], duration: float) -> bool:
         return True
     if words[-1].end > duration + 0.5:
         return True
-    keys = [norm_word(w.word) for w in words]
-    for size in range(1, 9):
-        for i in range(len(keys) - 2 * size + 1):
-            block = keys[i:i + size]
-            if block == keys[i + size:i + 2 * size] and (size >= 3 or keys[i:i + size] ==
-                                                         keys[i + 2 * size:i + 3 * size]):
-                return True
-    return False
+    return _repeat_at([norm_word(w.word) for w in words]) is not None
+
+
+def cut_loop(words: list[Word], duration: float) -> list[Word]:
+    """The words before a decoding loop took over: a repeated phrase kept as often as
+    ``looks_degenerate`` allows, no word past the end of the audio, no more words than the
+    audio can hold. What is left is not degenerate."""
+    words = [w for w in words if w.end <= duration + 0.5][:int(2 + 5.0 * duration)]
+    while (at := _repeat_at([norm_word(w.word) for w in words])) is not None:
+        words = words[:at]
+    return words
 
 
 class WhisperDecoder:
@@ -265,6 +283,8 @@ class WhisperDecoder:
         self.final_retry_probability = final_retry_probability
         #: short-context decodes done again with the full window, by reason
         self.redos: collections.Counter[str] = collections.Counter()
+        #: decodes that looped however they were redone, cut before the loop
+        self.loops_cut = 0
         #: set by the worker while other sessions wait for inference: finals use the
         #: partials' (short) context too, so a loaded worker keeps up
         self.short_finals = False
@@ -315,13 +335,20 @@ class WhisperDecoder:
                 self.redos[reason] += 1
                 with encoder_tail(FULL_WINDOW):
                     words = self._decode(audio, prompt, final)
-            if (prompt or self.bias) and looks_degenerate(words, len(audio) / 16000):
+            last_resort = (prompt or self.bias) and looks_degenerate(words, len(audio) / 16000)
+            if last_resort:
                 # Still looping: the previous text often primes it (after "1. 2." a lone
                 # "three" became "3. 3. 3. 3. 3. 3. 3."); decode once more without it (and
                 # without the session's keyterms).
                 with encoder_tail(FULL_WINDOW):
                     words = self._decode(audio, "", final, bias=False)
-            elif final and prompt and not words:
+            if looks_degenerate(words, len(audio) / 16000):
+                # Every decode looped ("I have a thousand thousand thousand ..." on 3 s of
+                # speech under babble): what came before the loop, never the loop (a
+                # partial's repeats would be promised and kept in the final).
+                self.loops_cut += 1
+                words = cut_loop(words, len(audio) / 16000)
+            elif final and prompt and not words and not last_resort:
                 # The previous text can also make Whisper end at once: after "Montreal
                 # forced a liner." it heard nothing in 3 s of "word, another word, ...",
                 # which it transcribes without the prompt. Finals only come from audio the

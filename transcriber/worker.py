@@ -37,7 +37,7 @@ from common.settings import TranscriberSettings
 from common.work_queue import WorkQueue
 from transcriber.channels import ChannelCores
 from transcriber.commit import DUPLICATE, OTHER_MODEL, SessionWriter
-from transcriber.config import WorkerConfig
+from transcriber.config import WorkerConfig, vad_level
 from transcriber.inference import Inference
 from transcriber.leases import Lease, Leases
 from transcriber.policy import SharePolicy, share_of
@@ -395,11 +395,11 @@ class Worker:
         bias = (meta.keyterm_list, meta.user_prompt)  # keyterm= and prompt=
         core: StreamingTranscriber | ChannelCores
         if meta.multichannel:  # a core per channel: own VAD, decoder state, commit point
-            n = meta.channels
+            n, level = meta.channels, vad_level(self.settings)
             core = channel_cores(sid, meta, channel_points(record, n),
                                  [self.inference.decoder(model, language, share, *bias)
                                   for _ in range(n)],
-                                 [self.inference.vad.stream() for _ in range(n)],
+                                 [self.inference.vad.stream(level) for _ in range(n)],
                                  self.settings)
         else:
             # the speaker encoder is loaded by the first session that asks for speakers
@@ -407,7 +407,8 @@ class Worker:
                 if meta.diarize else None
             core = session_core(sid, meta,
                                 self.inference.decoder(model, language, share, *bias),
-                                self.inference.vad.stream(), self.settings, embedder)
+                                self.inference.vad.stream(vad_level(self.settings)),
+                                self.settings, embedder)
         log.info("session %s: started (epoch %d, from sample %d%s)", sid, epoch,
                  core.position, f", {meta.channels} channels" if meta.multichannel else "")
         try:
