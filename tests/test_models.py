@@ -102,6 +102,21 @@ def test_a_decode_that_loops_however_it_is_redone_is_cut_before_the_loop() -> No
     assert decoder.loops_cut == 2
 
 
+def test_a_segment_whisper_thinks_is_not_speech_and_is_unsure_of_is_dropped() -> None:
+    from types import SimpleNamespace
+
+    from transcriber.model import unsure_of_speech
+
+    def seg(no_speech: float, *probs: float) -> SimpleNamespace:
+        return SimpleNamespace(no_speech_prob=no_speech, words=[
+            SimpleNamespace(probability=p) for p in probs])
+
+    assert unsure_of_speech(seg(0.89, 0.11, 0.04, 0.64, 0.06, 0.28))  # "I'm going to do it."
+    assert not unsure_of_speech(seg(0.89, 0.9, 0.7))  # sure of its words
+    assert not unsure_of_speech(seg(0.7, 0.1, 0.2))  # "Um..." in quiet speech
+    assert not unsure_of_speech(seg(0.95))  # no words
+
+
 def test_a_low_confidence_stock_phrase_at_the_end_is_dropped() -> None:
     from transcriber.model import strip_hallucinated_tail
 
