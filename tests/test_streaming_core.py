@@ -457,6 +457,19 @@ def test_a_final_that_differs_inside_the_stable_prefix_keeps_every_later_word() 
     merged = [w.word.strip() for w in merge_stable(
         _words("Mr.@.3-.6 John@.6-1"), _words("And@0-.3 Mr.@.3-.6 John@.6-1 Dashwood@1-1.5"))]
     assert merged == ["Mr.", "John", "Dashwood"]
+    # a stable word matched to the same word far on would drop what lies between (seen on
+    # a spontaneous monologue: the final lost "so this probably sounds a lot different
+    # than the acoustic")
+    merged = [w.word.strip() for w in merge_stable(
+        _words("I@0-.5 have@.5-.8 the@.8-1 cold@1-1.4"),
+        _words("I@0-.5 have@.5-.8 a@.8-1 cold@1-1.4 so@1.4-1.6 this@1.6-1.8 sounds@1.8-2 "
+               "different@2-2.4 than@2.4-2.6 the@2.6-2.7 acoustic@2.7-3 corpus@3-3.4"))]
+    assert merged == ["I", "have", "the", "cold", "so", "this", "sounds", "different", "than",
+                      "the", "acoustic", "corpus"]
+    # a word the final puts inside the promised prefix is left out, not repeated
+    merged = [w.word.strip() for w in merge_stable(
+        _words("a@0-.2 b@.2-.4"), _words("a@0-.2 x@.2-.3 b@.3-.4 c@.4-.6"))]
+    assert merged == ["a", "b", "c"]
     # nothing in common: the final's words after the stable ones, by time
     merged = [w.word.strip() for w in merge_stable(
         _words("a@0-.5 b@.5-1"), _words("x@0-.5 y@.5-1 z@1-1.4"))]

@@ -8,7 +8,6 @@ injected, so the whole decision logic is tested with arrays and fakes.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -126,9 +125,13 @@ def merge_stable(stable: Sequence[Word], hypothesis: Sequence[Word]) -> list[Wor
     """Keep the promised stable words in front, then the hypothesis after them.
 
     Where the hypothesis differs inside the stable prefix ("as what you can do" against
-    the stable "Ask what you can"), it is aligned to the stable words word by word and
-    continues after the hypothesis word aligned with the last stable word. Word times
-    shift between decodes, so aligning by time dropped words ("do") or repeated them.
+    the stable "Ask what you can"), the stable words stand for the start of the hypothesis
+    that is closest to them word by word (fewest words changed, left out or put in; of
+    equals, the longest) and the hypothesis continues after it. Word times shift between
+    decodes, so aligning by time dropped words ("do") or repeated them; matching single
+    words anywhere matched a stable "the" to a "the" ten words on ("I have the cold"
+    against "I have a cold so this probably sounds a lot different than the acoustic
+    corpus") and dropped everything between.
     """
     if not stable:
         return list(hypothesis)
@@ -137,15 +140,23 @@ def merge_stable(stable: Sequence[Word], hypothesis: Sequence[Word]) -> list[Wor
     agreed = common_prefix(a, b)
     if agreed == len(stable):
         return list(stable) + list(hypothesis[agreed:])
-    blocks = [m for m in difflib.SequenceMatcher(a=a, b=b, autojunk=False)
-              .get_matching_blocks() if m.size]
-    if not blocks:  # nothing in common: splice by time
+    if not set(a) & set(b):  # nothing in common: splice by time
         last_end = stable[-1].end
         return list(stable) + [w for w in hypothesis if w.start >= last_end - 0.02]
-    last = blocks[-1]
-    # Stable words after the last match stand for as many hypothesis words (substituted).
-    cut = last.b + last.size + (len(a) - last.a - last.size)
-    return list(stable) + list(hypothesis[cut:])
+    return list(stable) + list(hypothesis[aligned_prefix(a, b):])
+
+
+def aligned_prefix(a: Sequence[str], b: Sequence[str]) -> int:
+    """How many leading words of ``b`` the words ``a`` stand for: the prefix of ``b`` with
+    the fewest edits (substitutions, insertions, deletions) from ``a``; of equals, the
+    longest."""
+    row = list(range(len(b) + 1))  # edits from a[:0] to each b[:j]
+    for i, x in enumerate(a, 1):
+        prev, row = row, [i] + [0] * len(b)
+        for j, y in enumerate(b, 1):
+            row[j] = min(prev[j - 1] + (x != y), prev[j] + 1, row[j - 1] + 1)
+    best = min(row)
+    return max(j for j, d in enumerate(row) if d == best)
 
 
 class StreamingTranscriber:
