@@ -182,6 +182,7 @@ def test_creating_a_session_again_changes_nothing(server: RedisServer,
     assert r.zcard(keys.INDEX) == 1
 
 
+@pytest.mark.long  # 24 s; make test-long runs it
 def test_a_worker_whose_clock_is_30_s_ahead_neither_closes_a_paused_client_nor_sheds_partials(
         server: RedisServer, services: list[Service]) -> None:
     """The idle closer compared the worker's clock with a heartbeat the gateway wrote with
