@@ -654,7 +654,9 @@ class InferenceSettings:
     batch_wait_ms: float = setting(
         10.0, "milliseconds a decode's model call waits for other sessions' calls to join its "
         "batch")
-    beam_size: int = setting(1, "beam size of final decodes; 1 = greedy")
+    beam_size: int = setting(
+        1, "beam size of final decodes while the worker is not loaded (see "
+        "short_finals_queue: then finals decode like partials); 1 = greedy")
     partial_beam_size: int = setting(1, "beam size of partial decodes; 1 = greedy")
     prompt_tokens: int = setting(
         32, "the prompt's last this many tokens are given to Whisper (a fixed count lets "
@@ -683,7 +685,8 @@ class ShortContextSettings:
         "else the full window")
     short_finals_queue: int = setting(
         1, "while this many other decodes wait for a lane, finals are encoded with "
-        "encoder_tail_frames too, so a loaded worker keeps up; 0 = never")
+        "encoder_tail_frames and decoded with partial_beam_size too, so a loaded worker "
+        "keeps up; 0 = never")
     final_retry_probability: float = setting(
         0.0, "a short-context final whose mean word probability is below this is decoded "
         "again with the full window; 0 = off (the other reasons for a full-window redo still "

@@ -374,7 +374,7 @@ def test_a_short_context_final_that_skips_a_phrase_the_partial_showed_is_redone(
     assert model.tails == [600]
 
 
-def test_finals_go_short_context_only_while_other_sessions_wait() -> None:
+def test_finals_go_short_context_and_greedy_only_while_other_sessions_wait() -> None:
     """SHORT_FINALS_QUEUE: an idle worker decodes finals with the full window
     (FINAL_ENCODER_TAIL_FRAMES=-1); while another session's call is in flight, with the
     partials' short context; partials are short either way."""
@@ -395,13 +395,15 @@ def test_finals_go_short_context_only_while_other_sessions_wait() -> None:
 
         def __init__(self) -> None:
             self.tails: list[int] = []
+            self.beams: list[int] = []
 
         def transcribe(self, audio, **kwargs):  # type: ignore[no-untyped-def]
             self.tails.append(getattr(_per_thread, "tail_frames", self.tail_frames))
+            self.beams.append(kwargs["beam_size"])
             return iter([]), None
 
     model = Model()
-    decoder = WhisperDecoder(model, "en", final_tail_frames=-1)
+    decoder = WhisperDecoder(model, "en", beam_size=5, final_tail_frames=-1)
     metrics = SimpleNamespace(decode_seconds=SimpleNamespace(
         labels=lambda *_: SimpleNamespace(observe=lambda _s: None)))
     core = SimpleNamespace(decoder=TimedDecoder(decoder, metrics))  # type: ignore[arg-type]
@@ -415,13 +417,15 @@ def test_finals_go_short_context_only_while_other_sessions_wait() -> None:
                                inference=SimpleNamespace(busy=busy))
         SessionPump(host, Lease("s", b"1-0"), core, None,  # type: ignore[arg-type]
                     "0-0")._short_finals()
-        model.tails = []
+        model.tails, model.beams = [], []
         core.decoder.decode(audio, "", True)
         core.decoder.decode(audio, "", False)
         return model.tails
 
     assert tails_at(busy=0) == [-1, 600]
+    assert model.beams == [5, 1]  # BEAM_SIZE for finals, greedy partials
     assert tails_at(busy=1) == [600, 600]
+    assert model.beams == [1, 1]  # loaded: finals greedy too
     assert tails_at(busy=1, short_finals_queue="0") == [-1, 600]
     assert tails_at(busy=3, lanes=4) == [-1, 600]  # all four fit in one batch
     assert tails_at(busy=4, lanes=4) == [600, 600]

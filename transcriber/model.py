@@ -437,7 +437,9 @@ class WhisperDecoder:
         segments, _info = self.model.transcribe(
             audio,
             language=self.language,
-            beam_size=self.beam_size if final else self.partial_beam_size,
+            # a loaded worker's finals are greedy like its partials (short_finals)
+            beam_size=self.beam_size if final and not self.short_finals
+            else self.partial_beam_size,
             temperature=self.temperatures if final else 0.0,
             word_timestamps=True,
             initial_prompt=initial_prompt,
