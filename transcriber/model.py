@@ -278,9 +278,12 @@ def looks_degenerate(words: list[Word], duration: float) -> bool:
 
 
 def cut_loop(words: list[Word], duration: float) -> list[Word]:
-    """The words before a decoding loop took over: a repeated phrase kept as often as
-    ``looks_degenerate`` allows, no word past the end of the audio, no more words than the
-    audio can hold. What is left is not degenerate."""
+    """The words before a decoding loop took over, when it ran past what the audio can
+    hold (more words than its length allows, or words past its end): no such words, and
+    a repeated phrase kept as often as ``looks_degenerate`` allows. Repeats at a pace
+    people speak are kept as they are: people do say "word, word, word, word"."""
+    if not words or (len(words) <= 2 + 5.0 * duration and words[-1].end <= duration + 0.5):
+        return words
     words = [w for w in words if w.end <= duration + 0.5][:int(2 + 5.0 * duration)]
     while (at := _repeat_at([norm_word(w.word) for w in words])) is not None:
         words = words[:at]
@@ -362,9 +365,11 @@ class WhisperDecoder:
             if looks_degenerate(words, len(audio) / 16000):
                 # Every decode looped ("I have a thousand thousand thousand ..." on 3 s of
                 # speech under babble): what came before the loop, never the loop (a
-                # partial's repeats would be promised and kept in the final).
-                self.loops_cut += 1
-                words = cut_loop(words, len(audio) / 16000)
+                # partial's repeats would be promised and kept in the final), unless the
+                # repeats fit the audio (then they may well have been said).
+                cut = cut_loop(words, len(audio) / 16000)
+                self.loops_cut += len(cut) < len(words)
+                words = cut
             elif final and prompt and not words and not last_resort:
                 # The previous text can also make Whisper end at once: after "Montreal
                 # forced a liner." it heard nothing in 3 s of "word, another word, ...",
