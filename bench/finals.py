@@ -42,10 +42,12 @@ class _Timed:
         self.calls = {True: 0, False: 0}
 
     def decode(self, audio: np.ndarray, prompt: str, final: bool,
-               shown: Sequence[str] = (), speculative: bool = False) -> list[Word]:
+               shown: Sequence[str] = (), speculative: bool = False,
+               prefix: str = "", context: int = 0) -> list[Word]:
         began = time.perf_counter()
         try:
-            return self.decoder.decode(audio, prompt, final, shown, speculative)
+            return self.decoder.decode(audio, prompt, final, shown, speculative,
+                                       prefix=prefix, context=context)
         finally:
             self.seconds[final] += time.perf_counter() - began
             self.calls[final] += 1

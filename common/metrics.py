@@ -102,8 +102,9 @@ def worker_metrics() -> WorkerMetrics:
             "stt_worker_full_window_redos",
             "decodes done again, by reason: with Whisper's full window after a short-context "
             "one (loop, stock_sentence, lowercase, skipped_words, low_confidence), or "
-            "without the previous text as prompt (empty_after_prompt; loop_without_prompt, "
-            "a short-context loop, tried before the full window)", ["reason"],
+            "without the previous text as prompt (empty_after_prompt, stopped_after_prompt; "
+            "loop_without_prompt, a short-context loop, tried before the full window), or "
+            "alone after a final decoded in context looked wrong (context)", ["reason"],
             registry=r),
         partials_skipped=Counter("stt_worker_partials_skipped",
                                  "audio batches fed without a partial decode (load shedding)",

@@ -754,6 +754,10 @@ class TranscriptSettings:
     stable_unsure_after_s: float = setting(
         3.0, "seconds of audio after a low-probability word before it may become stable "
         "(other words: 1 s)")
+    final_context_s: float = setting(
+        4.0, "seconds of the audio before an utterance its final is decoded with, the "
+        "previous finals' words said in it given as the start of the text (Whisper hears "
+        "the utterance in context, as in a whole-file decode); 0 = off")
     prompt_chars: int = setting(
         200, "characters of the session's previous finals kept as Whisper's prompt")
 

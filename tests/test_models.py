@@ -212,7 +212,13 @@ def test_a_final_the_prompt_emptied_is_decoded_again_without_it() -> None:
     assert wer("word another word here's some more word word word word",
                " ".join(w.word for w in words)) <= 0.2, words
     assert decoder.redos == {"empty_after_prompt": 1}
-    assert decoder.decode(audio, prompt, False) == []  # a partial is not decoded twice
+    # A partial is decoded twice only once it is long enough to tell (its words are
+    # promised): 3 s is; 2.5 s of it is not (and stays empty until the next partial).
+    assert decoder.decode(audio[:40000], prompt, False) == []
+    assert decoder.redos == {"empty_after_prompt": 1}
+    assert wer("word another word here's some more word word word word",
+               " ".join(w.word for w in decoder.decode(audio, prompt, False))) <= 0.2
+    assert decoder.redos == {"empty_after_prompt": 2}
 
 
 def test_a_loop_the_prompt_primed_is_decoded_again_without_it_not_with_the_full_window(

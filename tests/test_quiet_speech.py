@@ -50,9 +50,13 @@ def quiet_cold() -> np.ndarray:
     return pcm * 10 ** (-16 / 20)
 
 
+# Finals decoded alone (FINAL_CONTEXT_S=0), so what is measured is what the VAD lets
+# through: in context Whisper writes this speaker's "uh"s and "um"s out of the finals as a
+# whole-file decode does (16.4 % against the verbatim reference; the robustness suite in
+# bench/ measures both against offline).
 @pytest.mark.parametrize(("args", "at_most", "at_least"), [
-    ([], 0.15, 0.0),  # the default: levelled
-    (["--vad-level-max-gain-db", "0"], 1.0, 0.2),  # not levelled: phrases lost
+    (["--final-context-s", "0"], 0.15, 0.0),  # the default: levelled
+    (["--final-context-s", "0", "--vad-level-max-gain-db", "0"], 1.0, 0.2),  # phrases lost
 ], ids=["levelled", "not_levelled"])
 def test_quiet_hoarse_speech_is_transcribed_when_the_vad_hears_it_levelled(
         quiet_cold: np.ndarray, args: list[str], at_most: float, at_least: float) -> None:

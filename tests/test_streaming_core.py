@@ -57,9 +57,14 @@ class BurstDecoder:
 
     def __init__(self) -> None:
         self.calls: list[tuple[int, bool]] = []
+        self.contexts: list[tuple[str, str, int]] = []  # (prompt, prefix, context) per call
 
     def decode(self, audio: np.ndarray, prompt: str, final: bool,
-               shown: Sequence[str] = (), speculative: bool = False) -> list[Word]:
+               shown: Sequence[str] = (), speculative: bool = False,
+               prefix: str = "", context: int = 0) -> list[Word]:
+        """With ``context``: what was said in the context audio must be ``prefix`` (the
+        core gave the words that go with the audio), and only the words after it come back,
+        as from WhisperDecoder."""
         self.calls.append((len(audio), final))
         loud = np.concatenate([[0], (np.abs(audio) > 0.005).astype(np.int8), [0]])
         edges = np.flatnonzero(np.diff(loud))  # starts and ends of the loud runs
@@ -67,6 +72,12 @@ class BurstDecoder:
         for i, j in zip(edges[::2], edges[1::2], strict=True):
             wid = round(float(np.abs(audio[i:j]).mean()) * 100)
             words.append(Word(f" w{wid}", i / RATE, j / RATE, 1.0))
+        if context:
+            assert final
+            self.contexts.append((prompt, prefix, context))
+            said = [w.word.strip() for w in words if w.end <= context / RATE]
+            assert said == [w.strip(" .") for w in prefix.split()], (said, prefix)
+            words = [w for w in words if w.end > context / RATE]
         return words
 
 
@@ -211,8 +222,9 @@ class SentenceDecoder(BurstDecoder):
     """Like BurstDecoder, but the last word of what it hears ends a sentence."""
 
     def decode(self, audio: np.ndarray, prompt: str, final: bool,
-               shown: Sequence[str] = (), speculative: bool = False) -> list[Word]:
-        words = super().decode(audio, prompt, final, shown)
+               shown: Sequence[str] = (), speculative: bool = False,
+               prefix: str = "", context: int = 0) -> list[Word]:
+        words = super().decode(audio, prompt, final, shown, prefix=prefix, context=context)
         if words:
             words[-1] = Word(words[-1].word + ".", words[-1].start, words[-1].end, 1.0)
         return words
@@ -612,7 +624,8 @@ def sessions(draw: st.DrawFn) -> Session:
         speculative_samples=draw(st.sampled_from([0, seconds(0.03, 0.4)])),
         short_silence_samples=draw(st.sampled_from([0, seconds(0.03, 0.8)])),
         max_utterance_samples=seconds(2.0, 8.0),
-        partial_interval_samples=seconds(0.2, 1.0))
+        partial_interval_samples=seconds(0.2, 1.0),
+        final_context_samples=draw(st.sampled_from([0, seconds(0.3, 6.0)])))
     lead = round(draw(st.floats(0.0, 1.0)), 2)
     words = draw(st.lists(st.tuples(st.integers(10, 90), st.floats(0.05, 1.5).map(
         lambda x: round(x, 2))), min_size=1, max_size=12))
@@ -738,6 +751,35 @@ class MishearsFirstWord(BurstDecoder):
         words = super().decode(audio, prompt, final, shown, speculative)
         return [dataclasses.replace(w, word=" w99") if i == 0 else w
                 for i, w in enumerate(words)]
+
+
+def test_a_final_is_decoded_with_the_audio_and_words_before_it() -> None:
+    """With ``final_context_samples`` a final's decode gets the audio before its utterance,
+    back to the first word of the previous finals that starts within that reach, and those
+    words as the prefix (the prompt is what came before them); the finals, their words and
+    times are what they are without it."""
+    audio = np.concatenate([silence(0.5), utterance([11, 12, 13]), silence(0.8),
+                            utterance([14, 15]), silence(0.8), utterance([16]), silence(3.0),
+                            utterance([17]), silence(1.0)])
+    cfg = dataclasses.replace(CFG, final_context_samples=int(1.6 * RATE), speculative_samples=0)
+    decoder = BurstDecoder()
+    core = StreamingTranscriber("s", decoder, fake_vad, cfg)
+    events: list[object] = []
+    for i in range(0, len(audio), 1600):
+        events += core.feed(audio[i:i + 1600], partials=False)
+    events += core.finish()
+    with_context = [e.final for e in events if isinstance(e, Committed)]
+    _, plain, _ = run(audio, config=dataclasses.replace(cfg, final_context_samples=0))
+    assert [f.text for f in with_context] == ["w11 w12 w13", "w14 w15", "w16", "w17"]
+    assert [f.words for f in with_context] == [c.final.words for c in plain]
+    # utterance 2 opens about 2.3 s in (0.2 s pad before w14): w12 (0.9 s) is the first
+    # word that starts within 1.6 s, and the context starts just before it; utterance 3
+    # (about 3.9 s) reaches back to w14; utterance 4 follows 3 s of silence: no word within
+    # reach, no context.
+    assert [(prompt, prefix) for prompt, prefix, _ in decoder.contexts] == [
+        ("w11", "w12 w13"), ("w11 w12 w13", "w14 w15")]
+    assert [n / RATE for _, _, n in decoder.contexts] == \
+        [pytest.approx(2.3 - 0.9, abs=0.04), pytest.approx(3.9 - 2.5, abs=0.04)]
 
 
 def test_a_takeover_keeps_the_words_the_previous_owner_promised() -> None:

@@ -127,4 +127,5 @@ def stream_config(s: TranscriberSettings, interim: bool) -> StreamConfig:
         unsure_guard_samples=int(s.stable_unsure_after_s * RATE),
         speculative_samples=int(s.speculative_silence_s * RATE),
         short_silence_samples=int(s.short_silence_s * RATE),
+        final_context_samples=int(s.final_context_s * RATE),
     )

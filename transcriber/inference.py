@@ -47,9 +47,10 @@ class TimedDecoder:
         self.share = share
 
     def decode(self, audio: np.ndarray, prompt: str, final: bool,
-               shown: Sequence[str] = (), speculative: bool = False) -> list[Word]:
+               shown: Sequence[str] = (), speculative: bool = False,
+               prefix: str = "", context: int = 0) -> list[Word]:
         if self.gate is None:
-            return self._timed(audio, prompt, final, shown)
+            return self._timed(audio, prompt, final, shown, prefix, context)
         asked = time.perf_counter()
         with self.gate.lane(DecodeGate.PARTIAL if not final else
                             DecodeGate.SPECULATIVE if speculative else DecodeGate.FINAL,
@@ -57,14 +58,15 @@ class TimedDecoder:
             self.metrics.decode_wait_seconds.labels(
                 "partial" if not final else "speculative" if speculative else "final").observe(
                 time.perf_counter() - asked)
-            return self._timed(audio, prompt, final, shown)
+            return self._timed(audio, prompt, final, shown, prefix, context)
 
     def _timed(self, audio: np.ndarray, prompt: str, final: bool,
-               shown: Sequence[str]) -> list[Word]:
+               shown: Sequence[str], prefix: str = "", context: int = 0) -> list[Word]:
         began = time.perf_counter()
         redos = dict(self.decoder.redos)
         try:
-            return self.decoder.decode(audio, prompt, final, shown)
+            return self.decoder.decode(audio, prompt, final, shown, prefix=prefix,
+                                       context=context)
         finally:
             self.metrics.decode_seconds.labels("final" if final else "partial").observe(
                 time.perf_counter() - began)

@@ -290,6 +290,43 @@ def cut_loop(words: list[Word], duration: float) -> list[Word]:
     return words
 
 
+#: A final whose last word ends this long before its audio does stopped early: Whisper went
+#: on from the previous text and then ended ("... selfish as to be" + "able to most." for
+#: 20 s of speech). A final's audio ends at most the endpoint's silence and pad after the
+#: speech (a length cut's, during it).
+END_GAP_S = 1.5
+
+
+#: A word this long, and this many times its decode's median word, in a final decoded in
+#: context is the alignment stretching the last words Whisper wrote over audio it wrote
+#: nothing for: "... and only herald to the" with "the" 4.9 s long for 5 s of speech lost;
+#: "... how much there might be" with "be" 1.94 s long (the median 0.3 s) for "prudently
+#: in his power to do for him".
+STRETCHED_WORD_S = 1.0
+STRETCHED_WORD_MEDIANS = 4.0
+
+
+#: The words after the prefix belong after the context audio: one that starts more than
+#: this before its end is Whisper saying the prefix again ("and so my fellow Americans."
+#: after the prefix "and so my fellow Americans.").
+CONTEXT_OVERLAP_S = 0.1
+
+
+def stretched(words: list[Word]) -> bool:
+    """A word the alignment stretched over audio Whisper wrote nothing for."""
+    if not words:
+        return False
+    lengths = [w.end - w.start for w in words]
+    longest = max(lengths)
+    return longest > STRETCHED_WORD_S and \
+        longest > STRETCHED_WORD_MEDIANS * float(np.median(lengths))
+
+
+def stops_early(words: list[Word], duration: float) -> bool:
+    """No words, or none in the last ``END_GAP_S`` of a final's audio."""
+    return not words or words[-1].end < duration - END_GAP_S
+
+
 class WhisperDecoder:
     """Decodes one utterance's audio; bound to a session's language."""
 
@@ -325,9 +362,37 @@ class WhisperDecoder:
         self.temperatures: list[float] = [0.0]
 
     def decode(self, audio: np.ndarray, prompt: str, final: bool,
-               shown: Sequence[str] = (), speculative: bool = False) -> list[Word]:
+               shown: Sequence[str] = (), speculative: bool = False,
+               prefix: str = "", context: int = 0) -> list[Word]:
         """Words of ``audio``; ``shown``: the words a partial of this utterance showed (a
-        short-context final that skips a run of them is decoded again, full window)."""
+        short-context final that skips a run of them is decoded again, full window).
+
+        ``context`` > 0: the first ``context`` samples of ``audio`` come before the
+        utterance, and ``prefix`` is what was said in them (the end of the previous final).
+        Whisper is made to start with it (faster-whisper's prefix) and goes on into the
+        utterance with the sound and the words before it in mind, as a whole-file decode
+        does; the words returned are the utterance's only (times still from ``audio``'s
+        first sample). A decode that looks wrong (it stops early, says the prefix again,
+        stretches a word, loops, ends in a stock sentence or skips words the partial showed)
+        is done again without the context. A loaded worker (``short_finals``) decodes
+        its finals alone: in context one costs about a third more."""
+        if context and prefix.strip() and final and not self.short_finals:
+            words = self._decode_after(audio, prompt, prefix)
+            # (lowercase is no sign of trouble here: the utterance may go on a sentence)
+            if not stops_early(words, len(audio) / 16000) and \
+                    words[0].start >= context / 16000 - CONTEXT_OVERLAP_S and \
+                    not stretched(words) and \
+                    not looks_degenerate(words, len(audio) / 16000) and \
+                    not has_stock_sentence(words) and \
+                    not drops_words(shown, [w.word for w in words]):
+                return strip_hallucinated_tail(words)
+            self.redos["context"] += 1
+        if context:
+            offset = context / 16000
+            return [Word(w.word, round(w.start + offset, 3), round(w.end + offset, 3),
+                         w.probability, w.speaker)
+                    for w in self.decode(audio[context:], f"{prompt} {prefix}".strip(), final,
+                                         shown, speculative)]
         inner = getattr(self.model, "model", None)
         decoding = getattr(inner, "decoding", None)  # a BatchingWhisper: join its batches
         tail = getattr(self.model, "tail_frames", FULL_WINDOW)
@@ -370,15 +435,31 @@ class WhisperDecoder:
                 cut = cut_loop(words, len(audio) / 16000)
                 self.loops_cut += len(cut) < len(words)
                 words = cut
-            elif final and prompt and not words and not last_resort:
+            elif prompt and not last_resort and stops_early(words, len(audio) / 16000) and \
+                    (final or len(audio) / 16000 >= 2 * END_GAP_S):
                 # The previous text can also make Whisper end at once: after "Montreal
                 # forced a liner." it heard nothing in 3 s of "word, another word, ...",
-                # which it transcribes without the prompt. Finals only come from audio the
-                # VAD called speech, so an empty one is worth that second look.
-                self.redos["empty_after_prompt"] += 1
+                # which it transcribes without the prompt; after "... selfish as to be" 16 s
+                # of speech became "the". Finals only come from audio the VAD called
+                # speech, so one that stops long before its audio is worth a second look (a
+                # partial too, once it is long enough to tell: its words are promised).
+                self.redos["empty_after_prompt" if not words else "stopped_after_prompt"] += 1
                 with encoder_tail(tail):
-                    words = self._decode(audio, "", final)
+                    alone = self._decode(audio, "", final)
+                if not words or (alone and alone[-1].end > words[-1].end):
+                    words = alone
         return strip_hallucinated_tail(words)
+
+    def _decode_after(self, audio: np.ndarray, prompt: str, prefix: str) -> list[Word]:
+        """A final's words after ``prefix``, decoded with the audio it was said in."""
+        _per_thread.one_window = False
+        _per_thread.min_window = self.min_frames
+        inner = getattr(self.model, "model", None)
+        decoding = getattr(inner, "decoding", None)
+        with decoding() if decoding is not None else contextlib.nullcontext():
+            with encoder_tail(self.final_tail_frames if self.final_tail_frames is not None
+                              else getattr(self.model, "tail_frames", FULL_WINDOW)):
+                return self._decode(audio, prompt, True, prefix=prefix)
 
     def _redo_reason(self, words: list[Word], duration: float, tail: int, final: bool,
                      shown: Sequence[str]) -> str:
@@ -437,7 +518,7 @@ class WhisperDecoder:
         return max(1, min(int(MAX_TOKENS_PER_S * min(seconds, 30.0)) + 16, room))
 
     def _decode(self, audio: np.ndarray, prompt: str, final: bool,
-                bias: bool = True) -> list[Word]:
+                bias: bool = True, prefix: str | None = None) -> list[Word]:
         initial_prompt = self._prompt(prompt, bias)
         segments, _info = self.model.transcribe(
             audio,
@@ -455,12 +536,19 @@ class WhisperDecoder:
             compression_ratio_threshold=2.4,
             # a decoding loop stops here instead of running to Whisper's 448 tokens
             max_new_tokens=self._token_budget(len(audio) / 16000, initial_prompt),
+            prefix=prefix,
         )
         words: list[Word] = []
+        # Whisper's text starts with the prefix (CTranslate2 returns the forced tokens too,
+        # aligned to the context audio with the rest): its words are not the utterance's.
+        forced = len(prefix.strip()) if prefix else 0
         for seg in segments:  # the generator does the work: consume it here, in this thread
+            seg_words = list(seg.words or ())
+            while forced > 0 and seg_words:
+                forced -= len(seg_words.pop(0).word.strip()) + 1
             if unsure_of_speech(seg):
                 continue
-            for w in seg.words or ():
+            for w in seg_words:
                 if not norm_word(w.word):  # a lone "." token: punctuation of the word before
                     if words and words[-1].word[-1:].isalnum():
                         prev = words[-1]

@@ -24,11 +24,14 @@ RATE = 16000
 
 class Decoder(Protocol):
     def decode(self, audio: np.ndarray, prompt: str, final: bool,
-               shown: Sequence[str] = (), speculative: bool = False) -> list[Word]:
+               shown: Sequence[str] = (), speculative: bool = False,
+               prefix: str = "", context: int = 0) -> list[Word]:
         """Words of ``audio`` (float32, 16 kHz) with times relative to its first sample;
         ``shown``, for a final: the words the last partial of this audio showed;
         ``speculative``: a final decoded ahead, at a pause that may not end the utterance
-        (a worker runs the finals somebody waits for first)."""
+        (a worker runs the finals somebody waits for first); ``context`` > 0: the first
+        ``context`` samples are audio before the utterance, in which ``prefix`` was said
+        (only the utterance's words are returned)."""
 
 
 #: Speech probability of each 512-sample window, with state kept per stream.
@@ -55,6 +58,9 @@ class StreamConfig:
     # A pause this long already ends the utterance when the speculative text ends a
     # sentence (. ? !); 0 disables. Other pauses wait for the endpoint's min_silence.
     short_silence_samples: int = 3200  # 0.2 s
+    # A final is decoded with up to this much of the audio before the utterance, with the
+    # words said in it (the previous finals' end) given as what Whisper starts with; 0 = off.
+    final_context_samples: int = 0
 
 
 @dataclasses.dataclass
@@ -206,6 +212,7 @@ class StreamingTranscriber:
         self._spec: _Speculation | None = None
         self._cut_after = 0  # a length cap that found nothing to cut waited until here
         self._inherited = list(stable)  # promised by the previous owner; kept when it opens
+        self._said: list[Word] = []  # the last finals' words, for the next final's context
 
     # ------------------------------------------------------------------ public
 
@@ -323,12 +330,38 @@ class StreamingTranscriber:
         audio = self._audio[start - self._audio_start:real - self._audio_start]
         if end > real:  # a speculative final's pad
             audio = np.concatenate([audio, np.zeros(end - real, np.float32)])
-        offset = start / RATE
-        return [
-            Word(w.word, round(w.start + offset, 3), round(w.end + offset, 3), w.probability)
-            for w in self.decoder.decode(audio, self._prompt, final, shown,
-                                         speculative=heard_until is not None)
-        ]
+        context, prefix, prompt = self._context(start) if final else (0, "", self._prompt)
+        if context:
+            audio = np.concatenate([self._audio[start - context - self._audio_start:
+                                                start - self._audio_start], audio])
+            words = self.decoder.decode(audio, prompt, final, shown,
+                                        speculative=heard_until is not None,
+                                        prefix=prefix, context=context)
+        else:
+            words = self.decoder.decode(audio, prompt, final, shown,
+                                        speculative=heard_until is not None)
+        offset = (start - context) / RATE
+        return [Word(w.word, round(w.start + offset, 3), round(w.end + offset, 3), w.probability)
+                for w in words if not context or w.start + offset >= start / RATE - 0.1]
+
+    def _context(self, start: int) -> tuple[int, str, str]:
+        """Samples of audio before ``start`` a final is decoded with, what was said in them,
+        and the prompt before that: the previous finals' words from the first that starts
+        within ``final_context_samples`` of ``start`` (none when no such audio is held)."""
+        limit = self.config.final_context_samples
+        if not limit or not self._said:
+            return 0, "", self._prompt
+        floor = max(start - limit, self._audio_start)
+        said = [w for w in self._said if w.start * RATE >= floor + WINDOW // 4 and
+                w.end * RATE <= start]
+        if not said:
+            return 0, "", self._prompt
+        begin = max(floor, round(said[0].start * RATE) - WINDOW // 4)
+        prefix = join_words(said)
+        prompt = self._prompt
+        if prompt.endswith(prefix):
+            prompt = prompt[:-len(prefix)].rstrip()
+        return start - begin, prefix, prompt
 
     def _speculate(self) -> list[Event]:
         """At a short pause, decode the final ahead of time; end early after a full sentence."""
@@ -506,6 +539,9 @@ class StreamingTranscriber:
             speaker=speaker,
         )
         self.utterance += 1
+        if self.config.final_context_samples:
+            floor = (end - self.config.final_context_samples) / RATE
+            self._said = [w for w in self._said + words if w.start >= floor]
         if text:
             self._prompt = (self._prompt + " " + text).strip()[-self.config.prompt_chars:]
         return [Committed(final, commit, self.utterance, decode_s, self._prompt,
@@ -517,6 +553,7 @@ class StreamingTranscriber:
             keep_from = self._utt_start
         else:
             keep_from = min(self._vad_pos, self.position) - self.config.pad_samples
+        keep_from -= self.config.final_context_samples  # the next final's context
         keep_from = max(min(keep_from, self._vad_pos), self._audio_start)  # VAD unread: kept
         drop = keep_from - self._audio_start
         if drop > 0:
