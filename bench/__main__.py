@@ -193,6 +193,13 @@ def main() -> None:
                    "'' for none")
     p.add_argument("--nonspeech-seconds", type=float, default=60.0,
                    help="robustness: seconds of each non-speech kind")
+    p.add_argument("--offsets-ms", type=lambda s: [int(x) for x in s.split(",")], default=[0],
+                   help="robustness: stream (and decode offline) every session once per lead "
+                   "offset, e.g. 0,30,70: that much silence first moves every chunk and VAD "
+                   "window boundary, and the spread of the gap over offsets shows how much of "
+                   "it is where the cuts fall")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write the (single) suite's JSON here instead of bench/results/")
     args = p.parse_args()
     args.variants = [tuple(v.split("=", 1)) for v in args.variant] or [("default", "")]
     OUT.mkdir(exist_ok=True)
@@ -210,7 +217,7 @@ def main() -> None:
             from bench.robustness import robustness_suite
 
             data = robustness_suite(args.variants, args.conditions, args.nonspeech,
-                                    args.nonspeech_seconds)
+                                    args.nonspeech_seconds, args.offsets_ms)
         elif suite == "appends":
             from bench.appends import appends_suite
 
@@ -223,7 +230,7 @@ def main() -> None:
                                  args.settle, args.rounds)
         data["machine"] = machine()
         data["audio_s"] = len(conv.pcm) / 16000
-        path = OUT / f"{suite}.json"
+        path = args.out or OUT / f"{suite}.json"
         path.write_text(json.dumps(data, indent=1))
         print(f"wrote {path}")
     from bench.plot import plot_all

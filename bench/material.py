@@ -82,6 +82,18 @@ def join(name: str, clips: Sequence[str], pauses: Sequence[float] | float = 1.2,
                    [0.0] * len(clips))
 
 
+def delayed(s: Session, seconds: float) -> Session:
+    """``s`` with ``seconds`` more silence before it: the same speech, every chunk and VAD
+    window boundary elsewhere in it (how much a result owes to where the cuts fall)."""
+    if seconds <= 0:
+        return s
+    n = round(seconds * RATE)
+    return Session(f"{s.name}+{round(seconds * 1000)}ms",
+                   np.concatenate([np.zeros(n, np.float32), s.audio]),
+                   [(c, a + n / RATE, b + n / RATE) for c, a, b in s.spans], s.refs,
+                   s.gains_db)
+
+
 def _span_slice(span: tuple[str, float, float]) -> slice:
     return slice(round(span[1] * RATE), round(span[2] * RATE))
 

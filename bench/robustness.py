@@ -75,7 +75,12 @@ NONSPEECH = list(mat.NONSPEECH)
 QUIET_DB = -10.0
 
 
-def sessions_for(condition: str) -> list[Session]:
+def sessions_for(condition: str, offsets_ms: Sequence[int] = (0,)) -> list[Session]:
+    """The condition's sessions, each once per lead offset (silence before it)."""
+    return [mat.delayed(s, ms / 1000) for ms in offsets_ms for s in _sessions_for(condition)]
+
+
+def _sessions_for(condition: str) -> list[Session]:
     if condition == "first":
         return [mat.join(f"first{i}", [c, FIRST_THEN[i % len(FIRST_THEN)]], PAUSE_S)
                 for i, c in enumerate(FIRST_SHORT)]
@@ -274,12 +279,18 @@ def _decoder(model: Any, s: TranscriberSettings) -> WhisperDecoder:
 
 def _condition(name: str, sessions: list[Session], off_model: Any, model: Any,
                vad: SileroVad, variants: list[tuple[str, TranscriberSettings]],
-               ) -> dict[str, Any]:
+               offsets_ms: Sequence[int] = (0,)) -> dict[str, Any]:
     offs = [offline(off_model, s.audio) for s in sessions]
     off_toks = [tokens(o.words) for o in offs]
+    # sessions_for lists every session once per offset, offset by offset
+    per_offset = len(sessions) // len(offsets_ms)
+    offset_of = [offsets_ms[i // per_offset] for i in range(len(sessions))]
     off_total: dict[str, int] = {}
-    for s, t in zip(sessions, off_toks, strict=True):
-        off_total = add(off_total, counts(s.reference, [w for w, _ in t]))
+    by_offset: dict[int, dict[str, dict[str, int]]] = {ms: {"offline": {}} for ms in offsets_ms}
+    for s, t, ms in zip(sessions, off_toks, offset_of, strict=True):
+        c = counts(s.reference, [w for w, _ in t])
+        off_total = add(off_total, c)
+        by_offset[ms]["offline"] = add(by_offset[ms]["offline"], c)
     out: dict[str, Any] = {
         "sessions": [{"name": s.name, "seconds": round(s.seconds, 2),
                       "clips": [c for c, _, _ in s.spans],
@@ -301,11 +312,13 @@ def _condition(name: str, sessions: list[Session], off_model: Any, model: Any,
         examples: dict[str, list[str]] = {"never_decoded": [], "in_decoded_audio": []}
         clips: list[dict[str, Any]] = []
         runs = []
-        for s, ot in zip(sessions, off_toks, strict=True):
+        for s, ot, ms in zip(sessions, off_toks, offset_of, strict=True):
             run = stream(s.audio, decoder, vad, settings)
             runs.append(run)
             st = tokens(run.words)
-            total = add(total, counts(s.reference, [w for w, _ in st]))
+            c = counts(s.reference, [w for w, _ in st])
+            total = add(total, c)
+            by_offset[ms][vname] = add(by_offset[ms].get(vname, {}), c)
             lw = lost_words(s, st, ot, run.decoded)
             for k in lost:
                 lost[k] += lw[k]
@@ -325,7 +338,11 @@ def _condition(name: str, sessions: list[Session], off_model: Any, model: Any,
                     "streaming": rates(sc[i]), "offline": rates(oc[i]),
                     "streaming_text": " ".join(t for t, at in st if lo_hi[0] <= at < lo_hi[1]),
                     "offline_text": " ".join(t for t, at in ot if lo_hi[0] <= at < lo_hi[1])})
+        gaps = [100 * (rates(by_offset[ms][vname])["wer"] - rates(by_offset[ms]["offline"])["wer"])
+                for ms in offsets_ms]
         v = {**rates(total), "lost_words": {**lost, "examples": examples},
+             "gap_by_offset": {str(ms): round(g, 2) for ms, g in zip(offsets_ms, gaps,
+                                                                    strict=True)},
              "groups": {k: {side: rates(c) for side, c in g.items() if c}
                         for k, g in groups.items() if g["streaming"]},
              "clips": clips, "wall_s": round(sum(r.wall_s for r in runs), 1),
@@ -338,7 +355,7 @@ def _condition(name: str, sessions: list[Session], off_model: Any, model: Any,
               f"added {o['inserted']}) of {v['words']} words; streaming lost "
               f"{lost['never_decoded']} never decoded, {lost['in_decoded_audio']} in decoded "
               f"audio, {lost['offline_missed_too']} offline missed too; "
-              f"{v['wall_s']:.0f} s", flush=True)
+              f"{v['wall_s']:.0f} s; gap by offset {v['gap_by_offset']}", flush=True)
     return out
 
 
@@ -388,7 +405,7 @@ def table(data: dict[str, Any]) -> str:
                   "", "| condition | words | streaming WER | offline WER | gap (points) | "
                   "streaming lost / changed / inserted | offline lost / changed / inserted | "
                   "streaming's lost words: never decoded / in decoded audio / offline lost "
-                  "them too |", "|---|---|---|---|---|---|---|---|"]
+                  "them too | gap at each lead offset |", "|---|---|---|---|---|---|---|---|---|"]
         for cname, c in data["conditions"].items():
             v, o = c["variants"][vname], c["offline"]
             lw = v["lost_words"]
@@ -397,7 +414,8 @@ def table(data: dict[str, Any]) -> str:
                 f"{100 * (v['wer'] - o['wer']):+.1f} | {v['deleted']} / {v['substituted']} / "
                 f"{v['inserted']} | {o['deleted']} / {o['substituted']} / {o['inserted']} | "
                 f"{lw['never_decoded']} / {lw['in_decoded_audio']} / "
-                f"{lw['offline_missed_too']} |")
+                f"{lw['offline_missed_too']} | "
+                + " / ".join(f"{g:+.1f}" for g in v.get("gap_by_offset", {}).values()) + " |")
         split = [(cname, k, g) for cname, c in data["conditions"].items()
                  for k, g in c["variants"][vname]["groups"].items()
                  if (k == "quiet") or (k == "first_clip" and cname == "first")]
@@ -433,7 +451,8 @@ def table(data: dict[str, Any]) -> str:
 
 def robustness_suite(variants: list[tuple[str, str]], conditions: Sequence[str] | None = None,
                      nonspeech: Sequence[str] | None = None,
-                     nonspeech_s: float = 60.0) -> dict[str, Any]:
+                     nonspeech_s: float = 60.0,
+                     offsets_ms: Sequence[int] = (0,)) -> dict[str, Any]:
     from faster_whisper import WhisperModel
 
     conditions = list(DEFAULT_CONDITIONS if conditions is None else conditions)
@@ -452,11 +471,12 @@ def robustness_suite(variants: list[tuple[str, str]], conditions: Sequence[str] 
                             "offline": "faster-whisper transcribe: whole file, beam 5, no VAD, "
                             "language en, word timestamps",
                             "streaming": "transcriber.streaming.StreamingTranscriber, Silero VAD, "
-                            "100 ms chunks, partials and speculative finals on"}
+                            "100 ms chunks, partials and speculative finals on",
+                            "offsets_ms": list(offsets_ms)}
     began = time.perf_counter()
     for name in conditions:
-        data["conditions"][name] = _condition(name, sessions_for(name), off_model, model, vad,
-                                              settings)
+        data["conditions"][name] = _condition(name, sessions_for(name, offsets_ms), off_model,
+                                              model, vad, settings, offsets_ms)
     for kind in nonspeech:
         data["nonspeech"][kind] = _nonspeech(kind, nonspeech_s, off_model, model, vad, settings)
     data["wall_s"] = round(time.perf_counter() - began, 1)

@@ -16,6 +16,7 @@ import jiwer
 import numpy as np
 import soundfile as sf
 import soxr
+from num2words import num2words
 
 AUDIO_DIR = Path(os.environ.get("STT_AUDIO_DIR",
                                 Path(__file__).resolve().parents[2] / "shared" / "audio"))
@@ -38,10 +39,34 @@ def load_pcm16(clip: str) -> np.ndarray:
     return data if data.ndim == 1 else data.mean(axis=1).astype(np.int16)
 
 
+#: A number as Whisper writes it: digits with thousands commas or a decimal point, an
+#: ordinal suffix, a percent sign.
+_NUMBER = re.compile(r"\d+(?:,\d{3})*(?:\.\d+)?(?:st|nd|rd|th)?%?")
+
+
+def _spell(m: re.Match[str]) -> str:
+    s = m.group(0)
+    percent = s.endswith("%")
+    s = s.rstrip("%")
+    ordinal = s[-2:] in ("st", "nd", "rd", "th")
+    s = (s[:-2] if ordinal else s).replace(",", "")
+    value: int | float = float(s) if "." in s else int(s)
+    if ordinal and isinstance(value, int):
+        words = num2words(value, to="ordinal")
+    elif isinstance(value, int) and 1100 <= value <= 2099 and "," not in m.group(0):
+        words = num2words(value, to="year")  # "1999": nineteen ninety-nine
+    else:
+        words = num2words(value)
+    return f" {words}{' percent' if percent else ''} "
+
+
 def normalize(text: str) -> str:
-    """Lowercase, drop [..] and <..> tokens, apostrophes and punctuation (audio README)."""
+    """Lowercase, drop [..] and <..> tokens, apostrophes and punctuation (audio README), and
+    spell out numbers: the references spell them ("go forward ten meters"), Whisper writes
+    digits or words depending on context ("10"), and either is a right transcript."""
     text = re.sub(r"\[[^\]]*\]|<[^>]*>", " ", text.lower())
     text = re.sub(r"['\u2018\u2019]", "", text)
+    text = _NUMBER.sub(_spell, text)
     text = re.sub(r"[^\w\s]+", " ", text)
     return " ".join(text.split())
 

@@ -48,3 +48,18 @@ def test_a_words_stable_delay_runs_from_its_end_to_the_first_partial_that_promis
     # partials at 1.0 s (nothing stable), 2.0 s ("a"), 3.0 s ("a b"); the final at 4.0 s
     delays = _stable_delays(final, [(1.0, 0), (2.0, 1), (3.0, 2)], at=4.0)
     assert delays == pytest.approx([1.5, 2.0, 2.5])
+
+
+@pytest.mark.parametrize(("said", "written"), [
+    ("go forward ten meters", "Go forward 10 meters."),
+    ("when forty winters", "When 40 winters"),
+    ("one two three", "1, 2, 3."),
+    ("in nineteen ninety nine fifty percent of one thousand people",
+     "In 1999, 50% of 1,000 people"),
+    ("the twenty first century", "the 21st century"),
+    ("three point five", "3.5"),
+    ("its ill disposed", "It's ill-disposed!"),
+])
+def test_the_wer_normaliser_scores_numbers_written_as_digits_as_the_words_said(
+        said: str, written: str) -> None:
+    assert normalize(written) == normalize(said) == said

@@ -23,6 +23,19 @@ def test_a_joined_session_places_each_clip_after_its_pause() -> None:
     assert s.reference == "ten of clubs feels like these days go on forever"
 
 
+def test_each_lead_offset_gives_every_session_again_behind_that_much_silence() -> None:
+    plain = sessions_for("first")
+    both = sessions_for("first", (0, 70))
+    assert len(both) == 2 * len(plain)
+    for s, late in zip(plain, both[len(plain):], strict=True):
+        n = round(0.07 * RATE)
+        assert late.name == f"{s.name}+70ms" and late.reference == s.reference
+        assert not np.any(late.audio[:n]) and np.array_equal(late.audio[n:], s.audio)
+        assert [c for c, _, _ in late.spans] == [c for c, _, _ in s.spans]
+        assert [t for _, a, b in late.spans for t in (a, b)] == \
+            pytest.approx([t + 0.07 for _, a, b in s.spans for t in (a, b)])
+
+
 def test_quieter_segments_turn_every_other_clip_down_15_to_25_db() -> None:
     clean = sessions_for("clean")[2]
     quiet = sessions_for("quiet")[2]
