@@ -86,3 +86,19 @@ def test_a_stretched_word_or_an_early_stop_is_told_apart_from_slow_speech() -> N
     assert not stretched(words(1.1, 1.2, 1.3))  # slow speech throughout
     assert stops_early([], 1.0) and stops_early(words(0.3, 0.3), 3.0)
     assert not stops_early(words(0.3, 0.3), 2.0)
+
+
+def test_a_decode_that_starts_by_saying_the_prefix_again_is_told_apart() -> None:
+    from common.messages import Word
+    from transcriber.model import repeats_prefix
+
+    def words(text: str) -> list[Word]:
+        return [Word(f" {t}", i * 0.1, i * 0.1 + 0.1, 0.9) for i, t in enumerate(text.split())]
+
+    prefix = "the acoustic corpus and I'm also saying it a bunch of different words."
+    # after this prefix a second of breath became the prefix's last clause again
+    assert repeats_prefix(words("I'm also saying it a bunch of different words."), prefix)
+    assert repeats_prefix(words("A bunch of."), prefix)  # all of a 3-word result
+    assert not repeats_prefix(words("I think I'm probably going to cough here."), prefix)
+    assert not repeats_prefix(words("Different words."), prefix)  # 2 words may be said again
+    assert not repeats_prefix(words("Also saying, it seems, a lot."), prefix)

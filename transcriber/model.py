@@ -312,6 +312,26 @@ STRETCHED_WORD_MEDIANS = 4.0
 CONTEXT_OVERLAP_S = 0.1
 
 
+#: A decode in context whose first this many words (or all of them, if at least
+#: ``REPEAT_MIN`` and fewer) are a run of the prefix says it again, wherever the alignment
+#: put them: after the prefix "... the acoustic corpus and I'm also saying it a bunch of
+#: different words." a second of breath became "I'm also saying it a bunch of different
+#: words." placed after the context audio.
+REPEAT_RUN = 4
+REPEAT_MIN = 3
+
+
+def repeats_prefix(words: list[Word], prefix: str) -> bool:
+    """The decode starts by saying a run of the prefix again."""
+    keys = [k for k in (norm_word(w.word) for w in words) if k]
+    said = [k for k in (norm_word(t) for t in prefix.split()) if k]
+    n = min(REPEAT_RUN, len(keys))
+    if n < REPEAT_MIN:
+        return False
+    head = keys[:n]
+    return any(said[i:i + n] == head for i in range(len(said) - n + 1))
+
+
 def stretched(words: list[Word]) -> bool:
     """A word the alignment stretched over audio Whisper wrote nothing for."""
     if not words:
@@ -372,15 +392,17 @@ class WhisperDecoder:
         Whisper is made to start with it (faster-whisper's prefix) and goes on into the
         utterance with the sound and the words before it in mind, as a whole-file decode
         does; the words returned are the utterance's only (times still from ``audio``'s
-        first sample). A decode that looks wrong (it stops early, says the prefix again,
-        stretches a word, loops, ends in a stock sentence or skips words the partial showed)
-        is done again without the context. A loaded worker (``short_finals``) decodes
-        its finals alone: in context one costs about a third more."""
+        first sample). A decode that looks wrong (it stops early, says the prefix again by
+        its times or its words, stretches a word, loops, ends in a stock sentence or skips
+        words the partial showed) is done again without the context. A loaded worker
+        (``short_finals``) decodes its finals alone: in context one costs about a third
+        more."""
         if context and prefix.strip() and final and not self.short_finals:
             words = self._decode_after(audio, prompt, prefix)
             # (lowercase is no sign of trouble here: the utterance may go on a sentence)
             if not stops_early(words, len(audio) / 16000) and \
                     words[0].start >= context / 16000 - CONTEXT_OVERLAP_S and \
+                    not repeats_prefix(words, prefix) and \
                     not stretched(words) and \
                     not looks_degenerate(words, len(audio) / 16000) and \
                     not has_stock_sentence(words) and \
