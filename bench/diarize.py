@@ -339,7 +339,8 @@ def labels_suite(convs: list[Conversation], model: Any, thresholds: Sequence[flo
     tail, final_tail = resolve_tails(s, cuda=False)
     model.tail_frames = tail
     decoder = WhisperDecoder(model, "en", s.beam_size, s.partial_beam_size, s.prompt_tokens,
-                             s.encoder_min_frames, final_tail, s.final_retry_probability)
+                             s.encoder_min_frames, final_tail, s.final_retry_probability,
+                             s.doubt_probability, s.doubt_beam_size)
     vad = SileroVad()
     embedder = _TimedEmbedder(load_embedder("cpu"))
     config = SpeakerConfig.from_settings(s)

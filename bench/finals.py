@@ -121,7 +121,8 @@ def finals_suite(variants: list[tuple[str, str]], clips: list[str] = FINALS_CLIP
         model.tail_frames = tail
         decoder = _Timed(WhisperDecoder(model, "en", s.beam_size, s.partial_beam_size,
                                         s.prompt_tokens, s.encoder_min_frames, final_tail,
-                                        s.final_retry_probability))
+                                        s.final_retry_probability, s.doubt_probability,
+                                        s.doubt_beam_size))
         began = time.perf_counter()
         runs = [_session(pcms[c], decoder, vad, s) for c in clips]
         hyps = [text for text, _, _ in runs]

@@ -274,7 +274,8 @@ def _decoder(model: Any, s: TranscriberSettings) -> WhisperDecoder:
     tail, final_tail = resolve_tails(s, cuda=False)
     model.tail_frames = tail
     return WhisperDecoder(model, "en", s.beam_size, s.partial_beam_size, s.prompt_tokens,
-                          s.encoder_min_frames, final_tail, s.final_retry_probability)
+                          s.encoder_min_frames, final_tail, s.final_retry_probability,
+                          s.doubt_probability, s.doubt_beam_size)
 
 
 def _condition(name: str, sessions: list[Session], off_model: Any, model: Any,

@@ -104,7 +104,8 @@ def worker_metrics() -> WorkerMetrics:
             "one (loop, stock_sentence, lowercase, skipped_words, low_confidence), or "
             "without the previous text as prompt (empty_after_prompt, stopped_after_prompt; "
             "loop_without_prompt, a short-context loop, tried before the full window), or "
-            "alone after a final decoded in context looked wrong (context)", ["reason"],
+            "alone after a final decoded in context looked wrong (context), or at "
+            "doubt_beam_size after a final Whisper was unsure of (doubt)", ["reason"],
             registry=r),
         partials_skipped=Counter("stt_worker_partials_skipped",
                                  "audio batches fed without a partial decode (load shedding)",

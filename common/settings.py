@@ -658,6 +658,14 @@ class InferenceSettings:
         1, "beam size of final decodes while the worker is not loaded (see "
         "short_finals_queue: then finals decode like partials); 1 = greedy")
     partial_beam_size: int = setting(1, "beam size of partial decodes; 1 = greedy")
+    doubt_probability: float = setting(
+        0.0, "a final of 3 words or more (decoded at beam_size while the worker is not "
+        "loaded) whose mean word probability is below this is decoded again at "
+        "doubt_beam_size, and the surer of the two kept (fewer wrong words in noise, a "
+        "little more time to final: docs/accuracy.md); 0 = never")
+    doubt_beam_size: int = setting(
+        5, "beam size of the second decode of a final Whisper is unsure of "
+        "(doubt_probability)")
     prompt_tokens: int = setting(
         32, "the prompt's last this many tokens are given to Whisper (a fixed count lets "
         "sessions share batches); 0 = no prompt")

@@ -334,6 +334,59 @@ def test_a_doubtful_short_context_final_is_decoded_again_with_the_full_window() 
     assert model.tails == [600, -1]
 
 
+def test_a_final_whisper_is_unsure_of_is_decoded_again_at_a_wider_beam() -> None:
+    """DOUBT_PROBABILITY: a final of 3 words or more whose mean word probability is under it
+    is decoded again at DOUBT_BEAM_SIZE and the surer decode kept; a sure or a short final,
+    a partial and a loaded worker's final are decoded once."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from transcriber.model import WhisperDecoder
+
+    def words(text: str, p: float) -> list[Word]:
+        return [Word(" " + w, i * 0.3, i * 0.3 + 0.2, p) for i, w in enumerate(text.split())]
+
+    class Model:
+        tail_frames = -1
+
+        def __init__(self) -> None:
+            self.beams: list[int] = []
+            self.by_beam: dict[int, list[Word]] = {}
+
+        def transcribe(self, audio, **kwargs):  # type: ignore[no-untyped-def]
+            self.beams.append(kwargs["beam_size"])
+            return iter([SimpleNamespace(words=[SimpleNamespace(
+                word=w.word, start=w.start, end=w.end, probability=w.probability)
+                for w in self.by_beam[kwargs["beam_size"]]])]), None
+
+    audio = np.zeros(16000 * 2, np.float32)
+    model = Model()
+    decoder = WhisperDecoder(model, "en", doubt_probability=0.7, doubt_beam_size=5)
+
+    def text(final: bool = True) -> str:
+        model.beams = []
+        return "".join(w.word for w in decoder.decode(audio, "", final)).strip()
+
+    model.by_beam = {1: words("Montreal forced the laner.", 0.55),
+                     5: words("Montreal Forced Aligner.", 0.8)}
+    assert text() == "Montreal Forced Aligner." and model.beams == [1, 5]
+    assert decoder.redos == {"doubt": 1}
+    assert text(final=False) == "Montreal forced the laner." and model.beams == [1]
+    model.by_beam[5] = words("Montreal four stealing her.", 0.4)  # less sure: the first kept
+    assert text() == "Montreal forced the laner." and model.beams == [1, 5]
+    model.by_beam[1] = words("Montreal forced the laner.", 0.75)  # sure enough
+    assert text() == "Montreal forced the laner." and model.beams == [1]
+    decoder.short_finals, model.by_beam[1] = True, words("Montreal forced the laner.", 0.5)
+    assert text() == "Montreal forced the laner." and model.beams == [1]  # loaded: once
+    decoder.short_finals = False
+    model.by_beam[1] = words("Ask not.", 0.3)  # too short to be worth a second decode
+    assert text() == "Ask not." and model.beams == [1]
+    model.beams = []
+    WhisperDecoder(model, "en").decode(audio, "", True)  # off unless asked for
+    assert model.beams == [1]
+
+
 def test_a_short_context_final_that_skips_a_phrase_the_partial_showed_is_redone() -> None:
     """Seen with 1000-frame finals: the partial showed "ask what you can do for your", the
     final read "ask what do for your country". A final missing two or more consecutive

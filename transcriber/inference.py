@@ -127,7 +127,8 @@ class Inference:
         s = self.settings
         whisper = WhisperDecoder(model, language, s.beam_size, s.partial_beam_size,
                                  s.prompt_tokens, s.encoder_min_frames,
-                                 self.config.final_tail_frames, s.final_retry_probability)
+                                 self.config.final_tail_frames, s.final_retry_probability,
+                                 s.doubt_probability, s.doubt_beam_size)
         if keyterms or context:
             whisper.set_bias(keyterms, context, s.keyterm_tokens)
         return TimedDecoder(whisper, self.metrics, self.gate, share)

@@ -342,6 +342,16 @@ def stretched(words: list[Word]) -> bool:
         longest > STRETCHED_WORD_MEDIANS * float(np.median(lengths))
 
 
+#: Fewer words than this are not decoded again however unsure: a beam has little to pick
+#: between in "Ask." (0.63) or "Ask not." (0.73), and short finals come in runs ("Ask.",
+#: "Ask not.", ...) where a second decode each delayed the median final by 0.13 s.
+DOUBT_MIN_WORDS = 3
+
+
+def mean_probability(words: Sequence[Word]) -> float:
+    return sum(w.probability for w in words) / len(words) if words else 0.0
+
+
 def stops_early(words: list[Word], duration: float) -> bool:
     """No words, or none in the last ``END_GAP_S`` of a final's audio."""
     return not words or words[-1].end < duration - END_GAP_S
@@ -353,8 +363,13 @@ class WhisperDecoder:
     def __init__(self, model, language: str | None, beam_size: int = 1,  # type: ignore[no-untyped-def]
                  partial_beam_size: int = 1, prompt_tokens: int = 48,
                  min_frames: int = 0, final_tail_frames: int | None = None,
-                 final_retry_probability: float = 0.0) -> None:
+                 final_retry_probability: float = 0.0, doubt_probability: float = 0.0,
+                 doubt_beam_size: int = 1) -> None:
         self.model = model
+        #: a final decoded at beam_size whose mean word probability is below
+        #: ``doubt_probability`` is decoded again at ``doubt_beam_size`` (0 / 1: never)
+        self.doubt_probability = doubt_probability
+        self.doubt_beam_size = doubt_beam_size
         #: a short-context final whose mean word probability is below this is decoded again
         #: with the full window (0 = never)
         self.final_retry_probability = final_retry_probability
@@ -387,6 +402,29 @@ class WhisperDecoder:
         """Words of ``audio``; ``shown``: the words a partial of this utterance showed (a
         short-context final that skips a run of them is decoded again, full window).
 
+        A final Whisper is unsure of (mean word probability under ``doubt_probability``)
+        is decoded again at ``doubt_beam_size``, the same way, and the surer of the two
+        kept: a wider beam picks better where the greedy pick is a guess (noise, fast
+        speech), and costs nothing on the finals it is sure of."""
+        words = self._decode_once(audio, prompt, final, shown, speculative, prefix, context)
+        if final and len(words) >= DOUBT_MIN_WORDS and self.doubt_beam_size > self.beam_size \
+                and not self.short_finals and mean_probability(words) < self.doubt_probability:
+            self.redos["doubt"] += 1
+            _per_thread.beam = self.doubt_beam_size
+            try:
+                again = self._decode_once(audio, prompt, final, shown, speculative, prefix,
+                                          context)
+            finally:
+                del _per_thread.beam
+            if again and mean_probability(again) > mean_probability(words):
+                words = again
+        return words
+
+    def _decode_once(self, audio: np.ndarray, prompt: str, final: bool,
+                     shown: Sequence[str] = (), speculative: bool = False,
+                     prefix: str = "", context: int = 0) -> list[Word]:
+        """One decode of ``audio`` with the guards and redos below (``decode``).
+
         ``context`` > 0: the first ``context`` samples of ``audio`` come before the
         utterance, and ``prefix`` is what was said in them (the end of the previous final).
         Whisper is made to start with it (faster-whisper's prefix) and goes on into the
@@ -413,8 +451,8 @@ class WhisperDecoder:
             offset = context / 16000
             return [Word(w.word, round(w.start + offset, 3), round(w.end + offset, 3),
                          w.probability, w.speaker)
-                    for w in self.decode(audio[context:], f"{prompt} {prefix}".strip(), final,
-                                         shown, speculative)]
+                    for w in self._decode_once(audio[context:], f"{prompt} {prefix}".strip(),
+                                               final, shown, speculative)]
         inner = getattr(self.model, "model", None)
         decoding = getattr(inner, "decoding", None)  # a BatchingWhisper: join its batches
         tail = getattr(self.model, "tail_frames", FULL_WINDOW)
@@ -506,8 +544,7 @@ class WhisperDecoder:
             return "lowercase"
         if drops_words(shown, [w.word for w in words]):
             return "skipped_words"
-        if words and sum(w.probability for w in words) / len(words) < \
-                self.final_retry_probability:
+        if words and mean_probability(words) < self.final_retry_probability:
             return "low_confidence"
         return ""
 
@@ -546,8 +583,8 @@ class WhisperDecoder:
             audio,
             language=self.language,
             # a loaded worker's finals are greedy like its partials (short_finals)
-            beam_size=self.beam_size if final and not self.short_finals
-            else self.partial_beam_size,
+            beam_size=getattr(_per_thread, "beam", None) or (
+                self.beam_size if final and not self.short_finals else self.partial_beam_size),
             temperature=self.temperatures if final else 0.0,
             word_timestamps=True,
             initial_prompt=initial_prompt,
