@@ -580,3 +580,39 @@ def test_a_decode_encodes_once_unless_whisper_left_audio_unread(
     assert wer(reference("fw_jfk"), "".join(w.word for w in final)) <= 0.1
     assert offline == stock[2][1]
     assert wer(reference("mfa_cold_corpus3"), "".join(w.word for w in offline)) < 0.25
+
+
+def test_a_final_decoded_again_at_a_wider_beam_reuses_its_encoding(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real model. The second decode of an unsure final reads the same audio, so it takes
+    the encoder output the first one computed: no more encoder work than one decode, and
+    the same words as the surer of a greedy and a beam-5 decode made apart."""
+    import numpy as np
+    from faster_whisper import WhisperModel
+
+    from tests.audio_refs import load_pcm16
+    from transcriber.model import WhisperDecoder, load_whisper, mean_probability
+
+    model = load_whisper("", "cpu", "int8", 0, 600)
+    encodes: list[int] = []
+    real_encode = WhisperModel.encode
+
+    def counted(self, features):  # type: ignore[no-untyped-def]
+        encodes.append(features.shape[-1])
+        return real_encode(self, features)
+
+    monkeypatch.setattr(WhisperModel, "encode", counted)
+    audio = np.concatenate([load_pcm16("ds_ldc93s1").astype(np.float32) / 32768.0,
+                            np.zeros(3200, np.float32)])
+    apart = []
+    for beam in (1, 5):
+        encodes.clear()
+        apart.append(WhisperDecoder(model, "en", beam_size=beam, final_tail_frames=1000)
+                     .decode(audio, "", True))
+    once = len(encodes)
+    encodes.clear()
+    doubting = WhisperDecoder(model, "en", final_tail_frames=1000, doubt_probability=1.0,
+                              doubt_beam_size=5)
+    words = doubting.decode(audio, "", True)
+    assert doubting.redos == {"doubt": 1} and len(encodes) == once
+    assert words == max(apart, key=mean_probability)

@@ -142,7 +142,18 @@ def load_whisper(model: str, device: str, compute_type: str, cpu_threads: int,  
             if tail >= 0:
                 n = trimmed_frames(features, tail, 100, getattr(_per_thread, "min_window", 0))
                 features = np.ascontiguousarray(features[..., :n])
-            return super().encode(features)
+            kept = getattr(_per_thread, "encodings", None)
+            if kept is None:
+                return super().encode(features)
+            # a final decoded again (at a wider beam) reads the same audio: its encoder
+            # output is the one the first decode computed
+            for seen, output in kept:
+                if seen.shape == features.shape and np.array_equal(seen, features):
+                    return output
+            output = super().encode(features)
+            kept.append((features, output))
+            del kept[:-KEPT_ENCODINGS]
+            return output
 
         def _split_segments_by_timestamps(
                 self, tokenizer, tokens, time_offset, segment_size, segment_duration, seek):
@@ -342,6 +353,10 @@ def stretched(words: list[Word]) -> bool:
         longest > STRETCHED_WORD_MEDIANS * float(np.median(lengths))
 
 
+#: Encoder outputs a decode thread keeps while a final may be decoded again (a decode in
+#: context that is redone alone encodes two inputs, each window of a long one another).
+KEPT_ENCODINGS = 4
+
 #: Fewer words than this are not decoded again however unsure: a beam has little to pick
 #: between in "Ask." (0.63) or "Ask not." (0.73), and short finals come in runs ("Ask.",
 #: "Ask not.", ...) where a second decode each delayed the median final by 0.13 s.
@@ -406,18 +421,27 @@ class WhisperDecoder:
         is decoded again at ``doubt_beam_size``, the same way, and the surer of the two
         kept: a wider beam picks better where the greedy pick is a guess (noise, fast
         speech), and costs nothing on the finals it is sure of."""
-        words = self._decode_once(audio, prompt, final, shown, speculative, prefix, context)
-        if final and len(words) >= DOUBT_MIN_WORDS and self.doubt_beam_size > self.beam_size \
-                and not self.short_finals and mean_probability(words) < self.doubt_probability:
-            self.redos["doubt"] += 1
-            _per_thread.beam = self.doubt_beam_size
-            try:
-                again = self._decode_once(audio, prompt, final, shown, speculative, prefix,
-                                          context)
-            finally:
-                del _per_thread.beam
-            if again and mean_probability(again) > mean_probability(words):
-                words = again
+        doubting = final and self.doubt_probability > 0 and \
+            self.doubt_beam_size > self.beam_size and not self.short_finals
+        if not doubting:
+            return self._decode_once(audio, prompt, final, shown, speculative, prefix, context)
+        _per_thread.encodings = []  # kept for a second decode (ShortContextWhisper.encode)
+        try:
+            words = self._decode_once(audio, prompt, final, shown, speculative, prefix,
+                                      context)
+            if len(words) >= DOUBT_MIN_WORDS and \
+                    mean_probability(words) < self.doubt_probability:
+                self.redos["doubt"] += 1
+                _per_thread.beam = self.doubt_beam_size
+                try:
+                    again = self._decode_once(audio, prompt, final, shown, speculative,
+                                              prefix, context)
+                finally:
+                    del _per_thread.beam
+                if again and mean_probability(again) > mean_probability(words):
+                    words = again
+        finally:
+            del _per_thread.encodings
         return words
 
     def _decode_once(self, audio: np.ndarray, prompt: str, final: bool,
