@@ -338,9 +338,7 @@ def labels_suite(convs: list[Conversation], model: Any, thresholds: Sequence[flo
     s = load(TranscriberSettings, [], environ={})
     tail, final_tail = resolve_tails(s, cuda=False)
     model.tail_frames = tail
-    decoder = WhisperDecoder(model, "en", s.beam_size, s.partial_beam_size, s.prompt_tokens,
-                             s.encoder_min_frames, final_tail, s.final_retry_probability,
-                             s.doubt_probability, s.doubt_beam_size)
+    decoder = WhisperDecoder.from_settings(model, "en", s, final_tail)
     vad = SileroVad()
     embedder = _TimedEmbedder(load_embedder("cpu"))
     config = SpeakerConfig.from_settings(s)

@@ -119,10 +119,7 @@ def finals_suite(variants: list[tuple[str, str]], clips: list[str] = FINALS_CLIP
         s = load(TranscriberSettings, shlex.split(args), environ={})
         tail, final_tail = resolve_tails(s, cuda=False)
         model.tail_frames = tail
-        decoder = _Timed(WhisperDecoder(model, "en", s.beam_size, s.partial_beam_size,
-                                        s.prompt_tokens, s.encoder_min_frames, final_tail,
-                                        s.final_retry_probability, s.doubt_probability,
-                                        s.doubt_beam_size))
+        decoder = _Timed(WhisperDecoder.from_settings(model, "en", s, final_tail))
         began = time.perf_counter()
         runs = [_session(pcms[c], decoder, vad, s) for c in clips]
         hyps = [text for text, _, _ in runs]

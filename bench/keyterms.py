@@ -84,10 +84,7 @@ def main() -> None:
     vad = SileroVad()
 
     def stream(pcm: np.ndarray, keyterms: list[str]) -> str:
-        decoder = WhisperDecoder(model, "en", s.beam_size, s.partial_beam_size,
-                                 s.prompt_tokens, s.encoder_min_frames, final_tail,
-                                 s.final_retry_probability, s.doubt_probability,
-                                 s.doubt_beam_size)
+        decoder = WhisperDecoder.from_settings(model, "en", s, final_tail)
         if keyterms:
             decoder.set_bias(keyterms, "", s.keyterm_tokens)
         text, _delays, _promised = _session(pcm, _Timed(decoder), vad, s)

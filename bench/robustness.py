@@ -273,9 +273,7 @@ def vad_over(probs: np.ndarray, lo: float, hi: float, threshold: float) -> dict[
 def _decoder(model: Any, s: TranscriberSettings) -> WhisperDecoder:
     tail, final_tail = resolve_tails(s, cuda=False)
     model.tail_frames = tail
-    return WhisperDecoder(model, "en", s.beam_size, s.partial_beam_size, s.prompt_tokens,
-                          s.encoder_min_frames, final_tail, s.final_retry_probability,
-                          s.doubt_probability, s.doubt_beam_size)
+    return WhisperDecoder.from_settings(model, "en", s, final_tail)
 
 
 def _condition(name: str, sessions: list[Session], off_model: Any, model: Any,

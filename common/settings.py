@@ -666,6 +666,10 @@ class InferenceSettings:
     doubt_beam_size: int = setting(
         5, "beam size of the second decode of a final Whisper is unsure of "
         "(doubt_probability)")
+    first_beam_size: int = setting(
+        1, "beam size of a final with no audio before it to decode it in (a session's "
+        "first utterance, or the first after a pause longer than final_context_s), while "
+        "the worker is not loaded; 1 = greedy")
     prompt_tokens: int = setting(
         32, "the prompt's last this many tokens are given to Whisper (a fixed count lets "
         "sessions share batches); 0 = no prompt")

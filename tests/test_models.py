@@ -334,34 +334,39 @@ def test_a_doubtful_short_context_final_is_decoded_again_with_the_full_window() 
     assert model.tails == [600, -1]
 
 
+def _beam_words(text: str, p: float) -> list[Word]:
+    return [Word(" " + w, i * 0.3, i * 0.3 + 0.2, p) for i, w in enumerate(text.split())]
+
+
+class _BeamModel:
+    """A fake faster-whisper model: the words it returns depend on the beam asked for."""
+
+    tail_frames = -1
+
+    def __init__(self) -> None:
+        self.beams: list[int] = []
+        self.by_beam: dict[int, list[Word]] = {}
+
+    def transcribe(self, audio, **kwargs):  # type: ignore[no-untyped-def]
+        from types import SimpleNamespace
+
+        self.beams.append(kwargs["beam_size"])
+        return iter([SimpleNamespace(words=[SimpleNamespace(
+            word=w.word, start=w.start, end=w.end, probability=w.probability)
+            for w in self.by_beam[kwargs["beam_size"]]])]), None
+
+
 def test_a_final_whisper_is_unsure_of_is_decoded_again_at_a_wider_beam() -> None:
     """DOUBT_PROBABILITY: a final of 3 words or more whose mean word probability is under it
     is decoded again at DOUBT_BEAM_SIZE and the surer decode kept; a sure or a short final,
     a partial and a loaded worker's final are decoded once."""
-    from types import SimpleNamespace
-
     import numpy as np
 
     from transcriber.model import WhisperDecoder
 
-    def words(text: str, p: float) -> list[Word]:
-        return [Word(" " + w, i * 0.3, i * 0.3 + 0.2, p) for i, w in enumerate(text.split())]
-
-    class Model:
-        tail_frames = -1
-
-        def __init__(self) -> None:
-            self.beams: list[int] = []
-            self.by_beam: dict[int, list[Word]] = {}
-
-        def transcribe(self, audio, **kwargs):  # type: ignore[no-untyped-def]
-            self.beams.append(kwargs["beam_size"])
-            return iter([SimpleNamespace(words=[SimpleNamespace(
-                word=w.word, start=w.start, end=w.end, probability=w.probability)
-                for w in self.by_beam[kwargs["beam_size"]]])]), None
-
+    words = _beam_words
     audio = np.zeros(16000 * 2, np.float32)
-    model = Model()
+    model = _BeamModel()
     decoder = WhisperDecoder(model, "en", doubt_probability=0.7, doubt_beam_size=5)
 
     def text(final: bool = True) -> str:
@@ -384,6 +389,43 @@ def test_a_final_whisper_is_unsure_of_is_decoded_again_at_a_wider_beam() -> None
     assert text() == "Ask not." and model.beams == [1]
     model.beams = []
     WhisperDecoder(model, "en").decode(audio, "", True)  # off unless asked for
+    assert model.beams == [1]
+
+
+def test_a_final_with_no_audio_before_it_is_decoded_at_the_first_beam() -> None:
+    """FIRST_BEAM_SIZE: a final decoded without context (a session's first utterance, or
+    the first after a long pause) is decoded at that beam; finals in context, partials and
+    a loaded worker's finals at their own; with doubt on, a final already decoded at the
+    doubt beam is not decoded a second time."""
+    import numpy as np
+
+    from transcriber.model import WhisperDecoder
+
+    audio = np.zeros(16000 * 6, np.float32)
+    model = _BeamModel()
+    model.by_beam = {1: _beam_words("He was not an old sposed young man.", 0.5),
+                     5: _beam_words("He was not an ill disposed young man.", 0.6)}
+    decoder = WhisperDecoder(model, "en", first_beam_size=5, prompt_tokens=0)
+
+    def beams(final: bool = True, context: int = 0) -> list[int]:
+        model.beams = []
+        decoder.decode(audio, "", final, prefix="Ten of clubs." if context else "",
+                       context=context)
+        return model.beams
+
+    assert beams() == [5]
+    assert beams(final=False) == [1]
+    assert set(beams(context=16000 * 2)) == {1}  # in context (or redone alone): greedy
+    decoder.short_finals = True
+    assert beams() == [1]
+    doubting = WhisperDecoder(model, "en", doubt_probability=0.9, doubt_beam_size=5,
+                              first_beam_size=5)
+    model.beams = []
+    words = doubting.decode(audio, "", True)
+    assert model.beams == [5] and not doubting.redos
+    assert "".join(w.word for w in words).strip() == "He was not an ill disposed young man."
+    model.beams = []
+    WhisperDecoder(model, "en").decode(audio, "", True)  # greedy unless asked for
     assert model.beams == [1]
 
 

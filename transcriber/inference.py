@@ -125,10 +125,7 @@ class Inference:
         """A session's decoder for ``model``; ``share``: whose decodes (the gate's fairness);
         ``keyterms``/``context``: the session's keyterm= and prompt= (``set_bias``)."""
         s = self.settings
-        whisper = WhisperDecoder(model, language, s.beam_size, s.partial_beam_size,
-                                 s.prompt_tokens, s.encoder_min_frames,
-                                 self.config.final_tail_frames, s.final_retry_probability,
-                                 s.doubt_probability, s.doubt_beam_size)
+        whisper = WhisperDecoder.from_settings(model, language, s, self.config.final_tail_frames)
         if keyterms or context:
             whisper.set_bias(keyterms, context, s.keyterm_tokens)
         return TimedDecoder(whisper, self.metrics, self.gate, share)

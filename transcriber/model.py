@@ -9,12 +9,15 @@ import os
 import re
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from common.messages import Word
 from transcriber.agreement import drops_words, norm_word
+
+if TYPE_CHECKING:
+    from common.settings import TranscriberSettings
 
 log = logging.getLogger(__name__)
 
@@ -379,8 +382,11 @@ class WhisperDecoder:
                  partial_beam_size: int = 1, prompt_tokens: int = 48,
                  min_frames: int = 0, final_tail_frames: int | None = None,
                  final_retry_probability: float = 0.0, doubt_probability: float = 0.0,
-                 doubt_beam_size: int = 1) -> None:
+                 doubt_beam_size: int = 1, first_beam_size: int = 1) -> None:
         self.model = model
+        #: a final decoded with no audio before it (the session's first, or the first after
+        #: a long pause) is decoded at this beam: it has no context to lean on
+        self.first_beam_size = first_beam_size
         #: a final decoded at beam_size whose mean word probability is below
         #: ``doubt_probability`` is decoded again at ``doubt_beam_size`` (0 / 1: never)
         self.doubt_probability = doubt_probability
@@ -411,20 +417,45 @@ class WhisperDecoder:
         self.partial_beam_size = partial_beam_size
         self.temperatures: list[float] = [0.0]
 
+    @classmethod
+    def from_settings(cls, model: Any, language: str | None, s: TranscriberSettings,
+                      final_tail_frames: int | None) -> WhisperDecoder:
+        """A decoder with the worker's decoding settings ``s`` (a TranscriberSettings)."""
+        return cls(model, language, s.beam_size, s.partial_beam_size, s.prompt_tokens,
+                   s.encoder_min_frames, final_tail_frames, s.final_retry_probability,
+                   s.doubt_probability, s.doubt_beam_size, s.first_beam_size)
+
     def decode(self, audio: np.ndarray, prompt: str, final: bool,
                shown: Sequence[str] = (), speculative: bool = False,
                prefix: str = "", context: int = 0) -> list[Word]:
         """Words of ``audio``; ``shown``: the words a partial of this utterance showed (a
         short-context final that skips a run of them is decoded again, full window).
 
-        A final Whisper is unsure of (mean word probability under ``doubt_probability``)
-        is decoded again at ``doubt_beam_size``, the same way, and the surer of the two
-        kept: a wider beam picks better where the greedy pick is a guess (noise, fast
-        speech), and costs nothing on the finals it is sure of."""
+        A final with no audio before it to decode it in (``context`` 0: the session's first
+        utterance, or the first after a pause longer than the context) is decoded at
+        ``first_beam_size``. A final Whisper is unsure of (mean word probability under
+        ``doubt_probability``) is decoded again at ``doubt_beam_size``, the same way, and
+        the surer of the two kept: a wider beam picks better where the greedy pick is a
+        guess (noise, fast speech), and costs nothing on the finals it is sure of."""
+        wide = final and not context and self.first_beam_size > self.beam_size and \
+            not self.short_finals
+        beam = self.first_beam_size if wide else self.beam_size
         doubting = final and self.doubt_probability > 0 and \
-            self.doubt_beam_size > self.beam_size and not self.short_finals
-        if not doubting:
-            return self._decode_once(audio, prompt, final, shown, speculative, prefix, context)
+            self.doubt_beam_size > beam and not self.short_finals
+        if wide:
+            _per_thread.beam = beam
+        try:
+            if not doubting:
+                return self._decode_once(audio, prompt, final, shown, speculative, prefix,
+                                         context)
+            return self._decode_doubting(audio, prompt, shown, speculative, prefix, context)
+        finally:
+            if wide:
+                del _per_thread.beam
+
+    def _decode_doubting(self, audio: np.ndarray, prompt: str, shown: Sequence[str],
+                         speculative: bool, prefix: str, context: int) -> list[Word]:
+        final = True
         _per_thread.encodings = []  # kept for a second decode (ShortContextWhisper.encode)
         try:
             words = self._decode_once(audio, prompt, final, shown, speculative, prefix,
@@ -432,12 +463,16 @@ class WhisperDecoder:
             if len(words) >= DOUBT_MIN_WORDS and \
                     mean_probability(words) < self.doubt_probability:
                 self.redos["doubt"] += 1
+                saved = getattr(_per_thread, "beam", None)
                 _per_thread.beam = self.doubt_beam_size
                 try:
                     again = self._decode_once(audio, prompt, final, shown, speculative,
                                               prefix, context)
                 finally:
-                    del _per_thread.beam
+                    if saved is None:
+                        del _per_thread.beam
+                    else:
+                        _per_thread.beam = saved
                 if again and mean_probability(again) > mean_probability(words):
                     words = again
         finally:
