@@ -76,6 +76,11 @@ def test_a_loop_is_cut_where_it_starts() -> None:
         assert not looks_degenerate(cut_loop(case, seconds), seconds)
     ok = words("no no we said no")
     assert cut_loop(ok, 2.0) == ok
+    # a phrase said 5 times in a row is a loop however slowly (under babble, over 14 s)
+    runaway = words("do you need to test I'm " + "going to be " * 20, 0.2)
+    assert text(cut_loop(runaway, 14.0)) == "do you need to test I'm going to be"
+    chant = words("yes we can " * 4)  # four times: may have been said
+    assert cut_loop(chant, 14.0) == chant
 
 
 def test_a_decode_that_loops_however_it_is_redone_is_cut_before_the_loop() -> None:
@@ -358,8 +363,9 @@ class _BeamModel:
 
 def test_a_final_whisper_is_unsure_of_is_decoded_again_at_a_wider_beam() -> None:
     """DOUBT_PROBABILITY: a final of 3 words or more whose mean word probability is under it
-    is decoded again at DOUBT_BEAM_SIZE and the surer decode kept; a sure or a short final,
-    a partial and a loaded worker's final are decoded once."""
+    is decoded again at DOUBT_BEAM_SIZE and the surer decode kept, unless it repeats a phrase
+    the first did not; a sure or a short final, a partial and a loaded
+    worker's final are decoded once."""
     import numpy as np
 
     from transcriber.model import WhisperDecoder
@@ -380,6 +386,11 @@ def test_a_final_whisper_is_unsure_of_is_decoded_again_at_a_wider_beam() -> None
     assert text(final=False) == "Montreal forced the laner." and model.beams == [1]
     model.by_beam[5] = words("Montreal four stealing her.", 0.4)  # less sure: the first kept
     assert text() == "Montreal forced the laner." and model.beams == [1, 5]
+    # surer, but repeating a phrase the first decode did not (under babble): never kept
+    model.by_beam[5] = words("Montreal the the the.", 0.9)
+    assert text() == "Montreal forced the laner." and model.beams == [1, 5]
+    model.by_beam[5] = words("Montreal Forced Aligner here.", 0.8)  # a word more: kept
+    assert text() == "Montreal Forced Aligner here." and model.beams == [1, 5]
     model.by_beam[1] = words("Montreal forced the laner.", 0.75)  # sure enough
     assert text() == "Montreal forced the laner." and model.beams == [1]
     decoder.short_finals, model.by_beam[1] = True, words("Montreal forced the laner.", 0.5)
@@ -658,3 +669,36 @@ def test_a_final_decoded_again_at_a_wider_beam_reuses_its_encoding(
     words = doubting.decode(audio, "", True)
     assert doubting.redos == {"doubt": 1} and len(encodes) == once
     assert words == max(apart, key=mean_probability)
+
+
+def test_a_final_redone_without_the_prompt_does_not_keep_a_loop() -> None:
+    """Under babble: with the prompt a 10 s final stopped after 12 words (stopped early),
+    and decoded again without it read "... do you need to test? I'm going to be going to
+    be ..." 20 times, which fits 10 s and was kept. The redo's loop is cut now."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from transcriber.model import WhisperDecoder
+
+    said = "I have a thousand dollars on that one. Go forward, do you need to test?"
+    first = [Word(" " + w, i * 0.2, i * 0.2 + 0.15, 0.6) for i, w in enumerate(said.split())]
+    loop = first + [Word(" " + w, 3.0 + i * 0.1, 3.05 + i * 0.1, 0.9)
+                    for i, w in enumerate(("I'm " + "going to be " * 20).split())]
+
+    class Model:
+        tail_frames = 1000
+        hf_tokenizer = SimpleNamespace(encode=lambda text, add_special_tokens: SimpleNamespace(
+            ids=list(range(len(text.split())))))
+
+        def transcribe(self, audio, **kwargs):  # type: ignore[no-untyped-def]
+            ws = first if kwargs["initial_prompt"] else loop
+            return iter([SimpleNamespace(words=[SimpleNamespace(
+                word=w.word, start=w.start, end=w.end, probability=w.probability)
+                for w in ws])]), None
+
+    decoder = WhisperDecoder(Model(), "en")
+    words = decoder.decode(np.zeros(16000 * 10, np.float32), "And Mr. John Dashwood.", True)
+    text = "".join(w.word for w in words).strip()
+    assert text == said + " I'm going to be"
+    assert decoder.redos["stopped_after_prompt"] == 1 and decoder.loops_cut == 1

@@ -291,13 +291,33 @@ def looks_degenerate(words: list[Word], duration: float) -> bool:
     return _repeat_at([norm_word(w.word) for w in words]) is not None
 
 
+#: A phrase of 2 words or more said this many times in a row is a decoding loop at any
+#: pace: under babble a greedy final read "... do you need to test? I'm going to be going
+#: to be ..." 20 times over 14 s, which fits the audio's length.
+RUNAWAY_REPEATS = 5
+
+
+def _runaway_at(keys: list[str]) -> int | None:
+    """The index after the first occurrence of a phrase of 2-8 words that is said
+    ``RUNAWAY_REPEATS`` times or more in a row; None when there is none."""
+    for size in range(2, 9):
+        for i in range(len(keys) - RUNAWAY_REPEATS * size + 1):
+            block = keys[i:i + size]
+            if all(keys[i + k * size:i + (k + 1) * size] == block
+                   for k in range(1, RUNAWAY_REPEATS)):
+                return i + size
+    return None
+
+
 def cut_loop(words: list[Word], duration: float) -> list[Word]:
     """The words before a decoding loop took over, when it ran past what the audio can
     hold (more words than its length allows, or words past its end): no such words, and
     a repeated phrase kept as often as ``looks_degenerate`` allows. Repeats at a pace
-    people speak are kept as they are: people do say "word, word, word, word"."""
+    people speak are kept as they are (people do say "word, word, word, word"), but for
+    a phrase said ``RUNAWAY_REPEATS`` times in a row, which is kept once."""
     if not words or (len(words) <= 2 + 5.0 * duration and words[-1].end <= duration + 0.5):
-        return words
+        at = _runaway_at([norm_word(w.word) for w in words])
+        return words if at is None else words[:at]
     words = [w for w in words if w.end <= duration + 0.5][:int(2 + 5.0 * duration)]
     while (at := _repeat_at([norm_word(w.word) for w in words])) is not None:
         words = words[:at]
@@ -368,6 +388,15 @@ DOUBT_MIN_WORDS = 3
 
 def mean_probability(words: Sequence[Word]) -> float:
     return sum(w.probability for w in words) / len(words) if words else 0.0
+
+
+def loops_more(again: list[Word], first: list[Word], duration: float) -> bool:
+    """A second decode of an unsure final that repeats a phrase (or outruns its audio) where
+    the first did not: under babble, beam 5 turned "do you need to test" into "... test I'm
+    going to be going to be ..." for 60 words, surer than the greedy decode; a loop is never
+    the better reading. (Words the second decode adds are kept: under pink noise they were
+    mostly words the greedy decode had lost.)"""
+    return looks_degenerate(again, duration) and not looks_degenerate(first, duration)
 
 
 def stops_early(words: list[Word], duration: float) -> bool:
@@ -473,7 +502,8 @@ class WhisperDecoder:
                         del _per_thread.beam
                     else:
                         _per_thread.beam = saved
-                if again and mean_probability(again) > mean_probability(words):
+                if again and mean_probability(again) > mean_probability(words) and \
+                        not loops_more(again, words, len(audio) / 16000):
                     words = again
         finally:
             del _per_thread.encodings
@@ -565,6 +595,12 @@ class WhisperDecoder:
                 self.redos["empty_after_prompt" if not words else "stopped_after_prompt"] += 1
                 with encoder_tail(tail):
                     alone = self._decode(audio, "", final)
+                if looks_degenerate(alone, len(audio) / 16000):
+                    # and it may loop without the prompt (under babble: "... do you need to
+                    # test? I'm going to be going to be ..." 20 times)
+                    cut = cut_loop(alone, len(audio) / 16000)
+                    self.loops_cut += len(cut) < len(alone)
+                    alone = cut
                 if not words or (alone and alone[-1].end > words[-1].end):
                     words = alone
         return strip_hallucinated_tail(words)
