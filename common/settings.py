@@ -659,7 +659,7 @@ class InferenceSettings:
         "short_finals_queue: then finals decode like partials); 1 = greedy")
     partial_beam_size: int = setting(1, "beam size of partial decodes; 1 = greedy")
     doubt_probability: float = setting(
-        0.0, "a final of 3 words or more (decoded at beam_size while the worker is not "
+        0.75, "a final of 3 words or more (decoded at beam_size while the worker is not "
         "loaded) whose mean word probability is below this is decoded again at "
         "doubt_beam_size, and the surer of the two kept (fewer wrong words in noise, a "
         "little more time to final: docs/accuracy.md); 0 = never")
