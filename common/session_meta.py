@@ -15,6 +15,8 @@ from typing import Any, get_type_hints
 
 #: Values of ``state``.
 ACTIVE, CLOSED = "active", "closed"
+#: Values of ``endpointing`` besides milliseconds: the worker's own endpoints; none (false).
+ENDPOINTING_DEFAULT, ENDPOINTING_OFF = -1, 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +34,7 @@ class SessionMeta:
     language: str = ""
     interim: bool = True
     diarize: bool = False  # speaker labels on finals and words
+    endpointing: int = ENDPOINTING_DEFAULT  # ms of silence that end an utterance (endpointing=)
     model: str = ""
     keyterms: str = ""  # JSON list: words decoding should expect (keyterm=)
     user_prompt: str = ""  # the client's context for decoding (prompt=)

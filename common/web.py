@@ -36,6 +36,7 @@ from common.errors import (
 )
 from common.messages import ErrorMessage, parse_control, to_json
 from common.ratelimit import MessageLimits
+from common.session_meta import ENDPOINTING_DEFAULT, ENDPOINTING_OFF
 
 #: Seconds ``Socket.close`` waits for the client's close frame.
 CLOSE_TIMEOUT_S = 10.0
@@ -309,6 +310,23 @@ def bias_params(query: Mapping[str, list[str]]) -> tuple[tuple[str, ...], str]:
         raise BadRequest(f"prompt must be printable text of at most {PROMPT_MAX_CHARS} "
                          "characters")
     return terms, prompt
+
+
+#: ``endpointing=`` bounds, in milliseconds of silence (Deepgram's name and unit).
+ENDPOINTING_MIN_MS = 10
+ENDPOINTING_MAX_MS = 60_000
+
+
+def endpointing_param(query: Mapping[str, list[str]]) -> int:
+    """``endpointing``: milliseconds of silence that end an utterance (the worker's own
+    endpoints when absent: ``ENDPOINTING_DEFAULT``), or ``false`` (also ``0``): no silence
+    ends one (``ENDPOINTING_OFF``)."""
+    value = one(query, "endpointing")
+    if value is None or value == "":
+        return ENDPOINTING_DEFAULT
+    if value.lower() == "false" or value.strip() == "0":
+        return ENDPOINTING_OFF
+    return int_param(query, "endpointing", 0, ENDPOINTING_MIN_MS, ENDPOINTING_MAX_MS)
 
 
 def bool_param(query: Mapping[str, list[str]], name: str, default: bool) -> bool:

@@ -458,6 +458,7 @@ class ListenSession:
                 "keyterms": json.dumps(list(self.params.keyterms)),
                 "user_prompt": self.params.prompt,
                 "diarize": "1" if self.params.diarize else "0",
+                "endpointing": self.params.endpointing,
                 "model": self.model,
                 "principal": self.principal.owner,
                 "account": self.principal.account,

@@ -32,7 +32,7 @@ from common.messages import (
 )
 from common.models import check_model_name
 from common.ratelimit import MessageLimits
-from common.web import bias_params, bool_param, language_param, one
+from common.web import bias_params, bool_param, endpointing_param, language_param, one
 from ingest.limits import AudioRate, SessionClock
 
 #: Audio arrival times kept for the time-to-final metric (the newest ones).
@@ -75,6 +75,9 @@ class ListenParams:
         self.keyterms, self.prompt = bias_params(query)
         #: speaker labels on finals and words (``speaker``); a resumed session keeps its own
         self.diarize = bool_param(query, "diarize", False)
+        #: ms of silence that end an utterance, ENDPOINTING_OFF, or ENDPOINTING_DEFAULT
+        #: (``endpointing=``); a resumed session keeps its own
+        self.endpointing = endpointing_param(query)
         model = one(query, "model")
         #: the model asked for (None: the default); a resumed session keeps its own
         self.model = check_model_name(model) if model else None

@@ -46,6 +46,7 @@ from common.errors import (
     UnsupportedAudio,
 )
 from common.messages import AudioMarker, Closed, Final, Partial, SessionStarted, Warning, Word
+from common.session_meta import ENDPOINTING_DEFAULT, ENDPOINTING_OFF, SessionMeta
 from ingest.dialects.deepgram import DeepgramOptions, DeepgramWire, deepgram_params, http_error
 from ingest.listen_core import Received
 from tests.audio_refs import load_pcm16, reference, wer
@@ -97,6 +98,15 @@ def test_the_query_maps_to_the_session_s_parameters() -> None:
     assert options == DeepgramOptions(interim_results=False, vad_events=True,
                                       utterance_end_ms=1000, channels=2)
     assert params.session is None  # Deepgram has no resume
+    assert params.endpointing == 300  # ms of silence that end an utterance
+
+
+@pytest.mark.parametrize("text, ms", [
+    ("", ENDPOINTING_DEFAULT), ("endpointing=10", 10), ("endpointing=false", ENDPOINTING_OFF),
+    ("endpointing=0", ENDPOINTING_OFF), ("endpointing=1500", 1500),
+])
+def test_endpointing_is_the_session_s_silence_before_a_final(text: str, ms: int) -> None:
+    assert deepgram_params(query(text))[0].endpointing == ms
 
 
 @pytest.mark.parametrize("text, encoding, rate", [
@@ -121,6 +131,9 @@ def test_encodings_map_to_native_ones(text: str, encoding: str, rate: int) -> No
     ("multichannel=true&encoding=opus&channels=2", UnsupportedAudio),
     ("interim_results=maybe", SttError),
     ("utterance_end_ms=soon", SttError),
+    ("endpointing=soon", SttError),
+    ("endpointing=5", SttError),
+    ("endpointing=70000", SttError),
 ])
 def test_a_bad_query_is_refused(text: str, error: type[SttError]) -> None:
     with pytest.raises(error):
@@ -357,6 +370,8 @@ def test_the_session_is_an_ordinary_session(stack: Stack, sdk_run: dict[str, Any
         stored = r.read().decode()
     finals = [m for _, m in sdk_run["got"] if isinstance(m, ListenV1Results) and m.is_final]
     assert wer(" ".join(f.channel.alternatives[0].transcript for f in finals), stored) == 0
+    raw_meta = stack.redis.client().hgetall(f"stt:{{{sid}}}:meta")
+    assert SessionMeta.decode(raw_meta).endpointing == 300  # the SDK's endpointing=300
 
 
 @pytest.mark.parametrize("path, send, variant, code", [

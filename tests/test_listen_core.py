@@ -21,6 +21,7 @@ from common.errors import (
     TooManyMessages,
 )
 from common.messages import AudioFrame, AudioMarker, Final, Partial, Word
+from common.session_meta import ENDPOINTING_DEFAULT, ENDPOINTING_OFF
 from ingest.limits import AudioRate, SessionClock
 from ingest.listen_core import ListenCore, ListenLimits, ListenParams
 
@@ -125,9 +126,17 @@ def test_time_to_final_is_measured_from_the_arrival_of_its_last_word() -> None:
     assert core.final_delay(silent, 3.0) is None
 
 
+def test_endpointing_is_milliseconds_of_silence_or_false() -> None:
+    assert params().endpointing == ENDPOINTING_DEFAULT  # the worker's own endpoints
+    assert params("endpointing=800").endpointing == 800
+    assert params("endpointing=false").endpointing == ENDPOINTING_OFF
+    assert params("endpointing=0").endpointing == ENDPOINTING_OFF
+
+
 def test_query_errors_are_bad_requests() -> None:
     for query in ("after=3", "session=xyz", "session=" + "a" * 32 + "&after=-1",
-                  "interim_results=maybe", "language=" + "x" * 9):
+                  "interim_results=maybe", "language=" + "x" * 9, "endpointing=soon",
+                  "endpointing=5", "endpointing=60001", "endpointing=-300"):
         with pytest.raises(BadRequest):
             params(query)
 

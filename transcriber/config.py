@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from common.session_meta import ENDPOINTING_DEFAULT, ENDPOINTING_OFF
 from common.settings import TranscriberSettings
 from transcriber.endpointing import EndpointConfig
 from transcriber.model import FULL_WINDOW, resolve_device
@@ -109,13 +110,23 @@ def vad_level(s: TranscriberSettings) -> VadLevel:
     return VadLevel(s.vad_level_target_db, s.vad_level_max_gain_db, s.vad_level_hold_s)
 
 
-def stream_config(s: TranscriberSettings, interim: bool) -> StreamConfig:
-    """The streaming core's configuration for a session (``interim``: it wants partials)."""
+def stream_config(s: TranscriberSettings, interim: bool,
+                  endpointing_ms: int = ENDPOINTING_DEFAULT) -> StreamConfig:
+    """The streaming core's configuration for a session (``interim``: it wants partials;
+    ``endpointing_ms``: the session's ``endpointing=``, milliseconds of silence that end an
+    utterance instead of ``MIN_SILENCE_S`` and the sentence-end ``SHORT_SILENCE_S``, or
+    ``ENDPOINTING_OFF``: only ``MAX_UTTERANCE_S``, ``finalize`` and the end end one)."""
+    min_silence = int(s.min_silence_s * RATE)
+    short_silence = int(s.short_silence_s * RATE)
+    if endpointing_ms != ENDPOINTING_DEFAULT:
+        short_silence = 0
+        min_silence = int(s.max_utterance_s * RATE) if endpointing_ms == ENDPOINTING_OFF \
+            else endpointing_ms * RATE // 1000
     return StreamConfig(
         endpoint=EndpointConfig(
             threshold=s.vad_threshold,
             neg_threshold=s.vad_neg_threshold,
-            min_silence_samples=int(s.min_silence_s * RATE),
+            min_silence_samples=min_silence,
             min_speech_samples=int(s.min_speech_s * RATE),
         ),
         pad_samples=int(s.speech_pad_s * RATE),
@@ -126,6 +137,6 @@ def stream_config(s: TranscriberSettings, interim: bool) -> StreamConfig:
         stable_min_probability=s.stable_min_probability,
         unsure_guard_samples=int(s.stable_unsure_after_s * RATE),
         speculative_samples=int(s.speculative_silence_s * RATE),
-        short_silence_samples=int(s.short_silence_s * RATE),
+        short_silence_samples=short_silence,
         final_context_samples=int(s.final_context_s * RATE),
     )

@@ -85,7 +85,7 @@ def session_core(sid: str, meta: SessionMeta, decoder: TimedDecoder, vad: Speech
         speakers = SpeakerLabeler(embedder, config,
                                   SpeakerTracker.from_config(config, meta.speakers))
     return StreamingTranscriber(
-        sid, decoder, vad, stream_config(settings, meta.interim),
+        sid, decoder, vad, stream_config(settings, meta.interim, meta.endpointing),
         start_sample=meta.commit_sample,
         next_utterance=meta.next_utterance,
         prompt=meta.prompt,
@@ -98,7 +98,7 @@ def channel_cores(sid: str, meta: SessionMeta, points: list[ChannelPoint],
                   decoders: list[TimedDecoder], vads: list[SpeechProbs],
                   settings: TranscriberSettings) -> ChannelCores:
     """A multichannel session's cores, each resumed from its channel's commit point."""
-    config = stream_config(settings, meta.interim)
+    config = stream_config(settings, meta.interim, meta.endpointing)
     return ChannelCores([
         StreamingTranscriber(sid, decoder, vad, config, start_sample=point.commit_sample,
                              next_utterance=point.next_utterance, prompt=point.prompt,

@@ -138,7 +138,6 @@ def deepgram_params(query: Mapping[str, list[str]]) -> tuple[ListenParams, Deepg
     for name in ("punctuate", "smart_format", "numerals", "profanity_filter",
                  "filler_words", "dictation", "mip_opt_out"):
         bool_param(query, name, False)  # accepted (validated), not applied
-    _int(query, "endpointing", 0, 60_000)  # accepted; the transcriber's VAD endpoints
     utterance_end_ms = _int(query, "utterance_end_ms", 0, 60_000)
     native: dict[str, list[str]] = {
         # partials drive SpeechStarted too; the wire drops them when interim_results is off
@@ -150,6 +149,8 @@ def deepgram_params(query: Mapping[str, list[str]]) -> tuple[ListenParams, Deepg
         native["keyterm"] = list(query["keyterm"])
     if diarize:
         native["diarize"] = ["true"]
+    if query.get("endpointing"):  # ms of silence, or false: the native endpointing=
+        native["endpointing"] = list(query["endpointing"])[:1]
     params = ListenParams(native)
     params.format = fmt
     return params, DeepgramOptions(interim, vad_events, utterance_end_ms, fmt.channels,
